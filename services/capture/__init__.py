@@ -1,0 +1,1 @@
+"""Sightline capture package."""

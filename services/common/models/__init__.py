@@ -1,0 +1,1 @@
+"""Sightline common models package."""

@@ -1,0 +1,1 @@
+"""Sightline matching package."""
