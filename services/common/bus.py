@@ -1,0 +1,143 @@
+"""Kafka plumbing: client settings, topic creation, a plain producer, and the faust app every stream service runs.
+
+kafka-python serves where a plain client fits (capture's producer, topic administration, tailing topics from the CLI);
+faust-streaming runs the stream processors. Both take their connection from one ``KafkaSettings``.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Iterable
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from sightline.common.config import KafkaSettings
+from sightline.common.topics import ALL_TOPICS, TopicSpec
+
+log = logging.getLogger(__name__)
+
+
+def client_options(settings: KafkaSettings) -> dict[str, Any]:
+    """kafka-python connection options (bootstrap, TLS, SASL)."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.servers,
+        "security_protocol": settings.security_protocol,
+    }
+    if settings.ssl_cafile:
+        options["ssl_cafile"] = str(settings.ssl_cafile)
+    if settings.sasl_mechanism:
+        options["sasl_mechanism"] = settings.sasl_mechanism
+        options["sasl_plain_username"] = settings.sasl_username
+        options["sasl_plain_password"] = settings.sasl_password.get_secret_value() if settings.sasl_password else None
+    return options
+
+
+def make_producer(settings: KafkaSettings, **overrides: Any) -> KafkaProducer:
+    """A producer that waits for the leader's acknowledgement and can carry full frames."""
+    options = {
+        **client_options(settings),
+        "acks": 1,
+        "linger_ms": 2,
+        "max_request_size": settings.max_message_bytes,
+        "retries": 5,
+        **overrides,
+    }
+    return KafkaProducer(**options)
+
+
+def make_consumer(settings: KafkaSettings, *topics: str, **overrides: Any) -> KafkaConsumer:
+    options = {
+        **client_options(settings),
+        "session_timeout_ms": settings.session_timeout_ms,
+        "heartbeat_interval_ms": settings.heartbeat_interval_ms,
+        "fetch_max_bytes": settings.max_message_bytes * 2,
+        "max_partition_fetch_bytes": settings.max_message_bytes,
+        **overrides,
+    }
+    return KafkaConsumer(*topics, **options)
+
+
+def ensure_topics(settings: KafkaSettings, specs: Iterable[TopicSpec] = ALL_TOPICS) -> dict[str, str]:
+    """Create the topics that are missing, with explicit partitions and retention; report each topic's state.
+
+    An existing topic with fewer partitions than configured is reported, not changed: adding partitions moves keys
+    between partitions and breaks per-source order, so that is an operator's decision.
+    """
+    specs = list(specs)
+    admin = KafkaAdminClient(**client_options(settings), request_timeout_ms=15000)
+    try:
+        existing = set(admin.list_topics())
+        missing = [spec for spec in specs if spec.name not in existing]
+        created = _create(admin, settings, missing)
+        states = {spec.name: ("created" if spec.name in created else "exists") for spec in specs}
+        for name, count in _partition_counts(admin, [s.name for s in specs if states[s.name] == "exists"]).items():
+            if count < settings.default_partitions:
+                states[name] = f"exists with {count} partitions (< {settings.default_partitions})"
+        return states
+    finally:
+        admin.close()
+
+
+def _create(admin: KafkaAdminClient, settings: KafkaSettings, specs: list[TopicSpec]) -> set[str]:
+    created: set[str] = set()
+    for spec in specs:
+        topic = NewTopic(spec.name, settings.default_partitions, settings.replication_factor, topic_configs=spec.configs())
+        try:
+            admin.create_topics([topic])
+            created.add(spec.name)
+        except TopicAlreadyExistsError:
+            pass
+    return created
+
+
+def _partition_counts(admin: KafkaAdminClient, names: list[str]) -> dict[str, int]:
+    if not names:
+        return {}
+    return {t["name"]: len(t["partitions"]) for t in admin.describe_topics(names)}
+
+
+def faust_app(service: str, settings: KafkaSettings, **overrides: Any) -> Any:
+    """The faust app of a stream service: raw bytes values (we speak protobuf), no web server, no auto-created topics.
+
+    Consumer offsets are committed only after the agent has processed an event and the producer has been flushed
+    (faust flushes before every commit), which gives at-least-once delivery end to end.
+    """
+    import faust  # imported here: it is heavy and only stream services need it
+
+    return faust.App(
+        f"sightline-{service}",
+        broker=[f"kafka://{server}" for server in settings.servers],
+        broker_credentials=_faust_credentials(settings),
+        value_serializer="raw",
+        key_serializer="raw",
+        web_enabled=False,
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.session_timeout_ms / 1000,
+        broker_heartbeat_interval=settings.heartbeat_interval_ms / 1000,
+        producer_max_request_size=settings.max_message_bytes,
+        consumer_max_fetch_size=settings.max_message_bytes,
+        producer_linger=0.0,
+        stream_buffer_maxsize=64,
+        **overrides,
+    )
+
+
+def _faust_credentials(settings: KafkaSettings) -> Any:
+    import faust
+
+    context = ssl.create_default_context(cafile=str(settings.ssl_cafile)) if settings.ssl_cafile else None
+    if settings.sasl_mechanism:
+        password = settings.sasl_password.get_secret_value() if settings.sasl_password else ""
+        return faust.SASLCredentials(
+            username=settings.sasl_username or "", password=password, ssl_context=context,
+            mechanism=settings.sasl_mechanism,
+        )  # fmt: skip
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None

@@ -1,0 +1,106 @@
+"""Typed configuration shared by every Sightline process.
+
+Each settings class reads, in order of precedence: environment variables (``SIGHTLINE_<SECTION>_<FIELD>``), secret
+files in ``$SIGHTLINE_SECRETS_DIR`` (one file per field, named like the field, as Kubernetes mounts Secrets), the
+section of the YAML file named by ``$SIGHTLINE_CONFIG_FILE``, and the documented defaults. Values are validated when
+a service starts, so a typo fails fast with the field's name instead of misbehaving later.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import Field, SecretStr
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from sightline.common import paths
+
+
+class _YamlSection(PydanticBaseSettingsSource):
+    """Reads one section of the YAML file named by ``$SIGHTLINE_CONFIG_FILE``."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        self._values = self._load(getattr(settings_cls, "config_section", ""))
+
+    @staticmethod
+    def _load(section: str) -> dict[str, Any]:
+        path = os.environ.get("SIGHTLINE_CONFIG_FILE")
+        if not path or not section:
+            return {}
+        document = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(document, dict):
+            raise ValueError(f"{path}: expected a mapping of sections at the top level")
+        return dict(document.get(section) or {})
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+class SightlineSettings(BaseSettings):
+    """Base of every settings class: env vars, then secret files, then the YAML file section, then defaults."""
+
+    config_section: ClassVar[str] = ""
+    model_config = SettingsConfigDict(extra="ignore", secrets_dir=os.environ.get("SIGHTLINE_SECRETS_DIR"))
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, file_secret_settings, _YamlSection(settings_cls)
+
+
+class KafkaSettings(SightlineSettings):
+    """How every service reaches the Kafka cluster (``SIGHTLINE_KAFKA_*``); configured once for all services."""
+
+    config_section: ClassVar[str] = "kafka"
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_KAFKA_", extra="ignore")
+
+    bootstrap_servers: str = Field("127.0.0.1:19092", description="Comma-separated host:port list of brokers.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism when the protocol is SASL_*."
+    )
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (prefer a secret file).")
+    ssl_cafile: Path | None = Field(None, description="CA bundle that signed the brokers' certificates.")
+    session_timeout_ms: int = Field(
+        6000, ge=1000, description="Consumer group session timeout. Small values make group joins fast on Tansu."
+    )
+    heartbeat_interval_ms: int = Field(1500, ge=100, description="Consumer heartbeat interval.")
+    max_message_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024 * 1024, description="Largest event a producer may send (frames are the largest)."
+    )
+    default_partitions: int = Field(4, ge=1, description="Partitions of each topic when created by Sightline.")
+    replication_factor: int = Field(1, ge=1, description="Replication factor of topics created by Sightline.")
+
+    @property
+    def servers(self) -> list[str]:
+        return [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()]
+
+
+class ServiceSettings(SightlineSettings):
+    """What every service process has: its gRPC and metrics ports, logging, and where the models are."""
+
+    grpc_host: str = Field("0.0.0.0", description="Address the gRPC server binds to.")
+    grpc_port: int = Field(50050, ge=1, le=65535, description="gRPC port (API and health).")
+    metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus metrics port; 0 disables metrics.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_json: bool = Field(True, description="Log JSON lines (one object per line) instead of plain text.")
+    grpc_workers: int = Field(8, ge=1, description="Threads serving gRPC requests.")
+    models_dir: Path = Field(default_factory=paths.models_dir, description="Converted face models.")
+    inference_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads per model session.")

@@ -1,0 +1,100 @@
+"""Structured logs and Prometheus metrics, the same for every service.
+
+Logs are JSON lines with the service name, so one place can collect all of them. Metric names are shared so a
+dashboard can show every stage side by side: a stage reports events processed, failed and dead-lettered, its latency,
+its batch sizes and its model inference time under the same names, told apart by the ``service`` label.
+Never log face data, images, descriptors or secrets: log ids, counts and reasons.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+EVENTS_PROCESSED = Counter(
+    "sightline_events_processed_total", "Input events processed successfully.", ["service", "topic"]
+)
+EVENTS_FAILED = Counter("sightline_events_failed_total", "Input events that failed, by reason.", ["service", "reason"])
+EVENTS_DEADLETTERED = Counter(
+    "sightline_events_deadlettered_total", "Input events published to the dead-letter topic.", ["service", "reason"]
+)
+EVENTS_PUBLISHED = Counter("sightline_events_published_total", "Events published, by topic.", ["service", "topic"])
+STAGE_LATENCY = Histogram(
+    "sightline_stage_latency_seconds", "Time to process one input event.", ["service", "stage"], buckets=_LATENCY_BUCKETS
+)
+END_TO_END_LATENCY = Histogram(
+    "sightline_capture_to_stage_seconds",
+    "Time from frame capture to the end of this stage.",
+    ["service"],
+    buckets=_LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "sightline_batch_size", "Items per model batch.", ["service"], buckets=(1, 2, 4, 8, 16, 32, 64, 128)
+)
+INFERENCE_SECONDS = Histogram(
+    "sightline_model_inference_seconds", "Model inference time per call.", ["service", "model"], buckets=_LATENCY_BUCKETS
+)
+GALLERY_TEMPLATES = Gauge("sightline_gallery_templates", "Templates in the in-memory search index.", ["service"])
+GALLERY_SUBJECTS = Gauge("sightline_gallery_subjects", "Enrolled subjects.", ["service"])
+FRAMES_DROPPED = Counter("sightline_frames_dropped_total", "Frames dropped by capture, by reason.", ["reason"])
+
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, service, logger, message, and any ``extra=`` fields."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self._service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "service": self._service,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in _RESERVED})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(service: str, level: str = "INFO", json_lines: bool = True) -> None:
+    """Route every logger to stderr in the chosen format; quiet the chatty client libraries."""
+    handler = logging.StreamHandler(sys.stderr)
+    if json_lines:
+        handler.setFormatter(JsonFormatter(service))
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("kafka", "aiokafka", "faust", "mode", "grpc"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def start_metrics(port: int) -> None:
+    """Serve /metrics on the given port (0 disables it)."""
+    if port:
+        start_http_server(port)
+
+
+@contextmanager
+def timed(histogram: Histogram, **labels: str) -> Iterator[None]:
+    """Observe the duration of the block in the histogram."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        histogram.labels(**labels).observe(time.perf_counter() - start)
