@@ -38,8 +38,9 @@ FACE_RECOGNITION_PHOTOS = ("32bit.png", "biden.jpg", "obama.jpg", "obama2.jpg", 
 
 DLIB_SOURCE = "dlib"
 DLIB_SOURCE_VERSION = "19.24+dfsg-1"
-DLIB_ORIG_TARBALL = "dlib_19.24+dfsg.orig.tar.xz"
-DLIB_ORIG_SHA256 = "PLACEHOLDER"
+DLIB_ORIG_TARBALL = "dlib_19.24+dfsg.orig.tar.bz2"
+DLIB_ORIG_SHA256 = "66b4263822a2ff91a3e769e501c7d7927a13089e178c1427ec19cb0475823cf6"
+APT_HELPER = Path("/usr/lib/apt/apt-helper")
 DLIB_PARTS = {"examples/johns/": "johns", "examples/faces/": "faces"}
 DEBIAN_SUITE = "bookworm"
 
@@ -147,15 +148,21 @@ def _apt_options(apt_root: Path) -> list[str]:
     ]
 
 
-def _run_apt(args: list[str], cwd: Path, what: str) -> None:
+def _run_apt(args: list[str], cwd: Path, what: str) -> str:
     proc = subprocess.run(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         raise FetchError(f"{what} failed (exit {proc.returncode}):\n{proc.stdout.strip()}\n"
                          "apt-get needs root and a reachable Debian mirror; fix that and run the same command again.")
+    return proc.stdout
 
 
 def download_dlib_source(cache: Path) -> Path:
-    """``apt-get source --download-only dlib`` into ``cache/apt``; returns the verified orig tarball."""
+    """Download the orig tarball of Debian's dlib source package into ``cache/apt``; returns it, verified.
+
+    ``apt-get source --download-only`` would also fetch the 200 MB ``orig-dlib-models`` component, which we do not
+    need, so we ask apt for the source package's URIs and hashes and let apt's own downloader fetch just the 8.6 MB
+    tarball (checking apt's signed hash on the way). Without apt-helper we fall back to the full download.
+    """
     apt_root = cache / "apt"
     tarball = apt_root / DLIB_ORIG_TARBALL
     if tarball.is_file() and sha256_file(tarball) == DLIB_ORIG_SHA256:
@@ -171,11 +178,20 @@ def download_dlib_source(cache: Path) -> Path:
     apt = ["apt-get", *_apt_options(apt_root)]
     step(f"apt-get update (private source list: deb-src {uri} {DEBIAN_SUITE} main)")
     _run_apt([*apt, "update"], apt_root, "apt-get update")
-    step(f"apt-get source --download-only {DLIB_SOURCE}={DLIB_SOURCE_VERSION}")
-    _run_apt([*apt, "source", "--download-only", f"{DLIB_SOURCE}={DLIB_SOURCE_VERSION}"], apt_root,
-             "apt-get source")
+    wanted = f"{DLIB_SOURCE}={DLIB_SOURCE_VERSION}"
+    if APT_HELPER.is_file():
+        step(f"apt-get source --print-uris {wanted}; apt-helper download-file {DLIB_ORIG_TARBALL}")
+        listing = _run_apt([*apt, "source", "--print-uris", wanted], apt_root, "apt-get source --print-uris")
+        found = re.search(rf"^'(\S+)' {re.escape(DLIB_ORIG_TARBALL)} \d+ (SHA256:[0-9a-f]{{64}})", listing, re.M)
+        if not found:
+            raise FetchError(f"apt-get source --print-uris {wanted} does not list {DLIB_ORIG_TARBALL}:\n{listing}")
+        _run_apt([str(APT_HELPER), *_apt_options(apt_root), "download-file", found[1], str(tarball), found[2]],
+                 apt_root, f"apt-helper download-file {found[1]}")
+    else:
+        step(f"apt-get source --download-only {wanted}")
+        _run_apt([*apt, "source", "--download-only", wanted], apt_root, "apt-get source")
     if not tarball.is_file():
-        raise FetchError(f"apt-get source did not produce {DLIB_ORIG_TARBALL} in {apt_root}")
+        raise FetchError(f"apt did not produce {DLIB_ORIG_TARBALL} in {apt_root}")
     actual = sha256_file(tarball)
     if actual != DLIB_ORIG_SHA256:
         tarball.unlink()

@@ -76,6 +76,10 @@ class DlibDeserializer:
         self._pos = end
         return chunk
 
+    def peek_byte(self) -> int:
+        """Return the next byte without consuming it (-1 at the end of data)."""
+        return int(self._data[self._pos]) if self._pos < len(self._data) else -1
+
     # -- integers -----------------------------------------------------------------
     def read_int(self) -> int:
         """Read a signed integer of any C++ integer type."""

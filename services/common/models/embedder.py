@@ -1,0 +1,85 @@
+"""Face descriptor runtime: runs the dlib ResNet ONNX model (see :mod:`dlib_resnet`) on face chips.
+
+Input chips are dlib-style aligned faces, uint8 RGB 150x150 (built like dlib's
+``get_face_chip_details(size=150, padding=0.25)``); the output is dlib's unnormalised
+128-d descriptor, where a Euclidean distance below ~0.6 means "same person".
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from sightline.common.models.dlib_resnet import CHIP_SIZE, DESCRIPTOR_SIZE, INPUT_NAME, OUTPUT_NAME
+
+logger = logging.getLogger(__name__)
+
+_CHIP_SHAPE = (CHIP_SIZE, CHIP_SIZE, 3)
+
+
+class FaceEmbedder:
+    """onnxruntime CPU session computing 128-d face descriptors from 150x150 RGB chips."""
+
+    def __init__(self, onnx_path: Path, threads: int = 1) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Several sessions share 2 cores; spinning threads would steal them from each other.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = ort.InferenceSession(str(onnx_path), sess_options=options,
+                                             providers=["CPUExecutionProvider"])
+        self._check_signature(onnx_path)
+        logger.info("loaded face embedder %s (threads=%d)", onnx_path, threads)
+
+    def _check_signature(self, onnx_path: Path) -> None:
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        if ([i.name for i in inputs] != [INPUT_NAME] or inputs[0].type != "tensor(uint8)"
+                or list(inputs[0].shape[1:]) != list(_CHIP_SHAPE)
+                or [o.name for o in outputs] != [OUTPUT_NAME]):
+            raise ValueError(f"{onnx_path} is not a dlib ResNet descriptor model built by dlib_resnet")
+
+    @property
+    def model_name(self) -> str:
+        return "dlib_resnet_v1"
+
+    @property
+    def model_version(self) -> str:
+        return "1"
+
+    @property
+    def descriptor_size(self) -> int:
+        return DESCRIPTOR_SIZE
+
+    @property
+    def chip_size(self) -> int:
+        return CHIP_SIZE
+
+    def embed(self, chips: np.ndarray) -> np.ndarray:
+        """Descriptors for uint8 RGB chips [N,150,150,3] (or one [150,150,3]) as float32 [N,128]."""
+        batch = _as_batch(chips)
+        if batch.shape[0] == 0:
+            return np.empty((0, DESCRIPTOR_SIZE), dtype=np.float32)
+        (descriptors,) = self._session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+        return np.asarray(descriptors, dtype=np.float32)
+
+
+def _as_batch(chips: np.ndarray) -> np.ndarray:
+    """Validate chips and return a contiguous uint8 [N,150,150,3] array."""
+    if not isinstance(chips, np.ndarray):
+        raise ValueError(f"chips must be a numpy array, got {type(chips).__name__}")
+    if chips.dtype != np.uint8:
+        raise ValueError(f"chips must be uint8 RGB, got dtype {chips.dtype}")
+    if chips.ndim == 3:
+        chips = chips[np.newaxis]
+    if chips.ndim != 4 or chips.shape[1:] != _CHIP_SHAPE:
+        raise ValueError(
+            f"chips must have shape [N,{CHIP_SIZE},{CHIP_SIZE},3] or [{CHIP_SIZE},{CHIP_SIZE},3], "
+            f"got {list(chips.shape)}"
+        )
+    return np.ascontiguousarray(chips)

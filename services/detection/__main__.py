@@ -1,0 +1,5 @@
+"""Entry point: ``python -m sightline.detection``."""
+
+from sightline.detection.service import main
+
+main()

@@ -1,0 +1,105 @@
+"""Embedding service: aligned face chips in, descriptors out; also the EmbeddingService API.
+
+Stream path: consumes ``sightline.faces.v1``, batches the chips of the events that are waiting (up to
+``max_batch_events``) into one model call, and publishes one ``FacesEmbedded`` per input event to
+``sightline.embeddings.v1``. The chips go no further than this stage.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from sightline.common import codec, telemetry
+from sightline.common.config import KafkaSettings
+from sightline.common.models.embedder import FaceEmbedder
+from sightline.common.models.registry import model_files
+from sightline.common.rpc import InvalidInput, rpc_errors
+from sightline.common.runtime import Servicer, run_service
+from sightline.common.stage import InputEvent, Output, Stage
+from sightline.common.topics import EMBEDDINGS, FACES
+from sightline.embedding.settings import EmbeddingSettings
+from sightline.v1 import embedding_pb2, embedding_pb2_grpc, events_pb2
+
+SERVICE = "embedding"
+
+
+class Embedding:
+    """The descriptor model behind both the stream stage and the gRPC API."""
+
+    def __init__(self, settings: EmbeddingSettings) -> None:
+        self.settings = settings
+        self.embedder = FaceEmbedder(model_files(settings.models_dir).embedder, threads=settings.inference_threads)
+        self._lock = threading.Lock()
+
+    def embed(self, chips: list[np.ndarray]) -> np.ndarray:
+        if not chips:
+            return np.zeros((0, self.embedder.descriptor_size), dtype=np.float32)
+        telemetry.BATCH_SIZE.labels(SERVICE).observe(len(chips))
+        with self._lock, telemetry.timed(telemetry.INFERENCE_SECONDS, service=SERVICE, model=self.embedder.model_name):
+            return self.embedder.embed(np.stack(chips))
+
+    def process_batch(self, events: Sequence[InputEvent]) -> list[list[Output] | BaseException]:
+        """Parse every event, embed all their chips in one call, then build one output per event."""
+        parsed: list[events_pb2.FacesDetected | BaseException] = []
+        chips: list[np.ndarray] = []
+        for event in events:
+            try:
+                detected = codec.parse(events_pb2.FacesDetected, event.value)
+                event_chips = [codec.chip_from_bytes(face.chip, face.chip_size) for face in detected.faces]
+            except codec.MalformedEvent as exc:
+                parsed.append(exc)
+                continue
+            chips.extend(event_chips)  # only whole events, so descriptors stay aligned with their faces
+            parsed.append(detected)
+        descriptors = iter(self.embed(chips))
+        return [item if isinstance(item, BaseException) else self._output(item, descriptors) for item in parsed]
+
+    def _output(self, detected: events_pb2.FacesDetected, descriptors: object) -> list[Output]:
+        embedded = events_pb2.FacesEmbedded(
+            frame=detected.frame,
+            model_name=self.embedder.model_name,
+            model_version=self.embedder.model_version,
+            embedded_at=codec.now(),
+        )
+        for face in detected.faces:
+            vector = next(descriptors)  # type: ignore[call-overload]
+            embedded.faces.add(face_index=face.index, box=face.box, quality=face.quality, vector=vector.tolist())
+        telemetry.END_TO_END_LATENCY.labels(SERVICE).observe(codec.seconds_since(detected.frame.captured_at))
+        return [Output(EMBEDDINGS, detected.frame.source_id.encode(), embedded.SerializeToString())]
+
+
+class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
+    def __init__(self, embedding: Embedding) -> None:
+        self._embedding = embedding
+
+    @rpc_errors
+    def Embed(self, request: embedding_pb2.EmbedRequest, context: object) -> embedding_pb2.EmbedResponse:
+        if len(request.chips) > self._embedding.settings.max_chips_per_request:
+            raise InvalidInput(f"{len(request.chips)} chips in one call; the limit is "
+                               f"{self._embedding.settings.max_chips_per_request}")  # fmt: skip
+        try:
+            chips = [codec.chip_from_bytes(chip.rgb, chip.size) for chip in request.chips]
+        except codec.MalformedEvent as exc:
+            raise InvalidInput(str(exc)) from None
+        model = self._embedding.embedder
+        if any(chip.shape[0] != model.chip_size for chip in chips):
+            raise InvalidInput(f"chips must be {model.chip_size}x{model.chip_size} RGB")
+        vectors = self._embedding.embed(chips)
+        return embedding_pb2.EmbedResponse(
+            descriptors=[embedding_pb2.Descriptor(vector=v.tolist()) for v in vectors],
+            model_name=model.model_name,
+            model_version=model.model_version,
+        )
+
+
+def main() -> None:
+    settings = EmbeddingSettings()
+    embedding = Embedding(settings)
+    servicer = Servicer(embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, EmbeddingServicer(embedding),
+                        "sightline.v1.EmbeddingService")  # fmt: skip
+    stage = Stage(SERVICE, FACES, [EMBEDDINGS], embedding.process_batch, max_batch=settings.max_batch_events,
+                  batch_wait_s=settings.batch_wait_ms / 1000)  # fmt: skip
+    run_service(SERVICE, settings, KafkaSettings(), [servicer], [stage])
