@@ -83,17 +83,25 @@ def _letterbox(image: np.ndarray) -> tuple[np.ndarray, _Letterbox]:
     h, w = image.shape[:2]
     factor = INPUT_SIZE / max(h, w)
     new_w, new_h = max(1, round(w * factor)), max(1, round(h * factor))
-    # INTER_AREA averages the source pixels when shrinking (no aliasing on large photos); it equals bilinear when
-    # enlarging small images.
-    interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(image, (new_w, new_h), interpolation=interp) if (new_w, new_h) != (w, h) else image
+    scale_x, scale_y = 1.0, 1.0
+    shrink = int(1.0 / factor)
+    if shrink >= 2:
+        # Average whole k x k blocks first: OpenCV's integer-factor area path is ~10x faster than a fractional
+        # INTER_AREA and still anti-aliases; the bilinear step after it shrinks by less than 2 and aliases little.
+        image = cv2.resize(image, None, fx=1.0 / shrink, fy=1.0 / shrink, interpolation=cv2.INTER_AREA)
+        scale_x = scale_y = 1.0 / shrink  # OpenCV maps x -> x / k exactly when fx is given
+    mid_h, mid_w = image.shape[:2]
+    if (new_w, new_h) != (mid_w, mid_h):
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    scale_x *= new_w / mid_w
+    scale_y *= new_h / mid_h
     off_x, off_y = (INPUT_SIZE - new_w) // 2, (INPUT_SIZE - new_h) // 2
     canvas = np.zeros((INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
-    canvas[off_y:off_y + new_h, off_x:off_x + new_w] = resized
+    canvas[off_y:off_y + new_h, off_x:off_x + new_w] = image
     tensor = canvas.transpose(2, 0, 1)[None].astype(np.float32)
     tensor *= 1.0 / 127.5
     tensor -= 1.0
-    return tensor, _Letterbox(new_w / w, new_h / h, off_x, off_y)
+    return tensor, _Letterbox(scale_x, scale_y, off_x, off_y)
 
 
 def _iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:

@@ -72,14 +72,8 @@ class ShapePredictor:
         self._validate()
         self._depth = int(np.log2(self.split_features.shape[2] + 1))
         self._levels = [self._level(c) for c in range(self.split_features.shape[0])]
-        centred = self.initial_shape.astype(np.float64) - self.initial_shape.astype(np.float64).mean(axis=0)
-        self._initial_centred = centred
-        # Umeyama's covariance is divided by the point count and the result by the source variance (also / count).
-        self._cov_scale = 1.0 / (float((centred**2).sum()) / len(centred)) / len(centred)
-        n_trees, n_splits = self.split_thresholds.shape[1:]
-        self._n_trees = n_trees
-        self._tree_off = np.arange(n_trees, dtype=np.intp) * n_splits  # [T] first split of each tree
-        self._leaf_off = np.arange(n_trees, dtype=np.intp) * (n_splits + 1) - n_splits  # node index -> leaf row
+        self._sim_weights = self._similarity_weights()
+        self._leaf_lut = _leaf_lookup(self._depth) if self._depth <= _MAX_LUT_DEPTH else None
 
     # -- construction -----------------------------------------------------------------------------------------------
 

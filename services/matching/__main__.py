@@ -1,0 +1,5 @@
+"""Entry point: ``python -m sightline.matching``."""
+
+from sightline.matching.service import main
+
+main()
