@@ -5,7 +5,8 @@ probes, then a per-subject minimum, then ``argpartition`` for the top k. Results
 best template), because an operator reviews people, not templates.
 
 Concurrency: mutations take an ``RLock`` and mark the index dirty; the first search afterwards builds an immutable
-snapshot (rows regrouped by subject) under the lock, and the search itself runs on that snapshot outside the lock.
+snapshot (a copy of the rows, regrouped by subject) under the lock, and the search itself runs on that snapshot
+outside the lock.
 So searches run concurrently with each other (numpy releases the GIL in the matrix product) and with enrolments,
 and a search sees either all or none of a mutation.
 """
@@ -112,7 +113,6 @@ class SearchIndex:
             keep = self._codes[: self._n] != code
             removed = int(self._n - keep.sum())
             self._tid_set.difference_update(self._tids[: self._n][~keep].tolist())
-            # Compact into fresh buffers: a live snapshot may still be reading the old ones.
             self._buf, self._tids, self._codes = (
                 np.ascontiguousarray(self._buf[: self._n][keep]),
                 self._tids[: self._n][keep],
@@ -202,7 +202,6 @@ class SearchIndex:
             code = self._code_of[subject_id] = self._next_code
             self._subject_of[code] = subject_id
             self._next_code += 1
-        # Rows past self._n are invisible to live snapshots, so writing here in place is safe.
         self._buf[self._n] = row[0]
         self._tids[self._n] = template_id
         self._codes[self._n] = code

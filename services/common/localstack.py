@@ -1,0 +1,686 @@
+"""The local stack: the embedded broker and the five services as separate processes on one machine.
+
+``sightline up``/``status``/``down``, the demo and the integration tests all run Sightline through this engine. It
+starts the Tansu broker, creates the topics, starts every service (``python -m sightline.<service>``, configured only
+by environment variables) and waits until each answers SERVING on its gRPC health service. Each process writes its
+stdout and stderr to ``<run dir>/logs/<name>.log``, so all logs are in one place.
+
+A state file, ``<run dir>/stack.json``, records pids, ports and log paths, so that a later command (``sightline
+status``, ``sightline down``) can find a stack started by another process, including one left running in the
+background. Pids are stored with the kernel's start time of the process, so a recycled pid is never mistaken for
+(or signalled as) one of ours.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Literal
+
+from sightline.common.broker import BrokerError, LocalBroker, free_port, port_open
+from sightline.common.ports import GRPC_PORTS, LOCAL_BROKER_PORT, METRICS_PORTS, SERVICES
+
+log = logging.getLogger(__name__)
+
+PortMode = Literal["default", "auto"]
+
+HOST = "127.0.0.1"
+STATE_FILE = "stack.json"
+KEY_FILE = "template.key"
+GALLERY_DB = "gallery.db"
+STATE_VERSION = 1
+SERVICE_STOP_TIMEOUT = 15.0  # services stop within ~10 s on SIGTERM; past this they are killed
+BROKER_STOP_TIMEOUT = 5.0
+LOG_TAIL_LINES = 20
+
+# Internal: the package whose sub-modules are the services. Only the engine's own tests of process handling
+# replace it (with stand-in services); the product always runs the real sightline.<service> modules.
+_MODULE_PREFIX = "sightline"
+
+
+class StackError(RuntimeError):
+    """The local stack could not be started, or a stack is already running; the message says what to do."""
+
+
+def in_use_message(port: int) -> str:
+    return f"port {port} is in use — is a stack already running? try `sightline status` or `sightline down`"
+
+
+# --- ports -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PortPlan:
+    broker: int
+    grpc: dict[str, int]
+    metrics: dict[str, int]
+
+    @classmethod
+    def make(cls, mode: PortMode) -> PortPlan:
+        if mode == "default":
+            return cls(LOCAL_BROKER_PORT, dict(GRPC_PORTS), dict(METRICS_PORTS))
+        if mode == "auto":
+            ports = _distinct_free_ports(1 + 2 * len(SERVICES))
+            grpc = dict(zip(SERVICES, ports[1 : 1 + len(SERVICES)], strict=True))
+            metrics = dict(zip(SERVICES, ports[1 + len(SERVICES) :], strict=True))
+            return cls(ports[0], grpc, metrics)
+        raise ValueError(f"ports must be 'default' or 'auto', not {mode!r}")
+
+    def needed(self, services: tuple[str, ...]) -> list[int]:
+        """The ports the given services and the broker will listen on, broker first."""
+        return [self.broker, *(self.grpc[s] for s in services), *(self.metrics[s] for s in services if self.metrics[s])]
+
+
+def _distinct_free_ports(count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port(HOST)
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def port_in_use(port: int, host: str = HOST) -> bool:
+    """True if something listens on the port or holds it bound.
+
+    gRPC binds with SO_REUSEPORT, so a second stack's servers would silently share a port with the first one
+    instead of failing: this check, made before anything starts, is what stops two stacks from overlapping.
+    """
+    if port_open(host, port):
+        return True
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ignore TIME_WAIT left by a stack just stopped
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def check_ports_free(ports: list[int]) -> None:
+    for port in ports:
+        if port_in_use(port):
+            raise StackError(in_use_message(port))
+
+
+# --- processes ---------------------------------------------------------------------------------------------------
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The kernel's start time of a process (Linux /proc), which tells a pid apart from a later reuse of it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: fields are counted after its closing ')'.
+    return int(stat[stat.rindex(")") + 2 :].split()[19])
+
+
+def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
+    """True if the process runs (not a zombie) and, when start_ticks is known, is still the same process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (not Linux): fall back to signal 0, which cannot tell zombies or reuse apart
+        return _signal_zero(pid)
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return False
+    return start_ticks is None or int(fields[19]) == start_ticks
+
+
+def _signal_zero(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _signal(pid: int, start_ticks: int | None, sig: int) -> None:
+    if pid_alive(pid, start_ticks):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _kill_group(pid: int, start_ticks: int | None) -> None:
+    """SIGKILL a process and anything it started: each process leads its own session, so its group is its pid."""
+    if pid_alive(pid, start_ticks):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            _signal(pid, start_ticks, signal.SIGKILL)
+
+
+def _wait_gone(records: list[tuple[int, int | None]], timeout: float) -> bool:
+    """Wait until none of the (pid, start_ticks) processes runs; works for processes that are not our children."""
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(pid, ticks) for pid, ticks in records):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The last lines of a log file (reads only its end: logs of a long run can be large)."""
+    try:
+        with path.open("rb") as file:
+            file.seek(0, os.SEEK_END)
+            file.seek(max(0, file.tell() - 64 * 1024))
+            data = file.read()
+    except OSError:
+        return []
+    return data.decode("utf-8", errors="replace").splitlines()[-lines:]
+
+
+def crash_report(name: str, returncode: int | None, log_path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """What a user needs when a process died: who, how, its last log lines and where the full log is."""
+    how = "is not running" if returncode is None else _describe_exit(returncode)
+    last = tail(log_path, lines)
+    body = "\n".join(f"  {line}" for line in last) if last else "  (log is empty)"
+    return f"{name} {how}; last lines of its log:\n{body}\nfull log: {log_path}"
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name} (exit code {returncode})"
+        except ValueError:
+            pass
+    return f"exited with code {returncode}"
+
+
+# --- the template key --------------------------------------------------------------------------------------------
+
+
+def template_key(run_dir: Path) -> str:
+    """The base64 key that encrypts the gallery's templates: made once per run dir (mode 0600), then reused.
+
+    Reusing it is what keeps an existing gallery.db readable across restarts; it is never logged.
+    """
+    path = run_dir / KEY_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read_key(path)
+    with os.fdopen(fd, "w") as file:
+        file.write(base64.b64encode(secrets.token_bytes(32)).decode("ascii") + "\n")
+    log.info("created a new gallery template key", extra={"path": str(path)})
+    return _read_key(path)
+
+
+def _read_key(path: Path) -> str:
+    if path.stat().st_mode & 0o077:
+        log.warning("template key was readable by others; restricting it to its owner", extra={"path": str(path)})
+        path.chmod(0o600)
+    text = path.read_text().strip()
+    try:
+        valid = len(base64.b64decode(text, validate=True)) == 32
+    except (binascii.Error, ValueError):
+        valid = False
+    if not valid:
+        raise StackError(
+            f"{path} is not a base64-encoded 32-byte key: restore it from a backup, or delete it together with "
+            f"{path.parent / GALLERY_DB} (the gallery cannot be read without its key)"
+        )
+    return text
+
+
+# --- the state file ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProcessRecord:
+    """One process of a stack as written in stack.json."""
+
+    pid: int
+    start_ticks: int | None
+    log: str
+    port: int  # the broker's Kafka port, or a service's gRPC port
+    metrics_port: int | None = None
+
+    def alive(self) -> bool:
+        return pid_alive(self.pid, self.start_ticks)
+
+
+@dataclass
+class StackState:
+    """The content of ``<run dir>/stack.json``."""
+
+    run_dir: str
+    started_at: float
+    detached: bool
+    owner_pid: int | None  # the foreground `sightline up` (or test) process that will stop the stack
+    owner_start_ticks: int | None
+    phase: Literal["starting", "running"]
+    broker: ProcessRecord
+    services: dict[str, ProcessRecord] = field(default_factory=dict)
+    version: int = STATE_VERSION
+
+    def processes(self) -> list[tuple[str, ProcessRecord]]:
+        return [("broker", self.broker), *self.services.items()]
+
+    def any_alive(self) -> bool:
+        return any(record.alive() for _, record in self.processes())
+
+    def owner_alive(self) -> bool:
+        return self.owner_pid is not None and pid_alive(self.owner_pid, self.owner_start_ticks)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StackState:
+        data = dict(data)
+        data["broker"] = ProcessRecord(**data["broker"])
+        data["services"] = {name: ProcessRecord(**rec) for name, rec in data["services"].items()}
+        return cls(**data)
+
+
+def state_path(run_dir: Path) -> Path:
+    return Path(run_dir) / STATE_FILE
+
+
+def load_state(run_dir: Path) -> StackState | None:
+    """The recorded stack of a run dir, or None if there is none (or the file is unreadable)."""
+    path = state_path(run_dir)
+    try:
+        return StackState.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        log.warning("ignoring an unreadable stack state file", extra={"path": str(path), "error": str(exc)})
+        return None
+
+
+def _write_state(run_dir: Path, state: StackState) -> None:
+    # Written whole and renamed, so a concurrent `sightline status` never reads half a file.
+    path = state_path(run_dir)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(state.to_json())
+    os.replace(tmp, path)
+
+
+def _remove_state(run_dir: Path) -> None:
+    state_path(run_dir).unlink(missing_ok=True)
+
+
+def refuse_if_running(run_dir: Path) -> None:
+    state = load_state(run_dir)
+    if state is None:
+        return
+    if state.any_alive() or state.owner_alive():
+        port = state.services[next(iter(state.services))].port if state.services else state.broker.port
+        raise StackError(f"{in_use_message(port)} (a stack recorded in {state_path(run_dir)} is still running)")
+    log.info("removing the state file of a stack that is no longer running", extra={"run_dir": str(run_dir)})
+    _remove_state(run_dir)
+
+
+# --- status ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServiceStatus:
+    pid: int
+    alive: bool
+    health: str  # SERVING, NOT_SERVING, UNREACHABLE..., or STOPPED when the process is gone
+    grpc_port: int
+    metrics_port: int | None
+    address: str
+    log: str
+
+
+@dataclass
+class BrokerStatus:
+    pid: int
+    alive: bool
+    reachable: bool
+    port: int
+    bootstrap_servers: str
+    log: str
+
+
+@dataclass
+class StackStatus:
+    run_dir: str
+    started_at: float
+    detached: bool
+    phase: str
+    broker: BrokerStatus
+    services: dict[str, ServiceStatus]
+
+    @property
+    def healthy(self) -> bool:
+        return self.broker.reachable and all(s.health == "SERVING" for s in self.services.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "healthy": self.healthy}
+
+
+def status(run_dir: Path, health_timeout: float = 1.0) -> StackStatus | None:
+    """Each recorded process of the stack in a run dir: alive or not, and each service's gRPC health."""
+    state = load_state(run_dir)
+    if state is None:
+        return None
+    from sightline.common.rpc import check_health  # grpc is heavy; only status needs it here
+
+    services: dict[str, ServiceStatus] = {}
+    for name, rec in state.services.items():
+        alive = rec.alive()
+        address = f"{HOST}:{rec.port}"
+        health = check_health(address, timeout=health_timeout) if alive else "STOPPED"
+        services[name] = ServiceStatus(rec.pid, alive, health, rec.port, rec.metrics_port, address, rec.log)
+    broker_alive = state.broker.alive()
+    broker = BrokerStatus(
+        state.broker.pid, broker_alive, broker_alive and port_open(HOST, state.broker.port), state.broker.port,
+        f"{HOST}:{state.broker.port}", state.broker.log,
+    )  # fmt: skip
+    return StackStatus(state.run_dir, state.started_at, state.detached, state.phase, broker, services)
+
+
+# --- stopping a stack this process did not start -------------------------------------------------------------------
+
+
+def stop_detached(run_dir: Path, timeout: float = SERVICE_STOP_TIMEOUT) -> bool:
+    """Stop the stack recorded in a run dir; False if none was running. Works for detached and foreground stacks."""
+    state = load_state(run_dir)
+    if state is None:
+        return False
+    if not state.any_alive() and not state.owner_alive():
+        _remove_state(run_dir)
+        return False
+    if not state.detached and state.owner_alive() and _stop_via_owner(state, timeout):
+        _remove_state(run_dir)
+        return True
+    _stop_records(state, timeout)
+    _remove_state(run_dir)
+    return True
+
+
+def _stop_via_owner(state: StackState, timeout: float) -> bool:
+    """Ask the foreground `sightline up` to stop its stack, so it shuts down in order and exits cleanly."""
+    assert state.owner_pid is not None
+    log.info("asking the foreground stack process to stop", extra={"pid": state.owner_pid})
+    _signal(state.owner_pid, state.owner_start_ticks, signal.SIGTERM)
+    owner = [(state.owner_pid, state.owner_start_ticks)]
+    return _wait_gone(owner, timeout + BROKER_STOP_TIMEOUT + 5) and not state.any_alive()
+
+
+def _stop_records(state: StackState, timeout: float) -> None:
+    services = list(reversed(state.services.items()))
+    for name, rec in services:
+        log.info("stopping", extra={"service": name, "pid": rec.pid})
+        _signal(rec.pid, rec.start_ticks, signal.SIGTERM)
+    if not _wait_gone([(r.pid, r.start_ticks) for _, r in services], timeout):
+        for name, rec in services:
+            if rec.alive():
+                log.warning("did not stop in time; killing it", extra={"service": name, "pid": rec.pid})
+                _kill_group(rec.pid, rec.start_ticks)
+        _wait_gone([(r.pid, r.start_ticks) for _, r in services], 5)
+    broker = state.broker
+    _signal(broker.pid, broker.start_ticks, signal.SIGINT)  # Tansu waits 5 s on SIGTERM while clients are connected
+    if not _wait_gone([(broker.pid, broker.start_ticks)], BROKER_STOP_TIMEOUT):
+        _kill_group(broker.pid, broker.start_ticks)
+        _wait_gone([(broker.pid, broker.start_ticks)], 5)
+
+
+# --- the stack -----------------------------------------------------------------------------------------------------
+
+
+class LocalStack:
+    """The broker and the services as child processes; ``start()``/``stop()``, or use it as a context manager.
+
+    ``ports="default"`` uses the documented ports (ports.py) and fails clearly if one is taken; ``"auto"`` picks
+    free ports, so tests and a second stack can run beside a developer's stack. ``env`` adds variables to (or
+    overrides) the caller's environment for every process.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        ports: PortMode = "default",
+        policy_file: Path | None = None,
+        services: tuple[str, ...] = SERVICES,
+        env: dict[str, str] | None = None,
+        *,
+        module_prefix: str | None = None,  # internal: see _MODULE_PREFIX
+    ) -> None:
+        unknown = [s for s in services if s not in SERVICES]
+        if unknown or not services:
+            raise ValueError(f"unknown services {unknown}; choose from {', '.join(SERVICES)}")
+        self.run_dir = Path(run_dir).expanduser().resolve()
+        self.log_dir = self.run_dir / "logs"
+        self.services = tuple(s for s in SERVICES if s in services)  # always in pipeline order
+        self.policy_file = Path(policy_file).expanduser().resolve() if policy_file else None
+        self.ports = PortPlan.make(ports)
+        self._extra_env = dict(env or {})
+        self._module_prefix = module_prefix or _MODULE_PREFIX
+        self._broker: LocalBroker | None = None
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._state: StackState | None = None
+
+    # Addresses --------------------------------------------------------------------------------------------------
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        return {s: f"{HOST}:{self.ports.grpc[s]}" for s in self.services}
+
+    @property
+    def metrics_ports(self) -> dict[str, int]:
+        return {s: self.ports.metrics[s] for s in self.services}
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{HOST}:{self.ports.broker}"
+
+    def log_path(self, name: str) -> Path:
+        """The log file of a service or of the broker ("broker")."""
+        return self.log_dir / f"{name}.log"
+
+    @property
+    def pids(self) -> dict[str, int]:
+        pids = {name: proc.pid for name, proc in self._procs.items()}
+        if self._broker and self._broker.process:
+            pids = {"broker": self._broker.process.pid, **pids}
+        return pids
+
+    # Lifecycle --------------------------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 120.0, detach: bool = False) -> None:
+        """Start the broker, create the topics, start all services and wait until each is SERVING.
+
+        With ``detach`` the stack is recorded as running in the background: it keeps running when this process
+        exits, and ``stop_detached`` (``sightline down``) stops it. Raises StackError, after stopping whatever
+        had started, if a port is taken, a stack already runs from this run dir, or a process fails.
+        """
+        if self._state is not None:
+            raise StackError("this stack is already started")
+        deadline = time.monotonic() + timeout
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # holds the gallery and its key
+        self.log_dir.mkdir(exist_ok=True)
+        refuse_if_running(self.run_dir)
+        check_ports_free(self.ports.needed(self.services))
+        key = template_key(self.run_dir) if "matching" in self.services else ""
+        try:
+            self._start_broker(detach)
+            self._ensure_topics()
+            for name in self.services:
+                self._spawn(name, key)
+            self._save_state("starting")
+            self._wait_healthy(deadline)
+            self._save_state("running")
+        except BaseException:  # also Ctrl-C while starting: never leave half a stack behind
+            self.stop()
+            raise
+        log.info("local stack is up", extra={"run_dir": str(self.run_dir), "pids": self.pids})
+
+    def stop(self, timeout: float = SERVICE_STOP_TIMEOUT) -> None:
+        """Stop the services (SIGTERM, newest stage first), kill those still running after ``timeout``, then the
+        broker. Safe to call more than once."""
+        running = [(n, p) for n, p in reversed(self._procs.items()) if p.poll() is None]
+        for name, proc in running:
+            log.info("stopping", extra={"service": name, "pid": proc.pid})
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for name, proc in running:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("did not stop in time; killing it", extra={"service": name, "pid": proc.pid})
+                _kill_group(proc.pid, None)
+                proc.wait()
+        if self._broker is not None:
+            self._broker.stop()
+        if self._state is not None:
+            _remove_state(self.run_dir)  # only our own: a refused start never wrote one
+            self._state = None
+
+    def poll_crashed(self) -> list[tuple[str, int]]:
+        """The processes (services, and "broker") that have exited, with their return codes."""
+        crashed = [(name, rc) for name, proc in self._procs.items() if (rc := proc.poll()) is not None]
+        if self._broker and self._broker.process and (rc := self._broker.process.poll()) is not None:
+            crashed.insert(0, ("broker", rc))
+        return crashed
+
+    def crash_report(self, name: str) -> str:
+        proc = self._broker.process if name == "broker" and self._broker else self._procs.get(name)
+        return crash_report(name, proc.poll() if proc else None, self.log_path(name))
+
+    def status(self, health_timeout: float = 1.0) -> StackStatus | None:
+        return status(self.run_dir, health_timeout)
+
+    def __enter__(self) -> LocalStack:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # Steps of start() ---------------------------------------------------------------------------------------------
+
+    def _start_broker(self, detach: bool) -> None:
+        with self._open_log("broker") as log_file:
+            self._broker = LocalBroker(self.ports.broker, log=log_file)
+            try:
+                # Every process gets its own session, so a Ctrl-C in the terminal reaches only `sightline up`,
+                # which then stops the services before the broker they need to shut down cleanly.
+                self._broker.start(detach=True)
+            except BrokerError as exc:
+                raise StackError(f"{exc}; see {self.log_path('broker')}") from exc
+        log.info("broker is up", extra={"bootstrap_servers": self.bootstrap_servers})
+        self._state = self._new_state(detach)
+        _write_state(self.run_dir, self._state)  # from now on `sightline down` can clean up after a crash
+
+    def _ensure_topics(self) -> None:
+        from sightline.common.bus import ensure_topics  # kafka-python is heavy: imported only when starting
+        from sightline.common.config import KafkaSettings
+
+        states = ensure_topics(KafkaSettings(**self._kafka_settings()))
+        log.info("topics ready", extra={"topics": states})
+
+    def _kafka_settings(self) -> dict[str, Any]:
+        return {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": "PLAINTEXT",  # the local broker; a user's SASL/TLS settings are for their cluster
+            "session_timeout_ms": 2000,  # Tansu holds group joins for session_timeout / 2
+            "heartbeat_interval_ms": 500,
+        }
+
+    def _spawn(self, name: str, key: str) -> None:
+        with self._open_log(name) as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", f"{self._module_prefix}.{name}"], env=self._service_env(name, key),
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        self._procs[name] = proc
+        assert self._state is not None
+        self._state.services[name] = ProcessRecord(
+            proc.pid, process_start_ticks(proc.pid), str(self.log_path(name)), self.ports.grpc[name],
+            self.ports.metrics[name],
+        )  # fmt: skip
+        log.info("started", extra={"service": name, "pid": proc.pid, "address": self.addresses[name]})
+
+    def _service_env(self, name: str, key: str) -> dict[str, str]:
+        prefix = f"SIGHTLINE_{name.upper()}_"
+        env = {**os.environ, **self._extra_env, "PYTHONUNBUFFERED": "1"}
+        env.update({f"SIGHTLINE_KAFKA_{k.upper()}": str(v) for k, v in self._kafka_settings().items()})
+        env.update({
+            f"{prefix}GRPC_HOST": HOST,
+            f"{prefix}GRPC_PORT": str(self.ports.grpc[name]),
+            f"{prefix}METRICS_PORT": str(self.ports.metrics[name]),
+            f"{prefix}LOG_JSON": "true",
+        })  # fmt: skip
+        if name == "matching":
+            env["SIGHTLINE_MATCHING_DATABASE_URL"] = f"sqlite:///{self.run_dir / GALLERY_DB}"
+            env["SIGHTLINE_MATCHING_DETECTION_ADDR"] = f"{HOST}:{self.ports.grpc['detection']}"
+            env["SIGHTLINE_MATCHING_EMBEDDING_ADDR"] = f"{HOST}:{self.ports.grpc['embedding']}"
+            env["SIGHTLINE_MATCHING_TEMPLATE_KEY"] = key
+        if name == "decision" and self.policy_file:
+            env["SIGHTLINE_DECISION_POLICY_FILE"] = str(self.policy_file)
+        return env
+
+    def _wait_healthy(self, deadline: float) -> None:
+        from sightline.common.rpc import check_health
+
+        pending = list(self.services)
+        while pending:
+            self._raise_if_exited()
+            pending = [name for name in pending if check_health(self.addresses[name], timeout=1.0) != "SERVING"]
+            if pending and time.monotonic() > deadline:
+                raise StackError(self._not_healthy_message(pending))
+            if pending:
+                time.sleep(0.25)
+
+    def _raise_if_exited(self) -> None:
+        for name, _ in self.poll_crashed():
+            raise StackError(f"{self.crash_report(name)}\nthe stack did not start")
+
+    def _not_healthy_message(self, pending: list[str]) -> str:
+        parts = [f"not SERVING in time: {', '.join(pending)}"]
+        for name in pending:
+            parts.append(f"{name} ({self.addresses[name]}), last log lines:")
+            parts.extend(f"  {line}" for line in tail(self.log_path(name), 5))
+        parts.append(f"logs: {self.log_dir}")
+        return "\n".join(parts)
+
+    # Helpers ------------------------------------------------------------------------------------------------------
+
+    def _open_log(self, name: str) -> IO[bytes]:
+        """A fresh log for this run; the previous run's log is kept as <name>.log.1 for a post-mortem."""
+        path = self.log_path(name)
+        if path.exists() and path.stat().st_size:
+            os.replace(path, path.with_name(path.name + ".1"))
+        return path.open("wb")
+
+    def _new_state(self, detach: bool) -> StackState:
+        assert self._broker is not None and self._broker.process is not None
+        pid = self._broker.process.pid
+        broker = ProcessRecord(pid, process_start_ticks(pid), str(self.log_path("broker")), self.ports.broker)
+        owner = None if detach else os.getpid()
+        owner_ticks = process_start_ticks(owner) if owner else None
+        return StackState(str(self.run_dir), time.time(), detach, owner, owner_ticks, "starting", broker)
+
+    def _save_state(self, phase: Literal["starting", "running"]) -> None:
+        assert self._state is not None
+        self._state.phase = phase
+        _write_state(self.run_dir, self._state)

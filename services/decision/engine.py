@@ -1,0 +1,147 @@
+"""The decision engine: turns per-frame match results into decisions and alerts, following the policy.
+
+Pure logic with in-memory state, no Kafka: the service feeds it one ``MatchResult`` at a time. State is kept per
+(source, subject): the recent frames on which that subject was a hit. Windows use the frames' capture times, not the
+wall clock, so a replay after a restart decides the same way; a replayed frame is counted once. Decision and alert
+ids are derived from their inputs, so a replayed decision carries the same id and consumers can deduplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+from sightline.common import codec
+from sightline.decision.policy import Policy
+from sightline.v1 import events_pb2, types_pb2
+
+MAX_TRACKED_KEYS = 100_000
+
+
+@dataclass
+class _Hits:
+    frames: deque[tuple[str, float]]  # (frame_id, capture time)
+    last_alert_at: float | None = None
+
+
+@dataclass(frozen=True)
+class _Hit:
+    subject_id: str
+    distance: float
+    similarity: float
+    watchlists: list[str]
+    reason: str
+
+
+def stable_id(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+class DecisionEngine:
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self._hits: OrderedDict[tuple[str, str], _Hits] = OrderedDict()
+
+    def decide(self, result: events_pb2.MatchResult) -> tuple[list[events_pb2.Decision], list[events_pb2.Alert]]:
+        decisions, alerts = [], []
+        for face in result.faces:
+            decision, alert = self._decide_face(result, face)
+            decisions.append(decision)
+            if alert is not None:
+                alerts.append(alert)
+        return decisions, alerts
+
+    def _decide_face(self, result: events_pb2.MatchResult, face: events_pb2.FaceMatch) -> tuple[events_pb2.Decision, events_pb2.Alert | None]:  # noqa: E501
+        frame = result.frame
+        decision = events_pb2.Decision(
+            decision_id=stable_id(frame.frame_id, str(face.face_index), self.policy.version),
+            frame=frame, face_index=face.face_index, policy_version=self.policy.version,
+            model_version=f"{result.model_name}:{result.model_version}", decided_at=codec.now(),
+        )  # fmt: skip
+        if face.quality.score < self.policy.min_quality:
+            decision.outcome = events_pb2.OUTCOME_LOW_QUALITY
+            decision.reasons.append(f"quality {face.quality.score:.0f} < minimum {self.policy.min_quality:.0f}")
+            decision.evidence_frame_ids.append(frame.frame_id)
+            return decision, None
+        hit = self._hit(frame, face)
+        if hit is None:
+            return self._no_match(decision, frame, face), None
+        return self._agree(decision, frame, hit)
+
+    def _hit(self, frame: types_pb2.FrameRef, face: events_pb2.FaceMatch) -> _Hit | None:
+        limit = self.policy.match_max_distance
+        if frame.claim_subject_id:
+            v = face.verification
+            if v.subject_found and v.distance <= limit:
+                return _Hit(v.subject_id, v.distance, v.similarity, [], f"claim verified: distance {v.distance:.3f} <= {limit:.3f}")  # noqa: E501
+            return None
+        if face.candidates and face.candidates[0].distance <= limit:
+            best = face.candidates[0]
+            return _Hit(best.subject_id, best.distance, best.similarity, list(best.watchlists),
+                        f"best candidate: distance {best.distance:.3f} <= {limit:.3f}")  # fmt: skip
+        return None
+
+    def _no_match(self, decision: events_pb2.Decision, frame: types_pb2.FrameRef, face: events_pb2.FaceMatch) -> events_pb2.Decision:  # noqa: E501
+        decision.outcome = events_pb2.OUTCOME_NO_MATCH
+        decision.evidence_frame_ids.append(frame.frame_id)
+        limit = self.policy.match_max_distance
+        if frame.claim_subject_id:
+            v = face.verification
+            decision.reasons.append(
+                f"claim not verified: distance {v.distance:.3f} > {limit:.3f}" if v.subject_found
+                else f"claimed subject {frame.claim_subject_id!r} is not enrolled"
+            )  # fmt: skip
+            decision.distance, decision.similarity = v.distance, v.similarity
+        elif face.candidates:
+            decision.reasons.append(f"no candidate within distance {limit:.3f} (best {face.candidates[0].distance:.3f})")
+            decision.distance, decision.similarity = face.candidates[0].distance, face.candidates[0].similarity
+        else:
+            decision.reasons.append("the gallery has no subject to compare with")
+        return decision
+
+    def _agree(self, decision: events_pb2.Decision, frame: types_pb2.FrameRef, hit: _Hit) -> tuple[events_pb2.Decision, events_pb2.Alert | None]:  # noqa: E501
+        at = frame.captured_at.seconds + frame.captured_at.nanos / 1e9
+        hits = self._record(frame.source_id, hit.subject_id, frame.frame_id, at)
+        decision.subject_id, decision.distance, decision.similarity = hit.subject_id, hit.distance, hit.similarity
+        decision.evidence_frame_ids.extend(frame_id for frame_id, _ in hits.frames)
+        agreeing, needed = len(hits.frames), self.policy.min_agreeing_frames
+        decision.reasons.extend([hit.reason, f"{agreeing} of {needed} frames agree within {self.policy.window_seconds:g} s"])
+        if agreeing < needed:
+            decision.outcome = events_pb2.OUTCOME_PENDING
+            return decision, None
+        decision.outcome = events_pb2.OUTCOME_MATCH
+        alert = self._maybe_alert(decision, hits, hit, at)
+        return decision, alert
+
+    def _record(self, source: str, subject: str, frame_id: str, at: float) -> _Hits:
+        key = (source, subject)
+        hits = self._hits.pop(key, None) or _Hits(deque())
+        self._hits[key] = hits  # most recently used last, so the oldest keys are evicted first
+        if all(frame_id != seen for seen, _ in hits.frames):
+            hits.frames.append((frame_id, at))
+        while hits.frames and hits.frames[0][1] < at - self.policy.window_seconds:
+            hits.frames.popleft()
+        while len(self._hits) > MAX_TRACKED_KEYS:
+            self._hits.popitem(last=False)
+        return hits
+
+    def _maybe_alert(self, decision: events_pb2.Decision, hits: _Hits, hit: _Hit, at: float) -> events_pb2.Alert | None:
+        watchlists = self.policy.alerts_on(hit.watchlists)
+        if not watchlists:
+            return None
+        if hits.last_alert_at is not None and at - hits.last_alert_at < self.policy.alert_cooldown_seconds:
+            decision.reasons.append("alert merged: same subject on this source within the cool-down")
+            return None
+        hits.last_alert_at = at
+        frame = decision.frame
+        alert = events_pb2.Alert(
+            alert_id=stable_id(frame.source_id, hit.subject_id, decision.evidence_frame_ids[0]),
+            decision_id=decision.decision_id, source_id=frame.source_id, subject_id=hit.subject_id,
+            watchlists=watchlists, distance=hit.distance, similarity=hit.similarity,
+            evidence_frame_ids=list(decision.evidence_frame_ids), status=events_pb2.ALERT_STATUS_PENDING_REVIEW,
+            raised_at=codec.now(), policy_version=self.policy.version,
+        )  # fmt: skip
+        decision.alert_id = alert.alert_id
+        decision.reasons.append(f"alert raised for watchlists {', '.join(watchlists)}")
+        return alert
