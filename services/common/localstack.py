@@ -223,13 +223,13 @@ def template_key(run_dir: Path) -> str:
         return _read_key(path)
     with os.fdopen(fd, "w") as file:
         file.write(base64.b64encode(secrets.token_bytes(32)).decode("ascii") + "\n")
-    log.info("created a new gallery template key", extra={"path": str(path)})
+    log.info("created a new gallery template key in %s", path)
     return _read_key(path)
 
 
 def _read_key(path: Path) -> str:
     if path.stat().st_mode & 0o077:
-        log.warning("template key was readable by others; restricting it to its owner", extra={"path": str(path)})
+        log.warning("%s was readable by others; restricting it to its owner", path)
         path.chmod(0o600)
     text = path.read_text().strip()
     try:
@@ -307,7 +307,7 @@ def load_state(run_dir: Path) -> StackState | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        log.warning("ignoring an unreadable stack state file", extra={"path": str(path), "error": str(exc)})
+        log.warning("ignoring the unreadable stack state file %s: %s", path, exc)
         return None
 
 
@@ -330,7 +330,7 @@ def refuse_if_running(run_dir: Path) -> None:
     if state.any_alive() or state.owner_alive():
         port = state.services[next(iter(state.services))].port if state.services else state.broker.port
         raise StackError(f"{in_use_message(port)} (a stack recorded in {state_path(run_dir)} is still running)")
-    log.info("removing the state file of a stack that is no longer running", extra={"run_dir": str(run_dir)})
+    log.info("removing the state file of a stack that no longer runs in %s", run_dir)
     _remove_state(run_dir)
 
 
@@ -418,7 +418,7 @@ def stop_detached(run_dir: Path, timeout: float = SERVICE_STOP_TIMEOUT) -> bool:
 def _stop_via_owner(state: StackState, timeout: float) -> bool:
     """Ask the foreground `sightline up` to stop its stack, so it shuts down in order and exits cleanly."""
     assert state.owner_pid is not None
-    log.info("asking the foreground stack process to stop", extra={"pid": state.owner_pid})
+    log.info("asking the foreground stack process (pid %d) to stop it", state.owner_pid)
     _signal(state.owner_pid, state.owner_start_ticks, signal.SIGTERM)
     owner = [(state.owner_pid, state.owner_start_ticks)]
     return _wait_gone(owner, timeout + BROKER_STOP_TIMEOUT + 5) and not state.any_alive()
@@ -427,12 +427,12 @@ def _stop_via_owner(state: StackState, timeout: float) -> bool:
 def _stop_records(state: StackState, timeout: float) -> None:
     services = list(reversed(state.services.items()))
     for name, rec in services:
-        log.info("stopping", extra={"service": name, "pid": rec.pid})
+        log.info("stopping %s (pid %d)", name, rec.pid)
         _signal(rec.pid, rec.start_ticks, signal.SIGTERM)
     if not _wait_gone([(r.pid, r.start_ticks) for _, r in services], timeout):
         for name, rec in services:
             if rec.alive():
-                log.warning("did not stop in time; killing it", extra={"service": name, "pid": rec.pid})
+                log.warning("%s (pid %d) did not stop in time; killing it", name, rec.pid)
                 _kill_group(rec.pid, rec.start_ticks)
         _wait_gone([(r.pid, r.start_ticks) for _, r in services], 5)
     broker = state.broker
@@ -530,21 +530,21 @@ class LocalStack:
         except BaseException:  # also Ctrl-C while starting: never leave half a stack behind
             self.stop()
             raise
-        log.info("local stack is up", extra={"run_dir": str(self.run_dir), "pids": self.pids})
+        log.info("local stack is up in %s: pids %s", self.run_dir, self.pids)
 
     def stop(self, timeout: float = SERVICE_STOP_TIMEOUT) -> None:
         """Stop the services (SIGTERM, newest stage first), kill those still running after ``timeout``, then the
         broker. Safe to call more than once."""
         running = [(n, p) for n, p in reversed(self._procs.items()) if p.poll() is None]
         for name, proc in running:
-            log.info("stopping", extra={"service": name, "pid": proc.pid})
+            log.info("stopping %s (pid %d)", name, proc.pid)
             proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for name, proc in running:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("did not stop in time; killing it", extra={"service": name, "pid": proc.pid})
+                log.warning("%s (pid %d) did not stop in time; killing it", name, proc.pid)
                 _kill_group(proc.pid, None)
                 proc.wait()
         if self._broker is not None:
@@ -587,7 +587,7 @@ class LocalStack:
                 self._broker.start(detach=True)
             except BrokerError as exc:
                 raise StackError(f"{exc}; see {self.log_path('broker')}") from exc
-        log.info("broker is up", extra={"bootstrap_servers": self.bootstrap_servers})
+        log.info("broker is up on %s", self.bootstrap_servers)
         self._state = self._new_state(detach)
         _write_state(self.run_dir, self._state)  # from now on `sightline down` can clean up after a crash
 
@@ -596,7 +596,7 @@ class LocalStack:
         from sightline.common.config import KafkaSettings
 
         states = ensure_topics(KafkaSettings(**self._kafka_settings()))
-        log.info("topics ready", extra={"topics": states})
+        log.info("topics ready: %s", states)
 
     def _kafka_settings(self) -> dict[str, Any]:
         return {
@@ -618,7 +618,7 @@ class LocalStack:
             proc.pid, process_start_ticks(proc.pid), str(self.log_path(name)), self.ports.grpc[name],
             self.ports.metrics[name],
         )  # fmt: skip
-        log.info("started", extra={"service": name, "pid": proc.pid, "address": self.addresses[name]})
+        log.info("started %s (pid %d) on %s", name, proc.pid, self.addresses[name])
 
     def _service_env(self, name: str, key: str) -> dict[str, str]:
         prefix = f"SIGHTLINE_{name.upper()}_"

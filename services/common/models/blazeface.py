@@ -119,28 +119,28 @@ def _iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 
 def weighted_nms(boxes: np.ndarray, keypoints: np.ndarray, scores: np.ndarray,
-                 iou_threshold: float) -> list[tuple[np.ndarray, np.ndarray, float]]:
+                 iou_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MediaPipe's weighted non-maximum suppression.
 
     Take the best remaining candidate; every remaining candidate overlapping it by IoU > ``iou_threshold`` (itself
-    included) joins its cluster; the result is the score-weighted mean of the cluster's boxes and keypoints with the
-    best score. Returns (box [4], keypoints [6, 2], score) in descending score order.
+    included) joins its cluster; the result is the score-weighted mean of the cluster's boxes and keypoints, with the
+    best score. Returns boxes [M, 4], keypoints [M, 6, 2] and scores [M], in descending score order.
     """
     order = np.argsort(-scores, kind="stable")
     boxes, keypoints, scores = boxes[order], keypoints[order], scores[order]
     remaining = np.arange(len(scores))
-    results = []
+    out_boxes, out_kps, out_scores = [], [], []
     while remaining.size:
         top = remaining[0]
         overlap = _iou_one_to_many(boxes[top], boxes[remaining]) > iou_threshold
         overlap[0] = True  # a box always belongs to its own cluster, even a degenerate one
         members = remaining[overlap]
         weights = scores[members] / scores[members].sum()
-        box = (boxes[members] * weights[:, None]).sum(axis=0)
-        kps = (keypoints[members] * weights[:, None, None]).sum(axis=0)
-        results.append((box, kps, float(scores[top])))
+        out_boxes.append(weights @ boxes[members])
+        out_kps.append(np.tensordot(weights, keypoints[members], axes=1))
+        out_scores.append(scores[top])
         remaining = remaining[~overlap]
-    return results
+    return np.array(out_boxes).reshape(-1, 4), np.array(out_kps).reshape(-1, NUM_KEYPOINTS, 2), np.array(out_scores)
 
 
 class FaceDetector:
@@ -201,8 +201,10 @@ class FaceDetector:
         boxes, keypoints = self._decode(regressors[keep], self._anchors[keep])
         scores = 1.0 / (1.0 + np.exp(-np.clip(logits[keep], -_LOGIT_CLIP, _LOGIT_CLIP)))
         valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        merged = weighted_nms(boxes[valid], keypoints[valid], scores[valid], self.iou_threshold)
-        return [self._to_detection(box, kps, score, letterbox) for box, kps, score in merged]
+        boxes, keypoints, scores = weighted_nms(boxes[valid], keypoints[valid], scores[valid], self.iou_threshold)
+        boxes = letterbox.to_original(boxes.reshape(-1, 2, 2)).reshape(-1, 4)
+        keypoints = letterbox.to_original(keypoints).astype(np.float32)
+        return [_detection(box, kps, score) for box, kps, score in zip(boxes.tolist(), keypoints, scores.tolist())]
 
     @staticmethod
     def _decode(regressors: np.ndarray, anchors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -213,12 +215,10 @@ class FaceDetector:
         keypoints = regressors[:, 4:].reshape(-1, NUM_KEYPOINTS, 2) + anchors[:, None, :]
         return boxes, keypoints
 
-    @staticmethod
-    def _to_detection(box: np.ndarray, kps: np.ndarray, score: float, letterbox: _Letterbox) -> Detection:
-        corners = letterbox.to_original(box.reshape(2, 2)).ravel()
-        points = letterbox.to_original(kps).astype(np.float32)
-        points.setflags(write=False)  # the dataclass is frozen; keep its array from being edited in place too
-        return Detection(box=tuple(float(v) for v in corners), score=score, keypoints=points)
+
+def _detection(box: list[float], keypoints: np.ndarray, score: float) -> Detection:
+    keypoints.setflags(write=False)  # the dataclass is frozen; keep its array from being edited in place too
+    return Detection(box=(box[0], box[1], box[2], box[3]), score=score, keypoints=keypoints)
 
 
 def _check_image(image: np.ndarray) -> None:

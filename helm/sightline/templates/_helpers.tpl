@@ -1,0 +1,266 @@
+{{/*
+Shared helpers. Everything a service needs is derived from two places: its values block (.Values.<service>) and the
+static catalogue below, which records what the code fixes (topic names, who consumes and produces what, which ports
+are public). Templates loop over the catalogue, so adding a service is one catalogue entry and one values block.
+*/}}
+
+{{/* The services, in pipeline order. */}}
+{{- define "sightline.services" -}}
+capture detection embedding matching decision
+{{- end }}
+
+{{/*
+What the code fixes for each service. `consumes` is the input topic (the one KEDA measures lag on, with consumer group
+sightline-<service>); `produces` are the topics it writes; `public` services take gRPC from outside clients;
+`grpcClients` are the services that call this one over gRPC.
+Topic keys are the keys of .Values.kafka.topics; the topic name is sightline.<key>.v1.
+*/}}
+{{- define "sightline.catalog" -}}
+capture:
+  consumes: ""
+  produces: [frames, deadletter]
+  public: true
+  grpcClients: []
+  calls: []
+detection:
+  consumes: frames
+  produces: [faces, deadletter]
+  public: false
+  grpcClients: [matching]
+  calls: []
+embedding:
+  consumes: faces
+  produces: [embeddings, deadletter]
+  public: false
+  grpcClients: [matching]
+  calls: []
+matching:
+  consumes: embeddings
+  produces: [matches, deadletter]
+  public: true
+  grpcClients: []
+  calls: [detection, embedding]
+decision:
+  consumes: matches
+  produces: [decisions, alerts, deadletter]
+  public: true
+  grpcClients: []
+  calls: []
+{{- end }}
+
+{{- define "sightline.topicName" -}}
+sightline.{{ . }}.v1
+{{- end }}
+
+{{- define "sightline.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* <release>-sightline, shortened so that "<fullname>-embedding" still fits the 63-character label limit. */}}
+{{- define "sightline.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Name of a per-service resource. Call with (dict "root" $ "service" "detection"). */}}
+{{- define "sightline.serviceName" -}}
+{{ include "sightline.fullname" .root }}-{{ .service }}
+{{- end }}
+
+{{- define "sightline.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every resource. */}}
+{{- define "sightline.labels" -}}
+helm.sh/chart: {{ include "sightline.chart" . }}
+app.kubernetes.io/name: {{ include "sightline.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: sightline
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Selector labels of one component (a service, or "topics" for the hook). Services and Deployments select on exactly
+these three, so each Service reaches its own pods and nothing else. Call with (dict "root" $ "component" "detection").
+*/}}
+{{- define "sightline.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "sightline.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* All labels of one component's resources: the common ones plus its selector labels. */}}
+{{- define "sightline.componentLabels" -}}
+{{ include "sightline.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
+Image reference. Call with (dict "root" $ "image" .Values.<x>.image). The tag falls back to image.tag, then to the
+chart's appVersion; `latest` and empty tags are refused here as well as in the schema, because the
+schema cannot see the fallback.
+*/}}
+{{- define "sightline.image" -}}
+{{- $tag := .image.tag | default .root.Values.image.tag | default .root.Chart.AppVersion | toString }}
+{{- if or (eq $tag "latest") (eq $tag "") }}
+{{- fail (printf "image %s: tag %q is not allowed; pin a version" .image.repository $tag) }}
+{{- end }}
+{{- printf "%s%s:%s" .root.Values.image.registry .image.repository $tag }}
+{{- end }}
+
+{{- define "sightline.pullPolicy" -}}
+{{- .image.pullPolicy | default .root.Values.image.pullPolicy }}
+{{- end }}
+
+{{- define "sightline.serviceAccountName" -}}
+{{- $sa := .values.serviceAccount }}
+{{- if $sa.create }}
+{{- default (include "sightline.serviceName" (dict "root" .root "service" .service)) $sa.name }}
+{{- else }}
+{{- default "default" $sa.name }}
+{{- end }}
+{{- end }}
+
+{{/* Names of the Secrets the chart may create, and the Secret/key each value is read from. */}}
+{{- define "sightline.kafkaSecretName" -}}
+{{- .Values.kafka.sasl.existingSecret | default (printf "%s-kafka" (include "sightline.fullname" .)) }}
+{{- end }}
+
+{{- define "sightline.databaseSecretName" -}}
+{{- .Values.matching.database.postgresql.existingSecret | default (printf "%s-database" (include "sightline.fullname" .)) }}
+{{- end }}
+
+{{- define "sightline.templateKeySecretName" -}}
+{{- .Values.matching.templateKey.existingSecret | default (printf "%s-template-key" (include "sightline.fullname" .)) }}
+{{- end }}
+
+{{- define "sightline.kafkaUsesSasl" -}}
+{{- if hasPrefix "SASL_" .Values.kafka.securityProtocol }}true{{ end }}
+{{- end }}
+
+{{- define "sightline.kafkaUsesTls" -}}
+{{- if has .Values.kafka.securityProtocol (list "SSL" "SASL_SSL") }}true{{ end }}
+{{- end }}
+
+{{- define "sightline.kafkaHasCa" -}}
+{{- if and (include "sightline.kafkaUsesTls" .) (or .Values.kafka.tls.ca.secretName .Values.kafka.tls.ca.configMapName) }}true{{ end }}
+{{- end }}
+
+{{/*
+The Kafka connection, injected into every service and the hook from this one place so they can never disagree.
+The SASL password is read from a Secret; the CA bundle is a mounted file (see sightline.kafkaCaVolume).
+*/}}
+{{- define "sightline.kafkaEnv" -}}
+- name: SIGHTLINE_KAFKA_BOOTSTRAP_SERVERS
+  value: {{ .Values.kafka.bootstrapServers | quote }}
+- name: SIGHTLINE_KAFKA_SECURITY_PROTOCOL
+  value: {{ .Values.kafka.securityProtocol | quote }}
+- name: SIGHTLINE_KAFKA_DEFAULT_PARTITIONS
+  value: {{ .Values.kafka.defaultPartitions | quote }}
+- name: SIGHTLINE_KAFKA_REPLICATION_FACTOR
+  value: {{ .Values.kafka.replicationFactor | quote }}
+{{- if include "sightline.kafkaUsesSasl" . }}
+- name: SIGHTLINE_KAFKA_SASL_MECHANISM
+  value: {{ .Values.kafka.sasl.mechanism | quote }}
+- name: SIGHTLINE_KAFKA_SASL_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "sightline.kafkaSecretName" . }}
+      key: {{ .Values.kafka.sasl.usernameKey }}
+- name: SIGHTLINE_KAFKA_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "sightline.kafkaSecretName" . }}
+      key: {{ .Values.kafka.sasl.passwordKey }}
+{{- end }}
+{{- if include "sightline.kafkaHasCa" . }}
+- name: SIGHTLINE_KAFKA_SSL_CAFILE
+  value: /etc/sightline/kafka-ca/ca.crt
+{{- end }}
+{{- end }}
+
+{{- define "sightline.kafkaCaVolume" -}}
+{{- if include "sightline.kafkaHasCa" . }}
+- name: kafka-ca
+  {{- if .Values.kafka.tls.ca.secretName }}
+  secret:
+    secretName: {{ .Values.kafka.tls.ca.secretName }}
+    items:
+      - key: {{ .Values.kafka.tls.ca.key }}
+        path: ca.crt
+  {{- else }}
+  configMap:
+    name: {{ .Values.kafka.tls.ca.configMapName }}
+    items:
+      - key: {{ .Values.kafka.tls.ca.key }}
+        path: ca.crt
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "sightline.kafkaCaMount" -}}
+{{- if include "sightline.kafkaHasCa" . }}
+- name: kafka-ca
+  mountPath: /etc/sightline/kafka-ca
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The only writable path in a container. */}}
+{{- define "sightline.tmpVolume" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.tmpVolume.sizeLimit }}
+    {{- with .Values.tmpVolume.medium }}
+    medium: {{ . }}
+    {{- end }}
+{{- end }}
+
+{{/*
+Checks that combine several values, which the JSON schema cannot express. They fail the render with a message that
+names the value to change.
+*/}}
+{{- define "sightline.validate" -}}
+{{- if and (include "sightline.kafkaUsesSasl" .) (not .Values.kafka.sasl.existingSecret) (or (not .Values.kafka.sasl.username) (not .Values.kafka.sasl.password)) }}
+{{- fail "kafka.securityProtocol is SASL_*: set kafka.sasl.existingSecret, or kafka.sasl.username and kafka.sasl.password" }}
+{{- end }}
+{{- if and .Values.kafka.tls.ca.secretName .Values.kafka.tls.ca.configMapName }}
+{{- fail "set only one of kafka.tls.ca.secretName and kafka.tls.ca.configMapName" }}
+{{- end }}
+{{- if .Values.capture.autoscaling.enabled }}
+{{- if ne .Values.capture.autoscaling.mode "cpu" }}
+{{- fail "capture.autoscaling.mode must be cpu: capture has no input topic to measure consumer lag on" }}
+{{- end }}
+{{- end }}
+{{- $m := .Values.matching }}
+{{- if and $m.enabled (eq $m.database.mode "sqlite") }}
+{{- if $m.autoscaling.enabled }}
+{{- fail "matching.autoscaling.enabled needs matching.database.mode=postgresql: the SQLite gallery allows exactly one matching replica" }}
+{{- end }}
+{{- if gt (int $m.replicas) 1 }}
+{{- fail "matching.replicas > 1 needs matching.database.mode=postgresql: the SQLite gallery allows exactly one matching replica" }}
+{{- end }}
+{{- end }}
+{{- if and $m.enabled (eq $m.database.mode "postgresql") (not $m.database.postgresql.existingSecret) (not $m.database.postgresql.dsn) }}
+{{- fail "matching.database.mode=postgresql: set matching.database.postgresql.existingSecret or matching.database.postgresql.dsn" }}
+{{- end }}
+{{- range $svc := splitList " " (include "sightline.services" .) }}
+{{- $a := (index $.Values $svc).autoscaling }}
+{{- if and $a.enabled (lt (int $a.maxReplicas) (int $a.minReplicas)) }}
+{{- fail (printf "%s.autoscaling.maxReplicas must be >= minReplicas" $svc) }}
+{{- end }}
+{{- end }}
+{{- end }}

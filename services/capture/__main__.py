@@ -1,0 +1,5 @@
+"""Entry point: ``python -m sightline.capture``."""
+
+from sightline.capture.service import main
+
+main()

@@ -1,0 +1,160 @@
+"""Capture service: reads image folders, video files and RTSP streams, samples frames, publishes them to Kafka.
+
+Frames are keyed by source id, so per-source order holds through every stage. Request path:
+``CaptureService.Ingest`` streams progress while a source is read (what ``sightline run`` uses); sources configured
+in ``SIGHTLINE_CAPTURE_SOURCES`` are ingested continuously from start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import grpc
+
+from sightline.common import codec, telemetry
+from sightline.common.bus import make_producer
+from sightline.common.config import KafkaSettings
+from sightline.common.images import ImageError, downscale_to, encode_jpeg
+from sightline.common.rpc import InvalidInput, rpc_errors
+from sightline.common.runtime import Servicer, run_service
+from sightline.common.stage import InputEvent, StageError, dead_letter_record
+from sightline.common.topics import DEADLETTER, FRAMES
+from sightline.capture.settings import CaptureSettings
+from sightline.capture.sources import RawFrame, SourceError, open_source, source_id_for
+from sightline.v1 import capture_pb2, capture_pb2_grpc, events_pb2, types_pb2
+
+SERVICE = "capture"
+PROGRESS_EVERY_S = 0.25
+log = logging.getLogger(__name__)
+
+
+class Capture:
+    def __init__(self, settings: CaptureSettings, kafka: KafkaSettings) -> None:
+        self.settings = settings
+        self._max_bytes = kafka.max_message_bytes - 64 * 1024  # room for the event's other fields
+        self.producer = make_producer(kafka)
+
+    def ingest(self, request: capture_pb2.IngestRequest, active: callable = lambda: True) -> Iterator[capture_pb2.IngestResponse]:  # type: ignore[valid-type]  # noqa: E501
+        """Read the source and publish its frames; yields progress, the last one with done=True."""
+        if not request.source_uri:
+            raise InvalidInput("source_uri is empty")
+        fps = request.fps or self.settings.default_fps
+        try:
+            frames = open_source(request.source_uri, fps)
+        except SourceError as exc:
+            raise InvalidInput(str(exc)) from None
+        source_id = request.source_id or source_id_for(request.source_uri)
+        run = uuid.uuid4().hex[:8]
+        progress = capture_pb2.IngestResponse(source_id=source_id)
+        last_report, started = 0.0, time.monotonic()
+        for raw in frames:
+            if not active() or (request.max_frames and progress.frames_read >= request.max_frames):
+                break
+            self._pace(request, raw, started, fps)
+            progress.frames_read += 1
+            ref = self._frame_ref(request, source_id, run, progress.frames_read)
+            if self._publish(raw, ref, request.source_uri):
+                progress.frames_published += 1
+                progress.last_frame_id = ref.frame_id
+            else:
+                progress.frames_failed += 1
+            if time.monotonic() - last_report >= PROGRESS_EVERY_S:
+                last_report = time.monotonic()
+                yield progress
+        self.producer.flush()
+        progress.done = True
+        yield progress
+
+    def _pace(self, request: capture_pb2.IngestRequest, raw: RawFrame, started: float, fps: float) -> None:
+        """Publish folder and file frames at the sampling rate (live streams pace themselves)."""
+        if request.no_pacing or request.source_uri.startswith(("rtsp://", "rtsps://")):
+            return
+        due = started + (raw.media_time_s if raw.pixels is not None else raw.media_time_s / fps)
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+    @staticmethod
+    def _frame_ref(request: capture_pb2.IngestRequest, source_id: str, run: str, sequence: int) -> types_pb2.FrameRef:
+        return types_pb2.FrameRef(
+            frame_id=f"{source_id}:{run}:{sequence}", source_id=source_id, sequence=sequence,
+            captured_at=codec.now(), purpose=request.purpose or types_pb2.PURPOSE_CCTV,
+            claim_subject_id=request.claim_subject_id, watchlists=list(request.watchlists),
+        )  # fmt: skip
+
+    def _publish(self, raw: RawFrame, ref: types_pb2.FrameRef, uri: str) -> bool:
+        try:
+            image, media_type = self._encode(raw)
+        except (ImageError, StageError) as exc:
+            self._dead_letter(ref, uri, exc)
+            return False
+        event = events_pb2.FrameCaptured(frame=ref, image=image, media_type=media_type)
+        self.producer.send(FRAMES.name, key=ref.source_id.encode(), value=event.SerializeToString())
+        telemetry.EVENTS_PUBLISHED.labels(SERVICE, FRAMES.name).inc()
+        return True
+
+    def _encode(self, raw: RawFrame) -> tuple[bytes, str]:
+        if raw.error:
+            raise StageError("unreadable_frame", raw.error)
+        if raw.pixels is not None:
+            pixels = downscale_to(raw.pixels, self.settings.max_frame_side)
+            return encode_jpeg(pixels, self.settings.jpeg_quality), "image/jpeg"
+        assert raw.encoded is not None
+        if len(raw.encoded) > self._max_bytes:
+            raise StageError("frame_too_large", f"{raw.name} is {len(raw.encoded)} bytes; the limit is {self._max_bytes}")
+        return raw.encoded, raw.media_type
+
+    def _dead_letter(self, ref: types_pb2.FrameRef, uri: str, error: Exception) -> None:
+        item = InputEvent(key=ref.source_id.encode(), value=None, topic=uri, partition=-1, offset=ref.sequence)
+        record = dead_letter_record(SERVICE, item, error)
+        record.frame_id = ref.frame_id
+        self.producer.send(DEADLETTER.name, key=item.key, value=record.SerializeToString())
+        telemetry.EVENTS_DEADLETTERED.labels(SERVICE, record.reason).inc()
+        log.warning("frame not published", extra={"reason": record.reason, "frame_id": ref.frame_id})
+
+    def run_configured_sources(self, stop: threading.Event) -> None:
+        """Ingest each configured source in its own thread, reopening it when it ends (cameras drop out)."""
+        for uri in self.settings.sources:
+            threading.Thread(target=self._follow, args=(uri, stop), daemon=True, name=f"source-{uri[:20]}").start()
+
+    def _follow(self, uri: str, stop: threading.Event) -> None:
+        request = capture_pb2.IngestRequest(source_uri=uri, purpose=types_pb2.PURPOSE_CCTV)
+        while not stop.is_set():
+            try:
+                for _ in self.ingest(request, active=lambda: not stop.is_set()):
+                    pass
+            except InvalidInput as exc:
+                log.warning("configured source unavailable", extra={"source": source_id_for(uri), "error": str(exc)})
+            stop.wait(self.settings.reconnect_delay_s)
+
+
+class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
+    def __init__(self, capture: Capture) -> None:
+        self._capture = capture
+
+    @rpc_errors
+    def Ingest(self, request: capture_pb2.IngestRequest, context: grpc.ServicerContext) -> Iterator[capture_pb2.IngestResponse]:  # noqa: E501
+        # Validate before streaming, so a bad source is reported as INVALID_ARGUMENT rather than a broken stream.
+        stream = self._capture.ingest(request, active=context.is_active)
+        first = next(stream)
+        return _chain(first, stream)
+
+
+def _chain(first: capture_pb2.IngestResponse, rest: Iterator[capture_pb2.IngestResponse]) -> Iterator[capture_pb2.IngestResponse]:  # noqa: E501
+    yield first
+    yield from rest
+
+
+def main() -> None:
+    settings = CaptureSettings()
+    kafka = KafkaSettings()
+    capture = Capture(settings, kafka)
+    stop = threading.Event()
+    capture.run_configured_sources(stop)
+    servicer = Servicer(capture_pb2_grpc.add_CaptureServiceServicer_to_server, CaptureServicer(capture),
+                        "sightline.v1.CaptureService")  # fmt: skip
+    run_service(SERVICE, settings, kafka, [servicer], on_stop=lambda: (stop.set(), capture.producer.close(5)))
