@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -141,3 +142,35 @@ def _faust_credentials(settings: KafkaSettings) -> Any:
     if context is not None:
         return faust.SSLCredentials(context)
     return None
+
+
+def read_topic(settings: KafkaSettings, topic: str, since_ms: int | None = None, idle_timeout_s: float | None = None,
+               stop: Any = None) -> Iterator[Any]:  # fmt: skip
+    """Yield the records of every partition of a topic, from the start, or only those produced at/after ``since_ms``.
+
+    Reads without a consumer group and filters by record timestamp instead of seeking to the end: Tansu's
+    ListOffsets(LATEST) is wrong (see docs/broker.md), and a reader must not disturb the services' groups.
+    Ends after ``idle_timeout_s`` without a record (forever when None) or when ``stop()`` returns true.
+    """
+    from kafka import TopicPartition
+
+    consumer = make_consumer(settings, enable_auto_commit=False, group_id=None, auto_offset_reset="earliest")
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        if not partitions:
+            raise ValueError(f"topic {topic} does not exist on {settings.bootstrap_servers}")
+        consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
+        consumer.seek_to_beginning()
+        idle_since = time.monotonic()
+        while not (stop and stop()):
+            batches = consumer.poll(timeout_ms=200)
+            for records in batches.values():
+                for record in records:
+                    if since_ms is None or record.timestamp >= since_ms:
+                        yield record
+            if batches:
+                idle_since = time.monotonic()
+            elif idle_timeout_s is not None and time.monotonic() - idle_since > idle_timeout_s:
+                return
+    finally:
+        consumer.close()

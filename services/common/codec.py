@@ -13,7 +13,8 @@ import numpy as np
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from sightline.v1 import types_pb2
+from sightline.common.topics import TopicSpec
+from sightline.v1 import events_pb2, types_pb2
 
 M = TypeVar("M", bound=Message)
 
@@ -70,3 +71,8 @@ def chip_from_bytes(data: bytes, size: int) -> np.ndarray:
     if size <= 0 or len(data) != expected:
         raise MalformedEvent(f"face chip has {len(data)} bytes, expected {expected} for a {size}x{size} RGB chip")
     return np.frombuffer(data, dtype=np.uint8).reshape(size, size, 3)
+
+
+def event_class(topic: TopicSpec) -> type[Message]:
+    """The protobuf message type carried on a topic."""
+    return getattr(events_pb2, topic.event)

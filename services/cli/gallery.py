@@ -1,0 +1,90 @@
+"""``sightline enroll``, ``sightline subjects`` and ``sightline delete``: manage the gallery through its gRPC API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import grpc
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    enroll = subparsers.add_parser("enroll", help="enrol a subject from one or more photos (one face each)")
+    enroll.add_argument("subject_id")
+    enroll.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    enroll.add_argument("--watchlist", action="append", default=[], help="add the subject to this watchlist (repeatable)")
+    enroll.add_argument("--name", default="", help="display name")
+    enroll.add_argument("--matching", help="gallery gRPC address (default: the local stack)")
+    enroll.set_defaults(func=cmd_enroll)
+    subjects = subparsers.add_parser("subjects", help="list enrolled subjects")
+    subjects.add_argument("--watchlist", default="")
+    subjects.add_argument("--matching")
+    subjects.set_defaults(func=cmd_subjects)
+    delete = subparsers.add_parser("delete", help="delete a subject and all its templates")
+    delete.add_argument("subject_id")
+    delete.add_argument("--matching")
+    delete.set_defaults(func=cmd_delete)
+
+
+def _stub(address: str | None):  # type: ignore[no-untyped-def]
+    from sightline.cli.endpoints import grpc_address
+    from sightline.common.rpc import channel
+    from sightline.v1 import gallery_pb2_grpc
+
+    return gallery_pb2_grpc.GalleryServiceStub(channel(grpc_address("matching", address)))
+
+
+def enroll(subject_id: str, images: list[Path], watchlists: list[str], name: str = "", address: str | None = None) -> int:
+    """Enrol and print one line per image; returns the number of templates added."""
+    from sightline.v1 import gallery_pb2
+
+    payloads = []
+    for path in images:
+        try:
+            payloads.append(path.read_bytes())
+        except OSError as exc:
+            raise SystemExit(f"error: cannot read {path}: {exc.strerror}") from None
+    request = gallery_pb2.EnrollRequest(subject_id=subject_id, images=payloads, watchlists=watchlists, display_name=name)
+    reply = _stub(address).Enroll(request, timeout=120)
+    for result in reply.results:
+        path = images[result.image_index]
+        if result.accepted:
+            print(f"  {path}: enrolled (quality {result.quality.score:.0f}, eyes {result.quality.inter_eye_px:.0f} px)")
+        else:
+            print(f"  {path}: rejected: {result.reason}")
+    return reply.templates_added
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    try:
+        added = enroll(args.subject_id, args.images, args.watchlist, args.name, args.matching)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    lists = f" on {', '.join(args.watchlist)}" if args.watchlist else ""
+    print(f"{args.subject_id}: {added} template(s) added{lists}")
+    return 0 if added else 1
+
+
+def cmd_subjects(args: argparse.Namespace) -> int:
+    from sightline.v1 import gallery_pb2
+
+    token = ""
+    while True:
+        reply = _stub(args.matching).ListSubjects(
+            gallery_pb2.ListSubjectsRequest(watchlist=args.watchlist, page_size=200, page_token=token), timeout=30
+        )
+        for s in reply.subjects:
+            print(f"{s.subject_id:<32} templates={s.template_count:<3} watchlists={','.join(s.watchlists) or '-'}")
+        token = reply.next_page_token
+        if not token:
+            return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from sightline.v1 import gallery_pb2
+
+    reply = _stub(args.matching).DeleteSubject(gallery_pb2.DeleteSubjectRequest(subject_id=args.subject_id), timeout=30)
+    print(f"{args.subject_id}: {'deleted' if reply.deleted else 'not enrolled'} ({reply.templates_removed} templates)")
+    return 0 if reply.deleted else 1

@@ -1,0 +1,63 @@
+"""How the CLI shows events: one readable line per decision or alert, or JSON with bulky bytes elided.
+
+Images, chips and descriptors are never printed: the JSON form replaces them with their size.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+from sightline.v1 import events_pb2
+
+_BULKY = {"image", "chip", "payload", "vector"}
+
+
+def to_dict(message: Message) -> dict[str, Any]:
+    data = MessageToDict(message, preserving_proto_field_name=True)
+    return _elide(data)
+
+
+def _elide(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: (_size_of(v) if k in _BULKY else _elide(v)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_elide(v) for v in data]
+    return data
+
+
+def _size_of(value: Any) -> str:
+    if isinstance(value, list):
+        return f"<{len(value)} values>"
+    return f"<{len(value) * 3 // 4} bytes>"
+
+
+def to_json(message: Message) -> str:
+    return json.dumps(to_dict(message), sort_keys=True)
+
+
+def one_line(message: Message) -> str:
+    if isinstance(message, events_pb2.Decision):
+        return _decision_line(message)
+    if isinstance(message, events_pb2.Alert):
+        return _alert_line(message)
+    if isinstance(message, events_pb2.DeadLetter):
+        return f"DEAD-LETTER stage={message.stage} reason={message.reason} frame={message.frame_id or '-'}: {message.error}"
+    return to_json(message)
+
+
+def _decision_line(d: events_pb2.Decision) -> str:
+    outcome = events_pb2.Outcome.Name(d.outcome).removeprefix("OUTCOME_")
+    who = f" subject={d.subject_id}" if d.subject_id else ""
+    alert = f" alert={d.alert_id[:12]}" if d.alert_id else ""
+    return (f"{outcome:<11} source={d.frame.source_id} frame={d.frame.sequence} face={d.face_index}{who} "
+            f"similarity={d.similarity:.3f} distance={d.distance:.3f}{alert} | {'; '.join(d.reasons)}")  # fmt: skip
+
+
+def _alert_line(a: events_pb2.Alert) -> str:
+    status = events_pb2.AlertStatus.Name(a.status).removeprefix("ALERT_STATUS_")
+    return (f"ALERT {status} subject={a.subject_id} watchlists={','.join(a.watchlists)} source={a.source_id} "
+            f"similarity={a.similarity:.3f} frames={len(a.evidence_frame_ids)} id={a.alert_id[:12]}")  # fmt: skip
