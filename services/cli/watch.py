@@ -22,7 +22,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from sightline.cli import render
     from sightline.cli.endpoints import kafka_settings
     from sightline.common import codec
-    from sightline.common.bus import read_topic
+    from sightline.common.bus import read_topics
     from sightline.common.topics import by_name
 
     try:
@@ -33,7 +33,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     since = None if args.from_beginning else int(time.time() * 1000) - 1000
     shown = 0
     try:
-        for record in read_topic(kafka_settings(args.bootstrap), spec.name, since, args.idle_timeout):
+        for record in read_topics(kafka_settings(args.bootstrap), [spec.name], since, args.idle_timeout):
             try:
                 message = codec.parse(codec.event_class(spec), record.value)
             except codec.MalformedEvent as exc:

@@ -144,9 +144,9 @@ def _faust_credentials(settings: KafkaSettings) -> Any:
     return None
 
 
-def read_topic(settings: KafkaSettings, topic: str, since_ms: int | None = None, idle_timeout_s: float | None = None,
-               stop: Any = None) -> Iterator[Any]:  # fmt: skip
-    """Yield the records of every partition of a topic, from the start, or only those produced at/after ``since_ms``.
+def read_topics(settings: KafkaSettings, topics: Iterable[str], since_ms: int | None = None,
+                idle_timeout_s: float | None = None, stop: Any = None) -> Iterator[Any]:  # fmt: skip
+    """Yield the records of every partition of the topics, from the start, or only those produced at/after ``since_ms``.
 
     Reads without a consumer group and filters by record timestamp instead of seeking to the end: Tansu's
     ListOffsets(LATEST) is wrong (see docs/broker.md), and a reader must not disturb the services' groups.
@@ -156,14 +156,17 @@ def read_topic(settings: KafkaSettings, topic: str, since_ms: int | None = None,
 
     consumer = make_consumer(settings, enable_auto_commit=False, group_id=None, auto_offset_reset="earliest")
     try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        if not partitions:
-            raise ValueError(f"topic {topic} does not exist on {settings.bootstrap_servers}")
-        consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
+        assignment = []
+        for topic in topics:
+            partitions = consumer.partitions_for_topic(topic) or set()
+            if not partitions:
+                raise ValueError(f"topic {topic} does not exist on {settings.bootstrap_servers}")
+            assignment += [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(assignment)
         consumer.seek_to_beginning()
         idle_since = time.monotonic()
         while not (stop and stop()):
-            batches = consumer.poll(timeout_ms=200)
+            batches = consumer.poll(timeout_ms=100)
             for records in batches.values():
                 for record in records:
                     if since_ms is None or record.timestamp >= since_ms:

@@ -48,6 +48,11 @@ decision:
   calls: []
 {{- end }}
 
+{{/* Topic keys (of .Values.kafka.topics) in pipeline order, for a readable hook topic list. */}}
+{{- define "sightline.topicKeys" -}}
+frames faces embeddings matches decisions alerts deadletter
+{{- end }}
+
 {{- define "sightline.topicName" -}}
 sightline.{{ . }}.v1
 {{- end }}
@@ -161,32 +166,36 @@ schema cannot see the fallback.
 
 {{/*
 The Kafka connection, injected into every service and the hook from this one place so they can never disagree.
-The SASL password is read from a Secret; the CA bundle is a mounted file (see sightline.kafkaCaVolume).
+The SASL credentials are read from a Secret; the CA bundle is a mounted file (see sightline.kafkaCaVolume).
+Call with (dict "root" $) for the services, or (dict "root" $ "secretName" NAME) to read the credentials from another
+Secret (the hook does: at pre-install time the release's own Secrets do not exist yet).
 */}}
 {{- define "sightline.kafkaEnv" -}}
+{{- $root := .root }}
+{{- $secret := .secretName | default (include "sightline.kafkaSecretName" $root) -}}
 - name: SIGHTLINE_KAFKA_BOOTSTRAP_SERVERS
-  value: {{ .Values.kafka.bootstrapServers | quote }}
+  value: {{ $root.Values.kafka.bootstrapServers | quote }}
 - name: SIGHTLINE_KAFKA_SECURITY_PROTOCOL
-  value: {{ .Values.kafka.securityProtocol | quote }}
+  value: {{ $root.Values.kafka.securityProtocol | quote }}
 - name: SIGHTLINE_KAFKA_DEFAULT_PARTITIONS
-  value: {{ .Values.kafka.defaultPartitions | quote }}
+  value: {{ $root.Values.kafka.defaultPartitions | quote }}
 - name: SIGHTLINE_KAFKA_REPLICATION_FACTOR
-  value: {{ .Values.kafka.replicationFactor | quote }}
-{{- if include "sightline.kafkaUsesSasl" . }}
+  value: {{ $root.Values.kafka.replicationFactor | quote }}
+{{- if include "sightline.kafkaUsesSasl" $root }}
 - name: SIGHTLINE_KAFKA_SASL_MECHANISM
-  value: {{ .Values.kafka.sasl.mechanism | quote }}
+  value: {{ $root.Values.kafka.sasl.mechanism | quote }}
 - name: SIGHTLINE_KAFKA_SASL_USERNAME
   valueFrom:
     secretKeyRef:
-      name: {{ include "sightline.kafkaSecretName" . }}
-      key: {{ .Values.kafka.sasl.usernameKey }}
+      name: {{ $secret }}
+      key: {{ $root.Values.kafka.sasl.usernameKey }}
 - name: SIGHTLINE_KAFKA_SASL_PASSWORD
   valueFrom:
     secretKeyRef:
-      name: {{ include "sightline.kafkaSecretName" . }}
-      key: {{ .Values.kafka.sasl.passwordKey }}
+      name: {{ $secret }}
+      key: {{ $root.Values.kafka.sasl.passwordKey }}
 {{- end }}
-{{- if include "sightline.kafkaHasCa" . }}
+{{- if include "sightline.kafkaHasCa" $root }}
 - name: SIGHTLINE_KAFKA_SSL_CAFILE
   value: /etc/sightline/kafka-ca/ca.crt
 {{- end }}
@@ -263,4 +272,31 @@ names the value to change.
 {{- fail (printf "%s.autoscaling.maxReplicas must be >= minReplicas" $svc) }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/* NetworkPolicy egress rules shared by every pod: DNS, and the Kafka brokers. */}}
+{{- define "sightline.dnsEgress" -}}
+# DNS.
+- ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+  {{- with .Values.networkPolicy.dns.to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+
+{{- define "sightline.kafkaEgress" -}}
+# Kafka brokers.
+- ports:
+    {{- range .Values.networkPolicy.kafka.ports }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  {{- with .Values.networkPolicy.kafka.to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
 {{- end }}

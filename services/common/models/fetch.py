@@ -288,12 +288,24 @@ class Fetcher:
         return None
 
     def write_manifest(self) -> Path:
+        """Write ``manifest.json``; left untouched when nothing changed, so a verifying re-run modifies no file."""
         path = self.root / MANIFEST_FILE
-        body = {"format": 1, "files": [e.as_json() for e in self.entries]}
+        files = []
+        for entry in self.entries:
+            item = entry.as_json()
+            # The file's own hash, for the record even where the check is a fingerprint (a detector conversion
+            # gives a different hash each time).
+            item["sha256"] = sha256_file(self.root / entry.file)
+            item["bytes"] = (self.root / entry.file).stat().st_size
+            files.append(item)
+        text = json.dumps({"format": 1, "files": files}, indent=2) + "\n"
+        if path.is_file() and path.read_text() == text:
+            step(f"{MANIFEST_FILE}: up to date")
+            return path
         tmp = path.with_name(path.name + ".part")
-        tmp.write_text(json.dumps(body, indent=2) + "\n")
+        tmp.write_text(text)
         tmp.replace(path)
-        step(f"{MANIFEST_FILE}: written ({len(self.entries)} files)")
+        step(f"{MANIFEST_FILE}: written ({len(files)} files)")
         return path
 
     def run(self) -> Path:

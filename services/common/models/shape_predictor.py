@@ -43,9 +43,10 @@ class _Level:
         self.anchor_idx = predictor.anchor_idx[c]  # [F] landmark each feature pixel hangs off
         self.dx = predictor.deltas[c, :, 0]  # [F] offset from that landmark in the initial shape's frame
         self.dy = predictor.deltas[c, :, 1]
-        self.split_a = predictor.split_features[c, :, :, 0].reshape(-1)  # [T*S] tree-major
-        self.split_b = predictor.split_features[c, :, :, 1].reshape(-1)
-        self.thresh = predictor.split_thresholds[c].reshape(-1)
+        # [2, T*S] tree-major: both features of every split, gathered with one call
+        self.split_ab = np.ascontiguousarray(predictor.split_features[c].reshape(-1, 2).T)
+        # Feature values are integers, so `a - b > thresh` is `a - b > floor(thresh)`: compare in int16.
+        self.thresh = np.clip(np.floor(predictor.split_thresholds[c].reshape(-1)), -512, 512).astype(np.int16)
         # Leaf outputs as rows [T*L, 2P]; dlib interleaves (x0,y0,x1,...), we keep all x then all y.
         leaves = predictor.leaf_values[c].reshape(-1, n_parts, 2)
         self.leaves = np.ascontiguousarray(leaves.transpose(0, 2, 1).reshape(-1, 2 * n_parts))
@@ -80,7 +81,7 @@ class ShapePredictor:
         self._n_trees = self.split_features.shape[1]
         self._depth = int(self.split_features.shape[2] + 1).bit_length() - 1
         self._levels = [_Level(self, c) for c in range(self.split_features.shape[0])]
-        self._sim_weights = self._similarity_weights()
+        self._tform_weights = self._similarity_weights()
         self._leaf_lut = _leaf_lookup(self._depth) if self._depth <= _MAX_LUT_DEPTH else None
         n_splits = self.split_features.shape[2]
         self._bit_weights = (2.0 ** np.arange(n_splits)).astype(np.float32)
@@ -106,7 +107,7 @@ class ShapePredictor:
             raise ValueError("a feature pixel is anchored to a landmark that does not exist")
 
     def _similarity_weights(self) -> np.ndarray:
-        """Weights W [2P, 2] such that (x..., y...) @ W = (a, b) of the similarity [[a, -b], [b, a]].
+        """Weights W [2P, 4] such that (x..., y...) @ W = (a, -b, b, a), the similarity's 2x2 matrix row by row.
 
         That is dlib's Umeyama fit (``find_similarity_transform``) from the initial shape to the current one, in
         closed form for 2-d points: with the source centred, the target's own centring drops out of the sums.
@@ -115,7 +116,9 @@ class ShapePredictor:
         frm -= frm.mean(axis=0)
         scale = 1.0 / (frm**2).sum()  # (1/n) / ((1/n) * sum |from|^2)
         fx, fy = frm[:, 0] * scale, frm[:, 1] * scale
-        return np.stack([np.concatenate([fx, fy]), np.concatenate([-fy, fx])], axis=1)
+        a = np.concatenate([fx, fy])
+        b = np.concatenate([-fy, fx])
+        return np.stack([a, -b, b, a], axis=1)
 
     @classmethod
     def from_dat(cls, path: Path) -> ShapePredictor:
@@ -187,8 +190,8 @@ class ShapePredictor:
         if k == 0:
             return np.zeros((0, self.num_parts, 2), np.float32)
         sampler = _PixelSampler(image)
-        origin = boxes[:, :2, None]  # [K,2,1] (left, top)
-        extent = boxes[:, 2:, None] - origin  # [K,2,1] (right - left, bottom - top)
+        extent = boxes[:, 2:, None] - boxes[:, :2, None]  # [K,2,1] (right - left, bottom - top)
+        origin = boxes[:, :2, None] + 0.5  # [K,2,1] (left, top), plus the half of round-half-up
         # Shapes are kept as [K, 2, P] (all x, then all y) in the box-normalised frame.
         shape = np.repeat(self.initial_shape.T[None], k, axis=0)
         for level in self._levels:
@@ -196,8 +199,7 @@ class ShapePredictor:
             feats = sampler.intensities(pixels[:, 0], pixels[:, 1])
             shape = self._apply_trees(level, feats, shape)
         points = shape.astype(np.float64) * extent + origin
-        if not subpixel:
-            points = np.floor(points + 0.5)
+        points = np.floor(points) if not subpixel else points - 0.5
         return points.transpose(0, 2, 1).astype(np.float32)
 
     def _feature_pixels(
@@ -205,24 +207,23 @@ class ShapePredictor:
     ) -> np.ndarray:
         """Integer image positions [K, 2, F] of the level's feature pixels, placed relative to the current shapes."""
         k = len(shape)
-        ab = (shape.reshape(k, -1) @ self._sim_weights).astype(np.float32)  # dlib casts the fit to float32
-        a, b = ab[:, 0, None, None], ab[:, 1, None, None]
-        # dlib: matrix<float,2,2> * vector<float,2> + anchor, in float32 and in this order; rows (a,-b) and (b,a).
-        col0 = np.concatenate([a, b], axis=1)  # [K,2,1]
-        col1 = np.concatenate([-b, a], axis=1)
-        pts = col0 * level.dx
-        pts += col1 * level.dy
+        # dlib casts the fitted similarity to float32
+        tform = (shape.reshape(k, -1) @ self._tform_weights).astype(np.float32).reshape(k, 2, 2, 1)
+        # dlib: matrix<float,2,2> * vector<float,2> + anchor, in float32 and in this order...
+        pts = tform[:, :, 0] * level.dx
+        pts += tform[:, :, 1] * level.dy
         pts += shape[:, :, level.anchor_idx]
         # ...then mapped to image pixels in float64 and rounded half up (dlib's vector -> point conversion).
+        # `origin` already holds the +0.5: for integer boxes every step here is exact, so the order is immaterial.
         pix = pts * extent
         pix += origin
-        pix += 0.5
-        return np.floor(pix).astype(np.intp)
+        return np.floor(pix, out=pix).astype(np.intp)
 
     def _apply_trees(self, level: _Level, feats: np.ndarray, shape: np.ndarray) -> np.ndarray:
         """Run every tree of a level on every face and add the leaf outputs to the shapes, in dlib's order."""
         k = len(feats)
-        goes_left = np.take(feats, level.split_a, axis=1) - np.take(feats, level.split_b, axis=1) > level.thresh
+        pairs = np.take(feats, level.split_ab, axis=1)  # [K, 2, T*S]
+        goes_left = (pairs[:, 0] - pairs[:, 1]) > level.thresh
         leaf = self._leaves_reached(goes_left.reshape(k, self._n_trees, -1))  # [K,T]
         # dlib adds the trees' outputs one at a time in float32; summing over the outer axis of a contiguous
         # [T+1, K, 2P] array makes numpy do exactly that (no pairwise summation), starting from the current shape.
@@ -256,7 +257,7 @@ class _PixelSampler:
         self.pixels = np.ascontiguousarray(image).reshape(self.height * self.width, -1)
 
     def intensities(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Intensity at integer pixel positions ``x``, ``y`` (same shape) as float32 of that shape."""
+        """Intensity at integer pixel positions ``x``, ``y`` (same shape) as int16 of that shape."""
         # Negative coordinates become huge unsigned values, so one comparison per axis tests both ends.
         inside = (x.view(np.uintp) < self.width) & (y.view(np.uintp) < self.height)
         idx = np.where(inside, y * self.width + x, 0).reshape(-1)
@@ -264,10 +265,10 @@ class _PixelSampler:
         if self.rgb:
             # dlib's rgb -> gray is the integer mean of the channels; float32 holds the sum exactly and
             # the division cannot round across an integer.
-            gray = np.floor((values.astype(np.float32) @ _ONES3) / 3)
+            gray = np.floor((values.astype(np.float32) @ _ONES3) / 3).astype(np.int16)
         else:
-            gray = values[:, 0].astype(np.float32)
-        return np.where(inside, gray.reshape(x.shape), np.float32(0))
+            gray = values[:, 0].astype(np.int16)
+        return np.where(inside, gray.reshape(x.shape), np.int16(0))
 
 
 _ONES3 = np.ones(3, np.float32)
