@@ -1,0 +1,55 @@
+# Sightline: every set-up step is a target; `make demo` and `make test` do all of them on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+GEN := build/gen/sightline/v1
+PROTOS := $(wildcard protos/sightline/v1/*.proto)
+PYTEST_ARGS ?=
+
+.PHONY: setup install protos models samples tools demo test test-fast bench clean
+
+## setup: virtualenv, dependencies, generated code, face models, sample photos, helm
+setup: install protos models samples tools
+
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	mkdir -p $(GEN) && touch $(GEN)/__init__.py
+	$(PY) -m pip install --quiet -e '.[convert,test]'
+	touch $(STAMP)
+
+protos: $(GEN)/events_pb2.py
+$(GEN)/events_pb2.py: $(PROTOS) $(STAMP)
+	mkdir -p $(GEN) && touch $(GEN)/__init__.py
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=build/gen --pyi_out=build/gen --grpc_python_out=build/gen $(PROTOS)
+
+models: install protos
+	$(PY) -m sightline.common.models.fetch
+
+samples: install
+	$(PY) -m sightline.common.samples
+
+tools: build/tools/helm
+build/tools/helm:
+	bash tools/install-helm.sh build/tools
+
+## demo: the main job on the embedded default (local broker, SQLite)
+demo: setup
+	$(BIN)/sightline demo
+
+## test: every test, including the slow and PostgreSQL ones (skipped, with a message, if no server is reachable)
+test: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/pytest -m "not slow and not e2e" $(PYTEST_ARGS)
+
+## bench: raw in-process loop vs the five services over the broker
+bench: setup
+	$(BIN)/sightline bench pipeline --json
+
+clean:
+	rm -rf build $(VENV) .pytest_cache
