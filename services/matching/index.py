@@ -1,14 +1,16 @@
 """In-memory exact search over the decrypted gallery: 1:N search and 1:1 verification by Euclidean distance.
 
 The gallery is small enough (tens of thousands of 128-d templates) for exact search: one matrix product per batch of
-probes, then a per-subject minimum, then ``argpartition`` for the top k. Results hold one candidate per subject (its
-best template), because an operator reviews people, not templates.
+probes and one ``argpartition``. Results hold one candidate per subject (its best template), because an operator
+reviews people, not templates. To get the top k subjects without grouping rows by subject, the search takes the
+``k * T`` nearest rows, where T is the largest number of templates any subject has: among them are at least k
+distinct subjects, and every subject's nearest row ranks before the k-th subject's, so keeping the first row of each
+subject is exact.
 
-Concurrency: mutations take an ``RLock`` and mark the index dirty; the first search afterwards builds an immutable
-snapshot (a copy of the rows, regrouped by subject) under the lock, and the search itself runs on that snapshot
-outside the lock.
-So searches run concurrently with each other (numpy releases the GIL in the matrix product) and with enrolments,
-and a search sees either all or none of a mutation.
+Concurrency: mutations take an ``RLock``. A search copies a handful of references under the lock (a ``_View``) and
+computes outside it, so searches run concurrently with each other (numpy releases the GIL in the matrix product) and
+with enrolments. That is safe because rows are only ever appended past the view's row count, or written to fresh
+arrays (growth, removal, ``replace_all``), never modified in place.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -48,26 +50,18 @@ class IndexRecord(Protocol):
 
 
 @dataclass(frozen=True)
-class _Snapshot:
-    """An immutable, search-ready copy of the index: rows grouped by subject, segment ``s`` is ``starts[s]:ends[s]``."""
+class _View:
+    """What one search needs, captured under the lock; rows ``[:n]`` of the arrays never change afterwards."""
 
+    n: int
     matrix: np.ndarray
     sq_norms: np.ndarray
     template_ids: np.ndarray
-    starts: np.ndarray
-    ends: np.ndarray
-    subjects: list[str]
-    watchlists: list[tuple[str, ...]]
-    position: dict[str, int]
-    # Subject masks per watchlist filter; filled lazily, a racing duplicate fill is harmless.
-    masks: dict[frozenset[str], np.ndarray] = field(default_factory=dict)
-
-    def mask(self, wanted: frozenset[str]) -> np.ndarray:
-        cached = self.masks.get(wanted)
-        if cached is None:
-            cached = np.fromiter((not wanted.isdisjoint(w) for w in self.watchlists), bool, len(self.watchlists))
-            self.masks[wanted] = cached
-        return cached
+    codes: np.ndarray
+    subject_of: list[str]
+    watchlists_of: list[tuple[str, ...]]
+    max_per_subject: int
+    row_mask: np.ndarray | None
 
 
 class SearchIndex:
@@ -76,16 +70,18 @@ class SearchIndex:
     def __init__(self, dim: int = EMBEDDING_DIM) -> None:
         self._dim = dim
         self._lock = threading.RLock()
-        self._clear()
+        self._reset()
 
     # -- mutations ---------------------------------------------------------------------------------------------
 
     def replace_all(self, records: Iterable[IndexRecord]) -> None:
         """Replaces the whole content, e.g. after loading the gallery or noticing it changed elsewhere."""
+        records = list(records)
+        vectors = self._check_vectors(np.stack([r.vector for r in records]) if records else None)
         with self._lock:
-            self._clear()
-            for record in records:
-                self._append(record.template_id, record.subject_id, record.vector, record.watchlists)
+            self._reset(capacity=max(len(records), _INITIAL_CAPACITY))
+            for row, record in enumerate(records):
+                self._append(int(record.template_id), record.subject_id, vectors[row], record.watchlists)
             logger.info("search index loaded: %d templates, %d subjects", self._n, self.subject_count)
 
     def add(self, template_id: int, subject_id: str, vector: np.ndarray, watchlists: Sequence[str] = ()) -> bool:
@@ -93,33 +89,37 @@ class SearchIndex:
 
         Returns False, changing nothing, when the template id is already present, so replayed events are harmless.
         """
+        row = self._check_vectors(vector)
+        if row.shape[0] != 1:
+            raise ValueError(f"a template is one vector of shape ({self._dim},), got {np.shape(vector)}")
         with self._lock:
-            return self._append(template_id, subject_id, vector, watchlists)
+            return self._append(int(template_id), subject_id, row[0], watchlists)
 
     def set_watchlists(self, subject_id: str, watchlists: Sequence[str]) -> None:
-        """Replaces a subject's watchlist membership (kept even before the subject has templates)."""
+        """Replaces the watchlists of a subject that has templates (membership arrives with ``add`` otherwise)."""
         with self._lock:
-            self._watchlists[subject_id] = set(watchlists)
-            self._dirty = True
+            code = self._code_of.get(subject_id)
+            if code is not None:
+                self._watchlists_of[code] = tuple(sorted(set(watchlists)))
+                self._masks.clear()
 
     def remove_subject(self, subject_id: str) -> int:
         """Removes every template of the subject; returns how many were removed (0 if unknown)."""
         with self._lock:
-            self._watchlists.pop(subject_id, None)
             code = self._code_of.pop(subject_id, None)
             if code is None:
                 return 0
-            del self._subject_of[code]
+            removed = self._count_of.pop(code)
             keep = self._codes[: self._n] != code
-            removed = int(self._n - keep.sum())
             self._tid_set.difference_update(self._tids[: self._n][~keep].tolist())
-            self._buf, self._tids, self._codes = (
-                np.ascontiguousarray(self._buf[: self._n][keep]),
-                self._tids[: self._n][keep],
-                self._codes[: self._n][keep],
-            )
+            # Boolean indexing makes fresh arrays, so views held by running searches stay intact.
+            self._buf = self._buf[: self._n][keep]
+            self._sq = self._sq[: self._n][keep]
+            self._tids = self._tids[: self._n][keep]
+            self._codes = self._codes[: self._n][keep]
             self._n -= removed
-            self._dirty = True
+            self._max_per_subject = max(self._count_of.values(), default=0)
+            self._masks.clear()
             return removed
 
     # -- queries -----------------------------------------------------------------------------------------------
@@ -141,114 +141,112 @@ class SearchIndex:
         """
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
-        probes = self._check_probes(probe)
-        snap = self._snapshot()
-        if not snap.subjects:
+        probes = self._check_vectors(probe)
+        view = self._view(frozenset(watchlists))
+        rows = np.arange(view.n) if view.row_mask is None else np.flatnonzero(view.row_mask)
+        if rows.size == 0:
             return [[] for _ in range(len(probes))]
-        eligible = np.flatnonzero(snap.mask(frozenset(watchlists))) if watchlists else None
-        if eligible is not None and eligible.size == 0:
-            return [[] for _ in range(len(probes))]
-        # Squared distances by expansion: one matrix product for all probes and templates.
-        sq = snap.sq_norms[None, :] - 2.0 * (probes @ snap.matrix.T)
-        per_subject = np.minimum.reduceat(sq, snap.starts, axis=1)
-        columns = np.arange(len(snap.subjects)) if eligible is None else eligible
-        if eligible is not None:
-            per_subject = per_subject[:, eligible]
-        k = min(top_k, per_subject.shape[1])
-        best = np.argpartition(per_subject, k - 1, axis=1)[:, :k] if k < per_subject.shape[1] else None
-        results = []
-        for row, vector in enumerate(probes):
-            chosen = columns[best[row]] if best is not None else columns
-            results.append(self._exact_candidates(snap, vector, chosen))
-        return results
+        # Squared distances by expansion (without the probe's own norm, which does not change the order).
+        sq = view.sq_norms[: view.n][None, :] - 2.0 * (probes @ view.matrix[: view.n].T)
+        if view.row_mask is not None:
+            sq = sq[:, rows]
+        wanted = min(rows.size, top_k * view.max_per_subject)
+        if wanted < rows.size:
+            nearest = np.argpartition(sq, wanted - 1, axis=1)[:, :wanted]
+        else:
+            nearest = np.broadcast_to(np.arange(rows.size), (len(probes), rows.size))
+        return [self._candidates(view, vector, rows[nearest[i]], top_k) for i, vector in enumerate(probes)]
 
     def verify(self, probe: np.ndarray, subject_id: str) -> float | None:
         """Smallest distance from the probe to the subject's templates; None if the subject has none."""
-        vector = self._check_probes(probe)
+        vector = self._check_vectors(probe)
         if len(vector) != 1:
             raise ValueError("verify takes a single probe vector")
-        snap = self._snapshot()
-        position = snap.position.get(subject_id)
-        if position is None:
+        with self._lock:
+            code = self._code_of.get(subject_id)
+            view = self._view(frozenset())
+        if code is None:
             return None
-        segment = snap.matrix[snap.starts[position] : snap.ends[position]]
+        segment = view.matrix[np.flatnonzero(view.codes[: view.n] == code)]
         return float(np.sqrt(np.min(np.sum((segment - vector[0]) ** 2, axis=1))))
 
     # -- internals ---------------------------------------------------------------------------------------------
 
-    def _clear(self) -> None:
-        self._buf = np.empty((_INITIAL_CAPACITY, self._dim), dtype=np.float32)
-        self._tids = np.empty(_INITIAL_CAPACITY, dtype=np.int64)
-        self._codes = np.empty(_INITIAL_CAPACITY, dtype=np.int64)
+    def _reset(self, capacity: int = _INITIAL_CAPACITY) -> None:
+        self._buf = np.empty((capacity, self._dim), dtype=np.float32)
+        self._sq = np.empty(capacity, dtype=np.float32)
+        self._tids = np.empty(capacity, dtype=np.int64)
+        self._codes = np.empty(capacity, dtype=np.int64)
         self._n = 0
         self._tid_set: set[int] = set()
         self._code_of: dict[str, int] = {}
-        self._subject_of: dict[int, str] = {}
-        self._next_code = 0
-        self._watchlists: dict[str, set[str]] = {}
-        self._dirty = True
-        self._snap: _Snapshot | None = None
+        self._count_of: dict[int, int] = {}
+        # Indexed by code; append-only (codes are never reused), so views may share them.
+        self._subject_of: list[str] = []
+        self._watchlists_of: list[tuple[str, ...]] = []
+        self._max_per_subject = 0
+        self._masks: dict[frozenset[str], np.ndarray] = {}
 
     def _append(self, template_id: int, subject_id: str, vector: np.ndarray, watchlists: Sequence[str]) -> bool:
-        template_id = int(template_id)
         if template_id in self._tid_set:
             return False
-        row = self._check_probes(vector)
-        if row.shape[0] != 1:
-            raise ValueError(f"a template is one vector of shape ({self._dim},), got {np.shape(vector)}")
         self._ensure_capacity(self._n + 1)
         code = self._code_of.get(subject_id)
         if code is None:
-            code = self._code_of[subject_id] = self._next_code
-            self._subject_of[code] = subject_id
-            self._next_code += 1
-        self._buf[self._n] = row[0]
+            code = self._code_of[subject_id] = len(self._subject_of)
+            self._subject_of.append(subject_id)
+            self._watchlists_of.append(())
+            self._count_of[code] = 0
+        if watchlists and not set(watchlists) <= set(self._watchlists_of[code]):
+            self._watchlists_of[code] = tuple(sorted(set(self._watchlists_of[code]) | set(watchlists)))
+        self._buf[self._n] = vector
+        self._sq[self._n] = float(np.dot(vector, vector))
         self._tids[self._n] = template_id
         self._codes[self._n] = code
         self._n += 1
         self._tid_set.add(template_id)
-        self._watchlists.setdefault(subject_id, set()).update(watchlists)
-        self._dirty = True
+        self._count_of[code] += 1
+        self._max_per_subject = max(self._max_per_subject, self._count_of[code])
+        self._masks.clear()
         return True
 
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= len(self._buf):
             return
         capacity = max(needed, 2 * len(self._buf))
-        for name in ("_buf", "_tids", "_codes"):
+        for name in ("_buf", "_sq", "_tids", "_codes"):
             old = getattr(self, name)
             new = np.empty((capacity, *old.shape[1:]), dtype=old.dtype)
             new[: self._n] = old[: self._n]
             setattr(self, name, new)
 
-    def _snapshot(self) -> _Snapshot:
+    def _view(self, watchlists: frozenset[str]) -> _View:
         with self._lock:
-            if self._dirty or self._snap is None:
-                self._snap = self._build_snapshot()
-                self._dirty = False
-            return self._snap
+            return _View(
+                n=self._n,
+                matrix=self._buf,
+                sq_norms=self._sq,
+                template_ids=self._tids,
+                codes=self._codes,
+                subject_of=self._subject_of,
+                watchlists_of=self._watchlists_of,
+                max_per_subject=max(self._max_per_subject, 1),
+                row_mask=self._row_mask(watchlists) if watchlists else None,
+            )
 
-    def _build_snapshot(self) -> _Snapshot:
-        n = self._n
-        order = np.argsort(self._codes[:n], kind="stable")
-        codes = self._codes[:n][order]
-        boundaries = np.flatnonzero(np.diff(codes)) + 1 if n else np.empty(0, dtype=np.int64)
-        starts = np.concatenate(([0], boundaries)).astype(np.intp) if n else np.empty(0, dtype=np.intp)
-        ends = np.append(starts[1:], n).astype(np.intp)
-        matrix = np.ascontiguousarray(self._buf[:n][order])
-        subjects = [self._subject_of[int(c)] for c in codes[starts]]
-        return _Snapshot(
-            matrix=matrix,
-            sq_norms=np.einsum("ij,ij->i", matrix, matrix),
-            template_ids=self._tids[:n][order].copy(),
-            starts=starts,
-            ends=ends,
-            subjects=subjects,
-            watchlists=[tuple(sorted(self._watchlists.get(s, ()))) for s in subjects],
-            position={s: i for i, s in enumerate(subjects)},
-        )
+    def _row_mask(self, watchlists: frozenset[str]) -> np.ndarray:
+        """Rows whose subject is on any of ``watchlists``; cached until the next mutation."""
+        mask = self._masks.get(watchlists)
+        if mask is None:
+            on_list = np.fromiter(
+                (not watchlists.isdisjoint(names) for names in self._watchlists_of), bool, len(self._watchlists_of)
+            )
+            mask = self._masks[watchlists] = on_list[self._codes[: self._n]]
+        return mask
 
-    def _check_probes(self, probe: np.ndarray) -> np.ndarray:
+    def _check_vectors(self, probe: np.ndarray | None) -> np.ndarray:
+        if probe is None:
+            return np.empty((0, self._dim), dtype=np.float32)
         array = np.asarray(probe, dtype=np.float32)
         if array.ndim == 1:
             array = array[None, :]
@@ -259,20 +257,24 @@ class SearchIndex:
         return array
 
     @staticmethod
-    def _exact_candidates(snap: _Snapshot, vector: np.ndarray, chosen: np.ndarray) -> list[Candidate]:
-        # Distances by expansion lose a little float32 precision; recompute the few chosen ones directly.
-        candidates = []
-        for s in chosen.tolist():
-            segment = snap.matrix[snap.starts[s] : snap.ends[s]]
-            sq = np.sum((segment - vector) ** 2, axis=1)
-            j = int(np.argmin(sq))
+    def _candidates(view: _View, vector: np.ndarray, rows: np.ndarray, top_k: int) -> list[Candidate]:
+        # Exact distances for the few rows kept: the expansion above loses a little float32 precision.
+        distances = np.sqrt(np.sum((view.matrix[rows] - vector) ** 2, axis=1))
+        candidates: list[Candidate] = []
+        seen: set[int] = set()
+        for i in np.argsort(distances, kind="stable").tolist():
+            code = int(view.codes[rows[i]])
+            if code in seen:
+                continue
+            seen.add(code)
             candidates.append(
                 Candidate(
-                    subject_id=snap.subjects[s],
-                    distance=float(np.sqrt(sq[j])),
-                    watchlists=snap.watchlists[s],
-                    template_id=int(snap.template_ids[snap.starts[s] + j]),
+                    subject_id=view.subject_of[code],
+                    distance=float(distances[i]),
+                    watchlists=view.watchlists_of[code],
+                    template_id=int(view.template_ids[rows[i]]),
                 )
             )
-        candidates.sort(key=lambda c: (c.distance, c.subject_id))
+            if len(candidates) == top_k:
+                break
         return candidates

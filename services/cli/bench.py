@@ -1,0 +1,157 @@
+"""``sightline bench pipeline``: the same frames through a bare in-process loop and through the five services.
+
+(a) raw: decode, detect, landmarks, align, embed in one process, one frame after another;
+(b) pipeline: the frames published through capture as fast as it can, through detection, embedding, matching and
+decision as separate processes over the broker. Prints ``raw_fps``, ``pipeline_fps``, ``ratio`` (b/a), and the
+capture-to-decision latency measured in a second, paced pass at half the measured pipeline rate (so that it shows the
+pipeline's own latency, not the length of a queue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="benchmarks")
+    kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
+    pipeline = kinds.add_parser("pipeline", help="raw in-process loop vs the five services over the broker")
+    pipeline.add_argument("--frames", type=int, default=60, help="frames per pass (sample photos, repeated)")
+    pipeline.add_argument("--json", action="store_true", help="print one JSON object")
+    pipeline.add_argument("--timeout", type=float, default=300.0)
+    pipeline.set_defaults(func=cmd_pipeline)
+
+
+def bench_frames(count: int) -> list[Path]:
+    from sightline.common.paths import samples_dir
+
+    pool = sorted((samples_dir() / "face_recognition").glob("*.jpg")) + sorted((samples_dir() / "dlib" / "faces").glob("*.jpg"))
+    if not pool:
+        raise SystemExit(f"error: no sample photos in {samples_dir()}: run `make setup`")
+    return [pool[i % len(pool)] for i in range(count)]
+
+
+def raw_loop(frames: list[Path]) -> dict[str, float]:
+    from sightline.common.images import decode_image
+    from sightline.common.models.pipeline import FacePipeline
+
+    pipeline = FacePipeline()
+    data = [f.read_bytes() for f in frames]
+    for blob in data[:2]:
+        pipeline.run(decode_image(blob))  # warm-up: first inference allocates
+    stages = {"decode": 0.0, "analyze": 0.0, "embed": 0.0}
+    faces = 0
+    start = time.perf_counter()
+    for blob in data:
+        t0 = time.perf_counter()
+        rgb = decode_image(blob)
+        t1 = time.perf_counter()
+        found = pipeline.analyzer.analyze(rgb)
+        t2 = time.perf_counter()
+        if found:
+            pipeline.embedder.embed(np.stack([f.chip for f in found]))
+        t3 = time.perf_counter()
+        stages["decode"] += t1 - t0
+        stages["analyze"] += t2 - t1
+        stages["embed"] += t3 - t2
+        faces += len(found)
+    elapsed = time.perf_counter() - start
+    return {"fps": len(data) / elapsed, "faces": faces,
+            **{f"{k}_ms_per_frame": 1000 * v / len(data) for k, v in stages.items()}}  # fmt: skip
+
+
+def _through_stack(stack: Any, frames: list[Path], source_id: str, fps: float, timeout: float) -> dict[str, Any]:
+    from sightline.cli.outcomes import collect
+    from sightline.cli.run import ingest
+    from sightline.common.config import KafkaSettings
+
+    folder = Path(tempfile.mkdtemp(prefix="sightline-bench-"))
+    try:
+        for i, frame in enumerate(frames):
+            shutil.copy(frame, folder / f"{i:05d}{frame.suffix}")
+        since = int(time.time() * 1000) - 1000
+        start = time.time()
+        ingest(str(folder), source_id=source_id, fps=fps, no_pacing=fps == 0, address=stack.addresses["capture"],
+               progress=False)  # fmt: skip
+        outcomes = collect(KafkaSettings(bootstrap_servers=stack.bootstrap_servers), source_id,
+                           set(range(1, len(frames) + 1)), since, timeout, grace_s=0.0)  # fmt: skip
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"start": start, "outcomes": outcomes}
+
+
+def _frame_latencies(outcomes: Any) -> list[float]:
+    """Per frame: capture time to its last decision (or to its match result when it had no face)."""
+    def secs(stamp: Any) -> float:
+        return stamp.seconds + stamp.nanos / 1e9
+
+    done: dict[int, float] = {seq: secs(m.matched_at) for seq, m in outcomes.matches.items()}
+    for d in outcomes.decisions:
+        done[d.frame.sequence] = max(done.get(d.frame.sequence, 0.0), secs(d.decided_at))
+    return [done[seq] - secs(m.frame.captured_at) for seq, m in outcomes.matches.items() if seq in done]
+
+
+def pipeline_figures(frames: list[Path], timeout: float) -> dict[str, Any]:
+    from sightline.cli.gallery import enroll
+    from sightline.common.localstack import LocalStack
+    from sightline.common.paths import samples_dir
+
+    run_dir = Path(tempfile.mkdtemp(prefix="sightline-bench-run-"))
+    with LocalStack(run_dir, ports="auto") as stack:
+        stack.start(timeout=timeout)
+        enroll("obama", [samples_dir() / "face_recognition" / "obama.jpg"], ["bench"], address=stack.addresses["matching"])
+        _through_stack(stack, frames[:4], "bench-warmup", 0, timeout)  # warm-up: group joins, first inferences
+        burst = _through_stack(stack, frames, "bench-throughput", 0, timeout)
+        elapsed = _span(burst)
+        pipeline_fps = len(burst["outcomes"].matches) / elapsed if elapsed > 0 else 0.0
+        paced_fps = max(pipeline_fps / 2, 0.5)
+        paced = _through_stack(stack, frames, "bench-latency", paced_fps, timeout)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    latencies = np.array(_frame_latencies(paced["outcomes"])) * 1000
+    return {
+        "pipeline_fps": pipeline_fps,
+        "frames_through": len(burst["outcomes"].matches),
+        "latency_paced_fps": paced_fps,
+        "latency_p50_ms": float(np.percentile(latencies, 50)) if latencies.size else None,
+        "latency_p99_ms": float(np.percentile(latencies, 99)) if latencies.size else None,
+    }
+
+
+def _span(run: dict[str, Any]) -> float:
+    """Seconds from the start of publishing to the last decision or match result of the run."""
+    outcomes = run["outcomes"]
+    stamps = [d.decided_at for d in outcomes.decisions] + [m.matched_at for m in outcomes.matches.values()]
+    if not stamps:
+        return float("inf")
+    return max(s.seconds + s.nanos / 1e9 for s in stamps) - run["start"]
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    frames = bench_frames(args.frames)
+    print(f"raw loop over {len(frames)} frames...", file=sys.stderr)
+    raw = raw_loop(frames)
+    print("the same frames through the five services (starting a private local stack)...", file=sys.stderr)
+    piped = pipeline_figures(frames, args.timeout)
+    result = {
+        "frames": len(frames),
+        "faces_per_pass": raw["faces"],
+        "raw_fps": round(raw["fps"], 2),
+        "pipeline_fps": round(piped["pipeline_fps"], 2),
+        "ratio": round(piped["pipeline_fps"] / raw["fps"], 3) if raw["fps"] else None,
+        "latency_p50_ms": piped["latency_p50_ms"] and round(piped["latency_p50_ms"], 1),
+        "latency_p99_ms": piped["latency_p99_ms"] and round(piped["latency_p99_ms"], 1),
+        "latency_measured_at_fps": round(piped["latency_paced_fps"], 2),
+        "raw_ms_per_frame": {k.removesuffix("_ms_per_frame"): round(v, 2) for k, v in raw.items() if k.endswith("_ms_per_frame")},
+        "cores": __import__("os").cpu_count(),
+    }
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0 if piped["frames_through"] == len(frames) else 1
