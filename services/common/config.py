@@ -1,7 +1,8 @@
 """Typed configuration shared by every Sightline process.
 
 Each settings class reads, in order of precedence: environment variables (``SIGHTLINE_<SECTION>_<FIELD>``), secret
-files in ``$SIGHTLINE_SECRETS_DIR`` (one file per field, named like the field, as Kubernetes mounts Secrets), the
+files in ``$SIGHTLINE_SECRETS_DIR`` (one file per field, named like its environment variable, e.g.
+``SIGHTLINE_MATCHING_TEMPLATE_KEY``, as Kubernetes mounts a Secret's keys), the
 section of the YAML file named by ``$SIGHTLINE_CONFIG_FILE``, and the documented defaults. Values are validated when
 a service starts, so a typo fails fast with the field's name instead of misbehaving later.
 """
@@ -15,7 +16,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import Field, SecretStr
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SecretsSettingsSource, SettingsConfigDict
 
 from sightline.common import paths
 
@@ -48,7 +49,7 @@ class SightlineSettings(BaseSettings):
     """Base of every settings class: env vars, then secret files, then the YAML file section, then defaults."""
 
     config_section: ClassVar[str] = ""
-    model_config = SettingsConfigDict(extra="ignore", secrets_dir=os.environ.get("SIGHTLINE_SECRETS_DIR"))
+    model_config = SettingsConfigDict(extra="ignore")
 
     @classmethod
     def settings_customise_sources(
@@ -59,7 +60,9 @@ class SightlineSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, file_secret_settings, _YamlSection(settings_cls)
+        secrets_dir = os.environ.get("SIGHTLINE_SECRETS_DIR")
+        secrets = SecretsSettingsSource(settings_cls, secrets_dir=secrets_dir) if secrets_dir else file_secret_settings
+        return init_settings, env_settings, secrets, _YamlSection(settings_cls)
 
 
 class KafkaSettings(SightlineSettings):

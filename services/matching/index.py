@@ -79,7 +79,8 @@ class SearchIndex:
         records = list(records)
         vectors = self._check_vectors(np.stack([r.vector for r in records]) if records else None)
         with self._lock:
-            self._reset(capacity=max(len(records), _INITIAL_CAPACITY))
+            # Headroom, so the first enrolments after a load do not copy the whole matrix to grow it.
+            self._reset(capacity=max(len(records) + len(records) // 4, _INITIAL_CAPACITY))
             for row, record in enumerate(records):
                 self._append(int(record.template_id), record.subject_id, vectors[row], record.watchlists)
             logger.info("search index loaded: %d templates, %d subjects", self._n, self.subject_count)

