@@ -92,7 +92,7 @@ def check(expected: list[Expected], outcomes) -> list[str]:  # type: ignore[no-u
     kinds = {e.sequence: e.kind for e in expected}
     by_kind: dict[str, list[events_pb2.Decision]] = {"watchlisted": [], "stranger": [], "broken": []}
     for decision in outcomes.decisions:
-        by_kind[kinds.get(decision.frame.sequence, "stranger")].append(decision)
+        by_kind.setdefault(kinds.get(decision.frame.sequence, "stranger"), []).append(decision)
     watch = by_kind["watchlisted"]
     if not any(d.outcome == events_pb2.OUTCOME_MATCH and d.subject_id == "obama" for d in watch):
         problems.append("the watchlisted person (obama) was never matched")

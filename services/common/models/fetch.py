@@ -271,17 +271,16 @@ class Fetcher:
         # np.savez stamps the zip with the time, so the file is not byte-stable; its arrays are. A complete earlier
         # run recorded their hash in the manifest, which is what a later run checks against.
         recorded = self._recorded_value(LANDMARKS_FILE)
-        if not self.force and npz.is_file() and recorded and npz_content_sha256(npz) == recorded:
+        if (not self.force and npz.is_file() and recorded and npz_content_sha256(npz) == recorded
+                and _loads(ShapePredictor, npz)):
             entry.value = recorded
             step(f"{LANDMARKS_FILE}: present and verified")
             return
         step(f"{LANDMARKS_FILE}: converting {dat.name}")
         _atomic_convert(lambda tmp: ShapePredictor.from_dat(dat).save_npz(tmp), npz)
-        try:
-            ShapePredictor.from_npz(npz)  # loading it back proves the saved arrays are complete and consistent
-        except Exception as exc:  # noqa: BLE001 - any failure here means the conversion is unusable
+        if not _loads(ShapePredictor, npz):
             npz.unlink(missing_ok=True)
-            raise FetchError(f"{LANDMARKS_FILE} does not load back: {exc}") from exc
+            raise FetchError(f"{LANDMARKS_FILE} does not load back after conversion (see the log above)")
         entry.value = npz_content_sha256(npz)
 
     # -- manifest --------------------------------------------------------------------------------------------------
@@ -328,6 +327,16 @@ class Fetcher:
         # Only a complete run drops the downloads; a failed one keeps them for the retry.
         shutil.rmtree(self.cache, ignore_errors=True)
         return manifest
+
+
+def _loads(predictor_cls: type, npz: Path) -> bool:
+    """Whether the current shape predictor code loads the file: catches a format change since it was written."""
+    try:
+        predictor_cls.from_npz(npz)
+    except Exception:  # noqa: BLE001 - any failure means the file is unusable and must be converted again
+        log.warning("%s does not load", npz, exc_info=True)
+        return False
+    return True
 
 
 def _atomic_convert(convert: Callable[[Path], object], out: Path) -> None:
