@@ -57,10 +57,12 @@ class Gallery:
                vectors: Sequence[np.ndarray], model: tuple[str, str], qualities: Sequence[float]) -> int:  # fmt: skip
         with self._write_lock:
             self.store.add_subject(subject_id, display_name, list(watchlists))
-            members = self.store.get_subject(subject_id)
+            record = self.store.get_subject(subject_id)
+            memberships = list(record.watchlists) if record else list(watchlists)
+            self.index.set_watchlists(subject_id, memberships)  # memberships may grow for an enrolled subject
             for vector, quality in zip(vectors, qualities, strict=True):
                 template_id = self.store.add_template(subject_id, vector, model[0], model[1], quality)
-                self.index.add(template_id, subject_id, vector, members.watchlists if members else list(watchlists))
+                self.index.add(template_id, subject_id, vector, memberships)
             self._version = self.store.version()
         self._report_size()
         return len(vectors)
