@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "sightline.cli.faces",  # faces
     "sightline.cli.demo",  # demo
     "sightline.cli.bench",  # bench pipeline
+    "sightline.cli.config",  # config docs
 )
 
 

@@ -105,5 +105,8 @@ class ServiceSettings(SightlineSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_json: bool = Field(True, description="Log JSON lines (one object per line) instead of plain text.")
     grpc_workers: int = Field(8, ge=1, description="Threads serving gRPC requests.")
-    models_dir: Path = Field(default_factory=paths.models_dir, description="Converted face models.")
+    models_dir: Path = Field(
+        default_factory=paths.models_dir,
+        description="Converted face models (default: $SIGHTLINE_MODELS_DIR, else <home>/models).",
+    )
     inference_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads per model session.")

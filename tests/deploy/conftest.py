@@ -1,148 +1,35 @@
-"""Fixtures for the deployment tests: find helm (and hadolint), render the chart per values variant, parse the output.
-
-The tools are installed by ``tools/install-helm.sh`` (the project's setup runs it). A missing tool is a broken setup,
-not an optional feature, so the tests fail with the command that fixes it instead of skipping.
-"""
+"""Fixtures of the deployment tests (helpers live in deploy_helpers.py)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "helm" / "sightline"
-TOOLS_DIR = REPO / "build" / "tools"
-RELEASE = "sl"
-NAMESPACE = "sightline"
-INSTALL_HINT = "run `tools/install-helm.sh build/tools` (the project's setup does)"
+from deploy_helpers import VARIANTS, Rendered, find_tool, render
 
-# The values variants every test runs over: the defaults, each CI variant, and the production starting point.
-VARIANTS: dict[str, list[Path]] = {"default": []}
-VARIANTS.update({p.stem.removesuffix("-values"): [p] for p in sorted((CHART / "ci").glob("*.yaml"))})
-VARIANTS["production"] = [CHART / "values-production.yaml"]
-
-# CRDs kubernetes-validate has no schema for; test_manifests.py checks them against its own schemas.
-CRD_KINDS = {
-    ("keda.sh/v1alpha1", "ScaledObject"),
-    ("keda.sh/v1alpha1", "TriggerAuthentication"),
-    ("monitoring.coreos.com/v1", "ServiceMonitor"),
-}
-
-
-def find_tool(name: str, env_var: str) -> str:
-    """$<env_var>, else build/tools/<name>, else PATH; fails the test with an install hint when absent."""
-    candidates = [os.environ.get(env_var), str(TOOLS_DIR / name), shutil.which(name)]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    pytest.fail(f"{name} not found (looked at ${env_var}, {TOOLS_DIR / name}, PATH): {INSTALL_HINT}", pytrace=False)
+_RENDERED: dict[str, Rendered] = {}
 
 
 @pytest.fixture(scope="session")
 def helm() -> str:
+    """Path of helm: $SIGHTLINE_HELM, build/tools/helm or PATH; the test fails if there is none."""
     return find_tool("helm", "SIGHTLINE_HELM")
 
 
 @pytest.fixture(scope="session")
 def hadolint() -> str:
+    """Path of hadolint: $SIGHTLINE_HADOLINT, build/tools/hadolint or PATH; the test fails if there is none."""
     return find_tool("hadolint", "SIGHTLINE_HADOLINT")
-
-
-@dataclass
-class Rendered:
-    """The manifests of one `helm template` run, with look-ups the tests need."""
-
-    docs: list[dict[str, Any]]
-    values_files: list[Path] = field(default_factory=list)
-
-    def kind(self, kind: str) -> list[dict[str, Any]]:
-        return [d for d in self.docs if d["kind"] == kind]
-
-    def one(self, kind: str, name: str) -> dict[str, Any]:
-        found = [d for d in self.kind(kind) if d["metadata"]["name"] == name]
-        assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
-        return found[0]
-
-    def names(self, kind: str) -> set[str]:
-        return {d["metadata"]["name"] for d in self.kind(kind)}
-
-    def values(self) -> dict[str, Any]:
-        """The effective values: chart defaults overlaid by the variant's files (enough for the keys tests read)."""
-        merged = yaml.safe_load((CHART / "values.yaml").read_text())
-        for path in self.values_files:
-            merged = deep_merge(merged, yaml.safe_load(path.read_text()) or {})
-        return merged
-
-
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([helm, *args], capture_output=True, text=True, timeout=120, check=False)
-
-
-def template_args(values_files: list[Path], sets: list[str] | None = None) -> list[str]:
-    args = ["template", RELEASE, str(CHART), "--namespace", NAMESPACE]
-    for path in values_files:
-        args += ["-f", str(path)]
-    for item in sets or []:
-        args += ["--set", item]
-    return args
-
-
-def render(helm: str, values_files: list[Path], sets: list[str] | None = None) -> Rendered:
-    """`helm template` (hooks included), failing the test with helm's message if rendering fails."""
-    result = run_helm(helm, *template_args(values_files, sets))
-    assert result.returncode == 0, f"helm template failed:\n{result.stderr}"
-    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
-    return Rendered(docs=docs, values_files=values_files)
-
-
-_CACHE: dict[str, Rendered] = {}
 
 
 @pytest.fixture(params=sorted(VARIANTS), scope="session")
 def variant(request: pytest.FixtureRequest) -> str:
+    """Name of a values variant: default, each helm/sightline/ci/*-values.yaml, production."""
     return request.param
 
 
 @pytest.fixture(scope="session")
 def rendered(helm: str, variant: str) -> Rendered:
-    """The chart rendered with one variant's values; rendered once per session."""
-    if variant not in _CACHE:
-        _CACHE[variant] = render(helm, VARIANTS[variant])
-    return _CACHE[variant]
-
-
-def pod_spec(doc: dict[str, Any]) -> dict[str, Any] | None:
-    """The pod spec of a workload (Deployment, Job...), or None for other kinds."""
-    if doc["kind"] in {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}:
-        return doc["spec"]["template"]["spec"]
-    if doc["kind"] == "CronJob":
-        return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    if doc["kind"] == "Pod":
-        return doc["spec"]
-    return None
-
-
-def workloads(r: Rendered) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(manifest, pod spec) of every workload, the topics hook Job included."""
-    return [(d, spec) for d in r.docs if (spec := pod_spec(d)) is not None]
-
-
-def containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    return list(spec.get("initContainers") or []) + list(spec.get("containers") or [])
+    """The chart rendered with one variant's values, hooks included; rendered once per session."""
+    if variant not in _RENDERED:
+        _RENDERED[variant] = render(helm, VARIANTS[variant])
+    return _RENDERED[variant]

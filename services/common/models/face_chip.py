@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 
 __all__ = ["chip_transform", "extract_face_chips", "landmark_box_from_detection", "FACE_TEMPLATE_5"]
@@ -117,44 +118,65 @@ def _pyramid_down(image: np.ndarray) -> np.ndarray:
     """One level of dlib's pyramid_down<2> on an RGB uint8 image: 5-tap [1 4 6 4 1] filter, keep every other pixel.
 
     Output pixel (i, j) is the filter centred on input (2i+2, 2j+2), floor-divided by 256, with no border handling:
-    the output is ((H-3)//2, (W-3)//2), and empty for images of 8 pixels or fewer on a side.
+    the output is ((H-3)//2, (W-3)//2), and empty for images of 8 pixels or fewer on a side. OpenCV filters in
+    float32, which is exact here (integer sums below 2**16), and the border mode never reaches the kept pixels.
     """
     h, w = image.shape[:2]
     if h <= 8 or w <= 8:
         return np.zeros((0, 0, 3), np.uint8)
     oh, ow = (h - 3) // 2, (w - 3) // 2
-    src = image.astype(np.int32)
-    taps = (1, 4, 6, 4, 1)
-    rows = sum(k * src[:, i : i + 2 * ow : 2] for i, k in enumerate(taps))
-    out = sum(k * rows[i : i + 2 * oh : 2] for i, k in enumerate(taps))
-    return (out >> 8).astype(np.uint8)
+    filtered = cv2.sepFilter2D(image, cv2.CV_32F, _PYRAMID_TAPS, _PYRAMID_TAPS, borderType=cv2.BORDER_REPLICATE)
+    kept = filtered[2 : 2 + 2 * oh : 2, 2 : 2 + 2 * ow : 2]
+    return (kept.astype(np.int32) >> 8).astype(np.uint8)
+
+
+_PYRAMID_TAPS = np.array([1, 4, 6, 4, 1], np.float32)
 
 
 # -- sampling ----------------------------------------------------------------------------------------------------------
 
 
 def _sample_bilinear(image: np.ndarray, affine: np.ndarray, size: int) -> np.ndarray:
-    """dlib's transform_image with interpolate_bilinear: chip pixel (c, r) reads ``image`` at ``affine @ (c, r, 1)``."""
+    """dlib's transform_image with interpolate_bilinear: chip pixel (c, r) reads ``image`` at ``affine @ (c, r, 1)``.
+
+    The blend is dlib's expression, in float64 and in its order, so that truncating it gives dlib's byte.
+    """
     h, w = image.shape[:2]
-    grid = np.arange(size, dtype=np.float64)
-    px = affine[0, 0] * grid[None, :] + affine[0, 1] * grid[:, None] + affine[0, 2]
-    py = affine[1, 0] * grid[None, :] + affine[1, 1] * grid[:, None] + affine[1, 2]
-    left, top = np.floor(px), np.floor(py)
-    lr, tb = (px - left)[..., None], (py - top)[..., None]
-    left, top = left.astype(np.intp), top.astype(np.intp)
-    # dlib leaves a pixel black unless its whole 2x2 neighbourhood is inside the image.
-    inside = (left >= 0) & (top >= 0) & (left + 1 < w) & (top + 1 < h)
-    if not inside.any():
+    if h < 2 or w < 2:
         return np.zeros((size, size, 3), np.uint8)
-    idx = np.where(inside, top * w + left, 0)
-    flat = image.reshape(h * w, 3)
-    tl = np.take(flat, idx, axis=0).astype(np.float64)
-    tr = np.take(flat, idx + inside, axis=0).astype(np.float64)  # +1 column only where valid
-    bl = np.take(flat, idx + w * inside, axis=0).astype(np.float64)
-    br = np.take(flat, idx + (w + 1) * inside, axis=0).astype(np.float64)
-    value = (1 - tb) * ((1 - lr) * tl + lr * tr) + tb * ((1 - lr) * bl + lr * br)
+    grid = np.arange(size, dtype=np.float64)
+    px = (affine[0, 0] * grid[None, :] + affine[0, 1] * grid[:, None] + affine[0, 2]).reshape(-1)
+    py = (affine[1, 0] * grid[None, :] + affine[1, 1] * grid[:, None] + affine[1, 2]).reshape(-1)
+    left, top = np.floor(px), np.floor(py)
+    # Weights repeated per channel so that every operation below runs over one contiguous array.
+    lr = np.repeat(px - left, 3)
+    tb = np.repeat(py - top, 3)
+    left, top = left.astype(np.intp), top.astype(np.intp)
+    # dlib leaves a pixel black unless its whole 2x2 neighbourhood is inside the image; negative coordinates wrap
+    # to huge unsigned values, so one comparison per axis tests both ends.
+    inside = (left.view(np.uintp) < w - 1) & (top.view(np.uintp) < h - 1)
+    all_inside = bool(inside.all())
+    idx = top * w + left
+    if not all_inside:
+        idx[~inside] = 0
+    pixels = image.reshape(h * w, 3)
+
+    def neighbour(offset: int) -> np.ndarray:
+        return np.take(pixels, idx + offset, axis=0).reshape(-1).astype(np.float64)
+
+    rl = 1 - lr
+    upper = rl * neighbour(0)
+    upper += lr * neighbour(1)
+    lower = rl * neighbour(w)
+    lower += lr * neighbour(w + 1)
+    upper *= 1 - tb
+    lower *= tb
+    upper += lower
     # dlib's vector_to_pixel truncates towards zero
-    return np.where(inside[..., None], value, 0).astype(np.uint8)
+    chip = upper.astype(np.uint8).reshape(size, size, 3)
+    if not all_inside:
+        chip[~inside.reshape(size, size)] = 0
+    return chip
 
 
 def _copy_rect(image: np.ndarray, rect: np.ndarray, size: int) -> np.ndarray:
