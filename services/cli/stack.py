@@ -72,7 +72,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from sightline.common.localstack import LocalStack, StackError
 
     stack = LocalStack(_run_dir(args), ports=args.ports, policy_file=args.policy)
-    _interrupt_on(signal.SIGTERM, signal.SIGHUP)  # stop cleanly however we are asked to, not only on Ctrl-C
+    _interrupt_on(signal.SIGTERM, signal.SIGHUP)  # stop cleanly when asked to by a signal, not only by Ctrl-C
     print(f"starting the broker and {len(stack.services)} services (logs in {stack.log_dir}) ...", flush=True)
     try:
         stack.start(timeout=args.timeout, detach=args.detach)
@@ -92,7 +92,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def _interrupt_on(*signals: signal.Signals) -> None:
     for sig in signals:
-        signal.signal(sig, signal.default_int_handler)
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # keep `nohup sightline up` immune to hangups
+            signal.signal(sig, signal.default_int_handler)
 
 
 def _print_ready(stack: LocalStack) -> None:

@@ -446,7 +446,10 @@ def _stop_records(state: StackState, timeout: float) -> None:
 
 
 class LocalStack:
-    """The broker and the services as child processes; ``start()``/``stop()``, or use it as a context manager.
+    """The broker and the services as child processes.
+
+    Use ``start()`` and ``stop()``, or ``with LocalStack(...) as stack: stack.start(); ...``, which stops the
+    stack when the block ends.
 
     ``ports="default"`` uses the documented ports (ports.py) and fails clearly if one is taken; ``"auto"`` picks
     free ports, so tests and a second stack can run beside a developer's stack. ``env`` adds variables to (or
@@ -568,7 +571,8 @@ class LocalStack:
         return status(self.run_dir, health_timeout)
 
     def __enter__(self) -> LocalStack:
-        self.start()
+        # Entering does not start: callers choose start()'s timeout and mode inside the block, and leaving the
+        # block stops whatever was started, however far start() got.
         return self
 
     def __exit__(

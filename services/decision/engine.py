@@ -106,7 +106,8 @@ class DecisionEngine:
         decision.subject_id, decision.distance, decision.similarity = hit.subject_id, hit.distance, hit.similarity
         decision.evidence_frame_ids.extend(frame_id for frame_id, _ in hits.frames)
         agreeing, needed = len(hits.frames), self.policy.min_agreeing_frames
-        decision.reasons.extend([hit.reason, f"{agreeing} of {needed} frames agree within {self.policy.window_seconds:g} s"])
+        window = self.policy.window_seconds
+        decision.reasons.extend([hit.reason, f"{agreeing} frame(s) agree within {window:g} s ({needed} needed)"])
         if agreeing < needed:
             decision.outcome = events_pb2.OUTCOME_PENDING
             return decision, None

@@ -37,7 +37,7 @@ def add_hard_frames(frames: Path, expected: list[Expected], photos: Path) -> lis
     (frames / f"{next_seq:03d}-huge.png").write_bytes(huge.getvalue())
     (frames / f"{next_seq + 1:03d}-rgba.png").write_bytes((photos / "32bit.png").read_bytes())
     Image.open(photos / "obama2.jpg").convert("L").save(frames / f"{next_seq + 2:03d}-grey.png")
-    return [*expected, Expected(next_seq, "huge", "broken"), Expected(next_seq + 1, "rgba", "any"),
+    return [*expected, Expected(next_seq, "huge", "broken"), Expected(next_seq + 1, "rgba", "watchlisted"),
             Expected(next_seq + 2, "grey", "watchlisted")]  # fmt: skip
 
 

@@ -152,6 +152,14 @@ schema cannot see the fallback.
 {{- .Values.matching.templateKey.existingSecret | default (printf "%s-template-key" (include "sightline.fullname" .)) }}
 {{- end }}
 
+{{- define "sightline.captureSourcesSecretName" -}}
+{{- .Values.capture.sources.existingSecret | default (printf "%s-capture-sources" (include "sightline.fullname" .)) }}
+{{- end }}
+
+{{- define "sightline.captureHasSources" -}}
+{{- if and .Values.capture.enabled (or .Values.capture.sources.uris .Values.capture.sources.existingSecret) }}true{{ end }}
+{{- end }}
+
 {{- define "sightline.kafkaUsesSasl" -}}
 {{- if hasPrefix "SASL_" .Values.kafka.securityProtocol }}true{{ end }}
 {{- end }}

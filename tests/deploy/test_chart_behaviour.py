@@ -1,0 +1,290 @@
+"""How the chart reacts to values: config checksums, schema and template refusals, network flows, NOTES, dashboard."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from deploy_helpers import (
+    CHART,
+    GRPC_PORTS,
+    METRICS_PORTS,
+    NAMESPACE,
+    PUBLIC_SERVICES,
+    RELEASE,
+    SERVICES,
+    VARIANTS,
+    Rendered,
+    render,
+    run_helm,
+    template_args,
+)
+
+
+def pod_annotations(r: Rendered, service: str) -> dict[str, str]:
+    d = r.one("Deployment", f"{RELEASE}-sightline-{service}")
+    return d["spec"]["template"]["metadata"].get("annotations") or {}
+
+
+# --- checksum/config ------------------------------------------------------------------------------------------------
+
+
+def test_policy_change_rolls_decision_pods(helm: str, tmp_path: Path) -> None:
+    base = pod_annotations(render(helm, []), "decision")["checksum/config"]
+    # A file, not --set: helm's --set turns 0.5 into a string, which the schema rightly refuses.
+    stricter = tmp_path / "stricter.yaml"
+    stricter.write_text("decision:\n  policy:\n    match_max_distance: 0.5\n")
+    changed = pod_annotations(render(helm, [stricter]), "decision")
+    assert changed["checksum/config"] != base
+    changed = pod_annotations(render(helm, [], ["decision.policy.version=2027-01-1"]), "decision")
+    assert changed["checksum/config"] != base
+
+
+def test_unrelated_change_keeps_the_checksum(helm: str) -> None:
+    base = pod_annotations(render(helm, []), "decision")["checksum/config"]
+    same = pod_annotations(render(helm, [], ["detection.replicas=3", "capture.logLevel=DEBUG"]), "decision")
+    assert same["checksum/config"] == base
+
+
+# --- refusals -------------------------------------------------------------------------------------------------------
+
+SCHEMA_ERROR = "values don't meet the specifications of the schema"
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ["detection.replicas=two"],  # the issue's example
+        ["unknownKey=1"],  # unknown top-level key
+        ["matching.unknownKey=1"],  # unknown key in a service block
+        ["capture.image.tag=latest"],
+        ["image.tag=latest"],
+        ["kafka.securityProtocol=TLS"],
+        ["kafka.sasl.mechanism=GSSAPI"],
+        ["kafka.bootstrapServers=kafka"],  # no port
+        ["detection.autoscaling.mode=memory"],
+        ["capture.autoscaling.mode=kafkaLag"],  # capture has no input topic
+        ["matching.database.mode=mysql"],
+        ["matching.templateKey.value=not-a-32-byte-key"],
+        ["decision.policy.min_agreeing_frames=0"],
+        ["detection.policy.version=x"],  # policy belongs to decision only
+        ["kafka.topics.frames.retentionMs=1h"],
+        ["kafka.topics.renamed.retentionMs=1"],  # topic names are fixed by the code
+        ["detection.logLevel=TRACE"],
+        ["embedding.grpcPort=70000"],
+        ["detection.resources.limits=null"],  # limits are required
+        ["detection.sources.uris={rtsp://cam/1}"],  # only capture pulls streams
+        ["capture.sources.uris={cam-1}"],  # not a URI
+    ],
+    ids=lambda s: s[0],
+)
+def test_schema_rejects_bad_values(helm: str, sets: list[str]) -> None:
+    result = run_helm(helm, *template_args([], sets))
+    assert result.returncode != 0, f"accepted {sets}"
+    assert SCHEMA_ERROR in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["matching.replicas=2"], "SQLite gallery allows exactly one matching replica"),
+        (["matching.autoscaling.enabled=true"], "SQLite gallery allows exactly one matching replica"),
+        (["matching.database.mode=postgresql"], "matching.database.postgresql.existingSecret"),
+        (["kafka.securityProtocol=SASL_SSL"], "kafka.sasl.existingSecret"),
+        (["kafka.tls.ca.secretName=a", "kafka.tls.ca.configMapName=b"], "only one of"),
+        (["detection.autoscaling.enabled=true", "detection.autoscaling.minReplicas=5"], "maxReplicas must be >="),
+    ],
+    ids=lambda v: v[0] if isinstance(v, list) else None,
+)
+def test_templates_refuse_inconsistent_values(helm: str, sets: list[str], message: str) -> None:
+    result = run_helm(helm, *template_args([], sets))
+    assert result.returncode != 0, f"accepted {sets}"
+    assert message in result.stderr, result.stderr
+
+
+def test_postgres_mode_scales_matching(helm: str) -> None:
+    r = render(helm, [], ["matching.database.mode=postgresql", "matching.database.postgresql.existingSecret=db", "matching.replicas=3"])
+    assert r.one("Deployment", f"{RELEASE}-sightline-matching")["spec"]["replicas"] == 3
+
+
+def test_image_registry_and_tag_overrides(helm: str) -> None:
+    r = render(helm, [], ["image.registry=registry.example.org/", "image.tag=1.2.3", "detection.image.tag=1.2.4"])
+    images = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["image"] for d in r.kind("Deployment")}
+    assert images[f"{RELEASE}-sightline-capture"] == "registry.example.org/sightline/capture:1.2.3"
+    assert images[f"{RELEASE}-sightline-detection"] == "registry.example.org/sightline/detection:1.2.4"
+    default = render(helm, [])
+    chart_version = re.search(r'^appVersion:\s*"?([^"\s]+)', (CHART / "Chart.yaml").read_text(), re.M).group(1)
+    job_image = default.kind("Job")[0]["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert job_image == f"sightline/cli:{chart_version}"
+
+
+# --- network policies -----------------------------------------------------------------------------------------------
+
+
+def selects(selector: dict[str, Any], service: str) -> bool:
+    return selector.get("matchLabels", {}).get("app.kubernetes.io/component") == service
+
+
+def ingress_ports_from(policy: dict[str, Any], peer_service: str | None) -> set[int]:
+    """Ports of a policy's ingress rules that admit `peer_service`'s pods (None: an arbitrary outside client)."""
+    ports: set[int] = set()
+    for rule in policy["spec"].get("ingress", []):
+        peers = rule.get("from")
+        admits = peers is None or (
+            peer_service is not None and any(list(p) == ["podSelector"] and selects(p["podSelector"], peer_service) for p in peers)
+        )
+        if admits:
+            ports |= {p["port"] for p in rule["ports"]}
+    return ports
+
+
+def egress_ports_to(policy: dict[str, Any], peer_service: str) -> set[int]:
+    ports: set[int] = set()
+    for rule in policy["spec"].get("egress", []):
+        peers = rule.get("to")
+        if peers is not None and any(list(p) == ["podSelector"] and selects(p["podSelector"], peer_service) for p in peers):
+            ports |= {p["port"] for p in rule["ports"]}
+    return ports
+
+
+def test_network_policies_allow_only_the_designed_flows(helm: str) -> None:
+    r = render(helm, [])
+    policies = {p["metadata"]["name"].removeprefix(f"{RELEASE}-sightline-"): p for p in r.kind("NetworkPolicy")}
+    deny = policies["default-deny"]["spec"]
+    assert deny["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in deny and "egress" not in deny
+    for svc in SERVICES:
+        p = policies[svc]
+        assert selects(p["spec"]["podSelector"], svc)
+        # gRPC from outside only for the public services; pod-to-pod gRPC only from matching to detection/embedding.
+        assert (GRPC_PORTS[svc] in ingress_ports_from(p, None)) == (svc in PUBLIC_SERVICES), svc
+        for caller in SERVICES:
+            expected = caller == "matching" and svc in ("detection", "embedding")
+            assert (GRPC_PORTS[svc] in ingress_ports_from(p, caller)) == (expected or svc in PUBLIC_SERVICES), (caller, svc)
+        # Metrics only from the Prometheus peer.
+        metrics_rules = [rule for rule in p["spec"]["ingress"] if METRICS_PORTS[svc] in {x["port"] for x in rule["ports"]}]
+        assert len(metrics_rules) == 1 and "namespaceSelector" in metrics_rules[0]["from"][0]
+        # Egress: DNS and Kafka for all; matching also to its two peers; nobody else to any pod.
+        egress_ports = {x["port"] for rule in p["spec"]["egress"] for x in rule["ports"]}
+        assert {53, 9092} <= egress_ports
+        for callee in SERVICES:
+            expected = {GRPC_PORTS[callee]} if svc == "matching" and callee in ("detection", "embedding") else set()
+            assert egress_ports_to(p, callee) == expected, (svc, callee)
+        assert 5432 not in egress_ports, "SQLite mode needs no database egress"
+        assert 554 not in egress_ports, "no camera egress without capture.sources"
+    assert "topics" in policies
+
+
+def test_network_policy_database_egress_with_postgres(helm: str) -> None:
+    r = render(helm, VARIANTS["postgres"])
+    p = r.one("NetworkPolicy", f"{RELEASE}-sightline-matching")
+    assert 5432 in {x["port"] for rule in p["spec"]["egress"] for x in rule["ports"]}
+    for svc in ("capture", "detection", "embedding", "decision"):
+        other = r.one("NetworkPolicy", f"{RELEASE}-sightline-{svc}")
+        ports = {x["port"] for rule in other["spec"]["egress"] for x in rule["ports"]}
+        assert 5432 not in ports
+        # The variant sets capture.sources: capture, and only capture, may reach the cameras.
+        assert (554 in ports) == (svc == "capture")
+
+
+def test_network_policy_peers_narrow(helm: str) -> None:
+    r = render(helm, VARIANTS["observability"])
+    p = r.one("NetworkPolicy", f"{RELEASE}-sightline-matching")
+    public = [rule for rule in p["spec"]["ingress"] if GRPC_PORTS["matching"] in {x["port"] for x in rule["ports"]}]
+    assert all(rule.get("from") for rule in public), "a restricted clients.from must not leave an open gRPC rule"
+    assert any("ipBlock" in peer for rule in public for peer in rule["from"]), "kubelet CIDRs missing"
+    kafka = [rule for rule in p["spec"]["egress"] if 9092 in {x["port"] for x in rule["ports"]}]
+    assert kafka[0]["to"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kafka"}
+
+
+# --- observability --------------------------------------------------------------------------------------------------
+
+
+def test_scrape_annotations_or_service_monitor(helm: str) -> None:
+    plain = render(helm, [])
+    for svc in SERVICES:
+        ann = pod_annotations(plain, svc)
+        assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == str(METRICS_PORTS[svc])
+    monitored = render(helm, VARIANTS["observability"])
+    (sm,) = monitored.kind("ServiceMonitor")
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics" and sm["spec"]["endpoints"][0]["honorLabels"] is True
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    for d in monitored.kind("Deployment"):
+        assert "prometheus.io/scrape" not in (d["spec"]["template"]["metadata"].get("annotations") or {})
+    for s in monitored.kind("Service"):
+        assert sm["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+
+
+DASHBOARD_METRICS = {
+    "sightline_events_processed_total",
+    "sightline_events_failed_total",
+    "sightline_events_deadlettered_total",
+    "sightline_events_published_total",
+    "sightline_stage_latency_seconds",
+    "sightline_capture_to_stage_seconds",
+    "sightline_batch_size",
+    "sightline_model_inference_seconds",
+    "sightline_gallery_templates",
+    "sightline_gallery_subjects",
+    "sightline_frames_dropped_total",
+}
+
+
+def dashboard_exprs(dashboard: dict[str, Any]) -> list[str]:
+    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+
+
+def test_dashboard_uses_every_metric_and_only_known_ones() -> None:
+    dashboard = json.loads((CHART / "dashboards" / "sightline.json").read_text())
+    assert dashboard["uid"] and dashboard["title"]
+    used = {m for e in dashboard_exprs(dashboard) for m in re.findall(r"\bsightline_[a-z_]+", e)}
+    base = {re.sub(r"_(bucket|count|sum)$", "", m) for m in used}
+    assert base == DASHBOARD_METRICS, f"missing {DASHBOARD_METRICS - base}, unknown {base - DASHBOARD_METRICS}"
+    for p in dashboard["panels"]:
+        if p["type"] != "row":
+            assert p["datasource"]["uid"] == "${datasource}", p["title"]
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for e in dashboard_exprs(dashboard):
+        assert e.count("(") == e.count(")"), e
+        if "_bucket" in e:
+            assert "histogram_quantile" in e and "le" in e, e
+
+
+def test_dashboard_config_map(helm: str) -> None:
+    r = render(helm, VARIANTS["observability"])
+    (cm,) = [c for c in r.kind("ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["namespace"] == "monitoring"
+    assert json.loads(cm["data"]["sightline.json"]) == json.loads((CHART / "dashboards" / "sightline.json").read_text())
+    assert not [c for c in render(helm, []).kind("ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+
+
+# --- NOTES.txt ------------------------------------------------------------------------------------------------------
+
+
+def notes(helm: str, values_files: list[Any]) -> str:
+    args = ["install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client"]
+    for path in values_files:
+        args += ["-f", str(path)]
+    result = run_helm(helm, *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split("NOTES:", 1)[1]
+
+
+def test_notes_tell_what_to_do_next(helm: str) -> None:
+    text = notes(helm, [])
+    assert f"port-forward svc/{RELEASE}-sightline-matching 50054:50054" in text
+    assert "sightline watch decisions" in text
+    assert "/metrics" in text and f"svc/{RELEASE}-sightline-detection:9102" in text
+    assert "matching runs exactly one replica" in text
+    assert "Back it up" in text
+
+
+def test_notes_warn_about_idle_replicas(helm: str) -> None:
+    text = notes(helm, VARIANTS["keda"])
+    # embedding may reach 6 replicas on a 4-partition topic; detection's 8 match frames' 8 partitions.
+    assert "embedding may run up to 6 replicas" in text and "sit idle" in text
+    assert "detection may run" not in text
