@@ -32,9 +32,9 @@ models: install protos
 samples: install
 	$(PY) -m sightline.common.samples
 
-tools: build/tools/helm
-build/tools/helm:
-	bash tools/install-helm.sh build/tools
+tools: build/tools/helm build/tools/hadolint
+build/tools/helm build/tools/hadolint: tools/install-helm.sh
+	PYTHON=$(PY) bash tools/install-helm.sh build/tools
 
 ## demo: the main job on the embedded default (local broker, SQLite)
 demo: setup

@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, Self
 
 from sightline.common.broker import BrokerError, LocalBroker, free_port, port_open
 from sightline.common.ports import GRPC_PORTS, LOCAL_BROKER_PORT, METRICS_PORTS, SERVICES
@@ -80,7 +80,11 @@ class PortPlan:
 
     def needed(self, services: tuple[str, ...]) -> list[int]:
         """The ports the given services and the broker will listen on, broker first."""
-        return [self.broker, *(self.grpc[s] for s in services), *(self.metrics[s] for s in services if self.metrics[s])]
+        return [
+            self.broker,
+            *(self.grpc[s] for s in services),
+            *(self.metrics[s] for s in services if self.metrics[s]),
+        ]
 
 
 def _distinct_free_ports(count: int) -> list[int]:
@@ -101,7 +105,9 @@ def port_in_use(port: int, host: str = HOST) -> bool:
     if port_open(host, port):
         return True
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ignore TIME_WAIT left by a stack just stopped
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # ignore TIME_WAIT left by a stack just stopped
         try:
             sock.bind((host, port))
         except OSError:
@@ -329,7 +335,9 @@ def refuse_if_running(run_dir: Path) -> None:
         return
     if state.any_alive() or state.owner_alive():
         port = state.services[next(iter(state.services))].port if state.services else state.broker.port
-        raise StackError(f"{in_use_message(port)} (a stack recorded in {state_path(run_dir)} is still running)")
+        raise StackError(
+            f"{in_use_message(port)} (a stack recorded in {state_path(run_dir)} is still running)"
+        )
     log.info("removing the state file of a stack that no longer runs in %s", run_dir)
     _remove_state(run_dir)
 
@@ -436,7 +444,9 @@ def _stop_records(state: StackState, timeout: float) -> None:
                 _kill_group(rec.pid, rec.start_ticks)
         _wait_gone([(r.pid, r.start_ticks) for _, r in services], 5)
     broker = state.broker
-    _signal(broker.pid, broker.start_ticks, signal.SIGINT)  # Tansu waits 5 s on SIGTERM while clients are connected
+    _signal(
+        broker.pid, broker.start_ticks, signal.SIGINT
+    )  # Tansu waits 5 s on SIGTERM while clients are connected
     if not _wait_gone([(broker.pid, broker.start_ticks)], BROKER_STOP_TIMEOUT):
         _kill_group(broker.pid, broker.start_ticks)
         _wait_gone([(broker.pid, broker.start_ticks)], 5)
@@ -516,10 +526,13 @@ class LocalStack:
         """
         if self._state is not None:
             raise StackError("this stack is already started")
+        self._broker, self._procs = None, {}  # a stack may be started again after stop()
         deadline = time.monotonic() + timeout
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # holds the gallery and its key
         self.log_dir.mkdir(exist_ok=True)
         refuse_if_running(self.run_dir)
+        if self.policy_file and not self.policy_file.is_file():
+            raise StackError(f"policy file {self.policy_file} not found")
         check_ports_free(self.ports.needed(self.services))
         key = template_key(self.run_dir) if "matching" in self.services else ""
         try:
@@ -570,7 +583,7 @@ class LocalStack:
     def status(self, health_timeout: float = 1.0) -> StackStatus | None:
         return status(self.run_dir, health_timeout)
 
-    def __enter__(self) -> LocalStack:
+    def __enter__(self) -> Self:
         # Entering does not start: callers choose start()'s timeout and mode inside the block, and leaving the
         # block stops whatever was started, however far start() got.
         return self
@@ -599,7 +612,11 @@ class LocalStack:
         from sightline.common.bus import ensure_topics  # kafka-python is heavy: imported only when starting
         from sightline.common.config import KafkaSettings
 
-        states = ensure_topics(KafkaSettings(**self._kafka_settings()))
+        try:
+            states = ensure_topics(KafkaSettings(**self._kafka_settings()))
+        except Exception as exc:  # kafka-python raises many types; the user needs the broker's log either way
+            raise StackError(f"could not create the topics on {self.bootstrap_servers}: {exc!r}; see "
+                             f"{self.log_path('broker')}") from exc  # fmt: skip
         log.info("topics ready: %s", states)
 
     def _kafka_settings(self) -> dict[str, Any]:
@@ -649,7 +666,9 @@ class LocalStack:
         pending = list(self.services)
         while pending:
             self._raise_if_exited()
-            pending = [name for name in pending if check_health(self.addresses[name], timeout=1.0) != "SERVING"]
+            pending = [
+                name for name in pending if check_health(self.addresses[name], timeout=1.0) != "SERVING"
+            ]
             if pending and time.monotonic() > deadline:
                 raise StackError(self._not_healthy_message(pending))
             if pending:
