@@ -33,7 +33,7 @@ samples: install
 	$(PY) -m sightline.common.samples
 
 tools: build/tools/helm build/tools/hadolint
-build/tools/helm build/tools/hadolint: tools/install-helm.sh
+build/tools/helm build/tools/hadolint &: tools/install-helm.sh
 	PYTHON=$(PY) bash tools/install-helm.sh build/tools
 
 ## demo: the main job on the embedded default (local broker, SQLite)
