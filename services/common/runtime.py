@@ -74,6 +74,7 @@ def _run_with_faust(name: str, kafka: KafkaSettings, stages: Sequence[Stage], se
 
     worker = faust.Worker(app, loglevel=logging.getLogger().level, override_logging=False, redirect_stdouts=False,
                           quiet=True)  # fmt: skip
+    worker.spinner = None  # the terminal spinner writes cursor escapes into the JSON log stream
     try:
         worker.execute_from_commandline()
     except SystemExit:
