@@ -230,7 +230,7 @@ class ShapePredictor:
         acc = np.empty((self._n_trees + 1, k, shape[0].size), np.float32)
         acc[0] = shape.reshape(k, -1)
         np.take(level.leaves, (leaf + self._tree_rows).T, axis=0, out=acc[1:])
-        return np.add.reduce(acc, axis=0).reshape(shape.shape)
+        return np.add.reduce(acc.reshape(self._n_trees + 1, -1), axis=0).reshape(shape.shape)
 
     def _leaves_reached(self, goes_left: np.ndarray) -> np.ndarray:
         """Leaf index [K,T] reached in each tree given every split's outcome [K,T,S] (True = go to the left child)."""
