@@ -652,10 +652,11 @@ class LocalStack:
             f"{prefix}LOG_JSON": "true",
         })  # fmt: skip
         if name == "matching":
-            env["SIGHTLINE_MATCHING_DATABASE_URL"] = f"sqlite:///{self.run_dir / GALLERY_DB}"
+            # A database or key the user configured wins: "SQLite by default, PostgreSQL when configured".
+            env.setdefault("SIGHTLINE_MATCHING_DATABASE_URL", f"sqlite:///{self.run_dir / GALLERY_DB}")
+            env.setdefault("SIGHTLINE_MATCHING_TEMPLATE_KEY", key)
             env["SIGHTLINE_MATCHING_DETECTION_ADDR"] = f"{HOST}:{self.ports.grpc['detection']}"
             env["SIGHTLINE_MATCHING_EMBEDDING_ADDR"] = f"{HOST}:{self.ports.grpc['embedding']}"
-            env["SIGHTLINE_MATCHING_TEMPLATE_KEY"] = key
         if name == "decision" and self.policy_file:
             env["SIGHTLINE_DECISION_POLICY_FILE"] = str(self.policy_file)
         return env

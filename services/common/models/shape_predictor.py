@@ -196,7 +196,7 @@ class ShapePredictor:
         shape = np.repeat(self.initial_shape.T[None], k, axis=0)
         for level in self._levels:
             pixels = self._feature_pixels(level, shape, origin, extent)
-            feats = sampler.intensities(pixels[:, 0], pixels[:, 1])
+            feats = sampler.intensities(pixels)
             shape = self._apply_trees(level, feats, shape)
         points = shape.astype(np.float64) * extent + origin
         points = np.floor(points) if not subpixel else points - 0.5
@@ -256,19 +256,27 @@ class _PixelSampler:
         self.rgb = image.ndim == 3
         self.pixels = np.ascontiguousarray(image).reshape(self.height * self.width, -1)
 
-    def intensities(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Intensity at integer pixel positions ``x``, ``y`` (same shape) as int16 of that shape."""
-        # Negative coordinates become huge unsigned values, so one comparison per axis tests both ends.
-        inside = (x.view(np.uintp) < self.width) & (y.view(np.uintp) < self.height)
-        idx = np.where(inside, y * self.width + x, 0).reshape(-1)
-        values = np.take(self.pixels, idx, axis=0)
+    def intensities(self, pixels: np.ndarray) -> np.ndarray:
+        """Intensities [K, F] int16 at integer positions ``pixels`` [K, 2, F] (x row, y row)."""
+        x, y = pixels[:, 0], pixels[:, 1]
+        lo, hi = pixels.min(axis=(0, 2)), pixels.max(axis=(0, 2))
+        # Usually every feature pixel is inside the image and the masking can be skipped.
+        inside = None
+        if lo.min() < 0 or hi[0] >= self.width or hi[1] >= self.height:
+            # Negative coordinates become huge unsigned values, so one comparison per axis tests both ends.
+            inside = (x.view(np.uintp) < self.width) & (y.view(np.uintp) < self.height)
+            idx = np.where(inside, y * self.width + x, 0)
+        else:
+            idx = y * self.width + x
+        values = np.take(self.pixels, idx.reshape(-1), axis=0)
         if self.rgb:
             # dlib's rgb -> gray is the integer mean of the channels; float32 holds the sum exactly and
             # the division cannot round across an integer.
             gray = np.floor((values.astype(np.float32) @ _ONES3) / 3).astype(np.int16)
         else:
             gray = values[:, 0].astype(np.int16)
-        return np.where(inside, gray.reshape(x.shape), np.int16(0))
+        gray = gray.reshape(x.shape)
+        return gray if inside is None else np.where(inside, gray, np.int16(0))
 
 
 _ONES3 = np.ones(3, np.float32)
