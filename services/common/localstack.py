@@ -548,6 +548,16 @@ class LocalStack:
             raise
         log.info("local stack is up in %s: pids %s", self.run_dir, self.pids)
 
+    def restart(self, name: str, timeout: float = 60.0) -> None:
+        """Start one service again (stopping it first if it runs), as Kubernetes restarts a crashed pod."""
+        proc = self._procs.get(name)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=SERVICE_STOP_TIMEOUT)
+        self._spawn(name, template_key(self.run_dir) if name == "matching" else "")
+        self._save_state("running")
+        self._wait_healthy(time.monotonic() + timeout)
+
     def stop(self, timeout: float = SERVICE_STOP_TIMEOUT) -> None:
         """Stop the services (SIGTERM, newest stage first), kill those still running after ``timeout``, then the
         broker. Safe to call more than once."""
