@@ -8,7 +8,9 @@ SIGINT: the health service reports NOT_SERVING, in-flight gRPC calls get a grace
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,7 +66,10 @@ def _run_with_faust(name: str, kafka: KafkaSettings, stages: Sequence[Stage], se
                     app_options: dict[str, Any]) -> None:  # fmt: skip
     import faust
 
-    app = bus.faust_app(name, kafka, **app_options)
+    # faust wants a data folder; a private temporary one keeps the working directory clean and works on a
+    # read-only root filesystem (only /tmp is writable in the container).
+    datadir = tempfile.mkdtemp(prefix=f"sightline-{name}-faust-")
+    app = bus.faust_app(name, kafka, datadir=datadir, **app_options)
     for stage in stages:
         stage.attach(app)
 
@@ -79,6 +84,8 @@ def _run_with_faust(name: str, kafka: KafkaSettings, stages: Sequence[Stage], se
         worker.execute_from_commandline()
     except SystemExit:
         pass
+    finally:
+        shutil.rmtree(datadir, ignore_errors=True)
 
 
 def _wait_for_signal() -> None:

@@ -25,8 +25,9 @@ import numpy as np
 
 __all__ = ["chip_transform", "extract_face_chips", "landmark_box_from_detection", "FACE_TEMPLATE_5"]
 
-# dlib's get_face_chip_details template for the 5-point model, in the unpadded unit square: right eye outer corner,
-# right eye inner corner, left eye outer, left eye inner, nose base (the shape predictor's point order).
+# dlib's get_face_chip_details template for the 5-point model, in the unpadded unit square and in the shape
+# predictor's point order: outer and inner corner of the eye on the image's right, the same for the eye on the
+# image's left, then the base of the nose.
 FACE_TEMPLATE_5 = np.array(
     [
         [0.8595674595992, 0.2134981538014],
