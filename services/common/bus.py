@@ -1,13 +1,12 @@
-"""Kafka plumbing: client settings, topic creation, a plain producer, and the faust app every stream service runs.
+"""Kafka plumbing with kafka-python: client settings, topic creation, a plain producer, topic readers.
 
 kafka-python serves where a plain client fits (capture's producer, topic administration, tailing topics from the CLI);
-faust-streaming runs the stream processors. Both take their connection from one ``KafkaSettings``.
+faust-streaming runs the stream processors (``streams.py``). Both take their connection from one ``KafkaSettings``.
 """
 
 from __future__ import annotations
 
 import logging
-import ssl
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -99,49 +98,6 @@ def _partition_counts(admin: KafkaAdminClient, names: list[str]) -> dict[str, in
     if not names:
         return {}
     return {t["name"]: len(t["partitions"]) for t in admin.describe_topics(names)}
-
-
-def faust_app(service: str, settings: KafkaSettings, **overrides: Any) -> Any:
-    """The faust app of a stream service: raw bytes values (we speak protobuf), no web server, no auto-created topics.
-
-    Consumer offsets are committed only after the agent has processed an event and the producer has been flushed
-    (faust flushes before every commit), which gives at-least-once delivery end to end.
-    """
-    import faust  # imported here: it is heavy and only stream services need it
-
-    return faust.App(
-        f"sightline-{service}",
-        broker=[f"kafka://{server}" for server in settings.servers],
-        broker_credentials=_faust_credentials(settings),
-        value_serializer="raw",
-        key_serializer="raw",
-        web_enabled=False,
-        topic_allow_declare=False,
-        topic_disable_leader=True,
-        consumer_auto_offset_reset="earliest",
-        broker_session_timeout=settings.session_timeout_ms / 1000,
-        broker_heartbeat_interval=settings.heartbeat_interval_ms / 1000,
-        producer_max_request_size=settings.max_message_bytes,
-        consumer_max_fetch_size=settings.max_message_bytes,
-        producer_linger=0.0,
-        stream_buffer_maxsize=64,
-        **overrides,
-    )
-
-
-def _faust_credentials(settings: KafkaSettings) -> Any:
-    import faust
-
-    context = ssl.create_default_context(cafile=str(settings.ssl_cafile)) if settings.ssl_cafile else None
-    if settings.sasl_mechanism:
-        password = settings.sasl_password.get_secret_value() if settings.sasl_password else ""
-        return faust.SASLCredentials(
-            username=settings.sasl_username or "", password=password, ssl_context=context,
-            mechanism=settings.sasl_mechanism,
-        )  # fmt: skip
-    if context is not None:
-        return faust.SSLCredentials(context)
-    return None
 
 
 def read_topics(settings: KafkaSettings, topics: Iterable[str], since_ms: int | None = None,

@@ -85,6 +85,11 @@ class KafkaSettings(SightlineSettings):
         6000, ge=1000, description="Consumer group session timeout. Small values make group joins fast on Tansu."
     )
     heartbeat_interval_ms: int = Field(1500, ge=100, description="Consumer heartbeat interval.")
+    fetch_max_wait_ms: int = Field(
+        25, ge=1, le=5000,
+        description="Longest a stream consumer's fetch waits for data. Kafka answers as soon as data arrives; "
+        "Tansu holds the fetch this long, so keep it small locally (it adds to each stage's latency).",
+    )  # fmt: skip
     max_message_bytes: int = Field(
         16 * 1024 * 1024, ge=1024 * 1024, description="Largest event a producer may send (frames are the largest)."
     )

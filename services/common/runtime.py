@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sightline.common import bus, telemetry
+from sightline.common import telemetry
 from sightline.common.config import KafkaSettings, ServiceSettings
 from sightline.common.rpc import GrpcServer
 from sightline.common.stage import Stage
@@ -66,10 +66,12 @@ def _run_with_faust(name: str, kafka: KafkaSettings, stages: Sequence[Stage], se
                     app_options: dict[str, Any]) -> None:  # fmt: skip
     import faust
 
+    from sightline.common.streams import faust_app
+
     # faust wants a data folder; a private temporary one keeps the working directory clean and works on a
     # read-only root filesystem (only /tmp is writable in the container).
     datadir = tempfile.mkdtemp(prefix=f"sightline-{name}-faust-")
-    app = bus.faust_app(name, kafka, datadir=datadir, **app_options)
+    app = faust_app(name, kafka, datadir=datadir, **app_options)
     for stage in stages:
         stage.attach(app)
 
