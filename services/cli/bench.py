@@ -29,6 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pipeline.add_argument("--json", action="store_true", help="print one JSON object")
     pipeline.add_argument("--timeout", type=float, default=300.0)
     pipeline.set_defaults(func=cmd_pipeline)
+    landmarks = kinds.add_parser("landmarks", help="5-point landmark speed, ours vs dlib's C++ (if dlib-bin is there)")
+    landmarks.add_argument("--repeat", type=int, default=300)
+    landmarks.set_defaults(func=cmd_landmarks)
+    fidelity = kinds.add_parser("fidelity", help="our descriptors vs dlib's own pipeline on the sample photos")
+    fidelity.set_defaults(func=cmd_fidelity)
 
 
 def bench_frames(count: int) -> list[Path]:
@@ -155,3 +160,65 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     }
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0 if piped["frames_through"] == len(frames) else 1
+
+
+def _per_call_ms(function: Any, repeat: int) -> float:
+    function()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        function()
+    return 1000 * (time.perf_counter() - start) / repeat
+
+
+def cmd_landmarks(args: argparse.Namespace) -> int:
+    """ms per face for one face and for ten faces at once, and against dlib's C++ when dlib-bin is installed."""
+    from sightline.common.images import decode_image
+    from sightline.common.models.face_chip import landmark_box_from_detection
+    from sightline.common.models.pipeline import FaceAnalyzer
+    from sightline.common.paths import samples_dir
+
+    analyzer = FaceAnalyzer()
+    rgb = decode_image((samples_dir() / "face_recognition" / "obama.jpg").read_bytes())
+    detection = analyzer.detector.detect(rgb)[0]
+    box = landmark_box_from_detection(np.asarray(detection.box), detection.keypoints)[None]
+    ten = np.repeat(box, 10, axis=0)
+    result: dict[str, Any] = {
+        "ours_ms_per_face_1": round(_per_call_ms(lambda: analyzer.landmarks.predict(rgb, box), args.repeat), 3),
+        "ours_ms_per_face_10": round(_per_call_ms(lambda: analyzer.landmarks.predict(rgb, ten), args.repeat) / 10, 3),
+    }
+    try:
+        import dlib
+    except ImportError:
+        result["dlib"] = "dlib-bin not installed"
+    else:
+        predictor = dlib.shape_predictor(str(_model_sources() / "shape_predictor_5_face_landmarks.dat"))
+        rect = dlib.rectangle(*(int(round(v)) for v in box[0]))
+        result["dlib_cpp_ms_per_face"] = round(_per_call_ms(lambda: predictor(rgb, rect), args.repeat), 3)
+    print(json.dumps(result))
+    return 0
+
+
+def _model_sources() -> Path:
+    from sightline.common.paths import models_dir
+
+    return models_dir() / "sources"
+
+
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    """Median and 90th percentile of the L2 distance between our descriptors and dlib's, face by face."""
+    from sightline.common.models.fidelity import descriptor_distances
+    from sightline.common.paths import samples_dir
+
+    images = sorted((samples_dir() / "face_recognition").glob("*.jpg")) + sorted((samples_dir() / "dlib" / "faces").glob("*.jpg"))
+    try:
+        distances, hog_faces = descriptor_distances(images, _model_sources())
+    except ImportError:
+        print("error: the fidelity benchmark needs dlib-bin (installed by `make setup` with the test extra)", file=sys.stderr)
+        return 2
+    values = np.array(distances)
+    print(json.dumps({
+        "images": len(images), "dlib_faces": hog_faces, "paired_faces": len(distances),
+        "median_l2": round(float(np.median(values)), 4), "p90_l2": round(float(np.percentile(values, 90)), 4),
+        "max_l2": round(float(values.max()), 4), "targets": {"median": 0.07, "p90": 0.15},
+    }))  # fmt: skip
+    return 0

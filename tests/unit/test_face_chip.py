@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from sightline.common.models.face_chip import chip_transform, extract_face_chips, landmark_box_from_detection
+from sightline.common.models.fidelity import nearest_detection
 from sightline.common.models.shape_predictor import ShapePredictor
 
 dlib = pytest.importorskip("dlib")
@@ -145,18 +146,6 @@ def test_bad_inputs() -> None:
     assert not off_image.any()
 
 
-def _match(hog_rect: object, detections: list) -> object | None:
-    """The BlazeFace detection whose box centre is nearest the HOG box centre, within half the HOG box side."""
-    centre = np.array([(hog_rect.left() + hog_rect.right()) / 2, (hog_rect.top() + hog_rect.bottom()) / 2])
-    best, best_distance = None, 0.5 * hog_rect.width()
-    for det in detections:
-        x1, y1, x2, y2 = det.box
-        distance = float(np.hypot((x1 + x2) / 2 - centre[0], (y1 + y2) / 2 - centre[1]))
-        if distance < best_distance:
-            best, best_distance = det, distance
-    return best
-
-
 @pytest.mark.slow
 def test_blazeface_pipeline_matches_dlibs(hog_faces, dlib_models, dlib_model_sources: Path,
                                          models_dir: Path) -> None:  # fmt: skip
@@ -170,7 +159,7 @@ def test_blazeface_pipeline_matches_dlibs(hog_faces, dlib_models, dlib_model_sou
     for name, rgb, rect, shape in hog_faces:
         if name not in detections:
             detections[name] = detector.detect(rgb)
-        det = _match(rect, detections[name])
+        det = nearest_detection((rect.left(), rect.top(), rect.right(), rect.bottom()), detections[name])
         if det is None:
             continue
         box = landmark_box_from_detection(np.asarray(det.box), np.asarray(det.keypoints))
