@@ -22,10 +22,9 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
-from sightline.common.models.fetch import FetchError, pip_download, sha256_file, step
+from sightline.common.models.fetch import FetchError, pip_download, run_install_step, sha256_file, step
 from sightline.common.paths import samples_dir
 
 log = logging.getLogger(__name__)
@@ -263,19 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sightline.common.samples", description=__doc__.split("\n")[0])
     parser.add_argument("--dest", type=Path, default=None, help=f"default: {samples_dir()}")
     args = parser.parse_args(argv)
-    started = time.monotonic()
     dest = (args.dest or samples_dir()).expanduser()
-    step(f"sample photos into {dest}")
-    try:
-        fetch_samples(dest)
-    except Exception as exc:  # noqa: BLE001 - end with a readable message, not a traceback
-        log.debug("samples failed", exc_info=True)
-        step(f"FAILED: {exc}")
-        step(f"Retry with: {Path(sys.executable).name} -m sightline.common.samples --dest {dest}"
-             " (downloads already made are reused)")
-        return 1
-    step(f"done in {time.monotonic() - started:.1f} s")
-    return 0
+    return run_install_step(f"sample photos into {dest}", lambda: fetch_samples(dest),
+                            f"-m sightline.common.samples --dest {dest}")
 
 
 if __name__ == "__main__":

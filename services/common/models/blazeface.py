@@ -18,7 +18,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnxruntime as ort
+
+from sightline.common.models.onnx_session import open_session
 
 log = logging.getLogger(__name__)
 
@@ -162,24 +163,12 @@ class FaceDetector:
         # Compare logits instead of probabilities: no sigmoid on the 2304 candidates that are discarded anyway.
         self._logit_threshold = float(np.log(score_threshold / (1.0 - score_threshold)))
         self._anchors = _anchor_centres()
-        self._session = self._open_session(self.onnx_path, threads)
+        self._session = open_session(self.onnx_path, threads, "BlazeFace model")
         self._input_name = self._session.get_inputs()[0].name
         outputs = self._session.get_outputs()
         # Pick outputs by shape, not by name: names come from the TFLite file and are not part of our contract.
         self._reg_index = next(i for i, o in enumerate(outputs) if o.shape[-1] == 4 + 2 * NUM_KEYPOINTS)
         self._cls_index = next(i for i, o in enumerate(outputs) if o.shape[-1] == 1)
-
-    @staticmethod
-    def _open_session(path: Path, threads: int) -> ort.InferenceSession:
-        if not path.is_file():
-            raise FileNotFoundError(f"BlazeFace model not found: {path} (run python -m sightline.common.models.fetch)")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Several sessions share 2 cores in production; spinning threads steal each other's time and double latency.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
     def detect(self, image_rgb: np.ndarray) -> list[Detection]:
         """Faces in an HxWx3 uint8 RGB image of any size, sorted by score, highest first.

@@ -11,7 +11,8 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+
+from sightline.common.models.onnx_session import open_session
 
 from sightline.common.models.dlib_resnet import CHIP_SIZE, DESCRIPTOR_SIZE, INPUT_NAME, OUTPUT_NAME
 
@@ -24,16 +25,7 @@ class FaceEmbedder:
     """onnxruntime CPU session computing 128-d face descriptors from 150x150 RGB chips."""
 
     def __init__(self, onnx_path: Path, threads: int = 1) -> None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Several sessions share 2 cores; spinning threads would steal them from each other.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = ort.InferenceSession(str(onnx_path), sess_options=options,
-                                             providers=["CPUExecutionProvider"])
+        self._session = open_session(onnx_path, threads, "face descriptor model")
         self._check_signature(onnx_path)
         logger.info("loaded face embedder %s (threads=%d)", onnx_path, threads)
 

@@ -355,24 +355,29 @@ def fetch_models(root: Path | None = None, force: bool = False) -> Path:
     return Fetcher(root or models_dir(), force=force).run()
 
 
+def run_install_step(title: str, action: Callable[[], object], retry: str) -> int:
+    """Run one install step with a start line, a timing line, and on failure a readable reason and how to retry."""
+    started = time.monotonic()
+    step(title)
+    try:
+        action()
+    except Exception as exc:  # noqa: BLE001 - the install must end with a readable message, not a traceback
+        log.debug("%s failed", title, exc_info=True)
+        step(f"FAILED: {exc}")
+        step(f"Retry with: {Path(sys.executable).name} {retry} (downloads already made are reused)")
+        return 1
+    step(f"done in {time.monotonic() - started:.1f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sightline.common.models.fetch", description=__doc__.split("\n")[0])
     parser.add_argument("--models-dir", type=Path, default=None, help=f"default: {models_dir()}")
     parser.add_argument("--force", action="store_true", help="convert again even when the files verify")
     args = parser.parse_args(argv)
     root = (args.models_dir or models_dir()).expanduser()
-    started = time.monotonic()
-    step(f"face models into {root}")
-    try:
-        fetch_models(root, force=args.force)
-    except Exception as exc:  # noqa: BLE001 - the install must end with a readable message, not a traceback
-        log.debug("fetch failed", exc_info=True)
-        step(f"FAILED: {exc}")
-        step(f"Retry with: {Path(sys.executable).name} -m sightline.common.models.fetch --models-dir {root}"
-             " (add --force to rebuild everything); downloads already made are reused.")
-        return 1
-    step(f"done in {time.monotonic() - started:.1f} s")
-    return 0
+    return run_install_step(f"face models into {root}", lambda: fetch_models(root, force=args.force),
+                            f"-m sightline.common.models.fetch --models-dir {root} (add --force to rebuild everything)")
 
 
 if __name__ == "__main__":
