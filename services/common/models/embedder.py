@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sightline.common.models.descriptor_spec import CHIP_SIZE, DESCRIPTOR_SIZE, INPUT_NAME, OUTPUT_NAME
 from sightline.common.models.onnx_session import open_session
-
-from sightline.common.models.dlib_resnet import CHIP_SIZE, DESCRIPTOR_SIZE, INPUT_NAME, OUTPUT_NAME
 
 logger = logging.getLogger(__name__)
 
