@@ -37,7 +37,8 @@ def ingest(source: str, *, fps: float = 0.0, source_id: str = "", watchlists: li
                                         no_pacing=no_pacing)  # fmt: skip
     stub = capture_pb2_grpc.CaptureServiceStub(channel(grpc_address("capture", address)))
     last = None
-    with tqdm(unit="frame", desc="capture", disable=not progress, file=sys.stderr) as bar:
+    # disable=None: tqdm hides itself when stderr is not a terminal (logs, CI), instead of printing every refresh.
+    with tqdm(unit="frame", desc="capture", disable=None if progress else True, file=sys.stderr) as bar:
         for last in stub.Ingest(request):
             bar.n = last.frames_read
             bar.set_postfix(published=last.frames_published, failed=last.frames_failed)
