@@ -77,9 +77,11 @@ class CalibrationTable:
 
     def is_modelled(self, distance: float) -> bool:
         """True when the FMR at this distance is an extrapolation of the tail model, not a measurement."""
-        return distance < self.distances[0] or any(
-            m for d, m in zip(self.distances, self.modelled, strict=True) if d >= distance
-        ) and self.modelled[min(range(len(self.distances)), key=lambda k: abs(self.distances[k] - distance))]
+        d = self.distances
+        if distance <= d[0] or distance >= d[-1]:
+            return self.modelled[0 if distance <= d[0] else -1]
+        i = next(k for k in range(1, len(d)) if d[k] >= distance)
+        return self.modelled[i] if d[i] == distance else self.modelled[i - 1]
 
     def distance_for_fmr(self, target: float) -> float:
         """The largest distance threshold whose FMR does not exceed ``target`` (interpolated like ``fmr``)."""

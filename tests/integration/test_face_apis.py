@@ -135,3 +135,18 @@ def test_gallery_rejects_bad_requests_clearly(gallery, face_photos: Path) -> Non
     with pytest.raises(grpc.RpcError) as caught:
         gallery.Verify(gallery_pb2.VerifyRequest(subject_id="ghost", probe_image=(face_photos / "obama.jpg").read_bytes()))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_every_service_exports_the_shared_metric_names(stack: LocalStack, detection, face_photos: Path) -> None:  # type: ignore[no-untyped-def]
+    import urllib.request
+
+    detection.Detect(detection_pb2.DetectRequest(image=(face_photos / "obama.jpg").read_bytes()))
+    for name, port in stack.metrics_ports.items():
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        for metric in ("sightline_events_processed_total", "sightline_events_deadlettered_total",
+                       "sightline_stage_latency_seconds", "sightline_model_inference_seconds"):  # fmt: skip
+            assert f"# TYPE {metric}" in body, f"{name} does not export {metric}"
+    detection_metrics = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_ports['detection']}/metrics").read()
+    assert b'sightline_model_inference_seconds_count{model="detector+landmarks",service="detection"}' in detection_metrics
+    matching_metrics = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_ports['matching']}/metrics").read()
+    assert b"sightline_gallery_templates" in matching_metrics
