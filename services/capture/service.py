@@ -3,6 +3,9 @@
 Frames are keyed by source id, so per-source order holds through every stage. Request path:
 ``CaptureService.Ingest`` streams progress while a source is read (what ``sightline run`` uses); sources configured
 in ``SIGHTLINE_CAPTURE_SOURCES`` are ingested continuously from start-up.
+
+Each frame starts its own trace: a root span (frame and source ids as attributes, never image data) whose context goes
+into the frame record's headers, and on to every record the stages derive from it (see common/tracing.py).
 """
 
 from __future__ import annotations
@@ -12,10 +15,14 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, SpanKind
 
-from sightline.common import codec, telemetry
+from sightline.common import codec, telemetry, tracing
 from sightline.common.bus import make_producer
 from sightline.common.config import KafkaSettings
 from sightline.common.images import ImageError, downscale_to, encode_jpeg
@@ -87,13 +94,15 @@ class Capture:
         )  # fmt: skip
 
     def _publish(self, raw: RawFrame, ref: types_pb2.FrameRef, uri: str) -> bool:
-        try:
-            image, media_type = self._encode(raw)
-        except (ImageError, StageError) as exc:
-            self._dead_letter(ref, uri, exc)
-            return False
-        event = events_pb2.FrameCaptured(frame=ref, image=image, media_type=media_type)
-        self.producer.send(FRAMES.name, key=ref.source_id.encode(), value=event.SerializeToString())
+        with _frame_span(ref):
+            try:
+                image, media_type = self._encode(raw)
+            except (ImageError, StageError) as exc:
+                self._dead_letter(ref, uri, exc)
+                return False
+            event = events_pb2.FrameCaptured(frame=ref, image=image, media_type=media_type)
+            self.producer.send(FRAMES.name, key=ref.source_id.encode(), value=event.SerializeToString(),
+                               headers=tracing.kafka_headers())  # fmt: skip
         telemetry.EVENTS_PUBLISHED.labels(SERVICE, FRAMES.name).inc()
         return True
 
@@ -112,7 +121,8 @@ class Capture:
         item = InputEvent(key=ref.source_id.encode(), value=None, topic=uri, partition=-1, offset=ref.sequence)
         record = dead_letter_record(SERVICE, item, error)
         record.frame_id = ref.frame_id
-        self.producer.send(DEADLETTER.name, key=item.key, value=record.SerializeToString())
+        self.producer.send(DEADLETTER.name, key=item.key, value=record.SerializeToString(),
+                           headers=tracing.kafka_headers())  # fmt: skip
         telemetry.EVENTS_DEADLETTERED.labels(SERVICE, record.reason).inc()
         log.warning("frame not published", extra={"reason": record.reason, "frame_id": ref.frame_id})
 
@@ -130,6 +140,20 @@ class Capture:
             except InvalidInput as exc:
                 log.warning("configured source unavailable", extra={"source": source_id_for(uri), "error": str(exc)})
             stop.wait(self.settings.reconnect_delay_s)
+
+
+def _frame_span(ref: types_pb2.FrameRef) -> AbstractContextManager[trace.Span]:
+    """The root span of one frame's trace, current while it is published; linked to the Ingest call, if any.
+
+    A root rather than a child of the Ingest call: one trace per frame keeps a long video's trace small, and frames
+    from configured sources (no call at all) look the same.
+    """
+    request = trace.get_current_span().get_span_context()
+    return tracing.tracer.start_as_current_span(
+        SERVICE, context=Context(), kind=SpanKind.PRODUCER, links=[Link(request)] if request.is_valid else None,
+        attributes={"sightline.frame_id": ref.frame_id, "sightline.source_id": ref.source_id,
+                    "messaging.system": "kafka", "messaging.destination.name": FRAMES.name},
+    )  # fmt: skip
 
 
 class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
@@ -152,6 +176,7 @@ def _chain(first: capture_pb2.IngestResponse, rest: Iterator[capture_pb2.IngestR
 def main() -> None:
     settings = CaptureSettings()
     kafka = KafkaSettings()
+    tracing.setup_tracing(SERVICE)  # before configured sources start publishing frames (run_service's call is a no-op)
     capture = Capture(settings, kafka)
     stop = threading.Event()
     capture.run_configured_sources(stop)

@@ -22,6 +22,10 @@ COMMAND_MODULES = (
     "sightline.cli.demo",  # demo
     "sightline.cli.bench",  # bench pipeline
     "sightline.cli.config",  # config docs
+    "sightline.cli.evaluate",  # eval
+    "sightline.cli.compare",  # compare
+    "sightline.cli.calibrate",  # calibrate
+    "sightline.cli.ops",  # ops status, ops scale (Kubernetes)
 )
 
 

@@ -37,11 +37,18 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".g
 
 @dataclass(frozen=True)
 class Sample:
-    """One image of a dataset. ``crowd`` images hold several people: each face becomes an identity of its own."""
+    """One image of a dataset. ``crowd`` images hold several people: each face becomes an identity of its own, unless
+    its box contains one of the ``face_labels`` points (x, y, identity), which names it."""
 
     identity: str
     path: Path
     crowd: bool = False
+    face_labels: tuple[tuple[float, float, str], ...] = ()
+
+    def crowd_identity(self, box: Sequence[float], index: int) -> str:
+        x1, y1, x2, y2 = (float(v) for v in box)
+        named = [name for x, y, name in self.face_labels if x1 <= x <= x2 and y1 <= y <= y2]
+        return named[0] if len(named) == 1 else f"{self.identity}#face{index}"
 
 
 @dataclass
@@ -174,7 +181,7 @@ def is_chip(rgb: np.ndarray, chips: str) -> bool:
     return chips == "auto" and rgb.shape[0] == CHIP_SIZE and rgb.shape[1] == CHIP_SIZE
 
 
-def _resize_chip(rgb: np.ndarray) -> np.ndarray:
+def as_chip(rgb: np.ndarray) -> np.ndarray:
     if rgb.shape[:2] == (CHIP_SIZE, CHIP_SIZE):
         return rgb
     import cv2
@@ -209,14 +216,15 @@ def acquire(samples: Sequence[Sample], pipeline: Any, chips: str = "auto", progr
             result.failures.append(Failure(i, sample.path, exc.reason, f"{name}: {exc}"))
             continue
         if is_chip(rgb, chips) and not sample.crowd:
-            descriptor = pipeline.embedder.embed(_resize_chip(rgb)[None])[0]
+            descriptor = pipeline.embedder.embed(as_chip(rgb)[None])[0]
             result.acquired.append(Acquired(i, sample.identity, descriptor, None))
             continue
         faces, descriptors = pipeline.run(rgb)
         if not faces:
             result.failures.append(Failure(i, sample.path, "no_face", f"{name}: no face found"))
         elif sample.crowd:
-            result.acquired.extend(Acquired(i, f"{sample.identity}#face{j}", descriptors[j], j) for j in range(len(faces)))
+            result.acquired.extend(Acquired(i, sample.crowd_identity(face.box, j), descriptors[j], j)
+                                   for j, face in enumerate(faces))  # fmt: skip
         else:
             j = best_face(faces)
             if len(faces) > 1:

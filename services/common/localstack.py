@@ -31,6 +31,7 @@ from typing import IO, Any, Literal, Self
 
 from sightline.common.broker import BrokerError, LocalBroker, free_port, port_open
 from sightline.common.ports import GRPC_PORTS, LOCAL_BROKER_PORT, METRICS_PORTS, SERVICES
+from sightline.common.processes import process_start_ticks, pid_alive, signal_if_alive, kill_group, wait_gone, tail, crash_report
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ GALLERY_DB = "gallery.db"
 STATE_VERSION = 1
 SERVICE_STOP_TIMEOUT = 15.0  # services stop within ~10 s on SIGTERM; past this they are killed
 BROKER_STOP_TIMEOUT = 5.0
-LOG_TAIL_LINES = 20
 
 # Internal: the package whose sub-modules are the services. Only the engine's own tests of process handling
 # replace it (with stand-in services); the product always runs the real sightline.<service> modules.
@@ -119,99 +119,6 @@ def check_ports_free(ports: list[int]) -> None:
     for port in ports:
         if port_in_use(port):
             raise StackError(in_use_message(port))
-
-
-# --- processes ---------------------------------------------------------------------------------------------------
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """The kernel's start time of a process (Linux /proc), which tells a pid apart from a later reuse of it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: fields are counted after its closing ')'.
-    return int(stat[stat.rindex(")") + 2 :].split()[19])
-
-
-def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
-    """True if the process runs (not a zombie) and, when start_ticks is known, is still the same process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc (not Linux): fall back to signal 0, which cannot tell zombies or reuse apart
-        return _signal_zero(pid)
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return False
-    return start_ticks is None or int(fields[19]) == start_ticks
-
-
-def _signal_zero(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _signal(pid: int, start_ticks: int | None, sig: int) -> None:
-    if pid_alive(pid, start_ticks):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _kill_group(pid: int, start_ticks: int | None) -> None:
-    """SIGKILL a process and anything it started: each process leads its own session, so its group is its pid."""
-    if pid_alive(pid, start_ticks):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            _signal(pid, start_ticks, signal.SIGKILL)
-
-
-def _wait_gone(records: list[tuple[int, int | None]], timeout: float) -> bool:
-    """Wait until none of the (pid, start_ticks) processes runs; works for processes that are not our children."""
-    deadline = time.monotonic() + timeout
-    while any(pid_alive(pid, ticks) for pid, ticks in records):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
-def tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
-    """The last lines of a log file (reads only its end: logs of a long run can be large)."""
-    try:
-        with path.open("rb") as file:
-            file.seek(0, os.SEEK_END)
-            file.seek(max(0, file.tell() - 64 * 1024))
-            data = file.read()
-    except OSError:
-        return []
-    return data.decode("utf-8", errors="replace").splitlines()[-lines:]
-
-
-def crash_report(name: str, returncode: int | None, log_path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """What a user needs when a process died: who, how, its last log lines and where the full log is."""
-    how = "is not running" if returncode is None else _describe_exit(returncode)
-    last = tail(log_path, lines)
-    body = "\n".join(f"  {line}" for line in last) if last else "  (log is empty)"
-    return f"{name} {how}; last lines of its log:\n{body}\nfull log: {log_path}"
-
-
-def _describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            return f"was killed by {signal.Signals(-returncode).name} (exit code {returncode})"
-        except ValueError:
-            pass
-    return f"exited with code {returncode}"
 
 
 # --- the template key --------------------------------------------------------------------------------------------
@@ -427,29 +334,29 @@ def _stop_via_owner(state: StackState, timeout: float) -> bool:
     """Ask the foreground `sightline up` to stop its stack, so it shuts down in order and exits cleanly."""
     assert state.owner_pid is not None
     log.info("asking the foreground stack process (pid %d) to stop it", state.owner_pid)
-    _signal(state.owner_pid, state.owner_start_ticks, signal.SIGTERM)
+    signal_if_alive(state.owner_pid, state.owner_start_ticks, signal.SIGTERM)
     owner = [(state.owner_pid, state.owner_start_ticks)]
-    return _wait_gone(owner, timeout + BROKER_STOP_TIMEOUT + 5) and not state.any_alive()
+    return wait_gone(owner, timeout + BROKER_STOP_TIMEOUT + 5) and not state.any_alive()
 
 
 def _stop_records(state: StackState, timeout: float) -> None:
     services = list(reversed(state.services.items()))
     for name, rec in services:
         log.info("stopping %s (pid %d)", name, rec.pid)
-        _signal(rec.pid, rec.start_ticks, signal.SIGTERM)
-    if not _wait_gone([(r.pid, r.start_ticks) for _, r in services], timeout):
+        signal_if_alive(rec.pid, rec.start_ticks, signal.SIGTERM)
+    if not wait_gone([(r.pid, r.start_ticks) for _, r in services], timeout):
         for name, rec in services:
             if rec.alive():
                 log.warning("%s (pid %d) did not stop in time; killing it", name, rec.pid)
-                _kill_group(rec.pid, rec.start_ticks)
-        _wait_gone([(r.pid, r.start_ticks) for _, r in services], 5)
+                kill_group(rec.pid, rec.start_ticks)
+        wait_gone([(r.pid, r.start_ticks) for _, r in services], 5)
     broker = state.broker
-    _signal(
+    signal_if_alive(
         broker.pid, broker.start_ticks, signal.SIGINT
     )  # Tansu waits 5 s on SIGTERM while clients are connected
-    if not _wait_gone([(broker.pid, broker.start_ticks)], BROKER_STOP_TIMEOUT):
-        _kill_group(broker.pid, broker.start_ticks)
-        _wait_gone([(broker.pid, broker.start_ticks)], 5)
+    if not wait_gone([(broker.pid, broker.start_ticks)], BROKER_STOP_TIMEOUT):
+        kill_group(broker.pid, broker.start_ticks)
+        wait_gone([(broker.pid, broker.start_ticks)], 5)
 
 
 # --- the stack -----------------------------------------------------------------------------------------------------
@@ -571,7 +478,7 @@ class LocalStack:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("%s (pid %d) did not stop in time; killing it", name, proc.pid)
-                _kill_group(proc.pid, None)
+                kill_group(proc.pid, None)
                 proc.wait()
         if self._broker is not None:
             self._broker.stop()

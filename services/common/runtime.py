@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sightline.common import telemetry
+from sightline.common import telemetry, tracing
 from sightline.common.config import KafkaSettings, ServiceSettings
 from sightline.common.rpc import GrpcServer
 from sightline.common.stage import Stage
@@ -44,6 +44,7 @@ def run_service(
 ) -> None:
     """Run a service until SIGTERM/SIGINT. With stages, a faust worker runs them; otherwise the gRPC server alone."""
     telemetry.configure_logging(name, settings.log_level, settings.log_json)
+    tracing.setup_tracing(name)
     telemetry.start_metrics(settings.metrics_port)
     server = GrpcServer(settings.grpc_host, settings.grpc_port, settings.grpc_workers)
     for servicer in servicers:

@@ -8,6 +8,8 @@ module owns what they must all do the same way:
   at-least-once delivery end to end.
 - A bad input never stops the stage: it is published to the dead-letter topic with the stage, a reason and a
   reference to the input (topic, partition, offset), counted in metrics, and the stage goes on.
+- Each input event is processed in its own span, a child of the context in the input record's headers (see
+  tracing.py); every record sent for that event, outputs and dead letters alike, carries that span's context.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from sightline.common import codec, telemetry
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from sightline.common import codec, telemetry, tracing
 from sightline.common.topics import DEADLETTER, TopicSpec
 from sightline.v1 import events_pb2
 
@@ -46,6 +51,9 @@ class InputEvent:
     topic: str
     partition: int
     offset: int
+    headers: tuple[tuple[str, bytes], ...] = ()  # the record's headers, as received (trace context among them)
+    # This event's own span in this stage: current while the event is processed, so logs carry its trace id.
+    span: trace.Span | None = field(default=None, compare=False, repr=False)
 
 
 class StageError(Exception):
@@ -68,7 +76,8 @@ def one_at_a_time(process: Callable[[InputEvent], list[Output]]) -> ProcessBatch
         results: list[list[Output] | BaseException] = []
         for event in events:
             try:
-                results.append(process(event))
+                with tracing.activated(event.span):  # logs of this event carry its own trace id, even in a batch
+                    results.append(process(event))
             except Exception as exc:  # noqa: BLE001 - isolated per event, reported to the dead-letter topic
                 results.append(exc)
         return results
@@ -100,33 +109,67 @@ class Stage:
         app.agent(source, name=f"sightline-{self.service}-stage")(agent)
 
     async def _handle(self, events: list[Any], sinks: dict[str, Any]) -> None:
-        inputs = [_input_of(event) for event in events]
+        inputs = [self._input_of(event) for event in events]
         loop = asyncio.get_running_loop()
-        with telemetry.timed(telemetry.STAGE_LATENCY, service=self.service, stage=self.service):
-            try:
-                results = await loop.run_in_executor(self._executor, self.process, inputs)
-            except Exception as exc:  # noqa: BLE001 - a failed batch is dead-lettered, the stage goes on
-                results = [exc] * len(inputs)
-        for item, result in zip(inputs, results, strict=True):
-            if isinstance(result, BaseException):
-                await self._dead_letter(item, result, sinks[DEADLETTER.name])
-                continue
-            for output in result:
-                await sinks[output.topic.name].send(key=output.key, value=output.value)
-                telemetry.EVENTS_PUBLISHED.labels(self.service, output.topic.name).inc()
-            telemetry.EVENTS_PROCESSED.labels(self.service, item.topic).inc()
+        try:
+            with telemetry.timed(telemetry.STAGE_LATENCY, service=self.service, stage=self.service):
+                try:
+                    results = await loop.run_in_executor(self._executor, self._process, inputs)
+                except Exception as exc:  # noqa: BLE001 - a failed batch is dead-lettered, the stage goes on
+                    results = [exc] * len(inputs)
+            for item, result in zip(inputs, results, strict=True):
+                await self._publish(item, result, sinks)
+        finally:
+            for item in inputs:
+                item.span.end()  # type: ignore[union-attr]
 
-    async def _dead_letter(self, item: InputEvent, error: BaseException, sink: Any) -> None:
+    def _input_of(self, event: Any) -> InputEvent:
+        """The event as the process function sees it, with its span: a child of the context in its headers."""
+        message = event.message
+        headers = tuple(message.headers or ())
+        span = tracing.tracer.start_span(
+            self.service, context=tracing.context_from_headers(headers), kind=SpanKind.CONSUMER,
+            attributes={"messaging.system": "kafka", "messaging.destination.name": message.topic,
+                        "messaging.destination.partition.id": str(message.partition),
+                        "messaging.kafka.offset": message.offset},
+        )  # fmt: skip
+        return InputEvent(key=message.key, value=message.value, topic=message.topic, partition=message.partition,
+                          offset=message.offset, headers=headers, span=span)  # fmt: skip
+
+    def _process(self, inputs: list[InputEvent]) -> list[list[Output] | BaseException]:
+        # Runs on the worker thread, which does not inherit the event loop's context: a lone event's span is made
+        # current here; in a batch, one_at_a_time (or the batch function) makes each event's span current in turn.
+        with tracing.activated(inputs[0].span if len(inputs) == 1 else None):
+            return self.process(inputs)
+
+    async def _publish(self, item: InputEvent, result: list[Output] | BaseException, sinks: dict[str, Any]) -> None:
+        """Send the event's outputs, or its dead letter, each with the context of the event's own span."""
+        headers = tracing.kafka_headers(item.span)
+        if isinstance(result, BaseException):
+            await self._dead_letter(item, result, sinks[DEADLETTER.name], headers)
+            return
+        for output in result:
+            # A fresh list per record: faust may add its own headers to the list it is given.
+            await sinks[output.topic.name].send(key=output.key, value=output.value, headers=list(headers))
+            telemetry.EVENTS_PUBLISHED.labels(self.service, output.topic.name).inc()
+        telemetry.EVENTS_PROCESSED.labels(self.service, item.topic).inc()
+
+    async def _dead_letter(self, item: InputEvent, error: BaseException, sink: Any,
+                           headers: tracing.KafkaHeaders) -> None:  # fmt: skip
         record = dead_letter_record(self.service, item, error)
         telemetry.EVENTS_FAILED.labels(self.service, record.reason).inc()
         telemetry.EVENTS_DEADLETTERED.labels(self.service, record.reason).inc()
-        if record.reason == "internal_error":
-            log.error("unexpected failure; input sent to the dead-letter topic", exc_info=error,
-                      extra={"topic": item.topic, "partition": item.partition, "offset": item.offset})  # fmt: skip
-        else:
-            log.warning("bad input sent to the dead-letter topic",
-                        extra={"reason": record.reason, "detail": record.error, "offset": item.offset})  # fmt: skip
-        await sink.send(key=item.key or b"", value=record.SerializeToString())
+        if item.span is not None:
+            item.span.set_status(Status(StatusCode.ERROR, record.reason))
+            item.span.set_attribute("sightline.deadletter.reason", record.reason)
+        with tracing.activated(item.span):  # the log line carries the failed event's trace id
+            if record.reason == "internal_error":
+                log.error("unexpected failure; input sent to the dead-letter topic", exc_info=error,
+                          extra={"topic": item.topic, "partition": item.partition, "offset": item.offset})  # fmt: skip
+            else:
+                log.warning("bad input sent to the dead-letter topic",
+                            extra={"reason": record.reason, "detail": record.error, "offset": item.offset})  # fmt: skip
+        await sink.send(key=item.key or b"", value=record.SerializeToString(), headers=list(headers))
 
 
 def dead_letter_record(stage: str, item: InputEvent, error: BaseException) -> events_pb2.DeadLetter:
@@ -147,9 +190,3 @@ def dead_letter_record(stage: str, item: InputEvent, error: BaseException) -> ev
         failed_at=codec.now(),
     )
 
-
-def _input_of(event: Any) -> InputEvent:
-    message = event.message
-    return InputEvent(
-        key=message.key, value=message.value, topic=message.topic, partition=message.partition, offset=message.offset
-    )

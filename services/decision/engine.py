@@ -13,6 +13,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from sightline.common import codec
+from sightline.common.scores import fmr, format_fmr
 from sightline.decision.policy import Policy
 from sightline.v1 import events_pb2, types_pb2
 
@@ -32,6 +33,11 @@ class _Hit:
     similarity: float
     watchlists: list[str]
     reason: str
+
+
+def _fmr_text(distance: float) -> str:
+    """The false match rate at a score, from the calibration table, as reasons quote it."""
+    return f"FMR at this score {format_fmr(fmr(distance))}"
 
 
 def stable_id(*parts: str) -> str:
@@ -70,31 +76,33 @@ class DecisionEngine:
         return self._agree(decision, frame, hit)
 
     def _hit(self, frame: types_pb2.FrameRef, face: events_pb2.FaceMatch) -> _Hit | None:
-        limit = self.policy.match_max_distance
+        limit, shown = self.policy.match_max_distance, self.policy.describe_threshold()
         if frame.claim_subject_id:
             v = face.verification
             if v.subject_found and v.distance <= limit:
-                return _Hit(v.subject_id, v.distance, v.similarity, [], f"claim verified: distance {v.distance:.3f} <= {limit:.3f}")  # noqa: E501
+                return _Hit(v.subject_id, v.distance, v.similarity, [],
+                            f"claim verified: distance {v.distance:.3f} <= {shown}; {_fmr_text(v.distance)}")  # fmt: skip
             return None
         if face.candidates and face.candidates[0].distance <= limit:
             best = face.candidates[0]
             return _Hit(best.subject_id, best.distance, best.similarity, list(best.watchlists),
-                        f"best candidate: distance {best.distance:.3f} <= {limit:.3f}")  # fmt: skip
+                        f"best candidate: distance {best.distance:.3f} <= {shown}; {_fmr_text(best.distance)}")  # fmt: skip
         return None
 
     def _no_match(self, decision: events_pb2.Decision, frame: types_pb2.FrameRef, face: events_pb2.FaceMatch) -> events_pb2.Decision:  # noqa: E501
         decision.outcome = events_pb2.OUTCOME_NO_MATCH
         decision.evidence_frame_ids.append(frame.frame_id)
-        limit = self.policy.match_max_distance
+        limit = self.policy.describe_threshold()
         if frame.claim_subject_id:
             v = face.verification
             decision.reasons.append(
-                f"claim not verified: distance {v.distance:.3f} > {limit:.3f}" if v.subject_found
+                f"claim not verified: distance {v.distance:.3f} > {limit}; {_fmr_text(v.distance)}" if v.subject_found
                 else f"claimed subject {frame.claim_subject_id!r} is not enrolled"
             )  # fmt: skip
             decision.distance, decision.similarity = v.distance, v.similarity
         elif face.candidates:
-            decision.reasons.append(f"no candidate within distance {limit:.3f} (best {face.candidates[0].distance:.3f})")
+            best = face.candidates[0].distance
+            decision.reasons.append(f"no candidate within distance {limit} (best {best:.3f}); {_fmr_text(best)}")
             decision.distance, decision.similarity = face.candidates[0].distance, face.candidates[0].similarity
         else:
             decision.reasons.append("the gallery has no subject to compare with")

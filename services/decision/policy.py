@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sightline.common.scores import DEFAULT_MAX_DISTANCE
+from sightline.common.scores import DEFAULT_MAX_DISTANCE, distance_for_fmr, format_fmr
 
 
 class Policy(BaseModel):
@@ -21,6 +21,10 @@ class Policy(BaseModel):
     version: str = Field("default-1", min_length=1, description="Stamped on every decision and alert.")
     match_max_distance: float = Field(
         DEFAULT_MAX_DISTANCE, gt=0, le=2, description="A candidate or claim at or under this distance is a hit."
+    )
+    match_target_fmr: float | None = Field(
+        None, gt=0, lt=1, description="The threshold as a target false match rate (e.g. 0.001), converted to a distance "
+        "with the model's calibration table (docs/accuracy.md); overrides match_max_distance when set.",
     )
     min_agreeing_frames: int = Field(
         2, ge=1, description="Frames of one source that must agree on a subject before the outcome is MATCH."
@@ -35,6 +39,19 @@ class Policy(BaseModel):
     alert_cooldown_seconds: float = Field(
         60.0, ge=0, description="Further MATCHes of the same subject on the same source within this span raise no alert."
     )
+
+    @model_validator(mode="after")
+    def _threshold_from_target_fmr(self) -> Policy:
+        if self.match_target_fmr is not None:  # the model is frozen: set the derived threshold once, here
+            object.__setattr__(self, "match_max_distance", distance_for_fmr(self.match_target_fmr))
+        return self
+
+    def describe_threshold(self) -> str:
+        """The threshold as reasons quote it: the distance, and the target FMR it came from when there is one."""
+        text = f"{self.match_max_distance:.3f}"
+        if self.match_target_fmr is not None:
+            text += f" (target FMR {format_fmr(self.match_target_fmr)})"
+        return text
 
     def alerts_on(self, watchlists: list[str]) -> list[str]:
         """The subject's watchlists that call for an alert."""

@@ -79,7 +79,8 @@ class Gallery:
         results = self.index.search(vectors, top_k=top_k, watchlists=list(watchlists))
         return [
             [types_pb2.MatchCandidate(subject_id=c.subject_id, distance=c.distance,
-                                      similarity=scores.similarity(c.distance), watchlists=sorted(c.watchlists))
+                                      similarity=scores.similarity(c.distance), watchlists=sorted(c.watchlists),
+                                      fmr=scores.fmr(c.distance))
              for c in candidates]  # fmt: skip
             for candidates in results
         ]
@@ -90,7 +91,7 @@ class Gallery:
             return types_pb2.Verification(subject_id=subject_id, subject_found=False, verified=False)
         return types_pb2.Verification(
             subject_id=subject_id, distance=distance, similarity=scores.similarity(distance),
-            verified=distance <= self.max_distance, subject_found=True,
+            verified=distance <= self.max_distance, subject_found=True, fmr=scores.fmr(distance),
         )  # fmt: skip
 
     def _report_size(self) -> None:

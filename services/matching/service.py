@@ -19,6 +19,7 @@ from sightline.common.rpc import InvalidInput, NotFound, rpc_errors
 from sightline.common.runtime import Servicer, run_service
 from sightline.common.stage import InputEvent, Output, Stage, one_at_a_time
 from sightline.common.topics import EMBEDDINGS, MATCHES
+from sightline.matching.enrolment import quality_failures, rejection_reason
 from sightline.matching.gallery import Gallery
 from sightline.matching.peers import FaceClient, PeerUnavailable
 from sightline.matching.settings import MatchingSettings
@@ -83,9 +84,13 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
                 continue
             except PeerUnavailable as exc:
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"face services unavailable: {exc}")
-            result.accepted = True
             result.quality.CopyFrom(probe.face.quality)
             result.box.CopyFrom(probe.face.box)
+            failures = quality_failures(probe.face.quality, self._settings)
+            if failures:
+                result.reason = rejection_reason(failures)
+                continue
+            result.accepted = True
             vectors.append(probe.vector)
             qualities.append(probe.face.quality.score)
             model = (probe.model_name, probe.model_version)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from sightline.common import paths
 from sightline.common.config import ServiceSettings
 from sightline.common.ports import GRPC_PORTS, METRICS_PORTS
-from sightline.common.scores import DEFAULT_MAX_DISTANCE
+from sightline.common.scores import DEFAULT_MAX_DISTANCE, distance_for_fmr
 
 
 def _default_database_url() -> str:
@@ -39,9 +39,44 @@ class MatchingSettings(ServiceSettings):
     match_max_distance: float = Field(
         DEFAULT_MAX_DISTANCE, gt=0, description="Distance at or under which a 1:1 verification succeeds."
     )
+    match_target_fmr: float | None = Field(
+        None, gt=0, lt=1, description="1:1 threshold as a target false match rate (e.g. 0.001), converted to a "
+        "distance with the calibration table (docs/accuracy.md); overrides match_max_distance when set.",
+    )
     top_k: int = Field(5, ge=1, le=100, description="1:N candidates reported per face.")
     peer_timeout_s: float = Field(10.0, gt=0, description="Deadline of calls to detection and embedding.")
     refresh_interval_s: float = Field(
         2.0, gt=0, description="How often the search index checks the database for changes made by other replicas."
     )
     max_enroll_images: int = Field(20, ge=1, description="Most images accepted by one Enroll call.")
+    # Enrolment quality gate (docs/quality.md): an image failing any of these is rejected, naming every failure.
+    enroll_min_quality: float = Field(
+        40.0, ge=0, le=100, description="Least unified quality score (0-100) of an enrolment image; 0 disables."
+    )
+    enroll_min_inter_eye_px: float = Field(
+        40.0, ge=0, description="Least distance between the eye centres, in pixels of the image; 0 disables."
+    )
+    enroll_max_abs_yaw: float = Field(
+        45.0, gt=0, le=180, description="Largest head turn left or right, degrees (180 disables)."
+    )
+    enroll_max_abs_pitch: float = Field(
+        30.0, gt=0, le=180, description="Largest head nod up or down, degrees (180 disables)."
+    )
+    enroll_min_sharpness: float = Field(
+        10.0, ge=0, description="Least sharpness (variance of the Laplacian on the aligned face chip); 0 disables."
+    )
+    enroll_min_brightness: float = Field(
+        40.0, ge=0, le=255, description="Least mean grey level of the face (0-255); 0 disables."
+    )
+    enroll_max_brightness: float = Field(
+        225.0, ge=0, le=255, description="Largest mean grey level of the face (0-255); 255 disables."
+    )
+    enroll_min_in_frame: float = Field(
+        0.9, ge=0, le=1, description="Least share of the face inside the image (0-1); 0 disables."
+    )
+
+    @model_validator(mode="after")
+    def _threshold_from_target_fmr(self) -> MatchingSettings:
+        if self.match_target_fmr is not None:  # bypasses validate_assignment: the value was just derived and checked
+            object.__setattr__(self, "match_max_distance", distance_for_fmr(self.match_target_fmr))
+        return self

@@ -7,25 +7,25 @@ changed the gallery.
 
 Templates are stored only as ciphertext (see ``templates.py``); this module decrypts them for ``load_templates``
 and never logs them. The schema is created and upgraded on open from ``MIGRATIONS``, a list later changes append
-to. The SQL is written once, with ``?`` placeholders and ``{type}`` names filled in by a tiny dialect shim.
+to. The SQL is written once, with ``?`` placeholders and ``{type}`` names filled in by the dialect shim shared by
+every store (``common/sqlstore.py``).
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import sqlite3
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
 import numpy as np
 
+from sightline.common.sqlstore import Backend as _Backend
+from sightline.common.sqlstore import Cursor as _Cursor
+from sightline.common.sqlstore import Migration, StoreError, migrate, open_backend
+from sightline.common.sqlstore import redact_url  # noqa: F401 - part of this module's API (tests, callers)
 from sightline.matching.templates import TemplateCipher, TemplateDecryptionError, UnknownKeyError
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ MAX_ID_LENGTH = 256
 _PG_MIGRATION_LOCK = 0x5167_6C6C
 
 
-class GalleryStoreError(RuntimeError):
+class GalleryStoreError(StoreError):
     """The gallery database cannot be opened or used (bad URL, unreachable, schema newer than this build)."""
 
 
@@ -72,71 +72,6 @@ class TemplateRecord:
         return f"TemplateRecord(template_id={self.template_id}, subject_id={self.subject_id!r}, vector=<redacted>)"
 
 
-# -- dialects ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Dialect:
-    name: str
-    placeholder: str
-    types: dict[str, str]
-    begin_write: str | None
-    begin_read: str | None
-    migration_lock: str | None
-    for_update: str
-
-    def sql(self, statement: str) -> str:
-        return statement if self.placeholder == "?" else statement.replace("?", self.placeholder)
-
-    def to_db_time(self, value: datetime) -> Any:
-        return value.isoformat() if self.name == "sqlite" else value
-
-    def from_db_time(self, value: Any) -> datetime:
-        parsed = datetime.fromisoformat(value) if isinstance(value, str) else value
-        return parsed.astimezone(UTC)
-
-
-_SQLITE = _Dialect(
-    name="sqlite",
-    placeholder="?",
-    types={
-        "pk": "INTEGER PRIMARY KEY AUTOINCREMENT",  # AUTOINCREMENT: ids of deleted templates are never reused
-        "bytes": "BLOB",
-        "key": "TEXT",
-        "timestamp": "TEXT",
-        "bigint": "INTEGER",
-    },
-    begin_write="BEGIN IMMEDIATE",
-    begin_read="BEGIN",
-    migration_lock=None,  # BEGIN IMMEDIATE already excludes other writers
-    for_update="",
-)
-_POSTGRES = _Dialect(
-    name="postgresql",
-    placeholder="%s",
-    types={
-        "pk": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
-        "bytes": "BYTEA",
-        # Byte order, as in SQLite and Python, so pagination order does not depend on the server's locale.
-        "key": 'TEXT COLLATE "C"',
-        "timestamp": "TIMESTAMPTZ",
-        "bigint": "BIGINT",
-    },
-    begin_write=None,
-    # Reads that take several statements (templates, then memberships) see one consistent state.
-    begin_read="SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
-    migration_lock=f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})",
-    for_update=" FOR UPDATE",
-)
-
-
-@dataclass(frozen=True)
-class Migration:
-    version: int
-    description: str
-    statements: tuple[str, ...]
-
-
 # Append only; never edit a released migration. Statements use {pk}, {bytes}, {key}, {timestamp}, {bigint}.
 MIGRATIONS: list[Migration] = [
     Migration(
@@ -161,148 +96,8 @@ MIGRATIONS: list[Migration] = [
 ]
 
 
-# -- backends ----------------------------------------------------------------------------------------------------
-
-
-class _Cursor:
-    """A DB-API cursor that takes ``?`` placeholders whatever the backend."""
-
-    def __init__(self, raw: Any, dialect: _Dialect) -> None:
-        self._raw = raw
-        self._dialect = dialect
-
-    def execute(self, statement: str, params: Sequence[Any] = ()) -> _Cursor:
-        if params:
-            self._raw.execute(self._dialect.sql(statement), tuple(params))
-        else:
-            # psycopg would read a literal '%' as a placeholder if given an empty tuple.
-            self._raw.execute(self._dialect.sql(statement))
-        return self
-
-    def executemany(self, statement: str, rows: Sequence[Sequence[Any]]) -> None:
-        if rows:
-            self._raw.executemany(self._dialect.sql(statement), [tuple(r) for r in rows])
-
-    def fetchone(self) -> Any:
-        return self._raw.fetchone()
-
-    def fetchall(self) -> list[Any]:
-        return list(self._raw.fetchall())
-
-    @property
-    def rowcount(self) -> int:
-        return int(self._raw.rowcount)
-
-
-class _Backend(Protocol):
-    dialect: _Dialect
-    description: str
-
-    def transaction(self, write: bool) -> Any: ...
-
-    def close(self) -> None: ...
-
-
-class _SqliteBackend:
-    """One connection behind a lock; transactions are explicit (the connection is in autocommit mode)."""
-
-    dialect = _SQLITE
-
-    def __init__(self, path: str) -> None:
-        if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.description = f"sqlite:///{path}"
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
-        self._conn.execute("PRAGMA foreign_keys = ON")
-
-    @contextmanager
-    def transaction(self, write: bool) -> Iterator[_Cursor]:
-        with self._lock:
-            raw = self._conn.cursor()
-            raw.execute(self.dialect.begin_write if write else self.dialect.begin_read)
-            try:
-                yield _Cursor(raw, self.dialect)
-            except BaseException:
-                raw.execute("ROLLBACK")
-                raise
-            raw.execute("COMMIT")
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-
-class _PostgresBackend:
-    """One connection behind a lock, reopened on the next call after the server dropped it."""
-
-    dialect = _POSTGRES
-
-    def __init__(self, url: str) -> None:
-        self._url = url
-        self.description = redact_url(url)
-        self._lock = threading.Lock()
-        self._conn: Any = None
-        with self._lock:
-            self._connection()
-
-    def _connection(self) -> Any:
-        import psycopg  # imported here so SQLite-only deployments never need libpq
-
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            options: dict[str, Any] = {"autocommit": True}
-            if "connect_timeout" not in self._url:
-                options["connect_timeout"] = 10
-            if "application_name" not in self._url:
-                options["application_name"] = "sightline-matching"
-            try:
-                self._conn = psycopg.connect(self._url, **options)
-            except psycopg.OperationalError as error:
-                # libpq's message names host and user, never the password; the URL is redacted.
-                raise GalleryStoreError(f"cannot connect to PostgreSQL at {self.description}: {error}") from None
-        return self._conn
-
-    @contextmanager
-    def transaction(self, write: bool) -> Iterator[_Cursor]:
-        with self._lock:
-            conn = self._connection()
-            with conn.transaction(), conn.cursor() as raw:
-                cursor = _Cursor(raw, self.dialect)
-                begin = self.dialect.begin_write if write else self.dialect.begin_read
-                if begin:
-                    cursor.execute(begin)
-                yield cursor
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password (in the netloc or a ``password=`` query parameter), fit for logs."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
-    query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
 def _open_backend(url: str) -> _Backend:
-    scheme = url.split(":", 1)[0].lower()
-    if scheme == "sqlite":
-        if not url.startswith("sqlite:///") or len(url) == len("sqlite:///"):
-            raise GalleryStoreError(
-                "SQLite gallery URL must be sqlite:///relative/path.db, sqlite:////absolute/path.db "
-                f"or sqlite:///:memory:, got {redact_url(url)}"
-            )
-        return _SqliteBackend(url[len("sqlite:///") :])
-    if scheme in ("postgresql", "postgres", "postgresql+psycopg"):
-        return _PostgresBackend("postgresql" + url[len(scheme) :])
-    raise GalleryStoreError(f"unsupported gallery URL scheme {scheme!r}: use sqlite:/// or postgresql://")
+    return open_backend(url, what="gallery", application_name="sightline-matching", error=GalleryStoreError)
 
 
 # -- the store ---------------------------------------------------------------------------------------------------
@@ -518,30 +313,11 @@ class GalleryStore:
         cur.execute("UPDATE gallery_state SET version = version + 1 WHERE id = 1")
 
     def _migrate(self) -> None:
-        dialect = self._backend.dialect
-        latest = MIGRATIONS[-1].version
         with self._tx(write=True) as cur:
-            if dialect.migration_lock:
-                cur.execute(dialect.migration_lock)
-            cur.execute(
-                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY,"
-                " description TEXT NOT NULL, applied_at TEXT NOT NULL)"
-            )
-            current = int(cur.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0)
-            if current > latest:
-                raise GalleryStoreError(
-                    f"gallery schema version {current} is newer than this build supports ({latest}); upgrade Sightline"
-                )
-            for migration in MIGRATIONS:
-                if migration.version <= current:
-                    continue
-                for statement in migration.statements:
-                    cur.execute(statement.format(**dialect.types))
-                cur.execute(
-                    "INSERT INTO schema_version (version, description, applied_at) VALUES (?, ?, ?)",
-                    (migration.version, migration.description, datetime.now(UTC).isoformat()),
-                )
-                logger.info("gallery schema migrated to version %d: %s", migration.version, migration.description)
+            applied = migrate(cur, self._backend.dialect, MIGRATIONS, table="schema_version",
+                              lock_key=_PG_MIGRATION_LOCK, what="gallery", error=GalleryStoreError)  # fmt: skip
+        for migration in applied:
+            logger.info("gallery schema migrated to version %d: %s", migration.version, migration.description)
 
     def _subjects(self, cur: _Cursor, conditions: list[str], params: list[Any], limit: int) -> list[SubjectRecord]:
         where = f" WHERE {' AND '.join(conditions)}" if conditions else ""

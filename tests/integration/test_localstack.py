@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from sightline.common.broker import port_open
-from sightline.common.localstack import LocalStack, StackError, load_state, pid_alive, status
+from sightline.common.localstack import LocalStack, StackError, load_state, status
+from sightline.common.processes import pid_alive
 from sightline.common.ports import LOCAL_BROKER_PORT, SERVICES
 from sightline.common.rpc import check_health
 
