@@ -176,7 +176,10 @@ def _chain(first: capture_pb2.IngestResponse, rest: Iterator[capture_pb2.IngestR
 def main() -> None:
     settings = CaptureSettings()
     kafka = KafkaSettings()
-    tracing.setup_tracing(SERVICE)  # before configured sources start publishing frames (run_service's call is a no-op)
+    # Before the configured sources start: their warnings must reach the log, and their frames must start traces.
+    # run_service's own calls then find both done.
+    telemetry.configure_logging(SERVICE, settings.log_level, settings.log_json)
+    tracing.setup_tracing(SERVICE)
     capture = Capture(settings, kafka)
     stop = threading.Event()
     capture.run_configured_sources(stop)

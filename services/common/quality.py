@@ -81,13 +81,16 @@ _REGION_REACH = 2.0
 # BlazeFace's ear tragions are not placed symmetrically about the nose even on frontal faces: (a - b) / (a + b) is
 # 0.06 (median) over the frontal sample photos (the dlib "johns" set and obama.jpg). It is subtracted so they read 0.
 _YAW_ASYMMETRY_FRONTAL = 0.06
-# tan(yaw) per unit of ear asymmetry: the slope of a fit against head poses solved (OpenCV solvePnP, generic 3D face)
-# from the 68-point landmarks shipped with dlib's examples/faces, 41 faces between -72 and +73 degrees.
-_YAW_GAIN = 2.0
+# tan(yaw) per unit of ear asymmetry. An average head (nose tip ~95 mm in front of the line between the tragions,
+# which are ~145 mm apart) gives 0.77; a fit against poses solved (OpenCV solvePnP, generic 3D face) from the 68-point
+# landmarks shipped with dlib's examples/faces (41 small faces, -72 to +73 degrees) gives 2.0 but visibly overstates
+# (obama2.jpg, turned about 30 degrees, would read 48). 1.0 sits between them and reads obama2.jpg at 29 degrees.
+_YAW_GAIN = 1.0
 # The fallback when an ear is out of the frame: the nose tip's offset along the eye line from the midpoint of the
-# detector's eyes, in inter-eye distances (0.035 on the frontal photos), and its fitted gain against the same poses.
+# detector's eyes, in inter-eye distances (0.035 on the frontal photos). Its gain is scaled like the ears' (the
+# solvePnP fit gave 4.75 against 2.0 for the ears).
 _YAW_NOSE_FRONTAL = 0.035
-_YAW_NOSE_GAIN = 4.75
+_YAW_NOSE_GAIN = 2.4
 # Where the nose tip sits between the eye line (0) and the mouth (1) on frontal faces: median of the same photos.
 _PITCH_NOSE_FRONTAL = 0.50
 # tan(pitch) per unit of that ratio: eye-to-mouth height over the nose tip's depth in front of the eyes and mouth

@@ -20,6 +20,7 @@ class DataClass(str, Enum):
     BIOMETRIC_RAW = "biometric-raw"  # frames, chips, descriptors: short retention
     RESULT = "result"  # scores and ids, no biometric data
     OPERATIONAL = "operational"  # dead letters
+    AUDIT = "audit"  # the audit trail: who did what, when and why; kept long, never face data
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,10 @@ MATCHES = TopicSpec("sightline.matches.v1", "MatchResult", DataClass.RESULT, DAY
 DECISIONS = TopicSpec("sightline.decisions.v1", "Decision", DataClass.RESULT, 7 * DAY_MS, "decision", ())
 ALERTS = TopicSpec("sightline.alerts.v1", "Alert", DataClass.RESULT, 30 * DAY_MS, "decision", ())
 DEADLETTER = TopicSpec("sightline.deadletter.v1", "DeadLetter", DataClass.OPERATIONAL, DAY_MS, "*", ())
+# A copy of every audit record, for a SIEM or an archive; the hash chain in the database is the reference.
+AUDIT = TopicSpec("sightline.audit.v1", "AuditRecord", DataClass.AUDIT, 365 * DAY_MS, "*", ())
 
-ALL_TOPICS: tuple[TopicSpec, ...] = (FRAMES, FACES, EMBEDDINGS, MATCHES, DECISIONS, ALERTS, DEADLETTER)
+ALL_TOPICS: tuple[TopicSpec, ...] = (FRAMES, FACES, EMBEDDINGS, MATCHES, DECISIONS, ALERTS, DEADLETTER, AUDIT)
 
 
 def by_name(name: str) -> TopicSpec:

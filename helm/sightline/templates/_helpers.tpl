@@ -42,7 +42,7 @@ matching:
   calls: [detection, embedding]
 decision:
   consumes: matches
-  produces: [decisions, alerts, deadletter]
+  produces: [decisions, alerts, audit, deadletter]
   public: true
   grpcClients: []
   calls: []
@@ -50,7 +50,7 @@ decision:
 
 {{/* Topic keys (of .Values.kafka.topics) in pipeline order, for a readable hook topic list. */}}
 {{- define "sightline.topicKeys" -}}
-frames faces embeddings matches decisions alerts deadletter
+frames faces embeddings matches decisions alerts deadletter audit
 {{- end }}
 
 {{- define "sightline.topicName" -}}

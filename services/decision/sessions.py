@@ -1,0 +1,209 @@
+"""E-channel session fusion: the per-frame results of one traveller's session become ACCEPT or REFER_TO_OFFICER.
+
+Pure logic, no Kafka: the decision service feeds it session control events and match results, and a clock tick for
+time-outs. ACCEPT needs enough good frames (quality at least the minimum, verified against the claim) and a passing
+liveness assessment, within the time budget. REFER_TO_OFFICER comes from a time-out, repeated low quality, a failed
+liveness assessment, repeated mismatches against the claim, or a stop-list hit on the traveller's face. Every outcome
+names its reasons and its evidence (frame ids, best similarity and quality, liveness score, policy and model versions).
+
+A session's state is a plain dataclass, serialisable with ``to_dict``/``from_dict``, so the service can keep it in a
+changelogged table and recover it after a restart.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from sightline.common import codec
+from sightline.common.liveness import LivenessChecker, LivenessObservation, LivenessSettings
+from sightline.common.scores import similarity
+from sightline.decision.engine import stable_id
+from sightline.v1 import events_pb2, session_pb2
+
+
+class EChannelPolicy(BaseModel):
+    """The rules of a gate session (the ``echannel`` block of the decision policy)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    budget_seconds: float = Field(5.0, gt=0, description="From the session's opening to REFER_TO_OFFICER by time-out.")
+    min_verified_frames: int = Field(2, ge=1, description="Good frames verified against the claim needed to accept.")
+    min_quality: float = Field(40.0, ge=0, le=100, description="Unified quality a frame's face needs to count.")
+    max_low_quality_frames: int = Field(
+        12, ge=1, description="Frames whose face is under the minimum quality before referring (repeated low quality)."
+    )
+    max_mismatch_frames: int = Field(
+        2, ge=1, description="Good frames that fail verification against the claim before referring (mismatch)."
+    )
+    match_max_distance: float = Field(0.6, gt=0, description="A stop-list candidate at or under this distance is a hit.")
+    liveness: LivenessSettings = Field(default_factory=LivenessSettings, description="Multi-frame liveness checks.")
+
+
+@dataclass
+class SessionState:
+    session_id: str
+    gate_id: str
+    claim_subject_id: str
+    opened_at: float
+    deadline: float
+    frames_seen: int = 0
+    low_quality: int = 0
+    verified: list[tuple[str, float, float]] = field(default_factory=list)  # (frame id, similarity, quality)
+    mismatches: list[str] = field(default_factory=list)
+    observations: list[dict[str, list[list[float]]]] = field(default_factory=list)
+    first_frame_at: float | None = None
+    stop_list_hit: tuple[str, float, str] | None = None  # (subject id, distance, frame id)
+    liveness_score: float = 0.0
+    closed: bool = False
+    outcome: int = session_pb2.SESSION_OUTCOME_UNSPECIFIED
+    model_version: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SessionState:
+        state = cls(**data)
+        state.verified = [tuple(v) for v in state.verified]  # type: ignore[misc]
+        state.stop_list_hit = tuple(state.stop_list_hit) if state.stop_list_hit else None  # type: ignore[assignment]
+        return state
+
+    @property
+    def decided(self) -> bool:
+        return self.outcome != session_pb2.SESSION_OUTCOME_UNSPECIFIED
+
+
+def _seconds(stamp: Any) -> float:
+    return stamp.seconds + stamp.nanos / 1e9
+
+
+def traveller_face(result: events_pb2.MatchResult) -> events_pb2.FaceMatch | None:
+    """The face nearest the camera (the largest box): the traveller; others in view are bystanders."""
+    if not result.faces:
+        return None
+    return max(result.faces, key=lambda f: (f.box.x2 - f.box.x1) * (f.box.y2 - f.box.y1))
+
+
+class SessionEngine:
+    def __init__(self, policy: EChannelPolicy, policy_version: str) -> None:
+        self.policy = policy
+        self.policy_version = policy_version
+        self.liveness = LivenessChecker(policy.liveness)
+
+    def open(self, event: session_pb2.SessionEvent) -> SessionState:
+        opened = _seconds(event.opened_at)
+        deadline = _seconds(event.deadline) if event.HasField("deadline") else opened + self.policy.budget_seconds
+        return SessionState(event.session_id, event.gate_id, event.claim_subject_id, opened, deadline)
+
+    def on_result(self, state: SessionState, result: events_pb2.MatchResult) -> session_pb2.SessionUpdate:
+        """Fold one frame's match result into the session; the update carries an outcome once one is reached."""
+        if state.decided:
+            return self.update(state, [])
+        state.frames_seen += 1
+        state.first_frame_at = state.first_frame_at or _seconds(result.frame.captured_at)
+        state.model_version = f"{result.model_name}:{result.model_version}"
+        face = traveller_face(result)
+        reasons = self._fold_face(state, result.frame.frame_id, face) if face is not None else []
+        return self.update(state, reasons or self._try_to_decide(state))
+
+    def _fold_face(self, state: SessionState, frame_id: str, face: events_pb2.FaceMatch) -> list[str]:
+        policy = self.policy
+        hit = next((c for c in face.candidates if c.watchlists and c.distance <= policy.match_max_distance), None)
+        if hit is not None:
+            state.stop_list_hit = (hit.subject_id, hit.distance, frame_id)
+            return self._refer(state, f"stop-list hit: {hit.subject_id} on {', '.join(hit.watchlists)} "
+                                      f"(distance {hit.distance:.3f})")  # fmt: skip
+        if face.quality.score < policy.min_quality:
+            state.low_quality += 1
+            if state.low_quality >= policy.max_low_quality_frames:
+                return self._refer(state, f"repeated low quality: {state.low_quality} frames under "
+                                          f"{policy.min_quality:.0f}")  # fmt: skip
+            return []
+        state.observations.append({"landmarks": codec.points_from_proto(face.landmarks).tolist(),
+                                   "keypoints": codec.points_from_proto(face.detector_keypoints).tolist(),
+                                   "box": list(codec.box_from_proto(face.box))})  # fmt: skip
+        return self._fold_verification(state, frame_id, face)
+
+    def _fold_verification(self, state: SessionState, frame_id: str, face: events_pb2.FaceMatch) -> list[str]:
+        verification = face.verification
+        if not verification.subject_found:
+            return self._refer(state, f"the claimed subject {state.claim_subject_id!r} is not enrolled")
+        if verification.verified:
+            state.verified.append((frame_id, verification.similarity, face.quality.score))
+            return []
+        state.mismatches.append(frame_id)
+        if len(state.mismatches) >= self.policy.max_mismatch_frames:
+            return self._refer(state, f"face does not match the claim on {len(state.mismatches)} good frames "
+                                      f"(last distance {verification.distance:.3f})")  # fmt: skip
+        return []
+
+    def _try_to_decide(self, state: SessionState) -> list[str]:
+        needed = self.policy.min_verified_frames
+        if len(state.verified) < needed or len(state.observations) < self.policy.liveness.min_frames:
+            return []
+        verdict = self.liveness.assess([self._observation(o) for o in state.observations])
+        state.liveness_score = verdict.score
+        if not verdict.passed:
+            return self._refer(state, "liveness failed: " + "; ".join(verdict.reasons))
+        state.outcome = session_pb2.SESSION_OUTCOME_ACCEPT
+        return [f"{len(state.verified)} good frames verified against the claim ({needed} needed)",
+                f"liveness passed (score {verdict.score:.2f})"]  # fmt: skip
+
+    @staticmethod
+    def _observation(data: dict[str, list[list[float]]]) -> LivenessObservation:
+        return LivenessObservation(landmarks=np.array(data["landmarks"]), keypoints=np.array(data["keypoints"]),
+                                   box=np.array(data["box"]))  # fmt: skip
+
+    def close(self, state: SessionState) -> session_pb2.SessionUpdate:
+        """The kiosk sent its last frame: decide now; without enough evidence the traveller is referred."""
+        state.closed = True
+        if state.decided:
+            return self.update(state, [])
+        reasons = self._try_to_decide(state) or self._refer(state, self._shortfall(state, "session closed"))
+        return self.update(state, reasons)
+
+    def tick(self, state: SessionState, now: float) -> session_pb2.SessionUpdate | None:
+        """Refer a session whose time budget has run out; None while it still has time."""
+        if state.decided or now < state.deadline:
+            return None
+        return self.update(state, self._refer(state, self._shortfall(state, f"time-out after {self.policy.budget_seconds:g} s")))
+
+    def _shortfall(self, state: SessionState, why: str) -> str:
+        return (f"{why}: {len(state.verified)} of {self.policy.min_verified_frames} verified frames, "
+                f"{len(state.observations)} of {self.policy.liveness.min_frames} frames for liveness")  # fmt: skip
+
+    def stop_list_alert(self, state: SessionState, watchlists: Sequence[str]) -> events_pb2.Alert | None:
+        """The alert for review that a stop-list hit raises (the gate refers the traveller; a person decides)."""
+        if state.stop_list_hit is None:
+            return None
+        subject_id, distance, frame_id = state.stop_list_hit
+        return events_pb2.Alert(
+            alert_id=stable_id(state.gate_id, subject_id, frame_id), source_id=state.gate_id, subject_id=subject_id,
+            watchlists=list(watchlists), distance=distance, similarity=similarity(distance),
+            evidence_frame_ids=[frame_id], status=events_pb2.ALERT_STATUS_PENDING_REVIEW, raised_at=codec.now(),
+            policy_version=self.policy_version,
+        )  # fmt: skip
+
+    @staticmethod
+    def _refer(state: SessionState, reason: str) -> list[str]:
+        state.outcome = session_pb2.SESSION_OUTCOME_REFER_TO_OFFICER
+        return [reason]
+
+    def update(self, state: SessionState, reasons: Sequence[str]) -> session_pb2.SessionUpdate:
+        update = session_pb2.SessionUpdate(
+            session_id=state.session_id, outcome=state.outcome, reasons=list(reasons), frames_seen=state.frames_seen,
+            frames_verified=len(state.verified), evidence_frame_ids=[v[0] for v in state.verified] + state.mismatches,
+            best_similarity=max((v[1] for v in state.verified), default=0.0),
+            best_quality=max((v[2] for v in state.verified), default=0.0),
+            liveness_score=state.liveness_score, model_version=state.model_version,
+            policy_version=self.policy_version,
+        )  # fmt: skip
+        if state.decided and state.first_frame_at is not None:
+            update.elapsed_ms = (time.time() - state.first_frame_at) * 1000
+        return update
