@@ -58,8 +58,9 @@ def render_deployments(release: str = "sl", *sets: str) -> list[dict[str, Any]]:
     command = [helm_binary(), "template", release, str(CHART), "--namespace", NAMESPACE]
     for value in sets:
         command += ["--set", value]
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    deployments = [d for d in yaml.safe_load_all(out) if d and d.get("kind") == "Deployment"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"helm template failed: {result.stderr}"
+    deployments = [d for d in yaml.safe_load_all(result.stdout) if d and d.get("kind") == "Deployment"]
     for deployment in deployments:
         replicas = deployment["spec"].get("replicas", 1)
         deployment["status"] = {"replicas": replicas, "readyReplicas": replicas, "updatedReplicas": replicas}

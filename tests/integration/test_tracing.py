@@ -146,22 +146,26 @@ def embedded_batches(stack: LocalStack) -> tuple[float, float]:
 # --- (b) the stream path -----------------------------------------------------------------------------------------
 
 
-def test_every_record_of_a_frame_carries_its_trace_with_one_span_per_stage(stack: LocalStack, face_photos: Path,
-                                                                           tmp_path: Path) -> None:  # fmt: skip
+@pytest.fixture(scope="module")
+def traced_frames(stack: LocalStack, face_photos: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Four photos and a broken file through the whole stack; the trace ids of every record, by frame id."""
+    folder = tmp_path_factory.mktemp("frames")
     for index, name in enumerate(PHOTOS, 1):
-        (tmp_path / f"{index:03d}-{name}").write_bytes((face_photos / name).read_bytes())
-    (tmp_path / "005-broken.jpg").write_bytes(b"this is not an image")  # detection dead-letters it
+        (folder / f"{index:03d}-{name}").write_bytes((face_photos / name).read_bytes())
+    (folder / "005-broken.jpg").write_bytes(b"this is not an image")  # detection dead-letters it
     kafka = KafkaSettings(bootstrap_servers=stack.bootstrap_servers)
     since = int(time.time() * 1000) - 1000
-    final = ingest(str(tmp_path), source_id=SOURCE, no_pacing=True, address=stack.addresses["capture"], progress=False)
+    final = ingest(str(folder), source_id=SOURCE, no_pacing=True, address=stack.addresses["capture"], progress=False)
     assert final.frames_published == 5
     outcomes = collect(kafka, SOURCE, {1, 2, 3, 4, 5}, since, timeout_s=60)
     assert outcomes.done({1, 2, 3, 4, 5}), "not every frame went through"
+    return ids_by_frame(kafka, since)
 
-    frames = ids_by_frame(kafka, since)
-    assert len(frames) == 5
+
+def test_every_record_of_a_frame_carries_its_trace_with_one_span_per_stage(traced_frames: dict[str, Any]) -> None:
+    assert len(traced_frames) == 5
     roots = set()
-    for frame_id, topics in frames.items():
+    for frame_id, topics in traced_frames.items():
         (root,) = topics[FRAMES.name]
         assert root[0], f"{frame_id}: the frame record has no trace context"
         roots.add(root[0])
@@ -174,14 +178,16 @@ def test_every_record_of_a_frame_carries_its_trace_with_one_span_per_stage(stack
         assert len({next(iter(ids)) for ids in spans.values()}) == len(spans), f"{frame_id}: stages share a span"
     assert len(roots) == 5, "each frame starts its own trace"
 
+
+def test_batched_frames_each_keep_their_own_trace(stack: LocalStack, traced_frames: dict[str, Any]) -> None:
     single, calls = embedded_batches(stack)
     assert single < calls, "the embedding stage never batched two frames: the batching case went untested"
+    embedded = [topics[EMBEDDINGS.name] for topics in traced_frames.values() if EMBEDDINGS.name in topics]
+    assert len({trace_id for ids in embedded for trace_id, _ in ids}) == len(embedded) == 4
 
 
-def test_a_dead_lettered_frame_is_logged_with_its_trace_id(stack: LocalStack) -> None:
-    kafka = KafkaSettings(bootstrap_servers=stack.bootstrap_servers)
-    frames = ids_by_frame(kafka, 0)
-    (broken,) = [topics for frame_id, topics in frames.items() if DEADLETTER.name in topics]
+def test_a_dead_lettered_frame_is_logged_with_its_trace_id(stack: LocalStack, traced_frames: dict[str, Any]) -> None:
+    (broken,) = [topics for topics in traced_frames.values() if DEADLETTER.name in topics]
     ((trace_id, span_id),) = broken[DEADLETTER.name]
     logged = wait_for_log(stack.log_path("detection"), trace_id)
     assert any(e["msg"].startswith("bad input") and e["reason"] == "undecodable_image" and e["span_id"] == span_id
@@ -205,7 +211,8 @@ def test_a_gallery_request_is_followed_into_detection_and_embedding(stack: Local
         (call,) = [e for e in logged if e["msg"] == "rpc" and e["method"] == f"/sightline.v1.{method}"]
         assert call["code"] == "OK"
         calls[service] = call
-    assert len({parent, *(call["span_id"] for call in calls.values())}) == 4, "each server runs the call in its own span"
+    spans = {parent, *(call["span_id"] for call in calls.values())}
+    assert len(spans) == 4, "each server runs the call in its own span"
 
 
 # --- (d) an exporter ---------------------------------------------------------------------------------------------
@@ -214,8 +221,8 @@ def test_a_gallery_request_is_followed_into_detection_and_embedding(stack: Local
 def test_with_the_console_exporter_a_service_starts_serves_and_exports(stack: LocalStack, face_photos: Path,
                                                                        tmp_path: Path) -> None:  # fmt: skip
     port, log_path = free_port(HOST), tmp_path / "capture.log"
-    env = {**os.environ, "SIGHTLINE_TRACING_EXPORTER": "console", "SIGHTLINE_KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap_servers,
-           "SIGHTLINE_CAPTURE_GRPC_HOST": HOST, "SIGHTLINE_CAPTURE_GRPC_PORT": str(port),
+    env = {**os.environ, "SIGHTLINE_TRACING_EXPORTER": "console",
+           "SIGHTLINE_KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap_servers, "SIGHTLINE_CAPTURE_GRPC_HOST": HOST, "SIGHTLINE_CAPTURE_GRPC_PORT": str(port),
            "SIGHTLINE_CAPTURE_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1"}  # fmt: skip
     with log_path.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "sightline.capture"], env=env, stdin=subprocess.DEVNULL,
