@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	mkdir -p $(GEN) && touch $(GEN)/__init__.py
 	$(PY) -m pip install --quiet -e '.[convert,test]'
+	# rapidocr (MRZ OCR) declares the GUI build of OpenCV, which would overwrite the headless one we use: its real
+	# dependencies are listed in pyproject.toml, the package itself goes in without them.
+	$(PY) -m pip install --quiet --no-deps rapidocr-onnxruntime==1.4.4
 	touch $(STAMP)
 
 protos: $(GEN)/events_pb2.py

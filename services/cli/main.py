@@ -26,6 +26,8 @@ COMMAND_MODULES = (
     "sightline.cli.compare",  # compare
     "sightline.cli.calibrate",  # calibrate
     "sightline.cli.ops",  # ops status, ops scale (Kubernetes)
+    "sightline.cli.review",  # review list, show, confirm, reject
+    "sightline.cli.audit",  # audit verify, list
 )
 
 

@@ -167,7 +167,8 @@ def _print_table(report: Report, rows: list[dict[str, Any]]) -> None:
     table = [header] + [_cells(r, kube_unknown, kafka_unknown) for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header) - 1)]
     for line in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[-1])
+        cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
+        print("  ".join([*cells, line[-1]]).rstrip())
     for warning in _warnings(rows):
         print(warning)
     if report.kube_error:

@@ -145,7 +145,8 @@ class Kube:
             raise KubeError(f"Kubernetes API {self.server} refused to {action} in namespace {self.namespace}: "
                             f"HTTP {exc.status} {exc.reason}{_api_message(exc.body)}") from None  # fmt: skip
         except HTTPError as exc:
-            raise KubeError(f"cannot reach the Kubernetes API server at {self.server}: {_transport_reason(exc)}") from None
+            reason = _transport_reason(exc)
+            raise KubeError(f"cannot reach the Kubernetes API server at {self.server}: {reason}") from None
 
 
 def _load_configuration(kubeconfig: Path | None, context: str | None) -> tuple[Any, str]:

@@ -18,7 +18,7 @@ Why it is computed this way:
   (kafka-python 3's name; 2.x called it ``list_consumer_group_offsets``). On Tansu 0.6 this works, with explicit
   partitions (offset -1 when the group committed nothing there) and for a whole group; it needs no DescribeGroups,
   which kafka-python cannot parse on Tansu. ``KafkaConsumer(group_id=...).committed(tp)`` gives the same numbers
-  without joining, but the admin call fetches every group in one request on brokers with OffsetFetch v8+.
+  without joining, but asks per partition; the admin call reads all of a group's partitions in one request.
 - Committed offsets are read before the high watermarks, so records produced in between can only raise the figure:
   lag is never under-reported and never negative.
 """

@@ -123,33 +123,41 @@ def head_pose(
     positive when the chin goes up. When ``size`` (width, height) is given and an ear tragion lies outside the image,
     that keypoint is the detector's guess, so yaw comes from the nose tip's offset from the eye midpoint instead.
     """
-    right_eye, left_eye = eye_centres(landmarks5)
-    across = left_eye - right_eye
-    eye_distance = float(np.hypot(*across))
+    # Plain floats: this runs per face per frame, and numpy's per-call overhead dwarfs the arithmetic on 2-vectors.
+    right_eye, left_eye = (tuple(p) for p in np.asarray(eye_centres(landmarks5), np.float64).tolist())
+    eye_right, eye_left, nose, mouth, right_ear, left_ear = np.asarray(keypoints6, np.float64).tolist()
+    ax, ay = left_eye[0] - right_eye[0], left_eye[1] - right_eye[1]
+    eye_distance = math.hypot(ax, ay)
     if eye_distance < 1e-6:
         return 0.0, 0.0, 0.0
-    roll = math.degrees(math.atan2(across[1], across[0]))
-    x_axis = across / eye_distance
-    y_axis = np.array([-x_axis[1], x_axis[0]])
-    nose, mouth, right_ear, left_ear = keypoints6[2], keypoints6[3], keypoints6[4], keypoints6[5]
+    roll = math.degrees(math.atan2(ay, ax))
+    ax, ay = ax / eye_distance, ay / eye_distance
+
+    def along(p: list[float], origin: tuple[float, float]) -> float:  # coordinate along the eye line
+        return (p[0] - origin[0]) * ax + (p[1] - origin[1]) * ay
+
+    def down(p: list[float], origin: tuple[float, float]) -> float:  # coordinate towards the mouth
+        return (p[1] - origin[1]) * ax - (p[0] - origin[0]) * ay
+
     # Yaw: turning the head moves the nose tip towards one ear and away from the other.
     if size is None or (_inside(right_ear, size) and _inside(left_ear, size)):
-        to_right, to_left = float(np.dot(nose - right_ear, x_axis)), float(np.dot(left_ear - nose, x_axis))
+        to_right, to_left = along(nose, tuple(right_ear)), along(left_ear, tuple(nose))
         asymmetry = (to_right - to_left) / max(to_right + to_left, 1e-6)
         yaw = math.degrees(math.atan(_YAW_GAIN * (asymmetry - _YAW_ASYMMETRY_FRONTAL)))
     else:
-        offset = float(np.dot(nose - (keypoints6[0] + keypoints6[1]) / 2, x_axis)) / eye_distance
+        detector_mid = ((eye_right[0] + eye_left[0]) / 2, (eye_right[1] + eye_left[1]) / 2)
+        offset = along(nose, detector_mid) / eye_distance
         yaw = math.degrees(math.atan(_YAW_NOSE_GAIN * (offset - _YAW_NOSE_FRONTAL)))
     # Pitch: the nose tip stands in front of the eyes and mouth, so nodding moves it up or down between them.
-    eye_mid = (right_eye + left_eye) / 2
-    span = float(np.dot(mouth - eye_mid, y_axis))
-    nose_height = float(np.dot(nose - eye_mid, y_axis)) / span if span > 1e-6 else _PITCH_NOSE_FRONTAL
+    eye_mid = ((right_eye[0] + left_eye[0]) / 2, (right_eye[1] + left_eye[1]) / 2)
+    span = down(mouth, eye_mid)
+    nose_height = down(nose, eye_mid) / span if span > 1e-6 else _PITCH_NOSE_FRONTAL
     pitch = -math.degrees(math.atan(_PITCH_GAIN * (nose_height - _PITCH_NOSE_FRONTAL)))
     return yaw, pitch, roll
 
 
-def _inside(point: np.ndarray, size: tuple[int, int]) -> bool:
-    return 0.0 <= float(point[0]) < size[0] and 0.0 <= float(point[1]) < size[1]
+def _inside(point: list[float], size: tuple[int, int]) -> bool:
+    return 0.0 <= point[0] < size[0] and 0.0 <= point[1] < size[1]
 
 
 def valid_region(landmarks5: np.ndarray, size: tuple[int, int], margin: float = 2.0) -> np.ndarray | None:

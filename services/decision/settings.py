@@ -5,17 +5,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from sightline.common import paths
 from sightline.common.config import ServiceSettings
 from sightline.common.ports import GRPC_PORTS, METRICS_PORTS
+
+
+def _default_database_url() -> str:
+    return f"sqlite:///{paths.run_dir() / 'decision.db'}"
 
 
 class DecisionSettings(ServiceSettings):
     config_section: ClassVar[str] = "decision"
     model_config = SettingsConfigDict(env_prefix="SIGHTLINE_DECISION_", extra="ignore")
 
-    grpc_port: int = Field(GRPC_PORTS["decision"], description="gRPC port (health).")
+    grpc_port: int = Field(GRPC_PORTS["decision"], description="gRPC port (ReviewService, AuditService and health).")
     metrics_port: int = Field(METRICS_PORTS["decision"], description="Prometheus metrics port.")
     policy_file: Path | None = Field(None, description="YAML decision policy; the built-in defaults when unset.")
+    database_url: SecretStr = Field(
+        default_factory=lambda: SecretStr(_default_database_url()),
+        description="Alerts under review, their reviews and the audit log: sqlite:///PATH (default <run dir>/decision.db)"
+        " or postgresql://USER@HOST/DB (needed for more than one replica).",
+    )
+    suppression_seconds: float = Field(
+        3600.0, ge=0,
+        description="How long a 'not this person' rejection suppresses alerts of that subject on that source; 0: for good.",
+    )

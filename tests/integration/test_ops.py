@@ -328,7 +328,9 @@ def test_scale_refuses_matching_above_one_on_the_sqlite_gallery(
         assert pg_server.deployment("sl-sightline-matching")["spec"]["replicas"] == 3
 
 
-def test_scale_validates_service_and_replicas(api: tuple[FakeApiServer, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_scale_validates_service_and_replicas(
+    api: tuple[FakeApiServer, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     _, kubeconfig = api
     for args, message in [(["gallery", "1"], "invalid choice: 'gallery'"), (["detection", "-1"], "0 or more"),
                           (["detection", "two"], "not a whole number")]:  # fmt: skip
@@ -367,7 +369,9 @@ def test_api_server_down_is_a_clear_error_and_lag_is_still_shown(
     assert code == 1 and "cannot load the Kubernetes configuration" in err
 
 
-def test_broker_down_still_shows_the_deployments(api: tuple[FakeApiServer, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_broker_down_still_shows_the_deployments(
+    api: tuple[FakeApiServer, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     _, kubeconfig = api
     bootstrap = f"127.0.0.1:{free_port()}"
     code, out, err = ops(capsys, "status", "--kubeconfig", str(kubeconfig), "--bootstrap", bootstrap, "--timeout", "2")

@@ -1,0 +1,121 @@
+"""``sightline review``: list, show, confirm and reject alerts through the decision service's ReviewService.
+
+The reviewer is sent as the call's principal (``--as``), never as a field of the request: the server decides who is
+reviewing, and refuses a second confirmation by the same reviewer (the two-person rule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import grpc
+
+STATUSES = {"pending": "PENDING_REVIEW", "confirmed": "CONFIRMED", "rejected": "REJECTED", "all": ""}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("review", help="review alerts: list, show, confirm, reject (two-person rule)")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="alerts, oldest first")
+    listing.add_argument("--status", choices=sorted(STATUSES), default="pending", help="which alerts (default pending)")
+    listing.add_argument("--max", type=int, default=0, help="show at most this many")
+    listing.set_defaults(func=cmd_list)
+    show = actions.add_parser("show", help="one alert with its reviews")
+    show.add_argument("alert_id", help="the alert id or a unique prefix (6+ characters)")
+    show.set_defaults(func=cmd_show)
+    for name, helptext in (("confirm", "confirm an alert (a second, different reviewer makes it CONFIRMED)"),
+                           ("reject", "reject an alert")):  # fmt: skip
+        command = actions.add_parser(name, help=helptext)
+        command.add_argument("alert_id", help="the alert id or a unique prefix (6+ characters)")
+        command.add_argument("--as", dest="reviewer", required=True, help="who is reviewing")
+        command.add_argument("--comment", default="", help="why")
+        if name == "reject":
+            command.add_argument("--not-this-person", action="store_true",
+                                 help="the face is not this subject: suppresses further alerts of it on this source")
+        command.set_defaults(func=cmd_review, review_action=name)
+    for sub in actions.choices.values():
+        sub.add_argument("--decision", help="decision service gRPC address (default: the local stack)")
+
+
+def _stub(address: str | None) -> Any:
+    from sightline.cli.endpoints import grpc_address
+    from sightline.common.rpc import channel
+    from sightline.v1 import review_pb2_grpc
+
+    return review_pb2_grpc.ReviewServiceStub(channel(grpc_address("decision", address)))
+
+
+def describe(reviewed: Any) -> str:
+    """A few readable lines: the alert, its status and each review (ids and scores only)."""
+    from sightline.cli import render
+    from sightline.v1 import review_pb2
+
+    lines = [render.one_line(reviewed.alert),
+             f"  confirmations {reviewed.confirmations}/{reviewed.confirmations_required}  full id {reviewed.alert.alert_id}"]  # fmt: skip
+    for r in reviewed.reviews:
+        action = review_pb2.ReviewAction.Name(r.action).removeprefix("REVIEW_ACTION_")
+        extra = " not-this-person" if r.not_this_person else ""
+        comment = f": {r.comment}" if r.comment else ""
+        lines.append(f"  {r.at.ToDatetime().isoformat(timespec='seconds')}Z {action:<7} by {r.reviewer}{extra}{comment}")
+    return "\n".join(lines)
+
+
+def _failed(exc: grpc.RpcError) -> int:
+    print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    return 1
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from sightline.v1 import events_pb2, review_pb2
+
+    status = STATUSES[args.status]
+    request = review_pb2.ListAlertsRequest(page_size=200)
+    if status:
+        request.status = events_pb2.AlertStatus.Value(f"ALERT_STATUS_{status}")
+    shown = 0
+    try:
+        while True:
+            reply = _stub(args.decision).ListAlerts(request, timeout=30)
+            for reviewed in reply.alerts:
+                print(f"{describe(reviewed).splitlines()[0]}  confirmations {reviewed.confirmations}"
+                      f"/{reviewed.confirmations_required}")  # fmt: skip
+                shown += 1
+                if args.max and shown >= args.max:
+                    return 0
+            if not reply.next_page_token:
+                break
+            request.page_token = reply.next_page_token
+    except grpc.RpcError as exc:
+        return _failed(exc)
+    if not shown:
+        print(f"no {args.status} alerts" if status else "no alerts")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from sightline.v1 import review_pb2
+
+    try:
+        reviewed = _stub(args.decision).GetAlert(review_pb2.GetAlertRequest(alert_id=args.alert_id), timeout=30)
+    except grpc.RpcError as exc:
+        return _failed(exc)
+    print(describe(reviewed))
+    return 0
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from sightline.common.audit import PRINCIPAL_METADATA_KEY
+    from sightline.v1 import review_pb2
+
+    action = review_pb2.REVIEW_ACTION_CONFIRM if args.review_action == "confirm" else review_pb2.REVIEW_ACTION_REJECT
+    request = review_pb2.ReviewAlertRequest(alert_id=args.alert_id, action=action, comment=args.comment,
+                                            not_this_person=getattr(args, "not_this_person", False))  # fmt: skip
+    try:
+        reviewed = _stub(args.decision).ReviewAlert(request, timeout=30,
+                                                    metadata=[(PRINCIPAL_METADATA_KEY, args.reviewer)])  # fmt: skip
+    except grpc.RpcError as exc:
+        return _failed(exc)
+    print(describe(reviewed))
+    return 0

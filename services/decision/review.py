@@ -1,0 +1,503 @@
+"""Human review of alerts under the two-person rule: the review store, the alert recorder and the gRPC ReviewService.
+
+An alert is never an automatic action. The decision stage records each alert it raises (``AlertRecorder``, before the
+alert is published; idempotent on the alert id, so a replay is harmless) and it starts PENDING_REVIEW. Then:
+
+- a confirmation by reviewer A keeps it PENDING_REVIEW with one confirmation; a confirmation by a second reviewer
+  B != A makes it CONFIRMED. A confirming twice is refused (FAILED_PRECONDITION), whatever their rights;
+- any rejection makes it REJECTED. A rejection may say "not this person": the feedback is stored, reported, and
+  ``ReviewStore.suppressed(source, subject)`` turns true, so that the engine can skip further alerts of that subject
+  for that source (the track, until the pipeline has tracks) for ``suppression_seconds``;
+- a closed (CONFIRMED or REJECTED) alert takes no further review.
+
+Each status change is published to ``sightline.alerts.v1`` (keyed by source id: consumers keep the latest status
+per alert id) and each review action, refused ones included, is written to the audit log with the reviewer as the
+principal. Publication uses a small outbox (``published_status``): a change that could not be published yet is
+published again by ``ReviewServicer.flush_outbox``, so integrators see every change at least once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+
+from sightline.common.audit import Action, AuditLog, principal_of
+from sightline.common.rpc import InvalidInput, NotFound
+from sightline.common.sqlstore import Backend, Cursor, Migration, StoreError, migrate, open_backend
+from sightline.v1 import events_pb2, review_pb2
+
+log = logging.getLogger(__name__)
+
+CONFIRMATIONS_REQUIRED = 2  # the two-person rule
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+MAX_COMMENT_CHARS = 2000
+MAX_REVIEWER_CHARS = 256
+SYSTEM_PRINCIPAL = "service:decision"
+ALERT_PURPOSE = "cctv-watchlist"
+REVIEW_PURPOSE = "human-review"
+_PG_MIGRATION_LOCK = 0x5265_7669  # "Revi"; the same for every replica migrating the review tables
+_ALERT_ID_PREFIX = re.compile(r"[0-9a-f]{6,63}")
+
+PENDING = events_pb2.AlertStatus.Name(events_pb2.ALERT_STATUS_PENDING_REVIEW).removeprefix("ALERT_STATUS_")
+CONFIRMED = events_pb2.AlertStatus.Name(events_pb2.ALERT_STATUS_CONFIRMED).removeprefix("ALERT_STATUS_")
+REJECTED = events_pb2.AlertStatus.Name(events_pb2.ALERT_STATUS_REJECTED).removeprefix("ALERT_STATUS_")
+CONFIRM, REJECT = "CONFIRM", "REJECT"
+
+
+class ReviewStoreError(StoreError):
+    """The review database cannot be opened or used."""
+
+
+class ReviewRefused(RuntimeError):
+    """The review breaks a rule (closed alert, same reviewer twice); becomes FAILED_PRECONDITION with this message."""
+
+
+@dataclass(frozen=True)
+class Review:
+    reviewer: str
+    action: str  # CONFIRM or REJECT
+    comment: str
+    not_this_person: bool
+    at: datetime
+
+
+@dataclass(frozen=True)
+class StoredAlert:
+    """An alert as stored, with its current status and its reviews, oldest first."""
+
+    alert: events_pb2.Alert
+    reviews: tuple[Review, ...]
+    sequence: int
+
+    @property
+    def status(self) -> str:
+        return status_name(self.alert.status)
+
+    @property
+    def confirmations(self) -> int:
+        return len({r.reviewer for r in self.reviews if r.action == CONFIRM})
+
+    def to_proto(self) -> review_pb2.ReviewedAlert:
+        reply = review_pb2.ReviewedAlert(alert=self.alert, confirmations=self.confirmations,
+                                         confirmations_required=CONFIRMATIONS_REQUIRED)  # fmt: skip
+        for r in self.reviews:
+            review = reply.reviews.add(reviewer=r.reviewer, action=review_pb2.ReviewAction.Value(f"REVIEW_ACTION_{r.action}"),
+                                       comment=r.comment, not_this_person=r.not_this_person)  # fmt: skip
+            review.at.FromDatetime(r.at)
+        return reply
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """A "not this person" rejection, for reports: the subject was wrongly alerted on this source."""
+
+    alert_id: str
+    source_id: str
+    track_id: str
+    subject_id: str
+    reviewer: str
+    comment: str
+    at: datetime
+    expires_at: datetime | None
+
+
+def status_name(status: int) -> str:
+    return events_pb2.AlertStatus.Name(status).removeprefix("ALERT_STATUS_")
+
+
+def status_value(name: str) -> int:
+    return events_pb2.AlertStatus.Value(f"ALERT_STATUS_{name}")
+
+
+MIGRATIONS: list[Migration] = [
+    Migration(
+        1,
+        "alerts for review, their reviews, not-this-person suppressions",
+        (
+            "CREATE TABLE review_alerts (seq {pk}, alert_id {key} NOT NULL UNIQUE, source_id {key} NOT NULL,"
+            " subject_id {key} NOT NULL, status TEXT NOT NULL, published_status TEXT NOT NULL,"
+            " alert {bytes} NOT NULL, raised_at {timestamp} NOT NULL, updated_at {timestamp} NOT NULL)",
+            "CREATE INDEX review_alerts_status_idx ON review_alerts (status, seq)",
+            "CREATE TABLE alert_reviews (id {pk}, alert_id {key} NOT NULL REFERENCES review_alerts (alert_id),"
+            " reviewer TEXT NOT NULL, action TEXT NOT NULL, comment TEXT NOT NULL,"
+            " not_this_person INTEGER NOT NULL, at {timestamp} NOT NULL)",
+            "CREATE INDEX alert_reviews_alert_idx ON alert_reviews (alert_id, id)",
+            "CREATE TABLE review_suppressions (id {pk}, source_id {key} NOT NULL, track_id {key} NOT NULL,"
+            " subject_id {key} NOT NULL, alert_id {key} NOT NULL, reviewer TEXT NOT NULL, comment TEXT NOT NULL,"
+            " created_at {timestamp} NOT NULL, expires_at {timestamp})",
+            "CREATE INDEX review_suppressions_idx ON review_suppressions (source_id, subject_id)",
+        ),
+    ),
+]
+
+
+class ReviewStore:
+    """Alerts, their reviews and suppressions in SQLite or PostgreSQL; thread-safe (one lock, one connection)."""
+
+    def __init__(self, backend: Backend, suppression_seconds: float = 3600.0) -> None:
+        self._backend = backend
+        self._suppression = timedelta(seconds=suppression_seconds) if suppression_seconds > 0 else None
+        self._closed = False
+
+    @classmethod
+    def open(cls, url: str, suppression_seconds: float = 3600.0) -> ReviewStore:
+        """The review store at ``url``, creating or upgrading its tables. ``suppression_seconds`` <= 0: for good."""
+        store = cls(open_backend(url, what="review", application_name="sightline-decision", error=ReviewStoreError),
+                    suppression_seconds)  # fmt: skip
+        try:
+            store._migrate()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    # -- writes --------------------------------------------------------------------------------------------------
+
+    def record_alert(self, alert: events_pb2.Alert) -> tuple[StoredAlert, bool]:
+        """Store a newly raised alert (PENDING_REVIEW); (the stored alert, True) if new, (as stored, False) if known.
+
+        A replay of an alert already reviewed gets the stored one back, with its current status, never a reset.
+        """
+        if not alert.alert_id:
+            raise InvalidInput("an alert needs an alert_id")
+        stored = events_pb2.Alert()
+        stored.CopyFrom(alert)
+        stored.status = events_pb2.ALERT_STATUS_PENDING_REVIEW
+        now = self._now()
+        raised = alert.raised_at.ToDatetime(UTC) if alert.HasField("raised_at") else datetime.now(UTC)
+        with self._tx(write=True) as cur:
+            cur.execute(
+                "INSERT INTO review_alerts (alert_id, source_id, subject_id, status, published_status, alert,"
+                " raised_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (alert_id) DO NOTHING",
+                (alert.alert_id, alert.source_id, alert.subject_id, PENDING, PENDING, stored.SerializeToString(),
+                 self._backend.dialect.to_db_time(raised), now),
+            )  # fmt: skip
+            created = cur.rowcount == 1
+            found = self._load(cur, alert.alert_id)
+        assert found is not None  # inserted or already there, in the same transaction
+        return found, created
+
+    def review(self, alert_id: str, reviewer: str, action: str, comment: str = "",
+               not_this_person: bool = False, track_id: str = "") -> tuple[StoredAlert, bool]:  # fmt: skip
+        """Apply one reviewer's action; returns (the alert after it, whether its status changed).
+
+        Raises NotFound (unknown alert), InvalidInput (bad arguments), ReviewRefused (closed alert, or a reviewer
+        confirming twice). The row is locked for the transaction, so concurrent reviews of one alert take turns.
+        """
+        reviewer, comment = _checked_review(reviewer, action, comment, not_this_person)
+        now = datetime.now(UTC)
+        with self._tx(write=True) as cur:
+            alert_id = self._resolve(cur, alert_id)
+            row = cur.execute("SELECT status FROM review_alerts WHERE alert_id = ?" + self._backend.dialect.for_update,
+                              (alert_id,)).fetchone()  # fmt: skip
+            current = self._load(cur, alert_id)
+            assert row is not None and current is not None
+            new_status = _next_status(current, reviewer, action)
+            cur.execute(
+                "INSERT INTO alert_reviews (alert_id, reviewer, action, comment, not_this_person, at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (alert_id, reviewer, action, comment, int(not_this_person), self._backend.dialect.to_db_time(now)),
+            )
+            if new_status != current.status:
+                cur.execute("UPDATE review_alerts SET status = ?, updated_at = ? WHERE alert_id = ?",
+                            (new_status, self._backend.dialect.to_db_time(now), alert_id))  # fmt: skip
+            if not_this_person:
+                self._suppress(cur, current.alert, track_id, reviewer, comment, now)
+            after = self._load(cur, alert_id)
+        assert after is not None
+        return after, new_status != current.status
+
+    def mark_published(self, alert_id: str, status: str) -> None:
+        """The alert with this status has reached the alerts topic (the outbox entry is done)."""
+        with self._tx(write=True) as cur:
+            cur.execute("UPDATE review_alerts SET published_status = ? WHERE alert_id = ? AND status = ?",
+                        (status, alert_id, status))  # fmt: skip
+
+    # -- reads ---------------------------------------------------------------------------------------------------
+
+    def get(self, alert_id: str) -> StoredAlert:
+        """The alert (full id or unambiguous hex prefix of 6+ characters); NotFound when unknown."""
+        with self._tx(write=False) as cur:
+            found = self._load(cur, self._resolve(cur, alert_id))
+        assert found is not None
+        return found
+
+    def list_alerts(self, status: str | None = None, limit: int = DEFAULT_PAGE_SIZE, after: int = 0) -> list[StoredAlert]:
+        """Alerts in the order they were raised (oldest first) after the sequence ``after``, optionally one status."""
+        conditions, params = ["seq > ?"], [int(after)]
+        if status:
+            conditions.append("status = ?")
+            params.append(status)
+        with self._tx(write=False) as cur:
+            ids = cur.execute(f"SELECT alert_id FROM review_alerts WHERE {' AND '.join(conditions)} ORDER BY seq"
+                              " LIMIT ?", [*params, max(1, min(int(limit), MAX_PAGE_SIZE))]).fetchall()  # fmt: skip
+            found = [self._load(cur, alert_id) for (alert_id,) in ids]
+        return [a for a in found if a is not None]
+
+    def unpublished(self, limit: int = 100) -> list[StoredAlert]:
+        """Alerts whose current status has not reached the alerts topic yet (the outbox)."""
+        with self._tx(write=False) as cur:
+            ids = cur.execute("SELECT alert_id FROM review_alerts WHERE published_status <> status ORDER BY seq LIMIT ?",
+                              (int(limit),)).fetchall()  # fmt: skip
+            found = [self._load(cur, alert_id) for (alert_id,) in ids]
+        return [a for a in found if a is not None]
+
+    def suppressed(self, source_id: str, subject_id: str, track_id: str = "", at: datetime | None = None) -> bool:
+        """True when a reviewer said "not this person" for this subject on this source (and track), still in force.
+
+        The decision engine calls this before raising an alert. A suppression recorded without a track (the pipeline
+        has none yet) covers every track of the source.
+        """
+        at = at or datetime.now(UTC)
+        with self._tx(write=False) as cur:
+            rows = cur.execute("SELECT track_id, expires_at FROM review_suppressions WHERE source_id = ?"
+                               " AND subject_id = ?", (source_id, subject_id)).fetchall()  # fmt: skip
+        dialect = self._backend.dialect
+        return any(
+            track in ("", track_id) and (expires is None or dialect.from_db_time(expires) > at)
+            for track, expires in rows
+        )  # fmt: skip
+
+    def feedback(self, since: datetime | None = None) -> list[Feedback]:
+        """Every "not this person" rejection (since a time), oldest first: the false-alert feedback for reports."""
+        params: list[Any] = []
+        where = ""
+        if since is not None:
+            where, params = " WHERE created_at >= ?", [self._backend.dialect.to_db_time(since)]
+        with self._tx(write=False) as cur:
+            rows = cur.execute("SELECT alert_id, source_id, track_id, subject_id, reviewer, comment, created_at,"
+                               f" expires_at FROM review_suppressions{where} ORDER BY id", params).fetchall()  # fmt: skip
+        t = self._backend.dialect.from_db_time
+        return [Feedback(a, s, tr, sub, r, c, t(at), t(exp) if exp is not None else None)
+                for a, s, tr, sub, r, c, at, exp in rows]  # fmt: skip
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._backend.close()
+
+    def __enter__(self) -> ReviewStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self, write: bool) -> Iterator[Cursor]:
+        if self._closed:
+            raise ReviewStoreError("review store is closed")
+        with self._backend.transaction(write) as cursor:
+            yield cursor
+
+    def _now(self) -> Any:
+        return self._backend.dialect.to_db_time(datetime.now(UTC))
+
+    def _resolve(self, cur: Cursor, alert_id: str) -> str:
+        """The full id of an alert named by its id or an unambiguous hex prefix (the CLI shows 12 characters)."""
+        if cur.execute("SELECT 1 FROM review_alerts WHERE alert_id = ?", (alert_id,)).fetchone():
+            return alert_id
+        if _ALERT_ID_PREFIX.fullmatch(alert_id or ""):
+            # Only hex characters reach LIKE, so the prefix cannot carry a wildcard.
+            rows = cur.execute("SELECT alert_id FROM review_alerts WHERE alert_id LIKE ? ORDER BY alert_id LIMIT 2",
+                               (alert_id + "%",)).fetchall()  # fmt: skip
+            if len(rows) == 1:
+                return str(rows[0][0])
+            if len(rows) > 1:
+                raise InvalidInput(f"alert id prefix {alert_id!r} matches several alerts; give more characters")
+        raise NotFound(f"no alert with id {alert_id!r}")
+
+    def _load(self, cur: Cursor, alert_id: str) -> StoredAlert | None:
+        row = cur.execute("SELECT seq, status, alert FROM review_alerts WHERE alert_id = ?", (alert_id,)).fetchone()
+        if row is None:
+            return None
+        seq, status, blob = row
+        alert = events_pb2.Alert()
+        alert.ParseFromString(bytes(blob))
+        alert.status = status_value(status)
+        t = self._backend.dialect.from_db_time
+        reviews = tuple(
+            Review(reviewer, action, comment, bool(not_this_person), t(at))
+            for reviewer, action, comment, not_this_person, at in cur.execute(
+                "SELECT reviewer, action, comment, not_this_person, at FROM alert_reviews WHERE alert_id = ?"
+                " ORDER BY id", (alert_id,)).fetchall()
+        )  # fmt: skip
+        return StoredAlert(alert, reviews, int(seq))
+
+    def _suppress(self, cur: Cursor, alert: events_pb2.Alert, track_id: str, reviewer: str, comment: str,
+                  now: datetime) -> None:  # fmt: skip
+        to_db = self._backend.dialect.to_db_time
+        expires = to_db(now + self._suppression) if self._suppression is not None else None
+        cur.execute(
+            "INSERT INTO review_suppressions (source_id, track_id, subject_id, alert_id, reviewer, comment,"
+            " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (alert.source_id, track_id, alert.subject_id, alert.alert_id, reviewer, comment, to_db(now), expires),
+        )
+
+    def _migrate(self) -> None:
+        with self._tx(write=True) as cur:
+            applied = migrate(cur, self._backend.dialect, MIGRATIONS, table="review_schema_version",
+                              lock_key=_PG_MIGRATION_LOCK, what="review", error=ReviewStoreError)  # fmt: skip
+        for migration in applied:
+            log.info("review schema migrated to version %d: %s", migration.version, migration.description)
+
+
+def _checked_review(reviewer: str, action: str, comment: str, not_this_person: bool) -> tuple[str, str]:
+    reviewer = (reviewer or "").strip()
+    if not reviewer or len(reviewer) > MAX_REVIEWER_CHARS:
+        raise InvalidInput(f"a review needs a reviewer (at most {MAX_REVIEWER_CHARS} characters)")
+    if action not in (CONFIRM, REJECT):
+        raise InvalidInput(f"review action must be {CONFIRM} or {REJECT}, not {action!r}")
+    if not_this_person and action != REJECT:
+        raise InvalidInput("not_this_person goes with a rejection only")
+    if len(comment or "") > MAX_COMMENT_CHARS:
+        raise InvalidInput(f"the comment is longer than {MAX_COMMENT_CHARS} characters")
+    return reviewer, comment or ""
+
+
+def _next_status(current: StoredAlert, reviewer: str, action: str) -> str:
+    """The status after this action, or ReviewRefused when the rules forbid it."""
+    alert_id = current.alert.alert_id
+    if current.status != PENDING:
+        raise ReviewRefused(f"alert {alert_id} is already {current.status}; a closed alert takes no further review")
+    if action == REJECT:
+        return REJECTED
+    confirmers = {r.reviewer for r in current.reviews if r.action == CONFIRM}
+    if reviewer in confirmers:
+        raise ReviewRefused(f"{reviewer} has already confirmed alert {alert_id}; the two-person rule needs a "
+                            "confirmation by a second, different reviewer")  # fmt: skip
+    return CONFIRMED if len(confirmers | {reviewer}) >= CONFIRMATIONS_REQUIRED else PENDING
+
+
+# -- the decision stage's side -----------------------------------------------------------------------------------
+
+
+class AlertRecorder:
+    """Called by the decision stage for each alert it raises, before publishing: stores it, audits ALERT once."""
+
+    def __init__(self, store: ReviewStore, audit: AuditLog) -> None:
+        self._store = store
+        self._audit = audit
+
+    def record(self, alert: events_pb2.Alert) -> events_pb2.Alert:
+        """The alert to publish: the new one, or on a replay the stored one with its current status."""
+        stored, created = self._store.record_alert(alert)
+        if created:
+            self._audit.append(SYSTEM_PRINCIPAL, Action.ALERT, alert.subject_id, ALERT_PURPOSE, stored.status,
+                               {"alert_id": alert.alert_id, "source_id": alert.source_id,
+                                "watchlists": ",".join(alert.watchlists), "policy_version": alert.policy_version,
+                                "similarity": f"{alert.similarity:.3f}",
+                                "evidence_frames": len(alert.evidence_frame_ids)})  # fmt: skip
+        return stored.alert
+
+
+# -- gRPC --------------------------------------------------------------------------------------------------------
+
+_ACTIONS = {review_pb2.REVIEW_ACTION_CONFIRM: CONFIRM, review_pb2.REVIEW_ACTION_REJECT: REJECT}
+
+
+class ReviewServicer:
+    """``sightline.v1.ReviewService``: list, show and review alerts; publishes status changes and audits reviews."""
+
+    def __init__(self, store: ReviewStore, audit: AuditLog, publish_alert: Callable[[events_pb2.Alert], None],
+                 principal: Callable[[grpc.ServicerContext], str] = principal_of) -> None:  # fmt: skip
+        self._store = store
+        self._audit = audit
+        self._publish_alert = publish_alert
+        self._principal = principal
+
+    def ListAlerts(self, request: review_pb2.ListAlertsRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        try:
+            after = int(request.page_token or 0)
+        except ValueError:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad page_token {request.page_token!r}")
+        limit = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        status = status_name(request.status) if request.status else None
+        alerts = self._store.list_alerts(status, limit, after)
+        reply = review_pb2.ListAlertsResponse(alerts=[a.to_proto() for a in alerts])
+        if len(alerts) == limit:
+            reply.next_page_token = str(alerts[-1].sequence)
+        return reply
+
+    def GetAlert(self, request: review_pb2.GetAlertRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        with _status_errors(context):
+            return self._store.get(request.alert_id).to_proto()
+
+    def ReviewAlert(self, request: review_pb2.ReviewAlertRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        reviewer = self._principal(context)
+        if not reviewer:
+            self._audit.append("anonymous", Action.ACCESS_DENIED, "", REVIEW_PURPOSE, "refused: no principal",
+                               {"alert_id": request.alert_id[:64], "method": "ReviewAlert"})  # fmt: skip
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "reviewing needs an authenticated reviewer")
+        action = _ACTIONS.get(request.action, "")
+        with _status_errors(context, on_error=lambda error: self._audit_refused(reviewer, request, action, error)):
+            after, changed = self._store.review(request.alert_id, reviewer, action, request.comment,
+                                                request.not_this_person)  # fmt: skip
+        self._audit_review(reviewer, request, action, after, after.status)
+        if changed:
+            self.flush_outbox()
+        return after.to_proto()
+
+    def flush_outbox(self) -> int:
+        """Publish every status change not yet on the alerts topic; returns how many were published."""
+        published = 0
+        for stored in self._store.unpublished():
+            try:
+                self._publish_alert(stored.alert)
+            except Exception:  # noqa: BLE001 - stays in the outbox; the next review or restart tries again
+                log.warning("could not publish an alert status change; will retry", exc_info=True,
+                            extra={"alert_id": stored.alert.alert_id, "status": stored.status})  # fmt: skip
+                break
+            self._store.mark_published(stored.alert.alert_id, stored.status)
+            published += 1
+        return published
+
+    def _audit_refused(self, reviewer: str, request: review_pb2.ReviewAlertRequest, action: str,
+                       error: Exception) -> None:  # fmt: skip
+        try:
+            current: StoredAlert | None = self._store.get(request.alert_id)  # names the subject, when there is one
+        except (NotFound, InvalidInput):
+            current = None
+        self._audit_review(reviewer, request, action, current, f"refused: {error}")
+
+    def _audit_review(self, reviewer: str, request: review_pb2.ReviewAlertRequest, action: str,
+                      after: StoredAlert | None, result: str) -> None:  # fmt: skip
+        details: dict[str, Any] = {"alert_id": after.alert.alert_id if after else request.alert_id[:64],
+                                   "action": action or "UNSPECIFIED", "not_this_person": request.not_this_person}
+        if after is not None:
+            details.update(source_id=after.alert.source_id, confirmations=after.confirmations)
+        subject = after.alert.subject_id if after else ""
+        self._audit.append(reviewer, Action.REVIEW, subject, REVIEW_PURPOSE, result[:500], details)
+
+
+@contextmanager
+def _status_errors(context: grpc.ServicerContext, on_error: Callable[[Exception], None] | None = None) -> Iterator[None]:
+    """Map the store's errors to gRPC statuses with their message; ``on_error`` sees the error first (to audit it)."""
+    codes = ((InvalidInput, grpc.StatusCode.INVALID_ARGUMENT), (NotFound, grpc.StatusCode.NOT_FOUND),
+             (ReviewRefused, grpc.StatusCode.FAILED_PRECONDITION))  # fmt: skip
+    try:
+        yield
+    except (InvalidInput, NotFound, ReviewRefused) as error:
+        if on_error is not None:
+            on_error(error)
+        code = next(code for kind, code in codes if isinstance(error, kind))
+        context.abort(code, str(error))
+
+
+def alert_publisher(publisher: Any) -> Callable[[events_pb2.Alert], None]:
+    """Publish an alert's new status to ``sightline.alerts.v1``, keyed by source id, waiting for the broker."""
+    from sightline.common.topics import ALERTS
+
+    def publish(alert: events_pb2.Alert) -> None:
+        publisher.send(ALERTS.name, alert.source_id.encode(), alert.SerializeToString(), wait=True)
+
+    return publish

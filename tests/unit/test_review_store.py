@@ -1,0 +1,244 @@
+"""The review store and ReviewService rules on real databases: two-person rule, rejection, suppression, closed alerts.
+
+Each test runs on a SQLite file and, marked ``postgres``, on PostgreSQL (a schema of its own).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from sightline.common.audit import PRINCIPAL_METADATA_KEY, AuditLog
+from sightline.common.rpc import InvalidInput, NotFound
+from sightline.decision.review import (
+    AlertRecorder,
+    ReviewRefused,
+    ReviewServicer,
+    ReviewStore,
+)
+from sightline.v1 import events_pb2, review_pb2
+
+
+@pytest.fixture()
+def pg_schema_url(postgres_url: str) -> Iterator[str]:
+    import psycopg
+
+    schema = f"t_{secrets.token_hex(6)}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    yield f"{postgres_url}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'decision.db'}"
+    return request.getfixturevalue("pg_schema_url")
+
+
+@pytest.fixture()
+def store(url: str) -> Iterator[ReviewStore]:
+    with ReviewStore.open(url, suppression_seconds=600) as opened:
+        yield opened
+
+
+@pytest.fixture()
+def audit(url: str) -> Iterator[AuditLog]:
+    with AuditLog.open(url) as opened:
+        yield opened
+
+
+def alert(alert_id: str = "a1b2c3d4e5f6a7b8", source: str = "cam-1", subject: str = "obama") -> events_pb2.Alert:
+    made = events_pb2.Alert(alert_id=alert_id, decision_id="d1", source_id=source, subject_id=subject,
+                            watchlists=["wl"], distance=0.35, similarity=0.71, evidence_frame_ids=["f1", "f2"],
+                            status=events_pb2.ALERT_STATUS_PENDING_REVIEW, policy_version="p1")  # fmt: skip
+    made.raised_at.GetCurrentTime()
+    return made
+
+
+# -- the store ---------------------------------------------------------------------------------------------------
+
+
+def test_two_person_rule(store: ReviewStore) -> None:
+    stored, created = store.record_alert(alert())
+    assert created and stored.status == "PENDING_REVIEW" and stored.confirmations == 0
+    first, changed = store.review("a1b2c3d4e5f6a7b8", "alice", "CONFIRM", "it is him")
+    assert not changed and first.status == "PENDING_REVIEW" and first.confirmations == 1
+    with pytest.raises(ReviewRefused, match="alice has already confirmed .* second, different reviewer"):
+        store.review("a1b2c3d4e5f6a7b8", "alice", "CONFIRM")
+    second, changed = store.review("a1b2c3d4e5f6a7b8", "bob", "CONFIRM")
+    assert changed and second.status == "CONFIRMED" and second.confirmations == 2
+    assert [(r.reviewer, r.action, r.comment) for r in second.reviews] == [("alice", "CONFIRM", "it is him"),
+                                                                          ("bob", "CONFIRM", "")]  # fmt: skip
+    assert second.alert.status == events_pb2.ALERT_STATUS_CONFIRMED
+    assert second.alert.similarity == pytest.approx(0.71) and list(second.alert.evidence_frame_ids) == ["f1", "f2"]
+
+
+def test_any_rejection_closes_the_alert(store: ReviewStore) -> None:
+    store.record_alert(alert())
+    store.review("a1b2c3d4e5f6a7b8", "alice", "CONFIRM")
+    rejected, changed = store.review("a1b2c3d4e5f6a7b8", "bob", "REJECT", "different jacket")
+    assert changed and rejected.status == "REJECTED" and rejected.confirmations == 1
+
+
+@pytest.mark.parametrize("closing", [("bob", "CONFIRM"), ("bob", "REJECT")])
+def test_a_closed_alert_takes_no_further_review(store: ReviewStore, closing: tuple[str, str]) -> None:
+    store.record_alert(alert())
+    store.review("a1b2c3d4e5f6a7b8", "alice", "CONFIRM")
+    store.review("a1b2c3d4e5f6a7b8", *closing)
+    for reviewer, action in (("carol", "CONFIRM"), ("carol", "REJECT")):
+        with pytest.raises(ReviewRefused, match="already (CONFIRMED|REJECTED); a closed alert"):
+            store.review("a1b2c3d4e5f6a7b8", reviewer, action)
+    assert len(store.get("a1b2c3d4e5f6a7b8").reviews) == 2
+
+
+def test_not_this_person_is_stored_and_suppresses_that_subject_on_that_source(store: ReviewStore) -> None:
+    store.record_alert(alert())
+    assert not store.suppressed("cam-1", "obama")
+    rejected, _ = store.review("a1b2c3d4e5f6a7b8", "alice", "REJECT", "lookalike", not_this_person=True)
+    assert rejected.reviews[0].not_this_person
+    assert store.suppressed("cam-1", "obama") and store.suppressed("cam-1", "obama", track_id="t7")
+    assert not store.suppressed("cam-2", "obama") and not store.suppressed("cam-1", "biden")
+    assert not store.suppressed("cam-1", "obama", at=datetime.now(UTC) + timedelta(seconds=601))  # expired
+    (feedback,) = store.feedback()
+    assert (feedback.alert_id, feedback.source_id, feedback.subject_id, feedback.reviewer, feedback.comment) == (
+        "a1b2c3d4e5f6a7b8", "cam-1", "obama", "alice", "lookalike")  # fmt: skip
+    assert store.feedback(since=datetime.now(UTC) + timedelta(seconds=5)) == []
+
+
+def test_a_track_specific_suppression_covers_only_that_track(url: str) -> None:
+    with ReviewStore.open(url, suppression_seconds=0) as store:  # 0: for good
+        store.record_alert(alert())
+        store.review("a1b2c3d4e5f6a7b8", "alice", "REJECT", not_this_person=True, track_id="t7")
+        assert store.suppressed("cam-1", "obama", track_id="t7")
+        assert not store.suppressed("cam-1", "obama", track_id="t8")
+        assert store.suppressed("cam-1", "obama", "t7", at=datetime.now(UTC) + timedelta(days=3650))
+
+
+def test_recording_is_idempotent_and_a_replay_never_resets_a_review(store: ReviewStore) -> None:
+    _, created = store.record_alert(alert())
+    _, again = store.record_alert(alert())
+    assert created and not again and len(store.list_alerts()) == 1
+    store.review("a1b2c3d4e5f6a7b8", "alice", "REJECT")
+    replayed, created = store.record_alert(alert())
+    assert not created and replayed.status == "REJECTED"
+
+
+def test_bad_reviews_are_refused_clearly(store: ReviewStore) -> None:
+    store.record_alert(alert())
+    with pytest.raises(NotFound, match="no alert with id"):
+        store.review("ffffffffffff", "alice", "CONFIRM")
+    with pytest.raises(InvalidInput, match="reviewer"):
+        store.review("a1b2c3d4e5f6a7b8", " ", "CONFIRM")
+    with pytest.raises(InvalidInput, match="rejection only"):
+        store.review("a1b2c3d4e5f6a7b8", "alice", "CONFIRM", not_this_person=True)
+    with pytest.raises(InvalidInput, match="CONFIRM or REJECT"):
+        store.review("a1b2c3d4e5f6a7b8", "alice", "")
+    assert store.get("a1b2c3d4e5f6a7b8").reviews == ()
+
+
+def test_listing_by_status_with_pages_and_prefixes(store: ReviewStore) -> None:
+    for i in range(5):
+        store.record_alert(alert(f"{i:x}" * 6 + "0000", subject=f"s{i}"))
+    store.review("1111110000", "alice", "REJECT")
+    assert [a.alert.subject_id for a in store.list_alerts("PENDING_REVIEW")] == ["s0", "s2", "s3", "s4"]
+    page = store.list_alerts(limit=2)
+    assert [a.alert.subject_id for a in store.list_alerts(limit=2, after=page[-1].sequence)] == ["s2", "s3"]
+    assert store.get("333333").alert.subject_id == "s3"  # a prefix, as the CLI shows ids
+    store.record_alert(alert("333333ff0000", subject="s9"))
+    with pytest.raises(InvalidInput, match="several alerts"):
+        store.get("333333")
+
+
+# -- the servicer: principals, audit, publication ----------------------------------------------------------------
+
+
+class FakeContext:
+    """Just enough of grpc.ServicerContext: metadata in, abort out."""
+
+    def __init__(self, principal: str | None) -> None:
+        self._metadata = [(PRINCIPAL_METADATA_KEY, principal)] if principal is not None else []
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return self._metadata
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise Aborted(code, details)
+
+
+class Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+
+
+def review_request(action: int, **fields: Any) -> review_pb2.ReviewAlertRequest:
+    return review_pb2.ReviewAlertRequest(alert_id="a1b2c3d4e5f6a7b8", action=action, **fields)
+
+
+def test_servicer_publishes_status_changes_and_audits_every_action(store: ReviewStore, audit: AuditLog) -> None:
+    published: list[events_pb2.Alert] = []
+    servicer = ReviewServicer(store, audit, published.append)
+    AlertRecorder(store, audit).record(alert())
+    AlertRecorder(store, audit).record(alert())  # a replay: audited once
+    confirm = review_request(review_pb2.REVIEW_ACTION_CONFIRM)
+    first = servicer.ReviewAlert(confirm, FakeContext("alice"))
+    assert first.alert.status == events_pb2.ALERT_STATUS_PENDING_REVIEW and first.confirmations == 1
+    assert published == []  # no status change yet
+    with pytest.raises(Aborted) as refused:
+        servicer.ReviewAlert(confirm, FakeContext("alice"))
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(Aborted) as anonymous:
+        servicer.ReviewAlert(confirm, FakeContext(None))
+    assert anonymous.value.code == grpc.StatusCode.UNAUTHENTICATED
+    second = servicer.ReviewAlert(confirm, FakeContext("bob"))
+    assert second.alert.status == events_pb2.ALERT_STATUS_CONFIRMED and [r.reviewer for r in second.reviews] == ["alice", "bob"]
+    assert [(a.alert_id, a.status) for a in published] == [("a1b2c3d4e5f6a7b8", events_pb2.ALERT_STATUS_CONFIRMED)]
+    trail = [(r.principal, r.action, r.result) for r in audit.records()]
+    assert trail == [("service:decision", "ALERT", "PENDING_REVIEW"), ("alice", "REVIEW", "PENDING_REVIEW"),
+                     ("alice", "REVIEW", trail[2][2]), ("anonymous", "ACCESS_DENIED", "refused: no principal"),
+                     ("bob", "REVIEW", "CONFIRMED")]  # fmt: skip
+    assert trail[2][2].startswith("refused: alice has already confirmed")
+    assert audit.verify().intact
+
+
+def test_a_status_change_that_could_not_be_published_stays_in_the_outbox(store: ReviewStore, audit: AuditLog) -> None:
+    published: list[events_pb2.Alert] = []
+    broker_up = False
+
+    def publish(message: events_pb2.Alert) -> None:
+        if not broker_up:
+            raise ConnectionError("broker down")
+        published.append(message)
+
+    servicer = ReviewServicer(store, audit, publish)
+    store.record_alert(alert())
+    reply = servicer.ReviewAlert(review_request(review_pb2.REVIEW_ACTION_REJECT, not_this_person=True),
+                                 FakeContext("alice"))  # fmt: skip
+    assert reply.alert.status == events_pb2.ALERT_STATUS_REJECTED and published == []
+    assert [a.alert.alert_id for a in store.unpublished()] == ["a1b2c3d4e5f6a7b8"]
+    broker_up = True
+    assert servicer.flush_outbox() == 1 and published[0].status == events_pb2.ALERT_STATUS_REJECTED
+    assert store.unpublished() == [] and servicer.flush_outbox() == 0
+
+
+def test_servicer_lists_and_gets(store: ReviewStore, audit: AuditLog) -> None:
+    servicer = ReviewServicer(store, audit, lambda _: None)
+    for i in range(3):
+        store.record_alert(alert(f"{i:x}" * 6 + "0000", subject=f"s{i}"))
+    page = servicer.ListAlerts(review_pb2.ListAlertsRequest(page_size=2), FakeContext(None))
+    rest = servicer.ListAlerts(review_pb2.ListAlertsRequest(page_size=2, page_token=page.next_page_token), FakeContext(None))
+    assert [a.alert.subject_id for a in page.alerts] + [a.alert.subject_id for a in rest.alerts] == ["s0", "s1", "s2"]
+    got = servicer.GetAlert(review_pb2.GetAlertRequest(alert_id="222222"), FakeContext(None))
+    assert got.alert.subject_id == "s2" and got.confirmations_required == 2
+    with pytest.raises(Aborted) as missing:
+        servicer.GetAlert(review_pb2.GetAlertRequest(alert_id="nope"), FakeContext(None))
+    assert missing.value.code == grpc.StatusCode.NOT_FOUND
