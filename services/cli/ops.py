@@ -120,13 +120,13 @@ def _row(service: str, report: Report) -> dict[str, Any]:
     from sightline.common.lag import input_topic
 
     state, lag = report.deployments.get(service), report.lags.get(service)
+    read = lag if lag is not None and lag.error is None else None
     row: dict[str, Any] = {
         "service": service, "deployment": state.name if state else None,
         "desired": state.desired if state else None, "ready": state.ready if state else None,
         "updated": state.updated if state else None, "input_topic": input_topic(service),
-        "partitions": lag.partition_count if lag and not lag.error else None,
-        "lag": lag.total if lag and not lag.error else None,
-        "lag_by_partition": {str(p.partition): p.lag for p in lag.partitions} if lag else None,
+        "partitions": read.partition_count if read else None, "lag": read.total if read else None,
+        "lag_by_partition": {str(p.partition): p.lag for p in read.partitions} if read else None,
         "notes": [],
     }  # fmt: skip
     _add_notes(row, report, state, lag)

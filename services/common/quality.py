@@ -212,7 +212,7 @@ def in_frame_share(landmarks5: np.ndarray, size: tuple[int, int]) -> float:
 # -- unified score -----------------------------------------------------------------------------------------------------
 
 # Exponent of each factor in the unified score: 1 lets a factor pull the score down in full, 0.5 halves its effect
-# (in log terms). Size, sharpness and the face being in the frame matter most to the embedder.
+# (in log terms). Contrast gets 0.5 because it largely repeats exposure.
 WEIGHTS = {"inter_eye_px": 1.0, "sharpness": 1.0, "exposure": 1.0, "contrast": 0.5, "yaw": 1.0, "pitch": 1.0,
            "roll": 1.0, "detector_score": 1.0, "in_frame": 1.0}  # fmt: skip
 

@@ -15,7 +15,9 @@ from sightline.v1 import gallery_pb2, gallery_pb2_grpc
 
 
 @pytest.fixture(scope="module")
-def gallery(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[gallery_pb2_grpc.GalleryServiceStub]:
+def gallery(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path
+) -> Iterator[gallery_pb2_grpc.GalleryServiceStub]:
     with LocalStack(tmp_path_factory.mktemp("enrolment"), ports="auto",
                     services=("detection", "embedding", "matching")) as stack:  # fmt: skip
         stack.start(timeout=120)
@@ -32,7 +34,9 @@ def enrolled_ids(gallery: gallery_pb2_grpc.GalleryServiceStub) -> list[str]:
     return [s.subject_id for s in gallery.ListSubjects(gallery_pb2.ListSubjectsRequest(page_size=100)).subjects]
 
 
-def test_poor_copies_are_rejected_naming_the_failing_components(gallery, face_photos: Path) -> None:  # type: ignore[no-untyped-def]
+def test_poor_copies_are_rejected_naming_the_failing_components(
+    gallery: gallery_pb2_grpc.GalleryServiceStub, face_photos: Path
+) -> None:
     photo = Image.open(face_photos / "obama.jpg").convert("RGB")
     blurred = png(photo.filter(ImageFilter.GaussianBlur(6)))
     small = png(photo.resize((photo.width // 6, photo.height // 6), Image.Resampling.LANCZOS))
@@ -47,7 +51,9 @@ def test_poor_copies_are_rejected_naming_the_failing_components(gallery, face_ph
     assert "poor" not in enrolled_ids(gallery)
 
 
-def test_good_photo_is_accepted_and_bad_one_alongside_is_dropped(gallery, face_photos: Path) -> None:  # type: ignore[no-untyped-def]
+def test_good_photo_is_accepted_and_bad_one_alongside_is_dropped(
+    gallery: gallery_pb2_grpc.GalleryServiceStub, face_photos: Path
+) -> None:
     original = (face_photos / "obama.jpg").read_bytes()
     blurred = png(Image.open(face_photos / "obama.jpg").convert("RGB").filter(ImageFilter.GaussianBlur(6)))
     reply = gallery.Enroll(gallery_pb2.EnrollRequest(subject_id="obama", images=[original, blurred]), timeout=60)
