@@ -70,7 +70,7 @@ def kafka(broker: object) -> object:
     from sightline.common.config import KafkaSettings
 
     settings = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, session_timeout_ms=2000,  # type: ignore[attr-defined]
-                             heartbeat_interval_ms=500)  # fmt: skip
+                             heartbeat_interval_ms=500, fetch_max_wait_ms=25)  # fmt: skip
     ensure_topics(settings)
     return settings
 

@@ -83,7 +83,8 @@ def histogram_png(genuine: np.ndarray, impostor: np.ndarray, thresholds: list[fl
     ax.set_xlabel("descriptor distance (lower is more alike; dashed: thresholds)")
     ax.set_ylabel("density")
     ax.set_title("Score distributions")
-    ax.legend(fontsize=8)
+    if len(genuine) or len(impostor):
+        ax.legend(fontsize=8)
     return _png(fig)
 
 

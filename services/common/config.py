@@ -86,9 +86,9 @@ class KafkaSettings(SightlineSettings):
     )
     heartbeat_interval_ms: int = Field(1500, ge=100, description="Consumer heartbeat interval.")
     fetch_max_wait_ms: int = Field(
-        25, ge=1, le=5000,
-        description="Longest a stream consumer's fetch waits for data. Kafka answers as soon as data arrives; "
-        "Tansu holds the fetch this long, so keep it small locally (it adds to each stage's latency).",
+        500, ge=1, le=5000,
+        description="Longest a stream consumer's fetch waits for data. Kafka answers as soon as data arrives, so "
+        "this only bounds idle polling; Tansu holds every fetch this long, so the local stack sets 25.",
     )  # fmt: skip
     max_message_bytes: int = Field(
         16 * 1024 * 1024, ge=1024 * 1024, description="Largest event a producer may send (frames are the largest)."

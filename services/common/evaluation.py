@@ -324,7 +324,7 @@ def equal_error_rate(genuine: np.ndarray, impostor: np.ndarray) -> Estimate:
     i = int(np.argmin(np.abs(fmr - fnmr)))
     note = ""
     resolution = 1.0 / min(len(genuine), len(impostor))
-    if (fmr[i] + fnmr[i]) / 2 < resolution:
+    if fmr[i] == 0 and fnmr[i] == 0:
         note = (f"no error observed at the crossing: the EER is under about {resolution:.1g} "
                 f"({len(genuine)} genuine, {len(impostor)} impostor pairs)")  # fmt: skip
     return Estimate(float((fmr[i] + fnmr[i]) / 2), float(thresholds[i]), note, len(genuine) + len(impostor))

@@ -542,6 +542,7 @@ class LocalStack:
             "security_protocol": "PLAINTEXT",  # the local broker; a user's SASL/TLS settings are for their cluster
             "session_timeout_ms": 2000,  # Tansu holds group joins for session_timeout / 2
             "heartbeat_interval_ms": 500,
+            "fetch_max_wait_ms": 25,  # Tansu holds each fetch for the whole wait (see docs/broker.md)
         }
 
     def _spawn(self, name: str, key: str) -> None:
