@@ -54,6 +54,7 @@ def make_consumer(settings: KafkaSettings, *topics: str, **overrides: Any) -> Ka
         **client_options(settings),
         "session_timeout_ms": settings.session_timeout_ms,
         "heartbeat_interval_ms": settings.heartbeat_interval_ms,
+        "fetch_max_wait_ms": settings.fetch_max_wait_ms,
         "fetch_max_bytes": settings.max_message_bytes * 2,
         "max_partition_fetch_bytes": settings.max_message_bytes,
         **overrides,
