@@ -34,7 +34,8 @@ BALD_GUYS_LABELS = (
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("calibrate", help="build a distance -> false match rate table from your photos")
-    parser.add_argument("dataset", nargs="?", type=Path, metavar="DATASET", help="folder with one subfolder per identity")
+    parser.add_argument("dataset", nargs="?", type=Path, metavar="DATASET",
+                        help="folder with one subfolder per identity")
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="calibration table (JSON) to write")
     parser.add_argument("--crowd", type=Path, action="append", default=[], metavar="DIR",
                         help="photos whose faces are all different people (repeatable)")

@@ -115,8 +115,10 @@ def _at_threshold(genuine: Any, impostor: Any, threshold: float) -> dict[str, An
     return {"distance": threshold, "similarity": round(sc.similarity(threshold), 4),
             "fmr": None if measured != measured else measured,  # NaN (no pairs) is not valid JSON
             "fnmr": None if not len(genuine) else ev.fnmr_at(genuine, threshold),
-            "impostor_matches": int((impostor <= threshold).sum()), "genuine_non_matches": int((genuine > threshold).sum()),
-            "calibrated_fmr": sc.fmr(threshold), "calibrated_fmr_extrapolated": sc.fmr_is_extrapolated(threshold)}  # fmt: skip
+            "impostor_matches": int((impostor <= threshold).sum()),
+            "genuine_non_matches": int((genuine > threshold).sum()),
+            "calibrated_fmr": sc.fmr(threshold),
+            "calibrated_fmr_extrapolated": sc.fmr_is_extrapolated(threshold)}  # fmt: skip
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -107,17 +107,19 @@ def _estimate(entry: dict[str, Any]) -> str:
 
 def headline(report: dict[str, Any]) -> list[tuple[str, str]]:
     """The figures every report starts with, as (label, text) rows."""
-    acq, pairs = report["acquisition"], report["pairs"]
+    acq, pairs, dataset = report["acquisition"], report["pairs"], report["dataset"]
+    skipped = pairs["skipped_after_failure_to_acquire"]
     rows = [
-        ("samples", f"{acq['samples']} images of {report['dataset']['identities']} identities ({report['dataset']['format']})"),
+        ("samples", f"{acq['samples']} images of {dataset['identities']} identities ({dataset['format']})"),
         ("failure to acquire", f"{_rate(acq['fta_rate'])} ({acq['failures']} of {acq['samples']})"),
         ("pairs", f"{pairs['genuine']} genuine, {pairs['impostor']} impostor"
-                  + (f", {pairs['skipped_after_failure_to_acquire']} skipped (an image failed)" if pairs["listed"] else "")),
+                  + (f", {skipped} skipped (an image failed)" if pairs["listed"] else "")),
         ("EER", _estimate(report["eer"])),
     ]  # fmt: skip
     rows += [(f"TAR at FAR {t['far']:g}", _estimate(t)) for t in report["tar_at_far"]]
     rank1 = report["rank1"]
-    rows.append(("rank-1 identification", _estimate(rank1) + (f" over {rank1['count']} probes" if rank1["value"] is not None else "")))  # noqa: E501
+    probes = f" over {rank1['count']} probes" if rank1["value"] is not None else ""
+    rows.append(("rank-1 identification", _estimate(rank1) + probes))
     return rows
 
 

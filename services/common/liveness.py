@@ -55,8 +55,14 @@ class LivenessSettings(BaseModel):
         0.05, gt=0, description="Largest RMS displacement of the face's points from the first frame, in inter-eye "
         "distances, below which the face counts as still (a photo on a stand).")  # fmt: skip
     min_non_planarity: float = Field(
-        0.030, gt=0, description="Median over frames of the RMS residual of one homography fitted from the first "
-        "frame's points, in inter-eye distances, below which the face moves as a flat picture.")  # fmt: skip
+        0.0, ge=0, description="Median over frames of the RMS residual of one homography fitted from the first "
+        "frame's points, in inter-eye distances, below which the face moves as a flat picture. 0: reported only "
+        "(measured: it overlaps between replays and real faces, see docs/liveness.md).")  # fmt: skip
+    min_texture_non_planarity: float = Field(
+        0.0035, ge=0, description="1 - the lowest correlation (ECC) reached when each sampled chip is aligned onto "
+        "the first by one homography, on the face region; below it the face's texture moves as a flat picture.")
+    texture_frames: int = Field(
+        8, ge=1, description="Frames (evenly spaced after the first) on which the texture check runs; bounds its cost.")
     pad_model: Path | None = Field(
         None, description="Optional operator-supplied ONNX PAD model: input 'chips' uint8 [N,150,150,3] RGB aligned "
         "chips, output 'live_probability' float32 [N]. None: geometric checks only.")  # fmt: skip
@@ -135,6 +141,49 @@ def non_planarity(points: Sequence[np.ndarray]) -> float:
     return float(np.median([planar_residual(points[0], p) for p in points[1:]]))
 
 
+# -- texture planarity ------------------------------------------------------------------------------------------------
+
+# The face ellipse of the chip (as in quality.py: eyebrows to chin, cheek to cheek) at half resolution: the texture
+# check runs on 75x75 chips, which keeps one alignment to about a millisecond.
+_HALF = CHIP_SIZE // 2
+_rows, _cols = np.mgrid[0:_HALF, 0:_HALF]
+_FACE_MASK = ((((_cols - 37.5) / 22.5) ** 2 + ((_rows - 42.5) / 27.5) ** 2) <= 1).astype(np.uint8)
+_ECC_CRITERIA = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 40, 1e-5)
+
+
+def _grey_half(chip: np.ndarray) -> np.ndarray:
+    grey = cv2.cvtColor(np.ascontiguousarray(chip, dtype=np.uint8), cv2.COLOR_RGB2GRAY)
+    return cv2.resize(grey, (_HALF, _HALF), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+
+def texture_misfit(first_chip: np.ndarray, later_chip: np.ndarray) -> float:
+    """1 - the correlation reached when ``later_chip`` is aligned onto ``first_chip`` by one homography (ECC).
+
+    The chips are already aligned by a similarity of the landmarks, so the search starts at the identity. ECC's
+    correlation is zero-mean and normalised, so a print getting brighter or darker as it tilts costs nothing. A flat
+    picture's texture is mapped exactly by a homography (measured misfit <= 0.003); a head turning a few degrees
+    moves its nose, cheeks and jaw line against each other and leaves a misfit no homography removes. A failed
+    alignment (ECC did not converge: the frames do not show the same texture) reads 1, i.e. not a plane.
+    """
+    warp = np.eye(3, dtype=np.float32)
+    try:
+        correlation, _ = cv2.findTransformECC(_grey_half(first_chip), _grey_half(later_chip), warp,
+                                              cv2.MOTION_HOMOGRAPHY, _ECC_CRITERIA, _FACE_MASK, 1)  # fmt: skip
+    except cv2.error:
+        return 1.0
+    return float(1.0 - correlation)
+
+
+def texture_non_planarity(chips: Sequence[np.ndarray], frames: int = 8) -> float:
+    """Largest :func:`texture_misfit` from the first chip to ``frames`` later chips spread evenly over the sequence.
+
+    The largest, not the median: a replayed picture stays planar in every frame, so one clearly non-planar frame is
+    already evidence of depth, while a real head may be turned away from its first pose in only part of the frames.
+    """
+    later = np.unique(np.linspace(1, len(chips) - 1, num=min(frames, len(chips) - 1)).round().astype(int))
+    return max(texture_misfit(chips[0], chips[i]) for i in later)
+
+
 # -- the operator's PAD model ----------------------------------------------------------------------------------------
 
 
@@ -195,6 +244,13 @@ def _probability_score(p: float, threshold: float) -> float:
     return 0.5 * p / max(threshold, 1e-9)
 
 
+_MEANING = {
+    "motion": "the face does not move (still photo?)",
+    "non_planarity": "the face's points move as a flat picture (print or screen?)",
+    "texture_non_planarity": "the face's texture moves as a flat picture (print or screen?)",
+}
+
+
 class LivenessChecker:
     """Decides liveness from the observations of one tracked face; loads the PAD model once if one is configured."""
 
@@ -209,17 +265,23 @@ class LivenessChecker:
             return LivenessVerdict(False, 0.0, [f"need {s.min_frames} frames, have {len(observations)}"], {})
         points = [face_points(o) for o in observations]
         checks = {"motion": motion(points), "non_planarity": non_planarity(points)}
-        scores = {"motion": _check_score(checks["motion"], s.min_motion),
-                  "non_planarity": _check_score(checks["non_planarity"], s.min_non_planarity)}  # fmt: skip
-        reasons = []
-        if checks["motion"] < s.min_motion:
-            reasons.append(f"motion {checks['motion']:.4f} < {s.min_motion:.4f}: the face does not move (still photo?)")
-        if checks["non_planarity"] < s.min_non_planarity:
-            reasons.append(f"non_planarity {checks['non_planarity']:.4f} < {s.min_non_planarity:.4f}: "
-                           "the face moves as a flat picture (print or screen?)")  # fmt: skip
+        thresholds = {"motion": s.min_motion, "non_planarity": s.min_non_planarity}
+        chips = [o.chip for o in observations if o.chip is not None]
+        if s.min_texture_non_planarity > 0:
+            # Without chips the texture check cannot run; failing it (rather than skipping) keeps a caller that
+            # forgot the chips from silently weakening liveness.
+            checks["texture_non_planarity"] = texture_non_planarity(chips, s.texture_frames) if len(chips) >= 2 else 0.0
+            thresholds["texture_non_planarity"] = s.min_texture_non_planarity
+        scores, reasons = {}, []
+        for name, threshold in thresholds.items():
+            if threshold <= 0:
+                continue  # reported only
+            scores[name] = _check_score(checks[name], threshold)
+            if checks[name] < threshold:
+                reasons.append(f"{name} {checks[name]:.4f} < {threshold:.4f}: {_MEANING[name]}")
         if self.pad is not None:
             self._run_pad(observations, checks, scores, reasons)
-        score = min(scores.values())
+        score = min(scores.values()) if scores else 1.0
         return LivenessVerdict(passed=not reasons, score=round(float(score), 4), reasons=reasons, checks=checks)
 
     def _run_pad(self, observations: Sequence[LivenessObservation], checks: dict[str, float],

@@ -75,6 +75,7 @@ _MASK_PIXELS = int(_MASK.sum())
 # Farthest point of the face region from the landmarks' centroid, in inter-eye distances, with a safety margin: a
 # face whose centroid is farther than this from every image border is wholly in the frame, no geometry needed.
 _REGION_REACH = 2.0
+_BORDER_MARGIN = 2.0  # chip pixels next to the image border left out of the photometric figures
 
 # -- pose calibration ------------------------------------------------------------------------------------------------
 
@@ -160,28 +161,32 @@ def _inside(point: list[float], size: tuple[int, int]) -> bool:
     return 0.0 <= point[0] < size[0] and 0.0 <= point[1] < size[1]
 
 
-def valid_region(landmarks5: np.ndarray, size: tuple[int, int], margin: float = 2.0) -> np.ndarray | None:
-    """The face-region mask restricted to chip pixels sampled from inside the image, or None when all of it is.
+def visible_region(landmarks5: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray | None, float]:
+    """The face-region mask restricted to chip pixels sampled well inside the image, and the in-frame share.
 
-    Chip pixels that map outside the image are black fill. ``margin`` is in chip pixels: pixels that close to the
-    image border count as outside, so that the Laplacian never sees the edge of the fill.
+    The mask is None when the whole region is inside (the common case, decided without any geometry when the
+    landmarks sit far from every border). Chip pixels that map outside the image are black fill; the mask also drops
+    those within ``_BORDER_MARGIN`` chip pixels of the border, so that the Laplacian never sees the fill's edge. The
+    share counts every region pixel that maps inside the image.
     """
     width, height = size
     centre = landmarks5.mean(axis=0)
     reach = _REGION_REACH * float(np.hypot(*(landmarks5[0:2].mean(axis=0) - landmarks5[2:4].mean(axis=0))))
     if reach <= centre[0] <= width - 1 - reach and reach <= centre[1] <= height - 1 - reach:
-        return None
+        return None, 1.0
     affine = chip_transform(landmarks5, CHIP_SIZE, CHIP_PADDING)
-    x, y = affine @ _RECT_COORDS
-    pad = margin * math.hypot(affine[0, 0], affine[1, 0])  # image pixels per chip pixel
-    inside = (x >= pad) & (x <= width - 1 - pad) & (y >= pad) & (y <= height - 1 - pad)
-    return _MASK & inside.reshape(_MASK.shape).astype(np.uint8)
+    x, y = (affine @ _RECT_COORDS).reshape(2, *_MASK.shape)
+    # Distance (image pixels) of each chip pixel from the nearest image border; negative outside the image.
+    depth = np.minimum(np.minimum(x, width - 1 - x), np.minimum(y, height - 1 - y))
+    in_frame = int(np.count_nonzero(_MASK & (depth >= 0))) / _MASK_PIXELS
+    pad = _BORDER_MARGIN * math.hypot(affine[0, 0], affine[1, 0])  # image pixels per chip pixel
+    return _MASK & (depth >= pad).astype(np.uint8), in_frame
 
 
 def chip_measures(chip_rgb: np.ndarray, mask: np.ndarray | None = None) -> tuple[float, float, float, float]:
     """Sharpness, brightness, contrast and the clipped share (under- plus over-exposed) of the chip's face region.
 
-    ``mask`` (over the region's rectangle, see :func:`valid_region`) leaves out chip pixels that are not from the
+    ``mask`` (over the region's rectangle, see :func:`visible_region`) leaves out chip pixels that are not from the
     image. The Laplacian is OpenCV's 3x3 aperture-1 one (4 neighbours minus 4 times the centre) on grey levels 0-255.
     Mean, spread and clipped share all come from one masked 256-bin histogram.
     """
@@ -201,12 +206,6 @@ def chip_measures(chip_rgb: np.ndarray, mask: np.ndarray | None = None) -> tuple
     std = math.sqrt(max(float(hist @ (levels - mean) ** 2) / count, 0.0))
     clipped = float(hist[: UNDER_EXPOSED + 1].sum() + hist[OVER_EXPOSED:].sum()) / count
     return float(lap_std[0, 0]) ** 2, mean, std, clipped
-
-
-def in_frame_share(landmarks5: np.ndarray, size: tuple[int, int]) -> float:
-    """The share of the face region that maps inside an image of ``size`` (width, height), 0-1."""
-    inside = valid_region(landmarks5, size, margin=0.0)
-    return 1.0 if inside is None else int(cv2.countNonZero(inside)) / _MASK_PIXELS
 
 
 # -- unified score -----------------------------------------------------------------------------------------------------
@@ -266,8 +265,7 @@ def measure(
     del box
     right_eye, left_eye = eye_centres(landmarks5)
     yaw, pitch, roll = head_pose(landmarks5, keypoints6, size)
-    mask = valid_region(landmarks5, size)
-    in_frame = 1.0 if mask is None else in_frame_share(landmarks5, size)
+    mask, in_frame = visible_region(landmarks5, size)
     sharpness, brightness, contrast, clipped = chip_measures(chip, mask)
     components = {
         "inter_eye_px": float(np.hypot(*(left_eye - right_eye))),

@@ -81,12 +81,12 @@ class DecisionEngine:
             v = face.verification
             if v.subject_found and v.distance <= limit:
                 return _Hit(v.subject_id, v.distance, v.similarity, [],
-                            f"claim verified: distance {v.distance:.3f} <= {shown}; {_fmr_text(v.distance)}")  # fmt: skip
+                            f"claim verified: distance {v.distance:.3f} <= {shown}; {_fmr_text(v.distance)}")
             return None
         if face.candidates and face.candidates[0].distance <= limit:
             best = face.candidates[0]
             return _Hit(best.subject_id, best.distance, best.similarity, list(best.watchlists),
-                        f"best candidate: distance {best.distance:.3f} <= {shown}; {_fmr_text(best.distance)}")  # fmt: skip
+                        f"best candidate: distance {best.distance:.3f} <= {shown}; {_fmr_text(best.distance)}")
         return None
 
     def _no_match(self, decision: events_pb2.Decision, frame: types_pb2.FrameRef, face: events_pb2.FaceMatch) -> events_pb2.Decision:  # noqa: E501

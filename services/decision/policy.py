@@ -23,8 +23,8 @@ class Policy(BaseModel):
         DEFAULT_MAX_DISTANCE, gt=0, le=2, description="A candidate or claim at or under this distance is a hit."
     )
     match_target_fmr: float | None = Field(
-        None, gt=0, lt=1, description="The threshold as a target false match rate (e.g. 0.001), converted to a distance "
-        "with the model's calibration table (docs/accuracy.md); overrides match_max_distance when set.",
+        None, gt=0, lt=1, description="The threshold as a target false match rate (e.g. 0.001), converted to a "
+        "distance with the model's calibration table (docs/accuracy.md); overrides match_max_distance when set.",
     )
     min_agreeing_frames: int = Field(
         2, ge=1, description="Frames of one source that must agree on a subject before the outcome is MATCH."

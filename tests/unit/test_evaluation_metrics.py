@@ -59,7 +59,8 @@ def test_too_few_impostor_pairs_rule() -> None:
 
 
 def acquired(identities: list[str], vectors: list[list[float]]) -> list[ev.Acquired]:
-    return [ev.Acquired(i, who, np.array(v, dtype=np.float32), 0) for i, (who, v) in enumerate(zip(identities, vectors))]
+    pairs = enumerate(zip(identities, vectors, strict=True))
+    return [ev.Acquired(i, who, np.array(v, dtype=np.float32), 0) for i, (who, v) in pairs]
 
 
 def test_all_pairs_split_by_identity() -> None:
