@@ -11,6 +11,7 @@ from typing import Any
 
 SETTINGS_CLASSES = (
     ("Kafka (all services)", "sightline.common.config", "KafkaSettings"),
+    ("Scores (matching and decision)", "sightline.common.scores", "ScoreSettings"),
     ("Tracing (all services)", "sightline.common.tracing", "TracingSettings"),
     ("capture", "sightline.capture.settings", "CaptureSettings"),
     ("detection", "sightline.detection.settings", "DetectionSettings"),

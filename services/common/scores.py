@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from sightline.common.config import SightlineSettings
 
 DEFAULT_MAX_DISTANCE = 0.6
 _DISTANCE_AT_ZERO_SIMILARITY = 2 * DEFAULT_MAX_DISTANCE
 CALIBRATION_FILE = Path(__file__).parent / "models" / "calibration_dlib_resnet_v1.json"
-CALIBRATION_ENV = "SIGHTLINE_CALIBRATION_FILE"
 
 
 def similarity(distance: float) -> float:
@@ -105,9 +108,26 @@ def _load(path: str) -> CalibrationTable:
     return CalibrationTable.load(Path(path))
 
 
+class ScoreSettings(SightlineSettings):
+    """Which calibration table turns distances into false match rates (``SIGHTLINE_CALIBRATION_FILE``)."""
+
+    config_section: ClassVar[str] = "scores"
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_", extra="ignore")
+
+    calibration_file: Path | None = Field(
+        None, description="Calibration table (from `sightline calibrate`); unset: the table shipped with the model."
+    )
+
+
+@lru_cache(maxsize=1)
+def _configured_file() -> Path:
+    # Read once per process: this sits on the per-face path (every candidate's FMR).
+    return ScoreSettings().calibration_file or CALIBRATION_FILE
+
+
 def calibration(path: Path | None = None) -> CalibrationTable:
-    """The table at ``path``, else the one named by ``SIGHTLINE_CALIBRATION_FILE``, else the shipped one (cached)."""
-    return _load(str(path or os.environ.get(CALIBRATION_ENV) or CALIBRATION_FILE))
+    """The table at ``path``, else the configured one, else the shipped one (cached)."""
+    return _load(str(path or _configured_file()))
 
 
 def fmr(distance: float) -> float:

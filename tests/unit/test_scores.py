@@ -63,13 +63,16 @@ def test_distance_for_fmr_out_of_range() -> None:
 def test_a_user_table_is_used_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "mine.json"
     path.write_text(json.dumps({"rows": [{"distance": 0.4, "fmr": 1e-4}, {"distance": 0.6, "fmr": 1e-2}]}))
-    monkeypatch.setenv(scores.CALIBRATION_ENV, str(path))
+    monkeypatch.setenv("SIGHTLINE_CALIBRATION_FILE", str(path))
+    scores._configured_file.cache_clear()  # a service reads its configuration once, at start
     assert scores.fmr(0.5) == pytest.approx(1e-3)  # log-linear halfway
     assert scores.distance_for_fmr(1e-3) == pytest.approx(0.5)
     path2 = tmp_path / "bad.json"
     path2.write_text(json.dumps({"rows": [{"distance": 0.4, "fmr": 1e-2}, {"distance": 0.6, "fmr": 1e-4}]}))
     with pytest.raises(scores.CalibrationError, match="non-decreasing"):
         scores.calibration(path2)
+    monkeypatch.delenv("SIGHTLINE_CALIBRATION_FILE")
+    scores._configured_file.cache_clear()
 
 
 def test_policy_by_target_fmr_overrides_the_distance_and_reasons_quote_it() -> None:
