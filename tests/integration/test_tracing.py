@@ -237,7 +237,12 @@ def test_with_the_console_exporter_a_service_starts_serves_and_exports(stack: Lo
         assert final.frames_published == 1
     finally:
         process.terminate()
-        assert process.wait(20) == 0, log_path.read_text()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()  # never leave a service behind; the assertion below then fails
+            process.wait()
+    assert process.returncode == 0, log_path.read_text()
 
     spans = [entry for entry in json_lines(log_path) if "context" in entry and "name" in entry]
     (frame,) = [span for span in spans if span["name"] == "capture"]

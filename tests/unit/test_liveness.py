@@ -222,7 +222,8 @@ def johns_verdicts(analyzer: FaceAnalyzer, checker: LivenessChecker, dlib_johns:
             face = analyzer.analyze(canvas, max_faces=1)[0]
             photos.append((canvas, *_geometry(face.landmarks, face.keypoints)))
         rng = np.random.default_rng(i)
-        verdicts.append(checker.assess(observe(analyzer, photo_sequence(photos, list(rng.permutation(len(photos))), rng))))
+        frames = photo_sequence(photos, list(rng.permutation(len(photos))), rng)
+        verdicts.append(checker.assess(observe(analyzer, frames)))
     return verdicts
 
 
@@ -248,7 +249,8 @@ def test_different_photos_of_one_person_pass(johns_verdicts: list) -> None:
 
 
 def test_obama_photos_pass(analyzer: FaceAnalyzer, checker: LivenessChecker, face_photos: Path) -> None:
-    photos = [_face_photo(analyzer, face_photos / name, crop=False) for name in ("obama.jpg", "obama2.jpg", "obama3.jpg")]
+    names = ("obama.jpg", "obama2.jpg", "obama3.jpg")
+    photos = [_face_photo(analyzer, face_photos / name, crop=False) for name in names]
     rng = np.random.default_rng(5)
     order = [0, 0, 1, 1, 2, 2, 1, 0, 2, 1, 0, 2]
     verdict = checker.assess(observe(analyzer, photo_sequence(photos, order, rng)))
@@ -353,7 +355,8 @@ def test_pad_model_low_probability_fails_naming_the_model(tmp_path: Path, live_o
     checker = LivenessChecker(LivenessSettings(pad_model=_constant_pad_model(tmp_path / "pad_spoof.onnx", 0.1)))
     verdict = checker.assess(live_observations)
     assert not verdict.passed and verdict.score < 0.5
-    assert len(verdict.reasons) == 1 and "pad_spoof.onnx" in verdict.reasons[0] and "0.1000 < 0.5000" in verdict.reasons[0]
+    assert len(verdict.reasons) == 1
+    assert "pad_spoof.onnx" in verdict.reasons[0] and "0.1000 < 0.5000" in verdict.reasons[0]
 
 
 def test_pad_model_without_chips_fails(tmp_path: Path, live_observations: list) -> None:
