@@ -2,7 +2,8 @@
 
 Pure logic, no Kafka: the decision service feeds it session control events and match results, and a clock tick for
 time-outs. ACCEPT needs enough good frames (quality at least the minimum, verified against the claim) and a passing
-liveness assessment, within the time budget. REFER_TO_OFFICER comes from a time-out, repeated low quality, a failed
+liveness verdict, within the time budget. Liveness itself is assessed by detection, the only stage that sees the face
+chips of consecutive frames (detection/session_liveness.py); its verdict arrives on each frame's traveller face. REFER_TO_OFFICER comes from a time-out, repeated low quality, a failed
 liveness assessment, repeated mismatches against the claim, or a stop-list hit on the traveller's face. Every outcome
 names its reasons and its evidence (frame ids, best similarity and quality, liveness score, policy and model versions).
 
@@ -17,11 +18,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from sightline.common import codec
-from sightline.common.liveness import LivenessChecker, LivenessObservation, LivenessSettings
 from sightline.common.scores import similarity
 from sightline.decision.engine import stable_id
 from sightline.v1 import events_pb2, session_pb2
@@ -42,7 +41,9 @@ class EChannelPolicy(BaseModel):
         2, ge=1, description="Good frames that fail verification against the claim before referring (mismatch)."
     )
     match_max_distance: float = Field(0.6, gt=0, description="A stop-list candidate at or under this distance is a hit.")
-    liveness: LivenessSettings = Field(default_factory=LivenessSettings, description="Multi-frame liveness checks.")
+    require_liveness: bool = Field(
+        True, description="ACCEPT only with a passing liveness verdict (from detection's multi-frame checks)."
+    )
 
 
 @dataclass
@@ -56,7 +57,8 @@ class SessionState:
     low_quality: int = 0
     verified: list[tuple[str, float, float]] = field(default_factory=list)  # (frame id, similarity, quality)
     mismatches: list[str] = field(default_factory=list)
-    observations: list[dict[str, list[list[float]]]] = field(default_factory=list)
+    liveness_assessed: bool = False
+    liveness_passed: bool = False
     first_frame_at: float | None = None
     stop_list_hit: tuple[str, float, str] | None = None  # (subject id, distance, frame id)
     liveness_score: float = 0.0
@@ -94,7 +96,6 @@ class SessionEngine:
     def __init__(self, policy: EChannelPolicy, policy_version: str) -> None:
         self.policy = policy
         self.policy_version = policy_version
-        self.liveness = LivenessChecker(policy.liveness)
 
     def open(self, event: session_pb2.SessionEvent) -> SessionState:
         opened = _seconds(event.opened_at)
@@ -125,9 +126,11 @@ class SessionEngine:
                 return self._refer(state, f"repeated low quality: {state.low_quality} frames under "
                                           f"{policy.min_quality:.0f}")  # fmt: skip
             return []
-        state.observations.append({"landmarks": codec.points_from_proto(face.landmarks).tolist(),
-                                   "keypoints": codec.points_from_proto(face.detector_keypoints).tolist(),
-                                   "box": list(codec.box_from_proto(face.box))})  # fmt: skip
+        if face.liveness.assessed:
+            state.liveness_assessed, state.liveness_passed = True, face.liveness.passed
+            state.liveness_score = face.liveness.score
+            if not face.liveness.passed and policy.require_liveness:
+                return self._refer(state, "liveness failed: " + "; ".join(face.liveness.reasons))
         return self._fold_verification(state, frame_id, face)
 
     def _fold_verification(self, state: SessionState, frame_id: str, face: events_pb2.FaceMatch) -> list[str]:
@@ -145,20 +148,11 @@ class SessionEngine:
 
     def _try_to_decide(self, state: SessionState) -> list[str]:
         needed = self.policy.min_verified_frames
-        if len(state.verified) < needed or len(state.observations) < self.policy.liveness.min_frames:
+        if len(state.verified) < needed or (self.policy.require_liveness and not state.liveness_passed):
             return []
-        verdict = self.liveness.assess([self._observation(o) for o in state.observations])
-        state.liveness_score = verdict.score
-        if not verdict.passed:
-            return self._refer(state, "liveness failed: " + "; ".join(verdict.reasons))
         state.outcome = session_pb2.SESSION_OUTCOME_ACCEPT
-        return [f"{len(state.verified)} good frames verified against the claim ({needed} needed)",
-                f"liveness passed (score {verdict.score:.2f})"]  # fmt: skip
-
-    @staticmethod
-    def _observation(data: dict[str, list[list[float]]]) -> LivenessObservation:
-        return LivenessObservation(landmarks=np.array(data["landmarks"]), keypoints=np.array(data["keypoints"]),
-                                   box=np.array(data["box"]))  # fmt: skip
+        liveness = f"liveness passed (score {state.liveness_score:.2f})" if state.liveness_passed else "liveness not required"
+        return [f"{len(state.verified)} good frames verified against the claim ({needed} needed)", liveness]
 
     def close(self, state: SessionState) -> session_pb2.SessionUpdate:
         """The kiosk sent its last frame: decide now; without enough evidence the traveller is referred."""
@@ -175,8 +169,8 @@ class SessionEngine:
         return self.update(state, self._refer(state, self._shortfall(state, f"time-out after {self.policy.budget_seconds:g} s")))
 
     def _shortfall(self, state: SessionState, why: str) -> str:
-        return (f"{why}: {len(state.verified)} of {self.policy.min_verified_frames} verified frames, "
-                f"{len(state.observations)} of {self.policy.liveness.min_frames} frames for liveness")  # fmt: skip
+        liveness = "liveness passed" if state.liveness_passed else "liveness not yet assessed"
+        return f"{why}: {len(state.verified)} of {self.policy.min_verified_frames} verified frames, {liveness}"
 
     def stop_list_alert(self, state: SessionState, watchlists: Sequence[str]) -> events_pb2.Alert | None:
         """The alert for review that a stop-list hit raises (the gate refers the traveller; a person decides)."""

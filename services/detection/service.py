@@ -19,6 +19,7 @@ from sightline.common.rpc import InvalidInput, rpc_errors
 from sightline.common.runtime import Servicer, run_service
 from sightline.common.stage import InputEvent, Output, Stage, StageError, one_at_a_time
 from sightline.common.topics import FACES, FRAMES
+from sightline.detection.session_liveness import SessionLiveness, traveller
 from sightline.detection.settings import DetectionSettings
 from sightline.v1 import detection_pb2, detection_pb2_grpc, events_pb2, types_pb2
 
@@ -44,6 +45,7 @@ class Detection:
     def __init__(self, settings: DetectionSettings) -> None:
         self.settings = settings
         self.analyzer = FaceAnalyzer(threads=settings.inference_threads, score_threshold=settings.score_threshold)
+        self.session_liveness = SessionLiveness(settings.liveness)
         # One onnxruntime session is not meant to be driven from many threads at once for our latency goals.
         self._lock = threading.Lock()
 
@@ -68,8 +70,17 @@ class Detection:
             detector_model=self.analyzer.model_name,
             detected_at=codec.now(),
         )
+        self._assess_liveness(ref, faces, detected)
         telemetry.END_TO_END_LATENCY.labels(SERVICE).observe(codec.seconds_since(ref.captured_at))
         return [Output(FACES, ref.source_id.encode(), detected.SerializeToString())]
+
+
+    def _assess_liveness(self, ref: types_pb2.FrameRef, faces: list[AnalyzedFace], detected: events_pb2.FacesDetected) -> None:  # noqa: E501
+        """E-channel frames: the session's liveness verdict so far goes on the traveller's face."""
+        face = traveller(faces) if ref.purpose == types_pb2.PURPOSE_ECHANNEL and ref.session_id else None
+        if face is not None:
+            at = ref.captured_at.seconds + ref.captured_at.nanos / 1e9
+            detected.faces[face.index].liveness.CopyFrom(self.session_liveness.observe(ref.session_id, face, at))
 
 
 class DetectionServicer(detection_pb2_grpc.DetectionServiceServicer):

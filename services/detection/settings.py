@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from sightline.common.config import ServiceSettings
+from sightline.common.liveness import LivenessSettings
 from sightline.common.images import DEFAULT_MAX_PIXELS
 from sightline.common.ports import GRPC_PORTS, METRICS_PORTS
 
@@ -22,4 +23,9 @@ class DetectionSettings(ServiceSettings):
     max_faces: int = Field(16, ge=1, description="Most faces kept per frame, best first.")
     max_image_pixels: int = Field(
         DEFAULT_MAX_PIXELS, ge=1, description="Larger frames are dead-lettered (image_too_large) before decoding."
+    )
+    liveness: LivenessSettings = Field(
+        default_factory=LivenessSettings,
+        description="Multi-frame liveness checks of e-channel sessions (JSON, or the YAML file's detection section; "
+        "see docs/liveness.md).",
     )

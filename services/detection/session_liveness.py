@@ -1,0 +1,68 @@
+"""Liveness of e-channel sessions, assessed where the face chips are: in the detection service.
+
+The liveness checks compare the traveller's aligned chips across frames (docs/liveness.md), and chips never leave
+detection (only short-retention topics may hold them, and only up to embedding). So detection keeps, per open
+session, the traveller's recent observations in memory and attaches the current verdict to the traveller's face of
+each e-channel frame; the decision service fuses verdicts, never pixels. A gate's frames are keyed by its id, so all
+frames of a session reach the same detection replica in order. Buffers of sessions that have gone quiet are dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sightline.common.liveness import LivenessChecker, LivenessObservation, LivenessSettings
+from sightline.common.models.pipeline import AnalyzedFace
+from sightline.v1 import types_pb2
+
+MAX_FRAMES_PER_SESSION = 30
+IDLE_SECONDS = 120.0
+MAX_SESSIONS = 1000
+
+
+@dataclass
+class _Session:
+    observations: list[LivenessObservation] = field(default_factory=list)
+    last_seen: float = 0.0
+
+
+def traveller(faces: Sequence[AnalyzedFace]) -> AnalyzedFace | None:
+    """The face nearest the camera (largest box): the traveller; others in view are bystanders."""
+    if not faces:
+        return None
+    return max(faces, key=lambda f: float((f.box[2] - f.box[0]) * (f.box[3] - f.box[1])))
+
+
+class SessionLiveness:
+    def __init__(self, settings: LivenessSettings | None = None) -> None:
+        self.checker = LivenessChecker(settings or LivenessSettings())
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def observe(self, session_id: str, face: AnalyzedFace, at: float) -> types_pb2.LivenessResult:
+        """Add the traveller's face of one frame and return the session's verdict as of this frame."""
+        with self._lock:
+            session = self._session(session_id, at)
+            session.observations.append(LivenessObservation.from_face(face))
+            del session.observations[:-MAX_FRAMES_PER_SESSION]
+            observations = list(session.observations)
+        needed = self.checker.settings.min_frames
+        if len(observations) < needed:
+            return types_pb2.LivenessResult(assessed=False, frames=len(observations),
+                                            reasons=[f"need {needed} frames, have {len(observations)}"])  # fmt: skip
+        verdict = self.checker.assess(observations)
+        return types_pb2.LivenessResult(assessed=True, passed=verdict.passed, score=verdict.score,
+                                        reasons=list(verdict.reasons), frames=len(observations))  # fmt: skip
+
+    def _session(self, session_id: str, at: float) -> _Session:
+        for stale in [k for k, s in self._sessions.items() if at - s.last_seen > IDLE_SECONDS]:
+            del self._sessions[stale]
+        session = self._sessions.pop(session_id, None) or _Session()
+        session.last_seen = at
+        self._sessions[session_id] = session
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+        return session
