@@ -83,10 +83,12 @@ class DecisionEngine:
                 return _Hit(v.subject_id, v.distance, v.similarity, [],
                             f"claim verified: distance {v.distance:.3f} <= {shown}; {_fmr_text(v.distance)}")
             return None
-        if face.candidates and face.candidates[0].distance <= limit:
-            best = face.candidates[0]
-            return _Hit(best.subject_id, best.distance, best.similarity, list(best.watchlists),
-                        f"best candidate: distance {best.distance:.3f} <= {shown}; {_fmr_text(best.distance)}")
+        for candidate in face.candidates:  # most alike first; lists may set their own thresholds
+            threshold, shown = self.policy.threshold_for(list(candidate.watchlists))
+            if candidate.distance <= threshold:
+                return _Hit(candidate.subject_id, candidate.distance, candidate.similarity, list(candidate.watchlists),
+                            f"best candidate: distance {candidate.distance:.3f} <= {shown}; "
+                            f"{_fmr_text(candidate.distance)}")  # fmt: skip
         return None
 
     def _no_match(self, decision: events_pb2.Decision, frame: types_pb2.FrameRef, face: events_pb2.FaceMatch) -> events_pb2.Decision:  # noqa: E501

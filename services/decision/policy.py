@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from sightline.common.scores import DEFAULT_MAX_DISTANCE, distance_for_fmr, format_fmr
 
@@ -26,6 +26,10 @@ class Policy(BaseModel):
         None, gt=0, lt=1, description="The threshold as a target false match rate (e.g. 0.001), converted to a "
         "distance with the model's calibration table (docs/accuracy.md); overrides match_max_distance when set.",
     )
+    watchlist_target_fmr: dict[str, float] = Field(
+        default_factory=dict, description="Per-watchlist thresholds as target false match rates, e.g. "
+        "{stop-list: 0.0001, vip: 0.01}; a candidate on such a list is a hit within that list's threshold.",
+    )
     min_agreeing_frames: int = Field(
         2, ge=1, description="Frames of one source that must agree on a subject before the outcome is MATCH."
     )
@@ -40,11 +44,29 @@ class Policy(BaseModel):
         60.0, ge=0, description="Further MATCHes of the same subject on the same source within this span raise no alert."
     )
 
+    _watchlist_distances: dict[str, float] = PrivateAttr(default_factory=dict)
+
     @model_validator(mode="after")
     def _threshold_from_target_fmr(self) -> Policy:
         if self.match_target_fmr is not None:  # the model is frozen: set the derived threshold once, here
             object.__setattr__(self, "match_max_distance", distance_for_fmr(self.match_target_fmr))
+        for name, target in self.watchlist_target_fmr.items():
+            if not 0 < target < 1:
+                raise ValueError(f"watchlist_target_fmr[{name!r}] must be in (0, 1), got {target}")
+            self._watchlist_distances[name] = distance_for_fmr(target)
         return self
+
+    def threshold_for(self, watchlists: list[str]) -> tuple[float, str]:
+        """The distance threshold for a candidate on these watchlists, and how reasons quote it.
+
+        A list with its own target FMR sets its own threshold; a subject on several such lists is a hit when it is
+        within any of them (each list's promise holds for that list). Other subjects use the global threshold.
+        """
+        own = [(self._watchlist_distances[w], w) for w in watchlists if w in self._watchlist_distances]
+        if not own:
+            return self.match_max_distance, self.describe_threshold()
+        distance, name = max(own)
+        return distance, f"{distance:.3f} (watchlist {name}: target FMR {format_fmr(self.watchlist_target_fmr[name])})"
 
     def describe_threshold(self) -> str:
         """The threshold as reasons quote it: the distance, and the target FMR it came from when there is one."""

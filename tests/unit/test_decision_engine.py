@@ -118,3 +118,19 @@ def test_policy_file_is_validated(tmp_path: Path) -> None:
 def test_example_policy_file_is_valid() -> None:
     policy = load_policy(Path(__file__).parents[2] / "examples" / "policy.yaml")
     assert policy.version == "example-1"
+
+
+def test_watchlists_set_their_own_thresholds_by_target_fmr() -> None:
+    from sightline.common.scores import distance_for_fmr
+
+    policy = Policy(min_agreeing_frames=1, watchlist_target_fmr={"strict": 1e-4, "lenient": 1e-2})
+    strict, lenient = distance_for_fmr(1e-4), distance_for_fmr(1e-2)
+    between = (strict + lenient) / 2
+    engine = DecisionEngine(policy)
+    on_strict, _ = engine.decide(match_result(1, 1.0, distance=between, watchlists=("strict",)))
+    on_lenient, _ = engine.decide(match_result(2, 1.1, distance=between, watchlists=("lenient",), source="b"))
+    on_both, _ = engine.decide(match_result(3, 1.2, distance=between, watchlists=("strict", "lenient"), source="c"))
+    assert outcome_names(on_strict + on_lenient + on_both) == ["OUTCOME_NO_MATCH", "OUTCOME_MATCH", "OUTCOME_MATCH"]
+    assert "watchlist lenient: target FMR" in on_lenient[0].reasons[0]
+    with pytest.raises(ValueError, match="watchlist_target_fmr"):
+        Policy(watchlist_target_fmr={"x": 2.0})
