@@ -41,6 +41,7 @@ HOST = "127.0.0.1"
 STATE_FILE = "stack.json"
 KEY_FILE = "template.key"
 GALLERY_DB = "gallery.db"
+DECISION_DB = "decision.db"  # alerts, reviews and the audit trail
 STATE_VERSION = 1
 SERVICE_STOP_TIMEOUT = 15.0  # services stop within ~10 s on SIGTERM; past this they are killed
 BROKER_STOP_TIMEOUT = 5.0
@@ -575,6 +576,8 @@ class LocalStack:
             env.setdefault("SIGHTLINE_MATCHING_TEMPLATE_KEY", key)
             env["SIGHTLINE_MATCHING_DETECTION_ADDR"] = f"{HOST}:{self.ports.grpc['detection']}"
             env["SIGHTLINE_MATCHING_EMBEDDING_ADDR"] = f"{HOST}:{self.ports.grpc['embedding']}"
+        if name == "decision":
+            env.setdefault("SIGHTLINE_DECISION_DATABASE_URL", f"sqlite:///{self.run_dir / DECISION_DB}")
         if name == "decision" and self.policy_file:
             env["SIGHTLINE_DECISION_POLICY_FILE"] = str(self.policy_file)
         return env

@@ -44,6 +44,7 @@ TOPICS = {
     "sightline.decisions.v1": ("decision", (), 7 * DAY_MS),
     "sightline.alerts.v1": ("decision", (), 30 * DAY_MS),
     "sightline.deadletter.v1": ("*", (), DAY_MS),
+    "sightline.audit.v1": ("*", (), 365 * DAY_MS),
 }
 INPUT_TOPIC = {c: t for t, (_, consumers, _) in TOPICS.items() for c in consumers}
 PUBLIC_SERVICES = {"capture", "matching", "decision"}  # reached by external clients over gRPC
