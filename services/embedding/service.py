@@ -66,7 +66,9 @@ class Embedding:
         )
         for face in detected.faces:
             vector = next(descriptors)  # type: ignore[call-overload]
-            embedded.faces.add(face_index=face.index, box=face.box, quality=face.quality, vector=vector.tolist())
+            embedded.faces.add(face_index=face.index, box=face.box, quality=face.quality, vector=vector.tolist(),
+                               landmarks=face.landmarks, detector_keypoints=face.detector_keypoints,
+                               liveness=face.liveness)  # fmt: skip
         telemetry.END_TO_END_LATENCY.labels(SERVICE).observe(codec.seconds_since(detected.frame.captured_at))
         return [Output(EMBEDDINGS, detected.frame.source_id.encode(), embedded.SerializeToString())]
 

@@ -52,7 +52,9 @@ def match_frame(gallery: Gallery, top_k: int, event: InputEvent) -> list[Output]
             raise codec.MalformedEvent(f"descriptors have {vectors.shape[1]} values, expected 128")
         candidates = gallery.search(vectors, top_k, frame.watchlists)
         for face, vector, found in zip(embedded.faces, vectors, candidates, strict=True):
-            match = result.faces.add(face_index=face.face_index, box=face.box, quality=face.quality, candidates=found)
+            match = result.faces.add(face_index=face.face_index, box=face.box, quality=face.quality, candidates=found,
+                                     landmarks=face.landmarks, detector_keypoints=face.detector_keypoints,
+                                     liveness=face.liveness)  # fmt: skip
             if frame.claim_subject_id:
                 match.verification.CopyFrom(gallery.verify(vector, frame.claim_subject_id))
     result.matched_at.CopyFrom(codec.now())
