@@ -288,3 +288,23 @@ def test_notes_warn_about_idle_replicas(helm: str) -> None:
     # embedding may reach 6 replicas on a 4-partition topic; detection's 8 match frames' 8 partitions.
     assert "embedding may run up to 6 replicas" in text and "sit idle" in text
     assert "detection may run" not in text
+
+
+def test_tracing_is_off_by_default_and_otlp_reaches_the_collector(helm: str) -> None:
+    def env(r: Rendered, service: str) -> dict[str, str]:
+        container = r.one("Deployment", f"{RELEASE}-sightline-{service}")["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value", "") for e in container["env"]}
+
+    default = render(helm, [])
+    assert env(default, "detection")["SIGHTLINE_TRACING_EXPORTER"] == "none"
+    assert "SIGHTLINE_TRACING_OTLP_ENDPOINT" not in env(default, "detection")
+    on = render(helm, [], ["tracing.exporter=otlp", "tracing.otlpEndpoint=http://otel.observability:4317"])
+    for service in ("capture", "detection", "embedding", "matching", "decision"):
+        assert env(on, service)["SIGHTLINE_TRACING_OTLP_ENDPOINT"] == "http://otel.observability:4317"
+    services = {f"{RELEASE}-sightline-{s}" for s in ("capture", "detection", "embedding", "matching", "decision")}
+    policies = [p for p in on.kind("NetworkPolicy") if p["metadata"]["name"] in services]
+    assert len(policies) == 5
+    assert policies and all(any(port.get("port") == 4317 for rule in p["spec"]["egress"] for port in rule.get("ports", []))
+                            for p in policies)  # fmt: skip
+    assert not any(port.get("port") == 4317 for p in default.kind("NetworkPolicy") for rule in p["spec"].get("egress", [])
+                   for port in rule.get("ports", []))  # fmt: skip
