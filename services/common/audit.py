@@ -24,7 +24,6 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -32,7 +31,7 @@ from typing import Any
 
 import grpc
 
-from sightline.common.sqlstore import Backend, Cursor, Migration, StoreError, migrate, open_backend
+from sightline.common.sqlstore import Backend, BackendStore, Cursor, Migration, StoreError, migrate, open_backend
 
 log = logging.getLogger(__name__)
 
@@ -204,13 +203,15 @@ _COLUMNS = "sequence, at, principal, action, subject_id, purpose, result, detail
 # -- the log -----------------------------------------------------------------------------------------------------
 
 
-class AuditLog:
+class AuditLog(BackendStore):
     """Append and read audit records, and verify their chain; thread-safe (one lock around one connection)."""
 
+    closed_error = AuditError
+    what = "audit log"
+
     def __init__(self, backend: Backend, publish: Callable[[AuditRecord], None] | None = None) -> None:
-        self._backend = backend
+        super().__init__(backend)
         self._publish = publish
-        self._closed = False
 
     @classmethod
     def open(cls, url: str, publish: Callable[[AuditRecord], None] | None = None, create: bool = True) -> AuditLog:
@@ -280,25 +281,7 @@ class AuditLog:
             return ChainReport(False, checked, checked + 1, problem, head_sequence, head_hash)
         return ChainReport(True, checked, None, f"{checked} record(s), chain intact", head_sequence, head_hash)
 
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._backend.close()
-
-    def __enter__(self) -> AuditLog:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- internals -----------------------------------------------------------------------------------------------
-
-    @contextmanager
-    def _tx(self, write: bool) -> Iterator[Cursor]:
-        if self._closed:
-            raise AuditError("audit log is closed")
-        with self._backend.transaction(write) as cursor:
-            yield cursor
 
     def _append(self, cur: Cursor, action: str, principal: str, subject_id: str, purpose: str, result: str,
                 details: dict[str, str]) -> AuditRecord:  # fmt: skip

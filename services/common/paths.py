@@ -31,3 +31,8 @@ def samples_dir() -> Path:
 def run_dir() -> Path:
     """State of the local stack: pids, ports, logs, SQLite gallery (``$SIGHTLINE_RUN_DIR``, default ``<home>/run``)."""
     return Path(os.environ.get("SIGHTLINE_RUN_DIR") or sightline_home() / "run").expanduser()
+
+
+def default_sqlite_url(file_name: str) -> str:
+    """``sqlite:///<run dir>/<file_name>``: where a service keeps its database when none is configured."""
+    return f"sqlite:///{run_dir() / file_name}"

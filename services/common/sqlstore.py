@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -212,6 +212,39 @@ class PostgresBackend:
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
+
+
+class BackendStore:
+    """What every store over a ``Backend`` shares: close once, use as a context manager, and transactions that refuse
+    to run after close with the store's own error type."""
+
+    closed_error: type[StoreError] = StoreError
+    what = "store"
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._closed = False
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._backend.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self, write: bool) -> Iterator[Cursor]:
+        if self._closed:
+            raise self.closed_error(f"{self.what} is closed")
+        with self._backend.transaction(write) as cursor:
+            yield cursor
+
+    def _now(self) -> Any:
+        return self._backend.dialect.to_db_time(datetime.now(UTC))
 
 
 def redact_url(url: str) -> str:

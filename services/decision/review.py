@@ -30,7 +30,7 @@ import grpc
 
 from sightline.common.audit import Action, AuditLog, principal_of
 from sightline.common.rpc import InvalidInput, NotFound
-from sightline.common.sqlstore import Backend, Cursor, Migration, StoreError, migrate, open_backend
+from sightline.common.sqlstore import Backend, BackendStore, Cursor, Migration, StoreError, migrate, open_backend
 from sightline.v1 import events_pb2, review_pb2
 
 log = logging.getLogger(__name__)
@@ -139,13 +139,15 @@ MIGRATIONS: list[Migration] = [
 ]
 
 
-class ReviewStore:
+class ReviewStore(BackendStore):
     """Alerts, their reviews and suppressions in SQLite or PostgreSQL; thread-safe (one lock, one connection)."""
 
+    closed_error = ReviewStoreError
+    what = "review store"
+
     def __init__(self, backend: Backend, suppression_seconds: float = 3600.0) -> None:
-        self._backend = backend
+        super().__init__(backend)
         self._suppression = timedelta(seconds=suppression_seconds) if suppression_seconds > 0 else None
-        self._closed = False
 
     @classmethod
     def open(cls, url: str, suppression_seconds: float = 3600.0) -> ReviewStore:
@@ -279,28 +281,7 @@ class ReviewStore:
         return [Feedback(a, s, tr, sub, r, c, t(at), t(exp) if exp is not None else None)
                 for a, s, tr, sub, r, c, at, exp in rows]  # fmt: skip
 
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._backend.close()
-
-    def __enter__(self) -> ReviewStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- internals -----------------------------------------------------------------------------------------------
-
-    @contextmanager
-    def _tx(self, write: bool) -> Iterator[Cursor]:
-        if self._closed:
-            raise ReviewStoreError("review store is closed")
-        with self._backend.transaction(write) as cursor:
-            yield cursor
-
-    def _now(self) -> Any:
-        return self._backend.dialect.to_db_time(datetime.now(UTC))
 
     def _resolve(self, cur: Cursor, alert_id: str) -> str:
         """The full id of an alert named by its id or an unambiguous hex prefix (the CLI shows 12 characters)."""

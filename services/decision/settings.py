@@ -13,9 +13,6 @@ from sightline.common.config import ServiceSettings
 from sightline.common.ports import GRPC_PORTS, METRICS_PORTS
 
 
-def _default_database_url() -> str:
-    return f"sqlite:///{paths.run_dir() / 'decision.db'}"
-
 
 class DecisionSettings(ServiceSettings):
     config_section: ClassVar[str] = "decision"
@@ -25,7 +22,7 @@ class DecisionSettings(ServiceSettings):
     metrics_port: int = Field(METRICS_PORTS["decision"], description="Prometheus metrics port.")
     policy_file: Path | None = Field(None, description="YAML decision policy; the built-in defaults when unset.")
     database_url: SecretStr = Field(
-        default_factory=lambda: SecretStr(_default_database_url()),
+        default_factory=lambda: SecretStr(paths.default_sqlite_url("decision.db")),
         description="Alerts under review, their reviews and the audit log: sqlite:///PATH (default <run dir>/decision.db)"
         " or postgresql://USER@HOST/DB (needed for more than one replica).",
     )

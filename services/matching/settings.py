@@ -13,9 +13,6 @@ from sightline.common.ports import GRPC_PORTS, METRICS_PORTS
 from sightline.common.scores import DEFAULT_MAX_DISTANCE, distance_for_fmr
 
 
-def _default_database_url() -> str:
-    return f"sqlite:///{paths.run_dir() / 'gallery.db'}"
-
 
 class MatchingSettings(ServiceSettings):
     config_section: ClassVar[str] = "matching"
@@ -24,7 +21,7 @@ class MatchingSettings(ServiceSettings):
     grpc_port: int = Field(GRPC_PORTS["matching"], description="gRPC port (GalleryService and health).")
     metrics_port: int = Field(METRICS_PORTS["matching"], description="Prometheus metrics port.")
     database_url: SecretStr = Field(
-        default_factory=lambda: SecretStr(_default_database_url()),
+        default_factory=lambda: SecretStr(paths.default_sqlite_url("gallery.db")),
         description="Gallery database: sqlite:///PATH (default <run dir>/gallery.db) or postgresql://USER@HOST/DB.",
     )
     template_key: SecretStr = Field(

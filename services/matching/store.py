@@ -14,17 +14,16 @@ every store (``common/sqlstore.py``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 
 from sightline.common.sqlstore import Backend as _Backend
 from sightline.common.sqlstore import Cursor as _Cursor
-from sightline.common.sqlstore import Migration, StoreError, migrate, open_backend
+from sightline.common.sqlstore import BackendStore, Migration, StoreError, migrate, open_backend
 from sightline.common.sqlstore import redact_url  # noqa: F401 - part of this module's API (tests, callers)
 from sightline.matching.templates import TemplateCipher, TemplateDecryptionError, UnknownKeyError
 
@@ -103,13 +102,15 @@ def _open_backend(url: str) -> _Backend:
 # -- the store ---------------------------------------------------------------------------------------------------
 
 
-class GalleryStore:
+class GalleryStore(BackendStore):
     """Subjects, encrypted templates and watchlists; thread-safe (one lock around one connection)."""
 
+    closed_error = GalleryStoreError
+    what = "gallery store"
+
     def __init__(self, backend: _Backend, cipher: TemplateCipher) -> None:
-        self._backend = backend
+        super().__init__(backend)
         self._cipher = cipher
-        self._closed = False
 
     @classmethod
     def open(cls, url: str, cipher: TemplateCipher) -> GalleryStore:
@@ -285,28 +286,7 @@ class GalleryStore:
         with self._tx(write=False) as cur:
             return int(cur.execute("SELECT version FROM gallery_state WHERE id = 1").fetchone()[0])
 
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._backend.close()
-
-    def __enter__(self) -> GalleryStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- internals -----------------------------------------------------------------------------------------------
-
-    @contextmanager
-    def _tx(self, write: bool) -> Iterator[_Cursor]:
-        if self._closed:
-            raise GalleryStoreError("gallery store is closed")
-        with self._backend.transaction(write) as cursor:
-            yield cursor
-
-    def _now(self) -> Any:
-        return self._backend.dialect.to_db_time(datetime.now(UTC))
 
     @staticmethod
     def _bump_version(cur: _Cursor) -> None:

@@ -6,7 +6,6 @@ throwaway database; skipped, saying so, when no server is reachable).
 
 from __future__ import annotations
 
-import secrets
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -21,17 +20,6 @@ from sightline.v1 import audit_pb2
 # -- fixtures ----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture()
-def pg_schema_url(postgres_url: str) -> Iterator[str]:
-    """The session database with a schema only this test uses first on the search path."""
-    import psycopg
-
-    schema = f"t_{secrets.token_hex(6)}"
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    yield f"{postgres_url}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

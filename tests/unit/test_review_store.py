@@ -5,7 +5,6 @@ Each test runs on a SQLite file and, marked ``postgres``, on PostgreSQL (a schem
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,16 +24,6 @@ from sightline.decision.review import (
 from sightline.v1 import events_pb2, review_pb2
 
 
-@pytest.fixture()
-def pg_schema_url(postgres_url: str) -> Iterator[str]:
-    import psycopg
-
-    schema = f"t_{secrets.token_hex(6)}"
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    yield f"{postgres_url}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
