@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sightline.cli.evaluate import add_pipeline_arguments
+
 # face_recognition's 32bit.png is obama2.jpg saved as RGBA: the same photo twice would be a fake genuine pair.
 REGISTRY_FACE_RECOGNITION = {"obama": ("obama.jpg", "obama2.jpg", "obama3.jpg", "obama_partial_face.jpg",
                                        "obama_partial_face2.jpg"), "biden": ("biden.jpg",)}  # fmt: skip
@@ -41,10 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="photos whose faces are all different people (repeatable)")
     parser.add_argument("--registry-samples", action="store_true",
                         help="use the sample photos of `make samples` (how the shipped table is made)")
-    parser.add_argument("--chips", choices=("auto", "always", "never"), default="auto",
-                        help="embed images directly as aligned chips: auto = those of exactly 150x150 (default)")
-    parser.add_argument("--models-dir", type=Path, help="converted models (default: SIGHTLINE_MODELS_DIR)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_pipeline_arguments(parser)
     parser.set_defaults(func=cmd_calibrate)
 
 

@@ -21,6 +21,14 @@ DEFAULT_THRESHOLDS = (0.4, 0.5, 0.6)
 REPORTED_FARS = (1e-2, 1e-3)
 
 
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every dataset command shares: chips, models folder, progress bar."""
+    parser.add_argument("--chips", choices=("auto", "always", "never"), default="auto",
+                        help="embed images directly as aligned chips: auto = those of exactly 150x150 (default)")
+    parser.add_argument("--models-dir", type=Path, help="converted models (default: SIGHTLINE_MODELS_DIR)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="accuracy report (FTA, FMR/FNMR, EER, TAR@FAR, rank-1) on a dataset")
     parser.add_argument("dataset", type=Path, metavar="DATASET",
@@ -29,10 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--images", type=Path, metavar="DIR", help="images of a pairs file (default: its folder)")
     parser.add_argument("--thresholds", type=_thresholds, default=DEFAULT_THRESHOLDS, metavar="D,D,...",
                         help="distance thresholds to report FMR and FNMR at (default 0.4,0.5,0.6)")
-    parser.add_argument("--chips", choices=("auto", "always", "never"), default="auto",
-                        help="embed images directly as aligned chips: auto = those of exactly 150x150 (default)")
-    parser.add_argument("--models-dir", type=Path, help="converted models (default: SIGHTLINE_MODELS_DIR)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_pipeline_arguments(parser)
     parser.set_defaults(func=cmd_eval)
 
 
