@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sightline.common import codec
@@ -45,8 +46,10 @@ def stable_id(*parts: str) -> str:
 
 
 class DecisionEngine:
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, suppressed: Callable[[str, str], bool] | None = None) -> None:
+        """``suppressed(source_id, subject_id)``: whether a reviewer said "not this person" there (review.py)."""
         self.policy = policy
+        self._suppressed = suppressed or (lambda source_id, subject_id: False)
         self._hits: OrderedDict[tuple[str, str], _Hits] = OrderedDict()
 
     def decide(self, result: events_pb2.MatchResult) -> tuple[list[events_pb2.Decision], list[events_pb2.Alert]]:
@@ -144,8 +147,11 @@ class DecisionEngine:
         if hits.last_alert_at is not None and at - hits.last_alert_at < self.policy.alert_cooldown_seconds:
             decision.reasons.append("alert merged: same subject on this source within the cool-down")
             return None
-        hits.last_alert_at = at
         frame = decision.frame
+        if self._suppressed(frame.source_id, hit.subject_id):
+            decision.reasons.append("alert suppressed: a reviewer said this is not the person, on this source")
+            return None
+        hits.last_alert_at = at
         alert = events_pb2.Alert(
             alert_id=stable_id(frame.source_id, hit.subject_id, decision.evidence_frame_ids[0]),
             decision_id=decision.decision_id, source_id=frame.source_id, subject_id=hit.subject_id,

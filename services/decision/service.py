@@ -44,12 +44,12 @@ def decide(engine: DecisionEngine, event: InputEvent, recorder: AlertRecorder | 
 def main() -> None:
     settings, kafka = DecisionSettings(), KafkaSettings()
     policy = load_policy(settings.policy_file)
-    engine = DecisionEngine(policy)
     log.info("policy loaded", extra={"policy_version": policy.version})
     url = settings.database_url.get_secret_value()
     publisher = TopicPublisher(kafka)
     audit = AuditLog.open(url, publish=audit_topic_publisher(publisher))
     reviews = ReviewStore.open(url, settings.suppression_seconds)
+    engine = DecisionEngine(policy, suppressed=reviews.suppressed)
     recorder = AlertRecorder(reviews, audit)
     review_servicer = ReviewServicer(reviews, audit, alert_publisher(publisher))
     # Status changes a previous run stored but could not publish go out now, without holding up the start.

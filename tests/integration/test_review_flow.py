@@ -21,7 +21,7 @@ from sightline.common.bus import make_producer, read_topics
 from sightline.common.config import KafkaSettings
 from sightline.common.localstack import LocalStack
 from sightline.common.rpc import channel
-from sightline.common.topics import ALERTS, AUDIT, MATCHES
+from sightline.common.topics import ALERTS, AUDIT, DECISIONS, MATCHES
 from sightline.v1 import audit_pb2, audit_pb2_grpc, events_pb2, review_pb2, review_pb2_grpc, types_pb2
 
 
@@ -172,6 +172,20 @@ def test_review_and_audit_commands(stack: LocalStack, kafka: KafkaSettings, tmp_
     shown = sightline("review", "show", short, "--decision", address)
     assert shown.returncode == 0 and raised.alert_id in shown.stdout and shown.stdout.count(" by ") == 2
     assert sightline("review", "show", "ffffff", "--decision", address).returncode == 1
+    alert_events(kafka, "lobby-cam", [events_pb2.ALERT_STATUS_PENDING_REVIEW, events_pb2.ALERT_STATUS_REJECTED])
+
+    # "Not this person": the same subject on the same camera, after the cool-down, is matched but raises no alert.
+    producer = make_producer(kafka)
+    later = time.time() + 120
+    for seq in (3, 4):
+        producer.send(MATCHES.name, key=b"lobby-cam", value=match_result("lobby-cam", seq, later + seq).SerializeToString())
+    producer.flush(10)
+    producer.close()
+    decisions = wait_for(kafka, DECISIONS.name, events_pb2.Decision.FromString,
+                         lambda seen: {d.frame.sequence for d in seen if d.frame.source_id == "lobby-cam"} >= {3, 4})
+    suppressed = [d for d in decisions if d.frame.source_id == "lobby-cam" and d.frame.sequence in (3, 4)]
+    assert not any(d.alert_id for d in suppressed)
+    assert any(d.outcome == events_pb2.OUTCOME_MATCH and "alert suppressed" in d.reasons[-1] for d in suppressed)
     alert_events(kafka, "lobby-cam", [events_pb2.ALERT_STATUS_PENDING_REVIEW, events_pb2.ALERT_STATUS_REJECTED])
 
     url = f"sqlite:///{database(stack)}"

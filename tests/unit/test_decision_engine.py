@@ -134,3 +134,13 @@ def test_watchlists_set_their_own_thresholds_by_target_fmr() -> None:
     assert "watchlist lenient: target FMR" in on_lenient[0].reasons[0]
     with pytest.raises(ValueError, match="watchlist_target_fmr"):
         Policy(watchlist_target_fmr={"x": 2.0})
+
+
+def test_a_not_this_person_suppression_stops_alerts_for_that_subject_on_that_source() -> None:
+    suppressions = {("cam", "alice")}
+    engine = DecisionEngine(Policy(min_agreeing_frames=1), suppressed=lambda source, subject: (source, subject) in suppressions)
+    decisions, alerts = engine.decide(match_result(1, 1.0))
+    assert outcome_names(decisions) == ["OUTCOME_MATCH"] and alerts == []
+    assert "alert suppressed" in decisions[0].reasons[-1]
+    _, elsewhere = engine.decide(match_result(1, 1.0, source="other-cam"))
+    assert len(elsewhere) == 1
