@@ -179,9 +179,10 @@ def test_network_policies_allow_only_the_designed_flows(helm: str) -> None:
 
 def test_network_policy_database_egress_with_postgres(helm: str) -> None:
     r = render(helm, VARIANTS["postgres"])
-    p = r.one("NetworkPolicy", f"{RELEASE}-sightline-matching")
-    assert 5432 in {x["port"] for rule in p["spec"]["egress"] for x in rule["ports"]}
-    for svc in ("capture", "detection", "embedding", "decision"):
+    for svc in ("matching", "decision"):  # the gallery; alerts, reviews and the audit trail
+        p = r.one("NetworkPolicy", f"{RELEASE}-sightline-{svc}")
+        assert 5432 in {x["port"] for rule in p["spec"]["egress"] for x in rule["ports"]}
+    for svc in ("capture", "detection", "embedding"):
         other = r.one("NetworkPolicy", f"{RELEASE}-sightline-{svc}")
         ports = {x["port"] for rule in other["spec"]["egress"] for x in rule["ports"]}
         assert 5432 not in ports
@@ -308,3 +309,15 @@ def test_tracing_is_off_by_default_and_otlp_reaches_the_collector(helm: str) -> 
                             for p in policies)  # fmt: skip
     assert not any(port.get("port") == 4317 for p in default.kind("NetworkPolicy") for rule in p["spec"].get("egress", [])
                    for port in rule.get("ports", []))  # fmt: skip
+
+
+def test_decision_keeps_reviews_and_audit_in_postgresql_when_configured(helm: str) -> None:
+    def decision_db(r: Rendered) -> dict[str, Any]:
+        container = r.one("Deployment", f"{RELEASE}-sightline-decision")["spec"]["template"]["spec"]["containers"][0]
+        return next(e for e in container["env"] if e["name"] == "SIGHTLINE_DECISION_DATABASE_URL")
+
+    pg = render(helm, [], ["matching.database.mode=postgresql", "matching.database.postgresql.existingSecret=db"])
+    assert decision_db(pg)["valueFrom"]["secretKeyRef"]["name"] == "db"
+    policy = pg.one("NetworkPolicy", f"{RELEASE}-sightline-decision")
+    assert any(port.get("port") == 5432 for rule in policy["spec"]["egress"] for port in rule.get("ports", []))
+    assert decision_db(render(helm, []))["value"].startswith("sqlite:////tmp/")
