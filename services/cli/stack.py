@@ -95,12 +95,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted while starting; everything that had started is stopped", file=sys.stderr)
         return 130
-    _print_ready(stack)
     if args.detach:
+        _print_ready(stack)
         print("running in the background: `sightline status` to check it, `sightline down` to stop it")
         return 0
-    print("press Ctrl-C to stop", flush=True)
-    return _supervise(stack, args.exit_on_crash)
+    try:  # from here on a Ctrl-C, wherever it lands, stops the stack: it must never leave processes behind
+        _print_ready(stack)
+        print("press Ctrl-C to stop", flush=True)
+        return _supervise(stack, args.exit_on_crash)
+    except KeyboardInterrupt:
+        _stop(stack)
+        return 0
 
 
 def _interrupt_on(*signals: signal.Signals) -> None:

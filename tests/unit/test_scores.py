@@ -76,7 +76,7 @@ def test_a_user_table_is_used_from_the_environment(tmp_path: Path, monkeypatch: 
 
 
 def test_policy_by_target_fmr_overrides_the_distance_and_reasons_quote_it() -> None:
-    from tests.unit.test_decision_engine import match_result
+    from test_decision_engine import match_result  # a sibling module: tests/unit is on sys.path
 
     policy = Policy(match_target_fmr=1e-3, match_max_distance=0.9)
     assert policy.match_max_distance == pytest.approx(scores.distance_for_fmr(1e-3))
