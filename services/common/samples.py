@@ -24,7 +24,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from sightline.common.models.fetch import FetchError, pip_download, run_install_step, sha256_file, step
+from sightline.common.models.fetch import FetchError, pip_download, run_install_step, sha256_file, step, verify_download
 from sightline.common.paths import samples_dir
 
 log = logging.getLogger(__name__)
@@ -191,12 +191,7 @@ def download_dlib_source(cache: Path) -> Path:
         _run_apt([*apt, "source", "--download-only", wanted], apt_root, "apt-get source")
     if not tarball.is_file():
         raise FetchError(f"apt did not produce {DLIB_ORIG_TARBALL} in {apt_root}")
-    actual = sha256_file(tarball)
-    if actual != DLIB_ORIG_SHA256:
-        tarball.unlink()
-        raise FetchError(f"{DLIB_ORIG_TARBALL} has sha256 {actual}, expected {DLIB_ORIG_SHA256}; it was deleted, "
-                         "retry")
-    return tarball
+    return verify_download(tarball, DLIB_ORIG_SHA256)
 
 
 def fetch_dlib_examples(dest: Path, cache: Path) -> Path:

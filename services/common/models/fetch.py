@@ -109,12 +109,17 @@ def pip_download(package: str, version: str, dest: Path, *, sdist: bool, expecte
                          "Check that the package index is reachable, then run the same command again.")
     if not target.is_file():
         raise FetchError(f"pip download {package}=={version} did not produce {expected_name} in {dest}")
-    actual = sha256_file(target)
+    return verify_download(target, expected_sha256)
+
+
+def verify_download(path: Path, expected_sha256: str) -> Path:
+    """The downloaded file, if its sha256 is the recorded one; otherwise it is deleted and FetchError says so."""
+    actual = sha256_file(path)
     if actual != expected_sha256:
-        target.unlink()
-        raise FetchError(f"{expected_name} has sha256 {actual}, expected {expected_sha256}: the registry served "
-                         "a different file. It was deleted; retry, and report it if it happens again.")
-    return target
+        path.unlink()
+        raise FetchError(f"{path.name} has sha256 {actual}, expected {expected_sha256}: the registry served a "
+                         "different file. It was deleted; retry, and report it if it happens again.")
+    return path
 
 
 def extract_member(archive: Path, member: str, out: Path, expected_sha256: str | None = None) -> Path:
