@@ -14,6 +14,7 @@ import socket
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -65,13 +66,13 @@ class LocalBroker:
         return [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
                 "--storage-engine", "memory://tansu/"]  # fmt: skip
 
-    def start(self, timeout: float = 15.0, detach: bool = False) -> None:
-        """Start the broker and wait until it accepts connections."""
+    def start(self, timeout: float = 15.0, detach: bool = False, preexec_fn: Callable[[], None] | None = None) -> None:
+        """Start the broker and wait until it accepts connections (``preexec_fn`` runs in the child before exec)."""
         if port_open(self.host, self.port):
             raise BrokerError(f"port {self.port} is already in use: is another broker or stack running?")
         self.process = subprocess.Popen(
             self.command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=detach,
+            start_new_session=detach, preexec_fn=preexec_fn,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
         while not port_open(self.host, self.port):

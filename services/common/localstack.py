@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -31,7 +32,7 @@ from typing import IO, Any, Literal, Self
 
 from sightline.common.broker import BrokerError, LocalBroker, free_port, port_open
 from sightline.common.ports import GRPC_PORTS, LOCAL_BROKER_PORT, METRICS_PORTS, SERVICES
-from sightline.common.processes import process_start_ticks, pid_alive, signal_if_alive, kill_group, wait_gone, tail, crash_report
+from sightline.common.processes import exit_with_parent, process_start_ticks, pid_alive, signal_if_alive, kill_group, wait_gone, tail, crash_report
 
 log = logging.getLogger(__name__)
 
@@ -387,6 +388,7 @@ class LocalStack:
         unknown = [s for s in services if s not in SERVICES]
         if unknown or not services:
             raise ValueError(f"unknown services {unknown}; choose from {', '.join(SERVICES)}")
+        self._preexec: Callable[[], None] | None = None
         self.run_dir = Path(run_dir).expanduser().resolve()
         self.log_dir = self.run_dir / "logs"
         self.services = tuple(s for s in SERVICES if s in services)  # always in pipeline order
@@ -444,6 +446,8 @@ class LocalStack:
         check_ports_free(self.ports.needed(self.services))
         key = template_key(self.run_dir) if "matching" in self.services else ""
         try:
+            # A foreground stack dies with its owner (test, demo, `sightline up`); a detached one outlives it.
+            self._preexec = None if detach else exit_with_parent
             self._start_broker(detach)
             self._ensure_topics()
             for name in self.services:
@@ -519,7 +523,7 @@ class LocalStack:
             try:
                 # Every process gets its own session, so a Ctrl-C in the terminal reaches only `sightline up`,
                 # which then stops the services before the broker they need to shut down cleanly.
-                self._broker.start(detach=True)
+                self._broker.start(detach=True, preexec_fn=self._preexec)
             except BrokerError as exc:
                 raise StackError(f"{exc}; see {self.log_path('broker')}") from exc
         log.info("broker is up on %s", self.bootstrap_servers)
@@ -551,6 +555,7 @@ class LocalStack:
             proc = subprocess.Popen(
                 [sys.executable, "-m", f"{self._module_prefix}.{name}"], env=self._service_env(name, key),
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=self._preexec,
             )  # fmt: skip
         self._procs[name] = proc
         assert self._state is not None

@@ -6,12 +6,29 @@ command and left running in the background (which are not our children, so ``wai
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import time
 from pathlib import Path
 
 LOG_TAIL_LINES = 20
+PR_SET_PDEATHSIG = 1
+
+try:  # looked up here, in the parent: the child between fork and exec must not load libraries (locks)
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
+def exit_with_parent() -> None:
+    """``preexec_fn`` for a child that must not outlive the process that started it (Linux: SIGTERM on its death).
+
+    A foreground stack's services and broker belong to the test, demo or `sightline up` that started them; if that
+    process is killed, they would otherwise run on, unowned, holding ports and CPU.
+    """
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def process_start_ticks(pid: int) -> int | None:

@@ -199,3 +199,27 @@ def test_cli_foreground_up_stops_cleanly_on_ctrl_c(tmp_path: Path, models_dir: P
     assert up.returncode == 0, output
     assert "stopped" in output
     assert _all_gone(run_dir, recorded)
+
+
+def test_a_foreground_stack_dies_with_the_process_that_owns_it(tmp_path: Path, models_dir: Path) -> None:
+    """A killed test, demo or `sightline up` must not leave its broker and services running, unowned."""
+    import signal as signals
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys, time; from pathlib import Path; from sightline.common.localstack import LocalStack\n"
+        f"stack = LocalStack(Path({str(tmp_path / 'run')!r}), ports='auto', services=('decision',))\n"
+        "stack.start(timeout=120); print(' '.join(map(str, stack.pids.values())), flush=True); time.sleep(600)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout is not None
+    pids = [int(p) for p in owner.stdout.readline().split()]
+    assert len(pids) == 2 and all(pid_alive(pid) for pid in pids)
+    owner.send_signal(signals.SIGKILL)  # no chance to clean up
+    owner.wait()
+    deadline = time.monotonic() + 30
+    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(pid_alive(pid) for pid in pids)
