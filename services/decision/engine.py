@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sightline.common import codec
-from sightline.common.scores import fmr, format_fmr
+from sightline.common.scores import fmr, fmr_is_extrapolated, format_fmr
 from sightline.decision.policy import Policy
 from sightline.v1 import events_pb2, types_pb2
 
@@ -37,8 +37,10 @@ class _Hit:
 
 
 def _fmr_text(distance: float) -> str:
-    """The false match rate at a score, from the calibration table, as reasons quote it."""
-    return f"FMR at this score {format_fmr(fmr(distance))}"
+    """The false match rate at a score, from the calibration table, as reasons quote it; a value below what the
+    table's data could measure is marked, so nobody reads a model's tail as a measurement."""
+    note = " (extrapolated)" if fmr_is_extrapolated(distance) else ""
+    return f"FMR at this score {format_fmr(fmr(distance))}{note}"
 
 
 def stable_id(*parts: str) -> str:
