@@ -144,3 +144,10 @@ def test_a_not_this_person_suppression_stops_alerts_for_that_subject_on_that_sou
     assert "alert suppressed" in decisions[0].reasons[-1]
     _, elsewhere = engine.decide(match_result(1, 1.0, source="other-cam"))
     assert len(elsewhere) == 1
+
+
+def test_reasons_mark_a_false_match_rate_below_what_the_table_measured() -> None:
+    decisions, _ = DecisionEngine(Policy(min_agreeing_frames=1)).decide(match_result(1, 1.0, distance=0.30))
+    assert "(extrapolated)" in decisions[0].reasons[0]
+    measured, _ = DecisionEngine(Policy(match_max_distance=0.7)).decide(match_result(1, 1.0, distance=0.65))
+    assert "FMR at this score" in measured[0].reasons[0] and "(extrapolated)" not in measured[0].reasons[0]
