@@ -31,7 +31,7 @@ from typing import Any
 
 import grpc
 
-from sightline.common.sqlstore import Backend, BackendStore, Cursor, Migration, StoreError, migrate, open_backend
+from sightline.common.sqlstore import Backend, BackendStore, Cursor, Migration, StoreError, open_backend
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,10 @@ class AuditLog(BackendStore):
         """The audit log at ``url``, creating or upgrading its tables; with ``create=False`` they must exist."""
         audit = cls(open_backend(url, what="audit", application_name="sightline-audit", error=AuditError), publish)
         try:
-            audit._migrate() if create else audit._require_tables()
+            if create:
+                audit._migrate(MIGRATIONS, "audit_schema_version", _PG_MIGRATION_LOCK, "audit")
+            else:
+                audit._require_tables()
         except BaseException:
             audit.close()
             raise
@@ -315,12 +318,6 @@ class AuditLog(BackendStore):
                 return
             after = rows[-1][0]
 
-    def _migrate(self) -> None:
-        with self._tx(write=True) as cur:
-            applied = migrate(cur, self._backend.dialect, MIGRATIONS, table="audit_schema_version",
-                              lock_key=_PG_MIGRATION_LOCK, what="audit", error=AuditError)  # fmt: skip
-        for migration in applied:
-            log.info("audit schema migrated to version %d: %s", migration.version, migration.description)
 
     def _require_tables(self) -> None:
         try:

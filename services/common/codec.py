@@ -53,16 +53,8 @@ def box_to_proto(box: np.ndarray | tuple[float, float, float, float]) -> types_p
     return types_pb2.Box(x1=x1, y1=y1, x2=x2, y2=y2)
 
 
-def box_from_proto(box: types_pb2.Box) -> tuple[float, float, float, float]:
-    return (box.x1, box.y1, box.x2, box.y2)
-
-
 def points_to_proto(points: np.ndarray) -> list[types_pb2.Point]:
     return [types_pb2.Point(x=float(x), y=float(y)) for x, y in np.asarray(points, dtype=np.float64)]
-
-
-def points_from_proto(points: list[types_pb2.Point]) -> np.ndarray:
-    return np.array([[p.x, p.y] for p in points], dtype=np.float32).reshape(-1, 2)
 
 
 def chip_from_bytes(data: bytes, size: int) -> np.ndarray:

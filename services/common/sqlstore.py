@@ -9,6 +9,7 @@ audit log (``common/audit.py``) and the review store (``decision/review.py``).
 
 from __future__ import annotations
 
+import logging
 import re
 import sqlite3
 import threading
@@ -19,6 +20,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, Self
 from urllib.parse import urlsplit, urlunsplit
+
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(RuntimeError):
@@ -245,6 +249,14 @@ class BackendStore:
 
     def _now(self) -> Any:
         return self._backend.dialect.to_db_time(datetime.now(UTC))
+
+    def _migrate(self, migrations: Sequence[Migration], table: str, lock_key: int, what: str) -> None:
+        """Bring the store's tables up to the newest migration (one process at a time, see ``migrate``)."""
+        with self._tx(write=True) as cur:
+            applied = migrate(cur, self._backend.dialect, migrations, table=table, lock_key=lock_key, what=what,
+                              error=self.closed_error)  # fmt: skip
+        for migration in applied:
+            log.info("%s schema migrated to version %d: %s", what, migration.version, migration.description)
 
 
 def redact_url(url: str) -> str:

@@ -190,12 +190,6 @@ def activated(span: trace.Span | None) -> Iterator[None]:
         otel_context.detach(token)
 
 
-def trace_id_of(span: trace.Span | None = None) -> str:
-    """The 32-hex-digit trace id of the span (the current one by default); "" when there is none."""
-    span_context = (span or trace.get_current_span()).get_span_context()
-    return format(span_context.trace_id, "032x") if span_context.is_valid else ""
-
-
 def parse_traceparent(value: str) -> tuple[str, str]:
     """(trace id, span id) of a ``traceparent`` value, in hex; ("", "") when it is not a valid one."""
     span_context = trace.get_current_span(_PROPAGATOR.extract({"traceparent": value})).get_span_context()

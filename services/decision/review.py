@@ -30,7 +30,7 @@ import grpc
 
 from sightline.common.audit import Action, AuditLog, principal_of
 from sightline.common.rpc import InvalidInput, NotFound
-from sightline.common.sqlstore import Backend, BackendStore, Cursor, Migration, StoreError, migrate, open_backend
+from sightline.common.sqlstore import Backend, BackendStore, Cursor, Migration, StoreError, open_backend
 from sightline.v1 import events_pb2, review_pb2
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class ReviewStore(BackendStore):
         store = cls(open_backend(url, what="review", application_name="sightline-decision", error=ReviewStoreError),
                     suppression_seconds)  # fmt: skip
         try:
-            store._migrate()
+            store._migrate(MIGRATIONS, "review_schema_version", _PG_MIGRATION_LOCK, "review")
         except BaseException:
             store.close()
             raise
@@ -324,12 +324,6 @@ class ReviewStore(BackendStore):
             (alert.source_id, track_id, alert.subject_id, alert.alert_id, reviewer, comment, to_db(now), expires),
         )
 
-    def _migrate(self) -> None:
-        with self._tx(write=True) as cur:
-            applied = migrate(cur, self._backend.dialect, MIGRATIONS, table="review_schema_version",
-                              lock_key=_PG_MIGRATION_LOCK, what="review", error=ReviewStoreError)  # fmt: skip
-        for migration in applied:
-            log.info("review schema migrated to version %d: %s", migration.version, migration.description)
 
 
 def _checked_review(reviewer: str, action: str, comment: str, not_this_person: bool) -> tuple[str, str]:

@@ -23,7 +23,7 @@ import numpy as np
 
 from sightline.common.sqlstore import Backend as _Backend
 from sightline.common.sqlstore import Cursor as _Cursor
-from sightline.common.sqlstore import BackendStore, Migration, StoreError, migrate, open_backend
+from sightline.common.sqlstore import BackendStore, Migration, StoreError, open_backend
 from sightline.common.sqlstore import redact_url  # noqa: F401 - part of this module's API (tests, callers)
 from sightline.matching.templates import TemplateCipher, TemplateDecryptionError, UnknownKeyError
 
@@ -117,7 +117,7 @@ class GalleryStore(BackendStore):
         """Opens the gallery at ``url``, creating or upgrading the schema."""
         store = cls(_open_backend(url), cipher)
         try:
-            store._migrate()
+            store._migrate(MIGRATIONS, "schema_version", _PG_MIGRATION_LOCK, "gallery")
         except BaseException:
             store.close()
             raise
@@ -292,12 +292,6 @@ class GalleryStore(BackendStore):
     def _bump_version(cur: _Cursor) -> None:
         cur.execute("UPDATE gallery_state SET version = version + 1 WHERE id = 1")
 
-    def _migrate(self) -> None:
-        with self._tx(write=True) as cur:
-            applied = migrate(cur, self._backend.dialect, MIGRATIONS, table="schema_version",
-                              lock_key=_PG_MIGRATION_LOCK, what="gallery", error=GalleryStoreError)  # fmt: skip
-        for migration in applied:
-            logger.info("gallery schema migrated to version %d: %s", migration.version, migration.description)
 
     def _subjects(self, cur: _Cursor, conditions: list[str], params: list[Any], limit: int) -> list[SubjectRecord]:
         where = f" WHERE {' AND '.join(conditions)}" if conditions else ""

@@ -20,15 +20,6 @@ from sightline.v1 import audit_pb2
 # -- fixtures ----------------------------------------------------------------------------------------------------
 
 
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'audit.db'}"
-    return request.getfixturevalue("pg_schema_url")
-
-
 @pytest.fixture()
 def opened() -> Iterator[list[AuditLog]]:
     logs: list[AuditLog] = []
@@ -38,35 +29,35 @@ def opened() -> Iterator[list[AuditLog]]:
 
 
 @pytest.fixture()
-def audit(url: str, opened: list[AuditLog]) -> AuditLog:
-    log = AuditLog.open(url)
+def audit(store_url: str, opened: list[AuditLog]) -> AuditLog:
+    log = AuditLog.open(store_url)
     opened.append(log)
     return log
 
 
-def raw(url: str, statement: str) -> list[Any]:
+def raw(store_url: str, statement: str) -> list[Any]:
     """Run SQL straight on the database, as someone with a database client would."""
-    if url.startswith("sqlite:///"):
-        conn = sqlite3.connect(url[len("sqlite:///") :], isolation_level=None)
+    if store_url.startswith("sqlite:///"):
+        conn = sqlite3.connect(store_url[len("sqlite:///") :], isolation_level=None)
         try:
             return conn.execute(statement).fetchall()
         finally:
             conn.close()
     import psycopg
 
-    with psycopg.connect(url, autocommit=True) as conn:
+    with psycopg.connect(store_url, autocommit=True) as conn:
         cur = conn.execute(statement)
         return cur.fetchall() if cur.description else []
 
 
-def drop_append_only_triggers(url: str) -> None:
-    if url.startswith("sqlite:///"):
+def drop_append_only_triggers(store_url: str) -> None:
+    if store_url.startswith("sqlite:///"):
         for name in ("audit_records_no_update", "audit_records_no_delete", "audit_chain_head_forward",
                      "audit_chain_head_no_delete"):  # fmt: skip
-            raw(url, f"DROP TRIGGER {name}")
+            raw(store_url, f"DROP TRIGGER {name}")
     else:
-        raw(url, "DROP TRIGGER audit_records_append_only ON audit_records")
-        raw(url, "DROP TRIGGER audit_chain_head_forward ON audit_chain_head")
+        raw(store_url, "DROP TRIGGER audit_records_append_only ON audit_records")
+        raw(store_url, "DROP TRIGGER audit_chain_head_forward ON audit_chain_head")
 
 
 def fill(audit: AuditLog, count: int) -> list[AuditRecord]:
@@ -98,64 +89,64 @@ def test_records_are_filtered_and_paged(audit: AuditLog) -> None:
     assert review.subject_id == "subject-9" and review.details == {"alert_id": "a1"}
 
 
-def test_an_edited_record_is_found_by_its_sequence(url: str, audit: AuditLog) -> None:
+def test_an_edited_record_is_found_by_its_sequence(store_url: str, audit: AuditLog) -> None:
     fill(audit, 5)
-    drop_append_only_triggers(url)
-    raw(url, "UPDATE audit_records SET result = 'refused' WHERE sequence = 3")
+    drop_append_only_triggers(store_url)
+    raw(store_url, "UPDATE audit_records SET result = 'refused' WHERE sequence = 3")
     report = audit.verify()
     assert not report.intact and report.first_broken_sequence == 3 and report.records_checked == 2
     assert "record 3" in report.reason and "changed" in report.reason
 
 
-def test_an_edit_with_a_recomputed_hash_breaks_the_next_link(url: str, audit: AuditLog) -> None:
+def test_an_edit_with_a_recomputed_hash_breaks_the_next_link(store_url: str, audit: AuditLog) -> None:
     records = fill(audit, 4)
-    drop_append_only_triggers(url)
+    drop_append_only_triggers(store_url)
     # A forger who recomputes record 2's hash still cannot make record 3 point at it.
-    raw(url, f"UPDATE audit_records SET principal = 'someone-else', hash = '{'a' * 64}' WHERE sequence = 2")
+    raw(store_url, f"UPDATE audit_records SET principal = 'someone-else', hash = '{'a' * 64}' WHERE sequence = 2")
     report = audit.verify()
     assert report.first_broken_sequence == 2  # its own hash no longer matches its content
-    raw(url, f"UPDATE audit_records SET principal = 'officer-1', hash = '{records[1].hash}' WHERE sequence = 2")
+    raw(store_url, f"UPDATE audit_records SET principal = 'officer-1', hash = '{records[1].hash}' WHERE sequence = 2")
     assert audit.verify().intact
-    raw(url, "UPDATE audit_records SET details = '{\"candidates\":\"9\",\"watchlist\":\"wl\"}' WHERE sequence = 4")
+    raw(store_url, "UPDATE audit_records SET details = '{\"candidates\":\"9\",\"watchlist\":\"wl\"}' WHERE sequence = 4")
     assert audit.verify().first_broken_sequence == 4
 
 
-def test_removed_records_are_found(url: str, audit: AuditLog) -> None:
+def test_removed_records_are_found(store_url: str, audit: AuditLog) -> None:
     fill(audit, 5)
-    drop_append_only_triggers(url)
-    raw(url, "DELETE FROM audit_records WHERE sequence = 2")
+    drop_append_only_triggers(store_url)
+    raw(store_url, "DELETE FROM audit_records WHERE sequence = 2")
     report = audit.verify()
     assert report.first_broken_sequence == 2 and "missing" in report.reason
-    raw(url, "DELETE FROM audit_records WHERE sequence > 2")  # the tail too: only the chain head remembers it
+    raw(store_url, "DELETE FROM audit_records WHERE sequence > 2")  # the tail too: only the chain head remembers it
     report = audit.verify()
     assert not report.intact and report.first_broken_sequence == 2
 
 
-def test_truncating_the_tail_is_found_through_the_chain_head(url: str, audit: AuditLog) -> None:
+def test_truncating_the_tail_is_found_through_the_chain_head(store_url: str, audit: AuditLog) -> None:
     fill(audit, 3)
-    drop_append_only_triggers(url)
-    raw(url, "DELETE FROM audit_records WHERE sequence = 3")
+    drop_append_only_triggers(store_url)
+    raw(store_url, "DELETE FROM audit_records WHERE sequence = 3")
     report = audit.verify()
     assert not report.intact and report.first_broken_sequence == 3 and "head" in report.reason
 
 
-def test_the_database_refuses_update_and_delete(url: str, audit: AuditLog) -> None:
+def test_the_database_refuses_update_and_delete(store_url: str, audit: AuditLog) -> None:
     fill(audit, 2)
     for statement in ("UPDATE audit_records SET result = 'x' WHERE sequence = 1",
                       "DELETE FROM audit_records WHERE sequence = 2",
                       "UPDATE audit_chain_head SET sequence = 1 WHERE id = 1",
                       "DELETE FROM audit_chain_head"):  # fmt: skip
         with pytest.raises(Exception, match="append-only|only moves one record forward"):
-            raw(url, statement)
-    if not url.startswith("sqlite"):
+            raw(store_url, statement)
+    if not store_url.startswith("sqlite"):
         with pytest.raises(Exception, match="append-only"):
-            raw(url, "TRUNCATE audit_records")
+            raw(store_url, "TRUNCATE audit_records")
     assert audit.verify().intact and len(audit.records()) == 2
 
 
-def test_concurrent_writers_share_one_chain(url: str, opened: list[AuditLog]) -> None:
+def test_concurrent_writers_share_one_chain(store_url: str, opened: list[AuditLog]) -> None:
     """Threads of one process, and two logs on one database (as two replicas would be), append without a gap."""
-    logs = [AuditLog.open(url), AuditLog.open(url)]
+    logs = [AuditLog.open(store_url), AuditLog.open(store_url)]
     opened.extend(logs)
     errors: list[BaseException] = []
 
@@ -191,9 +182,9 @@ def test_face_data_and_unknown_actions_are_refused(audit: AuditLog) -> None:
     assert audit.head()[0] == 0  # nothing refused was written
 
 
-def test_each_record_is_published_and_a_failing_publisher_loses_nothing(url: str, opened: list[AuditLog]) -> None:
+def test_each_record_is_published_and_a_failing_publisher_loses_nothing(store_url: str, opened: list[AuditLog]) -> None:
     seen: list[AuditRecord] = []
-    log = AuditLog.open(url, publish=seen.append)
+    log = AuditLog.open(store_url, publish=seen.append)
     opened.append(log)
     record = log.append("p", Action.ERASE, "s1", "erasure-request", "ok", {"templates": 3})
     assert seen == [record]
@@ -205,7 +196,7 @@ def test_each_record_is_published_and_a_failing_publisher_loses_nothing(url: str
     def broken(_: AuditRecord) -> None:
         raise ConnectionError("broker down")
 
-    failing = AuditLog.open(url, publish=broken)
+    failing = AuditLog.open(store_url, publish=broken)
     opened.append(failing)
     failing.append("p", Action.DELETE, "s1")
     assert log.verify().intact and log.head()[0] == 2

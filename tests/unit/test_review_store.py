@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,24 +23,15 @@ from sightline.decision.review import (
 from sightline.v1 import events_pb2, review_pb2
 
 
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'decision.db'}"
-    return request.getfixturevalue("pg_schema_url")
-
-
 @pytest.fixture()
-def store(url: str) -> Iterator[ReviewStore]:
-    with ReviewStore.open(url, suppression_seconds=600) as opened:
+def store(store_url: str) -> Iterator[ReviewStore]:
+    with ReviewStore.open(store_url, suppression_seconds=600) as opened:
         yield opened
 
 
 @pytest.fixture()
-def audit(url: str) -> Iterator[AuditLog]:
-    with AuditLog.open(url) as opened:
+def audit(store_url: str) -> Iterator[AuditLog]:
+    with AuditLog.open(store_url) as opened:
         yield opened
 
 
@@ -103,8 +93,8 @@ def test_not_this_person_is_stored_and_suppresses_that_subject_on_that_source(st
     assert store.feedback(since=datetime.now(UTC) + timedelta(seconds=5)) == []
 
 
-def test_a_track_specific_suppression_covers_only_that_track(url: str) -> None:
-    with ReviewStore.open(url, suppression_seconds=0) as store:  # 0: for good
+def test_a_track_specific_suppression_covers_only_that_track(store_url: str) -> None:
+    with ReviewStore.open(store_url, suppression_seconds=0) as store:  # 0: for good
         store.record_alert(alert())
         store.review("a1b2c3d4e5f6a7b8", "alice", "REJECT", not_this_person=True, track_id="t7")
         assert store.suppressed("cam-1", "obama", track_id="t7")
