@@ -66,10 +66,10 @@ def chip_from_bytes(data: bytes, size: int) -> np.ndarray:
 
 
 def event_class(topic: TopicSpec) -> type[Message]:
-    """The protobuf message type carried on a topic (events.proto, or audit.proto for the audit trail)."""
-    from sightline.v1 import audit_pb2
+    """The protobuf message type carried on a topic (events.proto, audit.proto or session.proto)."""
+    from sightline.v1 import audit_pb2, session_pb2
 
-    for module in (events_pb2, audit_pb2):
+    for module in (events_pb2, audit_pb2, session_pb2):
         if hasattr(module, topic.event):
             return getattr(module, topic.event)
     raise KeyError(f"no protobuf message {topic.event} for topic {topic.name}")

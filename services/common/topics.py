@@ -44,11 +44,20 @@ EMBEDDINGS = TopicSpec(
 MATCHES = TopicSpec("sightline.matches.v1", "MatchResult", DataClass.RESULT, DAY_MS, "matching", ("decision",))
 DECISIONS = TopicSpec("sightline.decisions.v1", "Decision", DataClass.RESULT, 7 * DAY_MS, "decision", ())
 ALERTS = TopicSpec("sightline.alerts.v1", "Alert", DataClass.RESULT, 30 * DAY_MS, "decision", ())
+# E-channel session control (capture -> decision) and progress/outcomes (decision -> capture, kiosks, integrators).
+# Ids and scores only: the frames of a session travel on the frames topic like any other.
+SESSIONS = TopicSpec(
+    "sightline.sessions.v1", "SessionEvent", DataClass.RESULT, DAY_MS, "capture, decision", ("decision", "capture")
+)
+# Right-to-erasure notices, for integrators holding copies of results about a subject.
+ERASURES = TopicSpec("sightline.erasures.v1", "SubjectErased", DataClass.AUDIT, 365 * DAY_MS, "matching", ())
 DEADLETTER = TopicSpec("sightline.deadletter.v1", "DeadLetter", DataClass.OPERATIONAL, DAY_MS, "*", ())
 # A copy of every audit record, for a SIEM or an archive; the hash chain in the database is the reference.
 AUDIT = TopicSpec("sightline.audit.v1", "AuditRecord", DataClass.AUDIT, 365 * DAY_MS, "*", ())
 
-ALL_TOPICS: tuple[TopicSpec, ...] = (FRAMES, FACES, EMBEDDINGS, MATCHES, DECISIONS, ALERTS, DEADLETTER, AUDIT)
+ALL_TOPICS: tuple[TopicSpec, ...] = (
+    FRAMES, FACES, EMBEDDINGS, MATCHES, DECISIONS, ALERTS, SESSIONS, ERASURES, DEADLETTER, AUDIT,
+)
 
 
 def by_name(name: str) -> TopicSpec:
