@@ -23,7 +23,7 @@ from sightline.matching.enrolment import quality_failures, rejection_reason
 from sightline.matching.gallery import Gallery
 from sightline.matching.peers import FaceClient, PeerUnavailable
 from sightline.matching.settings import MatchingSettings
-from sightline.matching.store import GalleryStore
+from sightline.matching.store import GalleryStore, SubjectRecord
 from sightline.matching.templates import TemplateCipher
 from sightline.v1 import events_pb2, gallery_pb2, gallery_pb2_grpc
 
@@ -60,6 +60,13 @@ def match_frame(gallery: Gallery, top_k: int, event: InputEvent) -> list[Output]
     result.matched_at.CopyFrom(codec.now())
     telemetry.END_TO_END_LATENCY.labels(SERVICE).observe(codec.seconds_since(frame.captured_at))
     return [Output(MATCHES, frame.source_id.encode(), result.SerializeToString())]
+
+
+def subject_proto(record: SubjectRecord) -> gallery_pb2.Subject:
+    subject = gallery_pb2.Subject(subject_id=record.subject_id, display_name=record.display_name,
+                                  watchlists=sorted(record.watchlists), template_count=record.template_count)  # fmt: skip
+    subject.created_at.FromDatetime(record.created_at)
+    return subject
 
 
 class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
@@ -110,15 +117,20 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         return gallery_pb2.DeleteSubjectResponse(deleted=existed, templates_removed=removed)
 
     @rpc_errors
+    def GetSubject(self, request: gallery_pb2.GetSubjectRequest, context: grpc.ServicerContext) -> gallery_pb2.Subject:
+        subject_id = check_subject_id(request.subject_id)
+        record = self._gallery.store.get_subject(subject_id)
+        if record is None:
+            raise NotFound(f"subject {subject_id!r} is not enrolled")
+        return subject_proto(record)
+
+    @rpc_errors
     def ListSubjects(self, request: gallery_pb2.ListSubjectsRequest, context: grpc.ServicerContext) -> gallery_pb2.ListSubjectsResponse:  # noqa: E501
         limit = min(request.page_size or 100, 1000)
         records = self._gallery.store.list_subjects(request.watchlist or None, limit=limit + 1,
                                                     after=request.page_token or None)  # fmt: skip
         response = gallery_pb2.ListSubjectsResponse()
-        for record in records[:limit]:
-            subject = response.subjects.add(subject_id=record.subject_id, display_name=record.display_name,
-                                            watchlists=sorted(record.watchlists), template_count=record.template_count)  # fmt: skip
-            subject.created_at.FromDatetime(record.created_at)
+        response.subjects.extend(subject_proto(record) for record in records[:limit])
         if len(records) > limit:
             response.next_page_token = records[limit - 1].subject_id
         return response
