@@ -18,30 +18,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-frames", type=int, default=0)
     parser.add_argument("--no-pacing", action="store_true", help="publish files as fast as possible")
     parser.add_argument("--capture", help="capture gRPC address (default: the local stack)")
+    from sightline.cli.endpoints import add_token_argument
+
+    add_token_argument(parser)
     parser.set_defaults(func=cmd_run)
 
 
 def ingest(source: str, *, fps: float = 0.0, source_id: str = "", watchlists: list[str] | None = None,
            claim: str = "", max_frames: int = 0, no_pacing: bool = False, address: str | None = None,
-           progress: bool = True):  # type: ignore[no-untyped-def]  # fmt: skip
+           progress: bool = True, token: str | None = None):  # type: ignore[no-untyped-def]  # fmt: skip
     """Run the Ingest RPC to the end; returns the final IngestResponse."""
     from tqdm import tqdm
 
-    from sightline.cli.endpoints import grpc_address
-    from sightline.common.rpc import channel
+    from sightline.cli.endpoints import connect
     from sightline.v1 import capture_pb2, capture_pb2_grpc, types_pb2
 
     purpose = types_pb2.PURPOSE_ECHANNEL if claim else types_pb2.PURPOSE_CCTV
     request = capture_pb2.IngestRequest(source_uri=source, source_id=source_id, fps=fps, purpose=purpose,
                                         claim_subject_id=claim, watchlists=watchlists or [], max_frames=max_frames,
                                         no_pacing=no_pacing)  # fmt: skip
-    stub = capture_pb2_grpc.CaptureServiceStub(channel(grpc_address("capture", address)))
+    stub = capture_pb2_grpc.CaptureServiceStub(connect("capture", address, token))
     last = None
     # disable=None: tqdm hides itself when stderr is not a terminal (logs, CI), instead of printing every refresh.
     with tqdm(unit="frame", desc="capture", disable=None if progress else True, file=sys.stderr) as bar:
         for last in stub.Ingest(request):
             bar.n = last.frames_read
-            bar.set_postfix(published=last.frames_published, failed=last.frames_failed)
+            bar.set_postfix(published=last.frames_published, dropped=last.frames_dropped, failed=last.frames_failed)
             bar.refresh()
     return last
 
@@ -49,10 +51,12 @@ def ingest(source: str, *, fps: float = 0.0, source_id: str = "", watchlists: li
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         final = ingest(args.source, fps=args.fps, source_id=args.source_id, watchlists=args.watchlist, claim=args.claim,
-                       max_frames=args.max_frames, no_pacing=args.no_pacing, address=args.capture)  # fmt: skip
+                       max_frames=args.max_frames, no_pacing=args.no_pacing, address=args.capture,
+                       token=args.token)  # fmt: skip
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    print(f"{final.source_id}: {final.frames_published} frame(s) published, {final.frames_failed} failed "
-          f"(last frame {final.last_frame_id or '-'})")  # fmt: skip
+    # Dropped: CCTV frames not published while the pipeline lagged (backpressure, docs/cctv.md).
+    print(f"{final.source_id}: {final.frames_published} frame(s) published, {final.frames_dropped} dropped, "
+          f"{final.frames_failed} failed (last frame {final.last_frame_id or '-'})")  # fmt: skip
     return 0 if final.frames_published else 1

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from sightline.common.topics import ALL_TOPICS, TopicSpec, by_name
+from sightline.common.topics import TopicSpec, by_name
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,10 +40,11 @@ def load_overrides(path: Path) -> tuple[list[TopicSpec], dict[str, int]]:
 def cmd_ensure(args: argparse.Namespace) -> int:
     from sightline.cli.endpoints import kafka_settings
     from sightline.common.bus import ensure_topics
+    from sightline.common.retention import topic_specs
 
     settings = kafka_settings(args.bootstrap)
     try:
-        specs, partitions = load_overrides(args.from_file) if args.from_file else (list(ALL_TOPICS), {})
+        specs, partitions = load_overrides(args.from_file) if args.from_file else (topic_specs(), {})
         states = {}
         for spec in specs:
             count = partitions.get(spec.name, settings.default_partitions)
@@ -57,7 +58,9 @@ def cmd_ensure(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    for spec in ALL_TOPICS:
+    from sightline.common.retention import topic_specs
+
+    for spec in topic_specs():
         hours = spec.retention_ms / 3_600_000
         print(f"{spec.name:<28} {spec.event:<14} {spec.data_class.value:<14} retention {hours:g} h  "
               f"{spec.producer} -> {', '.join(spec.consumers) or 'integrators'}")  # fmt: skip

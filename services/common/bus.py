@@ -16,7 +16,7 @@ from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from sightline.common.config import KafkaSettings
-from sightline.common.topics import ALL_TOPICS, TopicSpec
+from sightline.common.topics import TopicSpec
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,17 @@ def make_consumer(settings: KafkaSettings, *topics: str, **overrides: Any) -> Ka
     return KafkaConsumer(*topics, **options)
 
 
-def ensure_topics(settings: KafkaSettings, specs: Iterable[TopicSpec] = ALL_TOPICS) -> dict[str, str]:
+def ensure_topics(settings: KafkaSettings, specs: Iterable[TopicSpec] | None = None) -> dict[str, str]:
     """Create the topics that are missing, with explicit partitions and retention; report each topic's state.
+
+    ``specs`` defaults to every topic, with the retention limits of ``SIGHTLINE_RETENTION_*`` (common/retention.py).
 
     An existing topic with fewer partitions than configured is reported, not changed: adding partitions moves keys
     between partitions and breaks per-source order, so that is an operator's decision.
     """
-    specs = list(specs)
+    from sightline.common.retention import topic_specs  # retention imports telemetry: not needed by every reader
+
+    specs = list(specs) if specs is not None else topic_specs()
     admin = KafkaAdminClient(**client_options(settings), request_timeout_ms=15000)
     try:
         existing = set(admin.list_topics())

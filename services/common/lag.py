@@ -85,7 +85,7 @@ def consumer_group(service: str) -> str:
 
 
 def input_topic(service: str) -> str | None:
-    """The topic a service consumes, or None for a service that consumes none (capture)."""
+    """The stream topic a service consumes (the first in pipeline order), or None for one that consumes none."""
     for spec in ALL_TOPICS:
         if service in spec.consumers:
             return spec.name

@@ -44,7 +44,17 @@ INFERENCE_SECONDS = Histogram(
 )
 GALLERY_TEMPLATES = Gauge("sightline_gallery_templates", "Templates in the in-memory search index.", ["service"])
 GALLERY_SUBJECTS = Gauge("sightline_gallery_subjects", "Enrolled subjects.", ["service"])
-FRAMES_DROPPED = Counter("sightline_frames_dropped_total", "Frames dropped by capture, by reason.", ["reason"])
+FRAMES_DROPPED = Counter(
+    "sightline_frames_dropped_total", "CCTV frames capture did not publish (backpressure), by source and reason.",
+    ["service", "source", "reason"],
+)
+FACES_NOT_SEARCHED = Counter(
+    "sightline_faces_not_searched_total", "CCTV faces detected but not searched (best-quality selection per track).",
+    ["service", "reason"],
+)
+RECORDS_PURGED = Counter(
+    "sightline_records_purged_total", "Database records deleted past their retention, by job.", ["service", "job"]
+)
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 

@@ -44,10 +44,11 @@ EMBEDDINGS = TopicSpec(
 MATCHES = TopicSpec("sightline.matches.v1", "MatchResult", DataClass.RESULT, DAY_MS, "matching", ("decision",))
 DECISIONS = TopicSpec("sightline.decisions.v1", "Decision", DataClass.RESULT, 7 * DAY_MS, "decision", ())
 ALERTS = TopicSpec("sightline.alerts.v1", "Alert", DataClass.RESULT, 30 * DAY_MS, "decision", ())
-# E-channel session control (capture -> decision) and progress/outcomes (decision -> capture, kiosks, integrators).
-# Ids and scores only: the frames of a session travel on the frames topic like any other.
+# E-channel session control (capture -> decision) and progress/outcomes (decision -> kiosks through capture's
+# WatchSession, and integrators). Ids and scores only: a session's frames travel on the frames topic like any other.
+# Its consumer is decision; capture's relay reads it like an integrator would (no group lag to scale on).
 SESSIONS = TopicSpec(
-    "sightline.sessions.v1", "SessionEvent", DataClass.RESULT, DAY_MS, "capture, decision", ("decision", "capture")
+    "sightline.sessions.v1", "SessionEvent", DataClass.RESULT, DAY_MS, "capture, decision", ("decision",)
 )
 # Right-to-erasure notices, for integrators holding copies of results about a subject.
 ERASURES = TopicSpec("sightline.erasures.v1", "SubjectErased", DataClass.AUDIT, 365 * DAY_MS, "matching", ())

@@ -1,9 +1,14 @@
 """The decision engine: turns per-frame match results into decisions and alerts, following the policy.
 
-Pure logic with in-memory state, no Kafka: the service feeds it one ``MatchResult`` at a time. State is kept per
-(source, subject): the recent frames on which that subject was a hit. Windows use the frames' capture times, not the
-wall clock, so a replay after a restart decides the same way; a replayed frame is counted once. Decision and alert
-ids are derived from their inputs, so a replayed decision carries the same id and consumers can deduplicate.
+Pure logic with in-memory state, no Kafka: the service feeds it one ``MatchResult`` at a time. Agreement is kept per
+(source, track, subject) for CCTV faces, which carry their track on their camera (docs/cctv.md), and per (source,
+subject) for faces without a track: the recent frames on which that subject was a hit. So for a tracked face,
+``min_agreeing_frames`` counts the searched faces of its track, which detection sends for a search a few times per
+track, not once per frame. A track raises at most one alert per subject; an alert for a subject that the same source
+alerted within ``alert_cooldown_seconds`` is merged into that one (from any track), and a reviewer's "not this
+person" suppresses further alerts of the subject on that track (review.py). Windows use the frames' capture times,
+not the wall clock, so a replay after a restart decides the same way; a replayed frame is counted once. Decision and
+alert ids are derived from their inputs, so a replayed decision carries the same id and consumers can deduplicate.
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ MAX_TRACKED_KEYS = 100_000
 @dataclass
 class _Hits:
     frames: deque[tuple[str, float]]  # (frame_id, capture time)
-    last_alert_at: float | None = None
+    alerted: bool = False  # the track's alert for this subject is raised, or merged into another: at most one
+
+
+@dataclass(frozen=True)
+class _LastAlert:
+    at: float  # capture time of the frame that raised it
+    alert_id: str
 
 
 @dataclass(frozen=True)
@@ -48,11 +59,13 @@ def stable_id(*parts: str) -> str:
 
 
 class DecisionEngine:
-    def __init__(self, policy: Policy, suppressed: Callable[[str, str], bool] | None = None) -> None:
-        """``suppressed(source_id, subject_id)``: whether a reviewer said "not this person" there (review.py)."""
+    def __init__(self, policy: Policy, suppressed: Callable[[str, str, str], bool] | None = None) -> None:
+        """``suppressed(source_id, subject_id, track_id)``: whether a reviewer said "not this person" there, on that
+        track ("" for a face without one) (review.py)."""
         self.policy = policy
-        self._suppressed = suppressed or (lambda source_id, subject_id: False)
-        self._hits: OrderedDict[tuple[str, str], _Hits] = OrderedDict()
+        self._suppressed = suppressed or (lambda source_id, subject_id, track_id: False)
+        self._hits: OrderedDict[tuple[str, str, str], _Hits] = OrderedDict()  # (source, track, subject)
+        self._last_alerts: OrderedDict[tuple[str, str], _LastAlert] = OrderedDict()  # (source, subject)
 
     def decide(self, result: events_pb2.MatchResult) -> tuple[list[events_pb2.Decision], list[events_pb2.Alert]]:
         decisions, alerts = [], []
@@ -68,7 +81,7 @@ class DecisionEngine:
         decision = events_pb2.Decision(
             decision_id=stable_id(frame.frame_id, str(face.face_index), self.policy.version),
             frame=frame, face_index=face.face_index, policy_version=self.policy.version,
-            model_version=f"{result.model_name}:{result.model_version}", decided_at=codec.now(),
+            model_version=f"{result.model_name}:{result.model_version}", decided_at=codec.now(), track_id=face.track_id,
         )  # fmt: skip
         if face.quality.score < self.policy.min_quality:
             decision.outcome = events_pb2.OUTCOME_LOW_QUALITY
@@ -89,7 +102,7 @@ class DecisionEngine:
                             f"claim verified: distance {v.distance:.3f} <= {shown}; {_fmr_text(v.distance)}")
             return None
         for candidate in face.candidates:  # most alike first; lists may set their own thresholds
-            threshold, shown = self.policy.threshold_for(list(candidate.watchlists))
+            threshold, shown = self.policy.threshold_for(list(candidate.watchlists), candidate.watchlist_thresholds)
             if candidate.distance <= threshold:
                 return _Hit(candidate.subject_id, candidate.distance, candidate.similarity, list(candidate.watchlists),
                             f"best candidate: distance {candidate.distance:.3f} <= {shown}; "
@@ -117,12 +130,13 @@ class DecisionEngine:
 
     def _agree(self, decision: events_pb2.Decision, frame: types_pb2.FrameRef, hit: _Hit) -> tuple[events_pb2.Decision, events_pb2.Alert | None]:  # noqa: E501
         at = frame.captured_at.seconds + frame.captured_at.nanos / 1e9
-        hits = self._record(frame.source_id, hit.subject_id, frame.frame_id, at)
+        hits = self._record((frame.source_id, decision.track_id, hit.subject_id), frame.frame_id, at)
         decision.subject_id, decision.distance, decision.similarity = hit.subject_id, hit.distance, hit.similarity
         decision.evidence_frame_ids.extend(frame_id for frame_id, _ in hits.frames)
         agreeing, needed = len(hits.frames), self.policy.min_agreeing_frames
+        what = f"searched face(s) of track {decision.track_id}" if decision.track_id else "frame(s)"
         window = self.policy.window_seconds
-        decision.reasons.extend([hit.reason, f"{agreeing} frame(s) agree within {window:g} s ({needed} needed)"])
+        decision.reasons.extend([hit.reason, f"{agreeing} {what} agree within {window:g} s ({needed} needed)"])
         if agreeing < needed:
             decision.outcome = events_pb2.OUTCOME_PENDING
             return decision, None
@@ -130,8 +144,8 @@ class DecisionEngine:
         alert = self._maybe_alert(decision, hits, hit, at)
         return decision, alert
 
-    def _record(self, source: str, subject: str, frame_id: str, at: float) -> _Hits:
-        key = (source, subject)
+    def _record(self, key: tuple[str, str, str], frame_id: str, at: float) -> _Hits:
+        """The hits of (source, track, subject) within the window, this frame's included (once)."""
         hits = self._hits.pop(key, None) or _Hits(deque())
         self._hits[key] = hits  # most recently used last, so the oldest keys are evicted first
         if all(frame_id != seen for seen, _ in hits.frames):
@@ -146,21 +160,35 @@ class DecisionEngine:
         watchlists = self.policy.alerts_on(hit.watchlists)
         if not watchlists:
             return None
-        if hits.last_alert_at is not None and at - hits.last_alert_at < self.policy.alert_cooldown_seconds:
-            decision.reasons.append("alert merged: same subject on this source within the cool-down")
+        frame, track = decision.frame, decision.track_id
+        if hits.alerted:
+            decision.reasons.append(f"alert already raised for track {track}")
             return None
-        frame = decision.frame
-        if self._suppressed(frame.source_id, hit.subject_id):
-            decision.reasons.append("alert suppressed: a reviewer said this is not the person, on this source")
+        last = self._last_alerts.get((frame.source_id, hit.subject_id))
+        if last is not None and at - last.at < self.policy.alert_cooldown_seconds:
+            hits.alerted = bool(track)  # this track's alert is that one
+            decision.reasons.append(f"alert merged into {last.alert_id[:12]}: same subject on this source within the "
+                                    "cool-down")  # fmt: skip
             return None
-        hits.last_alert_at = at
+        if self._suppressed(frame.source_id, hit.subject_id, track):
+            where = f"on track {track}" if track else "on this source"
+            decision.reasons.append(f"alert suppressed: a reviewer said this is not the person, {where}")
+            return None
         alert = events_pb2.Alert(
             alert_id=stable_id(frame.source_id, hit.subject_id, decision.evidence_frame_ids[0]),
             decision_id=decision.decision_id, source_id=frame.source_id, subject_id=hit.subject_id,
             watchlists=watchlists, distance=hit.distance, similarity=hit.similarity,
             evidence_frame_ids=list(decision.evidence_frame_ids), status=events_pb2.ALERT_STATUS_PENDING_REVIEW,
-            raised_at=codec.now(), policy_version=self.policy.version,
+            raised_at=codec.now(), policy_version=self.policy.version, track_id=track,
         )  # fmt: skip
+        hits.alerted = bool(track)
+        self._remember_alert((frame.source_id, hit.subject_id), _LastAlert(at, alert.alert_id))
         decision.alert_id = alert.alert_id
         decision.reasons.append(f"alert raised for watchlists {', '.join(watchlists)}")
         return alert
+
+    def _remember_alert(self, key: tuple[str, str], alert: _LastAlert) -> None:
+        self._last_alerts.pop(key, None)
+        self._last_alerts[key] = alert  # most recent last, so the oldest are evicted first
+        while len(self._last_alerts) > MAX_TRACKED_KEYS:
+            self._last_alerts.popitem(last=False)

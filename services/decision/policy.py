@@ -7,12 +7,14 @@ it. ``examples/policy.yaml`` documents every field.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from sightline.common.scores import DEFAULT_MAX_DISTANCE, distance_for_fmr, format_fmr
+from sightline.decision.sessions import EChannelPolicy
 
 
 class Policy(BaseModel):
@@ -31,7 +33,8 @@ class Policy(BaseModel):
         "{stop-list: 0.0001, vip: 0.01}; a candidate on such a list is a hit within that list's threshold.",
     )
     min_agreeing_frames: int = Field(
-        2, ge=1, description="Frames of one source that must agree on a subject before the outcome is MATCH."
+        2, ge=1, description="Frames of one source that must agree on a subject before the outcome is MATCH; for "
+        "tracked CCTV faces, the searched faces of one track (keep detection's always-searched count at least this).",
     )
     window_seconds: float = Field(10.0, gt=0, description="The agreeing frames must fall within this span.")
     min_quality: float = Field(
@@ -42,6 +45,9 @@ class Policy(BaseModel):
     )
     alert_cooldown_seconds: float = Field(
         60.0, ge=0, description="Further MATCHes of the same subject on the same source within this span raise no alert."
+    )
+    echannel: EChannelPolicy = Field(
+        default_factory=EChannelPolicy, description="The rules of e-channel (gate) sessions: see sessions.py."
     )
 
     _watchlist_distances: dict[str, float] = PrivateAttr(default_factory=dict)
@@ -56,17 +62,28 @@ class Policy(BaseModel):
             self._watchlist_distances[name] = distance_for_fmr(target)
         return self
 
-    def threshold_for(self, watchlists: list[str]) -> tuple[float, str]:
+    def threshold_for(self, watchlists: list[str],
+                      gallery_thresholds: Mapping[str, float] | None = None) -> tuple[float, str]:  # fmt: skip
         """The distance threshold for a candidate on these watchlists, and how reasons quote it.
 
-        A list with its own target FMR sets its own threshold; a subject on several such lists is a hit when it is
-        within any of them (each list's promise holds for that list). Other subjects use the global threshold.
+        Per list, in order of precedence: the list's own threshold set in the gallery (``gallery_thresholds``, from
+        ``MatchCandidate.watchlist_thresholds``: the list's target FMR, converted by matching); else this policy's
+        ``watchlist_target_fmr`` for the list (the operator's fallback for lists the gallery sets none for). A subject
+        on several lists with a threshold is a hit when it is within any of them (each list's promise holds for that
+        list). A subject on no list with a threshold uses the global threshold.
         """
-        own = [(self._watchlist_distances[w], w) for w in watchlists if w in self._watchlist_distances]
+        gallery = gallery_thresholds or {}
+        own = []
+        for name in watchlists:
+            if name in gallery:
+                own.append((gallery[name], name, f"watchlist {name}: the gallery's threshold"))
+            elif name in self._watchlist_distances:
+                target = format_fmr(self.watchlist_target_fmr[name])
+                own.append((self._watchlist_distances[name], name, f"watchlist {name}: target FMR {target}"))
         if not own:
             return self.match_max_distance, self.describe_threshold()
-        distance, name = max(own)
-        return distance, f"{distance:.3f} (watchlist {name}: target FMR {format_fmr(self.watchlist_target_fmr[name])})"
+        distance, _, source = max(own)
+        return distance, f"{distance:.3f} ({source})"
 
     def describe_threshold(self) -> str:
         """The threshold as reasons quote it: the distance, and the target FMR it came from when there is one."""

@@ -6,8 +6,8 @@ alert is published; idempotent on the alert id, so a replay is harmless) and it 
 - a confirmation by reviewer A keeps it PENDING_REVIEW with one confirmation; a confirmation by a second reviewer
   B != A makes it CONFIRMED. A confirming twice is refused (FAILED_PRECONDITION), whatever their rights;
 - any rejection makes it REJECTED. A rejection may say "not this person": the feedback is stored, reported, and
-  ``ReviewStore.suppressed(source, subject)`` turns true, so that the engine can skip further alerts of that subject
-  for that source (the track, until the pipeline has tracks) for ``suppression_seconds``;
+  ``ReviewStore.suppressed(source, subject, track)`` turns true, so that the engine can skip further alerts of that
+  subject on that track (the alert's; on the whole source for an alert without one) for ``suppression_seconds``;
 - a closed (CONFIRMED or REJECTED) alert takes no further review.
 
 Each status change is published to ``sightline.alerts.v1`` (keyed by source id: consumers keep the latest status
@@ -223,6 +223,20 @@ class ReviewStore(BackendStore):
             cur.execute("UPDATE review_alerts SET published_status = ? WHERE alert_id = ? AND status = ?",
                         (status, alert_id, status))  # fmt: skip
 
+    def purge(self, raised_before: datetime) -> int:
+        """Delete alerts raised before the cut-off, whatever their status, with their reviews, and the "not this
+        person" feedback recorded before it that is no longer in force; returns the alerts deleted. Retention limits
+        apply to unreviewed alerts too; a suppression kept for good stays until someone removes it."""
+        to_db = self._backend.dialect.to_db_time
+        cutoff, now = to_db(raised_before), to_db(datetime.now(UTC))
+        with self._tx(write=True) as cur:
+            old = "SELECT alert_id FROM review_alerts WHERE raised_at < ?"
+            cur.execute(f"DELETE FROM alert_reviews WHERE alert_id IN ({old})", (cutoff,))
+            deleted = cur.execute("DELETE FROM review_alerts WHERE raised_at < ?", (cutoff,)).rowcount
+            cur.execute("DELETE FROM review_suppressions WHERE created_at < ? AND expires_at IS NOT NULL"
+                        " AND expires_at < ?", (cutoff, now))  # fmt: skip
+        return deleted
+
     # -- reads ---------------------------------------------------------------------------------------------------
 
     def get(self, alert_id: str) -> StoredAlert:
@@ -255,8 +269,8 @@ class ReviewStore(BackendStore):
     def suppressed(self, source_id: str, subject_id: str, track_id: str = "", at: datetime | None = None) -> bool:
         """True when a reviewer said "not this person" for this subject on this source (and track), still in force.
 
-        The decision engine calls this before raising an alert. A suppression recorded without a track (the pipeline
-        has none yet) covers every track of the source.
+        The decision engine calls this before raising an alert. A suppression recorded without a track (from an alert
+        of a face that had none) covers every track of the source.
         """
         at = at or datetime.now(UTC)
         with self._tx(write=False) as cur:
@@ -321,7 +335,8 @@ class ReviewStore(BackendStore):
         cur.execute(
             "INSERT INTO review_suppressions (source_id, track_id, subject_id, alert_id, reviewer, comment,"
             " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (alert.source_id, track_id, alert.subject_id, alert.alert_id, reviewer, comment, to_db(now), expires),
+            (alert.source_id, track_id or alert.track_id, alert.subject_id, alert.alert_id, reviewer, comment,
+             to_db(now), expires),
         )
 
 

@@ -1,36 +1,53 @@
 """Decision service: match results in, decisions and alerts out, following the configured policy.
 
 Consumes ``sightline.matches.v1``; publishes one ``Decision`` per face to ``sightline.decisions.v1`` and an ``Alert``
-for review to ``sightline.alerts.v1`` when a watchlist subject is confirmed on enough frames. An alert is never an
-automatic action: it starts PENDING_REVIEW, is stored for review before it is published, and reviewers confirm
-(two different reviewers) or reject it through the ReviewService on this service's gRPC port (``review.py``). Alerts
-and review actions are written to the audit log (``common/audit.py``), served by the AuditService.
+for review to ``sightline.alerts.v1`` when a watchlist subject is confirmed on enough frames. E-channel (gate)
+sessions are fused beside that: a second stage consumes ``sightline.sessions.v1`` and the session results of the
+matches topic go to the same ``SessionDesk``, which publishes progress and outcomes on the sessions topic
+(``session_stage.py``, docs/echannel.md).
+
+An alert is never an automatic action: it starts PENDING_REVIEW, is stored for review before it is published, and
+reviewers confirm (two different reviewers) or reject it through the ReviewService on this service's gRPC port
+(``review.py``). Alerts, review actions and decided sessions are written to the audit log (``common/audit.py``),
+served by the AuditService.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from datetime import timedelta
 
 from sightline.common import codec, telemetry
 from sightline.common.audit import AuditLog, AuditServicer, TopicPublisher, audit_topic_publisher
 from sightline.common.config import KafkaSettings
+from sightline.common.retention import PurgeSchedule, RetentionSettings
 from sightline.common.runtime import Servicer, run_service
 from sightline.common.stage import InputEvent, Output, Stage, one_at_a_time
 from sightline.common.topics import ALERTS, DECISIONS, MATCHES
 from sightline.decision.engine import DecisionEngine
-from sightline.decision.policy import load_policy
+from sightline.decision.policy import Policy, load_policy
 from sightline.decision.review import AlertRecorder, ReviewServicer, ReviewStore, alert_publisher
+from sightline.decision.session_stage import SessionDesk, is_session_frame, session_stage
+from sightline.decision.session_store import SessionStore
+from sightline.decision.sessions import SessionEngine
 from sightline.decision.settings import DecisionSettings
-from sightline.v1 import audit_pb2_grpc, events_pb2, review_pb2_grpc
+from sightline.v1 import audit_pb2_grpc, events_pb2, review_pb2_grpc, types_pb2
 
 SERVICE = "decision"
 log = logging.getLogger(__name__)
 
 
-def decide(engine: DecisionEngine, event: InputEvent, recorder: AlertRecorder | None = None) -> list[Output]:
+def decide(engine: DecisionEngine, event: InputEvent, recorder: AlertRecorder | None = None,
+           sessions: SessionDesk | None = None) -> list[Output]:  # fmt: skip
     result = codec.parse(events_pb2.MatchResult, event.value)
     decisions, alerts = engine.decide(result)
+    if result.frame.purpose == types_pb2.PURPOSE_ECHANNEL:
+        # A gate's frames get their per-frame decision like any frame, but a stop-list hit there is alerted once, by
+        # its session (session_stage.py), never here as well.
+        alerts = []
+        if sessions is not None and is_session_frame(result.frame):
+            sessions.on_result(result)
     if recorder is not None:
         # Stored (and audited) before it is published: a reviewer can always find an alert an integrator saw.
         alerts = [recorder.record(alert) for alert in alerts]
@@ -47,7 +64,7 @@ def main() -> None:
     log.info("policy loaded", extra={"policy_version": policy.version})
     url = settings.database_url.get_secret_value()
     publisher = TopicPublisher(kafka)
-    audit = AuditLog.open(url, publish=audit_topic_publisher(publisher))
+    audit = AuditLog.open_configured(publish=audit_topic_publisher(publisher))  # the chain shared with matching
     reviews = ReviewStore.open(url, settings.suppression_seconds)
     engine = DecisionEngine(policy, suppressed=reviews.suppressed)
     recorder = AlertRecorder(reviews, audit)
@@ -58,11 +75,43 @@ def main() -> None:
         Servicer(review_pb2_grpc.add_ReviewServiceServicer_to_server, review_servicer, "sightline.v1.ReviewService"),
         Servicer(audit_pb2_grpc.add_AuditServiceServicer_to_server, AuditServicer(audit), "sightline.v1.AuditService"),
     ]
-    stage = Stage(SERVICE, MATCHES, [DECISIONS, ALERTS], one_at_a_time(lambda event: decide(engine, event, recorder)))
+    session_store = SessionStore.open(url)
+    sessions = start_sessions(settings, policy, session_store, recorder, audit, publisher)
+    stage = Stage(SERVICE, MATCHES, [DECISIONS, ALERTS],
+                  one_at_a_time(lambda event: decide(engine, event, recorder, sessions)))  # fmt: skip
+
+    purge = purge_schedule(reviews, session_store)
+    purge.start()
 
     def close() -> None:
+        purge.stop()
+        sessions.stop()
         publisher.close()
         reviews.close()
+        session_store.close()
         audit.close()
 
-    run_service(SERVICE, settings, kafka, servicers, [stage], on_stop=close)
+    run_service(SERVICE, settings, kafka, servicers, [stage, session_stage(sessions)], on_stop=close, audit=audit)
+
+
+def purge_schedule(reviews: ReviewStore, sessions: SessionStore) -> PurgeSchedule:
+    """Alerts with their reviews, and decided sessions, deleted once past their retention (common/retention.py).
+
+    A decided session is kept an hour longer than its events stay on the sessions topic, so an OPENED event replayed
+    from the topic always finds its session already decided.
+    """
+    limits = RetentionSettings()
+    return PurgeSchedule(SERVICE, {
+        "alerts": (timedelta(days=limits.alerts_days), reviews.purge),
+        "sessions": (timedelta(hours=limits.sessions_hours + 1), sessions.purge_decided),
+    }, limits.purge_interval_s)  # fmt: skip
+
+
+def start_sessions(settings: DecisionSettings, policy: Policy, store: SessionStore, recorder: AlertRecorder,
+                   audit: AuditLog, publisher: TopicPublisher) -> SessionDesk:  # fmt: skip
+    """The e-channel session desk, with the sessions a previous run left open, and its time-out timer running."""
+    desk = SessionDesk(SessionEngine(policy.echannel, policy.version), store, recorder, audit, publisher,
+                       settings.session_hold_seconds, settings.session_hold_max)  # fmt: skip
+    desk.recover()
+    desk.start(settings.session_tick_seconds)
+    return desk

@@ -3,6 +3,10 @@
 Stream path: consumes ``sightline.frames.v1`` and publishes one ``FacesDetected`` per frame (with no faces when none
 were found) to ``sightline.faces.v1``. Request path: ``DetectionService.Detect`` for one image, used by the gallery to
 enrol and verify.
+
+CCTV frames: every face gets its track on its camera (``tracker.py``), and only the faces of a track worth a search
+carry their chip on; the others go on with their track id, box and quality but no chip, so embedding skips them
+(docs/cctv.md). E-channel frames are not tracked: every face carries its chip, the traveller's its liveness verdict.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from sightline.common.stage import InputEvent, Output, Stage, StageError, one_at
 from sightline.common.topics import FACES, FRAMES
 from sightline.detection.session_liveness import SessionLiveness, traveller
 from sightline.detection.settings import DetectionSettings
+from sightline.detection.tracker import BestFaces, FaceTracker
 from sightline.v1 import detection_pb2, detection_pb2_grpc, events_pb2, types_pb2
 
 SERVICE = "detection"
@@ -46,8 +51,13 @@ class Detection:
         self.settings = settings
         self.analyzer = FaceAnalyzer(threads=settings.inference_threads, score_threshold=settings.score_threshold)
         self.session_liveness = SessionLiveness(settings.liveness)
+        self.tracker = FaceTracker(settings.track_min_iou, settings.track_min_landmark_similarity,
+                                   settings.track_max_age_s)  # fmt: skip
+        self.best_faces = BestFaces(settings.search_min_quality, settings.search_first_faces, settings.search_margin,
+                                    settings.search_max_faces)  # fmt: skip
         # One onnxruntime session is not meant to be driven from many threads at once for our latency goals.
         self._lock = threading.Lock()
+        self._tracking_lock = threading.Lock()
 
     def analyze(self, image: bytes, max_faces: int) -> tuple[np.ndarray, list[AnalyzedFace]]:
         rgb = decode_image(image, self.settings.max_image_pixels)
@@ -64,16 +74,32 @@ class Detection:
         ref = types_pb2.FrameRef()
         ref.CopyFrom(frame.frame)
         ref.height, ref.width = rgb.shape[:2]
+        if ref.purpose == types_pb2.PURPOSE_ECHANNEL:
+            protos = [face_to_proto(face, include_chip=True) for face in faces]
+        else:
+            protos = self._track(ref, faces)
         detected = events_pb2.FacesDetected(
-            frame=ref,
-            faces=[face_to_proto(face, include_chip=True) for face in faces],
-            detector_model=self.analyzer.model_name,
-            detected_at=codec.now(),
+            frame=ref, faces=protos, detector_model=self.analyzer.model_name, detected_at=codec.now()
         )
         self._assess_liveness(ref, faces, detected)
         telemetry.END_TO_END_LATENCY.labels(SERVICE).observe(codec.seconds_since(ref.captured_at))
         return [Output(FACES, ref.source_id.encode(), detected.SerializeToString())]
 
+    def _track(self, ref: types_pb2.FrameRef, faces: list[AnalyzedFace]) -> list[types_pb2.DetectedFace]:
+        """CCTV faces with their track ids; only those worth a search keep their chip (docs/cctv.md)."""
+        at = ref.captured_at.seconds + ref.captured_at.nanos / 1e9
+        protos = []
+        with self._tracking_lock:
+            tracks = self.tracker.tracks_of(ref.source_id, at, [f.box for f in faces], [f.landmarks for f in faces],
+                                            size=(ref.height, ref.width))  # fmt: skip
+            for face, track in zip(faces, tracks, strict=True):
+                skipped = None if self.settings.search_every_face else self.best_faces.select(track, face.quality.score)
+                if skipped:
+                    telemetry.FACES_NOT_SEARCHED.labels(SERVICE, skipped).inc()
+                proto = face_to_proto(face, include_chip=skipped is None)
+                proto.track_id = track.track_id
+                protos.append(proto)
+        return protos
 
     def _assess_liveness(self, ref: types_pb2.FrameRef, faces: list[AnalyzedFace], detected: events_pb2.FacesDetected) -> None:  # noqa: E501
         """E-channel frames: the session's liveness verdict so far goes on the traveller's face."""

@@ -2,7 +2,8 @@
 
 Stream path: consumes ``sightline.faces.v1``, batches the chips of the events that are waiting (up to
 ``max_batch_events``) into one model call, and publishes one ``FacesEmbedded`` per input event to
-``sightline.embeddings.v1``. The chips go no further than this stage.
+``sightline.embeddings.v1``. The chips go no further than this stage. A CCTV face without a chip is one detection
+chose not to search (its track has better faces searched, docs/cctv.md): it is not embedded and goes no further.
 """
 
 from __future__ import annotations
@@ -21,9 +22,14 @@ from sightline.common.runtime import Servicer, run_service
 from sightline.common.stage import InputEvent, Output, Stage
 from sightline.common.topics import EMBEDDINGS, FACES
 from sightline.embedding.settings import EmbeddingSettings
-from sightline.v1 import embedding_pb2, embedding_pb2_grpc, events_pb2
+from sightline.v1 import embedding_pb2, embedding_pb2_grpc, events_pb2, types_pb2
 
 SERVICE = "embedding"
+
+
+def searched(detected: events_pb2.FacesDetected) -> list[types_pb2.DetectedFace]:
+    """The faces to embed: those with a chip (detection sends none for a CCTV face it chose not to search)."""
+    return [face for face in detected.faces if face.chip or face.chip_size]
 
 
 class Embedding:
@@ -48,7 +54,7 @@ class Embedding:
         for event in events:
             try:
                 detected = codec.parse(events_pb2.FacesDetected, event.value)
-                event_chips = [codec.chip_from_bytes(face.chip, face.chip_size) for face in detected.faces]
+                event_chips = [codec.chip_from_bytes(face.chip, face.chip_size) for face in searched(detected)]
             except codec.MalformedEvent as exc:
                 parsed.append(exc)
                 continue
@@ -64,11 +70,11 @@ class Embedding:
             model_version=self.embedder.model_version,
             embedded_at=codec.now(),
         )
-        for face in detected.faces:
+        for face in searched(detected):
             vector = next(descriptors)  # type: ignore[call-overload]
             embedded.faces.add(face_index=face.index, box=face.box, quality=face.quality, vector=vector.tolist(),
                                landmarks=face.landmarks, detector_keypoints=face.detector_keypoints,
-                               liveness=face.liveness)  # fmt: skip
+                               liveness=face.liveness, track_id=face.track_id)  # fmt: skip
         telemetry.END_TO_END_LATENCY.labels(SERVICE).observe(codec.seconds_since(detected.frame.captured_at))
         return [Output(EMBEDDINGS, detected.frame.source_id.encode(), embedded.SerializeToString())]
 

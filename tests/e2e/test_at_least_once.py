@@ -31,7 +31,9 @@ def test_killed_service_restarts_and_every_frame_is_decided(victim: str, tmp_pat
         shifted = Image.new("RGB", base.size, (120, 120, 120))
         shifted.paste(base, (i % 7, i % 5))
         shifted.save(folder / f"{i:03d}.jpg", quality=90)
-    with LocalStack(tmp_path / "run", ports="auto") as stack:
+    # Every face searched: thirty shifted copies of one photo are one track, and this test counts decisions per frame.
+    env = {"SIGHTLINE_DETECTION_SEARCH_EVERY_FACE": "true"}
+    with LocalStack(tmp_path / "run", ports="auto", env=env) as stack:
         stack.start(timeout=120)
         enroll("obama", [face_photos / "obama.jpg"], [], address=stack.addresses["matching"])
         since = int(time.time() * 1000) - 1000

@@ -1,4 +1,5 @@
-"""The decision engine's rules: agreement over frames, windows, quality gate, claims, alerts, cool-down, replays."""
+"""The decision engine's rules: agreement over frames (per track for CCTV faces), windows, quality gate, claims,
+alerts (one per track and subject), cool-down, suppression, replays."""
 
 from __future__ import annotations
 
@@ -8,16 +9,17 @@ import pytest
 
 from sightline.decision.engine import DecisionEngine
 from sightline.decision.policy import Policy, load_policy
+from sightline.decision.review import ReviewStore
 from sightline.v1 import events_pb2, types_pb2
 
 
 def match_result(seq: int, t: float, subject: str = "alice", distance: float = 0.3, quality: float = 80.0,
                  source: str = "cam", watchlists: tuple[str, ...] = ("wl",), claim: str = "",
-                 verified_distance: float | None = None) -> events_pb2.MatchResult:  # fmt: skip
+                 verified_distance: float | None = None, track: str = "") -> events_pb2.MatchResult:  # fmt: skip
     frame = types_pb2.FrameRef(frame_id=f"{source}:{seq}", source_id=source, sequence=seq, claim_subject_id=claim)
     frame.captured_at.FromNanoseconds(int(t * 1e9))
     result = events_pb2.MatchResult(frame=frame, model_name="m", model_version="1")
-    face = result.faces.add(face_index=0)
+    face = result.faces.add(face_index=0, track_id=track)
     face.quality.score = quality
     if subject:
         face.candidates.add(subject_id=subject, distance=distance, similarity=1 - distance / 1.2, watchlists=watchlists)
@@ -138,7 +140,8 @@ def test_watchlists_set_their_own_thresholds_by_target_fmr() -> None:
 
 def test_a_not_this_person_suppression_stops_alerts_for_that_subject_on_that_source() -> None:
     suppressions = {("cam", "alice")}
-    engine = DecisionEngine(Policy(min_agreeing_frames=1), suppressed=lambda source, subject: (source, subject) in suppressions)
+    engine = DecisionEngine(Policy(min_agreeing_frames=1),
+                            suppressed=lambda source, subject, track: (source, subject) in suppressions)  # fmt: skip
     decisions, alerts = engine.decide(match_result(1, 1.0))
     assert outcome_names(decisions) == ["OUTCOME_MATCH"] and alerts == []
     assert "alert suppressed" in decisions[0].reasons[-1]
@@ -151,3 +154,56 @@ def test_reasons_mark_a_false_match_rate_below_what_the_table_measured() -> None
     assert "(extrapolated)" in decisions[0].reasons[0]
     measured, _ = DecisionEngine(Policy(match_max_distance=0.7)).decide(match_result(1, 1.0, distance=0.65))
     assert "FMR at this score" in measured[0].reasons[0] and "(extrapolated)" not in measured[0].reasons[0]
+
+
+# --- CCTV tracks -----------------------------------------------------------------------------------------------
+
+
+def test_agreement_counts_the_searched_faces_of_one_track_not_other_tracks() -> None:
+    engine = DecisionEngine(Policy(min_agreeing_frames=2))
+    first, _ = engine.decide(match_result(1, 100.0, track="cam/t1"))
+    other, _ = engine.decide(match_result(2, 100.2, track="cam/t2"))  # someone else, also near alice
+    second, _ = engine.decide(match_result(3, 100.4, track="cam/t1"))
+    assert outcome_names(first + other + second) == ["OUTCOME_PENDING", "OUTCOME_PENDING", "OUTCOME_MATCH"]
+    assert [d.track_id for d in first + other + second] == ["cam/t1", "cam/t2", "cam/t1"]
+    assert list(second[0].evidence_frame_ids) == ["cam:1", "cam:3"]
+    assert "2 searched face(s) of track cam/t1 agree" in second[0].reasons[1]
+
+
+def test_one_alert_per_track_and_subject_whatever_the_cool_down() -> None:
+    engine = DecisionEngine(Policy(min_agreeing_frames=1, alert_cooldown_seconds=0))
+    alerts = [engine.decide(match_result(seq, 100.0 + seq, track="cam/t1"))[1] for seq in range(1, 4)]
+    assert [len(a) for a in alerts] == [1, 0, 0]
+    assert alerts[0][0].track_id == "cam/t1"
+    decisions, _ = engine.decide(match_result(4, 104.0, track="cam/t1"))
+    assert "alert already raised for track cam/t1" in decisions[0].reasons[-1]
+    _, without_track = engine.decide(match_result(5, 105.0))  # no track: the cool-down alone rules, and it is 0
+    assert len(without_track) == 1 and without_track[0].track_id == ""
+
+
+def test_an_alert_of_another_track_within_the_cool_down_is_merged() -> None:
+    engine = DecisionEngine(Policy(min_agreeing_frames=1, alert_cooldown_seconds=60))
+    (_, (raised,)) = engine.decide(match_result(1, 100.0, track="cam/t1"))
+    merged, none = engine.decide(match_result(2, 130.0, track="cam/t2"))
+    assert none == [] and merged[0].outcome == events_pb2.OUTCOME_MATCH and merged[0].alert_id == ""
+    assert f"alert merged into {raised.alert_id[:12]}" in merged[0].reasons[-1]
+    _, again = engine.decide(match_result(3, 135.0, track="cam/t2"))
+    assert again == []  # the track's alert is the one it was merged into
+    _, later = engine.decide(match_result(4, 170.0, track="cam/t3"))  # after the cool-down, a new track alerts
+    _, elsewhere = engine.decide(match_result(5, 131.0, track="lobby/t9", source="lobby"))
+    assert len(later) == 1 and later[0].track_id == "cam/t3" and len(elsewhere) == 1
+
+
+def test_not_this_person_on_a_tracks_alert_suppresses_that_subject_on_that_track_only(tmp_path: Path) -> None:
+    with ReviewStore.open(f"sqlite:///{tmp_path / 'review.db'}", suppression_seconds=600) as reviews:
+        engine = DecisionEngine(Policy(min_agreeing_frames=1, alert_cooldown_seconds=0), suppressed=reviews.suppressed)
+        (_, (alert,)) = engine.decide(match_result(1, 100.0, track="cam/t1"))
+        reviews.record_alert(alert)
+        reviews.review(alert.alert_id, "alice", "REJECT", "lookalike", not_this_person=True)
+        assert [f.track_id for f in reviews.feedback()] == ["cam/t1"]  # the alert's track, kept with the feedback
+
+        restarted = DecisionEngine(engine.policy, suppressed=reviews.suppressed)  # in-memory state lost
+        suppressed, none = restarted.decide(match_result(2, 101.0, track="cam/t1"))
+        assert none == [] and "alert suppressed" in suppressed[0].reasons[-1] and "cam/t1" in suppressed[0].reasons[-1]
+        _, other_track = restarted.decide(match_result(3, 102.0, track="cam/t2"))
+        assert len(other_track) == 1 and other_track[0].track_id == "cam/t2"

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
-from sightline.common.audit import PRINCIPAL_METADATA_KEY, AuditLog
+from sightline.common.audit import AuditLog
 from sightline.common.rpc import InvalidInput, NotFound
 from sightline.decision.review import (
     AlertRecorder,
@@ -111,6 +111,24 @@ def test_recording_is_idempotent_and_a_replay_never_resets_a_review(store: Revie
     assert not created and replayed.status == "REJECTED"
 
 
+def test_purge_deletes_alerts_past_retention_with_their_reviews_and_spent_feedback(store_url: str) -> None:
+    old, recent = alert("0a0a0a0a0a0a0a0a"), alert("0b0b0b0b0b0b0b0b")
+    old.raised_at.FromDatetime(datetime.now(UTC) - timedelta(days=40))
+    with ReviewStore.open(store_url, suppression_seconds=0.001) as store:  # suppressions end at once
+        store.record_alert(old)
+        store.record_alert(recent)
+        store.review(old.alert_id, "alice", "REJECT", "someone else", not_this_person=True)
+        store.review(recent.alert_id, "alice", "CONFIRM")
+        assert store.purge(datetime.now(UTC) - timedelta(days=30)) == 1
+        assert [a.alert.alert_id for a in store.list_alerts()] == [recent.alert_id]
+        assert store.get(recent.alert_id).confirmations == 1
+        with pytest.raises(NotFound):
+            store.get(old.alert_id)
+        assert len(store.feedback()) == 1  # recorded today: a report still shows it
+        assert store.purge(datetime.now(UTC) + timedelta(seconds=1)) == 1
+        assert store.feedback() == [] and store.list_alerts() == []
+
+
 def test_bad_reviews_are_refused_clearly(store: ReviewStore) -> None:
     store.record_alert(alert())
     with pytest.raises(NotFound, match="no alert with id"):
@@ -141,16 +159,20 @@ def test_listing_by_status_with_pages_and_prefixes(store: ReviewStore) -> None:
 
 
 class FakeContext:
-    """Just enough of grpc.ServicerContext: metadata in, abort out."""
+    """Just enough of grpc.ServicerContext: the principal the server's access control admitted, and abort.
+
+    (How a real server finds the principal is tested in test_auth.py and integration/test_access_control.py.)
+    """
 
     def __init__(self, principal: str | None) -> None:
-        self._metadata = [(PRINCIPAL_METADATA_KEY, principal)] if principal is not None else []
-
-    def invocation_metadata(self) -> list[tuple[str, str]]:
-        return self._metadata
+        self.principal = principal or ""
 
     def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise Aborted(code, details)
+
+
+def admitted_principal(context: FakeContext) -> str:
+    return context.principal
 
 
 class Aborted(Exception):
@@ -165,7 +187,7 @@ def review_request(action: int, **fields: Any) -> review_pb2.ReviewAlertRequest:
 
 def test_servicer_publishes_status_changes_and_audits_every_action(store: ReviewStore, audit: AuditLog) -> None:
     published: list[events_pb2.Alert] = []
-    servicer = ReviewServicer(store, audit, published.append)
+    servicer = ReviewServicer(store, audit, published.append, principal=admitted_principal)
     AlertRecorder(store, audit).record(alert())
     AlertRecorder(store, audit).record(alert())  # a replay: audited once
     confirm = review_request(review_pb2.REVIEW_ACTION_CONFIRM)
@@ -198,7 +220,7 @@ def test_a_status_change_that_could_not_be_published_stays_in_the_outbox(store: 
             raise ConnectionError("broker down")
         published.append(message)
 
-    servicer = ReviewServicer(store, audit, publish)
+    servicer = ReviewServicer(store, audit, publish, principal=admitted_principal)
     store.record_alert(alert())
     reply = servicer.ReviewAlert(review_request(review_pb2.REVIEW_ACTION_REJECT, not_this_person=True),
                                  FakeContext("alice"))  # fmt: skip
@@ -210,7 +232,7 @@ def test_a_status_change_that_could_not_be_published_stays_in_the_outbox(store: 
 
 
 def test_servicer_lists_and_gets(store: ReviewStore, audit: AuditLog) -> None:
-    servicer = ReviewServicer(store, audit, lambda _: None)
+    servicer = ReviewServicer(store, audit, lambda _: None, principal=admitted_principal)
     for i in range(3):
         store.record_alert(alert(f"{i:x}" * 6 + "0000", subject=f"s{i}"))
     page = servicer.ListAlerts(review_pb2.ListAlertsRequest(page_size=2), FakeContext(None))

@@ -136,3 +136,75 @@ def test_state_survives_a_round_trip_mid_session(engine: SessionEngine) -> None:
     restored = SessionState.from_dict(state.to_dict())  # what a restart recovers from the store
     update = run(engine, restored, frames[3:])
     assert update.outcome == session_pb2.SESSION_OUTCOME_ACCEPT and update.frames_seen == 6
+
+
+def test_a_replayed_frame_is_counted_once(engine: SessionEngine) -> None:
+    state = opened(engine)
+    engine.on_result(state, result(1))
+    again = engine.on_result(state, result(1))  # redelivered after a restart, before its offset was committed
+    assert again.frames_seen == 1 and again.frames_verified == 1 and state.frame_ids == ["gate-1:s:1"]
+
+
+def test_a_close_waits_for_the_frames_still_in_the_pipeline(engine: SessionEngine) -> None:
+    state = opened(engine)
+    frames = live_session()
+    run(engine, state, frames[:4])
+    waiting = engine.request_close(state, at=101.0, frames_sent=6)
+    assert waiting.outcome == session_pb2.SESSION_OUTCOME_UNSPECIFIED and engine.tick(state, now=101.5) is None
+    update = run(engine, state, frames[4:])  # the last two results arrive after the close
+    assert update.outcome == session_pb2.SESSION_OUTCOME_ACCEPT and update.frames_seen == 6
+
+
+def test_a_close_decides_once_the_grace_has_passed_or_every_sent_frame_is_in(engine: SessionEngine) -> None:
+    state = opened(engine)
+    run(engine, state, [result(1)])
+    engine.request_close(state, at=101.0)  # how many frames were sent is not known: wait for the grace
+    assert engine.tick(state, now=101.9) is None
+    closed = engine.tick(state, now=102.0)
+    assert closed is not None and closed.outcome == session_pb2.SESSION_OUTCOME_REFER_TO_OFFICER
+    assert closed.reasons[0] == "session closed: 1 of 2 verified frames, liveness not yet assessed"
+
+    other = opened(engine)
+    run(engine, other, [result(1)])
+    at_once = engine.request_close(other, at=101.0, frames_sent=1)
+    assert at_once.outcome == session_pb2.SESSION_OUTCOME_REFER_TO_OFFICER and "session closed" in at_once.reasons[0]
+
+
+def test_a_cancelled_session_ends_without_a_decision_and_keeps_its_reason(engine: SessionEngine) -> None:
+    state = opened(engine)
+    run(engine, state, [result(1)])
+    cancelled = engine.cancel(state, "traveller left the gate")
+    assert cancelled.outcome == session_pb2.SESSION_OUTCOME_CANCELLED
+    assert list(cancelled.reasons) == ["traveller left the gate"]
+    later = engine.on_result(state, result(2, liveness=LIVE))
+    assert later.outcome == session_pb2.SESSION_OUTCOME_CANCELLED and list(later.reasons) == ["traveller left the gate"]
+
+
+def test_a_decided_sessions_update_keeps_its_reasons_evidence_and_elapsed_time(engine: SessionEngine) -> None:
+    state = opened(engine)
+    decided = run(engine, state, [result(1, stop_hit=True)])
+    restored = SessionState.from_dict(state.to_dict())
+    again = engine.update(restored, [])
+    assert list(again.reasons) == list(decided.reasons) and again.elapsed_ms == decided.elapsed_ms > 0
+    assert list(again.evidence_frame_ids) == ["gate-1:s:1"]  # the stop-list hit's frame
+    alert = engine.stop_list_alert(restored)  # the lists the subject is on, from the state
+    assert alert is not None and list(alert.watchlists) == ["stop"] and alert.evidence_frame_ids == ["gate-1:s:1"]
+
+
+def test_the_time_out_names_the_sessions_own_budget(engine: SessionEngine) -> None:
+    event = session_pb2.SessionEvent(kind=session_pb2.SessionEvent.KIND_OPENED, session_id="s1", gate_id="gate-1")
+    event.opened_at.FromNanoseconds(int(100 * 1e9))
+    event.deadline.FromNanoseconds(int(101.5 * 1e9))  # the kiosk's budget, not the policy's default
+    state = engine.open(event)
+    update = engine.tick(state, now=101.6)
+    assert update is not None and update.reasons[0].startswith("time-out after 1.5 s: 0 of 2 verified frames")
+
+
+def test_a_stop_list_with_its_own_threshold_in_the_gallery_uses_it(engine: SessionEngine) -> None:
+    strict, lenient = result(1, stop_hit=True), result(2, stop_hit=True)
+    strict.faces[0].candidates[0].watchlist_thresholds["stop"] = 0.25  # the candidate at 0.3 is not a hit there
+    lenient.faces[0].candidates[0].watchlist_thresholds["stop"] = 0.32
+    state = opened(engine)
+    assert engine.on_result(state, strict).outcome == session_pb2.SESSION_OUTCOME_UNSPECIFIED
+    assert engine.on_result(state, lenient).outcome == session_pb2.SESSION_OUTCOME_REFER_TO_OFFICER
+    assert state.stop_list_hit == ("wanted", pytest.approx(0.3), "gate-1:s:2")

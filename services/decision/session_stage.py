@@ -1,0 +1,331 @@
+"""The running side of e-channel sessions in the decision service: session events and match results in, progress and
+outcomes out on ``sightline.sessions.v1``.
+
+The decision service consumes two topics. Its matches stage hands each e-channel result (``is_session_frame``) to the
+``SessionDesk`` besides making the per-frame ``Decision`` as for any frame; a second stage (``session_stage``) feeds
+it the session control events capture publishes (OPENED, CLOSED, CANCELLED; the desk's own PROGRESS and DECIDED
+events on the same topic are skipped). A timer thread ticks every ~100 ms, so a session times out even when no
+more frames come. The three threads share the desk's state under one lock.
+
+For every change of a session the desk saves its state (``session_store.py``) and then publishes a ``SessionEvent``
+keyed by gate id: KIND_PROGRESS while undecided, KIND_DECIDED with the final ``SessionUpdate`` once. Announcing an
+outcome is: record the stop-list alert if there is one (stored and audited by ``AlertRecorder``, then published on
+``sightline.alerts.v1``; its id goes on the update), append the session's one audit record, publish KIND_DECIDED,
+each step flagged in the store, so a restart in between finishes the announcement without repeating the audit.
+The store never overwrites a decided session, so a replayed input, a restart or a second replica cannot decide a
+session twice; folding is idempotent per frame id, so a replayed result is not counted twice.
+
+Session events and match results travel on different topics, so a session's first results may arrive before its
+OPENED event: they are held (at most ``hold_max``, for at most ``hold_seconds``) and folded in when it comes. Held
+results live in memory only: a restart while they wait loses them, which can only cost the session evidence (a
+referral by time-out at worst), never accept it.
+
+Stop-list hits at a gate are alerted here, once per session; the per-frame decision path drops alerts of e-channel
+frames (``service.decide``), so a gate's frame never raises an alert twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sightline.common import codec, telemetry
+from sightline.common.audit import Action, AuditLog
+from sightline.common.stage import InputEvent, Output, Stage, one_at_a_time
+from sightline.common.topics import ALERTS, SESSIONS
+from sightline.decision.review import AlertRecorder
+from sightline.decision.session_store import SessionStore
+from sightline.decision.sessions import SessionEngine, SessionState, timestamp_seconds
+from sightline.v1 import events_pb2, session_pb2, types_pb2
+
+log = logging.getLogger(__name__)
+
+SESSION_STAGE = "decision-sessions"
+AUDIT_PURPOSE = "e-channel"
+RECENTLY_DECIDED = 10_000  # ids of decided sessions kept in memory, so late results for them are dropped at once
+ANNOUNCE_RETRY_SECONDS = 5.0
+MAX_AUDIT_REASONS_CHARS = 1000
+
+Kind = session_pb2.SessionEvent.Kind
+OWN_KINDS = (session_pb2.SessionEvent.KIND_PROGRESS, session_pb2.SessionEvent.KIND_DECIDED)
+
+
+class Publisher(Protocol):
+    """Where session events and alerts go (``common.audit.TopicPublisher``)."""
+
+    def send(self, topic: str, key: bytes, value: bytes, wait: bool = True) -> None: ...
+
+
+def is_session_frame(frame: types_pb2.FrameRef) -> bool:
+    """An e-channel frame of a session: its result belongs to that session's fusion."""
+    return frame.purpose == types_pb2.PURPOSE_ECHANNEL and bool(frame.session_id)
+
+
+def outcome_name(outcome: int) -> str:
+    return session_pb2.SessionOutcome.Name(outcome).removeprefix("SESSION_OUTCOME_")
+
+
+@dataclass(frozen=True)
+class _Held:
+    result: events_pb2.MatchResult
+    held_at: float  # monotonic
+
+
+class SessionDesk:
+    """Runs the session engine over the live topics: persists, times out, announces; thread-safe."""
+
+    def __init__(self, engine: SessionEngine, store: SessionStore, recorder: AlertRecorder, audit: AuditLog,
+                 publisher: Publisher, hold_seconds: float = 2.0, hold_max: int = 1000) -> None:  # fmt: skip
+        self.engine = engine
+        self.store = store
+        self.recorder = recorder
+        self.audit = audit
+        self.publisher = publisher
+        self.hold_seconds = hold_seconds
+        self.hold_max = hold_max
+        self._lock = threading.Lock()
+        self._open: dict[str, SessionState] = {}
+        self._recovered: set[str] = set()  # open sessions loaded at start, re-read from the store when next touched
+        self._decided: OrderedDict[str, None] = OrderedDict()
+        self._held: OrderedDict[str, list[_Held]] = OrderedDict()  # by session id, oldest first
+        self._held_count = 0
+        self._unannounced: dict[str, float] = {}  # session id -> when to try again (monotonic)
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+
+    # -- life cycle ----------------------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Resume the sessions a previous run left open, and finish announcing those it decided."""
+        with self._lock:
+            for state in self.store.load_open():
+                self._open[state.session_id] = state
+                self._recovered.add(state.session_id)
+            for stored in self.store.unannounced():
+                self._unannounced[stored.state.session_id] = 0.0
+        log.info("e-channel sessions recovered",
+                 extra={"open": len(self._open), "unannounced": len(self._unannounced)})  # fmt: skip
+
+    def start(self, tick_seconds: float = 0.1) -> None:
+        """Start the timer thread that times sessions out and retries announcements."""
+        self._timer = threading.Thread(target=self._run_timer, args=(tick_seconds,), name="session-timer",
+                                       daemon=True)  # fmt: skip
+        self._timer.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._timer is not None:
+            self._timer.join(timeout=5)
+
+    def _run_timer(self, tick_seconds: float) -> None:
+        while not self._stop.wait(tick_seconds):
+            try:
+                self.tick(time.time())
+            except Exception:  # noqa: BLE001 - the timer must outlive a database hiccup; the next tick retries
+                log.exception("session tick failed")
+
+    # -- inputs --------------------------------------------------------------------------------------------------
+
+    def on_event(self, event: session_pb2.SessionEvent) -> None:
+        """A session control event from capture (the desk's own PROGRESS and DECIDED events are skipped)."""
+        if event.kind in OWN_KINDS:
+            return
+        if not event.session_id or not event.gate_id:
+            raise codec.MalformedEvent("a session event needs a session id and a gate id")
+        with self._lock:
+            if event.kind == session_pb2.SessionEvent.KIND_OPENED:
+                self._opened(event)
+                return
+            state = self._open_session(event.session_id)
+            if state is None:
+                log.info("session event for a session not open here: ignored",
+                         extra={"session_id": event.session_id, "kind": Kind.Name(event.kind)})  # fmt: skip
+            elif event.kind == session_pb2.SessionEvent.KIND_CLOSED:
+                at = timestamp_seconds(event.at) if event.HasField("at") else time.time()
+                self._changed(state, self.engine.request_close(state, at, event.update.frames_seen))
+            elif event.kind == session_pb2.SessionEvent.KIND_CANCELLED:
+                self._changed(state, self.engine.cancel(state, "; ".join(event.update.reasons)))
+
+    def on_result(self, result: events_pb2.MatchResult) -> None:
+        """The match result of one frame of a session (``is_session_frame``)."""
+        session_id = result.frame.session_id
+        with self._lock:
+            state = self._open_session(session_id)
+            if state is not None:
+                self._apply(state, result)
+            elif session_id not in self._decided:
+                self._hold(result)
+
+    def tick(self, now: float) -> None:
+        """Time out sessions past their deadline, close those past their close grace, drop stale held results,
+        retry announcements that failed."""
+        with self._lock:
+            for state in list(self._open.values()):
+                update = self.engine.tick(state, now)
+                if update is not None:
+                    self._changed(state, update)
+            self._expire_held()
+            self._retry_announcements()
+
+    # -- sessions ------------------------------------------------------------------------------------------------
+
+    def _opened(self, event: session_pb2.SessionEvent) -> None:
+        if self._open_session(event.session_id) is not None or event.session_id in self._decided:
+            return  # a replayed OPENED: the session goes on (or stays decided)
+        state = self._open[event.session_id] = self.engine.open(event)
+        self._changed(state, self.engine.update(state, []))
+        held = self._held.pop(event.session_id, [])
+        self._held_count -= len(held)
+        for item in held:
+            self._apply(state, item.result)
+
+    def _open_session(self, session_id: str) -> SessionState | None:
+        """The open session with this id, from memory or else the store; None when unknown or already decided.
+
+        A session loaded at start is read again the first time an input touches it: with several replicas, the one
+        that owned its partition until a rebalance may have folded more frames in since.
+        """
+        state = self._open.get(session_id)
+        if session_id in self._decided or (state is not None and session_id not in self._recovered):
+            return state
+        self._recovered.discard(session_id)
+        stored = self.store.get(session_id)
+        if stored is None:
+            self._open.pop(session_id, None)
+            return None
+        if stored.state.decided:
+            self._remember_decided(session_id)
+            return None
+        self._open[session_id] = stored.state
+        return stored.state
+
+    def _apply(self, state: SessionState, result: events_pb2.MatchResult) -> None:
+        seen = state.frames_seen
+        update = self.engine.on_result(state, result)
+        if state.frames_seen != seen:  # unchanged: a replayed frame, or one after the outcome
+            self._changed(state, update)
+
+    def _changed(self, state: SessionState, update: session_pb2.SessionUpdate) -> None:
+        """Persist the session, then tell: progress while undecided, the outcome once."""
+        if not self.store.save(state):  # decided already, by an earlier run or another replica
+            self._remember_decided(state.session_id)
+            return
+        if not state.decided:
+            self._publish_progress(state, update)
+            return
+        self._remember_decided(state.session_id)
+        log.info("session decided", extra={"session_id": state.session_id, "gate_id": state.gate_id,
+                                           "outcome": outcome_name(state.outcome),
+                                           "frames_seen": state.frames_seen})  # fmt: skip
+        self._announce(state, update, audited=False)
+
+    def _remember_decided(self, session_id: str) -> None:
+        self._open.pop(session_id, None)
+        self._recovered.discard(session_id)
+        self._decided[session_id] = None
+        self._decided.move_to_end(session_id)
+        while len(self._decided) > RECENTLY_DECIDED:
+            self._decided.popitem(last=False)
+
+    # -- announcing ----------------------------------------------------------------------------------------------
+
+    def _announce(self, state: SessionState, update: session_pb2.SessionUpdate, audited: bool) -> None:
+        """Alert, audit and publish a decided session; what fails is retried by the timer."""
+        try:
+            alert = self.engine.stop_list_alert(state)
+            if alert is not None:
+                alert = self.recorder.record(alert)  # stored and audited once; a retry gets the stored one
+                update.alert_id = alert.alert_id
+                self.publisher.send(ALERTS.name, state.gate_id.encode(), alert.SerializeToString(), wait=True)
+            if not audited:
+                self._audit(state, update)
+                self.store.mark_audited(state.session_id)
+            self._publish(state, session_pb2.SessionEvent.KIND_DECIDED, update, wait=True)
+            self.store.mark_published(state.session_id)
+            self._unannounced.pop(state.session_id, None)
+        except Exception:  # noqa: BLE001 - the outcome is stored; announcing it is retried, never lost
+            log.warning("session outcome not announced yet; will retry", exc_info=True,
+                        extra={"session_id": state.session_id})  # fmt: skip
+            self._unannounced[state.session_id] = time.monotonic() + ANNOUNCE_RETRY_SECONDS
+
+    def _retry_announcements(self) -> None:
+        now = time.monotonic()
+        for session_id in [s for s, at in self._unannounced.items() if at <= now]:
+            stored = self.store.get(session_id)
+            if stored is None or stored.published:
+                self._unannounced.pop(session_id, None)
+                continue
+            self._remember_decided(session_id)
+            self._announce(stored.state, self.engine.update(stored.state, []), audited=stored.audited)
+
+    def _audit(self, state: SessionState, update: session_pb2.SessionUpdate) -> None:
+        """The session's one audit record: scores and ids, never images or descriptors."""
+        liveness = ("passed" if state.liveness_passed else "failed") if state.liveness_assessed else "not assessed"
+        details: dict[str, Any] = {
+            "session_id": state.session_id, "gate_id": state.gate_id, "frames_seen": update.frames_seen,
+            "frames_verified": update.frames_verified, "best_similarity": f"{update.best_similarity:.3f}",
+            "best_quality": f"{update.best_quality:.0f}", "liveness": liveness,
+            "liveness_score": f"{update.liveness_score:.2f}", "policy_version": update.policy_version,
+            "model_version": update.model_version, "elapsed_ms": f"{update.elapsed_ms:.0f}",
+            "alert_id": update.alert_id or None, "reasons": "; ".join(update.reasons)[:MAX_AUDIT_REASONS_CHARS],
+        }  # fmt: skip
+        self.audit.append(f"gate:{state.gate_id}", Action.VERIFY, state.claim_subject_id, AUDIT_PURPOSE,
+                          outcome_name(state.outcome), details)  # fmt: skip
+
+    def _publish_progress(self, state: SessionState, update: session_pb2.SessionUpdate) -> None:
+        try:  # progress is informative: a lost one is superseded by the next, or by the outcome
+            self._publish(state, session_pb2.SessionEvent.KIND_PROGRESS, update, wait=False)
+        except Exception:  # noqa: BLE001 - e.g. the broker unreachable while the producer is made
+            log.warning("session progress not published", exc_info=True, extra={"session_id": state.session_id})
+
+    def _publish(self, state: SessionState, kind: int, update: session_pb2.SessionUpdate, wait: bool) -> None:
+        event = session_pb2.SessionEvent(kind=kind, session_id=state.session_id, gate_id=state.gate_id,
+                                         claim_subject_id=state.claim_subject_id, update=update)  # fmt: skip
+        event.opened_at.FromNanoseconds(int(state.opened_at * 1e9))
+        event.deadline.FromNanoseconds(int(state.deadline * 1e9))
+        event.at.CopyFrom(codec.now())
+        self.publisher.send(SESSIONS.name, state.gate_id.encode(), event.SerializeToString(), wait=wait)
+        telemetry.EVENTS_PUBLISHED.labels(SESSION_STAGE, SESSIONS.name).inc()
+
+    # -- results ahead of their session --------------------------------------------------------------------------
+
+    def _hold(self, result: events_pb2.MatchResult) -> None:
+        self._held.setdefault(result.frame.session_id, []).append(_Held(result, time.monotonic()))
+        self._held_count += 1
+        while self._held_count > self.hold_max:  # drop the oldest session's oldest result
+            session_id, items = next(iter(self._held.items()))
+            items.pop(0)
+            self._held_count -= 1
+            if not items:
+                del self._held[session_id]
+
+    def _expire_held(self) -> None:
+        oldest = time.monotonic() - self.hold_seconds
+        for session_id, items in list(self._held.items()):
+            kept = [item for item in items if item.held_at > oldest]
+            if len(kept) < len(items):
+                log.info("results of a session that was never opened here dropped",
+                         extra={"session_id": session_id, "results": len(items) - len(kept)})  # fmt: skip
+                self._held_count -= len(items) - len(kept)
+                if kept:
+                    self._held[session_id] = kept
+                else:
+                    del self._held[session_id]
+
+
+def session_stage(desk: SessionDesk) -> Stage:
+    """The stage that feeds the desk the session control events of ``sightline.sessions.v1``."""
+    return Stage(SESSION_STAGE, SESSIONS, [], one_at_a_time(_session_events(desk)))
+
+
+def _session_events(desk: SessionDesk) -> Callable[[InputEvent], list[Output]]:
+    def process(event: InputEvent) -> list[Output]:
+        desk.on_event(codec.parse(session_pb2.SessionEvent, event.value))
+        return []
+
+    return process
