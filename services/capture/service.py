@@ -1,8 +1,9 @@
 """Capture service: reads image folders, video files and RTSP streams, samples frames, publishes them to Kafka.
 
-Frames are keyed by source id, so per-source order holds through every stage. Request path:
-``CaptureService.Ingest`` streams progress while a source is read (what ``sightline run`` uses); sources configured
-in ``SIGHTLINE_CAPTURE_SOURCES`` are ingested continuously from start-up.
+Frames are keyed by source id, so per-source order holds through every stage. CCTV frames are dropped, and counted,
+while the consumers lag or the producer's buffer is full: never queued without bound (``backpressure.py``). Request
+path: ``CaptureService.Ingest`` streams progress while a source is read (what ``sightline run`` uses); sources
+configured in ``SIGHTLINE_CAPTURE_SOURCES`` are ingested continuously from start-up.
 
 Each frame starts its own trace: a root span (frame and source ids as attributes, never image data) whose context goes
 into the frame record's headers, and on to every record the stages derive from it (see common/tracing.py).
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 
 import grpc
+from kafka.errors import KafkaTimeoutError
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanKind
@@ -30,9 +32,11 @@ from sightline.common.rpc import InvalidInput, rpc_errors
 from sightline.common.runtime import Servicer, run_service
 from sightline.common.stage import InputEvent, StageError, dead_letter_record
 from sightline.common.topics import DEADLETTER, FRAMES
+from sightline.capture.backpressure import Backpressure, FrameDropped
+from sightline.capture.kiosk import Kiosk, KioskServicer
 from sightline.capture.settings import CaptureSettings
 from sightline.capture.sources import RawFrame, SourceError, open_source, source_id_for
-from sightline.v1 import capture_pb2, capture_pb2_grpc, events_pb2, types_pb2
+from sightline.v1 import capture_pb2, capture_pb2_grpc, events_pb2, session_pb2_grpc, types_pb2
 
 SERVICE = "capture"
 PROGRESS_EVERY_S = 0.25
@@ -43,7 +47,8 @@ class Capture:
     def __init__(self, settings: CaptureSettings, kafka: KafkaSettings) -> None:
         self.settings = settings
         self._max_bytes = kafka.max_message_bytes - 64 * 1024  # room for the event's other fields
-        self.producer = make_producer(kafka)
+        self.producer = make_producer(kafka, max_block_ms=int(settings.publish_timeout_s * 1000))
+        self.backpressure = Backpressure(settings, kafka)
 
     def ingest(self, request: capture_pb2.IngestRequest, active: callable = lambda: True) -> Iterator[capture_pb2.IngestResponse]:  # type: ignore[valid-type]  # noqa: E501
         """Read the source and publish its frames; yields progress, the last one with done=True."""
@@ -64,17 +69,31 @@ class Capture:
             self._pace(request, raw, started, fps)
             progress.frames_read += 1
             ref = self._frame_ref(request, source_id, run, progress.frames_read)
-            if self._publish(raw, ref, request.source_uri):
-                progress.frames_published += 1
-                progress.last_frame_id = ref.frame_id
+            try:
+                published = self._publish(raw, ref, request.source_uri)
+            except FrameDropped as dropped:
+                self.backpressure.count(source_id, dropped.reason)
+                progress.frames_dropped += 1
             else:
-                progress.frames_failed += 1
+                if published:
+                    progress.frames_published += 1
+                    progress.last_frame_id = ref.frame_id
+                else:
+                    progress.frames_failed += 1
             if time.monotonic() - last_report >= PROGRESS_EVERY_S:
                 last_report = time.monotonic()
                 yield progress
-        self.producer.flush()
+        self._flush(source_id)
         progress.done = True
         yield progress
+
+    def _flush(self, source_id: str) -> None:
+        """Wait for the broker to acknowledge what was sent, but not forever: the broker may be down."""
+        try:
+            self.producer.flush(timeout=self.settings.publish_timeout_s)
+        except KafkaTimeoutError:
+            log.warning("frames not yet acknowledged by the broker at the end of the source",
+                        extra={"source": source_id, "in_flight_bytes": self.backpressure.in_flight.bytes})  # fmt: skip
 
     def _pace(self, request: capture_pb2.IngestRequest, raw: RawFrame, started: float, fps: float) -> None:
         """Publish folder and file frames at the sampling rate (live streams pace themselves)."""
@@ -93,7 +112,14 @@ class Capture:
             claim_subject_id=request.claim_subject_id, watchlists=list(request.watchlists),
         )  # fmt: skip
 
+    def publish_frame(self, raw: RawFrame, ref: types_pb2.FrameRef, origin: str) -> bool:
+        """Publish one frame of a gate session (capture/kiosk.py): traced and dead-lettered like any, never dropped."""
+        return self._publish(raw, ref, origin)
+
     def _publish(self, raw: RawFrame, ref: types_pb2.FrameRef, uri: str) -> bool:
+        """Publish one frame; False when it was dead-lettered. Raises FrameDropped for a CCTV frame that backpressure
+        drops, BrokerUnavailable for an e-channel frame the producer could not take in time."""
+        self.backpressure.admit(ref)  # before encoding: a dropped frame costs nothing
         with _frame_span(ref):
             try:
                 image, media_type = self._encode(raw)
@@ -101,10 +127,20 @@ class Capture:
                 self._dead_letter(ref, uri, exc)
                 return False
             event = events_pb2.FrameCaptured(frame=ref, image=image, media_type=media_type)
-            self.producer.send(FRAMES.name, key=ref.source_id.encode(), value=event.SerializeToString(),
-                               headers=tracing.kafka_headers())  # fmt: skip
+            self._send(ref, event.SerializeToString())
         telemetry.EVENTS_PUBLISHED.labels(SERVICE, FRAMES.name).inc()
         return True
+
+    def _send(self, ref: types_pb2.FrameRef, value: bytes) -> None:
+        """Hand the frame to the producer, within the bound on bytes not yet acknowledged (backpressure.py)."""
+        self.backpressure.reserve(ref, len(value))
+        try:
+            future = self.producer.send(FRAMES.name, key=ref.source_id.encode(), value=value,
+                                        headers=tracing.kafka_headers())  # fmt: skip
+        except KafkaTimeoutError:  # no metadata for the topic within publish_timeout_s: the broker is not answering
+            self.backpressure.release(len(value))
+            raise self.backpressure.unavailable(ref) from None
+        future.add_both(lambda _outcome: self.backpressure.release(len(value)))
 
     def _encode(self, raw: RawFrame) -> tuple[bytes, str]:
         if raw.error:
@@ -183,6 +219,11 @@ def main() -> None:
     capture = Capture(settings, kafka)
     stop = threading.Event()
     capture.run_configured_sources(stop)
-    servicer = Servicer(capture_pb2_grpc.add_CaptureServiceServicer_to_server, CaptureServicer(capture),
-                        "sightline.v1.CaptureService")  # fmt: skip
-    run_service(SERVICE, settings, kafka, [servicer], on_stop=lambda: (stop.set(), capture.producer.close(5)))
+    kiosk = Kiosk(capture, settings, kafka)
+    kiosk.start(stop)
+    servicers = [
+        Servicer(capture_pb2_grpc.add_CaptureServiceServicer_to_server, CaptureServicer(capture),
+                 "sightline.v1.CaptureService"),
+        Servicer(session_pb2_grpc.add_KioskServiceServicer_to_server, KioskServicer(kiosk), "sightline.v1.KioskService"),
+    ]  # fmt: skip
+    run_service(SERVICE, settings, kafka, servicers, on_stop=lambda: (stop.set(), capture.producer.close(5)))

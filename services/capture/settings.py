@@ -25,3 +25,61 @@ class CaptureSettings(ServiceSettings):
         description="Sources ingested continuously from start-up (JSON list of URIs), e.g. RTSP cameras.",
     )
     reconnect_delay_s: float = Field(5.0, gt=0, description="Wait before reopening a configured source that ended.")
+
+    # E-channel gate sessions (KioskService, capture/kiosk.py).
+    grpc_workers: int = Field(
+        64, ge=1, description="Threads serving gRPC requests: each open WatchSession holds one for its session, so "
+        "allow about two per gate plus the Ingest calls.",
+    )  # fmt: skip
+    matching_addr: str = Field(
+        f"127.0.0.1:{GRPC_PORTS['matching']}",
+        description="GalleryService (matching) address: subject claims are checked there, portraits enrolled.",
+    )
+    gallery_timeout_s: float = Field(
+        30.0, gt=0, description="Longest a gallery call may take (enrolling a portrait runs detection and embedding)."
+    )
+    session_budget_s: float = Field(
+        10.0, gt=0,
+        description="From a session's opening to its deadline, sent to decision with the opening (it refers the "
+        "traveller to an officer when no outcome is reached by then; this overrides the policy's budget_seconds).",
+    )  # fmt: skip
+    session_grace_s: float = Field(
+        3.0, ge=0,
+        description="After a session's deadline, how long to wait for decision's outcome before telling the kiosk "
+        "that it did not arrive in time (and referring the traveller).",
+    )  # fmt: skip
+    default_stop_lists: list[str] = Field(
+        default_factory=list,
+        description="Watchlists every traveller's face is searched against when OpenSession names none (JSON list); "
+        "empty: every watchlist.",
+    )
+    max_sessions: int = Field(
+        10000, ge=1, description="Open sessions kept in memory; OpenSession is refused (RESOURCE_EXHAUSTED) beyond it."
+    )
+    ended_session_retention_s: float = Field(
+        60.0, ge=0, description="How long an ended session's outcome is kept for a kiosk that starts watching late."
+    )
+    orphan_sweep_interval_s: float = Field(
+        600.0, gt=0,
+        description="How often session-scoped templates left behind (capture restarted mid-session) are deleted; "
+        "also done at start-up. Only those older than the budget plus the grace are touched.",
+    )  # fmt: skip
+
+    # Backpressure (capture/backpressure.py, docs/cctv.md): CCTV frames are dropped, counted, rather than queued.
+    backpressure_max_lag_frames: int = Field(
+        500, ge=0, description="CCTV frames are dropped while the detection consumers lag more than this many frames "
+        "on the frames topic (about the delay you accept times the frames per second of all cameras; committed "
+        "offsets trail by up to a few seconds of frames); 0: never drop for lag. E-channel frames are never dropped.",
+    )  # fmt: skip
+    backpressure_refresh_s: float = Field(
+        0.5, gt=0, description="How often the consumers' lag is measured while frames are captured (each frame reads "
+        "the latest figure).",
+    )  # fmt: skip
+    publish_buffer_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024 * 1024, description="Bytes of frames handed to the Kafka producer and not yet "
+        "acknowledged; a CCTV frame that finds no room is dropped, so a dead broker cannot grow memory.",
+    )  # fmt: skip
+    publish_timeout_s: float = Field(
+        5.0, gt=0, description="Longest a frame waits for the broker's metadata or for room in the producer's buffer: "
+        "then a CCTV frame is dropped and an e-channel frame fails.",
+    )  # fmt: skip

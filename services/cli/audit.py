@@ -1,7 +1,8 @@
 """``sightline audit verify`` and ``sightline audit list``: check and read the audit trail in its database.
 
-Both read the database directly (``--database-url``, default the decision service's), not through a service: an
-auditor can check the chain with nothing running, against a backup, or against the live PostgreSQL database.
+Both read the database directly (``--database-url``, default ``SIGHTLINE_AUDIT_DATABASE_URL``: the chain matching and
+decision share), not through a service: an auditor can check the chain with nothing running, against a backup, or
+against the live PostgreSQL database.
 ``verify`` exits 0 when the chain is intact and 1, naming the first broken record, when it is not.
 """
 
@@ -27,16 +28,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(func=cmd_list)
     for sub in (verify, listing):
-        sub.add_argument("--database-url", help="the audit database (default: the decision service's database_url)")
+        sub.add_argument("--database-url", help="the audit database (default: SIGHTLINE_AUDIT_DATABASE_URL, else <run dir>/audit.db)")
 
 
 def _open(url: str | None) -> Any:
     from sightline.common.audit import AuditLog
 
     if not url:
-        from sightline.decision.settings import DecisionSettings
+        from sightline.common.audit import AuditSettings
 
-        url = DecisionSettings().database_url.get_secret_value()
+        url = AuditSettings().database_url.get_secret_value()
     return AuditLog.open(url, create=False)  # never create an empty log where the auditor expected one
 
 

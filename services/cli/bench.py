@@ -1,10 +1,11 @@
-"""``sightline bench pipeline``: the same frames through a bare in-process loop and through the five services.
+"""``sightline bench``. ``pipeline``: the same frames through a bare in-process loop and through the five services.
 
 (a) raw: decode, detect, landmarks, align, embed in one process, one frame after another;
 (b) pipeline: the frames published through capture as fast as it can, through detection, embedding, matching and
 decision as separate processes over the broker. Prints ``raw_fps``, ``pipeline_fps``, ``ratio`` (b/a), and the
 capture-to-decision latency measured in a second, paced pass at half the measured pipeline rate (so that it shows the
-pipeline's own latency, not the length of a queue).
+pipeline's own latency, not the length of a queue). ``landmarks`` and ``fidelity`` check the face models;
+``gates`` simulates e-channel gates (bench_gates.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     landmarks.set_defaults(func=cmd_landmarks)
     fidelity = kinds.add_parser("fidelity", help="our descriptors vs dlib's own pipeline on the sample photos")
     fidelity.set_defaults(func=cmd_fidelity)
+    gates = kinds.add_parser("gates", help="N e-channel gates at once: time to decision, per-frame latency, capacity")
+    gates.add_argument("--gates", default="2", help="number of gates, or a comma-separated list tried in turn (1,2,4)")
+    gates.add_argument("--fps", type=float, default=10.0, help="frames per second per gate (default 10)")
+    gates.add_argument("--seconds", type=float, default=30.0, help="how long each number of gates runs (default 30)")
+    gates.add_argument("--frames", type=int, default=50,
+                       help="most frames per session: a gate's camera sends until the outcome (default 50)")  # fmt: skip
+    gates.add_argument("--target-ms", type=float, default=300.0,
+                       help="p99 last-needed-frame-to-decision within which a number of gates is sustained")  # fmt: skip
+    gates.add_argument("--running", action="store_true", help="use the running local stack instead of a private one")
+    gates.add_argument("--json", action="store_true", help="print one JSON object")
+    gates.add_argument("--timeout", type=float, default=300.0, help="longest wait for a private stack to start")
+    gates.set_defaults(func=cmd_gates)
 
 
 def bench_frames(count: int) -> list[Path]:
@@ -160,6 +173,23 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     }
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0 if piped["frames_through"] == len(frames) else 1
+
+
+def cmd_gates(args: argparse.Namespace) -> int:
+    """Simulated gates against the stack (the logic is in bench_gates.py)."""
+    from sightline.cli.bench_gates import bench_gates
+
+    try:
+        counts = sorted({int(n) for n in args.gates.split(",")})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1 or args.fps <= 0 or args.seconds <= 0 or args.frames < 1:
+        print("error: --gates takes positive numbers (e.g. 2 or 1,2,4); --fps, --seconds and --frames must be positive",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    result = bench_gates(counts, args.fps, args.seconds, args.frames, args.target_ms, args.running, args.timeout)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0 if all(r["sessions_decided"] == r["sessions"] for r in result["runs"]) else 1
 
 
 def _per_call_ms(function: Any, repeat: int) -> float:

@@ -1,11 +1,22 @@
-"""Where the CLI finds the services: an explicit flag, else the local stack recorded in the run dir, else defaults."""
+"""Where the CLI finds the services and how it proves who it is.
+
+An address is an explicit flag, else the local stack recorded in the run dir, else the default port. The bearer
+token is ``--token``, else ``$SIGHTLINE_AUTH_TOKEN`` or ``$SIGHTLINE_TOKEN``, else, for the addresses of the local
+stack only, the stack's own ``client-token`` (so ``sightline enroll`` just works against ``sightline up``).
+"""
 
 from __future__ import annotations
 
+import argparse
+from typing import TYPE_CHECKING
+
 from sightline.common import paths
 from sightline.common.config import KafkaSettings
-from sightline.common.localstack import HOST, StackState, load_state
+from sightline.common.localstack import HOST, StackState, client_token, load_state
 from sightline.common.ports import GRPC_PORTS
+
+if TYPE_CHECKING:
+    import grpc
 
 
 def _running_stack() -> StackState | None:
@@ -19,6 +30,31 @@ def grpc_address(service: str, explicit: str | None = None) -> str:
     stack = _running_stack()
     record = stack.services.get(service) if stack else None
     return f"{HOST}:{record.port if record else GRPC_PORTS[service]}"
+
+
+def add_token_argument(parser: argparse.ArgumentParser) -> None:
+    """``--token``, for every command that calls a gRPC API."""
+    parser.add_argument("--token", default=None, metavar="TOKEN",
+                        help="bearer token (default: $SIGHTLINE_TOKEN, else the local stack's); "
+                        "prefer the variable: a flag is visible to other users in the process list")  # fmt: skip
+
+
+def connect(service: str, explicit_address: str | None = None, token: str | None = None) -> grpc.Channel:
+    """A channel to a service, carrying the caller's bearer token (see the module docstring for which)."""
+    from sightline.common import auth
+    from sightline.common.rpc import channel
+
+    address = grpc_address(service, explicit_address)
+    return channel(address, token or auth.outgoing_token(address) or _stack_token(address))
+
+
+def _stack_token(address: str) -> str:
+    """The local stack's client token, when ``address`` is one of its services (never sent anywhere else)."""
+    stack = _running_stack()
+    ports = {record.port for record in stack.services.values()} if stack else set()
+    if address not in {f"{host}:{port}" for port in ports for host in (HOST, "localhost")}:
+        return ""
+    return client_token(paths.run_dir())
 
 
 def kafka_settings(explicit: str | None = None) -> KafkaSettings:

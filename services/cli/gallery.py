@@ -1,9 +1,15 @@
-"""``sightline enroll``, ``sightline subjects`` and ``sightline delete``: manage the gallery through its gRPC API."""
+"""``sightline enroll``, ``sightline subjects`` and ``sightline delete``: manage the gallery through its gRPC API.
+
+Enrolling with ``--watchlist`` puts the subject on the list as ``sightline watchlists add`` does (a list that does not
+exist yet is created, with no purpose, owned by the caller); ``--expires``/``--days`` end those memberships. The
+right to erasure is ``sightline erase`` (``erase.py``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import grpc
@@ -15,6 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     enroll.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     enroll.add_argument("--watchlist", action="append", default=[], help="add the subject to this watchlist (repeatable)")
     enroll.add_argument("--name", default="", help="display name")
+    enroll.add_argument("--purpose", default="", help="why the subject is enrolled, e.g. a case reference (audited)")
+    from sightline.cli.watchlists import add_expiry_arguments
+
+    add_expiry_arguments(enroll)
     enroll.add_argument("--matching", help="gallery gRPC address (default: the local stack)")
     enroll.set_defaults(func=cmd_enroll)
     subjects = subparsers.add_parser("subjects", help="list enrolled subjects")
@@ -25,17 +35,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     delete.add_argument("subject_id")
     delete.add_argument("--matching")
     delete.set_defaults(func=cmd_delete)
+    from sightline.cli.endpoints import add_token_argument
+
+    for command in (enroll, subjects, delete):
+        add_token_argument(command)
 
 
-def _stub(address: str | None):  # type: ignore[no-untyped-def]
-    from sightline.cli.endpoints import grpc_address
-    from sightline.common.rpc import channel
+def _stub(address: str | None, token: str | None = None):  # type: ignore[no-untyped-def]
+    from sightline.cli.endpoints import connect
     from sightline.v1 import gallery_pb2_grpc
 
-    return gallery_pb2_grpc.GalleryServiceStub(channel(grpc_address("matching", address)))
+    return gallery_pb2_grpc.GalleryServiceStub(connect("matching", address, token))
 
 
-def enroll(subject_id: str, images: list[Path], watchlists: list[str], name: str = "", address: str | None = None) -> int:
+def enroll(subject_id: str, images: list[Path], watchlists: list[str], name: str = "", address: str | None = None,
+           token: str | None = None, purpose: str = "", expires_at: datetime | None = None) -> int:
     """Enrol and print one line per image; returns the number of templates added."""
     from sightline.v1 import gallery_pb2
 
@@ -45,8 +59,11 @@ def enroll(subject_id: str, images: list[Path], watchlists: list[str], name: str
             payloads.append(path.read_bytes())
         except OSError as exc:
             raise SystemExit(f"error: cannot read {path}: {exc.strerror}") from None
-    request = gallery_pb2.EnrollRequest(subject_id=subject_id, images=payloads, watchlists=watchlists, display_name=name)
-    reply = _stub(address).Enroll(request, timeout=120)
+    request = gallery_pb2.EnrollRequest(subject_id=subject_id, images=payloads, watchlists=watchlists, display_name=name,
+                                        purpose=purpose)  # fmt: skip
+    if expires_at is not None:
+        request.membership_expires_at.FromDatetime(expires_at)
+    reply = _stub(address, token).Enroll(request, timeout=120)
     for result in reply.results:
         path = images[result.image_index]
         if result.accepted:
@@ -58,7 +75,10 @@ def enroll(subject_id: str, images: list[Path], watchlists: list[str], name: str
 
 def cmd_enroll(args: argparse.Namespace) -> int:
     try:
-        added = enroll(args.subject_id, args.images, args.watchlist, args.name, args.matching)
+        from sightline.cli.watchlists import expiry_of
+
+        added = enroll(args.subject_id, args.images, args.watchlist, args.name, args.matching, args.token,
+                       args.purpose, expiry_of(args))  # fmt: skip
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
@@ -70,21 +90,30 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 def cmd_subjects(args: argparse.Namespace) -> int:
     from sightline.v1 import gallery_pb2
 
-    token = ""
+    page = ""
     while True:
-        reply = _stub(args.matching).ListSubjects(
-            gallery_pb2.ListSubjectsRequest(watchlist=args.watchlist, page_size=200, page_token=token), timeout=30
-        )
+        try:
+            reply = _stub(args.matching, args.token).ListSubjects(
+                gallery_pb2.ListSubjectsRequest(watchlist=args.watchlist, page_size=200, page_token=page), timeout=30
+            )
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
         for s in reply.subjects:
             print(f"{s.subject_id:<32} templates={s.template_count:<3} watchlists={','.join(s.watchlists) or '-'}")
-        token = reply.next_page_token
-        if not token:
+        page = reply.next_page_token
+        if not page:
             return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
     from sightline.v1 import gallery_pb2
 
-    reply = _stub(args.matching).DeleteSubject(gallery_pb2.DeleteSubjectRequest(subject_id=args.subject_id), timeout=30)
+    request = gallery_pb2.DeleteSubjectRequest(subject_id=args.subject_id)
+    try:
+        reply = _stub(args.matching, args.token).DeleteSubject(request, timeout=30)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
     print(f"{args.subject_id}: {'deleted' if reply.deleted else 'not enrolled'} ({reply.templates_removed} templates)")
     return 0 if reply.deleted else 1

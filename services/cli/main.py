@@ -16,7 +16,11 @@ COMMAND_MODULES = (
     "sightline.cli.stack",  # up, down, status
     "sightline.cli.topics",  # topics ensure
     "sightline.cli.gallery",  # enroll
+    "sightline.cli.watchlists",  # watchlists create, list, show, update, delete, add, remove, members
+    "sightline.cli.erase",  # erase (right to erasure)
+    "sightline.cli.keys",  # keys generate, rotate
     "sightline.cli.run",  # run
+    "sightline.cli.gate",  # gate (one e-channel session)
     "sightline.cli.watch",  # watch
     "sightline.cli.faces",  # faces
     "sightline.cli.demo",  # demo
@@ -28,6 +32,7 @@ COMMAND_MODULES = (
     "sightline.cli.ops",  # ops status, ops scale (Kubernetes)
     "sightline.cli.review",  # review list, show, confirm, reject
     "sightline.cli.audit",  # audit verify, list
+    "sightline.cli.auth",  # auth new-token, hash-token, methods
 )
 
 

@@ -1,7 +1,8 @@
 """``sightline review``: list, show, confirm and reject alerts through the decision service's ReviewService.
 
-The reviewer is sent as the call's principal (``--as``), never as a field of the request: the server decides who is
-reviewing, and refuses a second confirmation by the same reviewer (the two-person rule).
+The reviewer is the principal of the bearer token the command sends (``--token`` or ``$SIGHTLINE_TOKEN``), never a
+field of the request: the server decides who is reviewing, and refuses a second confirmation by the same reviewer
+(the two-person rule). So two reviewers use two tokens.
 """
 
 from __future__ import annotations
@@ -29,22 +30,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            ("reject", "reject an alert")):  # fmt: skip
         command = actions.add_parser(name, help=helptext)
         command.add_argument("alert_id", help="the alert id or a unique prefix (6+ characters)")
-        command.add_argument("--as", dest="reviewer", required=True, help="who is reviewing")
+        command.add_argument("--as", dest="reviewer", help=argparse.SUPPRESS)  # gone: the token names the reviewer
         command.add_argument("--comment", default="", help="why")
         if name == "reject":
             command.add_argument("--not-this-person", action="store_true",
                                  help="the face is not this subject: suppresses further alerts of it on this source")
         command.set_defaults(func=cmd_review, review_action=name)
+    from sightline.cli.endpoints import add_token_argument
+
     for sub in actions.choices.values():
         sub.add_argument("--decision", help="decision service gRPC address (default: the local stack)")
+        add_token_argument(sub)
 
 
-def _stub(address: str | None) -> Any:
-    from sightline.cli.endpoints import grpc_address
-    from sightline.common.rpc import channel
+def _stub(args: argparse.Namespace) -> Any:
+    from sightline.cli.endpoints import connect
     from sightline.v1 import review_pb2_grpc
 
-    return review_pb2_grpc.ReviewServiceStub(channel(grpc_address("decision", address)))
+    return review_pb2_grpc.ReviewServiceStub(connect("decision", args.decision, args.token))
 
 
 def describe(reviewed: Any) -> str:
@@ -77,7 +80,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     shown = 0
     try:
         while True:
-            reply = _stub(args.decision).ListAlerts(request, timeout=30)
+            reply = _stub(args).ListAlerts(request, timeout=30)
             for reviewed in reply.alerts:
                 print(f"{describe(reviewed).splitlines()[0]}  confirmations {reviewed.confirmations}"
                       f"/{reviewed.confirmations_required}")  # fmt: skip
@@ -98,7 +101,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from sightline.v1 import review_pb2
 
     try:
-        reviewed = _stub(args.decision).GetAlert(review_pb2.GetAlertRequest(alert_id=args.alert_id), timeout=30)
+        reviewed = _stub(args).GetAlert(review_pb2.GetAlertRequest(alert_id=args.alert_id), timeout=30)
     except grpc.RpcError as exc:
         return _failed(exc)
     print(describe(reviewed))
@@ -106,15 +109,17 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_review(args: argparse.Namespace) -> int:
-    from sightline.common.audit import PRINCIPAL_METADATA_KEY
     from sightline.v1 import review_pb2
 
+    if args.reviewer:
+        print("error: --as is gone: the reviewer is the principal of your token (--token or $SIGHTLINE_TOKEN); "
+              "see docs/security.md", file=sys.stderr)  # fmt: skip
+        return 2
     action = review_pb2.REVIEW_ACTION_CONFIRM if args.review_action == "confirm" else review_pb2.REVIEW_ACTION_REJECT
     request = review_pb2.ReviewAlertRequest(alert_id=args.alert_id, action=action, comment=args.comment,
                                             not_this_person=getattr(args, "not_this_person", False))  # fmt: skip
     try:
-        reviewed = _stub(args.decision).ReviewAlert(request, timeout=30,
-                                                    metadata=[(PRINCIPAL_METADATA_KEY, args.reviewer)])  # fmt: skip
+        reviewed = _stub(args).ReviewAlert(request, timeout=30)
     except grpc.RpcError as exc:
         return _failed(exc)
     print(describe(reviewed))

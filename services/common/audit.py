@@ -13,6 +13,10 @@ store, see ``sqlstore.py``) and are protected twice:
 
 Appends are serialised per chain: one lock per process around one connection, and in the database the chain-head row
 is read ``FOR UPDATE`` on PostgreSQL (``BEGIN IMMEDIATE`` on SQLite), so several replicas may append to one chain.
+There is one chain for the whole system: matching (gallery and watchlist actions, stream searches, erasures) and
+decision (alerts, reviews) append to the same log, at ``SIGHTLINE_AUDIT_DATABASE_URL`` (``AuditSettings``, opened
+by ``AuditLog.open_configured``).
+
 Each record can also be published (a copy, for a SIEM or an archive) to ``sightline.audit.v1``; the database is
 the reference. Records never hold images, face chips or descriptors: ``details`` takes short scalar values only.
 """
@@ -27,16 +31,20 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
 
+from sightline.common import paths
+from sightline.common.auth import current_caller
+from sightline.common.config import SightlineSettings
 from sightline.common.sqlstore import Backend, BackendStore, Cursor, Migration, StoreError, open_backend
 
 log = logging.getLogger(__name__)
 
 GENESIS_HASH = "0" * 64
-PRINCIPAL_METADATA_KEY = "x-sightline-principal"
 AUDIT_TOPIC_KEY = b"sightline-audit"  # one key: the whole chain lands on one partition, in order
 MAX_DETAIL_CHARS = 1024
 MAX_FIELD_CHARS = 512
@@ -47,6 +55,19 @@ _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # fixed width, so the stored text is the
 
 class AuditError(StoreError):
     """The audit log cannot be opened or written."""
+
+
+class AuditSettings(SightlineSettings):
+    """Where the audit chain lives (``SIGHTLINE_AUDIT_*``): one database that matching and decision share."""
+
+    config_section: ClassVar[str] = "audit"
+    model_config = SettingsConfigDict(env_prefix="SIGHTLINE_AUDIT_", extra="ignore")
+
+    database_url: SecretStr = Field(
+        default_factory=lambda: SecretStr(paths.default_sqlite_url("audit.db")),
+        description="The audit log, one hash chain for matching and decision: sqlite:///PATH (default <run dir>/"
+        "audit.db, for services on one machine) or postgresql://USER@HOST/DB. Give every service the same URL.",
+    )
 
 
 class Action(StrEnum):
@@ -61,6 +82,7 @@ class Action(StrEnum):
     REVIEW = "REVIEW"
     ERASE = "ERASE"
     ACCESS_DENIED = "ACCESS_DENIED"
+    WATCHLIST = "WATCHLIST"  # a list created, changed or deleted; a subject put on or taken off a list
 
 
 @dataclass(frozen=True)
@@ -86,10 +108,17 @@ class AuditRecord:
         record = audit_pb2.AuditRecord(
             sequence=self.sequence, principal=self.principal, subject_id=self.subject_id, purpose=self.purpose,
             result=self.result, details=self.details, prev_hash=self.prev_hash, hash=self.hash,
-            action=audit_pb2.AuditAction.Value(f"AUDIT_ACTION_{self.action}"),
+            action=_proto_action(self.action),
         )  # fmt: skip
         record.at.FromDatetime(self.at)
         return record
+
+
+def _proto_action(action: str) -> int:
+    """The ``AuditAction`` number of an action (every ``Action`` has one: tests/unit/test_audit.py checks)."""
+    from sightline.v1 import audit_pb2
+
+    return audit_pb2.AuditAction.Value(f"AUDIT_ACTION_{action}")
 
 
 @dataclass(frozen=True)
@@ -227,6 +256,12 @@ class AuditLog(BackendStore):
             raise
         return audit
 
+    @classmethod
+    def open_configured(cls, publish: Callable[[AuditRecord], None] | None = None,
+                        settings: AuditSettings | None = None) -> AuditLog:  # fmt: skip
+        """The system's one audit log, where ``SIGHTLINE_AUDIT_DATABASE_URL`` says (``AuditSettings``)."""
+        return cls.open((settings or AuditSettings()).database_url.get_secret_value(), publish)
+
     @property
     def description(self) -> str:
         """Where the log is, password redacted."""
@@ -360,14 +395,12 @@ def _check_row(row: tuple[Any, ...], expected: int, prev_hash: str) -> tuple[int
 def principal_of(context: grpc.ServicerContext) -> str:
     """The authenticated principal of a gRPC call, or "" when there is none.
 
-    For now the ``x-sightline-principal`` metadata entry, which a client can set to anything: replace the body of
-    this one function with the subject of a verified bearer token, and every caller gets authenticated principals.
+    The principal the server's access control verified for this call (a bearer token's, or a client certificate's;
+    see ``auth.py``), never anything the client merely claims. "" when authentication is off, or not required and
+    the caller sent no credentials.
     """
-    for key, value in context.invocation_metadata() or ():
-        if key == PRINCIPAL_METADATA_KEY:
-            text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-            return text.strip()[:MAX_FIELD_CHARS]
-    return ""
+    caller = current_caller()  # set for the call by the server's access-control interceptor
+    return caller.principal[:MAX_FIELD_CHARS] if caller is not None else ""
 
 
 class TopicPublisher:

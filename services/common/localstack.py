@@ -9,6 +9,13 @@ A state file, ``<run dir>/stack.json``, records pids, ports and log paths, so th
 status``, ``sightline down``) can find a stack started by another process, including one left running in the
 background. Pids are stored with the kernel's start time of the process, so a recycled pid is never mistaken for
 (or signalled as) one of ours.
+
+Every start makes fresh bearer tokens (see docs/security.md): ``<run dir>/tokens.yaml`` (0600) lets in
+``local-admin`` (every role) and one ``service:<name>`` principal per service that calls another (matching calls
+detection and embedding, capture's kiosk sessions call the gallery), plus the principals of a tokens file the caller
+configured (``SIGHTLINE_AUTH_TOKENS_FILE``).
+``local-admin``'s token is written to ``<run dir>/client-token`` (0600) for the CLI, and this process's own channels
+to the stack's addresses use it too, so the demo, the CLI and tests work without handling tokens.
 """
 
 from __future__ import annotations
@@ -24,12 +31,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal, Self
 
+from sightline.common import auth
 from sightline.common.broker import BrokerError, LocalBroker, free_port, port_open
 from sightline.common.ports import GRPC_PORTS, LOCAL_BROKER_PORT, METRICS_PORTS, SERVICES
 from sightline.common.processes import exit_with_parent, process_start_ticks, pid_alive, signal_if_alive, kill_group, wait_gone, tail, crash_report
@@ -42,7 +50,11 @@ HOST = "127.0.0.1"
 STATE_FILE = "stack.json"
 KEY_FILE = "template.key"
 GALLERY_DB = "gallery.db"
-DECISION_DB = "decision.db"  # alerts, reviews and the audit trail
+DECISION_DB = "decision.db"  # alerts and reviews
+AUDIT_DB = "audit.db"  # the audit trail, one chain shared by matching and decision
+TOKENS_FILE = "tokens.yaml"
+CLIENT_TOKEN_FILE = "client-token"
+ADMIN_PRINCIPAL = "local-admin"
 STATE_VERSION = 1
 SERVICE_STOP_TIMEOUT = 15.0  # services stop within ~10 s on SIGTERM; past this they are killed
 BROKER_STOP_TIMEOUT = 5.0
@@ -157,6 +169,50 @@ def _read_key(path: Path) -> str:
             f"{path.parent / GALLERY_DB} (the gallery cannot be read without its key)"
         )
     return text
+
+
+# --- bearer tokens -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StackTokens:
+    """The tokens of one run of a stack: the CLI's (local-admin) and those of the services that call others."""
+
+    admin: str
+    services: dict[str, str]
+
+
+def write_tokens(run_dir: Path, extra_principals: Sequence[auth.Principal] = ()) -> StackTokens:
+    """Fresh tokens for a stack: the tokens file its services read and the CLI's token file, both 0600."""
+    tokens = StackTokens(auth.new_token(), {name: auth.new_token() for name in auth.SERVICE_CALLER_ROLES})
+    principals = [
+        auth.Principal(ADMIN_PRINCIPAL, frozenset(auth.Role), auth.hash_token(tokens.admin)),
+        *(auth.Principal(auth.service_principal(name), auth.SERVICE_CALLER_ROLES[name], auth.hash_token(token))
+          for name, token in tokens.services.items()),
+        *extra_principals,
+    ]
+    auth.parse_principals(auth.dump_principals(principals), "the local stack's tokens")  # refuses clashes
+    _write_private(run_dir / TOKENS_FILE, auth.dump_principals(principals))
+    _write_private(run_dir / CLIENT_TOKEN_FILE, tokens.admin + "\n")
+    return tokens
+
+
+def client_token(run_dir: Path) -> str:
+    """The CLI's token of the stack in a run dir ("" when there is none)."""
+    try:
+        return (Path(run_dir) / CLIENT_TOKEN_FILE).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, whole: a reader never sees half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+    os.chmod(tmp, 0o600)  # O_CREAT's mode does not apply to a file left over from a crash
+    os.replace(tmp, path)
 
 
 # --- the state file ----------------------------------------------------------------------------------------------
@@ -399,6 +455,7 @@ class LocalStack:
         self._broker: LocalBroker | None = None
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._state: StackState | None = None
+        self._tokens: StackTokens | None = None
 
     # Addresses --------------------------------------------------------------------------------------------------
 
@@ -445,6 +502,8 @@ class LocalStack:
             raise StackError(f"policy file {self.policy_file} not found")
         check_ports_free(self.ports.needed(self.services))
         key = template_key(self.run_dir) if "matching" in self.services else ""
+        self._tokens = write_tokens(self.run_dir, self._configured_principals())
+        auth.remember_stack_token(self.addresses.values(), self._tokens.admin)
         try:
             # A foreground stack dies with its owner (test, demo, `sightline up`); a detached one outlives it.
             self._preexec = None if detach else exit_with_parent
@@ -487,6 +546,10 @@ class LocalStack:
                 proc.wait()
         if self._broker is not None:
             self._broker.stop()
+        if self._tokens is not None:
+            auth.forget_stack_token(self.addresses.values())
+            (self.run_dir / CLIENT_TOKEN_FILE).unlink(missing_ok=True)
+            self._tokens = None
         if self._state is not None:
             _remove_state(self.run_dir)  # only our own: a refused start never wrote one
             self._state = None
@@ -575,12 +638,20 @@ class LocalStack:
             f"{prefix}METRICS_PORT": str(self.ports.metrics[name]),
             f"{prefix}LOG_JSON": "true",
         })  # fmt: skip
+        assert self._tokens is not None
+        env["SIGHTLINE_AUTH_TOKENS_FILE"] = str(self.run_dir / TOKENS_FILE)
+        if name in self._tokens.services:
+            env["SIGHTLINE_AUTH_TOKEN"] = self._tokens.services[name]
         if name == "matching":
             # A database or key the user configured wins: "SQLite by default, PostgreSQL when configured".
             env.setdefault("SIGHTLINE_MATCHING_DATABASE_URL", f"sqlite:///{self.run_dir / GALLERY_DB}")
             env.setdefault("SIGHTLINE_MATCHING_TEMPLATE_KEY", key)
             env["SIGHTLINE_MATCHING_DETECTION_ADDR"] = f"{HOST}:{self.ports.grpc['detection']}"
             env["SIGHTLINE_MATCHING_EMBEDDING_ADDR"] = f"{HOST}:{self.ports.grpc['embedding']}"
+        if name in ("matching", "decision"):
+            env.setdefault("SIGHTLINE_AUDIT_DATABASE_URL", f"sqlite:///{self.run_dir / AUDIT_DB}")
+        if name == "capture":
+            env.setdefault("SIGHTLINE_CAPTURE_MATCHING_ADDR", f"{HOST}:{self.ports.grpc['matching']}")  # kiosk sessions
         if name == "decision":
             env.setdefault("SIGHTLINE_DECISION_DATABASE_URL", f"sqlite:///{self.run_dir / DECISION_DB}")
         if name == "decision" and self.policy_file:
@@ -614,6 +685,16 @@ class LocalStack:
         return "\n".join(parts)
 
     # Helpers ------------------------------------------------------------------------------------------------------
+
+    def _configured_principals(self) -> list[auth.Principal]:
+        """The principals of the tokens file the caller configured for the services, if any (added to the stack's)."""
+        configured = self._extra_env.get("SIGHTLINE_AUTH_TOKENS_FILE") or os.environ.get("SIGHTLINE_AUTH_TOKENS_FILE")
+        if not configured:
+            return []
+        try:
+            return auth.load_principals(Path(configured))
+        except auth.TokensFileError as error:
+            raise StackError(str(error)) from None
 
     def _open_log(self, name: str) -> IO[bytes]:
         """A fresh log for this run; the previous run's log is kept as <name>.log.1 for a post-mortem."""

@@ -1,12 +1,18 @@
 """gRPC plumbing shared by every server and client: the server with health and reflection, channels, and errors.
 
 Every Sightline server serves the standard gRPC health protocol (so Kubernetes probes are plain ``grpc:`` probes and
-``sightline status`` can ask any process) and server reflection (so ``grpcurl`` works without the protos).
+``sightline status`` can ask any process) and server reflection (so ``grpcurl`` works without the protos); both are
+open to callers without credentials.
 
 Trace context rides in the metadata (``traceparent``): every server runs each call in a server span, a child of the
 caller's context, and logs one line per call with its trace id; every channel made here passes the current context
 on, so a request can be followed from the gallery API to detection and embedding. Health and reflection calls
 (probes, every few seconds) are neither traced nor logged.
+
+Access control and TLS live here too: a server given an ``AccessPolicy`` admits each call (bearer token or client
+certificate, and the method's role, see ``auth.py``) before its handler runs, refusing it with UNAUTHENTICATED or
+PERMISSION_DENIED and reporting the refusal; a server given credentials speaks TLS (mutual TLS with a client CA, see
+``tls.py``). Every channel made here sends the caller's bearer token and uses TLS when the process is configured to.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from sightline.common import tracing
+from sightline.common import auth, tracing
+from sightline.common.tls import TlsSettings, channel_credentials
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,7 @@ class NotFound(LookupError):
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+Behavior = Callable[[Any, grpc.ServicerContext], Any]
 
 
 def rpc_errors(method: F) -> F:
@@ -65,15 +73,28 @@ def rpc_errors(method: F) -> F:
 
 
 class GrpcServer:
-    """A threaded gRPC server with the health service and reflection; marks itself SERVING when started."""
+    """A threaded gRPC server with the health service and reflection; marks itself SERVING when started.
 
-    def __init__(self, host: str, port: int, workers: int = 8) -> None:
+    With ``access``, every call but health and reflection must be admitted by it, and each refusal is passed to
+    ``on_denied`` (e.g. to audit it); with ``credentials``, the port speaks TLS only.
+    """
+
+    def __init__(self, host: str, port: int, workers: int = 8, *, access: auth.AccessPolicy | None = None,
+                 on_denied: Callable[[auth.Denial], None] | None = None,
+                 credentials: grpc.ServerCredentials | None = None) -> None:  # fmt: skip
+        interceptors: list[grpc.ServerInterceptor] = [_ServerTracing()]
+        if access is not None:
+            interceptors.append(_ServerAuth(access, on_denied))  # inside tracing: refusals are traced and logged
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS,
-                                   interceptors=[_ServerTracing()])  # fmt: skip
+                                   interceptors=interceptors)  # fmt: skip
+        self._access = access
+        self._tls = credentials is not None
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self._names: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        target = f"{host}:{port}"
+        self.port = (self._server.add_secure_port(target, credentials) if credentials is not None
+                     else self._server.add_insecure_port(target))  # fmt: skip
         if self.port == 0:
             raise OSError(f"cannot bind gRPC server to {host}:{port}")
 
@@ -86,7 +107,13 @@ class GrpcServer:
         reflection.enable_server_reflection(self._names, self._server)
         self._server.start()
         self.set_serving(True)
-        log.info("gRPC server listening", extra={"port": self.port, "services": self._names[2:]})
+        if self._access is None:
+            log.warning("gRPC AUTHENTICATION IS OFF: any client that reaches port %d may call every method, "
+                        "unaudited as to who it is; set SIGHTLINE_AUTH_TOKENS_FILE (docs/security.md)", self.port)
+        elif not self._access.required:
+            log.warning("gRPC calls without credentials are admitted (SIGHTLINE_AUTH_REQUIRED=false)")
+        log.info("gRPC server listening", extra={"port": self.port, "services": self._names[2:], "tls": self._tls,
+                                                 "auth": self._access is not None})  # fmt: skip
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -98,14 +125,25 @@ class GrpcServer:
         self._server.stop(grace).wait()
 
 
-def channel(address: str) -> grpc.Channel:
-    """An insecure channel with Sightline's message size limits that passes the current trace context on."""
-    return grpc.intercept_channel(grpc.insecure_channel(address, options=CHANNEL_OPTIONS), _ClientTracing())
+def channel(address: str, token: str | None = None, tls: TlsSettings | None = None) -> grpc.Channel:
+    """A channel with Sightline's message size limits that passes the current trace context and a bearer token on.
+
+    ``token``: None sends this process's token for ``address`` (``auth.outgoing_token``), "" sends none. TLS (and
+    a client certificate) as ``tls`` says, by default the process's ``SIGHTLINE_TLS_*`` settings.
+    """
+    token = auth.outgoing_token(address) if token is None else token.strip()
+    credentials = channel_credentials(tls or TlsSettings())
+    raw = (grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS) if credentials is not None
+           else grpc.insecure_channel(address, options=CHANNEL_OPTIONS))  # fmt: skip
+    interceptors: list[Any] = [_ClientTracing()]
+    if token:
+        interceptors.append(_ClientToken(token))
+    return grpc.intercept_channel(raw, *interceptors)
 
 
 def check_health(address: str, timeout: float = 1.0, service: str = "") -> str:
     """The health status of a server as a name ("SERVING", ...), or "UNREACHABLE"."""
-    with channel(address) as ch:
+    with channel(address, token="") as ch:  # health is open: no token needed
         try:
             reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError:
@@ -118,6 +156,20 @@ def check_health(address: str, timeout: float = 1.0, service: str = "") -> str:
 _UNTRACED = ("/grpc.health.", "/grpc.reflection.")
 
 
+def _wrapped(handler: grpc.RpcMethodHandler, unary: Callable[[Behavior], Behavior],
+             streaming: Callable[[Behavior], Behavior]) -> grpc.RpcMethodHandler:  # fmt: skip
+    """The handler with its behaviour wrapped: by ``unary`` when it returns one response, ``streaming`` otherwise."""
+    kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler, unary),
+             ("unary_stream", grpc.unary_stream_rpc_method_handler, streaming),
+             ("stream_unary", grpc.stream_unary_rpc_method_handler, unary),
+             ("stream_stream", grpc.stream_stream_rpc_method_handler, streaming))  # fmt: skip
+    for attribute, make, wrap in kinds:
+        behavior = getattr(handler, attribute)
+        if behavior is not None:
+            return make(wrap(behavior), handler.request_deserializer, handler.response_serializer)
+    raise ValueError("a gRPC method handler without a behaviour")
+
+
 class _ServerTracing(grpc.ServerInterceptor):
     """Runs each call in a server span, a child of the context in the caller's metadata."""
 
@@ -126,18 +178,11 @@ class _ServerTracing(grpc.ServerInterceptor):
         if handler is None or details.method.startswith(_UNTRACED):
             return handler
         parent = tracing.context_from_metadata(details.invocation_metadata)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _traced_unary(handler.unary_unary, details.method, parent),
-                handler.request_deserializer, handler.response_serializer)  # fmt: skip
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _traced_stream(handler.unary_stream, details.method, parent),
-                handler.request_deserializer, handler.response_serializer)  # fmt: skip
-        return handler  # Sightline has no client-streaming methods; they would run untraced
+        return _wrapped(handler, lambda behavior: _traced_unary(behavior, details.method, parent),
+                        lambda behavior: _traced_stream(behavior, details.method, parent))  # fmt: skip
 
 
-def _traced_unary(behavior: Callable[[Any, Any], Any], method: str, parent: Context) -> Callable[[Any, Any], Any]:
+def _traced_unary(behavior: Behavior, method: str, parent: Context) -> Behavior:
     def traced(request: Any, context: grpc.ServicerContext) -> Any:
         with _server_span(method, parent, context):
             return behavior(request, context)
@@ -145,7 +190,7 @@ def _traced_unary(behavior: Callable[[Any, Any], Any], method: str, parent: Cont
     return traced
 
 
-def _traced_stream(behavior: Callable[[Any, Any], Iterator[Any]], method: str, parent: Context) -> Callable[[Any, Any], Iterator[Any]]:  # noqa: E501
+def _traced_stream(behavior: Behavior, method: str, parent: Context) -> Behavior:
     def traced(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         # The sync server drains the response iterator on the same worker thread, so the span stays current
         # for the whole stream.
@@ -205,3 +250,97 @@ def _with_context(details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
         return details  # e.g. the CLI: its own metadata (possibly a traceparent) goes through untouched
     return _CallDetails(details.method, details.timeout, tracing.metadata_with_context(details.metadata),
                         details.credentials, details.wait_for_ready, details.compression)  # fmt: skip
+
+
+# --- access control ------------------------------------------------------------------------------------------------
+
+
+class _ServerAuth(grpc.ServerInterceptor):
+    """Admits each call through the access policy before its handler runs, as the caller ``auth.current_caller``
+    names; refuses it otherwise, after reporting the refusal. Health and reflection pass untouched.
+
+    The decision is made in the handler (on a worker thread), not here: interceptors run on the server's polling
+    thread, which must not wait on an audit write.
+    """
+
+    def __init__(self, access: auth.AccessPolicy, on_denied: Callable[[auth.Denial], None] | None) -> None:
+        self._access = access
+        self._on_denied = on_denied
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None or auth.is_open(details.method):
+            return handler
+        method = details.method
+        return _wrapped(handler, lambda behavior: self._guarded_unary(behavior, method),
+                        lambda behavior: self._guarded_stream(behavior, method))  # fmt: skip
+
+    def _guarded_unary(self, behavior: Behavior, method: str) -> Behavior:
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            caller = self._admit(method, context)
+            with auth.authenticated_as(caller):
+                return behavior(request, context)
+
+        return guarded
+
+    def _guarded_stream(self, behavior: Behavior, method: str) -> Behavior:
+        def guarded(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            caller = self._admit(method, context)
+            # The caller is current only while the servicer's code runs, never across a yield: a stream the client
+            # abandons may be closed from another thread.
+            with auth.authenticated_as(caller):
+                responses = iter(behavior(request, context))
+            while True:
+                with auth.authenticated_as(caller):
+                    try:
+                        response = next(responses)
+                    except StopIteration:
+                        return
+                yield response
+
+        return guarded
+
+    def _admit(self, method: str, context: grpc.ServicerContext) -> auth.Caller | None:
+        try:
+            caller = self._access.admit(method, auth.bearer_of(context.invocation_metadata()), _certificate_cn(context))
+        except auth.AccessDenied as refused:
+            denial = auth.Denial(refused.code, refused.principal, method, refused.reason, context.peer() or "")
+            log.warning("call refused", extra={"method": method, "code": denial.code,
+                                               "principal": denial.principal or "-", "peer": denial.peer,
+                                               "reason": denial.reason})  # fmt: skip
+            if self._on_denied is not None:
+                try:
+                    self._on_denied(denial)
+                except Exception:  # noqa: BLE001 - the call is refused whether or not the report went through
+                    log.error("could not report a refused call", exc_info=True, extra={"method": method})
+            context.abort(getattr(grpc.StatusCode, refused.code), refused.reason)
+            raise  # unreachable: abort raises
+        if caller is not None:
+            trace.get_current_span().set_attribute("enduser.id", caller.principal)  # the call's server span
+        return caller
+
+
+def _certificate_cn(context: grpc.ServicerContext) -> str:
+    """The common name of the client's certificate; only present when the server verified it (mutual TLS)."""
+    names = (context.auth_context() or {}).get("x509_common_name") or []
+    return names[0].decode("utf-8", "replace") if names else ""
+
+
+class _ClientToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to each call that does not carry its own."""
+
+    def __init__(self, token: str) -> None:
+        self._entry = (auth.AUTHORIZATION_KEY, f"Bearer {token}")
+
+    def intercept_unary_unary(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any) -> Any:  # noqa: E501
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any) -> Any:  # noqa: E501
+        return continuation(self._with_token(details), request)
+
+    def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = list(details.metadata or ())
+        if any(key == auth.AUTHORIZATION_KEY for key, _ in metadata):
+            return details
+        return _CallDetails(details.method, details.timeout, [*metadata, self._entry], details.credentials,
+                            details.wait_for_ready, details.compression)  # fmt: skip

@@ -23,8 +23,8 @@ class DecisionSettings(ServiceSettings):
     policy_file: Path | None = Field(None, description="YAML decision policy; the built-in defaults when unset.")
     database_url: SecretStr = Field(
         default_factory=lambda: SecretStr(paths.default_sqlite_url("decision.db")),
-        description="Alerts under review, their reviews and the audit log: sqlite:///PATH (default <run dir>/decision.db)"
-        " or postgresql://USER@HOST/DB (needed for more than one replica).",
+        description="Alerts under review, their reviews and e-channel sessions: sqlite:///PATH (default "
+        "<run dir>/decision.db) or postgresql://USER@HOST/DB (needed for more than one replica).",
     )
     suppression_seconds: float = Field(
         3600.0, ge=0,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -96,13 +96,13 @@ class SearchIndex:
         with self._lock:
             return self._append(int(template_id), subject_id, row[0], watchlists)
 
-    def set_watchlists(self, subject_id: str, watchlists: Sequence[str]) -> None:
-        """Replaces the watchlists of a subject that has templates (membership arrives with ``add`` otherwise)."""
+    def replace_watchlists(self, watchlists: Mapping[str, Sequence[str]]) -> None:
+        """Sets every subject's watchlists at once (a subject missing from ``watchlists`` is on none), e.g. when a
+        membership expired: far cheaper than ``replace_all``, which would decrypt the whole gallery again."""
         with self._lock:
-            code = self._code_of.get(subject_id)
-            if code is not None:
-                self._watchlists_of[code] = tuple(sorted(set(watchlists)))
-                self._masks.clear()
+            # A fresh list, so running searches keep the one their view captured.
+            self._watchlists_of = [tuple(sorted(set(watchlists.get(subject, ())))) for subject in self._subject_of]
+            self._masks.clear()
 
     def remove_subject(self, subject_id: str) -> int:
         """Removes every template of the subject; returns how many were removed (0 if unknown)."""

@@ -1,4 +1,8 @@
-"""The matching service's calls to detection and embedding: one probe or enrolment image to one descriptor."""
+"""The matching service's calls to detection and embedding: one probe or enrolment image to one descriptor.
+
+The calls carry matching's own bearer token (``SIGHTLINE_AUTH_TOKEN``, a principal with the operator role) and use
+TLS as ``SIGHTLINE_TLS_*`` says: ``rpc.channel`` does both.
+"""
 
 from __future__ import annotations
 
@@ -50,4 +54,8 @@ class FaceClient:
             code = exc.code()  # type: ignore[attr-defined]
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise rpc.InvalidInput(exc.details()) from None  # type: ignore[attr-defined]
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                why = exc.details()  # type: ignore[attr-defined]
+                raise PeerUnavailable(f"{code.name}: matching's own credentials were refused ({why}); check its "
+                                      "SIGHTLINE_AUTH_TOKEN") from None  # fmt: skip
             raise PeerUnavailable(f"{code.name}: {exc.details()}") from None  # type: ignore[attr-defined]

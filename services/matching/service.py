@@ -2,50 +2,64 @@
 
 Stream path: consumes ``sightline.embeddings.v1`` and publishes one ``MatchResult`` per frame to
 ``sightline.matches.v1``. Match results hold scores and subject ids, never descriptors: a face that matches nobody
-leaves nothing behind once the short-retention topics expire. Request path: ``GalleryService`` (enrol, delete, list,
-verify, search), which calls detection and embedding over gRPC.
+leaves nothing behind once the short-retention topics expire. Stream searches are audited in aggregate
+(``stream_audit.py``). Request path: ``GalleryService`` (enrol, delete, erase, list, verify, search), which calls
+detection and embedding over gRPC, and ``WatchlistService`` (``watchlists.py``); every call that touches a person's
+data is audited (``audit_trail.py``) in the audit chain matching shares with decision.
 """
 
 from __future__ import annotations
 
-import re
+import logging
 
 import grpc
 import numpy as np
 
 from sightline.common import codec, telemetry
+from sightline.common.audit import Action, AuditLog, TopicPublisher, audit_topic_publisher
 from sightline.common.config import KafkaSettings
 from sightline.common.rpc import InvalidInput, NotFound, rpc_errors
 from sightline.common.runtime import Servicer, run_service
 from sightline.common.stage import InputEvent, Output, Stage, one_at_a_time
 from sightline.common.topics import EMBEDDINGS, MATCHES
+from sightline.matching.audit_trail import (
+    DELETE_PURPOSE,
+    ENROL_PURPOSE,
+    ERASE_PURPOSE,
+    MAX_PURPOSE_CHARS,
+    SEARCH_PURPOSE,
+    VERIFY_PURPOSE,
+    GalleryAudit,
+    audits_refusals,
+    joined_names,
+)
 from sightline.matching.enrolment import quality_failures, rejection_reason
+from sightline.matching.erasure import ErasureNotifier, erasure_notice, erasure_publisher
 from sightline.matching.gallery import Gallery
+from sightline.matching.names import check_reference, check_subject_id, check_watchlist_name
 from sightline.matching.peers import FaceClient, PeerUnavailable
 from sightline.matching.settings import MatchingSettings
 from sightline.matching.store import GalleryStore, SubjectRecord
+from sightline.matching.stream_audit import StreamSearchAudit
 from sightline.matching.templates import TemplateCipher
+from sightline.matching.watchlists import WatchlistServicer, future_expiry
 from sightline.v1 import events_pb2, gallery_pb2, gallery_pb2_grpc
 
 SERVICE = "matching"
-_SUBJECT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+MAX_ENROL_WATCHLISTS = 20
+log = logging.getLogger(__name__)
+
+__all__ = ["GalleryServicer", "check_subject_id", "main", "match_frame", "open_gallery"]
 
 
-def check_subject_id(subject_id: str) -> str:
-    if not _SUBJECT_ID.match(subject_id):
-        raise InvalidInput(
-            f"invalid subject id {subject_id[:40]!r}: use 1-128 letters, digits and . _ : @ - (starting with a letter "
-            "or digit)"
-        )
-    return subject_id
-
-
-def match_frame(gallery: Gallery, top_k: int, event: InputEvent) -> list[Output]:
+def match_frame(gallery: Gallery, top_k: int, event: InputEvent,
+                stream_audit: StreamSearchAudit | None = None) -> list[Output]:  # fmt: skip
     """The stream stage: 1:N candidates for every face, plus a 1:1 verification when the frame carries a claim."""
     embedded = codec.parse(events_pb2.FacesEmbedded, event.value)
     frame = embedded.frame
     result = events_pb2.MatchResult(frame=frame, model_name=embedded.model_name,
                                     model_version=embedded.model_version)  # fmt: skip
+    within_threshold = 0
     if embedded.faces:
         vectors = np.array([list(face.vector) for face in embedded.faces], dtype=np.float32)
         if vectors.shape[1] != 128:
@@ -54,9 +68,13 @@ def match_frame(gallery: Gallery, top_k: int, event: InputEvent) -> list[Output]
         for face, vector, found in zip(embedded.faces, vectors, candidates, strict=True):
             match = result.faces.add(face_index=face.face_index, box=face.box, quality=face.quality, candidates=found,
                                      landmarks=face.landmarks, detector_keypoints=face.detector_keypoints,
-                                     liveness=face.liveness)  # fmt: skip
+                                     liveness=face.liveness, track_id=face.track_id)  # fmt: skip
+            within_threshold += sum(gallery.within_threshold(candidate) for candidate in found)
             if frame.claim_subject_id:
                 match.verification.CopyFrom(gallery.verify(vector, frame.claim_subject_id))
+    if stream_audit is not None:
+        verifications = len(embedded.faces) if frame.claim_subject_id else 0
+        stream_audit.count(frame, len(embedded.faces), within_threshold, verifications)
     result.matched_at.CopyFrom(codec.now())
     telemetry.END_TO_END_LATENCY.labels(SERVICE).observe(codec.seconds_since(frame.captured_at))
     return [Output(MATCHES, frame.source_id.encode(), result.SerializeToString())]
@@ -70,21 +88,50 @@ def subject_proto(record: SubjectRecord) -> gallery_pb2.Subject:
 
 
 class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
-    def __init__(self, gallery: Gallery, faces: FaceClient, settings: MatchingSettings) -> None:
+    def __init__(self, gallery: Gallery, faces: FaceClient, settings: MatchingSettings, audit: GalleryAudit,
+                 notify_erased: ErasureNotifier | None = None) -> None:  # fmt: skip
         self._gallery = gallery
         self._faces = faces
         self._settings = settings
+        self._audit = audit
+        self._notify_erased = notify_erased
 
     @rpc_errors
+    @audits_refusals(Action.ENROL, ENROL_PURPOSE)
     def Enroll(self, request: gallery_pb2.EnrollRequest, context: grpc.ServicerContext) -> gallery_pb2.EnrollResponse:
         subject_id = check_subject_id(request.subject_id)
+        watchlists = [check_watchlist_name(name) for name in dict.fromkeys(request.watchlists)]
+        if len(watchlists) > MAX_ENROL_WATCHLISTS:
+            raise InvalidInput(f"{len(watchlists)} watchlists; at most {MAX_ENROL_WATCHLISTS} per call")
+        if len(request.purpose) > MAX_PURPOSE_CHARS:
+            raise InvalidInput(f"purpose is longer than {MAX_PURPOSE_CHARS} characters")
+        expires_at = future_expiry(request, "membership_expires_at")
         if not request.images:
             raise InvalidInput("no images: send at least one image with the subject's face")
         if len(request.images) > self._settings.max_enroll_images:
             raise InvalidInput(f"{len(request.images)} images; at most {self._settings.max_enroll_images} per call")
         response = gallery_pb2.EnrollResponse(subject_id=subject_id)
+        vectors, qualities, model = self._templates(request.images, response, context)
+        details: dict[str, object] = {
+            "images": len(request.images), "images_rejected": len(request.images) - len(vectors),
+            "watchlists": joined_names(watchlists),
+            "membership_expires_at": expires_at.isoformat() if expires_at else "",
+        }  # fmt: skip
+        if vectors:
+            enrolled = self._gallery.enroll(subject_id, request.display_name, watchlists, vectors, model, qualities,
+                                            expires_at, owner=self._audit.caller(context))  # fmt: skip
+            response.templates_added = enrolled.templates_added
+            details.update(templates_added=enrolled.templates_added, subject_created=enrolled.subject_created,
+                           watchlists_created=joined_names(enrolled.watchlists_created))  # fmt: skip
+        self._audit.record(context, Action.ENROL, subject_id, request.purpose.strip() or ENROL_PURPOSE,
+                           "ok" if vectors else "rejected: no usable image", details)  # fmt: skip
+        return response
+
+    def _templates(self, images: list[bytes], response: gallery_pb2.EnrollResponse,
+                   context: grpc.ServicerContext) -> tuple[list[np.ndarray], list[float], tuple[str, str]]:  # fmt: skip
+        """The descriptors of the images that pass the quality gate; one result per image in ``response``."""
         vectors, qualities, model = [], [], ("", "")
-        for index, image in enumerate(request.images):
+        for index, image in enumerate(images):
             result = response.results.add(image_index=index)
             try:
                 probe = self._faces.largest_face(image)
@@ -103,18 +150,49 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             vectors.append(probe.vector)
             qualities.append(probe.face.quality.score)
             model = (probe.model_name, probe.model_version)
-        if vectors:
-            response.templates_added = self._gallery.enroll(
-                subject_id, request.display_name, list(request.watchlists), vectors, model, qualities
-            )
-        return response
+        return vectors, qualities, model
 
     @rpc_errors
+    @audits_refusals(Action.DELETE, DELETE_PURPOSE)
     def DeleteSubject(self, request: gallery_pb2.DeleteSubjectRequest, context: grpc.ServicerContext) -> gallery_pb2.DeleteSubjectResponse:  # noqa: E501
         subject_id = check_subject_id(request.subject_id)
-        existed = self._gallery.store.get_subject(subject_id) is not None
-        removed = self._gallery.delete(subject_id)
-        return gallery_pb2.DeleteSubjectResponse(deleted=existed, templates_removed=removed)
+        removal = self._gallery.remove(subject_id)
+        self._audit.record(context, Action.DELETE, subject_id, DELETE_PURPOSE,
+                           "deleted" if removal.existed else "not enrolled",
+                           {"templates_removed": removal.templates_removed,
+                            "watchlists": joined_names(removal.watchlists)})  # fmt: skip
+        return gallery_pb2.DeleteSubjectResponse(deleted=removal.existed, templates_removed=removal.templates_removed)
+
+    @rpc_errors
+    @audits_refusals(Action.ERASE, ERASE_PURPOSE)
+    def EraseSubject(self, request: gallery_pb2.EraseSubjectRequest, context: grpc.ServicerContext) -> gallery_pb2.EraseSubjectResponse:  # noqa: E501
+        subject_id = check_subject_id(request.subject_id)
+        reference = check_reference(request.reference)
+        removal = self._gallery.remove(subject_id)
+        notice = erasure_notice(subject_id, reference, removal)
+        unpublished = self._publish_erasure(notice)
+        notice_state = f"not published: {unpublished}"[:500] if unpublished else "published"
+        self._audit.record(context, Action.ERASE, subject_id, ERASE_PURPOSE,
+                           "erased" if removal.existed else "nothing enrolled",
+                           {"reference": reference, "templates_removed": removal.templates_removed,
+                            "watchlists": joined_names(removal.watchlists), "notice": notice_state})  # fmt: skip
+        if unpublished:
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          f"subject {subject_id!r} is erased from the gallery, but the erasure notice could not be "
+                          f"published ({unpublished}); erase it again to publish the notice")  # fmt: skip
+        return gallery_pb2.EraseSubjectResponse(erased=removal.existed, templates_removed=removal.templates_removed,
+                                                watchlists=list(removal.watchlists))  # fmt: skip
+
+    def _publish_erasure(self, notice: events_pb2.SubjectErased) -> str:
+        """Publishes the notice; "" when done, else why not."""
+        if self._notify_erased is None:
+            return "no publisher configured"
+        try:
+            self._notify_erased(notice)
+        except Exception as error:  # noqa: BLE001 - kafka clients raise many types; the caller is told either way
+            log.warning("could not publish an erasure notice", exc_info=True)
+            return f"{type(error).__name__}: {error}"
+        return ""
 
     @rpc_errors
     def GetSubject(self, request: gallery_pb2.GetSubjectRequest, context: grpc.ServicerContext) -> gallery_pb2.Subject:
@@ -136,19 +214,34 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         return response
 
     @rpc_errors
+    @audits_refusals(Action.VERIFY, VERIFY_PURPOSE)
     def Verify(self, request: gallery_pb2.VerifyRequest, context: grpc.ServicerContext) -> gallery_pb2.VerifyResponse:
         subject_id = check_subject_id(request.subject_id)
         if self._gallery.store.get_subject(subject_id) is None:
             raise NotFound(f"subject {subject_id!r} is not enrolled")
         probe = self._probe(request.probe_image, context)
-        return gallery_pb2.VerifyResponse(verification=self._gallery.verify(probe.vector, subject_id),
-                                          probe_box=probe.face.box, threshold_distance=self._gallery.max_distance)  # fmt: skip
+        verification = self._gallery.verify(probe.vector, subject_id)
+        self._audit.record(context, Action.VERIFY, subject_id, VERIFY_PURPOSE,
+                           "verified" if verification.verified else "not verified",
+                           {"distance": round(verification.distance, 4),
+                            "threshold": round(self._gallery.max_distance, 4)})  # fmt: skip
+        return gallery_pb2.VerifyResponse(verification=verification, probe_box=probe.face.box,
+                                          threshold_distance=self._gallery.max_distance)  # fmt: skip
 
     @rpc_errors
+    @audits_refusals(Action.SEARCH, SEARCH_PURPOSE)
     def Search(self, request: gallery_pb2.SearchRequest, context: grpc.ServicerContext) -> gallery_pb2.SearchResponse:
+        watchlists = [check_watchlist_name(request.watchlist)] if request.watchlist else []
         probe = self._probe(request.probe_image, context)
-        watchlists = [request.watchlist] if request.watchlist else []
-        candidates = self._gallery.search(probe.vector[None, :], request.top_k or self._settings.top_k, watchlists)[0]
+        top_k = request.top_k or self._settings.top_k
+        candidates = self._gallery.search(probe.vector[None, :], top_k, watchlists)[0]
+        within = [c.subject_id for c in candidates if self._gallery.within_threshold(c)]
+        # The record names the best candidate within threshold, so `audit list --subject X` finds searches that
+        # pointed at X; every id shown to the caller is in the details.
+        self._audit.record(context, Action.SEARCH, within[0] if within else "", SEARCH_PURPOSE, "ok",
+                           {"watchlist": request.watchlist or "*", "top_k": top_k, "candidates": len(candidates),
+                            "within_threshold": len(within),
+                            "candidate_ids": joined_names(c.subject_id for c in candidates)})  # fmt: skip
         return gallery_pb2.SearchResponse(candidates=candidates, probe_box=probe.face.box,
                                           threshold_distance=self._gallery.max_distance)  # fmt: skip
 
@@ -169,10 +262,27 @@ def open_gallery(settings: MatchingSettings) -> Gallery:
 
 
 def main() -> None:
-    settings = MatchingSettings()
+    settings, kafka = MatchingSettings(), KafkaSettings()
     gallery = open_gallery(settings)
+    publisher = TopicPublisher(kafka)
+    audit = AuditLog.open_configured(publish=audit_topic_publisher(publisher))
+    trail = GalleryAudit(audit)
+    stream_audit = StreamSearchAudit(audit, settings.stream_audit_interval_s)
     faces = FaceClient(settings.detection_addr, settings.embedding_addr, settings.peer_timeout_s)
-    servicer = Servicer(gallery_pb2_grpc.add_GalleryServiceServicer_to_server,
-                        GalleryServicer(gallery, faces, settings), "sightline.v1.GalleryService")  # fmt: skip
-    stage = Stage(SERVICE, EMBEDDINGS, [MATCHES], one_at_a_time(lambda event: match_frame(gallery, settings.top_k, event)))
-    run_service(SERVICE, settings, KafkaSettings(), [servicer], [stage], on_stop=gallery.close)
+    servicers = [
+        Servicer(gallery_pb2_grpc.add_GalleryServiceServicer_to_server,
+                 GalleryServicer(gallery, faces, settings, trail, erasure_publisher(publisher)),
+                 "sightline.v1.GalleryService"),
+        Servicer(gallery_pb2_grpc.add_WatchlistServiceServicer_to_server, WatchlistServicer(gallery, trail),
+                 "sightline.v1.WatchlistService"),
+    ]  # fmt: skip
+    stage = Stage(SERVICE, EMBEDDINGS, [MATCHES],
+                  one_at_a_time(lambda event: match_frame(gallery, settings.top_k, event, stream_audit)))  # fmt: skip
+
+    def close() -> None:
+        stream_audit.close()  # the last stream-search records, before the log closes
+        gallery.close()
+        publisher.close()
+        audit.close()
+
+    run_service(SERVICE, settings, kafka, servicers, [stage], on_stop=close, audit=audit)

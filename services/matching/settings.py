@@ -46,6 +46,10 @@ class MatchingSettings(ServiceSettings):
         2.0, gt=0, description="How often the search index checks the database for changes made by other replicas."
     )
     max_enroll_images: int = Field(20, ge=1, description="Most images accepted by one Enroll call.")
+    stream_audit_interval_s: float = Field(
+        60.0, gt=0, description="Stream searches are audited in aggregate: one STREAM_SEARCH record per source per "
+        "this many seconds (and one at shutdown).",
+    )
     # Enrolment quality gate (docs/quality.md): an image failing any of these is rejected, naming every failure.
     enroll_min_quality: float = Field(
         40.0, ge=0, le=100, description="Least unified quality score (0-100) of an enrolment image; 0 disables."

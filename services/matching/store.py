@@ -1,9 +1,15 @@
-"""Gallery storage: enrolled subjects, their encrypted templates and watchlist membership, in SQLite or PostgreSQL.
+"""Gallery storage: enrolled subjects, their encrypted templates, watchlists and their memberships, in SQLite or
+PostgreSQL.
 
 SQLite (``sqlite:///gallery.db``) serves a single node or a laptop; PostgreSQL (``postgresql://user@host:5432/db``)
 lets several matching replicas share one gallery. Each replica keeps its own in-memory ``SearchIndex`` and polls
-``version()``, a counter every enrolment and deletion bumps in the same transaction, to see that another replica
-changed the gallery.
+``version()``, a counter every enrolment, deletion and watchlist change bumps in the same transaction, to see that
+another replica changed the gallery.
+
+A watchlist (``watchlists`` table) has a purpose, an owner, optionally its own threshold as a target false match rate,
+and a default membership duration. A membership may expire (``expires_at``): from then on it is left out of every
+read that feeds matching (``load_templates``, ``memberships``, subject listings) without anything being written, so
+``next_expiry`` tells a replica when to look again. Expired memberships stay listable until removed.
 
 Templates are stored only as ciphertext (see ``templates.py``); this module decrypts them for ``load_templates``
 and never logs them. The schema is created and upgraded on open from ``MIGRATIONS``, a list later changes append
@@ -14,9 +20,11 @@ every store (``common/sqlstore.py``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -31,8 +39,11 @@ logger = logging.getLogger(__name__)
 
 MAX_PAGE_SIZE = 1000
 MAX_ID_LENGTH = 256
+MAX_TEXT_LENGTH = 1000  # purpose and owner of a watchlist
 # Any constant will do: it only has to be the same for every replica migrating the same database.
 _PG_MIGRATION_LOCK = 0x5167_6C6C
+# Enough for any burst of local writes between two checks; an overflow only costs one extra reload.
+_WRITTEN_VERSIONS_KEPT = 10_000
 
 
 class GalleryStoreError(StoreError):
@@ -40,17 +51,28 @@ class GalleryStoreError(StoreError):
 
 
 class UnknownSubjectError(KeyError):
-    """A template was added for a subject that is not enrolled."""
+    """A template or membership was added for a subject that is not enrolled."""
 
     def __str__(self) -> str:
         return f"subject {self.args[0]!r} is not enrolled; add_subject first"
+
+
+class UnknownWatchlistError(KeyError):
+    """A watchlist that does not exist was named."""
+
+    def __str__(self) -> str:
+        return f"watchlist {self.args[0]!r} does not exist"
+
+
+class WatchlistExistsError(ValueError):
+    """A watchlist was created under a name already taken."""
 
 
 @dataclass(frozen=True)
 class SubjectRecord:
     subject_id: str
     display_name: str
-    watchlists: tuple[str, ...]
+    watchlists: tuple[str, ...]  # current (unexpired) memberships
     template_count: int
     created_at: datetime
 
@@ -69,6 +91,53 @@ class TemplateRecord:
 
     def __repr__(self) -> str:
         return f"TemplateRecord(template_id={self.template_id}, subject_id={self.subject_id!r}, vector=<redacted>)"
+
+
+@dataclass(frozen=True)
+class WatchlistRecord:
+    name: str
+    purpose: str
+    owner: str
+    target_fmr: float | None  # None: the decision policy's threshold applies
+    default_membership_days: int  # 0: memberships without an explicit expiry never expire
+    created_at: datetime
+    member_count: int  # current (unexpired) members
+
+
+@dataclass(frozen=True)
+class MembershipRecord:
+    subject_id: str
+    watchlist: str
+    added_at: datetime
+    expires_at: datetime | None
+
+    def expired(self, at: datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= at
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """What ``enrol_subject`` changed."""
+
+    created: bool  # the subject is new
+    watchlists_created: tuple[str, ...]  # lists that did not exist and were created for this enrolment
+
+
+@dataclass(frozen=True)
+class SubjectRemoval:
+    """What removing a subject took away."""
+
+    existed: bool
+    templates_removed: int
+    watchlists: tuple[str, ...]  # every membership it had, expired ones included
+
+
+@dataclass(frozen=True)
+class MembershipState:
+    """Current memberships as of one instant, and the next instant at which one of them expires."""
+
+    watchlists: dict[str, tuple[str, ...]]  # subject id -> its current lists, sorted
+    next_expiry: datetime | None
 
 
 # Append only; never edit a released migration. Statements use {pk}, {bytes}, {key}, {timestamp}, {bigint}.
@@ -92,6 +161,21 @@ MIGRATIONS: list[Migration] = [
             "INSERT INTO gallery_state (id, version) VALUES (1, 0)",
         ),
     ),
+    Migration(
+        2,
+        "watchlists with purpose, owner, threshold and default membership duration; membership expiry",
+        (
+            "CREATE TABLE watchlists (name {key} PRIMARY KEY, purpose TEXT NOT NULL DEFAULT '',"
+            " owner TEXT NOT NULL DEFAULT '', target_fmr DOUBLE PRECISION,"
+            " default_membership_days INTEGER NOT NULL DEFAULT 0, created_at {timestamp} NOT NULL)",
+            "ALTER TABLE watchlist_members ADD COLUMN expires_at {timestamp}",
+            "CREATE INDEX watchlist_members_expiry_idx ON watchlist_members (expires_at)",
+            # Lists that so far existed only as names on memberships get a row without a purpose, so that
+            # `sightline watchlists list` shows they still need one.
+            "INSERT INTO watchlists (name, created_at)"
+            " SELECT watchlist, MIN(created_at) FROM watchlist_members GROUP BY watchlist",
+        ),
+    ),
 ]
 
 
@@ -111,6 +195,8 @@ class GalleryStore(BackendStore):
     def __init__(self, backend: _Backend, cipher: TemplateCipher) -> None:
         super().__init__(backend)
         self._cipher = cipher
+        self._written_versions: deque[int] = deque(maxlen=_WRITTEN_VERSIONS_KEPT)
+        self._written_lock = threading.Lock()
 
     @classmethod
     def open(cls, url: str, cipher: TemplateCipher) -> GalleryStore:
@@ -118,6 +204,7 @@ class GalleryStore(BackendStore):
         store = cls(_open_backend(url), cipher)
         try:
             store._migrate(MIGRATIONS, "schema_version", _PG_MIGRATION_LOCK, "gallery")
+            store._overwrite_deleted_rows()
         except BaseException:
             store.close()
             raise
@@ -129,6 +216,11 @@ class GalleryStore(BackendStore):
         return self._cipher
 
     @property
+    def description(self) -> str:
+        """Where the gallery is, password redacted."""
+        return self._backend.description
+
+    @property
     def dialect(self) -> str:
         """``sqlite`` or ``postgresql``."""
         return self._backend.dialect.name
@@ -138,23 +230,30 @@ class GalleryStore(BackendStore):
         with self._tx(write=False) as cur:
             return int(cur.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0)
 
-    # -- writes --------------------------------------------------------------------------------------------------
+    # -- writes: subjects and templates --------------------------------------------------------------------------
 
-    def add_subject(self, subject_id: str, display_name: str = "", watchlists: Sequence[str] = ()) -> bool:
-        """Enrols the subject if new and adds it to ``watchlists``; returns True if the subject was created.
+    def add_subject(self, subject_id: str, display_name: str = "", watchlists: Sequence[str] = (),
+                    expires_at: datetime | None = None) -> bool:  # fmt: skip
+        """Enrols the subject if new and adds it to ``watchlists``; returns True if the subject was created."""
+        return self.enrol_subject(subject_id, display_name, watchlists, expires_at).created
 
-        Idempotent. A non-empty ``display_name`` replaces the stored one; memberships are only ever added.
+    def enrol_subject(self, subject_id: str, display_name: str = "", watchlists: Sequence[str] = (),
+                      expires_at: datetime | None = None, owner: str = "") -> Enrolment:  # fmt: skip
+        """Enrols the subject if new and puts it on ``watchlists``, as ``add_members`` does.
+
+        Idempotent. A non-empty ``display_name`` replaces the stored one. A watchlist that does not exist is created
+        on the way (no purpose yet, ``owner`` as its owner): enrolling is how most lists come to exist.
         """
         _check_id("subject id", subject_id)
         names = sorted(set(watchlists))
         for name in names:
             _check_id("watchlist name", name)
-        now = self._now()
+        now = _utcnow()
         with self._tx(write=True) as cur:
             cur.execute(
                 "INSERT INTO subjects (subject_id, display_name, created_at) VALUES (?, ?, ?)"
                 " ON CONFLICT (subject_id) DO NOTHING",
-                (subject_id, display_name, now),
+                (subject_id, display_name, self._db_time(now)),
             )
             created = changed = cur.rowcount == 1
             if not created and display_name:
@@ -163,16 +262,12 @@ class GalleryStore(BackendStore):
                     (display_name, subject_id, display_name),
                 )
                 changed = changed or cur.rowcount > 0
+            lists_created = tuple(name for name in names if self._create_watchlist_if_missing(cur, name, owner, now))
             for name in names:
-                cur.execute(
-                    "INSERT INTO watchlist_members (subject_id, watchlist, created_at) VALUES (?, ?, ?)"
-                    " ON CONFLICT (subject_id, watchlist) DO NOTHING",
-                    (subject_id, name, now),
-                )
-                changed = changed or cur.rowcount == 1
-            if changed:
+                changed = self._put_member(cur, name, subject_id, expires_at, now) or changed
+            if changed or lists_created:
                 self._bump_version(cur)
-        return created
+        return Enrolment(created, lists_created)
 
     def add_template(
         self, subject_id: str, vector: np.ndarray, model_name: str, model_version: str, quality: float = 0.0
@@ -192,52 +287,153 @@ class GalleryStore(BackendStore):
 
     def delete_subject(self, subject_id: str) -> int:
         """Deletes the subject, its templates and memberships; returns templates removed (0 if unknown)."""
+        return self.remove_subject(subject_id).templates_removed
+
+    def remove_subject(self, subject_id: str) -> SubjectRemoval:
+        """Deletes the subject, its templates and every membership (expired ones too), saying what was removed."""
         with self._tx(write=True) as cur:
             if cur.execute("SELECT 1 FROM subjects WHERE subject_id = ?", (subject_id,)).fetchone() is None:
-                return 0
+                return SubjectRemoval(False, 0, ())
+            watchlists = tuple(row[0] for row in cur.execute(
+                "SELECT watchlist FROM watchlist_members WHERE subject_id = ? ORDER BY watchlist", (subject_id,)
+            ).fetchall())  # fmt: skip
             # Explicit deletes rather than relying on ON DELETE CASCADE, which SQLite only honours per connection.
             removed = cur.execute("DELETE FROM templates WHERE subject_id = ?", (subject_id,)).rowcount
             cur.execute("DELETE FROM watchlist_members WHERE subject_id = ?", (subject_id,))
             cur.execute("DELETE FROM subjects WHERE subject_id = ?", (subject_id,))
             self._bump_version(cur)
-        logger.info("deleted a subject and %d templates", removed)
-        return removed
+        logger.info("deleted a subject, %d templates and %d memberships", removed, len(watchlists))
+        return SubjectRemoval(True, removed, watchlists)
 
-    def rotate_keys(self, new_cipher: TemplateCipher) -> int:
-        """Re-encrypts every template with ``new_cipher``'s active key; returns how many were re-encrypted.
+    def rotate_keys(self, new_cipher: TemplateCipher,
+                    progress: Callable[[int, int], None] | None = None) -> int:  # fmt: skip
+        """Re-encrypts every template not yet under ``new_cipher``'s active key; returns how many it re-encrypted.
 
         Old blobs are read with the current cipher, or with ``new_cipher`` for key ids only it holds. One
-        transaction: on any error nothing changes. Afterwards this store encrypts with ``new_cipher``.
+        transaction: on any error nothing changes. ``progress(done, total)`` is called as templates are done.
+        Afterwards this store encrypts with ``new_cipher``. Running it again re-encrypts only templates written
+        with an old key in the meantime (by a replica not yet given the new key).
         """
         with self._tx(write=True) as cur:
             rows = cur.execute(
-                "SELECT id, subject_id, key_id, ciphertext FROM templates ORDER BY id" + self._backend.dialect.for_update
+                "SELECT id, subject_id, key_id, ciphertext FROM templates WHERE key_id <> ? ORDER BY id"
+                + self._backend.dialect.for_update,
+                (new_cipher.active_key_id,),
             ).fetchall()
             updates = []
-            for template_id, subject_id, key_id, blob in rows:
+            for done, (template_id, subject_id, key_id, blob) in enumerate(rows, start=1):
                 reader = self._cipher if self._cipher.has_key(key_id) else new_cipher
                 vector = _decrypt(reader, template_id, key_id, blob, subject_id)
                 new_key_id, new_blob = new_cipher.encrypt(vector, subject_id)
                 updates.append((new_key_id, new_blob, template_id))
+                if progress is not None:
+                    progress(done, len(rows))
             cur.executemany("UPDATE templates SET key_id = ?, ciphertext = ? WHERE id = ?", updates)
         self._cipher = new_cipher
         logger.info("re-encrypted %d templates with key id %r", len(updates), new_cipher.active_key_id)
         return len(updates)
+
+    # -- writes: watchlists and memberships ----------------------------------------------------------------------
+
+    def create_watchlist(self, name: str, purpose: str = "", owner: str = "", target_fmr: float | None = None,
+                         default_membership_days: int = 0) -> WatchlistRecord:  # fmt: skip
+        """Creates a list; WatchlistExistsError when the name is taken."""
+        _check_id("watchlist name", name)
+        fields = _watchlist_fields(purpose, owner, target_fmr, default_membership_days)
+        with self._tx(write=True) as cur:
+            cur.execute(
+                "INSERT INTO watchlists (name, purpose, owner, target_fmr, default_membership_days, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                (name, *fields, self._now()),
+            )
+            if cur.rowcount != 1:
+                raise WatchlistExistsError(f"watchlist {name!r} already exists")
+            self._bump_version(cur)
+            return self._watchlists(cur, name)[0]
+
+    def update_watchlist(self, name: str, purpose: str, owner: str, target_fmr: float | None,
+                         default_membership_days: int) -> WatchlistRecord:  # fmt: skip
+        """Replaces a list's purpose, owner, threshold and default duration; UnknownWatchlistError if none."""
+        fields = _watchlist_fields(purpose, owner, target_fmr, default_membership_days)
+        with self._tx(write=True) as cur:
+            cur.execute(
+                "UPDATE watchlists SET purpose = ?, owner = ?, target_fmr = ?, default_membership_days = ?"
+                " WHERE name = ?",
+                (*fields, name),
+            )
+            if cur.rowcount != 1:
+                raise UnknownWatchlistError(name)
+            self._bump_version(cur)
+            return self._watchlists(cur, name)[0]
+
+    def delete_watchlist(self, name: str) -> int | None:
+        """Deletes a list and its memberships (the subjects stay enrolled); memberships removed, None if no list."""
+        with self._tx(write=True) as cur:
+            if not self._watchlist_exists(cur, name):
+                return None
+            removed = cur.execute("DELETE FROM watchlist_members WHERE watchlist = ?", (name,)).rowcount
+            cur.execute("DELETE FROM watchlists WHERE name = ?", (name,))
+            self._bump_version(cur)
+        return removed
+
+    def add_members(self, watchlist: str, subject_ids: Sequence[str],
+                    expires_at: datetime | None = None) -> list[MembershipRecord]:  # fmt: skip
+        """Puts enrolled subjects on an existing list, or renews their membership; returns the memberships.
+
+        The membership ends at ``expires_at``, else after the list's default duration, else never. Raises
+        UnknownWatchlistError or UnknownSubjectError (naming the first unknown subject), changing nothing.
+        """
+        ids = list(dict.fromkeys(subject_ids))
+        now = _utcnow()
+        with self._tx(write=True) as cur:
+            if not self._watchlist_exists(cur, watchlist):
+                raise UnknownWatchlistError(watchlist)
+            known = self._existing_subjects(cur, ids)
+            missing = [subject_id for subject_id in ids if subject_id not in known]
+            if missing:
+                raise UnknownSubjectError(missing[0])
+            changed = False
+            for subject_id in ids:
+                changed = self._put_member(cur, watchlist, subject_id, expires_at, now) or changed
+            if changed:
+                self._bump_version(cur)
+            return self._members(cur, watchlist, ids)
+
+    def remove_members(self, watchlist: str, subject_ids: Sequence[str]) -> list[str]:
+        """Takes subjects off a list; returns those that were on it. UnknownWatchlistError if there is no list."""
+        removed = []
+        with self._tx(write=True) as cur:
+            if not self._watchlist_exists(cur, watchlist):
+                raise UnknownWatchlistError(watchlist)
+            for subject_id in dict.fromkeys(subject_ids):
+                cur.execute("DELETE FROM watchlist_members WHERE watchlist = ? AND subject_id = ?",
+                            (watchlist, subject_id))  # fmt: skip
+                if cur.rowcount == 1:
+                    removed.append(subject_id)
+            if removed:
+                self._bump_version(cur)
+        return removed
 
     # -- reads ---------------------------------------------------------------------------------------------------
 
     def list_subjects(
         self, watchlist: str | None = None, limit: int = 100, after: str | None = None
     ) -> list[SubjectRecord]:
-        """Subjects ordered by id, at most ``limit``, starting after the id ``after`` (keyset pagination)."""
+        """Subjects ordered by id, at most ``limit``, starting after the id ``after`` (keyset pagination).
+
+        With ``watchlist``, only the list's current (unexpired) members.
+        """
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
-        conditions, params = [], []
+        now = self._db_time(_utcnow())
+        conditions: list[str] = []
+        params: list[Any] = []
         if watchlist:
             conditions.append(
-                "EXISTS (SELECT 1 FROM watchlist_members m WHERE m.subject_id = s.subject_id AND m.watchlist = ?)"
+                "EXISTS (SELECT 1 FROM watchlist_members m WHERE m.subject_id = s.subject_id AND m.watchlist = ?"
+                " AND (m.expires_at IS NULL OR m.expires_at > ?))"
             )
-            params.append(watchlist)
+            params.extend((watchlist, now))
         if after is not None:
             conditions.append("s.subject_id > ?")
             params.append(after)
@@ -249,10 +445,10 @@ class GalleryStore(BackendStore):
             found = self._subjects(cur, ["s.subject_id = ?"], [subject_id], 1)
         return found[0] if found else None
 
-    def load_templates(
-        self, model_name: str | None = None, model_version: str | None = None
-    ) -> list[TemplateRecord]:
-        """Every template, decrypted, ordered by id; optionally only those of one model (name and/or version)."""
+    def load_templates(self, model_name: str | None = None, model_version: str | None = None,
+                       at: datetime | None = None) -> list[TemplateRecord]:  # fmt: skip
+        """Every template, decrypted, ordered by id, with the subject's memberships current ``at`` (default now);
+        optionally only those of one model (name and/or version)."""
         conditions, params = [], []
         for column, value in (("model_name", model_name), ("model_version", model_version)):
             if value is not None:
@@ -266,7 +462,7 @@ class GalleryStore(BackendStore):
                 + " ORDER BY id",
                 params,
             ).fetchall()
-            members = self._memberships(cur, None)
+            members = self._current_memberships(cur, None, at or _utcnow())
         # Decrypt outside the lock so a big gallery load does not stall other calls.
         return [
             TemplateRecord(
@@ -281,17 +477,133 @@ class GalleryStore(BackendStore):
             for template_id, subject_id, key_id, blob, name, version, quality in rows
         ]
 
+    def memberships(self, at: datetime | None = None) -> MembershipState:
+        """Every subject's current lists as of ``at`` (default now), and when the next of them expires."""
+        at = at or _utcnow()
+        with self._tx(write=False) as cur:
+            current = self._current_memberships(cur, None, at)
+            row = cur.execute("SELECT MIN(expires_at) FROM watchlist_members WHERE expires_at > ?",
+                              (self._db_time(at),)).fetchone()  # fmt: skip
+        next_expiry = self._from_db_time(row[0]) if row and row[0] is not None else None
+        return MembershipState(current, next_expiry)
+
+    def get_watchlist(self, name: str) -> WatchlistRecord | None:
+        with self._tx(write=False) as cur:
+            found = self._watchlists(cur, name)
+        return found[0] if found else None
+
+    def list_watchlists(self) -> list[WatchlistRecord]:
+        """Every list, by name."""
+        with self._tx(write=False) as cur:
+            return self._watchlists(cur, None)
+
+    def list_members(self, watchlist: str, include_expired: bool = False, limit: int = 100,
+                     after: str | None = None) -> list[MembershipRecord]:  # fmt: skip
+        """A list's memberships by subject id, at most ``limit``, after the subject id ``after``; current ones only
+        unless ``include_expired``. UnknownWatchlistError if there is no such list."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        conditions, params = ["watchlist = ?"], [watchlist]
+        if not include_expired:
+            conditions.append("(expires_at IS NULL OR expires_at > ?)")
+            params.append(self._db_time(_utcnow()))
+        if after is not None:
+            conditions.append("subject_id > ?")
+            params.append(after)
+        with self._tx(write=False) as cur:
+            if not self._watchlist_exists(cur, watchlist):
+                raise UnknownWatchlistError(watchlist)
+            rows = cur.execute(
+                "SELECT subject_id, watchlist, created_at, expires_at FROM watchlist_members"
+                f" WHERE {' AND '.join(conditions)} ORDER BY subject_id LIMIT ?",
+                [*params, min(limit, MAX_PAGE_SIZE)],
+            ).fetchall()
+        return [self._membership(row) for row in rows]
+
+    def template_key_counts(self) -> dict[str, int]:
+        """How many templates each key id encrypts (for key rotation)."""
+        with self._tx(write=False) as cur:
+            rows = cur.execute("SELECT key_id, COUNT(*) FROM templates GROUP BY key_id ORDER BY key_id").fetchall()
+        return {key_id: int(count) for key_id, count in rows}
+
     def version(self) -> int:
         """Gallery change counter: grows with every enrolment, membership change and deletion, on any replica."""
         with self._tx(write=False) as cur:
             return int(cur.execute("SELECT version FROM gallery_state WHERE id = 1").fetchone()[0])
 
+    def take_written_versions(self) -> list[int]:
+        """The versions this store's own writes produced since the last call, oldest first.
+
+        A replica that finds them contiguous after the version it last loaded knows no other replica wrote in
+        between, so it may skip reloading; any gap means another replica changed the gallery.
+        """
+        with self._written_lock:
+            versions = list(self._written_versions)
+            self._written_versions.clear()
+        return versions
+
     # -- internals -----------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _bump_version(cur: _Cursor) -> None:
-        cur.execute("UPDATE gallery_state SET version = version + 1 WHERE id = 1")
+    def _overwrite_deleted_rows(self) -> None:
+        """On SQLite, deleted rows are zeroed in the file rather than left in free pages: an erased subject's
+        templates and id must not survive in the database file. (PostgreSQL keeps dead row versions until VACUUM;
+        see docs/watchlists.md.)"""
+        if self.dialect == "sqlite":
+            with self._tx(write=False) as cur:
+                cur.execute("PRAGMA secure_delete = ON")
 
+    def _bump_version(self, cur: _Cursor) -> None:
+        row = cur.execute("UPDATE gallery_state SET version = version + 1 WHERE id = 1 RETURNING version").fetchone()
+        with self._written_lock:
+            self._written_versions.append(int(row[0]))
+
+    def _db_time(self, value: datetime) -> Any:
+        # Always UTC: SQLite compares the stored text, which orders correctly only within one offset.
+        return self._backend.dialect.to_db_time(value.astimezone(UTC))
+
+    def _from_db_time(self, value: Any) -> datetime:
+        return self._backend.dialect.from_db_time(value)
+
+    @staticmethod
+    def _watchlist_exists(cur: _Cursor, name: str) -> bool:
+        return cur.execute("SELECT 1 FROM watchlists WHERE name = ?", (name,)).fetchone() is not None
+
+    @staticmethod
+    def _existing_subjects(cur: _Cursor, subject_ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(subject_ids), 500):  # stay under SQLite's bound-parameter limit
+            chunk = subject_ids[start : start + 500]
+            statement = f"SELECT subject_id FROM subjects WHERE subject_id IN ({', '.join('?' * len(chunk))})"
+            found.update(row[0] for row in cur.execute(statement, chunk).fetchall())
+        return found
+
+    def _create_watchlist_if_missing(self, cur: _Cursor, name: str, owner: str, now: datetime) -> bool:
+        cur.execute("INSERT INTO watchlists (name, owner, created_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                    (name, owner[:MAX_TEXT_LENGTH], self._db_time(now)))  # fmt: skip
+        return cur.rowcount == 1
+
+    def _put_member(self, cur: _Cursor, watchlist: str, subject_id: str, expires_at: datetime | None,
+                    now: datetime) -> bool:  # fmt: skip
+        """Adds or renews one membership; True when something changed. A lapsed membership starts afresh."""
+        if expires_at is None:
+            days = int(cur.execute("SELECT default_membership_days FROM watchlists WHERE name = ?",
+                                   (watchlist,)).fetchone()[0])  # fmt: skip
+            expires_at = now + timedelta(days=days) if days else None
+        new_expiry = self._db_time(expires_at) if expires_at is not None else None
+        row = cur.execute("SELECT expires_at FROM watchlist_members WHERE subject_id = ? AND watchlist = ?",
+                          (subject_id, watchlist)).fetchone()  # fmt: skip
+        if row is None:
+            cur.execute("INSERT INTO watchlist_members (subject_id, watchlist, created_at, expires_at)"
+                        " VALUES (?, ?, ?, ?)", (subject_id, watchlist, self._db_time(now), new_expiry))  # fmt: skip
+            return True
+        old_expiry = None if row[0] is None else self._from_db_time(row[0])
+        lapsed = old_expiry is not None and old_expiry <= now
+        if not lapsed and old_expiry == expires_at:
+            return False
+        added = ", created_at = ?" if lapsed else ""
+        cur.execute(f"UPDATE watchlist_members SET expires_at = ?{added} WHERE subject_id = ? AND watchlist = ?",
+                    (new_expiry, *((self._db_time(now),) if lapsed else ()), subject_id, watchlist))  # fmt: skip
+        return True
 
     def _subjects(self, cur: _Cursor, conditions: list[str], params: list[Any], limit: int) -> list[SubjectRecord]:
         where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
@@ -301,30 +613,77 @@ class GalleryStore(BackendStore):
             f" FROM subjects s{where} ORDER BY s.subject_id LIMIT ?",
             [*params, limit],
         ).fetchall()
-        members = self._memberships(cur, [row[0] for row in rows])
+        members = self._current_memberships(cur, [row[0] for row in rows], _utcnow())
         return [
             SubjectRecord(
                 subject_id=subject_id,
                 display_name=display_name,
                 watchlists=members.get(subject_id, ()),
                 template_count=int(count),
-                created_at=self._backend.dialect.from_db_time(created_at),
+                created_at=self._from_db_time(created_at),
             )
             for subject_id, display_name, created_at, count in rows
         ]
 
-    @staticmethod
-    def _memberships(cur: _Cursor, subject_ids: list[str] | None) -> dict[str, tuple[str, ...]]:
-        """Watchlists per subject, sorted; for the given subjects, or all subjects when None."""
+    def _current_memberships(self, cur: _Cursor, subject_ids: list[str] | None,
+                             at: datetime) -> dict[str, tuple[str, ...]]:  # fmt: skip
+        """Unexpired watchlists per subject, sorted; for the given subjects, or all subjects when None."""
         if subject_ids is not None and not subject_ids:
             return {}
-        statement = "SELECT subject_id, watchlist FROM watchlist_members"
+        statement = "SELECT subject_id, watchlist FROM watchlist_members WHERE (expires_at IS NULL OR expires_at > ?)"
+        params: list[Any] = [self._db_time(at)]
         if subject_ids is not None:
-            statement += f" WHERE subject_id IN ({', '.join('?' * len(subject_ids))})"
+            statement += f" AND subject_id IN ({', '.join('?' * len(subject_ids))})"
+            params.extend(subject_ids)
         found: dict[str, list[str]] = {}
-        for subject_id, watchlist in cur.execute(statement + " ORDER BY subject_id, watchlist", subject_ids or ()).fetchall():
+        for subject_id, watchlist in cur.execute(statement + " ORDER BY subject_id, watchlist", params).fetchall():
             found.setdefault(subject_id, []).append(watchlist)
         return {subject_id: tuple(names) for subject_id, names in found.items()}
+
+    def _watchlists(self, cur: _Cursor, name: str | None) -> list[WatchlistRecord]:
+        where, params = (" WHERE w.name = ?", [name]) if name is not None else ("", [])
+        rows = cur.execute(
+            "SELECT w.name, w.purpose, w.owner, w.target_fmr, w.default_membership_days, w.created_at,"
+            " (SELECT COUNT(*) FROM watchlist_members m WHERE m.watchlist = w.name"
+            "  AND (m.expires_at IS NULL OR m.expires_at > ?))"
+            f" FROM watchlists w{where} ORDER BY w.name",
+            [self._db_time(_utcnow()), *params],
+        ).fetchall()
+        return [
+            WatchlistRecord(name, purpose, owner, None if fmr is None else float(fmr), int(days),
+                            self._from_db_time(created_at), int(count))  # fmt: skip
+            for name, purpose, owner, fmr, days, created_at, count in rows
+        ]
+
+    def _members(self, cur: _Cursor, watchlist: str, subject_ids: list[str]) -> list[MembershipRecord]:
+        rows = []
+        for subject_id in subject_ids:
+            rows.extend(cur.execute(
+                "SELECT subject_id, watchlist, created_at, expires_at FROM watchlist_members"
+                " WHERE watchlist = ? AND subject_id = ?", (watchlist, subject_id),
+            ).fetchall())  # fmt: skip
+        return [self._membership(row) for row in rows]
+
+    def _membership(self, row: tuple[Any, ...]) -> MembershipRecord:
+        subject_id, watchlist, added_at, expires_at = row
+        return MembershipRecord(subject_id, watchlist, self._from_db_time(added_at),
+                                None if expires_at is None else self._from_db_time(expires_at))  # fmt: skip
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _watchlist_fields(purpose: str, owner: str, target_fmr: float | None,
+                      default_membership_days: int) -> tuple[str, str, float | None, int]:  # fmt: skip
+    for what, text in (("purpose", purpose), ("owner", owner)):
+        if not isinstance(text, str) or len(text) > MAX_TEXT_LENGTH:
+            raise ValueError(f"watchlist {what} must be a string of at most {MAX_TEXT_LENGTH} characters")
+    if target_fmr is not None and not 0 < target_fmr < 1:
+        raise ValueError(f"target FMR must be in (0, 1), got {target_fmr:g}")
+    if not isinstance(default_membership_days, int) or default_membership_days < 0:
+        raise ValueError(f"default membership days must be a whole number >= 0, got {default_membership_days!r}")
+    return purpose, owner, target_fmr, default_membership_days
 
 
 def _decrypt(cipher: TemplateCipher, template_id: int, key_id: str, blob: bytes, subject_id: str) -> np.ndarray:

@@ -43,11 +43,17 @@ TOPICS = {
     "sightline.matches.v1": ("matching", ("decision",), DAY_MS),
     "sightline.decisions.v1": ("decision", (), 7 * DAY_MS),
     "sightline.alerts.v1": ("decision", (), 30 * DAY_MS),
+    "sightline.sessions.v1": ("capture, decision", ("decision",), DAY_MS),
+    "sightline.erasures.v1": ("matching", (), 365 * DAY_MS),
     "sightline.deadletter.v1": ("*", (), DAY_MS),
     "sightline.audit.v1": ("*", (), 365 * DAY_MS),
 }
-INPUT_TOPIC = {c: t for t, (_, consumers, _) in TOPICS.items() for c in consumers}
+# The topic each consumer scales on (its pipeline input; the sessions topic is a side input of decision).
+INPUT_TOPIC = {"detection": "sightline.frames.v1", "embedding": "sightline.faces.v1",
+               "matching": "sightline.embeddings.v1", "decision": "sightline.matches.v1"}
 PUBLIC_SERVICES = {"capture", "matching", "decision"}  # reached by external clients over gRPC
+# caller -> the services it calls over gRPC (matching: detection and embedding; capture's kiosk sessions: the gallery)
+GRPC_CALLS = {"matching": ("detection", "embedding"), "capture": ("matching",)}
 
 # CRDs kubernetes-validate has no schema for; test_manifests.py checks them against its own schemas.
 CRD_KINDS = {

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from deploy_helpers import (
     CHART,
+    GRPC_CALLS,
     GRPC_PORTS,
     METRICS_PORTS,
     NAMESPACE,
@@ -78,6 +82,11 @@ SCHEMA_ERROR = "values don't meet the specifications of the schema"
         ["detection.resources.limits=null"],  # limits are required
         ["detection.sources.uris={rtsp://cam/1}"],  # only capture pulls streams
         ["capture.sources.uris={cam-1}"],  # not a URI
+        ["auth.principals[0].principal=alice", "auth.principals[0].roles[0]=reviewer",
+         "auth.principals[0].token=plaintext"],  # tokens never go into values: only their hashes
+        ["auth.principals[0].principal=alice", "auth.principals[0].roles[0]=admin",
+         "auth.principals[0].token_sha256=" + "a" * 64],  # no such role
+        ["auth.principals[0].principal=alice", "auth.principals[0].roles[0]=reviewer"],  # neither hash nor certificate
     ],
     ids=lambda s: s[0],
 )
@@ -96,6 +105,7 @@ def test_schema_rejects_bad_values(helm: str, sets: list[str]) -> None:
         (["kafka.securityProtocol=SASL_SSL"], "kafka.sasl.existingSecret"),
         (["kafka.tls.ca.secretName=a", "kafka.tls.ca.configMapName=b"], "only one of"),
         (["detection.autoscaling.enabled=true", "detection.autoscaling.minReplicas=5"], "maxReplicas must be >="),
+        (["tls.enabled=true"], "set tls.secretName"),
     ],
     ids=lambda v: v[0] if isinstance(v, list) else None,
 )
@@ -158,10 +168,10 @@ def test_network_policies_allow_only_the_designed_flows(helm: str) -> None:
     for svc in SERVICES:
         p = policies[svc]
         assert selects(p["spec"]["podSelector"], svc)
-        # gRPC from outside only for the public services; pod-to-pod gRPC only from matching to detection/embedding.
+        # gRPC from outside only for the public services; pod-to-pod gRPC only along GRPC_CALLS.
         assert (GRPC_PORTS[svc] in ingress_ports_from(p, None)) == (svc in PUBLIC_SERVICES), svc
         for caller in SERVICES:
-            expected = caller == "matching" and svc in ("detection", "embedding")
+            expected = svc in GRPC_CALLS.get(caller, ())
             assert (GRPC_PORTS[svc] in ingress_ports_from(p, caller)) == (expected or svc in PUBLIC_SERVICES), (caller, svc)
         # Metrics only from the Prometheus peer.
         metrics_rules = [rule for rule in p["spec"]["ingress"] if METRICS_PORTS[svc] in {x["port"] for x in rule["ports"]}]
@@ -170,7 +180,7 @@ def test_network_policies_allow_only_the_designed_flows(helm: str) -> None:
         egress_ports = {x["port"] for rule in p["spec"]["egress"] for x in rule["ports"]}
         assert {53, 9092} <= egress_ports
         for callee in SERVICES:
-            expected = {GRPC_PORTS[callee]} if svc == "matching" and callee in ("detection", "embedding") else set()
+            expected = {GRPC_PORTS[callee]} if callee in GRPC_CALLS.get(svc, ()) else set()
             assert egress_ports_to(p, callee) == expected, (svc, callee)
         assert 5432 not in egress_ports, "SQLite mode needs no database egress"
         assert 554 not in egress_ports, "no camera egress without capture.sources"
@@ -282,6 +292,7 @@ def test_notes_tell_what_to_do_next(helm: str) -> None:
     assert "/metrics" in text and f"svc/{RELEASE}-sightline-detection:9102" in text
     assert "matching runs exactly one replica" in text
     assert "Back it up" in text
+    assert "needs a bearer token" in text and "sightline auth new-token" in text
 
 
 def test_notes_warn_about_idle_replicas(helm: str) -> None:
@@ -321,3 +332,89 @@ def test_decision_keeps_reviews_and_audit_in_postgresql_when_configured(helm: st
     policy = pg.one("NetworkPolicy", f"{RELEASE}-sightline-decision")
     assert any(port.get("port") == 5432 for rule in policy["spec"]["egress"] for port in rule.get("ports", []))
     assert decision_db(render(helm, []))["value"].startswith("sqlite:////tmp/")
+
+
+# --- access control and TLS -------------------------------------------------------------------------------------------
+
+
+def container_of(r: Rendered, service: str) -> dict[str, Any]:
+    return r.one("Deployment", f"{RELEASE}-sightline-{service}")["spec"]["template"]["spec"]["containers"][0]
+
+
+def env_values(r: Rendered, service: str) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container_of(r, service)["env"]}
+
+
+def chart_caller_roles() -> dict[str, set[str]]:
+    catalog = yaml.safe_load(re.search(r'define "sightline.catalog" -}}\n(.*?){{- end }}',
+                                       (CHART / "templates" / "_helpers.tpl").read_text(), re.S).group(1))  # fmt: skip
+    return {svc: set(entry["callerRoles"]) for svc, entry in catalog.items() if entry["callerRoles"]}
+
+
+def test_chart_caller_roles_match_the_code() -> None:
+    """The services' own principals get the roles the code says their calls need (auth.SERVICE_CALLER_ROLES)."""
+    try:
+        from sightline.common import auth
+    except ImportError:  # the deploy tests also run where the package is not installed
+        pytest.skip("sightline is not importable here")
+    assert chart_caller_roles() == {svc: {r.value for r in roles} for svc, roles in auth.SERVICE_CALLER_ROLES.items()}
+
+
+def test_every_service_reads_the_tokens_file_and_callers_send_their_own_token(helm: str) -> None:
+    values = ["auth.principals[0].principal=alice", "auth.principals[0].roles[0]=reviewer",
+              "auth.principals[0].token_sha256=" + hashlib.sha256(b"alice-token").hexdigest()]  # fmt: skip
+    r = render(helm, [], values)
+    secret = r.one("Secret", f"{RELEASE}-sightline-auth")["data"]
+    principals = {p["principal"]: p for p in yaml.safe_load(base64.b64decode(secret["tokens.yaml"]))}
+    callers = chart_caller_roles()
+    assert set(principals) == {"alice", *(f"service:{svc}" for svc in callers)}
+    for svc in SERVICES:
+        env = env_values(r, svc)
+        assert env["SIGHTLINE_AUTH_TOKENS_FILE"]["value"] == "/etc/sightline/auth/tokens.yaml"
+        mounts = {m["mountPath"]: m["name"] for m in container_of(r, svc)["volumeMounts"]}
+        pod = r.one("Deployment", f"{RELEASE}-sightline-{svc}")["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes[mounts["/etc/sightline/auth"]]["secret"]["secretName"] == f"{RELEASE}-sightline-auth"
+        if svc not in callers:
+            assert "SIGHTLINE_AUTH_TOKEN" not in env, f"{svc} calls no one: it needs no token"
+            continue
+        ref = env["SIGHTLINE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+        token = base64.b64decode(secret[ref["key"]])
+        entry = principals[f"service:{svc}"]
+        assert len(token) >= 43 and entry["token_sha256"] == hashlib.sha256(token).hexdigest()
+        assert set(entry["roles"]) == callers[svc]
+    assert secret["capture-token"] != secret["matching-token"]
+
+
+def test_auth_can_be_turned_off_and_taken_from_an_existing_secret(helm: str) -> None:
+    off = render(helm, [], ["auth.enabled=false"])
+    assert f"{RELEASE}-sightline-auth" not in off.names("Secret")
+    for svc in SERVICES:
+        assert not {"SIGHTLINE_AUTH_TOKENS_FILE", "SIGHTLINE_AUTH_TOKEN"} & set(env_values(off, svc))
+    existing = render(helm, VARIANTS["existing-secrets"])
+    assert f"{RELEASE}-sightline-auth" not in existing.names("Secret")
+    volumes = existing.one("Deployment", f"{RELEASE}-sightline-decision")["spec"]["template"]["spec"]["volumes"]
+    (auth_volume,) = [v for v in volumes if v["name"] == "auth"]
+    assert auth_volume["secret"] == {"secretName": "sightline-tokens",
+                                     "items": [{"key": "principals.yaml", "path": "tokens.yaml"}]}  # fmt: skip
+    assert env_values(existing, "matching")["SIGHTLINE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "sightline-tokens", "key": "matching-token"}  # fmt: skip
+
+
+def test_tls_mounts_the_certificate_and_requires_client_certificates(helm: str) -> None:
+    r = render(helm, VARIANTS["tls"])
+    for svc in SERVICES:
+        env = {name: e.get("value") for name, e in env_values(r, svc).items()}
+        tls = "/etc/sightline/tls"
+        assert env["SIGHTLINE_TLS_SERVER_CERT_FILE"] == env["SIGHTLINE_TLS_CLIENT_CERT_FILE"] == f"{tls}/tls.crt"
+        assert env["SIGHTLINE_TLS_SERVER_KEY_FILE"] == env["SIGHTLINE_TLS_CLIENT_KEY_FILE"] == f"{tls}/tls.key"
+        assert env["SIGHTLINE_TLS_CA_FILE"] == env["SIGHTLINE_TLS_CLIENT_CA_FILE"] == "/etc/sightline/tls/ca.crt"
+        spec = r.one("Deployment", f"{RELEASE}-sightline-{svc}")["spec"]["template"]["spec"]
+        (tls_volume,) = [v for v in spec["volumes"] if v["name"] == "tls"]
+        assert tls_volume["secret"]["secretName"] == "sightline-grpc-tls"
+        assert {"mountPath": tls, "name": "tls", "readOnly": True} in container_of(r, svc)["volumeMounts"]
+    server_only = render(helm, VARIANTS["tls"], ["tls.requireClientCert=false"])
+    env = env_values(server_only, "matching")
+    assert "SIGHTLINE_TLS_SERVER_CERT_FILE" in env and "SIGHTLINE_TLS_CA_FILE" in env
+    assert not {"SIGHTLINE_TLS_CLIENT_CA_FILE", "SIGHTLINE_TLS_CLIENT_CERT_FILE"} & set(env)
+    assert not any(name.startswith("SIGHTLINE_TLS_") for name in env_values(render(helm, []), "matching"))

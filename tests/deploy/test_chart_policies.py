@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 from deploy_helpers import (
+    GRPC_CALLS,
     GRPC_PORTS,
     INPUT_TOPIC,
     METRICS_PORTS,
@@ -63,12 +64,18 @@ def test_every_container_is_locked_down(rendered: Rendered) -> None:
 
 
 def test_deployments_have_grpc_probes_on_the_grpc_port(rendered: Rendered) -> None:
+    """Kubelet gRPC probes; with TLS (which they cannot speak) the image's gRPC health check, run in the pod."""
+    tls = rendered.values()["tls"]["enabled"]
     for d in rendered.kind("Deployment"):
         svc = component(d)
         (c,) = d["spec"]["template"]["spec"]["containers"]
         port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-            assert c.get(probe, {}).get("grpc", {}).get("port") == port, f"{svc}: {probe} is not a grpc probe on {port}"
+            if tls:
+                command = c.get(probe, {}).get("exec", {}).get("command")
+                assert command == ["python", "-m", "sightline.common.healthcheck", str(port)], f"{svc}: {probe}"
+            else:
+                assert c.get(probe, {}).get("grpc", {}).get("port") == port, f"{svc}: {probe}: no grpc probe on {port}"
 
 
 def test_images_are_pinned(rendered: Rendered) -> None:
@@ -133,7 +140,7 @@ def test_secrets_never_appear_as_plain_env(rendered: Rendered) -> None:
     for doc, spec in workloads(rendered):
         for c in containers(spec):
             for e in c.get("env", []):
-                if secret_like.search(e["name"]):
+                if secret_like.search(e["name"]) and not e["name"].endswith("_FILE"):  # a path to a mounted Secret
                     assert "valueFrom" in e, f"{e['name']} is a literal in {doc['metadata']['name']}"
             url = env_of(c).get("SIGHTLINE_MATCHING_DATABASE_URL")
             if url and "value" in url:
@@ -149,6 +156,7 @@ def test_secret_references_resolve(rendered: Rendered) -> None:
         values["matching"]["database"]["postgresql"]["existingSecret"],
         values["matching"]["templateKey"]["existingSecret"],
         values["capture"]["sources"]["existingSecret"],
+        values["auth"]["existingSecret"],
     } - {""}
     for doc, spec in workloads(rendered):
         for c in containers(spec):
@@ -296,16 +304,17 @@ def test_decision_mounts_its_policy(rendered: Rendered) -> None:
     assert "checksum/config" in d["spec"]["template"]["metadata"]["annotations"]
 
 
-def test_matching_reaches_its_peers_by_service_name(rendered: Rendered) -> None:
+def test_callers_reach_their_peers_by_service_name(rendered: Rendered) -> None:
     services = {component(s): s for s in rendered.kind("Service")}
-    d = next((d for d in rendered.kind("Deployment") if component(d) == "matching"), None)
-    if d is None:
-        return
-    env = env_of(d["spec"]["template"]["spec"]["containers"][0])
-    for peer in ("detection", "embedding"):
-        host, port = env[f"SIGHTLINE_MATCHING_{peer.upper()}_ADDR"]["value"].split(":")
-        assert host == services[peer]["metadata"]["name"]
-        assert int(port) == next(p["port"] for p in services[peer]["spec"]["ports"] if p["name"] == "grpc")
+    for caller, peers in GRPC_CALLS.items():
+        d = next((d for d in rendered.kind("Deployment") if component(d) == caller), None)
+        if d is None:
+            continue
+        env = env_of(d["spec"]["template"]["spec"]["containers"][0])
+        for peer in peers:
+            host, port = env[f"SIGHTLINE_{caller.upper()}_{peer.upper()}_ADDR"]["value"].split(":")
+            assert host == services[peer]["metadata"]["name"]
+            assert int(port) == next(p["port"] for p in services[peer]["spec"]["ports"] if p["name"] == "grpc")
 
 
 def test_services_list_is_complete(rendered: Rendered) -> None:

@@ -247,4 +247,5 @@ def test_crd_schema_catches_typos() -> None:
 
 def test_every_variant_is_exercised() -> None:
     """The CI variants the issue asks for exist (autoscaling off / HPA / KEDA, existingSecret, postgres, netpol off)."""
-    assert {"default", "hpa", "keda", "existing-secrets", "postgres", "networkpolicy-off", "production"} <= set(VARIANTS)
+    expected = {"default", "hpa", "keda", "existing-secrets", "postgres", "networkpolicy-off", "production", "tls"}
+    assert expected <= set(VARIANTS)

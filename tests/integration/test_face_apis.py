@@ -25,8 +25,10 @@ from sightline.v1 import (
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[LocalStack]:
-    with LocalStack(tmp_path_factory.mktemp("apis"), ports="auto",
-                    services=("detection", "embedding", "matching")) as running:  # fmt: skip
+    run_dir = tmp_path_factory.mktemp("apis")
+    # Matching audits every gallery call: into this run's own audit log, never the user's.
+    audit = {"SIGHTLINE_AUDIT_DATABASE_URL": f"sqlite:///{run_dir / 'audit.db'}"}
+    with LocalStack(run_dir, ports="auto", services=("detection", "embedding", "matching"), env=audit) as running:
         running.start(timeout=120)
         yield running
 

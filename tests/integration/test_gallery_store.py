@@ -14,6 +14,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import closing
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -23,7 +24,15 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from sightline.matching.store import GalleryStore, GalleryStoreError, UnknownSubjectError, redact_url
+from sightline.matching.store import (
+    GalleryStore,
+    GalleryStoreError,
+    SubjectRemoval,
+    UnknownSubjectError,
+    UnknownWatchlistError,
+    WatchlistExistsError,
+    redact_url,
+)
 from sightline.matching.templates import (
     TemplateCipher,
     TemplateDecryptionError,
@@ -345,7 +354,7 @@ def test_template_ids_are_not_reused_after_delete(store: GalleryStore) -> None:
 def test_schema_is_versioned(gallery_url: str, open_store: Opener) -> None:
     open_store(gallery_url).close()
     open_store(gallery_url).close()  # reopening applies nothing twice
-    assert _raw(gallery_url, "SELECT version FROM schema_version ORDER BY version") == [(1,)]
+    assert _raw(gallery_url, "SELECT version FROM schema_version ORDER BY version") == [(1,), (2,)]
     _raw(gallery_url, "INSERT INTO schema_version (version, description, applied_at) VALUES (999, 'future', 'now')")
     with pytest.raises(GalleryStoreError, match="newer than this build"):
         open_store(gallery_url)
@@ -418,3 +427,208 @@ def test_unreachable_postgres_error_hides_password() -> None:
 def test_postgres_scheme_alias(postgres_url: str, open_store: Opener) -> None:
     store = open_store("postgres" + postgres_url[len("postgresql") :])
     assert store.dialect == "postgresql" and store.add_subject("alice")
+
+
+# -- watchlists, memberships and their expiry --------------------------------------------------------------------
+
+
+def _schema_1_database(url: str) -> None:
+    """A gallery as the first release left it (migration 1 only), with a subject, a template and two lists."""
+    from sightline.common.sqlstore import migrate, open_backend
+    from sightline.matching.store import MIGRATIONS
+
+    backend = open_backend(url)
+    try:
+        with backend.transaction(write=True) as cur:
+            migrate(cur, backend.dialect, MIGRATIONS[:1], table="schema_version", lock_key=1, what="gallery")
+            now = backend.dialect.to_db_time(datetime.now(UTC) - timedelta(days=3))
+            cur.execute("INSERT INTO subjects (subject_id, display_name, created_at) VALUES (?, ?, ?)",
+                        ("old-timer", "Old", now))  # fmt: skip
+            key_id, blob = _cipher("k1", KEY_1).encrypt(_vectors(40, 1)[0], "old-timer")
+            cur.execute("INSERT INTO templates (subject_id, key_id, ciphertext, model_name, model_version, quality,"
+                        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)", ("old-timer", key_id, blob, *MODEL, 0.5, now))
+            for name in ("border", "staff"):
+                cur.execute("INSERT INTO watchlist_members (subject_id, watchlist, created_at) VALUES (?, ?, ?)",
+                            ("old-timer", name, now))  # fmt: skip
+    finally:
+        backend.close()
+
+
+def test_a_schema_1_gallery_upgrades_keeping_its_lists(gallery_url: str, open_store: Opener) -> None:
+    _schema_1_database(gallery_url)
+    store = open_store(gallery_url)
+    assert store.schema_version == 2
+    lists = store.list_watchlists()
+    assert [(w.name, w.purpose, w.owner, w.target_fmr, w.member_count) for w in lists] == [
+        ("border", "", "", None, 1), ("staff", "", "", None, 1)]  # no purpose yet: `watchlists list` shows it
+    assert all(w.created_at < datetime.now(UTC) - timedelta(days=2) for w in lists)
+    [record] = store.load_templates()
+    assert record.watchlists == ("border", "staff") and np.array_equal(record.vector, _vectors(40, 1)[0])
+    assert [m.expires_at for m in store.list_members("border")] == [None]
+
+
+def test_watchlist_create_update_delete(store: GalleryStore) -> None:
+    created = store.create_watchlist("stop", "court order 12/2026", "unit-7", 1e-4, 30)
+    assert (created.name, created.purpose, created.owner, created.target_fmr, created.default_membership_days,
+            created.member_count) == ("stop", "court order 12/2026", "unit-7", 1e-4, 30, 0)  # exact, not float32
+    with pytest.raises(WatchlistExistsError, match="already exists"):
+        store.create_watchlist("stop", "again")
+    _enrol(store, "alice", _vectors(41, 1), ("stop",))
+    updated = store.update_watchlist("stop", "court order 13/2026", "unit-8", None, 0)
+    assert (updated.purpose, updated.owner, updated.target_fmr, updated.member_count) == (
+        "court order 13/2026", "unit-8", None, 1)
+    assert store.get_watchlist("stop") == updated
+    with pytest.raises(UnknownWatchlistError):
+        store.update_watchlist("nope", "x", "", None, 0)
+    with pytest.raises(ValueError, match="target FMR"):
+        store.create_watchlist("bad", "x", target_fmr=1.5)
+
+    assert store.delete_watchlist("stop") == 1
+    assert store.delete_watchlist("stop") is None
+    assert store.get_subject("alice").watchlists == () and store.get_subject("alice").template_count == 1
+
+
+def test_enrolling_into_an_unknown_list_creates_it(store: GalleryStore) -> None:
+    store.create_watchlist("known", "purpose")
+    enrolment = store.enrol_subject("bob", "Bob", ["known", "fresh"], owner="officer-1")
+    assert enrolment.created and enrolment.watchlists_created == ("fresh",)
+    fresh = store.get_watchlist("fresh")
+    assert (fresh.purpose, fresh.owner, fresh.member_count) == ("", "officer-1", 1)
+    assert store.enrol_subject("bob", watchlists=["fresh"]).watchlists_created == ()
+
+
+def test_expired_memberships_leave_every_matching_read(store: GalleryStore) -> None:
+    now = datetime.now(UTC)
+    store.create_watchlist("visitors", "day passes")
+    _enrol(store, "alice", _vectors(42, 1))
+    _enrol(store, "bob", _vectors(43, 1))
+    store.add_members("visitors", ["alice"], expires_at=now + timedelta(hours=1))
+    store.add_members("visitors", ["bob"], expires_at=now - timedelta(seconds=1))  # already lapsed
+
+    assert {r.subject_id: r.watchlists for r in store.load_templates(at=now)} == {"alice": ("visitors",), "bob": ()}
+    assert [r.subject_id for r in store.list_subjects(watchlist="visitors")] == ["alice"]
+    assert store.get_subject("bob").watchlists == ()
+    assert store.get_watchlist("visitors").member_count == 1
+    state = store.memberships(at=now)
+    assert state.watchlists == {"alice": ("visitors",)}
+    assert abs((state.next_expiry - (now + timedelta(hours=1))).total_seconds()) < 1e-3
+
+    later = now + timedelta(hours=2)  # alice's membership has run out too, without anything being written
+    assert {r.subject_id: r.watchlists for r in store.load_templates(at=later)} == {"alice": (), "bob": ()}
+    assert store.memberships(at=later).watchlists == {} and store.memberships(at=later).next_expiry is None
+
+    assert [m.subject_id for m in store.list_members("visitors")] == ["alice"]
+    listed = store.list_members("visitors", include_expired=True)
+    assert [(m.subject_id, m.expired(now)) for m in listed] == [("alice", False), ("bob", True)]
+
+
+def test_membership_expiry_defaults_renewals_and_removal(store: GalleryStore) -> None:
+    store.create_watchlist("staff", "building access", default_membership_days=10)
+    _enrol(store, "alice", _vectors(44, 1))
+    _enrol(store, "bob", _vectors(45, 1))
+    [by_default] = store.add_members("staff", ["alice"])
+    assert abs((by_default.expires_at - datetime.now(UTC)).total_seconds() - 10 * 86400) < 60
+    explicit = datetime(2031, 1, 1, tzinfo=UTC)
+    [renewed] = store.add_members("staff", ["alice"], expires_at=explicit)
+    assert renewed.expires_at == explicit and renewed.added_at == by_default.added_at
+
+    store.add_members("staff", ["bob"], expires_at=datetime.now(UTC) - timedelta(seconds=5))
+    [lapsed] = store.list_members("staff", include_expired=True, after="alice")
+    [again] = store.add_members("staff", ["bob"], expires_at=explicit)
+    assert again.added_at > lapsed.added_at  # a lapsed membership starts afresh
+
+    with pytest.raises(UnknownSubjectError, match="ghost"):
+        store.add_members("staff", ["alice", "ghost"])
+    with pytest.raises(UnknownWatchlistError):
+        store.add_members("nowhere", ["alice"])
+    assert store.remove_members("staff", ["bob", "ghost"]) == ["bob"]
+    removal = store.remove_subject("alice")
+    assert (removal.existed, removal.templates_removed, removal.watchlists) == (True, 1, ("staff",))
+    assert store.remove_subject("alice") == SubjectRemoval(False, 0, ())
+
+
+def test_list_members_pages(store: GalleryStore) -> None:
+    store.create_watchlist("many", "paging")
+    ids = [f"s{i:02d}" for i in range(7)]
+    for subject_id in ids:
+        store.add_subject(subject_id)
+    store.add_members("many", ids)
+    pages, after = [], None
+    while page := store.list_members("many", limit=3, after=after):
+        pages.append([m.subject_id for m in page])
+        after = page[-1].subject_id
+    assert pages == [ids[:3], ids[3:6], ids[6:]]
+    with pytest.raises(UnknownWatchlistError):
+        store.list_members("none")
+
+
+def test_watchlist_changes_move_the_version_and_own_writes_are_told_apart(store: GalleryStore, gallery_url: str,
+                                                                          open_store: Opener) -> None:  # fmt: skip
+    other = open_store(gallery_url)
+    store.take_written_versions()
+    start = store.version()
+    store.create_watchlist("a", "p")
+    store.add_subject("alice")
+    store.add_members("a", ["alice"])
+    store.add_members("a", ["alice"])  # nothing changes: no version
+    store.update_watchlist("a", "q", "", 1e-3, 0)
+    store.remove_members("a", ["alice"])
+    store.delete_watchlist("a")
+    assert store.take_written_versions() == list(range(start + 1, start + 7))
+    other.add_subject("bob")  # another replica's write leaves a gap in this store's own versions
+    store.add_subject("carol")
+    assert store.take_written_versions() == [start + 8]
+
+
+# -- key rotation through `sightline keys rotate` ----------------------------------------------------------------
+
+
+def _assert_no_plaintext(dump: bytes, vectors: list[np.ndarray]) -> None:
+    for vector in vectors:
+        assert vector.astype("<f4").tobytes() not in dump and vector.astype(">f4").tobytes() not in dump
+
+
+def test_keys_rotate_command(gallery_url: str, open_store: Opener, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    from sightline.cli.main import main as cli
+
+    vectors = _vectors(50, 3)
+    writer = open_store(gallery_url, _cipher("k1", KEY_1))
+    _enrol(writer, "alice", vectors[:2])
+    _enrol(writer, "bob", vectors[2:])
+    writer.close()
+    _assert_no_plaintext(_dump(gallery_url), vectors)
+    (tmp_path / "old.keys").write_text(f"k1:{KEY_1}\n")
+    (tmp_path / "k2.key").write_text(KEY_2 + "\n")
+    rotate = ["keys", "rotate", "--database-url", gallery_url, "--new-key-file", str(tmp_path / "k2.key"),
+              "--new-key-id", "k2", "--no-progress"]  # fmt: skip
+
+    assert cli([*rotate, "--old-keys-file", str(tmp_path / "old.keys")]) == 0
+    out = capsys.readouterr().out
+    assert "templates by key id: k1=3" in out and "re-encrypted 3 template(s) with key 'k2'" in out
+    assert "now templates by key id: k2=3" in out and "checked: all 3 template(s) decrypt with 'k2' alone" in out
+    only_new = open_store(gallery_url, _cipher("k2", KEY_2))
+    assert all(np.array_equal(r.vector, v) for r, v in zip(only_new.load_templates(), vectors, strict=True))
+    only_new.close()
+    _assert_no_plaintext(_dump(gallery_url), vectors)
+
+    # Again, with the keys as the matching service reads them: only templates written since are re-encrypted.
+    monkeypatch.setenv("SIGHTLINE_MATCHING_TEMPLATE_KEY", KEY_2)
+    monkeypatch.setenv("SIGHTLINE_MATCHING_TEMPLATE_KEY_ID", "k2")
+    monkeypatch.setenv("SIGHTLINE_MATCHING_PREVIOUS_TEMPLATE_KEYS", f"k1:{KEY_1}")
+    monkeypatch.setenv("SIGHTLINE_MATCHING_DATABASE_URL", gallery_url)
+    assert cli(rotate[:2] + rotate[4:]) == 0
+    assert "re-encrypted 0 template(s)" in capsys.readouterr().out
+
+    (tmp_path / "clash.key").write_text(generate_key())
+    assert cli([*rotate[:4], "--new-key-file", str(tmp_path / "clash.key"), "--new-key-id", "k1",
+                "--old-keys-file", str(tmp_path / "old.keys")]) == 2  # fmt: skip
+    assert "already in use with other key bytes" in capsys.readouterr().err
+
+
+def test_rotate_keys_reports_progress(store: GalleryStore) -> None:
+    _enrol(store, "alice", _vectors(51, 4))
+    seen: list[tuple[int, int]] = []
+    assert store.rotate_keys(_cipher("k2", KEY_2), progress=lambda done, total: seen.append((done, total))) == 4
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert store.template_key_counts() == {"k2": 4}

@@ -1,9 +1,11 @@
 """Human review against a real decision service process: alerts raised from the matches topic, reviewed over gRPC
 and with the ``sightline review`` command, every status change on the alerts topic, every action in the audit chain.
+Reviewers are who their bearer tokens say (a tokens file given to the stack); a call without one is refused.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -16,7 +18,7 @@ from typing import Any
 import grpc
 import pytest
 
-from sightline.common.audit import PRINCIPAL_METADATA_KEY
+from sightline.common.auth import AUTHORIZATION_KEY, Principal, Role, dump_principals, hash_token, new_token
 from sightline.common.bus import make_producer, read_topics
 from sightline.common.config import KafkaSettings
 from sightline.common.localstack import LocalStack
@@ -25,10 +27,20 @@ from sightline.common.topics import ALERTS, AUDIT, DECISIONS, MATCHES
 from sightline.v1 import audit_pb2, audit_pb2_grpc, events_pb2, review_pb2, review_pb2_grpc, types_pb2
 
 
+REVIEWERS = ("alice", "bob", "carol")
+TOKENS = {name: new_token() for name in (*REVIEWERS, "dana")}
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     run_dir = tmp_path_factory.mktemp("review")
-    env = {"SIGHTLINE_DECISION_DATABASE_URL": f"sqlite:///{run_dir / 'decision.db'}"}
+    tokens_file = run_dir / "reviewers.yaml"
+    tokens_file.write_text(dump_principals(
+        [Principal(name, frozenset({Role.REVIEWER}), hash_token(TOKENS[name])) for name in REVIEWERS]
+        + [Principal("dana", frozenset({Role.AUDITOR}), hash_token(TOKENS["dana"]))]))  # fmt: skip
+    env = {"SIGHTLINE_DECISION_DATABASE_URL": f"sqlite:///{run_dir / 'decision.db'}",
+           "SIGHTLINE_AUDIT_DATABASE_URL": f"sqlite:///{run_dir / 'audit.db'}",
+           "SIGHTLINE_AUTH_TOKENS_FILE": str(tokens_file)}  # fmt: skip
     with LocalStack(run_dir, ports="auto", services=("decision",), env=env) as running:
         running.start(timeout=120)
         yield running
@@ -41,16 +53,25 @@ def kafka(stack: LocalStack) -> KafkaSettings:
 
 @pytest.fixture(scope="module")
 def review(stack: LocalStack) -> review_pb2_grpc.ReviewServiceStub:
+    """As the stack's own local-admin: this process started the stack, so its channels carry that token."""
     return review_pb2_grpc.ReviewServiceStub(channel(stack.addresses["decision"]))
 
 
 def database(stack: LocalStack) -> Path:
-    return stack.run_dir / "decision.db"
+    """The audit trail's database."""
+    return stack.run_dir / "audit.db"
 
 
-def sightline(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def sightline(*args: str, as_: str = "", run_dir: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:  # noqa: E501
+    """The command line, as the holder of ``as_``'s token ($SIGHTLINE_TOKEN), or with no token at all; ``run_dir``
+    is where it looks for a running local stack (its addresses and its own token)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SIGHTLINE_TOKEN", "SIGHTLINE_AUTH_TOKEN")}
+    if as_:
+        env["SIGHTLINE_TOKEN"] = TOKENS[as_]
+    if run_dir is not None:
+        env["SIGHTLINE_RUN_DIR"] = str(run_dir)
     return subprocess.run([sys.executable, "-m", "sightline.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+                          timeout=timeout, env=env)  # fmt: skip
 
 
 def match_result(source: str, seq: int, t: float, subject: str = "obama") -> events_pb2.MatchResult:
@@ -98,7 +119,8 @@ def alert_events(kafka: KafkaSettings, source: str, statuses: list[int]) -> list
 
 
 def as_reviewer(name: str) -> list[tuple[str, str]]:
-    return [(PRINCIPAL_METADATA_KEY, name)]
+    """Call metadata with the reviewer's bearer token (it replaces the channel's own)."""
+    return [(AUTHORIZATION_KEY, f"Bearer {TOKENS[name]}")]
 
 
 def test_two_person_review_over_grpc(stack: LocalStack, kafka: KafkaSettings,
@@ -117,9 +139,13 @@ def test_two_person_review_over_grpc(stack: LocalStack, kafka: KafkaSettings,
         review.ReviewAlert(confirm, metadata=as_reviewer("alice"), timeout=10)
     assert twice.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "second, different reviewer" in twice.value.details()
+    anonymous_stub = review_pb2_grpc.ReviewServiceStub(channel(stack.addresses["decision"], token=""))
     with pytest.raises(grpc.RpcError) as anonymous:
-        review.ReviewAlert(confirm, timeout=10)
+        anonymous_stub.ReviewAlert(confirm, timeout=10)
     assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as claimed:  # naming oneself in metadata, as before tokens, counts for nothing
+        anonymous_stub.ReviewAlert(confirm, metadata=[("x-sightline-principal", "bob")], timeout=10)
+    assert claimed.value.code() == grpc.StatusCode.UNAUTHENTICATED
     second = review.ReviewAlert(confirm, metadata=as_reviewer("bob"), timeout=10)
     assert second.alert.status == events_pb2.ALERT_STATUS_CONFIRMED
     assert [(r.reviewer, r.action) for r in second.reviews] == [("alice", review_pb2.REVIEW_ACTION_CONFIRM),
@@ -134,7 +160,7 @@ def test_two_person_review_over_grpc(stack: LocalStack, kafka: KafkaSettings,
     assert closed.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "closed" in closed.value.details()
 
     # The audit trail: the alert, both reviews (and the refusals), chained; the chain verifies over gRPC too.
-    audit = audit_pb2_grpc.AuditServiceStub(channel(stack.addresses["decision"]))
+    audit = audit_pb2_grpc.AuditServiceStub(channel(stack.addresses["decision"], token=TOKENS["dana"]))
     records = audit.ListAuditRecords(audit_pb2.ListAuditRecordsRequest(page_size=100), timeout=10).records
     about = [r for r in records if r.details.get("alert_id") == raised.alert_id]
     summary = [(audit_pb2.AuditAction.Name(r.action), r.principal, r.result) for r in about]
@@ -143,6 +169,13 @@ def test_two_person_review_over_grpc(stack: LocalStack, kafka: KafkaSettings,
     assert ("AUDIT_ACTION_REVIEW", "bob", "CONFIRMED") in summary
     assert any(p == "carol" and result.startswith("refused") for _, p, result in summary)
     assert all(r.subject_id == "obama" for r in about if r.action != audit_pb2.AUDIT_ACTION_ACCESS_DENIED)
+    refusals = [(r.principal, r.result, r.details["method"]) for r in records
+                if r.action == audit_pb2.AUDIT_ACTION_ACCESS_DENIED]  # fmt: skip
+    assert refusals == [("anonymous", "refused: UNAUTHENTICATED", "/sightline.v1.ReviewService/ReviewAlert")] * 2
+    as_reviewer_only = audit_pb2_grpc.AuditServiceStub(channel(stack.addresses["decision"], token=TOKENS["alice"]))
+    with pytest.raises(grpc.RpcError) as not_auditor:
+        as_reviewer_only.VerifyChain(audit_pb2.VerifyChainRequest(), timeout=10)
+    assert not_auditor.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert audit.VerifyChain(audit_pb2.VerifyChainRequest(), timeout=10).intact
 
     # Every record also went to the audit topic, in chain order.
@@ -157,21 +190,28 @@ def test_review_and_audit_commands(stack: LocalStack, kafka: KafkaSettings, tmp_
     (raised,) = alert_events(kafka, "lobby-cam", [events_pb2.ALERT_STATUS_PENDING_REVIEW])
     short = raised.alert_id[:12]
 
-    listed = sightline("review", "list", "--decision", address)
+    unauthenticated = sightline("review", "list", "--decision", address)
+    assert unauthenticated.returncode == 1 and "UNAUTHENTICATED" in unauthenticated.stderr
+    # Against the stack of its run dir, the command finds the address and the stack's own (local-admin) token.
+    as_stack_admin = sightline("review", "list", run_dir=stack.run_dir)
+    assert as_stack_admin.returncode == 0 and short in as_stack_admin.stdout, as_stack_admin.stderr
+    listed = sightline("review", "list", "--decision", address, as_="carol")
     assert listed.returncode == 0, listed.stderr
     assert "PENDING_REVIEW" in listed.stdout and short in listed.stdout and "confirmations 0/2" in listed.stdout
-    confirmed = sightline("review", "confirm", short, "--as", "alice", "--decision", address)
+    confirmed = sightline("review", "confirm", short, "--decision", address, as_="alice")
     assert confirmed.returncode == 0, confirmed.stderr
     assert "confirmations 1/2" in confirmed.stdout and "CONFIRM" in confirmed.stdout and "by alice" in confirmed.stdout
-    again = sightline("review", "confirm", short, "--as", "alice", "--decision", address)
+    again = sightline("review", "confirm", short, "--decision", address, as_="alice")
     assert again.returncode == 1 and "FAILED_PRECONDITION" in again.stderr and "already confirmed" in again.stderr
-    rejected = sightline("review", "reject", short, "--as", "bob", "--not-this-person", "--comment", "lookalike",
-                         "--decision", address)  # fmt: skip
+    claimed = sightline("review", "reject", short, "--as", "bob", "--decision", address, as_="alice")
+    assert claimed.returncode == 2 and "--as is gone" in claimed.stderr
+    rejected = sightline("review", "reject", short, "--not-this-person", "--comment", "lookalike",
+                         "--decision", address, "--token", TOKENS["bob"])  # fmt: skip
     assert rejected.returncode == 0, rejected.stderr
     assert "ALERT REJECTED" in rejected.stdout and "not-this-person: lookalike" in rejected.stdout
-    shown = sightline("review", "show", short, "--decision", address)
+    shown = sightline("review", "show", short, "--decision", address, as_="carol")
     assert shown.returncode == 0 and raised.alert_id in shown.stdout and shown.stdout.count(" by ") == 2
-    assert sightline("review", "show", "ffffff", "--decision", address).returncode == 1
+    assert sightline("review", "show", "ffffff", "--decision", address, as_="carol").returncode == 1
     alert_events(kafka, "lobby-cam", [events_pb2.ALERT_STATUS_PENDING_REVIEW, events_pb2.ALERT_STATUS_REJECTED])
 
     # "Not this person": the same subject on the same camera, after the cool-down, is matched but raises no alert.

@@ -207,3 +207,11 @@ def test_opening_without_create_needs_an_existing_log(tmp_path: Path) -> None:
         AuditLog.open(f"sqlite:///{tmp_path / 'nothing.db'}", create=False)
     with pytest.raises(AuditError, match="unsupported audit URL"):
         AuditLog.open("mysql://host/db")
+
+
+def test_every_action_has_its_number_on_the_audit_topic() -> None:
+    from sightline.common.audit import Action
+    from sightline.v1 import audit_pb2
+
+    names = {name.removeprefix("AUDIT_ACTION_") for name in audit_pb2.AuditAction.keys()} - {"UNSPECIFIED"}
+    assert names == {action.value for action in Action}

@@ -289,8 +289,24 @@ def test_add_is_idempotent_per_template_id_and_unions_watchlists() -> None:
     assert index.size == 2 and index.subject_count == 1
     [[candidate]] = index.search(vector)
     assert candidate.watchlists == ("x", "y")
-    index.set_watchlists("a", ["z"])
+    index.replace_watchlists({"a": ["z"]})
     assert index.search(vector)[0][0].watchlists == ("z",)
+
+
+def test_replace_watchlists_sets_every_subjects_lists_at_once() -> None:
+    rng = np.random.default_rng(18)
+    index = SearchIndex()
+    vectors = {name: _vector(rng) for name in ("a", "b", "c")}
+    for template_id, (name, vector) in enumerate(vectors.items()):
+        index.add(template_id, name, vector, ("old",))
+    assert [c.subject_id for c in index.search(vectors["a"], top_k=3, watchlists=["old"])[0]] != []
+    index.replace_watchlists({"a": ["stop", "vip"], "b": ["vip"], "nobody-indexed": ["vip"]})  # c: on no list now
+    assert index.search(vectors["c"], top_k=3, watchlists=["old"]) == [[]]
+    assert sorted(c.subject_id for c in index.search(vectors["a"], top_k=3, watchlists=["vip"])[0]) == ["a", "b"]
+    assert {c.subject_id: c.watchlists for c in index.search(vectors["c"], top_k=3)[0]} == {
+        "a": ("stop", "vip"), "b": ("vip",), "c": ()}
+    index.add(10, "d", _vector(rng), ("new",))  # later additions still work on the replaced lists
+    assert [c.subject_id for c in index.search(vectors["a"], top_k=3, watchlists=["new"])[0]] == ["d"]
 
 
 def test_replace_all() -> None:

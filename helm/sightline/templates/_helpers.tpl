@@ -12,45 +12,52 @@ capture detection embedding matching decision
 {{/*
 What the code fixes for each service. `consumes` is the input topic (the one KEDA measures lag on, with consumer group
 sightline-<service>); `produces` are the topics it writes; `public` services take gRPC from outside clients;
-`grpcClients` are the services that call this one over gRPC.
+`grpcClients` are the services that call this one over gRPC; `callerRoles` are the roles of the service's own
+principal (service:<name>) on its gRPC calls to others (sightline.common.auth.SERVICE_CALLER_ROLES; empty: it
+calls no one and gets no token).
 Topic keys are the keys of .Values.kafka.topics; the topic name is sightline.<key>.v1.
 */}}
 {{- define "sightline.catalog" -}}
 capture:
   consumes: ""
-  produces: [frames, deadletter]
+  produces: [frames, sessions, deadletter]
   public: true
   grpcClients: []
-  calls: []
+  calls: [matching]
+  callerRoles: [operator, enroller]
 detection:
   consumes: frames
   produces: [faces, deadletter]
   public: false
   grpcClients: [matching]
   calls: []
+  callerRoles: []
 embedding:
   consumes: faces
   produces: [embeddings, deadletter]
   public: false
   grpcClients: [matching]
   calls: []
+  callerRoles: []
 matching:
   consumes: embeddings
-  produces: [matches, deadletter]
+  produces: [matches, erasures, audit, deadletter]
   public: true
-  grpcClients: []
+  grpcClients: [capture]
   calls: [detection, embedding]
+  callerRoles: [operator]
 decision:
   consumes: matches
-  produces: [decisions, alerts, audit, deadletter]
+  produces: [decisions, alerts, sessions, audit, deadletter]
   public: true
   grpcClients: []
   calls: []
+  callerRoles: []
 {{- end }}
 
 {{/* Topic keys (of .Values.kafka.topics) in pipeline order, for a readable hook topic list. */}}
 {{- define "sightline.topicKeys" -}}
-frames faces embeddings matches decisions alerts deadletter audit
+frames faces embeddings matches decisions alerts sessions erasures deadletter audit
 {{- end }}
 
 {{- define "sightline.topicName" -}}
@@ -156,6 +163,10 @@ schema cannot see the fallback.
 {{- .Values.capture.sources.existingSecret | default (printf "%s-capture-sources" (include "sightline.fullname" .)) }}
 {{- end }}
 
+{{- define "sightline.authSecretName" -}}
+{{- .Values.auth.existingSecret | default (printf "%s-auth" (include "sightline.fullname" .)) }}
+{{- end }}
+
 {{- define "sightline.captureHasSources" -}}
 {{- if and .Values.capture.enabled (or .Values.capture.sources.uris .Values.capture.sources.existingSecret) }}true{{ end }}
 {{- end }}
@@ -236,6 +247,90 @@ Secret (the hook does: at pre-install time the release's own Secrets do not exis
 {{- end }}
 {{- end }}
 
+{{/*
+Access control and TLS of a service's gRPC server and of its calls (docs/security.md), from the auth and tls values.
+The tokens file is a mounted file, so a changed Secret reaches running pods (the services re-read it); a service that
+calls others also gets its own token. Call the env helper with (dict "root" $ "service" "matching").
+*/}}
+{{- define "sightline.accessEnv" -}}
+{{- $root := .root }}
+{{- $c := index (include "sightline.catalog" $root | fromYaml) .service }}
+{{- if $root.Values.auth.enabled }}
+- name: SIGHTLINE_AUTH_TOKENS_FILE
+  value: /etc/sightline/auth/tokens.yaml
+{{- if $c.callerRoles }}
+- name: SIGHTLINE_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "sightline.authSecretName" $root }}
+      key: {{ .service }}-token
+{{- end }}
+{{- end }}
+{{- if $root.Values.tls.enabled }}
+- name: SIGHTLINE_TLS_SERVER_CERT_FILE
+  value: /etc/sightline/tls/tls.crt
+- name: SIGHTLINE_TLS_SERVER_KEY_FILE
+  value: /etc/sightline/tls/tls.key
+- name: SIGHTLINE_TLS_CA_FILE
+  value: /etc/sightline/tls/ca.crt
+{{- if $root.Values.tls.requireClientCert }}
+- name: SIGHTLINE_TLS_CLIENT_CA_FILE
+  value: /etc/sightline/tls/ca.crt
+- name: SIGHTLINE_TLS_CLIENT_CERT_FILE
+  value: /etc/sightline/tls/tls.crt
+- name: SIGHTLINE_TLS_CLIENT_KEY_FILE
+  value: /etc/sightline/tls/tls.key
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "sightline.accessVolumes" -}}
+{{- if .Values.auth.enabled }}
+- name: auth
+  secret:
+    secretName: {{ include "sightline.authSecretName" . }}
+    items:
+      - key: {{ .Values.auth.tokensFileKey }}
+        path: tokens.yaml
+{{- end }}
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.secretName }}
+    items:
+      - {key: tls.crt, path: tls.crt}
+      - {key: tls.key, path: tls.key}
+      - {key: ca.crt, path: ca.crt}
+{{- end }}
+{{- end }}
+
+{{- define "sightline.accessMounts" -}}
+{{- if .Values.auth.enabled }}
+- name: auth
+  mountPath: /etc/sightline/auth
+  readOnly: true
+{{- end }}
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: /etc/sightline/tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/*
+A probe's handler: the kubelet's own gRPC health probe, or, with TLS (which kubelet gRPC probes cannot speak), the
+image's health check run inside the container with the service's own TLS settings. Call with (dict "root" $ "port" N).
+*/}}
+{{- define "sightline.probeHandler" -}}
+{{- if .root.Values.tls.enabled }}
+exec:
+  command: ["python", "-m", "sightline.common.healthcheck", "{{ .port }}"]
+{{- else }}
+grpc:
+  port: {{ .port }}
+{{- end }}
+{{- end }}
+
 {{/* The only writable path in a container. */}}
 {{- define "sightline.tmpVolume" -}}
 - name: tmp
@@ -253,6 +348,9 @@ names the value to change.
 {{- define "sightline.validate" -}}
 {{- if and (include "sightline.kafkaUsesSasl" .) (not .Values.kafka.sasl.existingSecret) (or (not .Values.kafka.sasl.username) (not .Values.kafka.sasl.password)) }}
 {{- fail "kafka.securityProtocol is SASL_*: set kafka.sasl.existingSecret, or kafka.sasl.username and kafka.sasl.password" }}
+{{- end }}
+{{- if and .Values.tls.enabled (not .Values.tls.secretName) }}
+{{- fail "tls.enabled: set tls.secretName to a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt" }}
 {{- end }}
 {{- if and .Values.kafka.tls.ca.secretName .Values.kafka.tls.ca.configMapName }}
 {{- fail "set only one of kafka.tls.ca.secretName and kafka.tls.ca.configMapName" }}

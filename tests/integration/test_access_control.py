@@ -1,0 +1,261 @@
+"""Access control on real gRPC servers on 127.0.0.1: bearer tokens and roles in front of the decision service's real
+Review and Audit servicers on SQLite, every refusal audited; then mutual TLS with certificates made here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sightline.common.audit import AuditLog, AuditServicer, principal_of
+from sightline.common.auth import AccessPolicy, Principal, Role, hash_token
+from sightline.common.rpc import GrpcServer, channel
+from sightline.common.runtime import audit_denials
+from sightline.common.tls import TlsSettings, server_credentials
+from sightline.decision.review import AlertRecorder, ReviewServicer, ReviewStore
+from sightline.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    capture_pb2,
+    capture_pb2_grpc,
+    events_pb2,
+    review_pb2,
+    review_pb2_grpc,
+)
+
+TOKENS = {"rita": "rita-token-0123456789abcdef0123456789", "abe": "abe-token-0123456789abcdef0123456789",
+          "erin": "erin-token-0123456789abcdef0123456789", "otto": "otto-token-0123456789abcdef0123456789"}  # fmt: skip
+ROLES = {"rita": Role.REVIEWER, "abe": Role.AUDITOR, "erin": Role.ENROLLER, "otto": Role.OPERATOR}
+
+
+class EchoCapture(capture_pb2_grpc.CaptureServiceServicer):
+    """A streaming method that reports, in each response, the principal the servicer sees for the call."""
+
+    def Ingest(self, request: capture_pb2.IngestRequest, context: grpc.ServicerContext) -> Iterator[capture_pb2.IngestResponse]:  # noqa: E501, N802
+        for frame in range(3):
+            yield capture_pb2.IngestResponse(source_id=principal_of(context), frames_read=frame)
+
+
+@dataclass
+class Decision:
+    """A real server with the decision service's review and audit APIs, and what it is built on."""
+
+    address: str
+    audit: AuditLog
+    store: ReviewStore
+    server: GrpcServer
+
+
+def principals(cert_cn: str = "") -> list[Principal]:
+    made = [Principal(name, frozenset({ROLES[name]}), hash_token(token)) for name, token in TOKENS.items()]
+    if cert_cn:
+        made.append(Principal("gate-box", frozenset({Role.AUDITOR}), client_cert_cn=cert_cn))
+    return made
+
+
+@pytest.fixture()
+def serve(tmp_path: Path) -> Iterator[Callable[..., Decision]]:
+    """Starts decision-like servers (stopped at the end): ``serve(credentials=None, cert_cn="")``."""
+    started: list[Decision] = []
+
+    def start(credentials: grpc.ServerCredentials | None = None, cert_cn: str = "") -> Decision:
+        url = f"sqlite:///{tmp_path / f'decision-{len(started)}.db'}"
+        audit, store = AuditLog.open(url), ReviewStore.open(url)
+        server = GrpcServer("127.0.0.1", 0, workers=4, access=AccessPolicy(principals(cert_cn)),
+                            on_denied=audit_denials(audit), credentials=credentials)  # fmt: skip
+        server.add(review_pb2_grpc.add_ReviewServiceServicer_to_server, ReviewServicer(store, audit, lambda _: None),
+                   "sightline.v1.ReviewService")  # fmt: skip
+        server.add(audit_pb2_grpc.add_AuditServiceServicer_to_server, AuditServicer(audit), "sightline.v1.AuditService")
+        server.add(capture_pb2_grpc.add_CaptureServiceServicer_to_server, EchoCapture(), "sightline.v1.CaptureService")
+        server.start()
+        decision = Decision(f"127.0.0.1:{server.port}", audit, store, server)
+        started.append(decision)
+        return decision
+
+    yield start
+    for decision in started:
+        decision.server.stop(0)
+        decision.store.close()
+        decision.audit.close()
+
+
+def code_of(call: Callable[[], object]) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as failed:
+        call()
+    return failed.value.code()
+
+
+def raise_alert(decision: Decision) -> str:
+    alert = events_pb2.Alert(alert_id="a1b2c3d4e5f6a7b8", decision_id="d1", source_id="gate-cam", subject_id="obama",
+                             watchlists=["wl"], status=events_pb2.ALERT_STATUS_PENDING_REVIEW,
+                             policy_version="p1")  # fmt: skip
+    alert.raised_at.GetCurrentTime()
+    AlertRecorder(decision.store, decision.audit).record(alert)
+    return alert.alert_id
+
+
+# -- bearer tokens and roles ------------------------------------------------------------------------------------------
+
+
+def test_no_token_is_unauthenticated_and_audited(serve: Callable[..., Decision]) -> None:
+    decision = serve()
+    reviews = review_pb2_grpc.ReviewServiceStub(channel(decision.address, token=""))
+    with pytest.raises(grpc.RpcError) as refused:
+        reviews.ListAlerts(review_pb2.ListAlertsRequest(), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "authorization: Bearer <token>" in refused.value.details()
+    unknown = review_pb2_grpc.ReviewServiceStub(channel(decision.address, token="not-a-token"))
+    assert code_of(lambda: unknown.ListAlerts(review_pb2.ListAlertsRequest(), timeout=5)) == \
+        grpc.StatusCode.UNAUTHENTICATED  # fmt: skip
+    records = decision.audit.records(action="ACCESS_DENIED")
+    assert [(r.principal, r.result, r.details["method"]) for r in records] == [
+        ("anonymous", "refused: UNAUTHENTICATED", "/sightline.v1.ReviewService/ListAlerts")] * 2
+    assert records[0].details["peer"].startswith("ipv4:127.0.0.1:")
+    assert "not-a-token" not in str(records)  # no credentials in the audit trail
+    health = health_pb2_grpc.HealthStub(channel(decision.address, token=""))
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_wrong_role_is_permission_denied_and_audited_with_the_principal(serve: Callable[..., Decision]) -> None:
+    decision = serve()
+    as_erin = audit_pb2_grpc.AuditServiceStub(channel(decision.address, token=TOKENS["erin"]))
+    with pytest.raises(grpc.RpcError) as refused:
+        as_erin.VerifyChain(audit_pb2.VerifyChainRequest(), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert refused.value.details() == ("erin may not call sightline.v1.AuditService/VerifyChain: it needs the role "
+                                       "auditor (has enroller)")  # fmt: skip
+    as_abe = audit_pb2_grpc.AuditServiceStub(channel(decision.address, token=TOKENS["abe"]))
+    listed = as_abe.ListAuditRecords(audit_pb2.ListAuditRecordsRequest(action=audit_pb2.AUDIT_ACTION_ACCESS_DENIED),
+                                     timeout=5).records  # fmt: skip
+    assert [(r.principal, r.result, r.details["method"]) for r in listed] == [
+        ("erin", "refused: PERMISSION_DENIED", "/sightline.v1.AuditService/VerifyChain")]
+    assert as_abe.VerifyChain(audit_pb2.VerifyChainRequest(), timeout=5).intact
+
+
+def test_the_right_role_acts_as_its_authenticated_principal(serve: Callable[..., Decision]) -> None:
+    decision = serve()
+    alert_id = raise_alert(decision)
+    as_rita = review_pb2_grpc.ReviewServiceStub(channel(decision.address, token=TOKENS["rita"]))
+    confirm = review_pb2.ReviewAlertRequest(alert_id=alert_id, action=review_pb2.REVIEW_ACTION_CONFIRM)
+    # A principal claimed in metadata (the old honour system) counts for nothing.
+    reviewed = as_rita.ReviewAlert(confirm, metadata=[("x-sightline-principal", "mallory")], timeout=5)
+    assert [r.reviewer for r in reviewed.reviews] == ["rita"]
+    (record,) = decision.audit.records(action="REVIEW")
+    assert record.principal == "rita" and record.result == "PENDING_REVIEW"
+    # The operator may not review; the refusal is audited with who tried.
+    as_otto = review_pb2_grpc.ReviewServiceStub(channel(decision.address, token=TOKENS["otto"]))
+    assert code_of(lambda: as_otto.ReviewAlert(confirm, timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
+    assert [r.principal for r in decision.audit.records(action="ACCESS_DENIED")] == ["otto"]
+    assert decision.audit.verify().intact
+
+
+def test_a_streaming_method_is_guarded_and_sees_its_caller(serve: Callable[..., Decision]) -> None:
+    decision = serve()
+    as_otto = capture_pb2_grpc.CaptureServiceStub(channel(decision.address, token=TOKENS["otto"]))
+    assert [r.source_id for r in as_otto.Ingest(capture_pb2.IngestRequest(), timeout=5)] == ["otto"] * 3
+    as_rita = capture_pb2_grpc.CaptureServiceStub(channel(decision.address, token=TOKENS["rita"]))
+    assert code_of(lambda: list(as_rita.Ingest(capture_pb2.IngestRequest(), timeout=5))) == \
+        grpc.StatusCode.PERMISSION_DENIED  # fmt: skip
+
+
+# -- mutual TLS ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path  # a client certificate from a CA the server does not trust
+    rogue_key: Path
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name | None,
+                 issuer_key: ec.EllipticCurvePrivateKey, usage: x509.ObjectIdentifier | None,
+                 sans: Sequence[x509.GeneralName] = ()) -> x509.Certificate:  # fmt: skip
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer or name).public_key(key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=usage is None, path_length=None), critical=True))  # fmt: skip
+    if usage is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write(path: Path, certificate: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+    path.with_suffix(".crt").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    path.with_suffix(".key").write_bytes(_key_pem(key))
+    return path.with_suffix(".crt"), path.with_suffix(".key")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA, a server certificate for 127.0.0.1 and localhost, a client certificate, and a rogue client."""
+    folder = tmp_path_factory.mktemp("pki")
+    ca_key, rogue_ca_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate("Sightline test CA", ca_key, None, ca_key, None)
+    rogue_ca = _certificate("Rogue CA", rogue_ca_key, None, rogue_ca_key, None)
+    (folder / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    sans = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(3)]
+    server = _certificate("decision", keys[0], ca.subject, ca_key, ExtendedKeyUsageOID.SERVER_AUTH, sans)
+    client = _certificate("gate-box.example", keys[1], ca.subject, ca_key, ExtendedKeyUsageOID.CLIENT_AUTH)
+    rogue = _certificate("gate-box.example", keys[2], rogue_ca.subject, rogue_ca_key, ExtendedKeyUsageOID.CLIENT_AUTH)
+    return Pki(folder / "ca.crt", *_write(folder / "server", server, keys[0]),
+               *_write(folder / "client", client, keys[1]), *_write(folder / "rogue", rogue, keys[2]))  # fmt: skip
+
+
+@pytest.fixture()
+def mtls(serve: Callable[..., Decision], pki: Pki) -> Decision:
+    settings = TlsSettings(server_cert_file=pki.server_cert, server_key_file=pki.server_key, client_ca_file=pki.ca)
+    return serve(server_credentials(settings), cert_cn="gate-box.example")
+
+
+def audit_stub(decision: Decision, tls: TlsSettings, token: str = "") -> audit_pb2_grpc.AuditServiceStub:
+    return audit_pb2_grpc.AuditServiceStub(channel(decision.address, token=token, tls=tls))
+
+
+def test_mutual_tls_call_with_a_token_or_by_certificate(mtls: Decision, pki: Pki) -> None:
+    client = TlsSettings(ca_file=pki.ca, client_cert_file=pki.client_cert, client_key_file=pki.client_key)
+    assert audit_stub(mtls, client, TOKENS["abe"]).VerifyChain(audit_pb2.VerifyChainRequest(), timeout=5).intact
+    # Without a token, the verified certificate's common name is the principal (gate-box: auditor).
+    assert audit_stub(mtls, client).VerifyChain(audit_pb2.VerifyChainRequest(), timeout=5).intact
+    as_certificate = review_pb2_grpc.ReviewServiceStub(channel(mtls.address, token="", tls=client))
+    assert code_of(lambda: as_certificate.ReviewAlert(review_pb2.ReviewAlertRequest(), timeout=5)) == \
+        grpc.StatusCode.PERMISSION_DENIED  # fmt: skip
+    assert [r.principal for r in mtls.audit.records(action="ACCESS_DENIED")] == ["gate-box"]
+
+
+def test_clients_without_a_trusted_certificate_or_without_tls_are_refused(mtls: Decision, pki: Pki) -> None:
+    verify = audit_pb2.VerifyChainRequest()
+    no_certificate = TlsSettings(ca_file=pki.ca)
+    rogue = TlsSettings(ca_file=pki.ca, client_cert_file=pki.rogue_cert, client_key_file=pki.rogue_key)
+    distrusting = TlsSettings(client_cert_file=pki.client_cert, client_key_file=pki.client_key)  # system CAs only
+    for tls in (no_certificate, rogue, distrusting):
+        assert code_of(lambda: audit_stub(mtls, tls, TOKENS["abe"]).VerifyChain(verify, timeout=5)) == \
+            grpc.StatusCode.UNAVAILABLE  # the handshake fails: no call reaches the server  # fmt: skip
+    plaintext = TlsSettings()
+    assert code_of(lambda: audit_stub(mtls, plaintext, TOKENS["abe"]).VerifyChain(verify, timeout=5)) == \
+        grpc.StatusCode.UNAVAILABLE  # fmt: skip
+    assert mtls.audit.records() == []  # nothing got far enough to be refused by access control

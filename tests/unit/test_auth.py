@@ -1,0 +1,256 @@
+"""Access control without a network: token hashing, the tokens file, the role table against the generated protos,
+the admission decisions, the settings, which token a client sends, and the files the local stack writes."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import io
+import os
+import pkgutil
+import stat
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+import sightline.v1
+from sightline.cli import auth as auth_command
+from sightline.common import auth, localstack
+from sightline.common.audit import principal_of
+from sightline.common.auth import AccessDenied, AccessPolicy, AuthSettings, Caller, Principal, Role
+
+REPO = Path(__file__).resolve().parents[2]
+ENROL = "/sightline.v1.GalleryService/Enroll"
+LIST = "/sightline.v1.GalleryService/ListSubjects"
+REVIEW = "/sightline.v1.ReviewService/ReviewAlert"
+AUDIT = "/sightline.v1.AuditService/ListAuditRecords"
+
+
+def principal(name: str, *roles: Role, token: str = "", cn: str = "") -> Principal:
+    return Principal(name, frozenset(roles), auth.hash_token(token) if token else "", cn)
+
+
+@pytest.fixture()
+def policy() -> AccessPolicy:
+    return AccessPolicy([principal("erin", Role.ENROLLER, token="erin-token"),
+                         principal("rita", Role.REVIEWER, token="rita-token"),
+                         principal("gate-3", Role.OPERATOR, cn="gate-3.kiosks.example")])  # fmt: skip
+
+
+def bearer(token: str) -> str:
+    return f"Bearer {token}"
+
+
+# -- tokens ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_token_is_stored_as_its_sha256() -> None:
+    token = auth.new_token()
+    assert len(token) == 43 and token != auth.new_token()
+    assert auth.hash_token(token) == hashlib.sha256(token.encode()).hexdigest()
+    assert auth.hash_token(token + "\n") == auth.hash_token(token)  # read from a file or a terminal
+
+
+def test_tokens_file_round_trip_and_errors() -> None:
+    entries = [principal("alice", Role.REVIEWER, Role.AUDITOR, token="t1"), principal("gate", Role.OPERATOR, cn="gate")]
+    assert auth.parse_principals(auth.dump_principals(entries)) == entries
+    assert auth.parse_principals("") == []
+    digest = "a" * 64
+    for text, message in (
+        ("principal: alice", "expected a list"),
+        ("- {principal: alice, roles: [reviewer], token: s3cret}", "plaintext token never goes in this file"),
+        (f"- {{principal: alice, roles: [judge], token_sha256: {digest}}}", "unknown role"),
+        (f"- {{principal: alice, roles: reviewer, token_sha256: {digest}}}", "roles must be a non-empty list"),
+        ("- {principal: alice, roles: [reviewer], token_sha256: abc}", "64 hex characters"),
+        ("- {principal: alice, roles: [reviewer]}", "give token_sha256, client_cert_cn, or both"),
+        (f"- {{principal: 'al ice', roles: [reviewer], token_sha256: {digest}}}", "must be 1-128 letters"),
+        (f"- {{principal: a, roles: [reviewer], token_sha256: {digest}}}\n"
+         f"- {{principal: b, roles: [auditor], token_sha256: {digest}}}", "a and b have the same token"),
+        ("- [unclosed", "not valid YAML"),
+    ):  # fmt: skip
+        with pytest.raises(auth.TokensFileError, match=message):
+            auth.parse_principals(text, "tokens.yaml")
+
+
+# -- the role table ---------------------------------------------------------------------------------------------------
+
+
+def generated_methods() -> set[str]:
+    """Every RPC of every service in the generated sightline.v1 modules."""
+    methods = set()
+    for module in pkgutil.iter_modules(sightline.v1.__path__):
+        if module.name.endswith("_pb2"):
+            descriptor = importlib.import_module(f"sightline.v1.{module.name}").DESCRIPTOR
+            for service in descriptor.services_by_name.values():
+                methods |= {f"/{service.full_name}/{method.name}" for method in service.methods}
+    return methods
+
+
+def test_every_rpc_has_roles_and_every_entry_is_an_rpc() -> None:
+    methods = generated_methods()
+    assert {"/sightline.v1.GalleryService/Enroll", "/sightline.v1.ReviewService/ReviewAlert"} <= methods
+    assert not methods - set(auth.METHOD_ROLES), "RPCs without roles: add them to auth._TABLE"
+    assert not set(auth.METHOD_ROLES) - methods, "roles for RPCs that do not exist"
+    assert all(auth.METHOD_ROLES[m] for m in methods)
+
+
+def test_roles_follow_the_duties() -> None:
+    roles = auth.METHOD_ROLES
+    assert roles[ENROL] == roles["/sightline.v1.GalleryService/EraseSubject"] == {Role.ENROLLER}
+    assert roles["/sightline.v1.GalleryService/Search"] == {Role.OPERATOR, Role.ENROLLER}
+    assert roles[REVIEW] == {Role.REVIEWER}
+    assert roles[AUDIT] == roles["/sightline.v1.AuditService/VerifyChain"] == {Role.AUDITOR}
+    assert roles["/sightline.v1.DetectionService/Detect"] == {Role.OPERATOR}
+    assert auth.is_open("/grpc.health.v1.Health/Check") and auth.is_open("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")  # noqa: E501
+    assert not auth.is_open(ENROL)
+
+
+def test_docs_show_the_role_table() -> None:
+    docs = (REPO / "docs" / "security.md").read_text()
+    assert auth.method_table_markdown() in docs, "docs/security.md: paste `sightline auth methods` into the table"
+
+
+# -- admission ----------------------------------------------------------------------------------------------------
+
+
+def refused(policy: AccessPolicy, method: str, authorization: str | None = None, cn: str = "") -> AccessDenied:
+    with pytest.raises(AccessDenied) as caught:
+        policy.admit(method, authorization, cn)
+    return caught.value
+
+
+def test_the_right_role_is_admitted_as_its_principal(policy: AccessPolicy) -> None:
+    assert policy.admit(ENROL, bearer("erin-token")) == Caller("erin", frozenset({Role.ENROLLER}))
+    assert policy.admit(LIST, "bearer   erin-token") == Caller("erin", frozenset({Role.ENROLLER}))
+    assert policy.admit("/grpc.health.v1.Health/Check") is None  # open: no credentials, no caller
+
+
+def test_missing_or_unknown_credentials_are_unauthenticated(policy: AccessPolicy) -> None:
+    cases = ((None, "needs credentials"), (bearer("guess"), "not known here"),
+             ("Basic ZXJpbjp4", "must be 'Bearer <token>'"), ("Bearer", "'Bearer <token>'"))  # fmt: skip
+    for authorization, message in cases:
+        denial = refused(policy, ENROL, authorization)
+        assert denial.code == "UNAUTHENTICATED" and denial.principal == "" and message in denial.reason
+
+
+def test_a_missing_role_is_permission_denied_and_says_which(policy: AccessPolicy) -> None:
+    denial = refused(policy, REVIEW, bearer("erin-token"))
+    assert denial.code == "PERMISSION_DENIED" and denial.principal == "erin"
+    assert "needs the role reviewer" in denial.reason and "(has enroller)" in denial.reason
+    assert refused(policy, "/sightline.v1.GalleryService/Nope", bearer("erin-token")).reason.endswith(
+        "is not in the role table, so nobody may call it")
+
+
+def test_a_verified_client_certificate_names_its_principal(policy: AccessPolicy) -> None:
+    assert policy.admit("/sightline.v1.KioskService/OpenSession", None, "gate-3.kiosks.example").principal == "gate-3"
+    assert refused(policy, ENROL, None, "gate-3.kiosks.example").code == "PERMISSION_DENIED"
+    assert "CN=stranger is not mapped" in refused(policy, LIST, None, "stranger").reason
+    assert policy.admit(ENROL, bearer("erin-token"), "gate-3.kiosks.example").principal == "erin"  # the token wins
+
+
+def test_not_required_admits_calls_without_credentials_but_checks_the_others() -> None:
+    lenient = AccessPolicy([principal("erin", Role.ENROLLER, token="erin-token")], required=False)
+    assert lenient.admit(REVIEW) is None
+    assert refused(lenient, REVIEW, bearer("erin-token")).code == "PERMISSION_DENIED"
+    assert refused(lenient, REVIEW, bearer("stolen")).code == "UNAUTHENTICATED"
+
+
+def test_the_tokens_file_is_reread_when_it_changes(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.yaml"
+    path.write_text(auth.dump_principals([principal("erin", Role.ENROLLER, token="old")]))
+    policy = AccessPolicy(tokens_file=path, recheck_s=0)
+    assert policy.admit(ENROL, bearer("old")).principal == "erin"
+    path.write_text(auth.dump_principals([principal("erin", Role.ENROLLER, token="rotated-token")]))
+    os.utime(path, ns=(1, 1))  # a new stamp even within the file system's time resolution
+    assert policy.admit(ENROL, bearer("rotated-token")).principal == "erin"
+    assert refused(policy, ENROL, bearer("old")).code == "UNAUTHENTICATED"  # revoked without a restart
+    path.write_text("- {principal: broken")
+    os.utime(path, ns=(2, 2))
+    assert policy.admit(ENROL, bearer("rotated-token")).principal == "erin"  # a broken edit keeps the last good file
+
+
+def test_principal_of_names_the_admitted_caller() -> None:
+    assert principal_of(None) == ""  # type: ignore[arg-type]  # outside a call
+    with auth.authenticated_as(Caller("rita", frozenset({Role.REVIEWER}))):
+        assert principal_of(None) == "rita"  # type: ignore[arg-type]
+    assert auth.current_caller() is None
+
+
+# -- settings and outgoing tokens ---------------------------------------------------------------------------------
+
+
+def test_settings_turn_authentication_on_with_a_tokens_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("SIGHTLINE_AUTH_TOKENS_FILE", "SIGHTLINE_AUTH_REQUIRED", "SIGHTLINE_AUTH_TOKEN", "SIGHTLINE_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert not AuthSettings().enforced and AccessPolicy.from_settings() is None
+    path = tmp_path / "tokens.yaml"
+    path.write_text(auth.dump_principals([principal("erin", Role.ENROLLER, token="t")]))
+    monkeypatch.setenv("SIGHTLINE_AUTH_TOKENS_FILE", str(path))
+    assert AuthSettings().enforced and AccessPolicy.from_settings().required  # type: ignore[union-attr]
+    monkeypatch.setenv("SIGHTLINE_AUTH_REQUIRED", "false")
+    assert not AccessPolicy.from_settings().required  # type: ignore[union-attr]
+    monkeypatch.delenv("SIGHTLINE_AUTH_TOKENS_FILE")
+    monkeypatch.setenv("SIGHTLINE_AUTH_REQUIRED", "true")
+    with pytest.raises(ValidationError, match="no SIGHTLINE_AUTH_TOKENS_FILE says who may call"):
+        AuthSettings()
+
+
+def test_outgoing_token_prefers_the_process_then_the_user_then_a_local_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SIGHTLINE_AUTH_TOKEN", "SIGHTLINE_TOKEN", "SIGHTLINE_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    auth.remember_stack_token(["127.0.0.1:1"], "stack")
+    try:
+        assert auth.outgoing_token("127.0.0.1:1") == "stack"
+        assert auth.outgoing_token("10.0.0.9:1") == ""  # a stack's token never goes elsewhere
+        monkeypatch.setenv("SIGHTLINE_TOKEN", "person")
+        assert auth.outgoing_token("127.0.0.1:1") == auth.outgoing_token("10.0.0.9:1") == "person"
+        monkeypatch.setenv("SIGHTLINE_AUTH_TOKEN", "service")
+        assert auth.outgoing_token("127.0.0.1:1") == "service"
+    finally:
+        auth.forget_stack_token(["127.0.0.1:1"])
+    assert auth.outgoing_token("127.0.0.1:1") == "service"
+
+
+# -- the local stack's files and the CLI ----------------------------------------------------------------------------
+
+
+def test_the_local_stack_writes_private_tokens(tmp_path: Path) -> None:
+    extra = [principal("alice", Role.REVIEWER, token="alice-token")]
+    tokens = localstack.write_tokens(tmp_path, extra)
+    for name in (localstack.TOKENS_FILE, localstack.CLIENT_TOKEN_FILE):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
+    assert tokens.admin not in (tmp_path / localstack.TOKENS_FILE).read_text()  # hashes only
+    assert localstack.client_token(tmp_path) == tokens.admin
+    policy = AccessPolicy(tokens_file=tmp_path / localstack.TOKENS_FILE)
+    assert policy.admit(AUDIT, bearer(tokens.admin)).principal == localstack.ADMIN_PRINCIPAL
+    matching, capture = tokens.services["matching"], tokens.services["capture"]
+    assert policy.admit("/sightline.v1.DetectionService/Detect", bearer(matching)).principal == "service:matching"
+    assert refused(policy, ENROL, bearer(matching)).code == "PERMISSION_DENIED"
+    assert policy.admit(ENROL, bearer(capture)).principal == "service:capture"  # kiosk session templates
+    assert policy.admit(REVIEW, bearer("alice-token")).principal == "alice"
+    assert localstack.write_tokens(tmp_path).admin != tokens.admin  # fresh on every start
+
+
+def auth_cli(argv: list[str]) -> int:
+    """``sightline auth ...`` through the command's own parser."""
+    parser = argparse.ArgumentParser(prog="sightline")
+    auth_command.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+def test_cli_makes_a_token_and_its_entry_and_hashes_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        assert auth_cli(["auth", "new-token", "alice", "--role", "reviewer", "--role", "auditor"]) == 0
+    token = err.getvalue().split()[-1]
+    (entry,) = auth.parse_principals(out.getvalue())
+    assert entry == principal("alice", Role.REVIEWER, Role.AUDITOR, token=token) and token not in out.getvalue()
+    monkeypatch.setattr("sys.stdin", io.StringIO(token + "\n"))
+    hashed = io.StringIO()
+    with redirect_stdout(hashed):
+        assert auth_cli(["auth", "hash-token"]) == 0
+    assert hashed.getvalue().strip() == entry.token_sha256
