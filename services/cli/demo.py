@@ -110,6 +110,18 @@ def check(expected: list[Expected], outcomes) -> list[str]:  # type: ignore[no-u
     return problems
 
 
+def create_watchlist(matching: str) -> None:
+    """The demo's list, with the purpose and owner every list must state, and memberships that end by themselves."""
+    from sightline.cli.watchlists import watchlist_stub
+    from sightline.v1 import gallery_pb2
+
+    watchlist = gallery_pb2.Watchlist(name=WATCHLIST, purpose="demonstration on public sample photos",
+                                      owner="sightline demo", default_membership_days=1)  # fmt: skip
+    watchlist_stub(matching).CreateWatchlist(gallery_pb2.CreateWatchlistRequest(watchlist=watchlist), timeout=30)
+    print(f"Created watchlist {WATCHLIST!r}: purpose {watchlist.purpose!r}, owner {watchlist.owner!r}, "
+          f"memberships end after {watchlist.default_membership_days} day")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sightline.cli import render
     from sightline.cli.gallery import enroll
@@ -129,8 +141,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stack.start(timeout=args.timeout)
         for name, address in stack.addresses.items():
             print(f"  {name:<10} {address}")
-        print("Enrolling obama (on watchlist 'demo-watchlist') and biden (on no watchlist):")
         matching = stack.addresses["matching"]
+        create_watchlist(matching)
+        print(f"Enrolling obama (on watchlist {WATCHLIST!r}) and biden (on no watchlist):")
         enroll("obama", [photos / "obama.jpg"], [WATCHLIST], "Barack Obama", matching)
         enroll("biden", [photos / "biden.jpg"], [], "Joe Biden", matching)
         print(f"Streaming {len(expected)} frames: 5 of obama (other photos), 2 of strangers, 2 broken:")

@@ -8,7 +8,8 @@ stack only, the stack's own ``client-token`` (so ``sightline enroll`` just works
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+import sys
+from typing import TYPE_CHECKING, Any
 
 from sightline.common import paths
 from sightline.common.config import KafkaSettings
@@ -62,3 +63,9 @@ def kafka_settings(explicit: str | None = None) -> KafkaSettings:
         return KafkaSettings(bootstrap_servers=explicit)
     stack = _running_stack()
     return KafkaSettings(bootstrap_servers=f"{HOST}:{stack.broker.port}") if stack else KafkaSettings()
+
+
+def rpc_failed(exc: Any) -> int:
+    """Report a failed call (its status and the service's message) on stderr; the command's exit code, 1."""
+    print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    return 1

@@ -14,6 +14,8 @@ import sys
 
 import grpc
 
+from sightline.cli.endpoints import rpc_failed
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("erase", help="erase a subject everywhere (right to erasure), citing the request")
@@ -48,8 +50,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
         reply = stub.EraseSubject(gallery_pb2.EraseSubjectRequest(subject_id=args.subject_id, reference=args.reference),
                                   timeout=60)  # fmt: skip
     except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
-        return 1
+        return rpc_failed(exc)
     if reply.erased:
         lists = ", ".join(reply.watchlists) or "none"
         print(f"{args.subject_id}: erased ({reply.templates_removed} template(s); watchlists: {lists}); "

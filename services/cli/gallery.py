@@ -8,11 +8,12 @@ right to erasure is ``sightline erase`` (``erase.py``).
 from __future__ import annotations
 
 import argparse
-import sys
 from datetime import datetime
 from pathlib import Path
 
 import grpc
+
+from sightline.cli.endpoints import rpc_failed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -80,8 +81,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         added = enroll(args.subject_id, args.images, args.watchlist, args.name, args.matching, args.token,
                        args.purpose, expiry_of(args))  # fmt: skip
     except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
+        return rpc_failed(exc)
     lists = f" on {', '.join(args.watchlist)}" if args.watchlist else ""
     print(f"{args.subject_id}: {added} template(s) added{lists}")
     return 0 if added else 1
@@ -97,8 +97,7 @@ def cmd_subjects(args: argparse.Namespace) -> int:
                 gallery_pb2.ListSubjectsRequest(watchlist=args.watchlist, page_size=200, page_token=page), timeout=30
             )
         except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+            return rpc_failed(exc)
         for s in reply.subjects:
             print(f"{s.subject_id:<32} templates={s.template_count:<3} watchlists={','.join(s.watchlists) or '-'}")
         page = reply.next_page_token
@@ -113,7 +112,6 @@ def cmd_delete(args: argparse.Namespace) -> int:
     try:
         reply = _stub(args.matching, args.token).DeleteSubject(request, timeout=30)
     except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
+        return rpc_failed(exc)
     print(f"{args.subject_id}: {'deleted' if reply.deleted else 'not enrolled'} ({reply.templates_removed} templates)")
     return 0 if reply.deleted else 1

@@ -13,6 +13,8 @@ from typing import Any
 
 import grpc
 
+from sightline.cli.endpoints import rpc_failed
+
 STATUSES = {"pending": "PENDING_REVIEW", "confirmed": "CONFIRMED", "rejected": "REJECTED", "all": ""}
 
 
@@ -65,10 +67,6 @@ def describe(reviewed: Any) -> str:
     return "\n".join(lines)
 
 
-def _failed(exc: grpc.RpcError) -> int:
-    print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-    return 1
-
 
 def cmd_list(args: argparse.Namespace) -> int:
     from sightline.v1 import events_pb2, review_pb2
@@ -91,7 +89,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                 break
             request.page_token = reply.next_page_token
     except grpc.RpcError as exc:
-        return _failed(exc)
+        return rpc_failed(exc)
     if not shown:
         print(f"no {args.status} alerts" if status else "no alerts")
     return 0
@@ -103,7 +101,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     try:
         reviewed = _stub(args).GetAlert(review_pb2.GetAlertRequest(alert_id=args.alert_id), timeout=30)
     except grpc.RpcError as exc:
-        return _failed(exc)
+        return rpc_failed(exc)
     print(describe(reviewed))
     return 0
 
@@ -121,6 +119,6 @@ def cmd_review(args: argparse.Namespace) -> int:
     try:
         reviewed = _stub(args).ReviewAlert(request, timeout=30)
     except grpc.RpcError as exc:
-        return _failed(exc)
+        return rpc_failed(exc)
     print(describe(reviewed))
     return 0

@@ -7,6 +7,8 @@ import sys
 
 import grpc
 
+from sightline.cli.endpoints import rpc_failed
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("run", help="stream a folder, video file or RTSP URL through the pipeline")
@@ -54,8 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                        max_frames=args.max_frames, no_pacing=args.no_pacing, address=args.capture,
                        token=args.token)  # fmt: skip
     except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
+        return rpc_failed(exc)
     # Dropped: CCTV frames not published while the pipeline lagged (backpressure, docs/cctv.md).
     print(f"{final.source_id}: {final.frames_published} frame(s) published, {final.frames_dropped} dropped, "
           f"{final.frames_failed} failed (last frame {final.last_frame_id or '-'})")  # fmt: skip

@@ -14,6 +14,8 @@ from typing import Any
 
 import grpc
 
+from sightline.cli.endpoints import rpc_failed
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("watchlists", help="watchlists: purpose, owner, threshold and expiring members")
@@ -89,15 +91,15 @@ def expiry_of(args: argparse.Namespace) -> datetime | None:
 
 
 def _stub(args: argparse.Namespace) -> Any:
+    return watchlist_stub(args.matching, args.token)
+
+
+def watchlist_stub(address: str | None = None, token: str | None = None) -> Any:
     from sightline.cli.endpoints import connect
     from sightline.v1 import gallery_pb2_grpc
 
-    return gallery_pb2_grpc.WatchlistServiceStub(connect("matching", args.matching, args.token))
+    return gallery_pb2_grpc.WatchlistServiceStub(connect("matching", address, token))
 
-
-def _failed(exc: grpc.RpcError) -> int:
-    print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
-    return 1
 
 
 def _when(timestamp: Any, unset: str = "never") -> str:
@@ -130,7 +132,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     try:
         created = _stub(args).CreateWatchlist(gallery_pb2.CreateWatchlistRequest(watchlist=watchlist), timeout=30)
     except grpc.RpcError as exc:
-        return _failed(exc)
+        return rpc_failed(exc)
     print(describe(created))
     return 0
 
@@ -141,7 +143,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     try:
         reply = _stub(args).ListWatchlists(gallery_pb2.ListWatchlistsRequest(), timeout=30)
     except grpc.RpcError as exc:
-        return _failed(exc)
+        return rpc_failed(exc)
     print(f"{'NAME':<24} {'MEMBERS':>7} {'TARGET FMR':>10} {'DAYS':>5}  {'OWNER':<20} PURPOSE")
     for w in reply.watchlists:
         fmr = f"{w.target_fmr:.0e}" if w.target_fmr else "-"
@@ -157,7 +159,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     try:
         print(describe(_stub(args).GetWatchlist(gallery_pb2.GetWatchlistRequest(name=args.name), timeout=30)))
     except grpc.RpcError as exc:
-        return _failed(exc)
+        return rpc_failed(exc)
     return 0
 
 
@@ -174,7 +176,7 @@ def cmd_update(args: argparse.Namespace) -> int:
                 setattr(watchlist, field, value)
         updated = stub.UpdateWatchlist(watchlist, timeout=30)
     except grpc.RpcError as exc:
-        return _failed(exc)
+        return rpc_failed(exc)
     print(describe(updated))
     return 0
 
@@ -185,7 +187,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     try:
         reply = _stub(args).DeleteWatchlist(gallery_pb2.DeleteWatchlistRequest(name=args.name), timeout=30)
     except grpc.RpcError as exc:
-        return _failed(exc)
+        return rpc_failed(exc)
     if not reply.deleted:
         print(f"error: watchlist {args.name!r} does not exist", file=sys.stderr)
         return 1
@@ -203,7 +205,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     try:
         reply = _stub(args).AddMembers(request, timeout=60)
     except grpc.RpcError as exc:
-        return _failed(exc)
+        return rpc_failed(exc)
     for m in reply.memberships:
         print(f"{m.subject_id:<32} on {m.watchlist} until {_when(m.expires_at)}")
     return 0
@@ -216,7 +218,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
     try:
         reply = _stub(args).RemoveMembers(request, timeout=60)
     except grpc.RpcError as exc:
-        return _failed(exc)
+        return rpc_failed(exc)
     print(f"{args.name}: {reply.removed} of {len(set(args.subject_ids))} subject(s) removed")
     return 0 if reply.removed else 1
 
@@ -232,7 +234,7 @@ def cmd_members(args: argparse.Namespace) -> int:
         try:
             reply = _stub(args).ListMembers(request, timeout=30)
         except grpc.RpcError as exc:
-            return _failed(exc)
+            return rpc_failed(exc)
         for m in reply.memberships:
             print(f"{m.subject_id:<32} {_when(m.added_at):<25} {_when(m.expires_at):<25} "
                   f"{'expired' if m.expired else 'current'}")  # fmt: skip

@@ -250,6 +250,15 @@ class BackendStore:
     def _now(self) -> Any:
         return self._backend.dialect.to_db_time(datetime.now(UTC))
 
+    def _migrated(self, migrations: Sequence[Migration], table: str, lock_key: int, what: str) -> Self:
+        """This store with its tables brought up to date; closed, and the error raised, when that fails."""
+        try:
+            self._migrate(migrations, table, lock_key, what)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
     def _migrate(self, migrations: Sequence[Migration], table: str, lock_key: int, what: str) -> None:
         """Bring the store's tables up to the newest migration (one process at a time, see ``migrate``)."""
         with self._tx(write=True) as cur:

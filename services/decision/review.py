@@ -154,12 +154,7 @@ class ReviewStore(BackendStore):
         """The review store at ``url``, creating or upgrading its tables. ``suppression_seconds`` <= 0: for good."""
         store = cls(open_backend(url, what="review", application_name="sightline-decision", error=ReviewStoreError),
                     suppression_seconds)  # fmt: skip
-        try:
-            store._migrate(MIGRATIONS, "review_schema_version", _PG_MIGRATION_LOCK, "review")
-        except BaseException:
-            store.close()
-            raise
-        return store
+        return store._migrated(MIGRATIONS, "review_schema_version", _PG_MIGRATION_LOCK, "review")
 
     # -- writes --------------------------------------------------------------------------------------------------
 

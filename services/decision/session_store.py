@@ -62,12 +62,7 @@ class SessionStore(BackendStore):
     def open(cls, url: str) -> SessionStore:
         """The session store at ``url``, creating or upgrading its table."""
         store = cls(open_backend(url, what="session", application_name="sightline-decision", error=SessionStoreError))
-        try:
-            store._migrate(MIGRATIONS, "echannel_session_schema_version", _PG_MIGRATION_LOCK, "session")
-        except BaseException:
-            store.close()
-            raise
-        return store
+        return store._migrated(MIGRATIONS, "echannel_session_schema_version", _PG_MIGRATION_LOCK, "session")
 
     def save(self, state: SessionState) -> bool:
         """Insert or update the session; False (nothing written) when the stored session is already decided."""

@@ -24,7 +24,6 @@ from sightline.common.bus import make_producer
 from sightline.common.config import KafkaSettings
 from sightline.common.localstack import LocalStack
 from sightline.common.topics import FRAMES
-from sightline.v1 import events_pb2
 
 pytestmark = pytest.mark.e2e
 SOURCE = "e2e-camera"
