@@ -52,7 +52,7 @@ SESSIONS = TopicSpec(
 )
 # Right-to-erasure notices, for integrators holding copies of results about a subject.
 ERASURES = TopicSpec("sightline.erasures.v1", "SubjectErased", DataClass.AUDIT, 365 * DAY_MS, "matching", ())
-DEADLETTER = TopicSpec("sightline.deadletter.v1", "DeadLetter", DataClass.OPERATIONAL, DAY_MS, "*", ())
+DEADLETTER = TopicSpec("sightline.deadletter.v1", "DeadLetter", DataClass.OPERATIONAL, HOUR_MS, "*", ())
 # A copy of every audit record, for a SIEM or an archive; the hash chain in the database is the reference.
 AUDIT = TopicSpec("sightline.audit.v1", "AuditRecord", DataClass.AUDIT, 365 * DAY_MS, "*", ())
 

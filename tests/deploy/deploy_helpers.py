@@ -8,6 +8,7 @@ Module name is unique on purpose: test folders have no __init__.py, so `conftest
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -35,7 +36,9 @@ SERVICES = ("capture", "detection", "embedding", "matching", "decision")
 GRPC_PORTS = {"capture": 50051, "detection": 50052, "embedding": 50053, "matching": 50054, "decision": 50055}
 METRICS_PORTS = {"capture": 9101, "detection": 9102, "embedding": 9103, "matching": 9104, "decision": 9105}
 HOUR_MS, DAY_MS = 3_600_000, 86_400_000
-# topic -> (producer, consumers, default retention.ms); "*" is every service.
+# topic -> (producer, consumers, default retention.ms); "*" is every service. The retention is the code's default
+# limit for the topic's data class (RetentionSettings in services/common/retention.py): dead letters may hold frames or
+# descriptors, so they are kept as briefly as those.
 TOPICS = {
     "sightline.frames.v1": ("capture", ("detection",), HOUR_MS),
     "sightline.faces.v1": ("detection", ("embedding",), HOUR_MS),
@@ -45,7 +48,7 @@ TOPICS = {
     "sightline.alerts.v1": ("decision", (), 30 * DAY_MS),
     "sightline.sessions.v1": ("capture, decision", ("decision",), DAY_MS),
     "sightline.erasures.v1": ("matching", (), 365 * DAY_MS),
-    "sightline.deadletter.v1": ("*", (), DAY_MS),
+    "sightline.deadletter.v1": ("*", (), HOUR_MS),
     "sightline.audit.v1": ("*", (), 365 * DAY_MS),
 }
 # The topic each consumer scales on (its pipeline input; the sessions topic is a side input of decision).
@@ -147,3 +150,18 @@ def workloads(r: Rendered) -> list[tuple[dict[str, Any], dict[str, Any]]]:
 
 def containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return list(spec.get("initContainers") or []) + list(spec.get("containers") or [])
+
+
+def retention_settings(values: dict[str, Any] | None = None) -> Any:
+    """The code's RetentionSettings with the chart's camelCase retention values (the code's defaults when None),
+    independent of the environment the tests run in; skips where the package is not installed."""
+    retention = pytest.importorskip("sightline.common.retention", reason="sightline is not importable here")
+    fields = {to_snake(key): value for key, value in (values or {}).items()}
+    defaults = {name: field.default for name, field in retention.RetentionSettings.model_fields.items()}
+    return retention.RetentionSettings.model_construct(**{**defaults, **fields})
+
+
+def to_snake(camel: str) -> str:
+    """A values key as the settings field it maps to: rawHours -> raw_hours."""
+    return re.sub(r"(?<!^)([A-Z])", r"_\1", camel).lower()
+

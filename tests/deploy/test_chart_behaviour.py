@@ -23,6 +23,7 @@ from deploy_helpers import (
     VARIANTS,
     Rendered,
     render,
+    retention_settings,
     run_helm,
     template_args,
 )
@@ -76,6 +77,12 @@ SCHEMA_ERROR = "values don't meet the specifications of the schema"
         ["decision.policy.min_agreeing_frames=0"],
         ["detection.policy.version=x"],  # policy belongs to decision only
         ["kafka.topics.frames.retentionMs=1h"],
+        ["retention.rawHours=100"],  # the code caps raw biometric data at 72 hours
+        ["retention.alertsDays=0"],
+        ["retention.forever=1"],  # no such limit
+        ["detection.streamAuditIntervalS=30"],  # matching only
+        ["matching.streamAuditIntervalS=0"],
+        ["matching.templateKey.previousKeys.value=k1:abc"],  # keys only from a Secret
         ["kafka.topics.renamed.retentionMs=1"],  # topic names are fixed by the code
         ["detection.logLevel=TRACE"],
         ["embedding.grpcPort=70000"],
@@ -240,6 +247,8 @@ DASHBOARD_METRICS = {
     "sightline_gallery_templates",
     "sightline_gallery_subjects",
     "sightline_frames_dropped_total",
+    "sightline_faces_not_searched_total",
+    "sightline_records_purged_total",
 }
 
 
@@ -262,6 +271,27 @@ def test_dashboard_uses_every_metric_and_only_known_ones() -> None:
         assert e.count("(") == e.count(")"), e
         if "_bucket" in e:
             assert "histogram_quantile" in e and "le" in e, e
+
+
+def test_dashboard_metrics_are_the_services_metrics() -> None:
+    """DASHBOARD_METRICS is every metric the services define (sightline.common.telemetry), so a new one gets a panel."""
+    telemetry = pytest.importorskip("sightline.common.telemetry", reason="sightline is not importable here")
+    from prometheus_client.metrics import MetricWrapperBase
+
+    defined = set()
+    for metric in vars(telemetry).values():
+        if isinstance(metric, MetricWrapperBase):
+            (family,) = metric.describe()
+            defined.add(family.name + ("_total" if family.type == "counter" else ""))
+    assert defined == DASHBOARD_METRICS
+
+
+def test_dashboard_splits_drops_skips_and_purges_by_their_labels() -> None:
+    dashboard = json.loads((CHART / "dashboards" / "sightline.json").read_text())
+    by_metric = {m: e for e in dashboard_exprs(dashboard) for m in re.findall(r"\bsightline_[a-z_]+", e)}
+    assert re.search(r"by \(source, reason\)", by_metric["sightline_frames_dropped_total"])
+    assert re.search(r"by \(reason\)", by_metric["sightline_faces_not_searched_total"])
+    assert re.search(r"by \(service, job\)", by_metric["sightline_records_purged_total"])
 
 
 def test_dashboard_config_map(helm: str) -> None:
@@ -291,6 +321,7 @@ def test_notes_tell_what_to_do_next(helm: str) -> None:
     assert "sightline watch decisions" in text
     assert "/metrics" in text and f"svc/{RELEASE}-sightline-detection:9102" in text
     assert "matching runs exactly one replica" in text
+    assert "two separate hash chains" in text
     assert "Back it up" in text
     assert "needs a bearer token" in text and "sightline auth new-token" in text
 
@@ -332,6 +363,51 @@ def test_decision_keeps_reviews_and_audit_in_postgresql_when_configured(helm: st
     policy = pg.one("NetworkPolicy", f"{RELEASE}-sightline-decision")
     assert any(port.get("port") == 5432 for rule in policy["spec"]["egress"] for port in rule.get("ports", []))
     assert decision_db(render(helm, []))["value"].startswith("sqlite:////tmp/")
+
+
+def test_matching_and_decision_share_one_audit_database_in_postgresql_mode(helm: str) -> None:
+    """One audit chain: both services get SIGHTLINE_AUDIT_DATABASE_URL from the same Secret key as the gallery."""
+    existing = ["matching.database.postgresql.existingSecret=db", "matching.database.postgresql.existingSecretKey=url"]
+    inline = ["matching.database.postgresql.dsn=postgresql://sightline@pg:5432/sightline"]
+    for sets, source in ((existing, {"name": "db", "key": "url"}),
+                         (inline, {"name": f"{RELEASE}-sightline-database", "key": "dsn"})):  # fmt: skip
+        r = render(helm, [], ["matching.database.mode=postgresql", *sets])
+        matching, decision = env_values(r, "matching"), env_values(r, "decision")
+        assert matching["SIGHTLINE_AUDIT_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == source
+        assert decision["SIGHTLINE_AUDIT_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == source
+        assert matching["SIGHTLINE_MATCHING_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == source
+    sqlite = render(helm, [])
+    urls = {svc: env_values(sqlite, svc)["SIGHTLINE_AUDIT_DATABASE_URL"]["value"] for svc in ("matching", "decision")}
+    assert urls["matching"] != urls["decision"], "two pods must not share one SQLite file"
+
+
+def test_previous_template_keys_come_from_a_secret_only_when_set(helm: str) -> None:
+    assert "SIGHTLINE_MATCHING_PREVIOUS_TEMPLATE_KEYS" not in env_values(render(helm, []), "matching")
+    r = render(helm, [], ["matching.templateKey.previousKeys.existingSecret=rotation",
+                          "matching.templateKey.previousKeys.existingSecretKey=old"])  # fmt: skip
+    env = env_values(r, "matching")
+    ref = env["SIGHTLINE_MATCHING_PREVIOUS_TEMPLATE_KEYS"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "rotation", "key": "old"}
+    assert "rotation" not in r.names("Secret"), "the chart never holds previous keys itself"
+    for svc in ("capture", "detection", "embedding", "decision"):
+        assert "SIGHTLINE_MATCHING_PREVIOUS_TEMPLATE_KEYS" not in env_values(r, svc)
+
+
+def test_stream_audit_interval_reaches_matching(helm: str) -> None:
+    assert env_values(render(helm, []), "matching")["SIGHTLINE_MATCHING_STREAM_AUDIT_INTERVAL_S"]["value"] == "60"
+    r = render(helm, [], ["matching.streamAuditIntervalS=300"])
+    assert env_values(r, "matching")["SIGHTLINE_MATCHING_STREAM_AUDIT_INTERVAL_S"]["value"] == "300"
+
+
+def test_topic_retention_follows_changed_limits(helm: str, tmp_path: Path) -> None:
+    """A site's limits (decimals too) reach the topics as the code would compute them; retentionMs still wins."""
+    site = tmp_path / "site.yaml"
+    site.write_text("retention: {rawHours: 0.25, matchesHours: 6, decisionsDays: 2.5, auditDays: 730}\n"
+                    "kafka: {topics: {alerts: {retentionMs: 1000}}}\n")  # fmt: skip
+    (cm,) = [c for c in render(helm, [site]).kind("ConfigMap") if c["metadata"]["name"].endswith("-topics")]
+    created = {t["name"]: t["retention_ms"] for t in yaml.safe_load(cm["data"]["topics.yaml"])}
+    limits = retention_settings({"rawHours": 0.25, "matchesHours": 6, "decisionsDays": 2.5, "auditDays": 730})
+    assert created == {**limits.topic_retention_ms(), "sightline.alerts.v1": 1000}
 
 
 # --- access control and TLS -------------------------------------------------------------------------------------------

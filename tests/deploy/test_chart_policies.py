@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 from deploy_helpers import (
+    CHART,
     GRPC_CALLS,
     GRPC_PORTS,
     INPUT_TOPIC,
@@ -18,6 +19,8 @@ from deploy_helpers import (
     Rendered,
     containers,
     render,
+    retention_settings,
+    to_snake,
     workloads,
 )
 
@@ -136,15 +139,14 @@ def test_kafka_settings_reach_every_container(rendered: Rendered) -> None:
 
 
 def test_secrets_never_appear_as_plain_env(rendered: Rendered) -> None:
-    secret_like = re.compile(r"(PASSWORD|TEMPLATE_KEY$|SECRET|TOKEN)")
+    secret_like = re.compile(r"(PASSWORD|TEMPLATE_KEYS?$|SECRET|TOKEN)")
     for doc, spec in workloads(rendered):
         for c in containers(spec):
             for e in c.get("env", []):
                 if secret_like.search(e["name"]) and not e["name"].endswith("_FILE"):  # a path to a mounted Secret
                     assert "valueFrom" in e, f"{e['name']} is a literal in {doc['metadata']['name']}"
-            url = env_of(c).get("SIGHTLINE_MATCHING_DATABASE_URL")
-            if url and "value" in url:
-                assert url["value"].startswith("sqlite:"), "a PostgreSQL DSN must come from a Secret"
+                if e["name"].endswith("_DATABASE_URL") and "value" in e:
+                    assert e["value"].startswith("sqlite:"), f"{e['name']}: a PostgreSQL DSN must come from a Secret"
 
 
 def test_secret_references_resolve(rendered: Rendered) -> None:
@@ -155,6 +157,7 @@ def test_secret_references_resolve(rendered: Rendered) -> None:
         values["kafka"]["sasl"]["existingSecret"],
         values["matching"]["database"]["postgresql"]["existingSecret"],
         values["matching"]["templateKey"]["existingSecret"],
+        values["matching"]["templateKey"]["previousKeys"]["existingSecret"],
         values["capture"]["sources"]["existingSecret"],
         values["auth"]["existingSecret"],
     } - {""}
@@ -188,9 +191,57 @@ def test_hook_creates_every_topic_a_service_uses(rendered: Rendered) -> None:
     created = {t["name"]: t for t in hook_topics(rendered)}
     for topic, (producer, consumers, retention) in TOPICS.items():
         assert topic in created, f"{topic} (produced by {producer}, consumed by {consumers}) is not created"
-        assert created[topic]["retention_ms"] == values["kafka"]["topics"][topic.split(".")[1]]["retentionMs"]
+        explicit = values["kafka"]["topics"][topic.split(".")[1]].get("retentionMs")
+        if explicit is not None:
+            assert created[topic]["retention_ms"] == explicit, f"{topic}: retentionMs {explicit} not applied"
         assert created[topic]["partitions"] >= 1
     assert set(created) == set(TOPICS), f"unexpected topics: {set(created) - set(TOPICS)}"
+
+
+def test_topic_retention_follows_the_retention_values(rendered: Rendered) -> None:
+    """Topics without their own retentionMs get the code's limit for their data class, from the retention values."""
+    values = rendered.values()
+    expected = retention_settings(values["retention"]).topic_retention_ms()
+    for topic in hook_topics(rendered):
+        if values["kafka"]["topics"][topic["name"].split(".")[1]].get("retentionMs") is None:
+            assert topic["retention_ms"] == expected[topic["name"]], topic["name"]
+
+
+def test_retention_values_reach_every_container(rendered: Rendered) -> None:
+    values = rendered.values()["retention"]
+    expected = {f"SIGHTLINE_RETENTION_{to_snake(key).upper()}": value for key, value in values.items()}
+    for doc, spec in workloads(rendered):
+        for c in containers(spec):
+            env = {name: e.get("value") for name, e in env_of(c).items() if name.startswith("SIGHTLINE_RETENTION_")}
+            assert set(env) == set(expected), f"{doc['metadata']['name']}: {set(expected) ^ set(env)}"
+            for name, value in expected.items():
+                assert float(env[name]) == value, f"{doc['metadata']['name']}: {name}={env[name]}, values say {value}"
+
+
+def test_retention_defaults_are_the_codes() -> None:
+    """values.yaml documents the code's defaults, and has a value for each limit the code has (and no other)."""
+    chart = yaml.safe_load((CHART / "values.yaml").read_text())["retention"]
+    code = retention_settings()
+    assert {to_snake(key) for key in chart} == set(type(code).model_fields)
+    assert retention_settings(chart) == code
+
+
+def test_audit_chain_is_one_database_in_postgresql_mode(rendered: Rendered) -> None:
+    """Matching and decision append to one audit chain: the same database, read from the same Secret key. SQLite
+    cannot be shared between pods: each keeps its own file on its own volume (two chains, as docs/deploy.md says)."""
+    values = rendered.values()
+    if not (values["matching"]["enabled"] and values["decision"]["enabled"]):
+        return
+    env = {svc: env_of(next(d for d in rendered.kind("Deployment") if component(d) == svc)["spec"]["template"]["spec"]
+                           ["containers"][0])  # fmt: skip
+           for svc in ("matching", "decision")}
+    audit = {svc: e["SIGHTLINE_AUDIT_DATABASE_URL"] for svc, e in env.items()}
+    if values["matching"]["database"]["mode"] == "postgresql":
+        assert audit["matching"]["valueFrom"] == audit["decision"]["valueFrom"]
+        assert audit["matching"]["valueFrom"] == env["matching"]["SIGHTLINE_MATCHING_DATABASE_URL"]["valueFrom"]
+    else:
+        assert audit["matching"]["value"] == "sqlite:////var/lib/sightline/audit.db"  # on the gallery PVC
+        assert audit["decision"]["value"].startswith("sqlite:////tmp/")  # its only volume
 
 
 def test_default_retention_follows_the_contract(helm: str) -> None:
@@ -201,12 +252,14 @@ def test_default_retention_follows_the_contract(helm: str) -> None:
 
 
 def test_chart_topics_match_the_code() -> None:
-    """The chart's topics and retention agree with sightline.common.topics, the code's single list."""
+    """The chart's topics agree with sightline.common.topics, the code's single list, and their default retention
+    with the code's default limits (RetentionSettings.topic_retention_ms, what the local stack creates)."""
     try:
         from sightline.common import topics
     except ImportError:  # the deploy tests also run where the package is not installed
         pytest.skip("sightline is not importable here; the contract list in deploy_helpers is checked instead")
-    assert {t.name: t.retention_ms for t in topics.ALL_TOPICS} == {k: v[2] for k, v in TOPICS.items()}
+    assert {t.name for t in topics.ALL_TOPICS} == set(TOPICS)
+    assert retention_settings().topic_retention_ms() == {k: v[2] for k, v in TOPICS.items()}
     for spec in topics.ALL_TOPICS:
         assert spec.consumers == TOPICS[spec.name][1]
 

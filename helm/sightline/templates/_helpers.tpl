@@ -64,6 +64,65 @@ frames faces embeddings matches decisions alerts sessions erasures deadletter au
 sightline.{{ . }}.v1
 {{- end }}
 
+{{/*
+Which retention limit (a key of .Values.retention) each topic takes when its kafka.topics.<key>.retentionMs is unset:
+the data-class mapping of RetentionSettings.topic_retention_ms (services/common/retention.py). Dead letters may hold
+frames or descriptors, so they take the raw limit. tests/deploy checks the rendered result against the code.
+*/}}
+{{- define "sightline.topicRetentionLimits" -}}
+frames: rawHours
+faces: rawHours
+embeddings: rawHours
+deadletter: rawHours
+matches: matchesHours
+sessions: sessionsHours
+decisions: decisionsDays
+alerts: alertsDays
+audit: auditDays
+erasures: auditDays
+{{- end }}
+
+{{/*
+retention.ms of one topic: kafka.topics.<key>.retentionMs when set, else its limit from .Values.retention, computed
+as the code does (hours * 3600000, days * 24 * 3600000, truncated). Call with (dict "root" $ "key" "frames").
+*/}}
+{{- define "sightline.topicRetentionMs" -}}
+{{- $t := index .root.Values.kafka.topics .key }}
+{{- if not (kindIs "invalid" $t.retentionMs) }}
+{{- $t.retentionMs | int64 }}
+{{- else }}
+{{- $limit := index (include "sightline.topicRetentionLimits" .root | fromYaml) .key }}
+{{- $amount := index .root.Values.retention $limit }}
+{{- if hasSuffix "Days" $limit }}
+{{- mulf (mulf $amount 24) 3600000 | int64 }}
+{{- else }}
+{{- mulf $amount 3600000 | int64 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Retention limits (SIGHTLINE_RETENTION_*, RetentionSettings), the same in every container: the decision service purges
+its database with them, and `sightline topics ensure` without --from-file creates the topics with them.
+*/}}
+{{- define "sightline.retentionEnv" -}}
+{{- $r := .Values.retention -}}
+- name: SIGHTLINE_RETENTION_RAW_HOURS
+  value: {{ $r.rawHours | quote }}
+- name: SIGHTLINE_RETENTION_MATCHES_HOURS
+  value: {{ $r.matchesHours | quote }}
+- name: SIGHTLINE_RETENTION_SESSIONS_HOURS
+  value: {{ $r.sessionsHours | quote }}
+- name: SIGHTLINE_RETENTION_DECISIONS_DAYS
+  value: {{ $r.decisionsDays | quote }}
+- name: SIGHTLINE_RETENTION_ALERTS_DAYS
+  value: {{ $r.alertsDays | quote }}
+- name: SIGHTLINE_RETENTION_AUDIT_DAYS
+  value: {{ $r.auditDays | quote }}
+- name: SIGHTLINE_RETENTION_PURGE_INTERVAL_S
+  value: {{ $r.purgeIntervalS | quote }}
+{{- end }}
+
 {{- define "sightline.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -165,6 +224,27 @@ schema cannot see the fallback.
 
 {{- define "sightline.authSecretName" -}}
 {{- .Values.auth.existingSecret | default (printf "%s-auth" (include "sightline.fullname" .)) }}
+{{- end }}
+
+{{/*
+The audit chain of matching and decision (SIGHTLINE_AUDIT_DATABASE_URL, AuditSettings). With PostgreSQL both read the
+gallery's database from the same Secret and key, so the release has one chain. With SQLite two pods cannot share a
+file: matching keeps its chain next to the gallery on the PVC, decision under /tmp (its emptyDir, lost with the pod),
+so there are two separate chains. Call with (dict "root" $ "service" "matching").
+*/}}
+{{- define "sightline.auditEnv" -}}
+{{- $db := .root.Values.matching.database -}}
+- name: SIGHTLINE_AUDIT_DATABASE_URL
+{{- if eq $db.mode "postgresql" }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "sightline.databaseSecretName" .root }}
+      key: {{ $db.postgresql.existingSecretKey }}
+{{- else if eq .service "matching" }}
+  value: sqlite:////var/lib/sightline/audit.db
+{{- else }}
+  value: sqlite:////tmp/sightline/audit.db
+{{- end }}
 {{- end }}
 
 {{- define "sightline.captureHasSources" -}}
