@@ -52,9 +52,9 @@ class EChannelPolicy(BaseModel):
         True, description="ACCEPT only with a passing liveness verdict (from detection's multi-frame checks)."
     )
     close_grace_seconds: float = Field(
-        1.0, ge=0, description="After the kiosk closes a session, how long to wait for the results of frames still "
-        "in the pipeline before deciding with what has arrived (not waited for when the close says how many "
-        "frames were sent and all have arrived).",
+        1.0, ge=0, description="After the kiosk closes a session without saying how many frames it sent, how long "
+        "to wait for the results of frames still in the pipeline before deciding with what has arrived. A close "
+        "that gives the count is decided when all have arrived, or at the session's deadline.",
     )  # fmt: skip
 
 
@@ -187,8 +187,9 @@ class SessionEngine:
 
     def request_close(self, state: SessionState, at: float, frames_sent: int = 0) -> session_pb2.SessionUpdate:
         """The kiosk sent its last frame (``frames_sent`` of them, 0 if unknown). Results of frames still in the
-        pipeline are awaited: the session is closed once all sent frames are in, or ``close_grace_seconds`` after
-        ``at`` (see ``tick``); until then the update carries no outcome."""
+        pipeline are awaited: the session is closed once all sent frames are in (a loaded pipeline must not turn a
+        genuine traveller away early; the deadline still holds), or, with the count unknown, ``close_grace_seconds``
+        after ``at`` (see ``tick``); until then the update carries no outcome."""
         if not state.decided and state.close_requested_at is None:  # a replayed close keeps the first one's time
             state.close_requested_at, state.frames_sent = at, frames_sent
         if not state.decided and (self._all_sent_frames_in(state) or self.policy.close_grace_seconds == 0):
@@ -223,7 +224,7 @@ class SessionEngine:
             budget = round(state.deadline - state.opened_at, 1)
             return self.update(state, self._refer(state, self._shortfall(state, f"time-out after {budget:g} s")))
         closing = state.close_requested_at
-        if closing is not None and now >= closing + self.policy.close_grace_seconds:
+        if closing is not None and state.frames_sent == 0 and now >= closing + self.policy.close_grace_seconds:
             return self.close(state)
         return None
 

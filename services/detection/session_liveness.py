@@ -18,7 +18,6 @@ from sightline.common.liveness import LivenessChecker, LivenessObservation, Live
 from sightline.common.models.pipeline import AnalyzedFace
 from sightline.v1 import types_pb2
 
-MAX_FRAMES_PER_SESSION = 30
 IDLE_SECONDS = 120.0
 MAX_SESSIONS = 1000
 
@@ -27,6 +26,7 @@ MAX_SESSIONS = 1000
 class _Session:
     observations: list[LivenessObservation] = field(default_factory=list)
     last_seen: float = 0.0
+    verdict: types_pb2.LivenessResult | None = None
 
 
 def traveller(faces: Sequence[AnalyzedFace]) -> AnalyzedFace | None:
@@ -43,19 +43,28 @@ class SessionLiveness:
         self._lock = threading.Lock()
 
     def observe(self, session_id: str, face: AnalyzedFace, at: float) -> types_pb2.LivenessResult:
-        """Add the traveller's face of one frame and return the session's verdict as of this frame."""
+        """Add the traveller's face of one frame and return the session's verdict as of this frame.
+
+        A session is assessed once, on its first ``min_frames`` frames: the decision acts on that first verdict (an
+        accept needs it passed, a failure refers), so later frames of the session get the same verdict without the
+        checks running again (they are the costliest part of an e-channel frame in detection).
+        """
         with self._lock:
             session = self._session(session_id, at)
+            if session.verdict is not None:
+                return session.verdict
             session.observations.append(LivenessObservation.from_face(face))
-            del session.observations[:-MAX_FRAMES_PER_SESSION]
             observations = list(session.observations)
         needed = self.checker.settings.min_frames
         if len(observations) < needed:
             return types_pb2.LivenessResult(assessed=False, frames=len(observations),
                                             reasons=[f"need {needed} frames, have {len(observations)}"])  # fmt: skip
         verdict = self.checker.assess(observations)
-        return types_pb2.LivenessResult(assessed=True, passed=verdict.passed, score=verdict.score,
-                                        reasons=list(verdict.reasons), frames=len(observations))  # fmt: skip
+        result = types_pb2.LivenessResult(assessed=True, passed=verdict.passed, score=verdict.score,
+                                          reasons=list(verdict.reasons), frames=len(observations))  # fmt: skip
+        with self._lock:
+            session.verdict, session.observations = result, []  # the chips' geometry is not needed any more
+        return result
 
     def _session(self, session_id: str, at: float) -> _Session:
         for stale in [k for k, s in self._sessions.items() if at - s.last_seen > IDLE_SECONDS]:

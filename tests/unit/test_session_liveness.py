@@ -49,4 +49,6 @@ def test_verdicts_come_once_enough_frames_are_in_and_follow_the_evidence(analyze
     assert live_results[-1].assessed and live_results[-1].passed, list(live_results[-1].reasons)
     assert still_results[-1].assessed and not still_results[-1].passed
     assert any("motion" in reason for reason in still_results[-1].reasons)
-    assert live_results[-1].frames == 8 and still_results[-1].frames == 8  # sessions do not mix
+    assert live_results[-1].frames == 6 and still_results[-1].frames == 6  # sessions do not mix
+    # Assessed once, on the first six frames: later frames carry that verdict without the checks running again.
+    assert live_results[5] == live_results[6] == live_results[7] and still_results[5] == still_results[7]

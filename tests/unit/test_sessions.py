@@ -151,6 +151,8 @@ def test_a_close_waits_for_the_frames_still_in_the_pipeline(engine: SessionEngin
     run(engine, state, frames[:4])
     waiting = engine.request_close(state, at=101.0, frames_sent=6)
     assert waiting.outcome == session_pb2.SESSION_OUTCOME_UNSPECIFIED and engine.tick(state, now=101.5) is None
+    # A loaded pipeline: the count is known, so the grace does not cut the traveller off; only the deadline would.
+    assert engine.tick(state, now=101.0 + 3 * engine.policy.close_grace_seconds) is None
     update = run(engine, state, frames[4:])  # the last two results arrive after the close
     assert update.outcome == session_pb2.SESSION_OUTCOME_ACCEPT and update.frames_seen == 6
 

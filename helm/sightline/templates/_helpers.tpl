@@ -227,10 +227,31 @@ schema cannot see the fallback.
 {{- end }}
 
 {{/*
+The SQLite volume of a service in SQLite mode (matching.database.mode=sqlite): matching's gallery and audit chain,
+decision's alerts under review, reviews, sessions and audit chain. Each is its own PVC mounted at /var/lib/sightline
+in its own pod: two pods cannot share a SQLite file, and a ReadWriteOnce volume allows one pod (hence one replica, see
+sightline.validate). Renders YAML (volume name, claim name, the PVC's values block as `settings`), or nothing when the
+service keeps no SQLite volume (disabled, a stateless service, or PostgreSQL mode); read it with fromYaml.
+The claim names must never change: an upgrade would start on an empty volume. Call with (dict "root" $ "service" "decision").
+*/}}
+{{- define "sightline.sqliteStore" -}}
+{{- $root := .root }}
+{{- if and (has .service (list "matching" "decision")) (index $root.Values .service).enabled (eq $root.Values.matching.database.mode "sqlite") }}
+{{- $isMatching := eq .service "matching" }}
+{{- $volume := ternary "gallery" "data" $isMatching }}
+{{- $settings := ternary $root.Values.matching.database.sqlite $root.Values.decision.sqlite $isMatching }}
+volume: {{ $volume }}
+claimName: {{ $settings.existingClaim | default (printf "%s-%s" (include "sightline.serviceName" (dict "root" $root "service" .service)) $volume) }}
+settings: {{ toJson $settings }}
+{{- end }}
+{{- end }}
+
+{{/*
 The audit chain of matching and decision (SIGHTLINE_AUDIT_DATABASE_URL, AuditSettings). With PostgreSQL both read the
 gallery's database from the same Secret and key, so the release has one chain. With SQLite two pods cannot share a
-file: matching keeps its chain next to the gallery on the PVC, decision under /tmp (its emptyDir, lost with the pod),
-so there are two separate chains. Call with (dict "root" $ "service" "matching").
+file: each service keeps its own chain on its own PVC (sightline.sqliteStore), so there are two separate chains; the
+file names differ too, so that even a claim shared through existingClaim never holds one file for two writers.
+Call with (dict "root" $ "service" "matching").
 */}}
 {{- define "sightline.auditEnv" -}}
 {{- $db := .root.Values.matching.database -}}
@@ -243,7 +264,7 @@ so there are two separate chains. Call with (dict "root" $ "service" "matching")
 {{- else if eq .service "matching" }}
   value: sqlite:////var/lib/sightline/audit.db
 {{- else }}
-  value: sqlite:////tmp/sightline/audit.db
+  value: sqlite:////var/lib/sightline/decision-audit.db
 {{- end }}
 {{- end }}
 
@@ -447,6 +468,15 @@ names the value to change.
 {{- end }}
 {{- if gt (int $m.replicas) 1 }}
 {{- fail "matching.replicas > 1 needs matching.database.mode=postgresql: the SQLite gallery allows exactly one matching replica" }}
+{{- end }}
+{{- end }}
+{{- $d := .Values.decision }}
+{{- if and $d.enabled (eq $m.database.mode "sqlite") }}
+{{- if $d.autoscaling.enabled }}
+{{- fail "decision.autoscaling.enabled needs matching.database.mode=postgresql: in SQLite mode decision keeps its database on a ReadWriteOnce volume, which allows exactly one decision replica" }}
+{{- end }}
+{{- if gt (int $d.replicas) 1 }}
+{{- fail "decision.replicas > 1 needs matching.database.mode=postgresql: in SQLite mode decision keeps its database on a ReadWriteOnce volume, which allows exactly one decision replica" }}
 {{- end }}
 {{- end }}
 {{- if and $m.enabled (eq $m.database.mode "postgresql") (not $m.database.postgresql.existingSecret) (not $m.database.postgresql.dsn) }}
