@@ -29,6 +29,7 @@ from collections.abc import Callable
 from sightline.common import telemetry
 from sightline.common.config import KafkaSettings
 from sightline.common.lag import service_lags
+from sightline.common.rpc import Unavailable
 from sightline.common.topics import FRAMES
 from sightline.capture.settings import CaptureSettings
 from sightline.v1 import types_pb2
@@ -52,7 +53,7 @@ class FrameDropped(Exception):
         self.reason = reason
 
 
-class BrokerUnavailable(RuntimeError):
+class BrokerUnavailable(Unavailable):
     """An e-channel frame could not be handed to the producer in time (the broker is down or far behind)."""
 
 

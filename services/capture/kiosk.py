@@ -37,7 +37,7 @@ from sightline.common import codec, tracing
 from sightline.common.bus import read_topics
 from sightline.common.config import KafkaSettings
 from sightline.common.images import ImageError, decode_image, encode_jpeg
-from sightline.common.rpc import InvalidInput, NotFound, channel, rpc_errors
+from sightline.common.rpc import InvalidInput, NotFound, Unavailable, channel, rpc_errors
 from sightline.common.topics import SESSIONS
 from sightline.capture.settings import CaptureSettings
 from sightline.capture.sources import RawFrame
@@ -62,10 +62,6 @@ Context = grpc.ServicerContext
 
 class SessionNotOpen(RuntimeError):
     """The session is unknown here, closed or ended; becomes FAILED_PRECONDITION."""
-
-
-class Unavailable(RuntimeError):
-    """A service the kiosk needs (gallery, broker, OCR) cannot be used now; becomes UNAVAILABLE."""
 
 
 class TooManySessions(RuntimeError):
@@ -544,18 +540,18 @@ class Kiosk:
 
 # --- gRPC ----------------------------------------------------------------------------------------------------------
 
-_STATUS = {SessionNotOpen: grpc.StatusCode.FAILED_PRECONDITION, Unavailable: grpc.StatusCode.UNAVAILABLE,
-           TooManySessions: grpc.StatusCode.RESOURCE_EXHAUSTED}  # fmt: skip
+_STATUS = {SessionNotOpen: grpc.StatusCode.FAILED_PRECONDITION, TooManySessions: grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 def _kiosk_errors(method):  # type: ignore[no-untyped-def]
-    """The kiosk's own failures as their gRPC status, with the message (InvalidInput/NotFound: ``rpc_errors``)."""
+    """The kiosk's own failures as their gRPC status, with the message (InvalidInput/NotFound/Unavailable:
+    ``rpc_errors``)."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):  # type: ignore[no-untyped-def]
         try:
             return method(self, request, context)
-        except (SessionNotOpen, Unavailable, TooManySessions) as exc:
+        except (SessionNotOpen, TooManySessions) as exc:
             context.abort(_STATUS[type(exc)], str(exc))
 
     return wrapper

@@ -28,7 +28,7 @@ from sightline.common import codec, telemetry, tracing
 from sightline.common.bus import make_producer
 from sightline.common.config import KafkaSettings
 from sightline.common.images import ImageError, downscale_to, encode_jpeg
-from sightline.common.rpc import InvalidInput, rpc_errors
+from sightline.common.rpc import InvalidInput, rpc_errors, stream_errors
 from sightline.common.runtime import Servicer, run_service
 from sightline.common.stage import InputEvent, StageError, dead_letter_record
 from sightline.common.topics import DEADLETTER, FRAMES
@@ -86,6 +86,15 @@ class Capture:
         self._flush(source_id)
         progress.done = True
         yield progress
+
+    def close(self) -> None:
+        """Stop measuring lag and close the producer, giving the broker a few seconds for what is in flight."""
+        self.backpressure.close()
+        try:
+            self.producer.close(timeout=self.settings.publish_timeout_s)
+        except KafkaTimeoutError:  # a dead broker: what it never acknowledged is lost, say so rather than crash
+            log.warning("frames not acknowledged by the broker at shutdown",
+                        extra={"in_flight_bytes": self.backpressure.in_flight.bytes})  # fmt: skip
 
     def _flush(self, source_id: str) -> None:
         """Wait for the broker to acknowledge what was sent, but not forever: the broker may be down."""
@@ -201,7 +210,7 @@ class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
         # Validate before streaming, so a bad source is reported as INVALID_ARGUMENT rather than a broken stream.
         stream = self._capture.ingest(request, active=context.is_active)
         first = next(stream)
-        return _chain(first, stream)
+        return stream_errors(_chain(first, stream), context)  # e.g. the broker lost while an e-channel source streams
 
 
 def _chain(first: capture_pb2.IngestResponse, rest: Iterator[capture_pb2.IngestResponse]) -> Iterator[capture_pb2.IngestResponse]:  # noqa: E501
@@ -226,4 +235,4 @@ def main() -> None:
                  "sightline.v1.CaptureService"),
         Servicer(session_pb2_grpc.add_KioskServiceServicer_to_server, KioskServicer(kiosk), "sightline.v1.KioskService"),
     ]  # fmt: skip
-    run_service(SERVICE, settings, kafka, servicers, on_stop=lambda: (stop.set(), capture.producer.close(5)))
+    run_service(SERVICE, settings, kafka, servicers, on_stop=lambda: (stop.set(), capture.close()))

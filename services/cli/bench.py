@@ -124,7 +124,10 @@ def pipeline_figures(frames: list[Path], timeout: float) -> dict[str, Any]:
     from sightline.common.paths import samples_dir
 
     run_dir = Path(tempfile.mkdtemp(prefix="sightline-bench-run-"))
-    with LocalStack(run_dir, ports="auto") as stack:
+    # Like for like with the raw loop: every face embedded (no per-track selection) and no frame dropped for lag,
+    # so the figures measure the services' throughput rather than how much work they were spared.
+    env = {"SIGHTLINE_DETECTION_SEARCH_EVERY_FACE": "true", "SIGHTLINE_CAPTURE_BACKPRESSURE_MAX_LAG_FRAMES": "0"}
+    with LocalStack(run_dir, ports="auto", env=env) as stack:
         stack.start(timeout=timeout)
         enroll("obama", [samples_dir() / "face_recognition" / "obama.jpg"], ["bench"], address=stack.addresses["matching"])
         _through_stack(stack, frames[:4], "bench-warmup", 0, timeout)  # warm-up: group joins, first inferences

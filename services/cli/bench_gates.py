@@ -116,10 +116,10 @@ def session_frames(traveller: Traveller, count: int, rng: random.Random) -> list
 
 
 def enrol(endpoints: Endpoints, people: list[Traveller]) -> None:
-    from sightline.common.rpc import channel
+    from sightline.cli.endpoints import connect
     from sightline.v1 import gallery_pb2, gallery_pb2_grpc
 
-    gallery = gallery_pb2_grpc.GalleryServiceStub(channel(endpoints.matching))
+    gallery = gallery_pb2_grpc.GalleryServiceStub(connect("matching", endpoints.matching))
     for person in people:
         gallery.DeleteSubject(gallery_pb2.DeleteSubjectRequest(subject_id=person.subject_id), timeout=30)
         reply = gallery.Enroll(gallery_pb2.EnrollRequest(subject_id=person.subject_id, images=[person.enrolment],
@@ -129,10 +129,10 @@ def enrol(endpoints: Endpoints, people: list[Traveller]) -> None:
 
 
 def remove(endpoints: Endpoints, people: list[Traveller]) -> None:
-    from sightline.common.rpc import channel
+    from sightline.cli.endpoints import connect
     from sightline.v1 import gallery_pb2, gallery_pb2_grpc
 
-    gallery = gallery_pb2_grpc.GalleryServiceStub(channel(endpoints.matching))
+    gallery = gallery_pb2_grpc.GalleryServiceStub(connect("matching", endpoints.matching))
     for person in people:
         gallery.DeleteSubject(gallery_pb2.DeleteSubjectRequest(subject_id=person.subject_id), timeout=30)
 
@@ -144,7 +144,7 @@ def run_gates(endpoints: Endpoints, people: list[Traveller], gates: int, fps: fl
               frames_per_session: int, timeout: float, seed: int = 0) -> list[Any]:  # fmt: skip
     """Run ``gates`` gates for ``seconds`` (at least one session each; sessions under way at the end are finished)."""
     from sightline.cli.gate import run_session
-    from sightline.common.rpc import channel
+    from sightline.cli.endpoints import connect
     from sightline.v1 import session_pb2, session_pb2_grpc
 
     until = time.time() + seconds
@@ -152,7 +152,7 @@ def run_gates(endpoints: Endpoints, people: list[Traveller], gates: int, fps: fl
     lock = threading.Lock()
 
     def gate(number: int) -> None:
-        stub = session_pb2_grpc.KioskServiceStub(channel(endpoints.capture))
+        stub = session_pb2_grpc.KioskServiceStub(connect("capture", endpoints.capture))
         rng = random.Random(seed * 1000 + number)
         session = 0
         while session == 0 or time.time() < until:  # at least one session each

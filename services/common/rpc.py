@@ -53,23 +53,48 @@ class NotFound(LookupError):
     """The caller named something that does not exist; becomes NOT_FOUND with this message."""
 
 
+class Unavailable(RuntimeError):
+    """Something the call needs (a peer service, the broker) cannot be used now; becomes UNAVAILABLE (retry later)."""
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
 
 
+_STATUS_OF: dict[type[Exception], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+_MAPPED = tuple(_STATUS_OF)
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+    code = next(code for kind, code in _STATUS_OF.items() if isinstance(exc, kind))
+    context.abort(code, str(exc))
+
+
 def rpc_errors(method: F) -> F:
-    """Turn InvalidInput/NotFound raised by a servicer method into the matching gRPC status with a clear message."""
+    """Turn InvalidInput/NotFound/Unavailable raised by a servicer method into the matching gRPC status with a clear
+    message (for a streaming method, those raised before it returns its stream; ``stream_errors`` for the rest)."""
 
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
-        except InvalidInput as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except NotFound as exc:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except _MAPPED as exc:
+            _abort(context, exc)
 
     return wrapper  # type: ignore[return-value]
+
+
+def stream_errors(responses: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+    """A response stream whose InvalidInput/NotFound/Unavailable, raised while it streams, end the call with the
+    matching status and message instead of UNKNOWN."""
+    try:
+        yield from responses
+    except _MAPPED as exc:
+        _abort(context, exc)
 
 
 class GrpcServer:

@@ -81,6 +81,9 @@ SCHEMA_ERROR = "values don't meet the specifications of the schema"
         ["retention.alertsDays=0"],
         ["retention.forever=1"],  # no such limit
         ["detection.streamAuditIntervalS=30"],  # matching only
+        ["matching.sqlite.size=1Gi"],  # decision's volume; matching's is matching.database.sqlite
+        ["decision.sqlite.accessModes={ReadOnlyMany}"],  # decision writes its database
+        ["decision.sqlite.mode=postgresql"],  # the mode is matching.database.mode, for both services
         ["matching.streamAuditIntervalS=0"],
         ["matching.templateKey.previousKeys.value=k1:abc"],  # keys only from a Secret
         ["kafka.topics.renamed.retentionMs=1"],  # topic names are fixed by the code
@@ -108,6 +111,10 @@ def test_schema_rejects_bad_values(helm: str, sets: list[str]) -> None:
     [
         (["matching.replicas=2"], "SQLite gallery allows exactly one matching replica"),
         (["matching.autoscaling.enabled=true"], "SQLite gallery allows exactly one matching replica"),
+        (["decision.replicas=2"], "decision.replicas > 1 needs matching.database.mode=postgresql"),
+        (["decision.autoscaling.enabled=true"], "decision.autoscaling.enabled needs matching.database.mode=postgresql"),
+        # decision's volume does not depend on matching running: the mode is the release's
+        (["matching.enabled=false", "decision.replicas=2"], "allows exactly one decision replica"),
         (["matching.database.mode=postgresql"], "matching.database.postgresql.existingSecret"),
         (["kafka.securityProtocol=SASL_SSL"], "kafka.sasl.existingSecret"),
         (["kafka.tls.ca.secretName=a", "kafka.tls.ca.configMapName=b"], "only one of"),
@@ -320,7 +327,8 @@ def test_notes_tell_what_to_do_next(helm: str) -> None:
     assert f"port-forward svc/{RELEASE}-sightline-matching 50054:50054" in text
     assert "sightline watch decisions" in text
     assert "/metrics" in text and f"svc/{RELEASE}-sightline-detection:9102" in text
-    assert "matching runs exactly one replica" in text
+    assert "runs exactly one replica on its own PVC" in text
+    assert f"PVC {RELEASE}-sightline-matching-gallery" in text and f"PVC {RELEASE}-sightline-decision-data" in text
     assert "two separate hash chains" in text
     assert "Back it up" in text
     assert "needs a bearer token" in text and "sightline auth new-token" in text
@@ -362,7 +370,51 @@ def test_decision_keeps_reviews_and_audit_in_postgresql_when_configured(helm: st
     assert decision_db(pg)["valueFrom"]["secretKeyRef"]["name"] == "db"
     policy = pg.one("NetworkPolicy", f"{RELEASE}-sightline-decision")
     assert any(port.get("port") == 5432 for rule in policy["spec"]["egress"] for port in rule.get("ports", []))
-    assert decision_db(render(helm, []))["value"].startswith("sqlite:////tmp/")
+    assert decision_db(render(helm, []))["value"] == "sqlite:////var/lib/sightline/decision.db"
+
+
+def test_sqlite_mode_gives_decision_a_persistent_volume(helm: str) -> None:
+    """The default (SQLite) install: a ReadWriteOnce claim for decision, mounted where its database and audit chain
+    live, so alerts awaiting review, sessions and the chain survive a pod replacement; kept on uninstall."""
+    r = render(helm, [])
+    claim = r.one("PersistentVolumeClaim", f"{RELEASE}-sightline-decision-data")
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert claim["metadata"]["labels"]["app.kubernetes.io/component"] == "decision"
+    spec = r.one("Deployment", f"{RELEASE}-sightline-decision")["spec"]["template"]["spec"]
+    volume = next(v for v in spec["volumes"] if v.get("persistentVolumeClaim"))
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
+    assert mount["mountPath"] == "/var/lib/sightline" and not mount.get("readOnly")
+    env = env_values(r, "decision")
+    assert env["SIGHTLINE_DECISION_DATABASE_URL"]["value"] == "sqlite:////var/lib/sightline/decision.db"
+    assert env["SIGHTLINE_AUDIT_DATABASE_URL"]["value"] == "sqlite:////var/lib/sightline/decision-audit.db"
+    # matching's gallery claim is unchanged (renaming it would start an upgraded release on an empty gallery)
+    assert r.one("PersistentVolumeClaim", f"{RELEASE}-sightline-matching-gallery")
+
+
+def test_decision_volume_settings_and_existing_claim(helm: str) -> None:
+    r = render(helm, [], ["decision.sqlite.size=3Gi", "decision.sqlite.storageClass=fast",
+                          "decision.sqlite.keepOnUninstall=false"])  # fmt: skip
+    claim = r.one("PersistentVolumeClaim", f"{RELEASE}-sightline-decision-data")
+    assert claim["spec"]["resources"]["requests"]["storage"] == "3Gi"
+    assert claim["spec"]["storageClassName"] == "fast"
+    assert "helm.sh/resource-policy" not in (claim["metadata"].get("annotations") or {})
+    existing = render(helm, [], ["decision.sqlite.existingClaim=decision-archive"])
+    assert existing.names("PersistentVolumeClaim") == {f"{RELEASE}-sightline-matching-gallery"}
+    volumes = pod_volumes(existing, "decision")
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "decision-archive"}} in volumes
+
+
+def test_postgresql_mode_gives_decision_no_volume(helm: str) -> None:
+    r = render(helm, [], ["matching.database.mode=postgresql", "matching.database.postgresql.existingSecret=db",
+                          "decision.replicas=3"])  # fmt: skip
+    assert not r.kind("PersistentVolumeClaim")
+    d = r.one("Deployment", f"{RELEASE}-sightline-decision")
+    assert d["spec"]["replicas"] == 3 and d["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert not any("persistentVolumeClaim" in v for v in pod_volumes(r, "decision"))
+    assert all(m["mountPath"] != "/var/lib/sightline" for m in container_of(r, "decision")["volumeMounts"])
 
 
 def test_matching_and_decision_share_one_audit_database_in_postgresql_mode(helm: str) -> None:
@@ -415,6 +467,10 @@ def test_topic_retention_follows_changed_limits(helm: str, tmp_path: Path) -> No
 
 def container_of(r: Rendered, service: str) -> dict[str, Any]:
     return r.one("Deployment", f"{RELEASE}-sightline-{service}")["spec"]["template"]["spec"]["containers"][0]
+
+
+def pod_volumes(r: Rendered, service: str) -> list[dict[str, Any]]:
+    return r.one("Deployment", f"{RELEASE}-sightline-{service}")["spec"]["template"]["spec"]["volumes"]
 
 
 def env_values(r: Rendered, service: str) -> dict[str, dict[str, Any]]:

@@ -241,7 +241,7 @@ def test_audit_chain_is_one_database_in_postgresql_mode(rendered: Rendered) -> N
         assert audit["matching"]["valueFrom"] == env["matching"]["SIGHTLINE_MATCHING_DATABASE_URL"]["valueFrom"]
     else:
         assert audit["matching"]["value"] == "sqlite:////var/lib/sightline/audit.db"  # on the gallery PVC
-        assert audit["decision"]["value"].startswith("sqlite:////tmp/")  # its only volume
+        assert audit["decision"]["value"] == "sqlite:////var/lib/sightline/decision-audit.db"  # on decision's PVC
 
 
 def test_default_retention_follows_the_contract(helm: str) -> None:
@@ -344,6 +344,44 @@ def test_sqlite_gallery_means_one_matching_replica(rendered: Rendered) -> None:
     else:
         assert "secretKeyRef" in url["valueFrom"]
         assert not rendered.kind("PersistentVolumeClaim")
+
+
+def persistent_dirs(spec: dict[str, Any]) -> dict[str, str]:
+    """Mount path -> claim name of the first container's PersistentVolumeClaim mounts."""
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec.get("volumes", []) if "persistentVolumeClaim" in v}
+    return {m["mountPath"]: claims[m["name"]] for m in spec["containers"][0].get("volumeMounts", []) if m["name"] in claims}
+
+
+def sqlite_dir(url: str) -> str:
+    """The directory of a sqlite:////absolute/path URL's file."""
+    assert url.startswith("sqlite:////"), url
+    return url.removeprefix("sqlite:///").rsplit("/", 1)[0]
+
+
+def test_sqlite_mode_keeps_decision_on_its_own_volume(rendered: Rendered) -> None:
+    """SQLite mode: decision's database and audit chain are files on a PVC of its own (one replica, Recreate), so a
+    pod replacement loses neither; PostgreSQL mode: both come from the Secret and decision has no volume."""
+    values = rendered.values()
+    if not values["decision"]["enabled"]:
+        return
+    d = next(d for d in rendered.kind("Deployment") if component(d) == "decision")
+    spec = d["spec"]["template"]["spec"]
+    env = env_of(spec["containers"][0])
+    urls = [env[name] for name in ("SIGHTLINE_DECISION_DATABASE_URL", "SIGHTLINE_AUDIT_DATABASE_URL")]
+    claims = [c for c in rendered.kind("PersistentVolumeClaim") if component(c) == "decision"]
+    if values["matching"]["database"]["mode"] == "sqlite":
+        assert d["spec"]["replicas"] == 1 and d["spec"]["strategy"]["type"] == "Recreate"
+        mounts = persistent_dirs(spec)
+        for url in urls:
+            assert sqlite_dir(url["value"]) in mounts, f"{url['value']} is not on a persistent volume"
+        claim = mounts[sqlite_dir(urls[0]["value"])]
+        existing = values["decision"]["sqlite"]["existingClaim"]
+        assert claim == (existing or f"{d['metadata']['name']}-data")
+        assert [c["metadata"]["name"] for c in claims] == ([] if existing else [claim])
+        assert all(c["spec"]["accessModes"] == values["decision"]["sqlite"]["accessModes"] for c in claims)
+    else:
+        assert all("secretKeyRef" in url["valueFrom"] for url in urls)
+        assert not persistent_dirs(spec) and not claims
 
 
 def test_decision_mounts_its_policy(rendered: Rendered) -> None:
