@@ -348,8 +348,10 @@ def test_sqlite_gallery_means_one_matching_replica(rendered: Rendered) -> None:
 
 def persistent_dirs(spec: dict[str, Any]) -> dict[str, str]:
     """Mount path -> claim name of the first container's PersistentVolumeClaim mounts."""
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec.get("volumes", []) if "persistentVolumeClaim" in v}
-    return {m["mountPath"]: claims[m["name"]] for m in spec["containers"][0].get("volumeMounts", []) if m["name"] in claims}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+              for v in spec.get("volumes", []) if "persistentVolumeClaim" in v}  # fmt: skip
+    mounts = spec["containers"][0].get("volumeMounts", [])
+    return {m["mountPath"]: claims[m["name"]] for m in mounts if m["name"] in claims}
 
 
 def sqlite_dir(url: str) -> str:

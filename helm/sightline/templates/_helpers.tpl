@@ -231,8 +231,8 @@ The SQLite volume of a service in SQLite mode (matching.database.mode=sqlite): m
 decision's alerts under review, reviews, sessions and audit chain. Each is its own PVC mounted at /var/lib/sightline
 in its own pod: two pods cannot share a SQLite file, and a ReadWriteOnce volume allows one pod (hence one replica, see
 sightline.validate). Renders YAML (volume name, claim name, the PVC's values block as `settings`), or nothing when the
-service keeps no SQLite volume (disabled, a stateless service, or PostgreSQL mode); read it with fromYaml.
-The claim names must never change: an upgrade would start on an empty volume. Call with (dict "root" $ "service" "decision").
+service keeps no SQLite volume (disabled, a stateless service, or PostgreSQL mode); read it with fromYaml. The claim
+names must never change: an upgrade would start on an empty volume. Call with (dict "root" $ "service" "decision").
 */}}
 {{- define "sightline.sqliteStore" -}}
 {{- $root := .root }}
