@@ -212,7 +212,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 def _refusal(state: Any, replicas: int) -> str | None:
     """Why the chart forbids this replica count, if it does."""
-    if state.sqlite_gallery and replicas > 1:
-        return (f"{state.name} keeps its gallery in SQLite on a ReadWriteOnce volume (matching.database.mode=sqlite): "
-                "it runs exactly one replica. Move the gallery to PostgreSQL to scale matching out.")  # fmt: skip
+    if state.sqlite_database and replicas > 1:
+        return (f"{state.name} keeps its database in SQLite on a ReadWriteOnce volume (matching.database.mode=sqlite):"
+                " it runs exactly one replica. Move the databases to PostgreSQL to scale it out.")  # fmt: skip
     return None

@@ -29,7 +29,8 @@ INSTANCE = "app.kubernetes.io/instance"
 COMPONENT = "app.kubernetes.io/component"
 # The chart sets this on matching with a plain value (a file path, no credentials) when the gallery is SQLite, and
 # from a Secret when it is PostgreSQL; a SQLite gallery allows one writer only.
-DATABASE_ENV = "SIGHTLINE_MATCHING_DATABASE_URL"
+# A service whose database is a SQLite file on a ReadWriteOnce volume runs exactly one replica (the chart's rule).
+DATABASE_ENVS = ("SIGHTLINE_MATCHING_DATABASE_URL", "SIGHTLINE_DECISION_DATABASE_URL")
 INCLUSTER_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -48,7 +49,7 @@ class DeploymentState:
     desired: int
     ready: int
     updated: int
-    sqlite_gallery: bool  # matching on the SQLite gallery: must not run more than one replica
+    sqlite_database: bool  # its database is a SQLite file (matching's gallery, decision's): one replica at most
 
     @property
     def is_ready(self) -> bool:
@@ -195,7 +196,7 @@ def _state(item: Any) -> DeploymentState:
         desired=int(item.spec.replicas if item.spec.replicas is not None else 1),
         ready=int((status.ready_replicas if status else None) or 0),
         updated=int((status.updated_replicas if status else None) or 0),
-        sqlite_gallery=_uses_sqlite(item),
+        sqlite_database=_uses_sqlite(item),
     )
 
 
@@ -203,7 +204,7 @@ def _uses_sqlite(item: Any) -> bool:
     containers = item.spec.template.spec.containers if item.spec.template and item.spec.template.spec else []
     for container in containers or []:
         for env in container.env or []:
-            if env.name == DATABASE_ENV and env.value and env.value.startswith("sqlite:"):
+            if env.name in DATABASE_ENVS and env.value and env.value.startswith("sqlite:"):
                 return True
     return False
 

@@ -308,7 +308,7 @@ def test_status_rows_then_scale_changes_the_server_and_the_next_status(
     assert TOKEN not in out
 
 
-def test_scale_refuses_matching_above_one_on_the_sqlite_gallery(
+def test_scale_refuses_matching_and_decision_above_one_on_sqlite(
     api: tuple[FakeApiServer, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     server, kubeconfig = api
@@ -318,6 +318,8 @@ def test_scale_refuses_matching_above_one_on_the_sqlite_gallery(
     assert not [r for r in server.requests if r[0] == "PATCH"]
     code, out, _ = ops(capsys, "scale", "matching", "0", "--kubeconfig", str(kubeconfig))
     assert code == 0 and out.strip().endswith("replicas 1 -> 0")
+    code, _, err = ops(capsys, "scale", "decision", "2", "--kubeconfig", str(kubeconfig))  # its own SQLite volume
+    assert code == 1 and "sl-sightline-decision keeps its database in SQLite" in err
 
     postgres = render_deployments("sl", "matching.database.mode=postgresql",
                                   "matching.database.postgresql.existingSecret=gallery-db")  # fmt: skip
