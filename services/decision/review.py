@@ -373,11 +373,12 @@ class AlertRecorder:
         self._store = store
         self._audit = audit
 
-    def record(self, alert: events_pb2.Alert) -> events_pb2.Alert:
-        """The alert to publish: the new one, or on a replay the stored one with its current status."""
+    def record(self, alert: events_pb2.Alert, purpose: str = ALERT_PURPOSE) -> events_pb2.Alert:
+        """The alert to publish: the new one, or on a replay the stored one with its current status. ``purpose``:
+        what the search that raised it was for, as audited (a camera's watchlists by default)."""
         stored, created = self._store.record_alert(alert)
         if created:
-            self._audit.append(SYSTEM_PRINCIPAL, Action.ALERT, alert.subject_id, ALERT_PURPOSE, stored.status,
+            self._audit.append(SYSTEM_PRINCIPAL, Action.ALERT, alert.subject_id, purpose, stored.status,
                                {"alert_id": alert.alert_id, "source_id": alert.source_id,
                                 "watchlists": ",".join(alert.watchlists), "policy_version": alert.policy_version,
                                 "similarity": f"{alert.similarity:.3f}",

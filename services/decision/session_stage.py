@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 SESSION_STAGE = "decision-sessions"
 AUDIT_PURPOSE = "e-channel"
+STOP_LIST_PURPOSE = "e-channel stop list"  # a gate's stop-list hit, as its alert is audited
 RECENTLY_DECIDED = 10_000  # ids of decided sessions kept in memory, so late results for them are dropped at once
 ANNOUNCE_RETRY_SECONDS = 5.0
 MAX_AUDIT_REASONS_CHARS = 1000
@@ -239,7 +240,8 @@ class SessionDesk:
         try:
             alert = self.engine.stop_list_alert(state)
             if alert is not None:
-                alert = self.recorder.record(alert)  # stored and audited once; a retry gets the stored one
+                # Stored and audited once; a retry gets the stored alert back.
+                alert = self.recorder.record(alert, STOP_LIST_PURPOSE)
                 update.alert_id = alert.alert_id
                 self.publisher.send(ALERTS.name, state.gate_id.encode(), alert.SerializeToString(), wait=True)
             if not audited:
