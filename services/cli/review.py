@@ -8,7 +8,9 @@ field of the request: the server decides who is reviewing, and refuses a second 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -38,6 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             command.add_argument("--not-this-person", action="store_true",
                                  help="the face is not this subject: suppresses further alerts of it on this source")
         command.set_defaults(func=cmd_review, review_action=name)
+    feedback = actions.add_parser("feedback", help='"not this person" rejections: false alerts per subject and source')
+    feedback.add_argument("--days", type=float, default=0, help="only the last N days (default: all that is kept)")
+    feedback.add_argument("--json", action="store_true", help="one JSON object")
+    feedback.set_defaults(func=cmd_feedback)
     from sightline.cli.endpoints import add_token_argument
 
     for sub in actions.choices.values():
@@ -121,4 +127,36 @@ def cmd_review(args: argparse.Namespace) -> int:
     except grpc.RpcError as exc:
         return rpc_failed(exc)
     print(describe(reviewed))
+    return 0
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    """The false-alert report: per subject and source, how often a reviewer said "not this person", then each one."""
+    from google.protobuf.json_format import MessageToDict
+
+    from sightline.v1 import review_pb2
+
+    request = review_pb2.ListFeedbackRequest()
+    if args.days > 0:
+        request.since.FromDatetime(datetime.now(UTC) - timedelta(days=args.days))
+    try:
+        reply = _stub(args).ListFeedback(request, timeout=30)
+    except grpc.RpcError as exc:
+        return rpc_failed(exc)
+    if args.json:
+        print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), sort_keys=True))
+        return 0
+    if not reply.feedback:
+        print('no "not this person" feedback')
+        return 0
+    print(f"{'SUBJECT':<24} {'SOURCE':<24} FALSE ALERTS")
+    for count in reply.counts:
+        print(f"{count.subject_id:<24} {count.source_id:<24} {count.rejections}")
+    print()
+    for item in reply.feedback:
+        until = item.suppresses_until.ToDatetime(UTC).isoformat(timespec="seconds") if item.HasField(
+            "suppresses_until") else "for good"  # fmt: skip
+        track = f" track {item.track_id}" if item.track_id else ""
+        print(f"{item.at.ToDatetime(UTC).isoformat(timespec='seconds')} {item.reviewer}: {item.subject_id} on "
+              f"{item.source_id}{track} (alert {item.alert_id[:12]}; suppressed until {until}) {item.comment}")
     return 0

@@ -75,7 +75,8 @@ _TABLE: dict[str, dict[str, frozenset[Role]]] = {
         "RemoveMembers": _ENROL,
         "GetWatchlist": _GALLERY_READ, "ListWatchlists": _GALLERY_READ, "ListMembers": _GALLERY_READ,
     },
-    "sightline.v1.ReviewService": {"ListAlerts": _ALERT_READ, "GetAlert": _ALERT_READ, "ReviewAlert": _REVIEW},
+    "sightline.v1.ReviewService": {"ListAlerts": _ALERT_READ, "GetAlert": _ALERT_READ, "ReviewAlert": _REVIEW,
+                                   "ListFeedback": _ALERT_READ},
     "sightline.v1.AuditService": {"ListAuditRecords": _AUDIT, "VerifyChain": _AUDIT},
     "sightline.v1.CaptureService": {"Ingest": _OPERATE},
     "sightline.v1.KioskService": {

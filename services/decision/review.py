@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -107,6 +108,14 @@ class Feedback:
     comment: str
     at: datetime
     expires_at: datetime | None
+
+    def to_proto(self) -> review_pb2.Feedback:
+        made = review_pb2.Feedback(alert_id=self.alert_id, source_id=self.source_id, track_id=self.track_id,
+                                   subject_id=self.subject_id, reviewer=self.reviewer, comment=self.comment)  # fmt: skip
+        made.at.FromDatetime(self.at)
+        if self.expires_at is not None:
+            made.suppresses_until.FromDatetime(self.expires_at)
+        return made
 
 
 def status_name(status: int) -> str:
@@ -417,6 +426,15 @@ class ReviewServicer:
     def GetAlert(self, request: review_pb2.GetAlertRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
         with _status_errors(context):
             return self._store.get(request.alert_id).to_proto()
+
+    def ListFeedback(self, request: review_pb2.ListFeedbackRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        since = request.since.ToDatetime(UTC) if request.HasField("since") else None
+        feedback = self._store.feedback(since)
+        reply = review_pb2.ListFeedbackResponse(feedback=[f.to_proto() for f in feedback])
+        counts = Counter((f.subject_id, f.source_id) for f in feedback)
+        for (subject_id, source_id), rejections in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+            reply.counts.add(subject_id=subject_id, source_id=source_id, rejections=rejections)
+        return reply
 
     def ReviewAlert(self, request: review_pb2.ReviewAlertRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
         reviewer = self._principal(context)

@@ -10,6 +10,7 @@ the test need not wait for them.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -171,6 +172,12 @@ def test_watchlist_alerts_review_and_erasure(stack: LocalStack, dlib_johns: Path
     assert [r.reviewer for r in second.reviews] == ["alice", "bob"]
     rejected = review(reviews, "bob", alert_of[LISTED[1]], review_pb2.REVIEW_ACTION_REJECT, not_this_person=True)
     assert rejected.alert.status == events_pb2.ALERT_STATUS_REJECTED
+    # The "not this person" feedback is in the false-alert report, for that subject, camera and track.
+    report = sightline(stack, "review", "feedback", "--json")
+    assert report.returncode == 0, report.stderr
+    feedback = json.loads(report.stdout)
+    assert feedback["counts"] == [{"subject_id": LISTED[1], "source_id": CAMERA, "rejections": 1}]
+    assert [(f["track_id"], f["reviewer"]) for f in feedback["feedback"]] == [(tracks[LISTED[1]], "bob")]
     # Integrators saw each status change on the alerts topic.
     kafka = KafkaSettings(bootstrap_servers=stack.bootstrap_servers)
     statuses = [(a.subject_id, a.status) for a in (events_pb2.Alert.FromString(r.value) for r in

@@ -181,8 +181,8 @@ class Aborted(Exception):
         self.code = code
 
 
-def review_request(action: int, **fields: Any) -> review_pb2.ReviewAlertRequest:
-    return review_pb2.ReviewAlertRequest(alert_id="a1b2c3d4e5f6a7b8", action=action, **fields)
+def review_request(action: int, alert_id: str = "a1b2c3d4e5f6a7b8", **fields: Any) -> review_pb2.ReviewAlertRequest:
+    return review_pb2.ReviewAlertRequest(alert_id=alert_id, action=action, **fields)
 
 
 def test_servicer_publishes_status_changes_and_audits_every_action(store: ReviewStore, audit: AuditLog) -> None:
@@ -243,3 +243,25 @@ def test_servicer_lists_and_gets(store: ReviewStore, audit: AuditLog) -> None:
     with pytest.raises(Aborted) as missing:
         servicer.GetAlert(review_pb2.GetAlertRequest(alert_id="nope"), FakeContext(None))
     assert missing.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_feedback_report_counts_false_alerts_per_subject_and_source(store: ReviewStore, audit: AuditLog) -> None:
+    servicer = ReviewServicer(store, audit, lambda _: None, principal=admitted_principal)
+    for alert_id, source, subject in (("aa" * 8, "cam-1", "obama"), ("bb" * 8, "cam-1", "obama"),
+                                      ("cc" * 8, "cam-2", "biden"), ("dd" * 8, "cam-2", "obama")):  # fmt: skip
+        made = alert(alert_id, source, subject)
+        made.track_id = f"{source}/t{alert_id[:2]}"
+        store.record_alert(made)
+    for alert_id in ("aa" * 8, "bb" * 8, "cc" * 8):
+        servicer.ReviewAlert(review_request(review_pb2.REVIEW_ACTION_REJECT, not_this_person=True, alert_id=alert_id),
+                             FakeContext("alice"))  # fmt: skip
+    servicer.ReviewAlert(review_request(review_pb2.REVIEW_ACTION_REJECT, alert_id="dd" * 8), FakeContext("bob"))
+    report = servicer.ListFeedback(review_pb2.ListFeedbackRequest(), FakeContext(None))
+    assert [(c.subject_id, c.source_id, c.rejections) for c in report.counts] == [("obama", "cam-1", 2),
+                                                                                  ("biden", "cam-2", 1)]  # fmt: skip
+    assert [(f.alert_id, f.track_id, f.reviewer) for f in report.feedback] == [
+        ("aa" * 8, "cam-1/taa", "alice"), ("bb" * 8, "cam-1/tbb", "alice"), ("cc" * 8, "cam-2/tcc", "alice")]
+    assert all(f.HasField("suppresses_until") for f in report.feedback)  # the fixture's store suppresses for 600 s
+    later = review_pb2.ListFeedbackRequest()
+    later.since.FromDatetime(datetime.now(UTC) + timedelta(minutes=1))
+    assert not servicer.ListFeedback(later, FakeContext(None)).feedback
