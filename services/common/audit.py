@@ -305,14 +305,22 @@ class AuditLog(BackendStore):
         return int(sequence), str(digest)
 
     def verify(self, batch: int = VERIFY_BATCH) -> ChainReport:
-        """Recompute the chain from the first record; report the first record whose sequence, link or hash is wrong."""
+        """Recompute the chain from the first record to the head as it stands when called; report the first record
+        whose sequence, link or hash is wrong. Records appended meanwhile (a live log) are left to the next run."""
         head_sequence, head_hash = self.head()
-        expected, prev_hash, checked = 1, GENESIS_HASH, 0
+        expected, prev_hash, checked, beyond = 1, GENESIS_HASH, 0, None
         for row in self._all_rows(batch):
+            if row[0] > head_sequence:  # newer than the head read above: appended while this ran, or planted
+                beyond = int(row[0])
+                break
             broken, problem = _check_row(row, expected, prev_hash)
             if problem:
                 return ChainReport(False, checked, broken, problem, head_sequence, head_hash)
             checked, expected, prev_hash = checked + 1, expected + 1, row[9]
+        if beyond is not None and beyond > self.head()[0]:
+            problem = (f"record {beyond} lies beyond the chain head: a record was added without going through the "
+                       "chain")  # fmt: skip
+            return ChainReport(False, checked, beyond, problem, head_sequence, head_hash)
         if (checked, prev_hash) != (head_sequence, head_hash):
             problem = (f"the chain head names record {head_sequence} ({head_hash[:12]}), but the records end at "
                        f"{checked} ({prev_hash[:12]}): records were removed from the end, or the head was changed")

@@ -168,6 +168,38 @@ def test_concurrent_writers_share_one_chain(store_url: str, opened: list[AuditLo
     assert report.intact and report.records_checked == 60
 
 
+def test_verifying_a_live_log_while_another_replica_appends_is_intact(store_url: str, opened: list[AuditLog]) -> None:
+    writer, reader = AuditLog.open(store_url), AuditLog.open(store_url)
+    opened.extend([writer, reader])
+    fill(writer, 20)
+    stop, reports = threading.Event(), []
+
+    def keep_appending() -> None:
+        while not stop.is_set():
+            writer.append("service:matching", Action.STREAM_SEARCH, "", "cctv-watchlist", "ok")
+
+    appender = threading.Thread(target=keep_appending)
+    appender.start()
+    try:
+        for _ in range(5):
+            reports.append(reader.verify(batch=3))  # small pages: appends land between them
+    finally:
+        stop.set()
+        appender.join()
+    assert all(r.intact for r in reports), [r.reason for r in reports if not r.intact]
+    assert reports[-1].records_checked >= 20 and reader.verify().records_checked == reader.head()[0]
+
+
+def test_a_record_planted_beyond_the_chain_head_is_found(store_url: str, audit: AuditLog) -> None:
+    records = fill(audit, 3)
+    drop_append_only_triggers(store_url)
+    raw(store_url, "INSERT INTO audit_records (sequence, at, principal, action, subject_id, purpose, result, details,"
+                   f" prev_hash, hash) VALUES (4, '2026-01-01T00:00:00.000000Z', 'x', 'ERASE', '', '', 'ok', '{{}}',"
+                   f" '{records[-1].hash}', '{'b' * 64}')")  # fmt: skip
+    report = audit.verify()
+    assert not report.intact and report.first_broken_sequence == 4 and "beyond the chain head" in report.reason
+
+
 # -- what a record may hold, publishing, reading without creating -------------------------------------------------
 
 
