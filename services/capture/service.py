@@ -25,6 +25,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanKind
 
 from sightline.common import codec, telemetry, tracing
+from sightline.common.audit import AuditLog
 from sightline.common.bus import make_producer
 from sightline.common.config import KafkaSettings
 from sightline.common.images import ImageError, downscale_to, encode_jpeg
@@ -149,6 +150,9 @@ class Capture:
         except KafkaTimeoutError:  # no metadata for the topic within publish_timeout_s: the broker is not answering
             self.backpressure.release(len(value))
             raise self.backpressure.unavailable(ref) from None
+        except BaseException:  # any other refusal (too large, producer closed): the bytes never went out
+            self.backpressure.release(len(value))
+            raise
         future.add_both(lambda _outcome: self.backpressure.release(len(value)))
 
     def _encode(self, raw: RawFrame) -> tuple[bytes, str]:
@@ -225,14 +229,23 @@ def main() -> None:
     # run_service's own calls then find both done.
     telemetry.configure_logging(SERVICE, settings.log_level, settings.log_json)
     tracing.setup_tracing(SERVICE)
+    audit = AuditLog.open_if_configured()  # where refused calls are audited; None: they are logged only
     capture = Capture(settings, kafka)
     stop = threading.Event()
     capture.run_configured_sources(stop)
     kiosk = Kiosk(capture, settings, kafka)
-    kiosk.start(stop)
+    kiosk.start()
     servicers = [
         Servicer(capture_pb2_grpc.add_CaptureServiceServicer_to_server, CaptureServicer(capture),
                  "sightline.v1.CaptureService"),
         Servicer(session_pb2_grpc.add_KioskServiceServicer_to_server, KioskServicer(kiosk), "sightline.v1.KioskService"),
     ]  # fmt: skip
-    run_service(SERVICE, settings, kafka, servicers, on_stop=lambda: (stop.set(), capture.close()))
+
+    def close() -> None:
+        stop.set()
+        kiosk.close()  # cancels the open sessions and deletes their templates: before the producer closes
+        capture.close()
+        if audit is not None:
+            audit.close()
+
+    run_service(SERVICE, settings, kafka, servicers, on_stop=close, audit=audit)

@@ -50,8 +50,8 @@ class CaptureSettings(ServiceSettings):
     )  # fmt: skip
     default_stop_lists: list[str] = Field(
         default_factory=list,
-        description="Watchlists every traveller's face is searched against when OpenSession names none (JSON list); "
-        "empty: every watchlist.",
+        description="Watchlists every traveller's face is searched against (JSON list). An OpenSession's stop_lists "
+        "are added to them, never replace them; empty: every watchlist (a session's own lists then change nothing).",
     )
     max_sessions: int = Field(
         10000, ge=1, description="Open sessions kept in memory; OpenSession is refused (RESOURCE_EXHAUSTED) beyond it."
@@ -59,6 +59,11 @@ class CaptureSettings(ServiceSettings):
     ended_session_retention_s: float = Field(
         60.0, ge=0, description="How long an ended session's outcome is kept for a kiosk that starts watching late."
     )
+    shutdown_timeout_s: float = Field(
+        10.0, gt=0,
+        description="On a graceful stop, longest spent cancelling the open sessions (CANCELLED announced to decision) "
+        "and deleting their session-scoped templates; templates left are deleted by the next start-up's sweep.",
+    )  # fmt: skip
     orphan_sweep_interval_s: float = Field(
         600.0, gt=0,
         description="How often session-scoped templates left behind (capture restarted mid-session) are deleted; "

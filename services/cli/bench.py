@@ -109,13 +109,12 @@ def _through_stack(stack: Any, frames: list[Path], source_id: str, fps: float, t
 
 def _frame_latencies(outcomes: Any) -> list[float]:
     """Per frame: capture time to its last decision (or to its match result when it had no face)."""
-    def secs(stamp: Any) -> float:
-        return stamp.seconds + stamp.nanos / 1e9
+    from sightline.common.codec import seconds
 
-    done: dict[int, float] = {seq: secs(m.matched_at) for seq, m in outcomes.matches.items()}
+    done: dict[int, float] = {seq: seconds(m.matched_at) for seq, m in outcomes.matches.items()}
     for d in outcomes.decisions:
-        done[d.frame.sequence] = max(done.get(d.frame.sequence, 0.0), secs(d.decided_at))
-    return [done[seq] - secs(m.frame.captured_at) for seq, m in outcomes.matches.items() if seq in done]
+        done[d.frame.sequence] = max(done.get(d.frame.sequence, 0.0), seconds(d.decided_at))
+    return [done[seq] - seconds(m.frame.captured_at) for seq, m in outcomes.matches.items() if seq in done]
 
 
 def pipeline_figures(frames: list[Path], timeout: float) -> dict[str, Any]:
@@ -149,11 +148,13 @@ def pipeline_figures(frames: list[Path], timeout: float) -> dict[str, Any]:
 
 def _span(run: dict[str, Any]) -> float:
     """Seconds from the start of publishing to the last decision or match result of the run."""
+    from sightline.common.codec import seconds
+
     outcomes = run["outcomes"]
     stamps = [d.decided_at for d in outcomes.decisions] + [m.matched_at for m in outcomes.matches.values()]
     if not stamps:
         return float("inf")
-    return max(s.seconds + s.nanos / 1e9 for s in stamps) - run["start"]
+    return max(seconds(s) for s in stamps) - run["start"]
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:

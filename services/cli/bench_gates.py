@@ -184,16 +184,12 @@ def read_topic_times(endpoints: Endpoints, since_ms: int, stop: threading.Event,
         if record.topic == MATCHES.name:
             result = codec.parse(events_pb2.MatchResult, record.value)
             if result.frame.source_id.startswith("bench-gate-"):
-                into.captured[result.frame.frame_id] = _seconds(result.frame.captured_at)
-                into.matched[result.frame.frame_id] = _seconds(result.matched_at)
+                into.captured[result.frame.frame_id] = codec.seconds(result.frame.captured_at)
+                into.matched[result.frame.frame_id] = codec.seconds(result.matched_at)
         else:
             event = codec.parse(session_pb2.SessionEvent, record.value)
             if event.kind == session_pb2.SessionEvent.KIND_DECIDED and event.gate_id.startswith("bench-gate-"):
                 into.decided[event.session_id] = record.timestamp / 1000
-
-
-def _seconds(stamp: Any) -> float:
-    return stamp.seconds + stamp.nanos / 1e9
 
 
 def stage_totals(endpoints: Endpoints) -> dict[str, tuple[float, float, float, float]]:
@@ -259,7 +255,7 @@ def median(values: list[float]) -> float | None:
 
 
 def figures(runs: list[Any], times: TopicTimes, gates: int, fps: float, seconds: float) -> dict[str, Any]:
-    from sightline.cli.gate import outcome_name
+    from sightline.common.codec import outcome_name
     from sightline.v1 import session_pb2
 
     decided = [r for r in runs if r.outcome is not None and r.sent_at]

@@ -16,7 +16,7 @@ SETTINGS_CLASSES = (
     ("Retention (all services)", "sightline.common.retention", "RetentionSettings"),
     ("Access control (all services)", "sightline.common.auth", "AuthSettings"),
     ("TLS (all services)", "sightline.common.tls", "TlsSettings"),
-    ("Audit (matching and decision)", "sightline.common.audit", "AuditSettings"),
+    ("Audit (every service)", "sightline.common.audit", "AuditSettings"),
     ("capture", "sightline.capture.settings", "CaptureSettings"),
     ("detection", "sightline.detection.settings", "DetectionSettings"),
     ("embedding", "sightline.embedding.settings", "EmbeddingSettings"),

@@ -2,7 +2,8 @@
 
 An address is an explicit flag, else the local stack recorded in the run dir, else the default port. The bearer
 token is ``--token``, else ``$SIGHTLINE_AUTH_TOKEN`` or ``$SIGHTLINE_TOKEN``, else, for the addresses of the local
-stack only, the stack's own ``client-token`` (so ``sightline enroll`` just works against ``sightline up``).
+stack only, the stack's own ``client-token`` (so ``sightline enroll`` just works against ``sightline up``). A token
+goes in clear text to loopback addresses only, unless TLS or ``SIGHTLINE_TLS_ALLOW_PLAINTEXT_TOKENS`` says otherwise.
 """
 
 from __future__ import annotations
@@ -41,12 +42,20 @@ def add_token_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def connect(service: str, explicit_address: str | None = None, token: str | None = None) -> grpc.Channel:
-    """A channel to a service, carrying the caller's bearer token (see the module docstring for which)."""
+    """A channel to a service, carrying the caller's bearer token (see the module docstring for which).
+
+    Exits the command with the reason when the channel cannot be made as configured: a certificate that cannot be
+    read, or a token that would go in clear text to another machine.
+    """
     from sightline.common import auth
     from sightline.common.rpc import channel
+    from sightline.common.tls import TlsError
 
     address = grpc_address(service, explicit_address)
-    return channel(address, token or auth.outgoing_token(address) or _stack_token(address))
+    try:
+        return channel(address, token or auth.outgoing_token(address) or _stack_token(address))
+    except TlsError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def _stack_token(address: str) -> str:

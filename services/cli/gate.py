@@ -3,8 +3,10 @@
 The claim (an enrolled subject, a chip portrait or a photographed data page) opens the session; the frames (image
 files, folders of images, video files) are sent at the gate camera's rate while the session is watched; sending
 stops as soon as the outcome is in (the gate has opened, or an officer is called), else the session is closed after
-the last frame. Exit code 0 for ACCEPT, 1 for REFER_TO_OFFICER (or a cancelled session), 2 for a usage error or a
-refused claim. :func:`run_session` is also what ``sightline bench gates`` runs on each simulated gate.
+the last frame. A session this command cannot finish (a frame refused, capture unreachable, Ctrl-C) is cancelled,
+so that no gate decision is taken for a traveller the gate no longer serves. Exit code 0 for ACCEPT, 1 for
+REFER_TO_OFFICER (or a cancelled session), 2 for a usage error, a refused claim or a failed call. :func:`run_session`
+is also what ``sightline bench gates`` runs on each simulated gate.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from typing import Any
 import grpc
 
 EXIT_ACCEPT, EXIT_REFERRED, EXIT_USAGE = 0, 1, 2
+CANCEL_TIMEOUT_S = 5.0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--gate", default="gate-1", help="gate id (default: gate-1)")
     parser.add_argument("--fps", type=float, default=10.0, help="frames sent per second, as a camera (default 10)")
     parser.add_argument("--stop-list", action="append", default=[],
-                        help="search the face on this stop list (repeatable; default: the service's)")  # fmt: skip
+                        help="also search the face on this stop list (repeatable; added to the service's default "
+                        "stop lists, which it cannot narrow)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=60.0, help="longest wait for the outcome, seconds")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--capture", help="capture gRPC address (default: the local stack)")
@@ -55,6 +60,7 @@ class SessionRun:
     session_id: str
     opened: Any  # OpenSessionResponse
     outcome: Any = None  # the final SessionUpdate (None: none arrived within the timeout)
+    watch_error: grpc.RpcError | None = None  # why watching failed, other than by the timeout
     sent_at: list[float] = field(default_factory=list)  # epoch seconds at which each frame was sent (captured)
     frame_ids: list[str] = field(default_factory=list)
     decided_at: float = 0.0  # epoch seconds at which the outcome reached the kiosk
@@ -118,18 +124,37 @@ def load_frames(sources: list[str], fps: float) -> list[bytes]:
     return frames
 
 
-def run_session(stub: Any, request: Any, frames: list[bytes], fps: float, timeout: float) -> SessionRun:
+def run_session(stub: Any, request: Any, frames: Iterable[bytes], fps: float, timeout: float) -> SessionRun:
     """Open a session, watch it, send the frames at ``fps`` until the outcome is in, close it if needed, and wait.
 
-    grpc.RpcError from OpenSession propagates (INVALID_ARGUMENT: the claim was refused).
+    grpc.RpcError from OpenSession propagates (INVALID_ARGUMENT: the claim was refused). Once the session is open, a
+    call that fails (its RpcError propagates), a watch that breaks (``watch_error``) or a KeyboardInterrupt cancels
+    it first.
     """
-    from sightline.v1 import session_pb2
-
     opened = stub.OpenSession(request, timeout=120)
     run = SessionRun(opened.session_id, opened)
     decided = threading.Event()
     watcher = threading.Thread(target=_watch, args=(stub, run, decided, timeout), daemon=True, name="gate-watch")
     watcher.start()
+    try:
+        _send_frames(stub, run, frames, fps, decided)
+        watcher.join(timeout)
+    except grpc.RpcError as exc:
+        _cancel(stub, run, f"the gate failed: {exc.code().name} from capture")
+        raise
+    except KeyboardInterrupt:
+        _cancel(stub, run, "the gate was interrupted")
+        raise
+    if run.watch_error is not None:
+        _cancel(stub, run, f"the gate stopped watching: {run.watch_error.code().name} from capture")
+    return run
+
+
+def _send_frames(stub: Any, run: SessionRun, frames: Iterable[bytes], fps: float,
+                 decided: threading.Event) -> None:  # fmt: skip
+    """Send the frames at ``fps`` until the outcome is in (or the watch ends), then close the session if it is not."""
+    from sightline.v1 import session_pb2
+
     started = time.monotonic()
     for index, frame in enumerate(frames):
         if decided.wait(max(0.0, started + index / fps - time.monotonic())):
@@ -149,8 +174,19 @@ def run_session(stub: Any, request: Any, frames: list[bytes], fps: float, timeou
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
                 raise
-    watcher.join(timeout)
-    return run
+
+
+def _cancel(stub: Any, run: SessionRun, reason: str) -> None:
+    """Cancel the session, if capture can still be told (the error being reported matters more than this one)."""
+    from sightline.v1 import session_pb2
+
+    if run.outcome is not None:
+        return
+    try:
+        stub.CancelSession(session_pb2.CancelSessionRequest(session_id=run.session_id, reason=reason),
+                           timeout=CANCEL_TIMEOUT_S)  # fmt: skip
+    except grpc.RpcError:
+        pass
 
 
 def _watch(stub: Any, run: SessionRun, decided: threading.Event, timeout: float) -> None:
@@ -160,20 +196,16 @@ def _watch(stub: Any, run: SessionRun, decided: threading.Event, timeout: float)
         for update in stub.WatchSession(session_pb2.WatchSessionRequest(session_id=run.session_id), timeout=timeout):
             if update.outcome != session_pb2.SESSION_OUTCOME_UNSPECIFIED:
                 run.outcome, run.decided_at = update, time.time()
-    except grpc.RpcError:
-        pass  # the deadline passed without an outcome: run.outcome stays None
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # the timeout passed: no outcome, run.outcome stays None
+            run.watch_error = exc
     finally:
         decided.set()
 
 
-def outcome_name(outcome: int) -> str:
-    """``ACCEPT``, ``REFER_TO_OFFICER``, ``CANCELLED``."""
-    from sightline.v1 import session_pb2
-
-    return session_pb2.SessionOutcome.Name(outcome).removeprefix("SESSION_OUTCOME_")
-
-
 def summary(run: SessionRun) -> dict[str, Any]:
+    from sightline.common.codec import outcome_name
+
     update = run.outcome
     return {
         "outcome": outcome_name(update.outcome),
@@ -229,8 +261,9 @@ def cmd_gate(args: argparse.Namespace) -> int:
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
             return _usage(f"the claim was refused: {exc.details()}")
-        hint = " (is the stack running? `sightline up`)" if exc.code() == grpc.StatusCode.UNAVAILABLE else ""
-        return _usage(f"{exc.code().name}: {exc.details()}{hint}")
+        return _usage(_failure(exc))
+    if run.watch_error is not None and run.outcome is None:
+        return _usage(f"watching session {run.session_id} failed: {_failure(run.watch_error)}")
     if run.outcome is None:
         print(f"error: no outcome for session {run.session_id} within {args.timeout:g} s", file=sys.stderr)
         return EXIT_REFERRED
@@ -240,6 +273,11 @@ def cmd_gate(args: argparse.Namespace) -> int:
     else:
         print_summary(result, run)
     return EXIT_ACCEPT if run.outcome.outcome == session_pb2.SESSION_OUTCOME_ACCEPT else EXIT_REFERRED
+
+
+def _failure(exc: grpc.RpcError) -> str:
+    hint = " (is the stack running? `sightline up`)" if exc.code() == grpc.StatusCode.UNAVAILABLE else ""
+    return f"{exc.code().name}: {exc.details()}{hint}"
 
 
 def _usage(message: str) -> int:

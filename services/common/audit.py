@@ -15,7 +15,8 @@ Appends are serialised per chain: one lock per process around one connection, an
 is read ``FOR UPDATE`` on PostgreSQL (``BEGIN IMMEDIATE`` on SQLite), so several replicas may append to one chain.
 There is one chain for the whole system: matching (gallery and watchlist actions, stream searches, erasures) and
 decision (alerts, reviews) append to the same log, at ``SIGHTLINE_AUDIT_DATABASE_URL`` (``AuditSettings``, opened
-by ``AuditLog.open_configured``).
+by ``AuditLog.open_configured``). Every service audits the calls its access control refuses there too; capture,
+detection and embedding only when the URL is configured (``AuditLog.open_if_configured``).
 
 Each record can also be published (a copy, for a SIEM or an archive) to ``sightline.audit.v1``; the database is
 the reference. Records never hold images, face chips or descriptors: ``details`` takes short scalar values only.
@@ -45,6 +46,7 @@ from sightline.common.sqlstore import Backend, BackendStore, Cursor, Migration, 
 log = logging.getLogger(__name__)
 
 GENESIS_HASH = "0" * 64
+ANONYMOUS = "anonymous"  # the principal of a call that carried no credentials (or none that could be verified)
 AUDIT_TOPIC_KEY = b"sightline-audit"  # one key: the whole chain lands on one partition, in order
 MAX_DETAIL_CHARS = 1024
 MAX_FIELD_CHARS = 512
@@ -58,16 +60,22 @@ class AuditError(StoreError):
 
 
 class AuditSettings(SightlineSettings):
-    """Where the audit chain lives (``SIGHTLINE_AUDIT_*``): one database that matching and decision share."""
+    """Where the audit chain lives (``SIGHTLINE_AUDIT_*``): one database that every service appends to."""
 
     config_section: ClassVar[str] = "audit"
     model_config = SettingsConfigDict(env_prefix="SIGHTLINE_AUDIT_", extra="ignore")
 
     database_url: SecretStr = Field(
         default_factory=lambda: SecretStr(paths.default_sqlite_url("audit.db")),
-        description="The audit log, one hash chain for matching and decision: sqlite:///PATH (default <run dir>/"
-        "audit.db, for services on one machine) or postgresql://USER@HOST/DB. Give every service the same URL.",
+        description="The audit log, one hash chain for the system: sqlite:///PATH (default <run dir>/audit.db, for "
+        "services on one machine) or postgresql://USER@HOST/DB. Give every service the same URL. Matching and "
+        "decision always keep it; capture, detection and embedding audit refused calls only when it is set.",
     )
+
+    @property
+    def configured(self) -> bool:
+        """Whether the URL was given (environment, secret file or config file), not just defaulted."""
+        return "database_url" in self.model_fields_set
 
 
 class Action(StrEnum):
@@ -261,6 +269,14 @@ class AuditLog(BackendStore):
                         settings: AuditSettings | None = None) -> AuditLog:  # fmt: skip
         """The system's one audit log, where ``SIGHTLINE_AUDIT_DATABASE_URL`` says (``AuditSettings``)."""
         return cls.open((settings or AuditSettings()).database_url.get_secret_value(), publish)
+
+    @classmethod
+    def open_if_configured(cls, publish: Callable[[AuditRecord], None] | None = None,
+                           settings: AuditSettings | None = None) -> AuditLog | None:  # fmt: skip
+        """The system's audit log when ``SIGHTLINE_AUDIT_DATABASE_URL`` is set; None when it is not, so that a service
+        without a trail of its own (capture, detection, embedding) never starts a private chain nobody reads."""
+        settings = settings or AuditSettings()
+        return cls.open_configured(publish, settings) if settings.configured else None
 
     @property
     def description(self) -> str:

@@ -17,6 +17,7 @@ and the server says so loudly when it starts. See docs/security.md.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from sightline.common.config import SightlineSettings
@@ -439,10 +440,34 @@ def outgoing_token(address: str) -> str:
     This process's own token (``SIGHTLINE_AUTH_TOKEN``), else the user's (``$SIGHTLINE_TOKEN``), else the token of a
     local stack this process started, for that stack's addresses only (a token never goes anywhere else).
     """
-    own = AuthSettings().token
-    if own is not None and own.get_secret_value().strip():
-        return own.get_secret_value().strip()
+    if own := _own_token(_settings_environment()):
+        return own
     if user := os.environ.get(CLI_TOKEN_ENV, "").strip():
         return user
     with _stack_lock:
         return _stack_tokens.get(address, "")
+
+
+_SETTINGS_SOURCES = ("SIGHTLINE_SECRETS_DIR", "SIGHTLINE_CONFIG_FILE")
+
+
+def _settings_environment() -> tuple[tuple[str, str], ...]:
+    """The variables ``AuthSettings`` is read from: the cache key of ``_own_token``, so a changed one is read anew."""
+    return tuple(sorted((name, value) for name, value in os.environ.items()
+                        if name.startswith("SIGHTLINE_AUTH_") or name in _SETTINGS_SOURCES))  # fmt: skip
+
+
+@functools.lru_cache(maxsize=4)
+def _own_token(environment: tuple[tuple[str, str], ...]) -> str:
+    """This process's own token, read once per environment (every channel asks). Invalid auth settings (say a
+    server-side SIGHTLINE_AUTH_REQUIRED without a tokens file) mean no own token, with a warning, rather than a
+    failure of every call this process makes."""
+    try:
+        own = AuthSettings().token
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(part) for part in problem['loc']) or 'auth'}: {problem['msg']}"
+                             for problem in error.errors(include_input=False))  # fmt: skip
+        log.warning("this process sends no token of its own (SIGHTLINE_AUTH_TOKEN): its auth settings are invalid "
+                    "(%s)", problems)
+        return ""
+    return own.get_secret_value().strip() if own is not None else ""

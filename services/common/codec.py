@@ -43,9 +43,14 @@ def now() -> Timestamp:
     return stamp
 
 
+def seconds(stamp: Timestamp) -> float:
+    """A timestamp as seconds since the epoch (``time.time()``'s scale)."""
+    return stamp.seconds + stamp.nanos / 1e9
+
+
 def seconds_since(stamp: Timestamp) -> float:
     """Wall-clock seconds since a timestamp (capture-to-stage latency)."""
-    return time.time() - (stamp.seconds + stamp.nanos / 1e9)
+    return time.time() - seconds(stamp)
 
 
 def box_to_proto(box: np.ndarray | tuple[float, float, float, float]) -> types_pb2.Box:
@@ -63,6 +68,14 @@ def chip_from_bytes(data: bytes, size: int) -> np.ndarray:
     if size <= 0 or len(data) != expected:
         raise MalformedEvent(f"face chip has {len(data)} bytes, expected {expected} for a {size}x{size} RGB chip")
     return np.frombuffer(data, dtype=np.uint8).reshape(size, size, 3)
+
+
+def outcome_name(outcome: int) -> str:
+    """An e-channel session's outcome as logs, audit records and the CLI name it: ``ACCEPT``, ``REFER_TO_OFFICER``,
+    ``CANCELLED`` (``UNSPECIFIED`` while undecided)."""
+    from sightline.v1 import session_pb2
+
+    return session_pb2.SessionOutcome.Name(outcome).removeprefix("SESSION_OUTCOME_")
 
 
 def event_class(topic: TopicSpec) -> type[Message]:

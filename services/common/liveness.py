@@ -54,6 +54,10 @@ class LivenessSettings(BaseModel):
     """Thresholds of the liveness checks; the defaults come from the measurements in docs/liveness.md."""
 
     min_frames: int = Field(10, ge=3, description="Frames of the tracked face needed before liveness is decided.")
+    min_quality: float = Field(
+        40.0, ge=0, le=100, description="E-channel sessions: unified quality (0-100) a traveller's face needs to "
+        "count towards the verdict. Keep it at most the decision policy's echannel.min_quality (the default equals "
+        "it): then every verified frame inside the verdict's window is one the checks assessed.")  # fmt: skip
     min_motion: float = Field(
         0.05, gt=0, description="Largest RMS displacement of the face's points from the first frame, in inter-eye "
         "distances, below which the face counts as still (a photo on a stand).")  # fmt: skip

@@ -51,7 +51,7 @@ STATE_FILE = "stack.json"
 KEY_FILE = "template.key"
 GALLERY_DB = "gallery.db"
 DECISION_DB = "decision.db"  # alerts and reviews
-AUDIT_DB = "audit.db"  # the audit trail, one chain shared by matching and decision
+AUDIT_DB = "audit.db"  # the audit trail, one chain every service appends to
 TOKENS_FILE = "tokens.yaml"
 CLIENT_TOKEN_FILE = "client-token"
 ADMIN_PRINCIPAL = "local-admin"
@@ -648,8 +648,8 @@ class LocalStack:
             env.setdefault("SIGHTLINE_MATCHING_TEMPLATE_KEY", key)
             env["SIGHTLINE_MATCHING_DETECTION_ADDR"] = f"{HOST}:{self.ports.grpc['detection']}"
             env["SIGHTLINE_MATCHING_EMBEDDING_ADDR"] = f"{HOST}:{self.ports.grpc['embedding']}"
-        if name in ("matching", "decision"):
-            env.setdefault("SIGHTLINE_AUDIT_DATABASE_URL", f"sqlite:///{self.run_dir / AUDIT_DB}")
+        # One chain for the stack: matching's and decision's records, and every service's refused calls.
+        env.setdefault("SIGHTLINE_AUDIT_DATABASE_URL", f"sqlite:///{self.run_dir / AUDIT_DB}")
         if name == "capture":
             env.setdefault("SIGHTLINE_CAPTURE_MATCHING_ADDR", f"{HOST}:{self.ports.grpc['matching']}")  # kiosk sessions
         if name == "decision":

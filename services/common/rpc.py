@@ -12,7 +12,8 @@ on, so a request can be followed from the gallery API to detection and embedding
 Access control and TLS live here too: a server given an ``AccessPolicy`` admits each call (bearer token or client
 certificate, and the method's role, see ``auth.py``) before its handler runs, refusing it with UNAUTHENTICATED or
 PERMISSION_DENIED and reporting the refusal; a server given credentials speaks TLS (mutual TLS with a client CA, see
-``tls.py``). Every channel made here sends the caller's bearer token and uses TLS when the process is configured to.
+``tls.py``). Every channel made here sends the caller's bearer token and uses TLS when the process is configured to;
+a token never goes in clear text to another machine unless ``SIGHTLINE_TLS_ALLOW_PLAINTEXT_TOKENS`` allows it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from sightline.common import auth, tracing
-from sightline.common.tls import TlsSettings, channel_credentials
+from sightline.common.tls import TlsSettings, channel_credentials, refuse_plaintext_token
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +155,14 @@ def channel(address: str, token: str | None = None, tls: TlsSettings | None = No
     """A channel with Sightline's message size limits that passes the current trace context and a bearer token on.
 
     ``token``: None sends this process's token for ``address`` (``auth.outgoing_token``), "" sends none. TLS (and
-    a client certificate) as ``tls`` says, by default the process's ``SIGHTLINE_TLS_*`` settings.
+    a client certificate) as ``tls`` says, by default the process's ``SIGHTLINE_TLS_*`` settings. Raises
+    ``tls.PlaintextTokenError`` for a token over plaintext to a non-loopback address, unless the settings allow it.
     """
     token = auth.outgoing_token(address) if token is None else token.strip()
-    credentials = channel_credentials(tls or TlsSettings())
+    tls = tls or TlsSettings()
+    credentials = channel_credentials(tls)
+    if token and credentials is None:
+        refuse_plaintext_token(address, tls)
     raw = (grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS) if credentials is not None
            else grpc.insecure_channel(address, options=CHANNEL_OPTIONS))  # fmt: skip
     interceptors: list[Any] = [_ClientTracing()]

@@ -5,7 +5,8 @@ A service module builds its settings, its gRPC servicers and (for stream service
 SIGINT: the health service reports NOT_SERVING, in-flight gRPC calls get a grace period, the faust worker commits.
 
 The gRPC server is secured as the process's ``SIGHTLINE_AUTH_*`` and ``SIGHTLINE_TLS_*`` settings say (see
-docs/security.md); a service with an audit log passes it, and every refused call is then audited as ACCESS_DENIED.
+docs/security.md); a service with an audit log passes it, and refused calls are then audited as ACCESS_DENIED,
+repeats aggregated (``denials.py``).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sightline.common import telemetry, tracing
-from sightline.common.audit import Action, AuditLog
-from sightline.common.auth import AccessPolicy, AuthSettings, Denial
+from sightline.common.audit import AuditLog
+from sightline.common.auth import AccessPolicy, AuthSettings
 from sightline.common.config import KafkaSettings, ServiceSettings
+from sightline.common.denials import DenialAudit
 from sightline.common.rpc import GrpcServer
 from sightline.common.stage import Stage
 from sightline.common.tls import TlsSettings, server_credentials
@@ -51,14 +53,16 @@ def run_service(
 ) -> None:
     """Run a service until SIGTERM/SIGINT. With stages, a faust worker runs them; otherwise the gRPC server alone.
 
-    With ``audit``, calls the access policy refuses are recorded in it (ACCESS_DENIED) as well as logged.
+    With ``audit``, calls the access policy refuses are recorded in it (ACCESS_DENIED) as well as logged; the
+    counts of repeated refusals still open are written after the server stops, before ``on_stop`` (which may close
+    the log).
     """
     telemetry.configure_logging(name, settings.log_level, settings.log_json)
     tracing.setup_tracing(name)
     telemetry.start_metrics(settings.metrics_port)
+    denials = DenialAudit(audit) if audit is not None else None
     server = GrpcServer(settings.grpc_host, settings.grpc_port, settings.grpc_workers,
-                        access=AccessPolicy.from_settings(AuthSettings()),
-                        on_denied=audit_denials(audit) if audit is not None else None,
+                        access=AccessPolicy.from_settings(AuthSettings()), on_denied=denials,
                         credentials=server_credentials(TlsSettings()))  # fmt: skip
     for servicer in servicers:
         server.add(servicer.register, servicer.impl, servicer.full_name)
@@ -71,23 +75,11 @@ def run_service(
             _wait_for_signal()
     finally:
         server.stop()
+        if denials is not None:
+            denials.close()
         if on_stop:
             on_stop()
         log.info("stopped")
-
-
-ACCESS_PURPOSE = "access-control"
-
-
-def audit_denials(audit: AuditLog) -> Callable[[Denial], None]:
-    """A GrpcServer ``on_denied`` callback that appends one ACCESS_DENIED record per refused call."""
-
-    def record(denial: Denial) -> None:
-        audit.append(denial.principal or "anonymous", Action.ACCESS_DENIED, "", ACCESS_PURPOSE,
-                     f"refused: {denial.code}", {"method": denial.method, "reason": denial.reason[:500],
-                                                 "peer": denial.peer[:200]})  # fmt: skip
-
-    return record
 
 
 def _run_with_faust(name: str, kafka: KafkaSettings, stages: Sequence[Stage], server: GrpcServer,

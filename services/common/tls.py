@@ -5,10 +5,14 @@ everything), so one settings class (``SIGHTLINE_TLS_*``) describes both sides. A
 TLS only; with a client CA as well, it requires and verifies a client certificate on every connection (mutual TLS).
 A client uses TLS when it has a CA bundle or a client certificate. Files are PEM, read when a server starts or a
 channel is made, so a renewed certificate is picked up by the next restart (servers) or channel (clients).
+
+A bearer token is a password: ``refuse_plaintext_token`` keeps a client from sending one in clear text to anything but
+this machine (loopback), unless ``allow_plaintext_tokens`` says the network in between is trusted.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,7 +24,12 @@ from sightline.common.config import SightlineSettings
 
 
 class TlsError(ValueError):
-    """A configured certificate, key or CA bundle cannot be read; the message names the setting and the file."""
+    """A channel or server cannot be made as the TLS settings say: a certificate, key or CA bundle cannot be read (the
+    message names the setting and the file), or a token would go unencrypted (``PlaintextTokenError``)."""
+
+
+class PlaintextTokenError(TlsError):
+    """A bearer token would travel in clear text to another machine; the message names the address and the fixes."""
 
 
 class TlsSettings(SightlineSettings):
@@ -47,6 +56,11 @@ class TlsSettings(SightlineSettings):
         "mutual TLS); with client_key_file.",
     )  # fmt: skip
     client_key_file: Path | None = Field(None, description="PEM private key of client_cert_file.")
+    allow_plaintext_tokens: bool = Field(
+        False, description="Send bearer tokens over plaintext (non-TLS) channels to other machines too. Only inside a "
+        "network you trust, e.g. a cluster with NetworkPolicies: anyone who can read the traffic can replay the "
+        "tokens. false: a token goes in clear text to loopback addresses only (127.0.0.0/8, ::1, localhost).",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _pairs_complete(self) -> TlsSettings:
@@ -83,6 +97,51 @@ def channel_credentials(settings: TlsSettings) -> grpc.ChannelCredentials | None
     key = _read(settings.client_key_file, "client_key_file") if settings.client_key_file else None
     cert = _read(settings.client_cert_file, "client_cert_file") if settings.client_cert_file else None
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+def refuse_plaintext_token(address: str, settings: TlsSettings) -> None:
+    """Raise PlaintextTokenError unless a token may go to ``address`` over a plaintext channel: the address is on
+    this machine (loopback or a Unix socket), or ``allow_plaintext_tokens`` is set."""
+    if settings.allow_plaintext_tokens or is_local_address(address):
+        return
+    raise PlaintextTokenError(
+        f"refusing to send a bearer token in clear text to {address}: configure TLS for the call "
+        "(SIGHTLINE_TLS_CA_FILE, and the server's SIGHTLINE_TLS_SERVER_CERT_FILE/KEY_FILE), or, only inside a network "
+        "you trust (e.g. a cluster with NetworkPolicies), set SIGHTLINE_TLS_ALLOW_PLAINTEXT_TOKENS=true"
+    )
+
+
+def is_local_address(address: str) -> bool:
+    """Whether a gRPC target stays on this machine: every host it names is loopback (127.0.0.0/8, ::1, localhost),
+    or it is a Unix socket. Understands ``host:port``, ``[v6]:port``, ``dns:``, ``ipv4:`` and ``ipv6:`` targets."""
+    target = address.strip()
+    scheme, _, rest = target.partition(":")
+    if scheme in ("unix", "unix-abstract"):
+        return True
+    if scheme in ("ipv4", "ipv6"):
+        return all(_is_loopback_host(_host_of(part)) for part in rest.split(","))
+    if scheme == "dns":
+        target = rest.split("/")[-1] if rest.startswith("//") else rest
+    return _is_loopback_host(_host_of(target))
+
+
+def _host_of(target: str) -> str:
+    """The host of ``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` (a bare IPv6 address is its own host)."""
+    if target.startswith("["):
+        return target[1:].split("]", 1)[0]
+    return target.rsplit(":", 1)[0] if target.count(":") == 1 else target
+
+
+def _is_loopback_host(host: str) -> bool:
+    host = host.strip().rstrip(".").lower()
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # any other name may resolve anywhere
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _read(path: Path, setting: str) -> bytes:

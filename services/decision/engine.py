@@ -9,6 +9,8 @@ alerted within ``alert_cooldown_seconds`` is merged into that one (from any trac
 person" suppresses further alerts of the subject on that track (review.py). Windows use the frames' capture times,
 not the wall clock, so a replay after a restart decides the same way; a replayed frame is counted once. Decision and
 alert ids are derived from their inputs, so a replayed decision carries the same id and consumers can deduplicate.
+E-channel (gate) frames get their per-frame decision but never an alert here: a stop-list hit at a gate is alerted
+once, by its session (sessions.py), so their decisions name no alert and leave no cool-down behind.
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ class DecisionEngine:
         return decision
 
     def _agree(self, decision: events_pb2.Decision, frame: types_pb2.FrameRef, hit: _Hit) -> tuple[events_pb2.Decision, events_pb2.Alert | None]:  # noqa: E501
-        at = frame.captured_at.seconds + frame.captured_at.nanos / 1e9
+        at = codec.seconds(frame.captured_at)
         hits = self._record((frame.source_id, decision.track_id, hit.subject_id), frame.frame_id, at)
         decision.subject_id, decision.distance, decision.similarity = hit.subject_id, hit.distance, hit.similarity
         decision.evidence_frame_ids.extend(frame_id for frame_id, _ in hits.frames)
@@ -141,8 +143,9 @@ class DecisionEngine:
             decision.outcome = events_pb2.OUTCOME_PENDING
             return decision, None
         decision.outcome = events_pb2.OUTCOME_MATCH
-        alert = self._maybe_alert(decision, hits, hit, at)
-        return decision, alert
+        if frame.purpose == types_pb2.PURPOSE_ECHANNEL:
+            return decision, None  # a gate's stop-list hit is alerted by its session (sessions.py), once
+        return decision, self._maybe_alert(decision, hits, hit, at)
 
     def _record(self, key: tuple[str, str, str], frame_id: str, at: float) -> _Hits:
         """The hits of (source, track, subject) within the window, this frame's included (once)."""

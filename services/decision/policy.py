@@ -14,7 +14,41 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from sightline.common.scores import DEFAULT_MAX_DISTANCE, distance_for_fmr, format_fmr
-from sightline.decision.sessions import EChannelPolicy
+
+
+class EChannelPolicy(BaseModel):
+    """The rules of a gate session (the ``echannel`` block of the decision policy; sessions.py applies them).
+
+    A stop-list candidate on the traveller's face is a hit within the same threshold as on a CCTV frame
+    (``Policy.threshold_for``: the list's own in the gallery, else ``watchlist_target_fmr``, else the global one).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    budget_seconds: float = Field(5.0, gt=0, description="From the session's opening to REFER_TO_OFFICER by time-out.")
+    min_verified_frames: int = Field(
+        2, ge=1, description="Good frames verified against the claim needed to accept, among the frames the liveness "
+        "verdict was assessed on (keep it at most detection's liveness min_frames).",
+    )  # fmt: skip
+    min_quality: float = Field(
+        40.0, ge=0, le=100, description="Unified quality a frame's face needs to count (keep detection's liveness "
+        "min_quality at most this, so every frame counted here was one the liveness verdict assessed).",
+    )  # fmt: skip
+    max_low_quality_frames: int = Field(
+        12, ge=1, description="Frames whose face is under the minimum quality before referring (repeated low quality)."
+    )
+    max_mismatch_frames: int = Field(
+        2, ge=1, description="Good frames that fail verification against the claim before referring (mismatch)."
+    )
+    require_liveness: bool = Field(
+        True, description="ACCEPT only with a passing liveness verdict (from detection's multi-frame checks), on "
+        "verified frames inside the window of frames that verdict was assessed on.",
+    )  # fmt: skip
+    close_grace_seconds: float = Field(
+        1.0, ge=0, description="After the kiosk closes a session without saying how many frames it sent, how long "
+        "to wait for the results of frames still in the pipeline before deciding with what has arrived. A close "
+        "that gives the count is decided when all have arrived, or at the session's deadline.",
+    )  # fmt: skip
 
 
 class Policy(BaseModel):
@@ -47,7 +81,7 @@ class Policy(BaseModel):
         60.0, ge=0, description="Further MATCHes of the same subject on the same source within this span raise no alert."
     )
     echannel: EChannelPolicy = Field(
-        default_factory=EChannelPolicy, description="The rules of e-channel (gate) sessions: see sessions.py."
+        default_factory=EChannelPolicy, description="The rules of e-channel (gate) sessions: see EChannelPolicy."
     )
 
     _watchlist_distances: dict[str, float] = PrivateAttr(default_factory=dict)

@@ -29,7 +29,7 @@ from typing import Any
 
 import grpc
 
-from sightline.common.audit import Action, AuditLog, principal_of
+from sightline.common.audit import ANONYMOUS, Action, AuditLog, principal_of
 from sightline.common.rpc import InvalidInput, NotFound
 from sightline.common.sqlstore import Backend, BackendStore, Cursor, Migration, StoreError, open_backend
 from sightline.v1 import events_pb2, review_pb2
@@ -439,7 +439,7 @@ class ReviewServicer:
     def ReviewAlert(self, request: review_pb2.ReviewAlertRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
         reviewer = self._principal(context)
         if not reviewer:
-            self._audit.append("anonymous", Action.ACCESS_DENIED, "", REVIEW_PURPOSE, "refused: no principal",
+            self._audit.append(ANONYMOUS, Action.ACCESS_DENIED, "", REVIEW_PURPOSE, "refused: no principal",
                                {"alert_id": request.alert_id[:64], "method": "ReviewAlert"})  # fmt: skip
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "reviewing needs an authenticated reviewer")
         action = _ACTIONS.get(request.action, "")

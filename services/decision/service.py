@@ -32,22 +32,19 @@ from sightline.decision.session_stage import SessionDesk, is_session_frame, sess
 from sightline.decision.session_store import SessionStore
 from sightline.decision.sessions import SessionEngine
 from sightline.decision.settings import DecisionSettings
-from sightline.v1 import audit_pb2_grpc, events_pb2, review_pb2_grpc, types_pb2
+from sightline.v1 import audit_pb2_grpc, events_pb2, review_pb2_grpc
 
 SERVICE = "decision"
+SESSION_RESULT_NOT_FOLDED = "session_result_not_folded"  # the EVENTS_FAILED reason of a result its session missed
 log = logging.getLogger(__name__)
 
 
 def decide(engine: DecisionEngine, event: InputEvent, recorder: AlertRecorder | None = None,
            sessions: SessionDesk | None = None) -> list[Output]:  # fmt: skip
     result = codec.parse(events_pb2.MatchResult, event.value)
-    decisions, alerts = engine.decide(result)
-    if result.frame.purpose == types_pb2.PURPOSE_ECHANNEL:
-        # A gate's frames get their per-frame decision like any frame, but a stop-list hit there is alerted once, by
-        # its session (session_stage.py), never here as well.
-        alerts = []
-        if sessions is not None and is_session_frame(result.frame):
-            sessions.on_result(result)
+    decisions, alerts = engine.decide(result)  # a gate's frames get no alert here: their session raises it
+    if sessions is not None and is_session_frame(result.frame):
+        _fold_into_session(sessions, result)
     if recorder is not None:
         # Stored (and audited) before it is published: a reviewer can always find an alert an integrator saw.
         alerts = [recorder.record(alert) for alert in alerts]
@@ -56,6 +53,18 @@ def decide(engine: DecisionEngine, event: InputEvent, recorder: AlertRecorder | 
     return [Output(DECISIONS, key, d.SerializeToString()) for d in decisions] + [
         Output(ALERTS, key, a.SerializeToString()) for a in alerts
     ]
+
+
+def _fold_into_session(sessions: SessionDesk, result: events_pb2.MatchResult) -> None:
+    """Hand a gate frame's result to its session. A failure there (the session store unreachable) must not
+    dead-letter the frame's per-frame decision: it is logged and counted, and the session, short of this frame's
+    evidence, is at worst referred by time-out."""
+    try:
+        sessions.on_result(result)
+    except Exception:  # noqa: BLE001 - see above
+        log.exception("e-channel result not folded into its session",
+                      extra={"session_id": result.frame.session_id, "frame_id": result.frame.frame_id})  # fmt: skip
+        telemetry.EVENTS_FAILED.labels(SERVICE, SESSION_RESULT_NOT_FOLDED).inc()
 
 
 def main() -> None:
@@ -109,8 +118,8 @@ def purge_schedule(reviews: ReviewStore, sessions: SessionStore) -> PurgeSchedul
 
 def start_sessions(settings: DecisionSettings, policy: Policy, store: SessionStore, recorder: AlertRecorder,
                    audit: AuditLog, publisher: TopicPublisher) -> SessionDesk:  # fmt: skip
-    """The e-channel session desk, with the sessions a previous run left open, and its time-out timer running."""
-    desk = SessionDesk(SessionEngine(policy.echannel, policy.version), store, recorder, audit, publisher,
+    """The e-channel session desk, with the sessions a previous run left open, and its timer and announcer running."""
+    desk = SessionDesk(SessionEngine(policy), store, recorder, audit, publisher,
                        settings.session_hold_seconds, settings.session_hold_max)  # fmt: skip
     desk.recover()
     desk.start(settings.session_tick_seconds)

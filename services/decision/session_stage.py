@@ -5,23 +5,26 @@ The decision service consumes two topics. Its matches stage hands each e-channel
 ``SessionDesk`` besides making the per-frame ``Decision`` as for any frame; a second stage (``session_stage``) feeds
 it the session control events capture publishes (OPENED, CLOSED, CANCELLED; the desk's own PROGRESS and DECIDED
 events on the same topic are skipped). A timer thread ticks every ~100 ms, so a session times out even when no
-more frames come. The three threads share the desk's state under one lock.
+more frames come. Those three threads fold inputs into the sessions under the desk's lock.
 
-For every change of a session the desk saves its state (``session_store.py``) and then publishes a ``SessionEvent``
-keyed by gate id: KIND_PROGRESS while undecided, KIND_DECIDED with the final ``SessionUpdate`` once. Announcing an
-outcome is: record the stop-list alert if there is one (stored and audited by ``AlertRecorder``, then published on
-``sightline.alerts.v1``; its id goes on the update), append the session's one audit record, publish KIND_DECIDED,
-each step flagged in the store, so a restart in between finishes the announcement without repeating the audit.
-The store never overwrites a decided session, so a replayed input, a restart or a second replica cannot decide a
-session twice; folding is idempotent per frame id, so a replayed result is not counted twice.
+For every change of a session the desk saves its state (``session_store.py``) under that lock, then queues what is to
+be told: a KIND_PROGRESS ``SessionEvent`` while undecided, the outcome once. A fourth thread, the announcer, works
+through the queue outside the lock, so a broker or database that hangs holds up announcements, never the folding of
+results (nor the matches stage, which also serves CCTV). Announcing an outcome is: record the stop-list alert if
+there is one (stored and audited by ``AlertRecorder``, then published on ``sightline.alerts.v1``; its id goes on the
+update), append the session's one audit record, publish KIND_DECIDED (keyed by gate id), each step flagged in the
+store; what fails is retried by the timer, and a restart finishes the announcement from the store without repeating
+the audit (the store is the outbox: an outcome is saved before the input that reached it is committed). The store
+never overwrites a decided session, so a replayed input, a restart or a second replica cannot decide a session
+twice; folding is idempotent per frame id, so a replayed result is not counted twice.
 
 Session events and match results travel on different topics, so a session's first results may arrive before its
 OPENED event: they are held (at most ``hold_max``, for at most ``hold_seconds``) and folded in when it comes. Held
 results live in memory only: a restart while they wait loses them, which can only cost the session evidence (a
 referral by time-out at worst), never accept it.
 
-Stop-list hits at a gate are alerted here, once per session; the per-frame decision path drops alerts of e-channel
-frames (``service.decide``), so a gate's frame never raises an alert twice.
+Stop-list hits at a gate are alerted here, once per session; the per-frame decision engine raises no alert for
+e-channel frames (``engine.py``), so a gate's frame never raises an alert twice.
 """
 
 from __future__ import annotations
@@ -29,18 +32,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sightline.common import codec, telemetry
 from sightline.common.audit import Action, AuditLog
+from sightline.common.codec import outcome_name
 from sightline.common.stage import InputEvent, Output, Stage, one_at_a_time
 from sightline.common.topics import ALERTS, SESSIONS
 from sightline.decision.review import AlertRecorder
 from sightline.decision.session_store import SessionStore
-from sightline.decision.sessions import SessionEngine, SessionState, timestamp_seconds
+from sightline.decision.sessions import SessionEngine, SessionState
 from sightline.v1 import events_pb2, session_pb2, types_pb2
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,7 @@ STOP_LIST_PURPOSE = "e-channel stop list"  # a gate's stop-list hit, as its aler
 RECENTLY_DECIDED = 10_000  # ids of decided sessions kept in memory, so late results for them are dropped at once
 ANNOUNCE_RETRY_SECONDS = 5.0
 MAX_AUDIT_REASONS_CHARS = 1000
+MAX_QUEUED_PROGRESS = 1000  # progress events waiting for the announcer; beyond, new ones are dropped (informative only)
 
 Kind = session_pb2.SessionEvent.Kind
 OWN_KINDS = (session_pb2.SessionEvent.KIND_PROGRESS, session_pb2.SessionEvent.KIND_DECIDED)
@@ -67,21 +72,38 @@ def is_session_frame(frame: types_pb2.FrameRef) -> bool:
     return frame.purpose == types_pb2.PURPOSE_ECHANNEL and bool(frame.session_id)
 
 
-def outcome_name(outcome: int) -> str:
-    return session_pb2.SessionOutcome.Name(outcome).removeprefix("SESSION_OUTCOME_")
-
-
 @dataclass(frozen=True)
 class _Held:
     result: events_pb2.MatchResult
     held_at: float  # monotonic
 
 
+@dataclass(frozen=True)
+class _Progress:
+    """A KIND_PROGRESS event, made under the desk's lock, waiting to be published."""
+
+    session_id: str
+    gate_id: str
+    event: bytes
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """A decided session to announce; without its state (a retry), what is left to do is read from the store."""
+
+    session_id: str
+    state: SessionState | None = None  # decided: it no longer changes, so the announcer may read it unlocked
+    update: session_pb2.SessionUpdate | None = None
+
+
 class SessionDesk:
     """Runs the session engine over the live topics: persists, times out, announces; thread-safe."""
 
     def __init__(self, engine: SessionEngine, store: SessionStore, recorder: AlertRecorder, audit: AuditLog,
-                 publisher: Publisher, hold_seconds: float = 2.0, hold_max: int = 1000) -> None:  # fmt: skip
+                 publisher: Publisher, hold_seconds: float = 2.0, hold_max: int = 1000,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        """``monotonic``: the clock of how long results are held and when announcements are retried (deadlines
+        follow the engine's wall clock)."""
         self.engine = engine
         self.store = store
         self.recorder = recorder
@@ -89,15 +111,21 @@ class SessionDesk:
         self.publisher = publisher
         self.hold_seconds = hold_seconds
         self.hold_max = hold_max
+        self._monotonic = monotonic
         self._lock = threading.Lock()
         self._open: dict[str, SessionState] = {}
         self._recovered: set[str] = set()  # open sessions loaded at start, re-read from the store when next touched
         self._decided: OrderedDict[str, None] = OrderedDict()
         self._held: OrderedDict[str, list[_Held]] = OrderedDict()  # by session id, oldest first
         self._held_count = 0
-        self._unannounced: dict[str, float] = {}  # session id -> when to try again (monotonic)
+        # What the announcer is to publish, and outcomes to announce again (session id -> when, monotonic); under
+        # their own lock, never held across I/O.
+        self._queued = threading.Condition()
+        self._outbox: deque[_Progress | _Outcome] = deque()
+        self._queued_progress = 0
+        self._unannounced: dict[str, float] = {}
         self._stop = threading.Event()
-        self._timer: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     # -- life cycle ----------------------------------------------------------------------------------------------
 
@@ -107,28 +135,45 @@ class SessionDesk:
             for state in self.store.load_open():
                 self._open[state.session_id] = state
                 self._recovered.add(state.session_id)
-            for stored in self.store.unannounced():
-                self._unannounced[stored.state.session_id] = 0.0
-        log.info("e-channel sessions recovered",
-                 extra={"open": len(self._open), "unannounced": len(self._unannounced)})  # fmt: skip
+            unannounced = [stored.state.session_id for stored in self.store.unannounced()]
+            for session_id in unannounced:
+                self._remember_decided(session_id)
+        with self._queued:
+            self._unannounced.update(dict.fromkeys(unannounced, 0.0))
+        log.info("e-channel sessions recovered", extra={"open": len(self._open), "unannounced": len(unannounced)})
 
     def start(self, tick_seconds: float = 0.1) -> None:
-        """Start the timer thread that times sessions out and retries announcements."""
-        self._timer = threading.Thread(target=self._run_timer, args=(tick_seconds,), name="session-timer",
-                                       daemon=True)  # fmt: skip
-        self._timer.start()
+        """Start the timer thread (time-outs, retries) and the announcer thread."""
+        self._threads = [
+            threading.Thread(target=self._run_timer, args=(tick_seconds,), name="session-timer", daemon=True),
+            threading.Thread(target=self._run_announcer, name="session-announcer", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
+        """Stop the threads, giving the announcer a few seconds to publish what is queued; an outcome it could not
+        announce is in the store, announced by the next start."""
         self._stop.set()
-        if self._timer is not None:
-            self._timer.join(timeout=5)
+        with self._queued:
+            self._queued.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=5)
 
     def _run_timer(self, tick_seconds: float) -> None:
         while not self._stop.wait(tick_seconds):
             try:
-                self.tick(time.time())
+                self.tick(self.engine.clock())
             except Exception:  # noqa: BLE001 - the timer must outlive a database hiccup; the next tick retries
                 log.exception("session tick failed")
+
+    def _run_announcer(self) -> None:
+        stopping = False
+        while not stopping:  # after a stop, what is queued goes out once more (join waits up to 5 s for it)
+            with self._queued:
+                self._queued.wait_for(lambda: self._outbox or self._stop.is_set())
+            stopping = self._stop.is_set()
+            self.announce_pending()
 
     # -- inputs --------------------------------------------------------------------------------------------------
 
@@ -147,7 +192,7 @@ class SessionDesk:
                 log.info("session event for a session not open here: ignored",
                          extra={"session_id": event.session_id, "kind": Kind.Name(event.kind)})  # fmt: skip
             elif event.kind == session_pb2.SessionEvent.KIND_CLOSED:
-                at = timestamp_seconds(event.at) if event.HasField("at") else time.time()
+                at = codec.seconds(event.at) if event.HasField("at") else self.engine.clock()
                 self._changed(state, self.engine.request_close(state, at, event.update.frames_seen))
             elif event.kind == session_pb2.SessionEvent.KIND_CANCELLED:
                 self._changed(state, self.engine.cancel(state, "; ".join(event.update.reasons)))
@@ -163,15 +208,19 @@ class SessionDesk:
                 self._hold(result)
 
     def tick(self, now: float) -> None:
-        """Time out sessions past their deadline, close those past their close grace, drop stale held results,
-        retry announcements that failed."""
+        """Time out sessions past their deadline (``now``, wall clock), close those past their close grace, save
+        again a decided session whose save failed, drop stale held results, queue again the announcements that
+        failed."""
         with self._lock:
             for state in list(self._open.values()):
+                if state.decided:  # decided here, but its save failed (a decided state leaves _open once saved)
+                    self._changed(state, self.engine.update(state, []))
+                    continue
                 update = self.engine.tick(state, now)
                 if update is not None:
                     self._changed(state, update)
             self._expire_held()
-            self._retry_announcements()
+        self._queue_retries()
 
     # -- sessions ------------------------------------------------------------------------------------------------
 
@@ -212,18 +261,19 @@ class SessionDesk:
             self._changed(state, update)
 
     def _changed(self, state: SessionState, update: session_pb2.SessionUpdate) -> None:
-        """Persist the session, then tell: progress while undecided, the outcome once."""
+        """Persist the session, then queue what to tell: progress while undecided, the outcome once."""
         if not self.store.save(state):  # decided already, by an earlier run or another replica
             self._remember_decided(state.session_id)
             return
         if not state.decided:
-            self._publish_progress(state, update)
+            event = self._event(state, session_pb2.SessionEvent.KIND_PROGRESS, update)
+            self._queue(_Progress(state.session_id, state.gate_id, event.SerializeToString()))
             return
         self._remember_decided(state.session_id)
         log.info("session decided", extra={"session_id": state.session_id, "gate_id": state.gate_id,
                                            "outcome": outcome_name(state.outcome),
                                            "frames_seen": state.frames_seen})  # fmt: skip
-        self._announce(state, update, audited=False)
+        self._queue(_Outcome(state.session_id, state, update))
 
     def _remember_decided(self, session_id: str) -> None:
         self._open.pop(session_id, None)
@@ -233,11 +283,54 @@ class SessionDesk:
         while len(self._decided) > RECENTLY_DECIDED:
             self._decided.popitem(last=False)
 
-    # -- announcing ----------------------------------------------------------------------------------------------
+    # -- announcing (the announcer thread, outside the desk's lock) ----------------------------------------------
 
-    def _announce(self, state: SessionState, update: session_pb2.SessionUpdate, audited: bool) -> None:
+    def _queue(self, item: _Progress | _Outcome) -> None:
+        with self._queued:
+            if isinstance(item, _Progress):
+                if self._queued_progress >= MAX_QUEUED_PROGRESS:  # the broker is not keeping up: progress can wait
+                    return
+                self._queued_progress += 1
+            self._outbox.append(item)
+            self._queued.notify()
+
+    def _take(self) -> _Progress | _Outcome | None:
+        with self._queued:
+            if not self._outbox:
+                return None
+            item = self._outbox.popleft()
+            if isinstance(item, _Progress):
+                self._queued_progress -= 1
+            return item
+
+    def announce_pending(self) -> None:
+        """Publish what is queued, in order: progress events, and the announcements of decided sessions. The
+        announcer thread runs it (``start``); it never holds the desk's lock."""
+        while (item := self._take()) is not None:
+            if isinstance(item, _Progress):
+                self._publish_progress(item)
+            else:
+                self._announce(item)
+
+    def _queue_retries(self) -> None:
+        now = self._monotonic()
+        with self._queued:
+            due = [session_id for session_id, at in self._unannounced.items() if at <= now]
+            for session_id in due:
+                del self._unannounced[session_id]  # back in once this attempt fails
+        for session_id in due:
+            self._queue(_Outcome(session_id))
+
+    def _announce(self, item: _Outcome) -> None:
         """Alert, audit and publish a decided session; what fails is retried by the timer."""
         try:
+            if item.state is None or item.update is None:  # a retry: the store says what is left to do
+                stored = self.store.get(item.session_id)
+                if stored is None or stored.published:
+                    return
+                state, update, audited = stored.state, self.engine.update(stored.state, []), stored.audited
+            else:
+                state, update, audited = item.state, item.update, False
             alert = self.engine.stop_list_alert(state)
             if alert is not None:
                 # Stored and audited once; a retry gets the stored alert back.
@@ -247,23 +340,13 @@ class SessionDesk:
             if not audited:
                 self._audit(state, update)
                 self.store.mark_audited(state.session_id)
-            self._publish(state, session_pb2.SessionEvent.KIND_DECIDED, update, wait=True)
+            self._publish(self._event(state, session_pb2.SessionEvent.KIND_DECIDED, update), wait=True)
             self.store.mark_published(state.session_id)
-            self._unannounced.pop(state.session_id, None)
         except Exception:  # noqa: BLE001 - the outcome is stored; announcing it is retried, never lost
             log.warning("session outcome not announced yet; will retry", exc_info=True,
-                        extra={"session_id": state.session_id})  # fmt: skip
-            self._unannounced[state.session_id] = time.monotonic() + ANNOUNCE_RETRY_SECONDS
-
-    def _retry_announcements(self) -> None:
-        now = time.monotonic()
-        for session_id in [s for s, at in self._unannounced.items() if at <= now]:
-            stored = self.store.get(session_id)
-            if stored is None or stored.published:
-                self._unannounced.pop(session_id, None)
-                continue
-            self._remember_decided(session_id)
-            self._announce(stored.state, self.engine.update(stored.state, []), audited=stored.audited)
+                        extra={"session_id": item.session_id})  # fmt: skip
+            with self._queued:
+                self._unannounced[item.session_id] = self._monotonic() + ANNOUNCE_RETRY_SECONDS
 
     def _audit(self, state: SessionState, update: session_pb2.SessionUpdate) -> None:
         """The session's one audit record: scores and ids, never images or descriptors."""
@@ -279,25 +362,30 @@ class SessionDesk:
         self.audit.append(f"gate:{state.gate_id}", Action.VERIFY, state.claim_subject_id, AUDIT_PURPOSE,
                           outcome_name(state.outcome), details)  # fmt: skip
 
-    def _publish_progress(self, state: SessionState, update: session_pb2.SessionUpdate) -> None:
+    def _publish_progress(self, item: _Progress) -> None:
         try:  # progress is informative: a lost one is superseded by the next, or by the outcome
-            self._publish(state, session_pb2.SessionEvent.KIND_PROGRESS, update, wait=False)
+            self.publisher.send(SESSIONS.name, item.gate_id.encode(), item.event, wait=False)
+            telemetry.EVENTS_PUBLISHED.labels(SESSION_STAGE, SESSIONS.name).inc()
         except Exception:  # noqa: BLE001 - e.g. the broker unreachable while the producer is made
-            log.warning("session progress not published", exc_info=True, extra={"session_id": state.session_id})
+            log.warning("session progress not published", exc_info=True, extra={"session_id": item.session_id})
 
-    def _publish(self, state: SessionState, kind: int, update: session_pb2.SessionUpdate, wait: bool) -> None:
+    def _publish(self, event: session_pb2.SessionEvent, wait: bool) -> None:
+        self.publisher.send(SESSIONS.name, event.gate_id.encode(), event.SerializeToString(), wait=wait)
+        telemetry.EVENTS_PUBLISHED.labels(SESSION_STAGE, SESSIONS.name).inc()
+
+    @staticmethod
+    def _event(state: SessionState, kind: int, update: session_pb2.SessionUpdate) -> session_pb2.SessionEvent:
         event = session_pb2.SessionEvent(kind=kind, session_id=state.session_id, gate_id=state.gate_id,
                                          claim_subject_id=state.claim_subject_id, update=update)  # fmt: skip
         event.opened_at.FromNanoseconds(int(state.opened_at * 1e9))
         event.deadline.FromNanoseconds(int(state.deadline * 1e9))
         event.at.CopyFrom(codec.now())
-        self.publisher.send(SESSIONS.name, state.gate_id.encode(), event.SerializeToString(), wait=wait)
-        telemetry.EVENTS_PUBLISHED.labels(SESSION_STAGE, SESSIONS.name).inc()
+        return event
 
     # -- results ahead of their session --------------------------------------------------------------------------
 
     def _hold(self, result: events_pb2.MatchResult) -> None:
-        self._held.setdefault(result.frame.session_id, []).append(_Held(result, time.monotonic()))
+        self._held.setdefault(result.frame.session_id, []).append(_Held(result, self._monotonic()))
         self._held_count += 1
         while self._held_count > self.hold_max:  # drop the oldest session's oldest result
             session_id, items = next(iter(self._held.items()))
@@ -307,7 +395,7 @@ class SessionDesk:
                 del self._held[session_id]
 
     def _expire_held(self) -> None:
-        oldest = time.monotonic() - self.hold_seconds
+        oldest = self._monotonic() - self.hold_seconds
         for session_id, items in list(self._held.items()):
             kept = [item for item in items if item.held_at > oldest]
             if len(kept) < len(items):

@@ -16,6 +16,7 @@ import threading
 import numpy as np
 
 from sightline.common import codec, telemetry
+from sightline.common.audit import AuditLog
 from sightline.common.config import KafkaSettings
 from sightline.common.images import ImageError, decode_image
 from sightline.common.models.pipeline import CHIP_SIZE, AnalyzedFace, FaceAnalyzer
@@ -87,7 +88,7 @@ class Detection:
 
     def _track(self, ref: types_pb2.FrameRef, faces: list[AnalyzedFace]) -> list[types_pb2.DetectedFace]:
         """CCTV faces with their track ids; only those worth a search keep their chip (docs/cctv.md)."""
-        at = ref.captured_at.seconds + ref.captured_at.nanos / 1e9
+        at = codec.seconds(ref.captured_at)
         protos = []
         with self._tracking_lock:
             tracks = self.tracker.tracks_of(ref.source_id, at, [f.box for f in faces], [f.landmarks for f in faces],
@@ -105,8 +106,8 @@ class Detection:
         """E-channel frames: the session's liveness verdict so far goes on the traveller's face."""
         face = traveller(faces) if ref.purpose == types_pb2.PURPOSE_ECHANNEL and ref.session_id else None
         if face is not None:
-            at = ref.captured_at.seconds + ref.captured_at.nanos / 1e9
-            detected.faces[face.index].liveness.CopyFrom(self.session_liveness.observe(ref.session_id, face, at))
+            verdict = self.session_liveness.observe(ref.session_id, face, codec.seconds(ref.captured_at), ref.sequence)
+            detected.faces[face.index].liveness.CopyFrom(verdict)
 
 
 class DetectionServicer(detection_pb2_grpc.DetectionServiceServicer):
@@ -133,4 +134,6 @@ def main() -> None:
     servicer = Servicer(detection_pb2_grpc.add_DetectionServiceServicer_to_server, DetectionServicer(detection),
                         "sightline.v1.DetectionService")  # fmt: skip
     stage = Stage(SERVICE, FRAMES, [FACES], one_at_a_time(detection.process_frame))
-    run_service(SERVICE, settings, KafkaSettings(), [servicer], [stage])
+    audit = AuditLog.open_if_configured()  # where refused calls are audited; None: they are logged only
+    run_service(SERVICE, settings, KafkaSettings(), [servicer], [stage], on_stop=audit.close if audit else None,
+                audit=audit)  # fmt: skip

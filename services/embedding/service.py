@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from sightline.common import codec, telemetry
+from sightline.common.audit import AuditLog
 from sightline.common.config import KafkaSettings
 from sightline.common.models.embedder import FaceEmbedder
 from sightline.common.models.registry import model_files
@@ -110,4 +111,6 @@ def main() -> None:
                         "sightline.v1.EmbeddingService")  # fmt: skip
     stage = Stage(SERVICE, FACES, [EMBEDDINGS], embedding.process_batch, max_batch=settings.max_batch_events,
                   batch_wait_s=settings.batch_wait_ms / 1000)  # fmt: skip
-    run_service(SERVICE, settings, KafkaSettings(), [servicer], [stage])
+    audit = AuditLog.open_if_configured()  # where refused calls are audited; None: they are logged only
+    run_service(SERVICE, settings, KafkaSettings(), [servicer], [stage], on_stop=audit.close if audit else None,
+                audit=audit)  # fmt: skip

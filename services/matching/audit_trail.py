@@ -15,10 +15,9 @@ from typing import Any, TypeVar
 
 import grpc
 
-from sightline.common.audit import Action, AuditLog, principal_of
+from sightline.common.audit import ANONYMOUS, Action, AuditLog, principal_of
 from sightline.common.rpc import InvalidInput, NotFound
 
-ANONYMOUS = "anonymous"  # the principal of a call that carried none (authentication off)
 SERVICE_PRINCIPAL = "service:matching"
 MAX_AUDITED_ID = 128
 MAX_RESULT_CHARS = 500

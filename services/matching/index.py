@@ -11,18 +11,23 @@ Concurrency: mutations take an ``RLock``. A search copies a handful of reference
 computes outside it, so searches run concurrently with each other (numpy releases the GIL in the matrix product) and
 with enrolments. That is safe because rows are only ever appended past the view's row count, or written to fresh
 arrays (growth, removal, ``replace_all``), never modified in place.
+
+Some subjects are for 1:1 verification only: a gate session's own template (``session-<id>``, names.py) is verified
+against the session's frames but must never turn up as a candidate of anyone's 1:N search. A search masks their rows
+out, as it masks out the subjects on none of the watchlists it is limited to.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+from sightline.matching.names import is_session_subject
 from sightline.matching.templates import EMBEDDING_DIM
 
 logger = logging.getLogger(__name__)
@@ -67,8 +72,10 @@ class _View:
 class SearchIndex:
     """Exact nearest-subject search over float32 templates; thread-safe."""
 
-    def __init__(self, dim: int = EMBEDDING_DIM) -> None:
+    def __init__(self, dim: int = EMBEDDING_DIM, verify_only: Callable[[str], bool] = is_session_subject) -> None:
+        """``verify_only``: whether a subject id is for 1:1 verification only (never a 1:N candidate)."""
         self._dim = dim
+        self._verify_only = verify_only
         self._lock = threading.RLock()
         self._reset()
 
@@ -111,6 +118,7 @@ class SearchIndex:
             if code is None:
                 return 0
             removed = self._count_of.pop(code)
+            self._verify_only_count -= not self._searchable_of[code]
             keep = self._codes[: self._n] != code
             self._tid_set.difference_update(self._tids[: self._n][~keep].tolist())
             # Boolean indexing makes fresh arrays, so views held by running searches stay intact.
@@ -138,12 +146,12 @@ class SearchIndex:
     def search(self, probe: np.ndarray, top_k: int = 5, watchlists: Sequence[str] = ()) -> list[list[Candidate]]:
         """For each probe ([dim] or [K, dim]), the ``top_k`` closest subjects, nearest first.
 
-        With ``watchlists``, only subjects on at least one of them are candidates.
+        With ``watchlists``, only subjects on at least one of them are candidates; verify-only subjects never are.
         """
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
         probes = self._check_vectors(probe)
-        view = self._view(frozenset(watchlists))
+        view = self._view(frozenset(watchlists), masked=True)
         rows = np.arange(view.n) if view.row_mask is None else np.flatnonzero(view.row_mask)
         if rows.size == 0:
             return [[] for _ in range(len(probes))]
@@ -165,7 +173,7 @@ class SearchIndex:
             raise ValueError("verify takes a single probe vector")
         with self._lock:
             code = self._code_of.get(subject_id)
-            view = self._view(frozenset())
+            view = self._view(frozenset(), masked=False)
         if code is None:
             return None
         segment = view.matrix[np.flatnonzero(view.codes[: view.n] == code)]
@@ -185,6 +193,8 @@ class SearchIndex:
         # Indexed by code; append-only (codes are never reused), so views may share them.
         self._subject_of: list[str] = []
         self._watchlists_of: list[tuple[str, ...]] = []
+        self._searchable_of: list[bool] = []
+        self._verify_only_count = 0  # present subjects that are verify-only: without any, no search needs a mask
         self._max_per_subject = 0
         self._masks: dict[frozenset[str], np.ndarray] = {}
 
@@ -197,6 +207,8 @@ class SearchIndex:
             code = self._code_of[subject_id] = len(self._subject_of)
             self._subject_of.append(subject_id)
             self._watchlists_of.append(())
+            self._searchable_of.append(not self._verify_only(subject_id))
+            self._verify_only_count += not self._searchable_of[code]
             self._count_of[code] = 0
         if watchlists and not set(watchlists) <= set(self._watchlists_of[code]):
             self._watchlists_of[code] = tuple(sorted(set(self._watchlists_of[code]) | set(watchlists)))
@@ -221,7 +233,8 @@ class SearchIndex:
             new[: self._n] = old[: self._n]
             setattr(self, name, new)
 
-    def _view(self, watchlists: frozenset[str]) -> _View:
+    def _view(self, watchlists: frozenset[str], masked: bool) -> _View:
+        """The arrays as they are now; ``masked``: with the rows a 1:N search on ``watchlists`` may return."""
         with self._lock:
             return _View(
                 n=self._n,
@@ -232,17 +245,22 @@ class SearchIndex:
                 subject_of=self._subject_of,
                 watchlists_of=self._watchlists_of,
                 max_per_subject=max(self._max_per_subject, 1),
-                row_mask=self._row_mask(watchlists) if watchlists else None,
+                row_mask=self._row_mask(watchlists) if masked else None,
             )
 
-    def _row_mask(self, watchlists: frozenset[str]) -> np.ndarray:
-        """Rows whose subject is on any of ``watchlists``; cached until the next mutation."""
+    def _row_mask(self, watchlists: frozenset[str]) -> np.ndarray | None:
+        """Rows a 1:N search may return: a searchable subject's, on any of ``watchlists`` when there are some; None
+        for every row. Cached until the next mutation."""
+        if not watchlists and not self._verify_only_count:
+            return None
         mask = self._masks.get(watchlists)
         if mask is None:
-            on_list = np.fromiter(
-                (not watchlists.isdisjoint(names) for names in self._watchlists_of), bool, len(self._watchlists_of)
-            )
-            mask = self._masks[watchlists] = on_list[self._codes[: self._n]]
+            eligible = np.fromiter(self._searchable_of, bool, len(self._searchable_of))
+            if watchlists:
+                eligible &= np.fromiter(
+                    (not watchlists.isdisjoint(names) for names in self._watchlists_of), bool, len(self._watchlists_of)
+                )
+            mask = self._masks[watchlists] = eligible[self._codes[: self._n]]
         return mask
 
     def _check_vectors(self, probe: np.ndarray | None) -> np.ndarray:

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 
 from sightline.common import codec, telemetry
-from sightline.common.audit import Action, AuditLog, TopicPublisher, audit_topic_publisher
+from sightline.common.audit import Action, AuditLog, TopicPublisher, audit_topic_publisher, principal_of
 from sightline.common.config import KafkaSettings
 from sightline.common.rpc import InvalidInput, NotFound, rpc_errors
 from sightline.common.runtime import Servicer, run_service
@@ -36,7 +36,12 @@ from sightline.matching.audit_trail import (
 from sightline.matching.enrolment import quality_failures, rejection_reason
 from sightline.matching.erasure import ErasureNotifier, erasure_notice, erasure_publisher
 from sightline.matching.gallery import Gallery
-from sightline.matching.names import check_reference, check_subject_id, check_watchlist_name
+from sightline.matching.names import (
+    check_enrolled_subject_id,
+    check_reference,
+    check_subject_id,
+    check_watchlist_name,
+)
 from sightline.matching.peers import FaceClient, PeerUnavailable
 from sightline.matching.settings import MatchingSettings
 from sightline.matching.store import GalleryStore, SubjectRecord
@@ -99,7 +104,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
     @rpc_errors
     @audits_refusals(Action.ENROL, ENROL_PURPOSE)
     def Enroll(self, request: gallery_pb2.EnrollRequest, context: grpc.ServicerContext) -> gallery_pb2.EnrollResponse:
-        subject_id = check_subject_id(request.subject_id)
+        subject_id = check_enrolled_subject_id(request.subject_id, principal_of(context))  # session-*: capture's
         watchlists = [check_watchlist_name(name) for name in dict.fromkeys(request.watchlists)]
         if len(watchlists) > MAX_ENROL_WATCHLISTS:
             raise InvalidInput(f"{len(watchlists)} watchlists; at most {MAX_ENROL_WATCHLISTS} per call")

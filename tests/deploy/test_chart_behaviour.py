@@ -203,13 +203,10 @@ def test_network_policies_allow_only_the_designed_flows(helm: str) -> None:
 
 def test_network_policy_database_egress_with_postgres(helm: str) -> None:
     r = render(helm, VARIANTS["postgres"])
-    for svc in ("matching", "decision"):  # the gallery; alerts, reviews and the audit trail
+    for svc in SERVICES:  # the gallery; alerts and reviews; the audit trail, where every service audits refusals
         p = r.one("NetworkPolicy", f"{RELEASE}-sightline-{svc}")
-        assert 5432 in {x["port"] for rule in p["spec"]["egress"] for x in rule["ports"]}
-    for svc in ("capture", "detection", "embedding"):
-        other = r.one("NetworkPolicy", f"{RELEASE}-sightline-{svc}")
-        ports = {x["port"] for rule in other["spec"]["egress"] for x in rule["ports"]}
-        assert 5432 not in ports
+        ports = {x["port"] for rule in p["spec"]["egress"] for x in rule["ports"]}
+        assert 5432 in ports, svc
         # The variant sets capture.sources: capture, and only capture, may reach the cameras.
         assert (554 in ports) == (svc == "capture")
 
@@ -313,10 +310,12 @@ def test_dashboard_config_map(helm: str) -> None:
 # --- NOTES.txt ------------------------------------------------------------------------------------------------------
 
 
-def notes(helm: str, values_files: list[Any]) -> str:
+def notes(helm: str, values_files: list[Any], sets: list[str] | None = None) -> str:
     args = ["install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client"]
     for path in values_files:
         args += ["-f", str(path)]
+    for item in sets or []:
+        args += ["--set", item]
     result = run_helm(helm, *args)
     assert result.returncode == 0, result.stderr
     return result.stdout.split("NOTES:", 1)[1]
@@ -330,8 +329,16 @@ def test_notes_tell_what_to_do_next(helm: str) -> None:
     assert "runs exactly one replica on its own PVC" in text
     assert f"PVC {RELEASE}-sightline-matching-gallery" in text and f"PVC {RELEASE}-sightline-decision-data" in text
     assert "two separate hash chains" in text
+    assert "Capture, detection and embedding log the calls they refuse but cannot audit them" in text
     assert "Back it up" in text
     assert "needs a bearer token" in text and "sightline auth new-token" in text
+
+
+def test_notes_warn_that_tokens_travel_in_clear_text_without_tls(helm: str) -> None:
+    assert "bearer tokens travel in clear text inside the cluster" in notes(helm, [])
+    assert "clear text" not in notes(helm, VARIANTS["tls"])
+    assert "clear text" not in notes(helm, [], ["auth.enabled=false"])  # no tokens; the no-auth warning instead
+    assert "cannot audit them" not in notes(helm, VARIANTS["postgres"])  # there, every service audits refusals
 
 
 def test_notes_warn_about_idle_replicas(helm: str) -> None:
@@ -431,6 +438,18 @@ def test_matching_and_decision_share_one_audit_database_in_postgresql_mode(helm:
     sqlite = render(helm, [])
     urls = {svc: env_values(sqlite, svc)["SIGHTLINE_AUDIT_DATABASE_URL"]["value"] for svc in ("matching", "decision")}
     assert urls["matching"] != urls["decision"], "two pods must not share one SQLite file"
+
+
+def test_every_service_audits_refusals_in_the_one_chain_in_postgresql_mode(helm: str) -> None:
+    """PostgreSQL: every service gets the audit chain's URL (refused calls are audited); SQLite: only matching and
+    decision, each on its own volume: capture, detection and embedding log refusals only."""
+    pg = render(helm, [], ["matching.database.mode=postgresql", "matching.database.postgresql.existingSecret=db"])
+    for svc in SERVICES:
+        assert env_values(pg, svc)["SIGHTLINE_AUDIT_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+            "name": "db", "key": "dsn"}, svc  # fmt: skip
+    sqlite = render(helm, [])
+    assert [svc for svc in SERVICES if "SIGHTLINE_AUDIT_DATABASE_URL" in env_values(sqlite, svc)] == [
+        "matching", "decision"]
 
 
 def test_previous_template_keys_come_from_a_secret_only_when_set(helm: str) -> None:
@@ -549,4 +568,20 @@ def test_tls_mounts_the_certificate_and_requires_client_certificates(helm: str) 
     env = env_values(server_only, "matching")
     assert "SIGHTLINE_TLS_SERVER_CERT_FILE" in env and "SIGHTLINE_TLS_CA_FILE" in env
     assert not {"SIGHTLINE_TLS_CLIENT_CA_FILE", "SIGHTLINE_TLS_CLIENT_CERT_FILE"} & set(env)
-    assert not any(name.startswith("SIGHTLINE_TLS_") for name in env_values(render(helm, []), "matching"))
+    assert not any(name.startswith("SIGHTLINE_TLS_") and name != "SIGHTLINE_TLS_ALLOW_PLAINTEXT_TOKENS"
+                   for name in env_values(render(helm, []), "matching"))  # fmt: skip
+
+
+def test_callers_may_send_their_tokens_in_clear_text_only_without_tls(helm: str) -> None:
+    """The code refuses a token over plaintext to anything but loopback; the chart without TLS says the cluster
+    network is trusted, for the services that send tokens (capture, matching) and no other."""
+    allowed = "SIGHTLINE_TLS_ALLOW_PLAINTEXT_TOKENS"
+    plain = render(helm, [])
+    callers = set(chart_caller_roles())
+    for svc in SERVICES:
+        env = env_values(plain, svc)
+        assert (env.get(allowed, {}).get("value") == "true") == (svc in callers), svc
+        assert (allowed in env) == ("SIGHTLINE_AUTH_TOKEN" in env), svc
+    for sets in (VARIANTS["tls"], []):
+        r = render(helm, sets, [] if sets else ["auth.enabled=false"])  # TLS on; or no tokens to protect
+        assert not any(allowed in env_values(r, svc) for svc in SERVICES)

@@ -140,10 +140,13 @@ def test_kafka_settings_reach_every_container(rendered: Rendered) -> None:
 
 def test_secrets_never_appear_as_plain_env(rendered: Rendered) -> None:
     secret_like = re.compile(r"(PASSWORD|TEMPLATE_KEYS?$|SECRET|TOKEN)")
+    flags = {"SIGHTLINE_TLS_ALLOW_PLAINTEXT_TOKENS"}  # a switch about tokens, not a token
     for doc, spec in workloads(rendered):
         for c in containers(spec):
             for e in c.get("env", []):
-                if secret_like.search(e["name"]) and not e["name"].endswith("_FILE"):  # a path to a mounted Secret
+                if e["name"] in flags:
+                    assert e["value"] in ("true", "false"), f"{e['name']} is a switch, not {e['value']!r}"
+                elif secret_like.search(e["name"]) and not e["name"].endswith("_FILE"):  # a mounted Secret's path
                     assert "valueFrom" in e, f"{e['name']} is a literal in {doc['metadata']['name']}"
                 if e["name"].endswith("_DATABASE_URL") and "value" in e:
                     assert e["value"].startswith("sqlite:"), f"{e['name']}: a PostgreSQL DSN must come from a Secret"
@@ -227,21 +230,22 @@ def test_retention_defaults_are_the_codes() -> None:
 
 
 def test_audit_chain_is_one_database_in_postgresql_mode(rendered: Rendered) -> None:
-    """Matching and decision append to one audit chain: the same database, read from the same Secret key. SQLite
-    cannot be shared between pods: each keeps its own file on its own volume (two chains, as docs/deploy.md says)."""
+    """Every service appends to one audit chain (matching's and decision's records, everyone's refused calls): the
+    same database, read from the same Secret key. SQLite cannot be shared between pods: matching and decision each
+    keep their own file on their own volume (two chains, as docs/deploy.md says), and the others audit nothing."""
     values = rendered.values()
     if not (values["matching"]["enabled"] and values["decision"]["enabled"]):
         return
-    env = {svc: env_of(next(d for d in rendered.kind("Deployment") if component(d) == svc)["spec"]["template"]["spec"]
-                           ["containers"][0])  # fmt: skip
-           for svc in ("matching", "decision")}
-    audit = {svc: e["SIGHTLINE_AUDIT_DATABASE_URL"] for svc, e in env.items()}
+    env = {component(d): env_of(d["spec"]["template"]["spec"]["containers"][0]) for d in rendered.kind("Deployment")}
+    audit = {svc: e.get("SIGHTLINE_AUDIT_DATABASE_URL") for svc, e in env.items()}
     if values["matching"]["database"]["mode"] == "postgresql":
-        assert audit["matching"]["valueFrom"] == audit["decision"]["valueFrom"]
+        sources = {svc: url["valueFrom"]["secretKeyRef"] for svc, url in audit.items()}  # a KeyError: no URL
+        assert set(sources) == set(env) and len({tuple(ref.items()) for ref in sources.values()}) == 1
         assert audit["matching"]["valueFrom"] == env["matching"]["SIGHTLINE_MATCHING_DATABASE_URL"]["valueFrom"]
     else:
-        assert audit["matching"]["value"] == "sqlite:////var/lib/sightline/audit.db"  # on the gallery PVC
-        assert audit["decision"]["value"] == "sqlite:////var/lib/sightline/decision-audit.db"  # on decision's PVC
+        assert audit.pop("matching")["value"] == "sqlite:////var/lib/sightline/audit.db"  # on the gallery PVC
+        assert audit.pop("decision")["value"] == "sqlite:////var/lib/sightline/decision-audit.db"  # on decision's PVC
+        assert set(audit.values()) == {None}, "a stateless pod has no volume for a SQLite chain"
 
 
 def test_default_retention_follows_the_contract(helm: str) -> None:

@@ -1,11 +1,13 @@
 """Access control on real gRPC servers on 127.0.0.1: bearer tokens and roles in front of the decision service's real
-Review and Audit servicers on SQLite, every refusal audited; then mutual TLS with certificates made here.
+Review and Audit servicers on SQLite, every refusal audited (repeats aggregated, so that a flood of bad calls cannot
+flood the chain); then mutual TLS with certificates made here.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +20,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sightline.common.audit import AuditLog, AuditServicer, principal_of
-from sightline.common.auth import AccessPolicy, Principal, Role, hash_token
+from sightline.common.audit import AuditLog, AuditRecord, AuditServicer, principal_of
+from sightline.common.auth import AccessPolicy, Denial, Principal, Role, hash_token
+from sightline.common.denials import DenialAudit
 from sightline.common.rpc import GrpcServer, channel
-from sightline.common.runtime import audit_denials
 from sightline.common.tls import TlsSettings, server_credentials
 from sightline.decision.review import AlertRecorder, ReviewServicer, ReviewStore
 from sightline.v1 import (
@@ -55,6 +57,7 @@ class Decision:
     audit: AuditLog
     store: ReviewStore
     server: GrpcServer
+    denials: DenialAudit
 
 
 def principals(cert_cn: str = "") -> list[Principal]:
@@ -66,26 +69,28 @@ def principals(cert_cn: str = "") -> list[Principal]:
 
 @pytest.fixture()
 def serve(tmp_path: Path) -> Iterator[Callable[..., Decision]]:
-    """Starts decision-like servers (stopped at the end): ``serve(credentials=None, cert_cn="")``."""
+    """Starts decision-like servers (stopped at the end): ``serve(credentials=None, cert_cn="", window_s=60)``."""
     started: list[Decision] = []
 
-    def start(credentials: grpc.ServerCredentials | None = None, cert_cn: str = "") -> Decision:
+    def start(credentials: grpc.ServerCredentials | None = None, cert_cn: str = "", window_s: float = 60) -> Decision:
         url = f"sqlite:///{tmp_path / f'decision-{len(started)}.db'}"
         audit, store = AuditLog.open(url), ReviewStore.open(url)
+        denials = DenialAudit(audit, window_s)
         server = GrpcServer("127.0.0.1", 0, workers=4, access=AccessPolicy(principals(cert_cn)),
-                            on_denied=audit_denials(audit), credentials=credentials)  # fmt: skip
+                            on_denied=denials, credentials=credentials)  # fmt: skip
         server.add(review_pb2_grpc.add_ReviewServiceServicer_to_server, ReviewServicer(store, audit, lambda _: None),
                    "sightline.v1.ReviewService")  # fmt: skip
         server.add(audit_pb2_grpc.add_AuditServiceServicer_to_server, AuditServicer(audit), "sightline.v1.AuditService")
         server.add(capture_pb2_grpc.add_CaptureServiceServicer_to_server, EchoCapture(), "sightline.v1.CaptureService")
         server.start()
-        decision = Decision(f"127.0.0.1:{server.port}", audit, store, server)
+        decision = Decision(f"127.0.0.1:{server.port}", audit, store, server, denials)
         started.append(decision)
         return decision
 
     yield start
     for decision in started:
         decision.server.stop(0)
+        decision.denials.close()
         decision.store.close()
         decision.audit.close()
 
@@ -169,6 +174,103 @@ def test_a_streaming_method_is_guarded_and_sees_its_caller(serve: Callable[..., 
         grpc.StatusCode.PERMISSION_DENIED  # fmt: skip
 
 
+# -- refusal flooding -------------------------------------------------------------------------------------------------
+
+
+def denied(audit: AuditLog) -> list[AuditRecord]:
+    return audit.records(action="ACCESS_DENIED")
+
+
+def wait_for_records(audit: AuditLog, count: int, timeout_s: float = 10.0) -> list[AuditRecord]:
+    deadline = time.monotonic() + timeout_s
+    while len(records := denied(audit)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return records
+
+
+def test_repeated_refusals_are_audited_once_then_counted_when_the_window_closes(serve: Callable[..., Decision]) -> None:
+    decision = serve(window_s=2.0)
+    stolen = review_pb2_grpc.ReviewServiceStub(channel(decision.address, token="guessed-token"))
+    for _ in range(25):  # a client hammering the port with a bad token
+        assert code_of(lambda: stolen.ListAlerts(review_pb2.ListAlertsRequest(), timeout=5)) == \
+            grpc.StatusCode.UNAUTHENTICATED  # fmt: skip
+    first = denied(decision.audit)
+    assert len(first) == 1 and "repeats" not in first[0].details  # the first refusal, at once
+    first_record, summary = wait_for_records(decision.audit, 2)
+    assert summary.principal == "anonymous" and summary.result == "refused: UNAUTHENTICATED"
+    assert summary.details["repeats"] == "24" and summary.details["window_s"] == "2"
+    assert summary.details["method"] == first_record.details["method"] == "/sightline.v1.ReviewService/ListAlerts"
+    assert summary.details["peer"] == "ipv4:127.0.0.1"  # the client, whatever its connections' ports
+    # A new window: the next refusal is audited at once again.
+    assert code_of(lambda: stolen.ListAlerts(review_pb2.ListAlertsRequest(), timeout=5)) == \
+        grpc.StatusCode.UNAUTHENTICATED  # fmt: skip
+    assert len(denied(decision.audit)) == 3
+    assert decision.audit.verify().intact
+
+
+def test_each_kind_of_refusal_is_audited_and_open_counts_are_written_at_shutdown(serve: Callable[..., Decision]) -> None:
+    decision = serve()  # a minute's window: nothing closes during the test
+    as_erin = audit_pb2_grpc.AuditServiceStub(channel(decision.address, token=TOKENS["erin"]))
+    as_otto = audit_pb2_grpc.AuditServiceStub(channel(decision.address, token=TOKENS["otto"]))
+    for _ in range(3):
+        for stub in (as_erin, as_otto):
+            assert code_of(lambda s=stub: s.VerifyChain(audit_pb2.VerifyChainRequest(), timeout=5)) == \
+                grpc.StatusCode.PERMISSION_DENIED  # fmt: skip
+        assert code_of(lambda: as_erin.ListAuditRecords(audit_pb2.ListAuditRecordsRequest(), timeout=5)) == \
+            grpc.StatusCode.PERMISSION_DENIED  # fmt: skip
+    kinds = [(r.principal, r.details["method"].rsplit("/", 1)[1]) for r in denied(decision.audit)]
+    assert kinds == [("erin", "VerifyChain"), ("otto", "VerifyChain"), ("erin", "ListAuditRecords")]
+    decision.server.stop(0)
+    decision.denials.close()  # as run_service does when the service stops, before the log closes
+    counted = {(r.principal, r.details["method"].rsplit("/", 1)[1]): r.details["repeats"]
+               for r in denied(decision.audit)[3:]}  # fmt: skip
+    assert counted == {("erin", "VerifyChain"): "2", ("otto", "VerifyChain"): "2", ("erin", "ListAuditRecords"): "2"}
+    assert decision.audit.verify().intact
+
+
+def test_too_many_kinds_at_once_are_counted_together(tmp_path: Path) -> None:
+    """A client cycling through source addresses cannot write a record per address: past max_kinds, it is counted."""
+    with AuditLog.open(f"sqlite:///{tmp_path / 'audit.db'}") as audit:
+        denials = DenialAudit(audit, window_s=60, max_kinds=3)
+        for host in range(10):
+            for port in (40001, 40002):  # two connections from each address: one kind
+                denials(Denial("UNAUTHENTICATED", "", "/sightline.v1.GalleryService/Enroll",
+                               "the bearer token is not known here", f"ipv6:[2001:db8::{host}]:{port}"))  # fmt: skip
+        assert [r.details["peer"] for r in denied(audit)] == [f"ipv6:[2001:db8::{h}]:40001" for h in range(3)]
+        denials.close()
+        repeats = {(r.principal, r.details["peer"]): r.details["repeats"] for r in denied(audit)[3:]}
+        assert repeats == {("anonymous", f"ipv6:[2001:db8::{h}]"): "1" for h in range(3)} | {("*", "*"): "14"}
+        assert audit.verify().intact
+
+
+def test_a_service_without_a_trail_of_its_own_audits_refusals_where_configured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Capture, detection and embedding open the audit log only when SIGHTLINE_AUDIT_DATABASE_URL is set."""
+    for name in ("SIGHTLINE_AUDIT_DATABASE_URL", "SIGHTLINE_CONFIG_FILE", "SIGHTLINE_SECRETS_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    assert AuditLog.open_if_configured() is None  # refusals are then logged only
+    url = f"sqlite:///{tmp_path / 'shared-audit.db'}"
+    monkeypatch.setenv("SIGHTLINE_AUDIT_DATABASE_URL", url)
+    audit = AuditLog.open_if_configured()
+    assert audit is not None
+    denials = DenialAudit(audit)
+    server = GrpcServer("127.0.0.1", 0, workers=2, access=AccessPolicy(principals()), on_denied=denials)
+    server.add(capture_pb2_grpc.add_CaptureServiceServicer_to_server, EchoCapture(), "sightline.v1.CaptureService")
+    server.start()
+    try:
+        as_rita = capture_pb2_grpc.CaptureServiceStub(channel(f"127.0.0.1:{server.port}", token=TOKENS["rita"]))
+        assert code_of(lambda: list(as_rita.Ingest(capture_pb2.IngestRequest(), timeout=5))) == \
+            grpc.StatusCode.PERMISSION_DENIED  # fmt: skip
+    finally:
+        server.stop(0)
+        denials.close()
+        audit.close()
+    with AuditLog.open(url, create=False) as shared:  # as matching or decision read it
+        assert [(r.principal, r.details["method"]) for r in denied(shared)] == [
+            ("rita", "/sightline.v1.CaptureService/Ingest")]
+
+
 # -- mutual TLS ---------------------------------------------------------------------------------------------------
 
 
@@ -245,6 +347,12 @@ def test_mutual_tls_call_with_a_token_or_by_certificate(mtls: Decision, pki: Pki
     assert code_of(lambda: as_certificate.ReviewAlert(review_pb2.ReviewAlertRequest(), timeout=5)) == \
         grpc.StatusCode.PERMISSION_DENIED  # fmt: skip
     assert [r.principal for r in mtls.audit.records(action="ACCESS_DENIED")] == ["gate-box"]
+
+
+def test_over_tls_a_token_may_go_to_any_address(pki: Pki) -> None:
+    """The clear-text rule is for plaintext channels: over TLS the token is encrypted for the server it names."""
+    with channel("decision.sightline.svc:50055", token=TOKENS["abe"], tls=TlsSettings(ca_file=pki.ca)):
+        pass
 
 
 def test_clients_without_a_trusted_certificate_or_without_tls_are_refused(mtls: Decision, pki: Pki) -> None:

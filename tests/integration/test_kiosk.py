@@ -1,30 +1,46 @@
 """The kiosk API (capture's KioskService) on a real gRPC server, with the real gallery (detection, embedding and
-matching processes), the real broker and real photos.
+matching processes), the real broker and real photos; and ``sightline gate`` against it.
 
 Decision's side of the contract is played here by publishing what decision publishes (PROGRESS and DECIDED events on
-the sessions topic); the whole loop with the real decision service is tests/e2e/test_gate.py.
+the sessions topic); the whole loop with the real decision service is tests/e2e/test_gate.py. The kiosks run in this
+process and call the gallery as capture's own service principal (the ``session-`` prefix is reserved for it).
 """
 
 from __future__ import annotations
 
 import io
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from google.protobuf.message import Message
 from PIL import Image
 
 from e2e.test_echannel_frames import frame_bytes
 from integration.test_document_reading import LINE1, LINE2, LINE2_BAD_CHECK, render_page
+from sightline.capture.claims import SessionGallery
 from sightline.capture.kiosk import Kiosk, KioskServicer
 from sightline.capture.service import Capture
 from sightline.capture.settings import CaptureSettings
+from sightline.cli.gate import open_request, run_session
+from sightline.cli.main import main as cli
 from sightline.common import codec
+from sightline.common.auth import (
+    SERVICE_CALLER_ROLES,
+    Principal,
+    dump_principals,
+    hash_token,
+    new_token,
+    service_principal,
+)
 from sightline.common.bus import make_producer, read_topics
 from sightline.common.config import KafkaSettings
 from sightline.common.localstack import LocalStack
@@ -32,52 +48,108 @@ from sightline.common.rpc import GrpcServer, channel
 from sightline.common.topics import FRAMES, SESSIONS
 from sightline.v1 import events_pb2, gallery_pb2, gallery_pb2_grpc, session_pb2, session_pb2_grpc, types_pb2
 
-BUDGET_S, GRACE_S = 4.0, 1.0
+BUDGET_S, GRACE_S = 30.0, 1.0  # the module's kiosk: long enough that no session expires under a slow test
+CAPTURE_TOKEN = new_token()
 KioskStub = session_pb2_grpc.KioskServiceStub
 GalleryStub = gallery_pb2_grpc.GalleryServiceStub
+Kind = session_pb2.SessionEvent
+ACCEPT, REFER = session_pb2.SESSION_OUTCOME_ACCEPT, session_pb2.SESSION_OUTCOME_REFER_TO_OFFICER
+CANCELLED = session_pb2.SESSION_OUTCOME_CANCELLED
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[LocalStack]:
-    with LocalStack(tmp_path_factory.mktemp("kiosk"), ports="auto",
-                    services=("detection", "embedding", "matching")) as running:  # fmt: skip
+    # Capture's principal with a token this test knows, added to the stack's own (whose tokens stay private to it).
+    tokens = tmp_path_factory.mktemp("tokens") / "capture.yaml"
+    tokens.write_text(dump_principals([Principal(service_principal("capture"), SERVICE_CALLER_ROLES["capture"],
+                                                 hash_token(CAPTURE_TOKEN))]))  # fmt: skip
+    with LocalStack(tmp_path_factory.mktemp("kiosk"), ports="auto", services=("detection", "embedding", "matching"),
+                    env={"SIGHTLINE_AUTH_TOKENS_FILE": str(tokens)}) as running:  # fmt: skip
         running.start(timeout=120)
         yield running
 
 
 @pytest.fixture(scope="module")
 def kafka(stack: LocalStack) -> KafkaSettings:
-    return KafkaSettings(bootstrap_servers=stack.bootstrap_servers, fetch_max_wait_ms=25)
+    # 1 MiB, the smallest allowed: a frame too large to publish is then easy to make.
+    return KafkaSettings(bootstrap_servers=stack.bootstrap_servers, fetch_max_wait_ms=25,
+                         max_message_bytes=1024 * 1024)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def gallery(stack: LocalStack) -> GalleryStub:
+    """The gallery as an officer sees it (the stack's admin principal)."""
     return GalleryStub(channel(stack.addresses["matching"]))
 
 
-def start_kiosk(stack: LocalStack, kafka: KafkaSettings, stop: threading.Event) -> tuple[GrpcServer, Kiosk]:
-    settings = CaptureSettings(matching_addr=stack.addresses["matching"], session_budget_s=BUDGET_S,
-                               session_grace_s=GRACE_S, default_stop_lists=["stop-a"])  # fmt: skip
-    kiosk = Kiosk(Capture(settings, kafka), settings, kafka)
+@pytest.fixture(scope="module")
+def capture_gallery(stack: LocalStack) -> GalleryStub:
+    """The gallery as capture calls it: the only principal that may enrol ``session-*`` subjects."""
+    return GalleryStub(channel(stack.addresses["matching"], token=CAPTURE_TOKEN))
+
+
+@dataclass
+class RunningKiosk:
+    kiosk: Kiosk
+    capture: Capture
+    server: GrpcServer
+
+    @property
+    def stub(self) -> KioskStub:
+        return KioskStub(channel(f"127.0.0.1:{self.server.port}"))
+
+    def stop(self) -> None:
+        """As capture's main() stops: the server, the kiosk (open sessions cancelled), then the producer."""
+        self.server.stop(0)
+        self.kiosk.close()
+        self.capture.close()
+
+
+def start_kiosk(stack: LocalStack, kafka: KafkaSettings, budget_s: float = BUDGET_S, grace_s: float = GRACE_S,
+                start: bool = True) -> RunningKiosk:  # fmt: skip
+    settings = CaptureSettings(matching_addr=stack.addresses["matching"], session_budget_s=budget_s,
+                               session_grace_s=grace_s, default_stop_lists=["stop-a"])  # fmt: skip
+    capture = Capture(settings, kafka)
+    gallery = SessionGallery(settings.matching_addr, settings.gallery_timeout_s, token=CAPTURE_TOKEN)
+    kiosk = Kiosk(capture, settings, kafka, gallery)
     server = GrpcServer("127.0.0.1", 0)
     server.add(session_pb2_grpc.add_KioskServiceServicer_to_server, KioskServicer(kiosk), "sightline.v1.KioskService")
     server.start()
-    kiosk.start(stop)
-    return server, kiosk
+    if start:
+        kiosk.start()
+    return RunningKiosk(kiosk, capture, server)
+
+
+@contextmanager
+def kiosk_running(stack: LocalStack, kafka: KafkaSettings, **settings: Any) -> Iterator[RunningKiosk]:
+    running = start_kiosk(stack, kafka, **settings)
+    try:
+        yield running
+    finally:
+        running.stop()
 
 
 @pytest.fixture(scope="module")
 def kiosk(stack: LocalStack, kafka: KafkaSettings) -> Iterator[KioskStub]:
-    stop = threading.Event()
-    server, _ = start_kiosk(stack, kafka, stop)
-    yield KioskStub(channel(f"127.0.0.1:{server.port}"))
-    stop.set()
-    server.stop(0)
+    with kiosk_running(stack, kafka) as running:
+        yield running.stub
 
 
 @pytest.fixture(scope="module")
 def person(dlib_johns: Path) -> list[Path]:
     return sorted(sorted(p for p in dlib_johns.iterdir() if p.is_dir())[0].glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def traveller(gallery: GalleryStub, person: list[Path]) -> str:
+    """An enrolled traveller, for subject claims."""
+    enrol(gallery, "traveller-1", frame_bytes(person[-1], 0, 0))
+    return "traveller-1"
+
+
+def enrol(gallery: GalleryStub, subject_id: str, image: bytes) -> None:
+    reply = gallery.Enroll(gallery_pb2.EnrollRequest(subject_id=subject_id, images=[image]), timeout=60)
+    assert reply.templates_added == 1, reply
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -110,6 +182,10 @@ def refused(call: Callable[..., object], request: Message) -> grpc.RpcError:
     return caught.value
 
 
+def now_ms() -> int:
+    return int(time.time() * 1000) - 1000
+
+
 def records(kafka: KafkaSettings, topic: str, since_ms: int, session_id: str, message_type: type[Message],
             count: int) -> list[tuple[bytes, Any]]:  # fmt: skip
     """The first ``count`` (key, message) pairs of a session on a topic (read without a consumer group)."""
@@ -119,6 +195,18 @@ def records(kafka: KafkaSettings, topic: str, since_ms: int, session_id: str, me
         session = message.frame.session_id if message_type is events_pb2.FrameCaptured else message.session_id
         if session == session_id:
             found.append((record.key, message))
+            if len(found) == count:
+                break
+    return found
+
+
+def gate_events(kafka: KafkaSettings, since_ms: int, gate_id: str, count: int) -> list[session_pb2.SessionEvent]:
+    """The first ``count`` session events of a gate (a session whose id the test does not know)."""
+    found = []
+    for record in read_topics(kafka, [SESSIONS.name], since_ms, idle_timeout_s=10):
+        event = codec.parse(session_pb2.SessionEvent, record.value)
+        if event.gate_id == gate_id:
+            found.append(event)
             if len(found) == count:
                 break
     return found
@@ -140,6 +228,13 @@ def watch(kiosk: KioskStub, session_id: str, into: list[session_pb2.SessionUpdat
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
+
+
+def outcome_of(kiosk: KioskStub, session_id: str) -> session_pb2.SessionUpdate:
+    """The outcome of an ended session, as a kiosk watching late gets it."""
+    updates = list(kiosk.WatchSession(session_pb2.WatchSessionRequest(session_id=session_id), timeout=30))
+    assert len(updates) == 1, updates
+    return updates[0]
 
 
 # --- claims that cannot be used -------------------------------------------------------------------------------------
@@ -190,7 +285,7 @@ def test_a_valid_document_page_gives_the_number_and_a_session_template(kiosk: Ki
 def test_a_portrait_session_announces_itself_publishes_frames_relays_the_outcome_and_forgets_the_face(
     kiosk: KioskStub, gallery: GalleryStub, kafka: KafkaSettings, person: list[Path]
 ) -> None:
-    since = int(time.time() * 1000) - 1000
+    since = now_ms()
     opened = kiosk.OpenSession(session_pb2.OpenSessionRequest(gate_id="gate-3", portrait=frame_bytes(person[-1], 0, 0)),
                                timeout=60)  # fmt: skip
     sid, subject = opened.session_id, opened.claim_subject_id
@@ -203,7 +298,7 @@ def test_a_portrait_session_announces_itself_publishes_frames_relays_the_outcome
     assert [r.frame_id for r in replies] == [f"gate-3:{sid}:1", f"gate-3:{sid}:2"]
 
     (key, opened_event), = records(kafka, SESSIONS.name, since, sid, session_pb2.SessionEvent, 1)
-    assert key == b"gate-3" and opened_event.kind == session_pb2.SessionEvent.KIND_OPENED
+    assert key == b"gate-3" and opened_event.kind == Kind.KIND_OPENED
     assert (opened_event.gate_id, opened_event.claim_kind, opened_event.claim_subject_id) == (
         "gate-3", session_pb2.CLAIM_KIND_PORTRAIT, subject)
     budget = opened_event.deadline.ToNanoseconds() - opened_event.opened_at.ToNanoseconds()
@@ -217,80 +312,112 @@ def test_a_portrait_session_announces_itself_publishes_frames_relays_the_outcome
             reply.frame_id, "gate-3", types_pb2.PURPOSE_ECHANNEL, subject, ["stop-a"])
         assert captured.image == image and captured.media_type == "image/jpeg"
 
-    updates: list[session_pb2.SessionUpdate] = []
-    watcher = watch(kiosk, sid, updates)
-    time.sleep(0.3)
-    progress = session_pb2.SessionEvent(kind=session_pb2.SessionEvent.KIND_PROGRESS, session_id=sid, gate_id="gate-3",
-                                        update=session_pb2.SessionUpdate(session_id=sid, frames_seen=1))  # fmt: skip
-    decided = session_pb2.SessionEvent(kind=session_pb2.SessionEvent.KIND_DECIDED, session_id=sid, gate_id="gate-3",
-                                       update=session_pb2.SessionUpdate(
-                                           session_id=sid, outcome=session_pb2.SESSION_OUTCOME_ACCEPT,
-                                           reasons=["2 good frames verified"], frames_seen=2, frames_verified=2,
-                                           evidence_frame_ids=[r.frame_id for r in replies]))  # fmt: skip
-    publish_decision(kafka, "gate-3", progress, decided)
-    watcher.join(timeout=10)
-    assert not watcher.is_alive()
-    assert [u.outcome for u in updates] == [session_pb2.SESSION_OUTCOME_UNSPECIFIED, session_pb2.SESSION_OUTCOME_ACCEPT]
-    assert updates[-1].evidence_frame_ids == [r.frame_id for r in replies]
+    # The progress first: a watcher gets it whether it subscribes before the relay hands it over (live) or after
+    # (as the latest progress). Once the watcher has it, it is subscribed, so the outcome cannot pass it by.
+    progress = Kind(kind=Kind.KIND_PROGRESS, session_id=sid, gate_id="gate-3",
+                    update=session_pb2.SessionUpdate(session_id=sid, frames_seen=1))  # fmt: skip
+    decided = Kind(kind=Kind.KIND_DECIDED, session_id=sid, gate_id="gate-3",
+                   update=session_pb2.SessionUpdate(session_id=sid, outcome=ACCEPT, reasons=["2 good frames verified"],
+                                                    frames_seen=2, frames_verified=2,
+                                                    evidence_frame_ids=[r.frame_id for r in replies]))  # fmt: skip
+    publish_decision(kafka, "gate-3", progress)
+    updates = kiosk.WatchSession(session_pb2.WatchSessionRequest(session_id=sid), timeout=30)
+    first = next(updates)
+    assert (first.outcome, first.frames_seen) == (session_pb2.SESSION_OUTCOME_UNSPECIFIED, 1)
+    publish_decision(kafka, "gate-3", decided)
+    rest = list(updates)
+    assert [u.outcome for u in rest] == [ACCEPT]
+    assert rest[0].evidence_frame_ids == [r.frame_id for r in replies]
 
     error = refused(kiosk.SendFrame, session_pb2.SendFrameRequest(session_id=sid, image=sent[0]))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "ended" in error.details()
     assert wait_until_gone(gallery, subject), "the session-scoped template outlived its session"
-    late: list[session_pb2.SessionUpdate] = []
-    watch(kiosk, sid, late).join(timeout=10)  # a kiosk watching after the outcome still gets it
-    assert [u.outcome for u in late] == [session_pb2.SESSION_OUTCOME_ACCEPT]
+    assert outcome_of(kiosk, sid).outcome == ACCEPT  # a kiosk watching after the outcome still gets it
 
 
 def test_a_cancelled_session_is_announced_ends_for_its_watchers_and_forgets_the_face(
     kiosk: KioskStub, gallery: GalleryStub, kafka: KafkaSettings, person: list[Path]
 ) -> None:
-    since = int(time.time() * 1000) - 1000
+    since = now_ms()
     opened = kiosk.OpenSession(session_pb2.OpenSessionRequest(gate_id="gate-4", portrait=frame_bytes(person[-1], 0, 0),
                                                               stop_lists=["stop-b"]), timeout=60)  # fmt: skip
     updates: list[session_pb2.SessionUpdate] = []
-    watcher = watch(kiosk, opened.session_id, updates)
+    watcher = watch(kiosk, opened.session_id, updates)  # subscribed before or after the cancellation: the same
     kiosk.CancelSession(session_pb2.CancelSessionRequest(session_id=opened.session_id, reason="traveller left"),
                         timeout=10)  # fmt: skip
     watcher.join(timeout=10)
-    cancelled = (session_pb2.SESSION_OUTCOME_CANCELLED, ["traveller left"])
-    assert [(u.outcome, list(u.reasons)) for u in updates] == [cancelled]
+    assert [(u.outcome, list(u.reasons)) for u in updates] == [(CANCELLED, ["traveller left"])]
     events = records(kafka, SESSIONS.name, since, opened.session_id, session_pb2.SessionEvent, 2)
-    kinds = [session_pb2.SessionEvent.KIND_OPENED, session_pb2.SessionEvent.KIND_CANCELLED]
-    assert [e.kind for _, e in events] == kinds
+    assert [e.kind for _, e in events] == [Kind.KIND_OPENED, Kind.KIND_CANCELLED]
     assert wait_until_gone(gallery, opened.claim_subject_id)
 
 
-def test_closing_tells_decision_how_many_frames_to_wait_for(kiosk: KioskStub, gallery: GalleryStub,
-                                                            kafka: KafkaSettings, person: list[Path]) -> None:
-    gallery.Enroll(gallery_pb2.EnrollRequest(subject_id="traveller-close", images=[frame_bytes(person[-1], 0, 0)]),
-                   timeout=60)  # fmt: skip
-    since = int(time.time() * 1000) - 1000
-    request = session_pb2.OpenSessionRequest(gate_id="gate-5", subject_id="traveller-close")
+def test_closing_tells_decision_how_many_frames_were_published(kiosk: KioskStub, kafka: KafkaSettings,
+                                                               traveller: str, person: list[Path]) -> None:
+    since = now_ms()
+    request = session_pb2.OpenSessionRequest(gate_id="gate-5", subject_id=traveller, stop_lists=["stop-b", "stop-a"])
     opened = kiosk.OpenSession(request, timeout=10)
-    assert (opened.claim_kind, opened.claim_subject_id) == (session_pb2.CLAIM_KIND_SUBJECT, "traveller-close")
-    for i in range(3):
-        kiosk.SendFrame(session_pb2.SendFrameRequest(session_id=opened.session_id, image=frame_bytes(person[i], i, i)),
-                        timeout=10)  # fmt: skip
-    kiosk.CloseSession(session_pb2.CloseSessionRequest(session_id=opened.session_id), timeout=10)
-    error = refused(kiosk.SendFrame, session_pb2.SendFrameRequest(session_id=opened.session_id, image=b"\xff\xd8\xff"))
+    sid = opened.session_id
+    assert (opened.claim_kind, opened.claim_subject_id) == (session_pb2.CLAIM_KIND_SUBJECT, traveller)
+    noise = np.random.default_rng(5).integers(0, 256, (700, 700, 3), dtype=np.uint8)
+    too_large = png_bytes(Image.fromarray(noise))  # above the broker's 1 MiB: dead-lettered, never published
+
+    def send(image: bytes) -> session_pb2.SendFrameResponse:
+        return kiosk.SendFrame(session_pb2.SendFrameRequest(session_id=sid, image=image), timeout=10)
+
+    first = send(frame_bytes(person[0], 0, 0))
+    error = refused(kiosk.SendFrame, session_pb2.SendFrameRequest(session_id=sid, image=too_large))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "frame 2 was not published" in error.details()
+    third = send(frame_bytes(person[1], 1, 1))
+    assert (first.frames_sent, third.frames_sent) == (1, 2)
+    assert third.frame_id == f"gate-5:{sid}:3"  # the failed frame's number is not reused
+
+    kiosk.CloseSession(session_pb2.CloseSessionRequest(session_id=sid), timeout=10)
+    error = refused(kiosk.SendFrame, session_pb2.SendFrameRequest(session_id=sid, image=b"\xff\xd8\xff"))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "closed" in error.details()
-    (_, _), (_, closed) = records(kafka, SESSIONS.name, since, opened.session_id, session_pb2.SessionEvent, 2)
-    assert closed.kind == session_pb2.SessionEvent.KIND_CLOSED and closed.update.frames_seen == 3
+    (_, _), (_, closed) = records(kafka, SESSIONS.name, since, sid, session_pb2.SessionEvent, 2)
+    assert closed.kind == Kind.KIND_CLOSED and closed.update.frames_seen == 2  # decision waits for two results
+    frames = records(kafka, FRAMES.name, since, sid, events_pb2.FrameCaptured, 2)
+    # The kiosk's stop list is added to the configured one, which it cannot leave out.
+    assert [list(f.frame.watchlists) for _, f in frames] == [["stop-a", "stop-b"]] * 2
 
 
-def test_without_a_decision_the_kiosk_is_told_it_did_not_arrive_in_time(kiosk: KioskStub, gallery: GalleryStub,
-                                                                          person: list[Path]) -> None:
-    gallery.Enroll(gallery_pb2.EnrollRequest(subject_id="traveller-late", images=[frame_bytes(person[-1], 0, 0)]),
-                   timeout=60)  # fmt: skip
-    request = session_pb2.OpenSessionRequest(gate_id="gate-6", subject_id="traveller-late")
-    opened = kiosk.OpenSession(request, timeout=10)
-    started = time.monotonic()
-    updates = list(kiosk.WatchSession(session_pb2.WatchSessionRequest(session_id=opened.session_id), timeout=30))
-    waited = time.monotonic() - started
-    assert [u.outcome for u in updates] == [session_pb2.SESSION_OUTCOME_REFER_TO_OFFICER]
+def test_without_a_decision_the_traveller_is_referred_and_decision_told_the_session_is_cancelled(
+    stack: LocalStack, kafka: KafkaSettings, gallery: GalleryStub, traveller: str
+) -> None:
+    since = now_ms()
+    with kiosk_running(stack, kafka, budget_s=0.5, grace_s=0.5) as running:
+        opened = running.stub.OpenSession(session_pb2.OpenSessionRequest(gate_id="gate-6", subject_id=traveller),
+                                          timeout=10)  # fmt: skip
+        updates = list(running.stub.WatchSession(session_pb2.WatchSessionRequest(session_id=opened.session_id),
+                                                 timeout=30))  # fmt: skip
+        received_at = time.time()
+    assert [u.outcome for u in updates] == [REFER]
     assert updates[0].reasons[0].startswith("the decision did not arrive in time")
-    assert BUDGET_S + GRACE_S - 0.5 < waited < BUDGET_S + GRACE_S + 5
-    assert subject_exists(gallery, "traveller-late"), "an enrolled traveller's own templates are never touched"
+    assert received_at >= opened.deadline.ToNanoseconds() / 1e9 + 0.5, "referred before the deadline plus the grace"
+    (_, _), (key, cancelled) = records(kafka, SESSIONS.name, since, opened.session_id, session_pb2.SessionEvent, 2)
+    assert (key, cancelled.kind, cancelled.update.outcome) == (b"gate-6", Kind.KIND_CANCELLED, CANCELLED)
+    assert list(cancelled.update.reasons) == ["the decision did not arrive in time: the gate referred the traveller "
+                                              "to an officer"]  # fmt: skip
+    assert subject_exists(gallery, traveller), "an enrolled traveller's own templates are never touched"
+
+
+def test_a_graceful_stop_cancels_the_open_sessions_and_deletes_their_templates(
+    stack: LocalStack, kafka: KafkaSettings, gallery: GalleryStub, person: list[Path]
+) -> None:
+    since = now_ms()
+    with kiosk_running(stack, kafka) as running:
+        request = session_pb2.OpenSessionRequest(gate_id="gate-10", portrait=frame_bytes(person[-1], 0, 0))
+        opened = running.stub.OpenSession(request, timeout=60)
+        assert subject_exists(gallery, opened.claim_subject_id)
+        updates: list[session_pb2.SessionUpdate] = []
+        watcher = watch(running.stub, opened.session_id, updates)
+        running.kiosk.close()  # what capture's main() does on SIGTERM (here with the server still up, for the watch)
+        assert not subject_exists(gallery, opened.claim_subject_id), "the template outlived the capture process"
+        watcher.join(timeout=10)
+    assert [(u.outcome, list(u.reasons)) for u in updates] == [(CANCELLED, ["capture stopping"])]
+    (_, _), (_, cancelled) = records(kafka, SESSIONS.name, since, opened.session_id, session_pb2.SessionEvent, 2)
+    assert (cancelled.kind, list(cancelled.update.reasons)) == (Kind.KIND_CANCELLED, ["capture stopping"])
 
 
 def test_requests_for_unknown_sessions(kiosk: KioskStub) -> None:
@@ -301,17 +428,73 @@ def test_requests_for_unknown_sessions(kiosk: KioskStub) -> None:
     assert watched.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_leftover_session_templates_are_swept_at_start_up(stack: LocalStack, kafka: KafkaSettings, gallery: GalleryStub,
-                                                          person: list[Path]) -> None:
+def test_leftover_session_templates_are_swept_at_start_up(stack: LocalStack, kafka: KafkaSettings,
+                                                          gallery: GalleryStub, capture_gallery: GalleryStub,
+                                                          person: list[Path]) -> None:  # fmt: skip
+    budget_s, grace_s = 1.0, 0.5
     image = frame_bytes(person[-1], 0, 0)
-    gallery.Enroll(gallery_pb2.EnrollRequest(subject_id="session-leftover", images=[image]), timeout=60)
-    time.sleep(BUDGET_S + GRACE_S + 0.5)  # older than any session can live
-    gallery.Enroll(gallery_pb2.EnrollRequest(subject_id="session-young", images=[image]), timeout=60)
-    stop = threading.Event()
-    server, _ = start_kiosk(stack, kafka, stop)  # a capture replica starting after a crash
+    enrol(capture_gallery, "session-leftover", image)
+    created = gallery.GetSubject(gallery_pb2.GetSubjectRequest(subject_id="session-leftover"), timeout=10).created_at
+    running = start_kiosk(stack, kafka, budget_s=budget_s, grace_s=grace_s, start=False)  # a replica after a crash
     try:
+        # Older than any session of that replica can live; the next template is far younger when the sweep runs.
+        time.sleep(max(0.0, created.ToNanoseconds() / 1e9 + budget_s + grace_s + 0.1 - time.time()))
+        enrol(capture_gallery, "session-young", image)
+        running.kiosk.start()
         assert wait_until_gone(gallery, "session-leftover")
         assert subject_exists(gallery, "session-young"), "a template that may belong to a live session was deleted"
     finally:
-        stop.set()
-        server.stop(0)
+        running.stop()
+        capture_gallery.DeleteSubject(gallery_pb2.DeleteSubjectRequest(subject_id="session-young"), timeout=10)
+
+
+# --- sightline gate ---------------------------------------------------------------------------------------------------
+
+
+def test_the_gate_cancels_its_session_when_a_frame_is_refused(kiosk: KioskStub, kafka: KafkaSettings,
+                                                              traveller: str, person: list[Path]) -> None:
+    since = now_ms()
+    frames = [frame_bytes(person[0], 0, 0), b"GIF89a: not a frame"]
+    with pytest.raises(grpc.RpcError) as failed:
+        run_session(kiosk, open_request("gate-7", subject=traveller), frames, fps=20, timeout=30)
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    opened, cancelled = gate_events(kafka, since, "gate-7", 2)
+    assert (opened.kind, cancelled.kind) == (Kind.KIND_OPENED, Kind.KIND_CANCELLED)
+    assert list(cancelled.update.reasons) == ["the gate failed: INVALID_ARGUMENT from capture"]
+    assert outcome_of(kiosk, opened.session_id).outcome == CANCELLED
+
+
+def test_the_gate_cancels_its_session_on_ctrl_c(kiosk: KioskStub, kafka: KafkaSettings, traveller: str,
+                                                person: list[Path]) -> None:
+    def frames() -> Iterator[bytes]:
+        yield frame_bytes(person[0], 0, 0)
+        raise KeyboardInterrupt  # the operator presses Ctrl-C while the frames are sent
+
+    since = now_ms()
+    with pytest.raises(KeyboardInterrupt):
+        run_session(kiosk, open_request("gate-8", subject=traveller), frames(), fps=20, timeout=30)
+    opened, cancelled = gate_events(kafka, since, "gate-8", 2)
+    assert (cancelled.kind, list(cancelled.update.reasons)) == (Kind.KIND_CANCELLED, ["the gate was interrupted"])
+    assert outcome_of(kiosk, opened.session_id).outcome == CANCELLED
+
+
+def test_the_gate_reports_a_broken_watch_and_exits_2(stack: LocalStack, kafka: KafkaSettings, traveller: str,
+                                                     person: list[Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    frame = tmp_path / "frame.jpg"
+    frame.write_bytes(frame_bytes(person[0], 0, 0))
+    since = now_ms()
+    codes: list[int] = []
+    with kiosk_running(stack, kafka) as running:
+        argv = ["gate", "--subject", traveller, str(frame), "--gate", "gate-9", "--timeout", "60",
+                "--capture", f"127.0.0.1:{running.server.port}"]  # fmt: skip
+        gate = threading.Thread(target=lambda: codes.append(cli(argv)))
+        gate.start()
+        _, closed = gate_events(kafka, since, "gate-9", 2)  # the frame is sent and the session closed
+        assert closed.kind == Kind.KIND_CLOSED
+        running.server.stop(0)  # capture goes away while the gate waits for the outcome
+        gate.join(timeout=30)
+    assert codes == [2]
+    error = capsys.readouterr().err
+    said = rf"^error: watching session {closed.session_id} failed: (UNAVAILABLE|CANCELLED): "
+    assert re.search(said, error, re.MULTILINE), error

@@ -25,7 +25,8 @@ from sightline.v1 import events_pb2, session_pb2, types_pb2
 
 Kind = session_pb2.SessionEvent
 NOT_YET = types_pb2.LivenessResult(assessed=False, frames=1, reasons=["need 10 frames, have 1"])
-LIVE = types_pb2.LivenessResult(assessed=True, passed=True, score=0.8, frames=10)
+# Assessed on the session's first ten good frames, sequences 1 to 10, as detection would.
+LIVE = types_pb2.LivenessResult(assessed=True, passed=True, score=0.8, frames=10, first_sequence=1, last_sequence=10)
 POLICY = """\
 version: "gates-test"
 echannel:
@@ -193,6 +194,21 @@ def test_a_closed_session_waits_for_its_last_frames(stack: LocalStack, kafka: Ka
     gate.frame(3, liveness=LIVE)
     outcome = gate.outcome()
     assert outcome.outcome == session_pb2.SESSION_OUTCOME_ACCEPT and outcome.frames_seen == 3
+
+
+def test_frames_outside_the_liveness_window_are_not_accepted(stack: LocalStack, kafka: KafkaSettings) -> None:
+    gate = Gate(kafka)
+    gate.control(Kind.KIND_OPENED)
+    earlier = types_pb2.LivenessResult()
+    earlier.CopyFrom(LIVE)
+    earlier.first_sequence, earlier.last_sequence = 20, 29  # a verdict on other frames than these
+    for seq in (1, 2, 3):
+        gate.frame(seq, liveness=earlier)
+    gate.control(Kind.KIND_CLOSED, frames_sent=3)
+    outcome = gate.outcome()
+    assert outcome.outcome == session_pb2.SESSION_OUTCOME_REFER_TO_OFFICER and outcome.frames_verified == 3
+    assert outcome.reasons[0] == ("session closed: 0 of 3 verified frames, liveness passed (3 more verified outside "
+                                  "frames 20-29, which liveness assessed)")  # fmt: skip
 
 
 def test_a_cancelled_session_ends_with_the_kiosks_reason(stack: LocalStack, kafka: KafkaSettings) -> None:

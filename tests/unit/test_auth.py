@@ -1,5 +1,6 @@
 """Access control without a network: token hashing, the tokens file, the role table against the generated protos,
-the admission decisions, the settings, which token a client sends, and the files the local stack writes."""
+the admission decisions, the settings, which token a client sends and where it may go in clear text, and the files
+and environment the local stack gives its services."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import importlib
 import io
 import os
 import pkgutil
+import logging
 import stat
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -18,9 +20,11 @@ from pydantic import ValidationError
 
 import sightline.v1
 from sightline.cli import auth as auth_command
-from sightline.common import auth, localstack
+from sightline.cli import endpoints
+from sightline.common import auth, localstack, rpc
 from sightline.common.audit import principal_of
 from sightline.common.auth import AccessDenied, AccessPolicy, AuthSettings, Caller, Principal, Role
+from sightline.common.tls import PlaintextTokenError, TlsSettings, is_local_address
 
 REPO = Path(__file__).resolve().parents[2]
 ENROL = "/sightline.v1.GalleryService/Enroll"
@@ -214,6 +218,82 @@ def test_outgoing_token_prefers_the_process_then_the_user_then_a_local_stack(mon
     assert auth.outgoing_token("127.0.0.1:1") == "service"
 
 
+def test_the_process_token_is_read_once_per_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SIGHTLINE_AUTH_REQUIRED", "SIGHTLINE_AUTH_TOKENS_FILE", "SIGHTLINE_TOKEN", "SIGHTLINE_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SIGHTLINE_AUTH_TOKEN", "service")
+    auth._own_token.cache_clear()
+    assert [auth.outgoing_token(f"10.0.0.{n}:1") for n in range(5)] == ["service"] * 5
+    assert auth._own_token.cache_info().misses == 1  # the settings were built once for five channels
+    monkeypatch.setenv("SIGHTLINE_AUTH_TOKEN", "rotated")
+    assert auth.outgoing_token("10.0.0.1:1") == "rotated"  # a changed environment is read anew
+
+
+def test_invalid_auth_settings_mean_no_process_token_not_a_crash(monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    for name in ("SIGHTLINE_AUTH_TOKENS_FILE", "SIGHTLINE_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    # A server-side setting that makes AuthSettings invalid must not break a command that only makes a channel.
+    monkeypatch.setenv("SIGHTLINE_AUTH_REQUIRED", "true")
+    monkeypatch.setenv("SIGHTLINE_AUTH_TOKEN", "service-secret")
+    monkeypatch.setenv("SIGHTLINE_TOKEN", "person")
+    with caplog.at_level(logging.WARNING, logger="sightline.common.auth"):
+        assert auth.outgoing_token("127.0.0.1:1") == "person"
+        with rpc.channel("127.0.0.1:1"):
+            pass
+    (warning,) = [r.getMessage() for r in caplog.records if "SIGHTLINE_AUTH_TOKEN" in r.getMessage()]
+    assert "no SIGHTLINE_AUTH_TOKENS_FILE says who may call" in warning
+    assert "service-secret" not in caplog.text
+
+
+# -- tokens in clear text -------------------------------------------------------------------------------------------
+
+
+def test_loopback_targets_are_told_from_the_others() -> None:
+    local = ["127.0.0.1:50054", "127.8.9.10:1", "localhost:50054", "LOCALHOST", "[::1]:50054", "::1",
+             "dns:///localhost:50054", "dns://8.8.8.8/127.0.0.1:1", "ipv4:127.0.0.1:1,127.0.0.2:2", "ipv6:[::1]:1",
+             "[::ffff:127.0.0.1]:1", "unix:/run/sightline.sock", "unix:///run/sightline.sock"]  # fmt: skip
+    remote = ["10.1.2.3:50054", "sightline-matching:50054", "matching.sightline.svc.cluster.local:50054",
+              "localhost.example.org:1", "[2001:db8::1]:1", "dns:///sightline-detection:50052",
+              "ipv4:127.0.0.1:1,10.0.0.1:2", "0.0.0.0:50054"]  # fmt: skip
+    assert [t for t in local if not is_local_address(t)] == []
+    assert [t for t in remote if is_local_address(t)] == []
+
+
+def test_a_token_is_not_sent_in_clear_text_to_another_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SIGHTLINE_AUTH_TOKEN", "SIGHTLINE_TOKEN", "SIGHTLINE_CONFIG_FILE", "SIGHTLINE_AUTH_REQUIRED"):
+        monkeypatch.delenv(name, raising=False)
+    plaintext = TlsSettings()
+    with pytest.raises(PlaintextTokenError) as refused:
+        rpc.channel("sightline-matching:50054", token="secret-token", tls=plaintext)
+    message = str(refused.value)
+    assert "sightline-matching:50054" in message and "secret-token" not in message
+    assert "SIGHTLINE_TLS_CA_FILE" in message and "SIGHTLINE_TLS_ALLOW_PLAINTEXT_TOKENS=true" in message
+    with rpc.channel("127.0.0.1:50054", token="secret-token", tls=plaintext):  # loopback: this machine only
+        pass
+    with rpc.channel("sightline-matching:50054", token="", tls=plaintext):  # no token, nothing to protect
+        pass
+    with rpc.channel("sightline-matching:50054", token="secret-token", tls=TlsSettings(allow_plaintext_tokens=True)):
+        pass
+    # The process's own token is held to the same rule, and the setting comes from the environment too.
+    monkeypatch.setenv("SIGHTLINE_AUTH_TOKEN", "service-token")
+    with pytest.raises(PlaintextTokenError):
+        rpc.channel("10.0.0.9:50052")
+    monkeypatch.setenv("SIGHTLINE_TLS_ALLOW_PLAINTEXT_TOKENS", "true")
+    with rpc.channel("10.0.0.9:50052"):
+        pass
+
+
+def test_the_cli_says_why_it_will_not_send_a_token_in_clear_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SIGHTLINE_TLS_CA_FILE", "SIGHTLINE_TLS_CLIENT_CERT_FILE", "SIGHTLINE_TLS_ALLOW_PLAINTEXT_TOKENS",
+                 "SIGHTLINE_CONFIG_FILE"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        endpoints.connect("decision", "decision.example.org:50055", token="alice-token")
+    assert str(stopped.value).startswith("error: refusing to send a bearer token in clear text to "
+                                         "decision.example.org:50055")  # fmt: skip
+
+
 # -- the local stack's files and the CLI ----------------------------------------------------------------------------
 
 
@@ -232,6 +312,17 @@ def test_the_local_stack_writes_private_tokens(tmp_path: Path) -> None:
     assert policy.admit(ENROL, bearer(capture)).principal == "service:capture"  # kiosk session templates
     assert policy.admit(REVIEW, bearer("alice-token")).principal == "alice"
     assert localstack.write_tokens(tmp_path).admin != tokens.admin  # fresh on every start
+
+
+def test_the_local_stack_gives_every_service_the_one_audit_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SIGHTLINE_AUDIT_DATABASE_URL", raising=False)
+    stack = localstack.LocalStack(tmp_path, ports="auto")
+    stack._tokens = localstack.write_tokens(stack.run_dir)  # as start() does, without starting anything
+    urls = {name: stack._service_env(name, "")["SIGHTLINE_AUDIT_DATABASE_URL"] for name in localstack.SERVICES}
+    assert set(urls) == {"capture", "detection", "embedding", "matching", "decision"}
+    assert set(urls.values()) == {f"sqlite:///{stack.run_dir / localstack.AUDIT_DB}"}  # refusals of all, one chain
+    monkeypatch.setenv("SIGHTLINE_AUDIT_DATABASE_URL", "postgresql://audit@db/sightline")
+    assert stack._service_env("detection", "")["SIGHTLINE_AUDIT_DATABASE_URL"] == "postgresql://audit@db/sightline"
 
 
 def auth_cli(argv: list[str]) -> int:

@@ -156,6 +156,18 @@ def test_reasons_mark_a_false_match_rate_below_what_the_table_measured() -> None
     assert "FMR at this score" in measured[0].reasons[0] and "(extrapolated)" not in measured[0].reasons[0]
 
 
+def test_a_gate_frame_gets_its_decision_but_no_alert_and_leaves_no_cool_down() -> None:
+    """A stop-list hit at a gate is alerted by its session (sessions.py); the per-frame decision names none."""
+    engine = DecisionEngine(Policy(min_agreeing_frames=1, alert_cooldown_seconds=60))
+    gate = match_result(1, 100.0, source="gate-1")
+    gate.frame.purpose = types_pb2.PURPOSE_ECHANNEL
+    decisions, alerts = engine.decide(gate)
+    assert outcome_names(decisions) == ["OUTCOME_MATCH"] and alerts == [] and decisions[0].alert_id == ""
+    assert decisions[0].subject_id == "alice" and not any("alert" in reason for reason in decisions[0].reasons)
+    _, on_cctv = engine.decide(match_result(2, 101.0, source="gate-1"))  # the gate's frame set no cool-down
+    assert len(on_cctv) == 1
+
+
 # --- CCTV tracks -----------------------------------------------------------------------------------------------
 
 

@@ -1,8 +1,9 @@
-"""The kiosk's in-memory session book and the gate command's frame loading (no services needed)."""
+"""The kiosk's in-memory session book, its stop lists and the gate command's frame loading (no services needed)."""
 
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from pathlib import Path
 
@@ -11,15 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sightline.capture.kiosk import (
-    Claim,
-    GateSession,
-    SessionBook,
-    SessionNotOpen,
-    TooManySessions,
-    check_gate_id,
-    media_type_of,
-)
+from sightline.capture.claims import Claim
+from sightline.capture.kiosk import check_gate_id, media_type_of, session_stop_lists
+from sightline.capture.session_book import GateSession, SessionBook, SessionNotOpen, TooManySessions
 from sightline.cli.gate import UsageError, load_frames
 from sightline.common.rpc import InvalidInput, NotFound
 from sightline.v1 import session_pb2
@@ -40,15 +35,69 @@ def drain(updates: queue.SimpleQueue) -> list[session_pb2.SessionUpdate]:
     return found
 
 
+def send(book: SessionBook, session_id: str, published: bool = True) -> tuple[int, int]:
+    """One frame through the book as the kiosk sends it: its sequence number, then the frames published so far."""
+    session, sequence = book.next_frame(session_id)
+    return sequence, book.frame_done(session, published)
+
+
 def test_frames_are_numbered_until_the_session_is_closed() -> None:
     book = SessionBook(max_sessions=10, retention_s=60)
     book.add(gate_session("s1"))
-    assert [book.next_frame("s1")[1] for _ in range(3)] == [1, 2, 3]
-    book.close("s1")
+    assert [send(book, "s1")[0] for _ in range(3)] == [1, 2, 3]
+    assert book.close("s1").frames_sent == 3
     with pytest.raises(SessionNotOpen, match="closed"):
         book.next_frame("s1")
     with pytest.raises(SessionNotOpen, match="unknown"):
         book.next_frame("nope")
+
+
+def test_only_published_frames_count_as_sent_and_no_number_is_reused() -> None:
+    book = SessionBook(max_sessions=10, retention_s=60)
+    book.add(gate_session("s1"))
+    assert send(book, "s1") == (1, 1)
+    assert send(book, "s1", published=False) == (2, 1)  # dead-lettered, or the broker did not take it
+    assert send(book, "s1") == (3, 2)
+    assert book.close("s1").frames_sent == 2  # what CLOSED tells decision to wait for
+
+
+def test_closing_waits_for_a_frame_being_published_so_that_it_is_counted() -> None:
+    book = SessionBook(max_sessions=10, retention_s=60)
+    book.add(gate_session("s1"))
+    session, _ = book.next_frame("s1")
+    closed: list[int] = []
+    closer = threading.Thread(target=lambda: closed.append(book.close("s1", wait_s=30).frames_sent))
+    closer.start()
+    closer.join(timeout=0.2)
+    assert closer.is_alive() and not closed, "close did not wait for the frame under way"
+    book.frame_done(session, published=True)
+    closer.join(timeout=10)
+    assert closed == [1]
+
+
+def test_closing_does_not_wait_past_its_bound() -> None:
+    book = SessionBook(max_sessions=10, retention_s=60)
+    book.add(gate_session("s1"))
+    book.next_frame("s1")  # a publication that never finishes
+    assert book.close("s1", wait_s=0.05).frames_sent == 0
+
+
+def test_still_open_sessions_include_closed_ones_waiting_for_their_outcome() -> None:
+    book = SessionBook(max_sessions=10, retention_s=60)
+    for session_id in ("open", "closed", "ended"):
+        book.add(gate_session(session_id))
+    book.close("closed")
+    book.finish("ended", session_pb2.SessionUpdate(outcome=ACCEPT))
+    assert sorted(s.session_id for s in book.still_open()) == ["closed", "open"]
+
+
+def test_a_kiosk_adds_stop_lists_to_the_defaults_and_never_removes_one() -> None:
+    assert session_stop_lists([], ["stop-a", "stop-b"]) == ["stop-a", "stop-b"]
+    assert session_stop_lists(["stop-c", "stop-a"], ["stop-a", "stop-b"]) == ["stop-a", "stop-b", "stop-c"]
+    # No default is every watchlist: a kiosk's lists would narrow the search, so they change nothing.
+    assert session_stop_lists(["stop-c"], []) == []
+    with pytest.raises(InvalidInput, match="empty name"):
+        session_stop_lists([" "], ["stop-a"])
 
 
 def test_watchers_get_progress_then_the_outcome_and_late_watchers_the_outcome_only() -> None:

@@ -1,11 +1,14 @@
 """The session desk (the running side of e-channel sessions) over a real SQLite database, review store and audit log.
 
-Kafka is the one thing replaced: the desk's publisher records what it sends (and can refuse, like a broker that is
-down). The real decision service process, with the broker, is tested in tests/integration/test_session_decisions.py.
+Kafka is the one thing replaced: the desk's publisher records what it sends (and can refuse, or hang, like a broker
+that is down). The desk's announcements go out on its announcer thread; tests that do not start it call
+``announce_pending`` themselves (``Desk.flush``). The real decision service process, with the broker, is tested in
+tests/integration/test_session_decisions.py.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,29 +16,35 @@ from pathlib import Path
 import pytest
 
 from sightline.common.audit import AuditLog
-from sightline.common.stage import InputEvent
+from sightline.common.stage import InputEvent, Output
 from sightline.common.topics import ALERTS, DECISIONS, SESSIONS
 from sightline.decision.engine import DecisionEngine
-from sightline.decision.policy import Policy
+from sightline.decision.policy import EChannelPolicy, Policy
 from sightline.decision.review import AlertRecorder, ReviewStore
 from sightline.decision.service import decide
 from sightline.decision.session_stage import SessionDesk
 from sightline.decision.session_store import SessionStore
-from sightline.decision.sessions import EChannelPolicy, SessionEngine
+from sightline.decision.sessions import SessionEngine
 from sightline.v1 import events_pb2, session_pb2, types_pb2
-from test_sessions import LIVE, result
+from test_sessions import LIVE, Clock, result
 
 Kind = session_pb2.SessionEvent
 
 
 class RecordingPublisher:
-    """Stands in for the Kafka producer: keeps what is sent; refuses the topics in ``down``."""
+    """Stands in for the Kafka producer: keeps what is sent; refuses the topics in ``down``; while ``flowing`` is
+    clear, every send hangs (as on a broker that accepts connections and never answers) and ``hung`` is set."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes, bytes]] = []
         self.down: set[str] = set()
+        self.flowing, self.hung = threading.Event(), threading.Event()
+        self.flowing.set()
 
     def send(self, topic: str, key: bytes, value: bytes, wait: bool = True) -> None:
+        if not self.flowing.is_set():
+            self.hung.set()
+            self.flowing.wait(timeout=60)
         if topic in self.down:
             raise ConnectionError(f"broker refused {topic}")
         self.sent.append((topic, key, value))
@@ -53,14 +62,19 @@ class Desk:
     def __init__(self, url: str, hold_seconds: float = 2.0, hold_max: int = 100) -> None:
         self.url, self.hold_seconds, self.hold_max = url, hold_seconds, hold_max
         self.publisher = RecordingPublisher()
+        self.monotonic = Clock(0.0)  # how long results are held, when announcements are retried
         self._open()
 
     def _open(self) -> None:
         self.store, self.audit = SessionStore.open(self.url), AuditLog.open(self.url)
         self.reviews = ReviewStore.open(self.url)
-        engine = SessionEngine(EChannelPolicy(min_verified_frames=2), "policy-test")
+        engine = SessionEngine(Policy(version="policy-test", echannel=EChannelPolicy(min_verified_frames=2)))
         self.desk = SessionDesk(engine, self.store, AlertRecorder(self.reviews, self.audit), self.audit, self.publisher,
-                                self.hold_seconds, self.hold_max)  # fmt: skip
+                                self.hold_seconds, self.hold_max, monotonic=self.monotonic)  # fmt: skip
+
+    def flush(self) -> None:
+        """What the announcer thread would do next: publish what the desk queued."""
+        self.desk.announce_pending()
 
     def restart(self) -> None:
         self.close()
@@ -111,6 +125,7 @@ def test_an_accepted_session_is_announced_once_and_audited_once(desk: Desk) -> N
     for item in live_frames():  # replayed after a restart that came before the offsets were committed
         desk.desk.on_result(item)
     desk.desk.on_event(opened())  # a replayed OPENED does not reopen it
+    desk.flush()
     events = desk.publisher.session_events()
     assert kinds(events) == ["PROGRESS", "PROGRESS", "DECIDED"]
     decided = events[-1].update
@@ -127,8 +142,10 @@ def test_an_accepted_session_is_announced_once_and_audited_once(desk: Desk) -> N
 def test_results_ahead_of_their_session_are_held_then_folded_in(desk: Desk) -> None:
     for item in live_frames():
         desk.desk.on_result(item)
+    desk.flush()
     assert desk.publisher.session_events() == [] and desk.store.get("s1") is None
     desk.desk.on_event(opened())
+    desk.flush()
     assert kinds(desk.publisher.session_events()) == ["PROGRESS", "PROGRESS", "DECIDED"]
     assert desk.publisher.session_events()[-1].update.outcome == session_pb2.SESSION_OUTCOME_ACCEPT
 
@@ -139,11 +156,12 @@ def test_held_results_are_bounded_in_age_and_number(tmp_path: Path) -> None:
         for seq in range(1, 6):  # five early results, three kept: the newest
             made.desk.on_result(echannel(result(seq), "early"))
         made.desk.on_result(echannel(result(1), "late"))
-        time.sleep(0.1)
+        made.monotonic.now += 0.1
         made.desk.on_result(echannel(result(2), "late"))
         made.desk.tick(time.time())  # expires what was held longer than 0.05 s
         made.desk.on_event(opened("early"))
         made.desk.on_event(opened("late"))
+        made.flush()
         frames = {e.session_id: e.update.frames_seen for e in made.publisher.session_events()}
         assert frames == {"early": 0, "late": 1}
     finally:
@@ -169,12 +187,21 @@ def test_a_stop_list_hit_raises_one_stored_alert_named_on_the_outcome(desk: Desk
     desk.desk.on_event(opened())
     desk.desk.on_result(echannel(result(1, stop_hit=True)))
     desk.desk.on_result(echannel(result(1, stop_hit=True)))
+    desk.flush()
     (alert,) = desk.publisher.alerts()
     decided = desk.publisher.session_events()[-1].update
     assert decided.outcome == session_pb2.SESSION_OUTCOME_REFER_TO_OFFICER and decided.alert_id == alert.alert_id
     assert alert.subject_id == "wanted" and list(alert.watchlists) == ["stop"] and alert.source_id == "gate-1"
     assert desk.reviews.get(alert.alert_id).status == "PENDING_REVIEW"
     assert [r.action for r in desk.audit.records()] == ["ALERT", "VERIFY"]
+
+
+def matches_input(item: events_pb2.MatchResult, offset: int) -> InputEvent:
+    return InputEvent(key=b"gate-1", value=item.SerializeToString(), topic="m", partition=0, offset=offset)
+
+
+def decisions_in(outputs: list[Output]) -> list[events_pb2.Decision]:
+    return [events_pb2.Decision.FromString(o.value) for o in outputs if o.topic == DECISIONS]
 
 
 def test_e_channel_frames_never_alert_through_the_per_frame_path(desk: Desk) -> None:
@@ -185,10 +212,61 @@ def test_e_channel_frames_never_alert_through_the_per_frame_path(desk: Desk) -> 
     for seq in (1, 2):
         item = echannel(result(seq, stop_hit=True))
         item.frame.claim_subject_id = ""  # even a frame the per-frame engine would search 1:N
-        event = InputEvent(key=b"gate-1", value=item.SerializeToString(), topic="m", partition=0, offset=seq)
-        outputs += decide(engine, event, recorder, desk.desk)
+        outputs += decide(engine, matches_input(item, seq), recorder, desk.desk)
+    desk.flush()
     assert {o.topic for o in outputs} == {DECISIONS}  # the per-frame decisions, no alert
+    decisions = decisions_in(outputs)
+    assert [d.outcome for d in decisions] == [events_pb2.OUTCOME_MATCH] * 2  # each names the hit...
+    assert all(not d.alert_id and not any("alert" in r for r in d.reasons) for d in decisions)  # ...and no alert
     assert len(desk.publisher.alerts()) == 1  # the session's own
+
+
+def test_a_hung_broker_holds_up_announcements_not_the_matches_path(desk: Desk) -> None:
+    engine = DecisionEngine(Policy(min_agreeing_frames=1))
+    cctv = result(9)
+    cctv.frame.purpose, cctv.frame.session_id, cctv.frame.claim_subject_id = types_pb2.PURPOSE_CCTV, "", ""
+    inputs = [matches_input(item, offset) for offset, item in enumerate([*live_frames(), cctv])]
+    outputs: list[Output] = []
+
+    def matches_path() -> None:
+        for event in inputs:
+            outputs.extend(decide(engine, event, None, desk.desk))
+
+    desk.publisher.flowing.clear()  # the broker hangs: every send blocks
+    desk.desk.start(0.02)
+    try:
+        desk.desk.on_event(opened())
+        assert desk.publisher.hung.wait(10)  # the announcer is stuck sending the session's first progress
+        worker = threading.Thread(target=matches_path)
+        worker.start()
+        worker.join(timeout=30)
+        assert not worker.is_alive() and desk.publisher.sent == []  # done while the broker still hangs
+        assert len(decisions_in(outputs)) == 3  # each frame's decision, the CCTV frame's too
+        stored = desk.store.get("s1")  # the outcome is decided and saved, waiting to be announced
+        assert stored is not None and stored.state.outcome == session_pb2.SESSION_OUTCOME_ACCEPT
+    finally:
+        desk.publisher.flowing.set()
+        until = time.monotonic() + 10
+        while Kind.KIND_DECIDED not in [e.kind for e in desk.publisher.session_events()] and time.monotonic() < until:
+            time.sleep(0.02)
+        desk.desk.stop()
+    assert kinds(desk.publisher.session_events()) == ["PROGRESS", "PROGRESS", "DECIDED"]
+    assert len(desk.session_audit()) == 1
+
+
+def test_a_session_store_failure_does_not_cost_the_frames_own_decision(desk: Desk) -> None:
+    engine = DecisionEngine(Policy(min_agreeing_frames=1))
+    desk.desk.on_event(opened())
+    decide(engine, matches_input(echannel(result(1)), 1), None, desk.desk)
+    desk.store.close()  # the database goes away just as the deciding frame comes
+    outputs = decide(engine, matches_input(echannel(result(2, liveness=LIVE)), 2), None, desk.desk)
+    assert [d.frame.frame_id for d in decisions_in(outputs)] == ["gate-1:s:2"]  # not dead-lettered
+    desk.desk.store = desk.store = SessionStore.open(desk.url)  # it comes back
+    desk.desk.tick(time.time())  # the outcome reached in memory is saved, then announced
+    desk.flush()
+    decided = desk.publisher.session_events()[-1]
+    assert decided.kind == Kind.KIND_DECIDED and decided.update.outcome == session_pb2.SESSION_OUTCOME_ACCEPT
+    assert len(desk.session_audit()) == 1 and desk.store.unannounced() == []
 
 
 def test_a_restart_resumes_open_sessions_and_finishes_announcements(desk: Desk) -> None:
@@ -197,11 +275,13 @@ def test_a_restart_resumes_open_sessions_and_finishes_announcements(desk: Desk) 
     desk.desk.on_event(opened("s2"))
     desk.publisher.down = {SESSIONS.name}  # the broker goes away as s2 is cancelled: stored and audited, not published
     desk.desk.on_event(opened("s2", kind=Kind.KIND_CANCELLED))
+    desk.flush()
     desk.publisher.down = set()
     desk.restart()
-    desk.desk.tick(time.time())  # the timer's first tick announces what the last run could not
+    desk.desk.tick(time.time())  # the timer's first tick queues what the last run could not announce
     for item in live_frames("s1"):  # frame 1 again (a replay), then frame 2
         desk.desk.on_result(item)
+    desk.flush()
     decided = {e.session_id: e.update for e in desk.publisher.session_events() if e.kind == Kind.KIND_DECIDED}
     assert decided["s2"].outcome == session_pb2.SESSION_OUTCOME_CANCELLED
     assert decided["s1"].outcome == session_pb2.SESSION_OUTCOME_ACCEPT and decided["s1"].frames_seen == 2
@@ -217,6 +297,7 @@ def test_a_replica_taking_over_a_session_reads_what_the_previous_owner_folded_in
         other.desk.recover()
         desk.desk.on_result(echannel(result(2)))  # the first replica still owns the partition and folds frame 2
         other.desk.on_result(echannel(result(3, liveness=LIVE)))  # then a rebalance hands the gate to the second
+        other.flush()
         (decided,) = [e.update for e in other.publisher.session_events() if e.kind == Kind.KIND_DECIDED]
         assert decided.outcome == session_pb2.SESSION_OUTCOME_ACCEPT and decided.frames_seen == 3
     finally:

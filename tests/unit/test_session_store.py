@@ -14,9 +14,9 @@ import pytest
 from sightline.common.audit import AuditLog
 from sightline.decision.review import ReviewStore
 from sightline.decision.session_store import SessionStore, SessionStoreError
-from sightline.decision.sessions import EChannelPolicy, SessionEngine, SessionState
+from sightline.decision.sessions import SessionEngine, SessionState
 from sightline.v1 import session_pb2
-from test_sessions import LIVE, result
+from test_sessions import LIVE, make_engine, opened, result
 
 
 @pytest.fixture()
@@ -27,14 +27,7 @@ def store(store_url: str) -> Iterator[SessionStore]:
 
 @pytest.fixture()
 def engine() -> SessionEngine:
-    return SessionEngine(EChannelPolicy(min_verified_frames=2), "policy-test")
-
-
-def opened(engine: SessionEngine, session_id: str = "s1", at: float = 100.0) -> SessionState:
-    event = session_pb2.SessionEvent(kind=session_pb2.SessionEvent.KIND_OPENED, session_id=session_id,
-                                     gate_id="gate-1", claim_subject_id="traveller")  # fmt: skip
-    event.opened_at.FromNanoseconds(int(at * 1e9))
-    return engine.open(event)
+    return make_engine()
 
 
 def test_a_session_round_trips_mid_way_and_resumes(store: SessionStore, engine: SessionEngine) -> None:

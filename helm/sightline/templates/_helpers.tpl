@@ -247,23 +247,27 @@ settings: {{ toJson $settings }}
 {{- end }}
 
 {{/*
-The audit chain of matching and decision (SIGHTLINE_AUDIT_DATABASE_URL, AuditSettings). With PostgreSQL both read the
-gallery's database from the same Secret and key, so the release has one chain. With SQLite two pods cannot share a
-file: each service keeps its own chain on its own PVC (sightline.sqliteStore), so there are two separate chains; the
-file names differ too, so that even a claim shared through existingClaim never holds one file for two writers.
+The audit chain (SIGHTLINE_AUDIT_DATABASE_URL, AuditSettings). With PostgreSQL every service reads the gallery's
+database from the same Secret and key, so the release has one chain: matching's and decision's records, and every
+service's refused calls. With SQLite two pods cannot share a file: matching and decision each keep their own chain on
+their own PVC (sightline.sqliteStore), so there are two separate chains (the file names differ too, so that even a
+claim shared through existingClaim never holds one file for two writers), and capture, detection and embedding get
+no URL: they log their refused calls but do not audit them. Renders nothing for those.
 Call with (dict "root" $ "service" "matching").
 */}}
 {{- define "sightline.auditEnv" -}}
 {{- $db := .root.Values.matching.database -}}
-- name: SIGHTLINE_AUDIT_DATABASE_URL
 {{- if eq $db.mode "postgresql" }}
+- name: SIGHTLINE_AUDIT_DATABASE_URL
   valueFrom:
     secretKeyRef:
       name: {{ include "sightline.databaseSecretName" .root }}
       key: {{ $db.postgresql.existingSecretKey }}
 {{- else if eq .service "matching" }}
+- name: SIGHTLINE_AUDIT_DATABASE_URL
   value: sqlite:////var/lib/sightline/audit.db
-{{- else }}
+{{- else if eq .service "decision" }}
+- name: SIGHTLINE_AUDIT_DATABASE_URL
   value: sqlite:////var/lib/sightline/decision-audit.db
 {{- end }}
 {{- end }}
@@ -351,7 +355,9 @@ Secret (the hook does: at pre-install time the release's own Secrets do not exis
 {{/*
 Access control and TLS of a service's gRPC server and of its calls (docs/security.md), from the auth and tls values.
 The tokens file is a mounted file, so a changed Secret reaches running pods (the services re-read it); a service that
-calls others also gets its own token. Call the env helper with (dict "root" $ "service" "matching").
+calls others also gets its own token. Without TLS that token would travel in clear text, which the code refuses to
+anything but loopback: such a service is told the cluster network is trusted (SIGHTLINE_TLS_ALLOW_PLAINTEXT_TOKENS),
+and NOTES.txt warns. Call the env helper with (dict "root" $ "service" "matching").
 */}}
 {{- define "sightline.accessEnv" -}}
 {{- $root := .root }}
@@ -365,6 +371,10 @@ calls others also gets its own token. Call the env helper with (dict "root" $ "s
     secretKeyRef:
       name: {{ include "sightline.authSecretName" $root }}
       key: {{ .service }}-token
+{{- if not $root.Values.tls.enabled }}
+- name: SIGHTLINE_TLS_ALLOW_PLAINTEXT_TOKENS
+  value: "true"
+{{- end }}
 {{- end }}
 {{- end }}
 {{- if $root.Values.tls.enabled }}
