@@ -91,6 +91,14 @@ class Gallery:
         self.index.replace_watchlists(state.watchlists)
         self._load_lists(state.next_expiry)
 
+    def _forget_removed(self) -> None:
+        """Drop from the index the subjects deleted or erased elsewhere, and re-read memberships: ids only, nothing
+        decrypted, so they stop matching here even when the full reload that follows fails (e.g. a template key this
+        replica does not hold yet). Hold the write lock."""
+        for subject_id in self.index.subject_ids() - self.store.subject_ids():
+            self.index.remove_subject(subject_id)
+        self._reload_memberships()
+
     def _load_lists(self, next_expiry: datetime | None) -> None:
         thresholds = {record.name: watchlist_threshold(record) for record in self.store.list_watchlists()}
         self._thresholds = {name: distance for name, distance in thresholds.items() if distance is not None}
@@ -108,6 +116,7 @@ class Gallery:
             try:
                 with self._write_lock:
                     if self.store.version() != self._version:
+                        self._forget_removed()
                         self.reload()
                         log.info("gallery reloaded after a change elsewhere", extra={"templates": self.index.size})
                     elif self._next_expiry is not None and time.time() >= self._next_expiry:

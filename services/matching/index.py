@@ -133,6 +133,11 @@ class SearchIndex:
 
     # -- queries -----------------------------------------------------------------------------------------------
 
+    def subject_ids(self) -> set[str]:
+        """The subjects with at least one template in the index."""
+        with self._lock:
+            return set(self._code_of)
+
     @property
     def size(self) -> int:
         """Number of templates."""

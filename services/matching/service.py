@@ -111,6 +111,8 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         if len(request.purpose) > MAX_PURPOSE_CHARS:
             raise InvalidInput(f"purpose is longer than {MAX_PURPOSE_CHARS} characters")
         expires_at = future_expiry(request, "membership_expires_at")
+        if expires_at is not None and not watchlists:
+            raise InvalidInput("membership_expires_at needs watchlists: it is when the memberships this call adds end")
         if not request.images:
             raise InvalidInput("no images: send at least one image with the subject's face")
         if len(request.images) > self._settings.max_enroll_images:

@@ -440,6 +440,11 @@ class GalleryStore(BackendStore):
         with self._tx(write=False) as cur:
             return self._subjects(cur, conditions, params, min(limit, MAX_PAGE_SIZE))
 
+    def subject_ids(self) -> set[str]:
+        """Every enrolled subject's id: what a replica checks its index against without decrypting anything."""
+        with self._tx(write=False) as cur:
+            return {str(row[0]) for row in cur.execute("SELECT subject_id FROM subjects").fetchall()}
+
     def get_subject(self, subject_id: str) -> SubjectRecord | None:
         with self._tx(write=False) as cur:
             found = self._subjects(cur, ["s.subject_id = ?"], [subject_id], 1)

@@ -192,3 +192,24 @@ def test_replicas_drop_an_expired_membership_on_their_own(two_galleries: tuple[G
     for gallery in (first, second):
         assert wait_until(lambda gallery=gallery: not _ids(gallery, vector, ("visitors",)), timeout=4)
     assert _ids(second, vector) == ["carol"] and not second.search(vector[None, :], 1)[0][0].watchlist_thresholds
+
+
+def test_a_replica_that_cannot_decrypt_the_gallery_still_drops_an_erased_subject(store_url: str) -> None:
+    """Keys rotated elsewhere before this replica got the new one: its full reload fails, but the erasure still
+    reaches its index (ids only, nothing to decrypt)."""
+    old = TemplateCipher.from_base64(generate_key(), "k1")
+    writer = Gallery(GalleryStore.open(store_url, old), 0.6, refresh_interval_s=0.1)
+    behind = Gallery(GalleryStore.open(store_url, old), 0.6, refresh_interval_s=0.1)
+    try:
+        rng = np.random.default_rng(9)
+        dave, erin = (rng.standard_normal(128).astype(np.float32) for _ in range(2))
+        writer.enroll("dave", "", ["stop"], [dave], ("m", "1"), [80.0])
+        writer.enroll("erin", "", ["stop"], [erin], ("m", "1"), [80.0])
+        assert wait_until(lambda: _ids(behind, dave)[:1] == ["dave"], timeout=3)
+        writer.store.rotate_keys(TemplateCipher.from_base64(generate_key(), "k2", old_keys=""))
+        writer.remove("dave")
+        assert wait_until(lambda: "dave" not in _ids(behind, dave), timeout=3)
+        assert _ids(behind, erin)[:1] == ["erin"]  # what it could not reload stays as it was
+    finally:
+        writer.close()
+        behind.close()
