@@ -171,7 +171,9 @@ def test_two_person_review_over_grpc(stack: LocalStack, kafka: KafkaSettings,
     assert all(r.subject_id == "obama" for r in about if r.action != audit_pb2.AUDIT_ACTION_ACCESS_DENIED)
     refusals = [(r.principal, r.result, r.details["method"]) for r in records
                 if r.action == audit_pb2.AUDIT_ACTION_ACCESS_DENIED]  # fmt: skip
-    assert refusals == [("anonymous", "refused: UNAUTHENTICATED", "/sightline.v1.ReviewService/ReviewAlert")] * 2
+    # Two anonymous calls, one kind of refusal within a minute: audited at once, the repeat counted in a record
+    # written when the window closes (common/denials.py), so a flood of bad calls cannot flood the chain.
+    assert refusals == [("anonymous", "refused: UNAUTHENTICATED", "/sightline.v1.ReviewService/ReviewAlert")]
     as_reviewer_only = audit_pb2_grpc.AuditServiceStub(channel(stack.addresses["decision"], token=TOKENS["alice"]))
     with pytest.raises(grpc.RpcError) as not_auditor:
         as_reviewer_only.VerifyChain(audit_pb2.VerifyChainRequest(), timeout=10)

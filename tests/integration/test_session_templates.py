@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from test_watchlists import face_services  # noqa: F401 - a fixture, shared
 
 from sightline.common import codec
 from sightline.common.audit import AuditLog, AuditSettings
@@ -53,13 +54,6 @@ class Replica:
 
     def galleries(self, token: str = "") -> gallery_pb2_grpc.GalleryServiceStub:
         return gallery_pb2_grpc.GalleryServiceStub(channel(self.address if token else self.open_address, token=token))
-
-
-@pytest.fixture(scope="module")
-def face_services(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[LocalStack]:
-    with LocalStack(tmp_path_factory.mktemp("faces"), ports="auto", services=("detection", "embedding")) as stack:
-        stack.start(timeout=120)
-        yield stack
 
 
 @pytest.fixture(scope="module")
