@@ -152,6 +152,9 @@ class SqliteBackend:
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
         self._conn.execute("PRAGMA foreign_keys = ON")
+        # Deleted rows are zeroed in the file, not left in free pages: an erased or purged subject's templates, alerts
+        # and sessions must not survive in the database file (PostgreSQL keeps dead row versions until VACUUM).
+        self._conn.execute("PRAGMA secure_delete = ON")
 
     @contextmanager
     def transaction(self, write: bool) -> Iterator[Cursor]:

@@ -50,8 +50,10 @@ ALERTS = TopicSpec("sightline.alerts.v1", "Alert", DataClass.RESULT, 30 * DAY_MS
 SESSIONS = TopicSpec(
     "sightline.sessions.v1", "SessionEvent", DataClass.RESULT, DAY_MS, "capture, decision", ("decision",)
 )
-# Right-to-erasure notices, for integrators holding copies of results about a subject.
-ERASURES = TopicSpec("sightline.erasures.v1", "SubjectErased", DataClass.AUDIT, 365 * DAY_MS, "matching", ())
+# Right-to-erasure notices: decision erases what it holds about the subject, integrators their copies of results.
+ERASURES = TopicSpec(
+    "sightline.erasures.v1", "SubjectErased", DataClass.AUDIT, 365 * DAY_MS, "matching", ("decision",)
+)
 DEADLETTER = TopicSpec("sightline.deadletter.v1", "DeadLetter", DataClass.OPERATIONAL, HOUR_MS, "*", ())
 # A copy of every audit record, for a SIEM or an archive; the hash chain in the database is the reference.
 AUDIT = TopicSpec("sightline.audit.v1", "AuditRecord", DataClass.AUDIT, 365 * DAY_MS, "*", ())

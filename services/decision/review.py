@@ -14,6 +14,11 @@ Each status change is published to ``sightline.alerts.v1`` (keyed by source id: 
 per alert id) and each review action, refused ones included, is written to the audit log with the reviewer as the
 principal. Publication uses a small outbox (``published_status``): a change that could not be published yet is
 published again by ``ReviewServicer.flush_outbox``, so integrators see every change at least once.
+
+A right-to-erasure notice (``ReviewStore.erase_subject``) deletes the subject's alerts, whatever their status, with
+their reviews and its "not this person" feedback, and leaves a marker (the subject id and the erasure's time, purged
+with the alerts) so that an alert from a frame seen before the erasure, still on its way, is not stored after it
+(``ErasedSubjectAlert``). Erased alerts get no status event: integrators receive the notice itself.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ SYSTEM_PRINCIPAL = "service:decision"
 ALERT_PURPOSE = "cctv-watchlist"
 REVIEW_PURPOSE = "human-review"
 _PG_MIGRATION_LOCK = 0x5265_7669  # "Revi"; the same for every replica migrating the review tables
+# A frame seen up to this long after a subject's erasure may still have been matched against it: other matching
+# replicas drop the subject within their refresh interval (2 s by default), and the capture and matching clocks differ.
+ERASURE_GRACE = timedelta(seconds=60)
 _ALERT_ID_PREFIX = re.compile(r"[0-9a-f]{6,63}")
 
 PENDING = events_pb2.AlertStatus.Name(events_pb2.ALERT_STATUS_PENDING_REVIEW).removeprefix("ALERT_STATUS_")
@@ -59,6 +67,19 @@ class ReviewStoreError(StoreError):
 
 class ReviewRefused(RuntimeError):
     """The review breaks a rule (closed alert, same reviewer twice); becomes FAILED_PRECONDITION with this message."""
+
+
+class ErasedSubjectAlert(RuntimeError):
+    """The alert's subject was erased after (or just before) its evidence was seen: it is not stored."""
+
+
+@dataclass(frozen=True)
+class ReviewErasure:
+    """What ``ReviewStore.erase_subject`` deleted."""
+
+    alerts: int
+    reviews: int
+    suppressions: int
 
 
 @dataclass(frozen=True)
@@ -145,6 +166,14 @@ MIGRATIONS: list[Migration] = [
             "CREATE INDEX review_suppressions_idx ON review_suppressions (source_id, subject_id)",
         ),
     ),
+    Migration(
+        2,
+        "right to erasure: alerts by subject, erased subjects",
+        (
+            "CREATE INDEX review_alerts_subject_idx ON review_alerts (subject_id)",
+            "CREATE TABLE review_erasures (subject_id {key} PRIMARY KEY, erased_at {timestamp} NOT NULL)",
+        ),
+    ),
 ]
 
 
@@ -167,10 +196,12 @@ class ReviewStore(BackendStore):
 
     # -- writes --------------------------------------------------------------------------------------------------
 
-    def record_alert(self, alert: events_pb2.Alert) -> tuple[StoredAlert, bool]:
+    def record_alert(self, alert: events_pb2.Alert, seen_at: datetime | None = None) -> tuple[StoredAlert, bool]:
         """Store a newly raised alert (PENDING_REVIEW); (the stored alert, True) if new, (as stored, False) if known.
 
         A replay of an alert already reviewed gets the stored one back, with its current status, never a reset.
+        ``seen_at``: when its evidence was captured (default: when it was raised). ErasedSubjectAlert when the subject
+        was erased after that (or up to ``ERASURE_GRACE`` before): a result still in flight at the erasure.
         """
         if not alert.alert_id:
             raise InvalidInput("an alert needs an alert_id")
@@ -180,6 +211,9 @@ class ReviewStore(BackendStore):
         now = self._now()
         raised = alert.raised_at.ToDatetime(UTC) if alert.HasField("raised_at") else datetime.now(UTC)
         with self._tx(write=True) as cur:
+            if self._erased_after(cur, alert.subject_id, seen_at or raised):
+                raise ErasedSubjectAlert(f"alert {alert.alert_id} not stored: its subject was erased after its "
+                                         "evidence was seen")  # fmt: skip
             cur.execute(
                 "INSERT INTO review_alerts (alert_id, source_id, subject_id, status, published_status, alert,"
                 " raised_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (alert_id) DO NOTHING",
@@ -230,7 +264,8 @@ class ReviewStore(BackendStore):
     def purge(self, raised_before: datetime) -> int:
         """Delete alerts raised before the cut-off, whatever their status, with their reviews, and the "not this
         person" feedback recorded before it that is no longer in force; returns the alerts deleted. Retention limits
-        apply to unreviewed alerts too; a suppression kept for good stays until someone removes it."""
+        apply to unreviewed alerts too; a suppression kept for good stays until someone removes it. Erasure markers
+        older than the cut-off go too: no result from before such an erasure is still in flight."""
         to_db = self._backend.dialect.to_db_time
         cutoff, now = to_db(raised_before), to_db(datetime.now(UTC))
         with self._tx(write=True) as cur:
@@ -239,7 +274,32 @@ class ReviewStore(BackendStore):
             deleted = cur.execute("DELETE FROM review_alerts WHERE raised_at < ?", (cutoff,)).rowcount
             cur.execute("DELETE FROM review_suppressions WHERE created_at < ? AND expires_at IS NOT NULL"
                         " AND expires_at < ?", (cutoff, now))  # fmt: skip
+            cur.execute("DELETE FROM review_erasures WHERE erased_at < ?", (cutoff,))
         return deleted
+
+    def erase_subject(self, subject_id: str, erased_at: datetime | None = None) -> ReviewErasure:
+        """Right to erasure: delete the subject's alerts (any status) with their reviews, and its "not this person"
+        feedback and suppressions, in one transaction; returns what was deleted.
+
+        ``erased_at`` is when the subject was erased (the notice's time; default now). It is remembered (with the
+        subject id, until ``purge`` passes it), so that an alert from a frame seen before it, still in flight, is
+        refused by ``record_alert``, and so that a replayed notice (not newer than the last one applied) deletes
+        nothing: whatever the subject has by then was raised after its erasure, for a subject enrolled again.
+        """
+        dialect = self._backend.dialect
+        at = (erased_at or datetime.now(UTC)).astimezone(UTC)
+        with self._tx(write=True) as cur:
+            known = cur.execute("SELECT erased_at FROM review_erasures WHERE subject_id = ?" + dialect.for_update,
+                                (subject_id,)).fetchone()  # fmt: skip
+            if known is not None and dialect.from_db_time(known[0]) >= at:
+                return ReviewErasure(0, 0, 0)
+            theirs = "SELECT alert_id FROM review_alerts WHERE subject_id = ?"
+            reviews = cur.execute(f"DELETE FROM alert_reviews WHERE alert_id IN ({theirs})", (subject_id,)).rowcount
+            alerts = cur.execute("DELETE FROM review_alerts WHERE subject_id = ?", (subject_id,)).rowcount
+            suppressions = cur.execute("DELETE FROM review_suppressions WHERE subject_id = ?", (subject_id,)).rowcount
+            cur.execute("INSERT INTO review_erasures (subject_id, erased_at) VALUES (?, ?) ON CONFLICT (subject_id)"
+                        " DO UPDATE SET erased_at = excluded.erased_at", (subject_id, dialect.to_db_time(at)))  # fmt: skip
+        return ReviewErasure(alerts, reviews, suppressions)
 
     # -- reads ---------------------------------------------------------------------------------------------------
 
@@ -300,6 +360,11 @@ class ReviewStore(BackendStore):
                 for a, s, tr, sub, r, c, at, exp in rows]  # fmt: skip
 
     # -- internals -----------------------------------------------------------------------------------------------
+
+    def _erased_after(self, cur: Cursor, subject_id: str, seen_at: datetime) -> bool:
+        """Whether the subject was erased after ``seen_at`` (or up to ERASURE_GRACE before it)."""
+        row = cur.execute("SELECT erased_at FROM review_erasures WHERE subject_id = ?", (subject_id,)).fetchone()
+        return row is not None and self._backend.dialect.from_db_time(row[0]) + ERASURE_GRACE >= seen_at
 
     def _resolve(self, cur: Cursor, alert_id: str) -> str:
         """The full id of an alert named by its id or an unambiguous hex prefix (the CLI shows 12 characters)."""
@@ -382,10 +447,17 @@ class AlertRecorder:
         self._store = store
         self._audit = audit
 
-    def record(self, alert: events_pb2.Alert, purpose: str = ALERT_PURPOSE) -> events_pb2.Alert:
-        """The alert to publish: the new one, or on a replay the stored one with its current status. ``purpose``:
-        what the search that raised it was for, as audited (a camera's watchlists by default)."""
-        stored, created = self._store.record_alert(alert)
+    def record(self, alert: events_pb2.Alert, purpose: str = ALERT_PURPOSE,
+               seen_at: datetime | None = None) -> events_pb2.Alert | None:  # fmt: skip
+        """The alert to publish: the new one, or on a replay the stored one with its current status; None when its
+        subject was erased after ``seen_at`` (when its evidence was captured): nothing is stored, audited or to be
+        published. ``purpose``: what the search that raised it was for, as audited (a camera's watchlists by
+        default)."""
+        try:
+            stored, created = self._store.record_alert(alert, seen_at)
+        except ErasedSubjectAlert:
+            log.info("alert of an erased subject dropped", extra={"alert_id": alert.alert_id})
+            return None
         if created:
             self._audit.append(SYSTEM_PRINCIPAL, Action.ALERT, alert.subject_id, purpose, stored.status,
                                {"alert_id": alert.alert_id, "source_id": alert.source_id,

@@ -4,19 +4,21 @@ Consumes ``sightline.matches.v1``; publishes one ``Decision`` per face to ``sigh
 for review to ``sightline.alerts.v1`` when a watchlist subject is confirmed on enough frames. E-channel (gate)
 sessions are fused beside that: a second stage consumes ``sightline.sessions.v1`` and the session results of the
 matches topic go to the same ``SessionDesk``, which publishes progress and outcomes on the sessions topic
-(``session_stage.py``, docs/echannel.md).
+(``session_stage.py``, docs/echannel.md). A third stage consumes the right-to-erasure notices matching publishes on
+``sightline.erasures.v1`` (``erase``): the subject's alerts, reviews, feedback and sessions are deleted, and the
+erasure is audited (``erasure.py``).
 
 An alert is never an automatic action: it starts PENDING_REVIEW, is stored for review before it is published, and
 reviewers confirm (two different reviewers) or reject it through the ReviewService on this service's gRPC port
-(``review.py``). Alerts, review actions and decided sessions are written to the audit log (``common/audit.py``),
-served by the AuditService.
+(``review.py``). Alerts, review actions, decided sessions and erasures are written to the audit log
+(``common/audit.py``), served by the AuditService.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 from sightline.common import codec, telemetry
 from sightline.common.audit import AuditLog, AuditServicer, TopicPublisher, audit_topic_publisher
@@ -27,6 +29,7 @@ from sightline.common.stage import InputEvent, Output, Stage, one_at_a_time
 from sightline.common.topics import ALERTS, DECISIONS, MATCHES
 from sightline.decision.engine import DecisionEngine
 from sightline.decision.policy import Policy, load_policy
+from sightline.decision.erasure import erasure_stage
 from sightline.decision.review import AlertRecorder, ReviewServicer, ReviewStore, alert_publisher
 from sightline.decision.session_stage import SessionDesk, is_session_frame, session_stage
 from sightline.decision.session_store import SessionStore
@@ -46,8 +49,11 @@ def decide(engine: DecisionEngine, event: InputEvent, recorder: AlertRecorder | 
     if sessions is not None and is_session_frame(result.frame):
         _fold_into_session(sessions, result)
     if recorder is not None:
-        # Stored (and audited) before it is published: a reviewer can always find an alert an integrator saw.
-        alerts = [recorder.record(alert) for alert in alerts]
+        # Stored (and audited) before it is published: a reviewer can always find an alert an integrator saw. One
+        # whose subject was erased since the frame was captured is neither stored nor published.
+        seen_at = result.frame.captured_at.ToDatetime(UTC) if result.frame.HasField("captured_at") else None
+        recorded = (recorder.record(alert, seen_at=seen_at) for alert in alerts)
+        alerts = [alert for alert in recorded if alert is not None]
     key = result.frame.source_id.encode()
     telemetry.END_TO_END_LATENCY.labels(SERVICE).observe(codec.seconds_since(result.frame.captured_at))
     return [Output(DECISIONS, key, d.SerializeToString()) for d in decisions] + [
@@ -100,7 +106,8 @@ def main() -> None:
         session_store.close()
         audit.close()
 
-    run_service(SERVICE, settings, kafka, servicers, [stage, session_stage(sessions)], on_stop=close, audit=audit)
+    stages = [stage, session_stage(sessions), erasure_stage(reviews, sessions, audit)]
+    run_service(SERVICE, settings, kafka, servicers, stages, on_stop=close, audit=audit)
 
 
 def purge_schedule(reviews: ReviewStore, sessions: SessionStore) -> PurgeSchedule:

@@ -25,6 +25,12 @@ referral by time-out at worst), never accept it.
 
 Stop-list hits at a gate are alerted here, once per session; the per-frame decision engine raises no alert for
 e-channel frames (``engine.py``), so a gate's frame never raises an alert twice.
+
+A right-to-erasure notice reaches the desk through ``erase_subject`` (the erasures stage, ``service.py``): under the
+desk's lock, the store deletes the sessions claiming the subject and the desk forgets its open ones and their held
+results, so no later input saves them again. Sessions of the subject open in another replica's memory are refused by
+the store when next saved (``SessionStore.save``) and leave that desk then. An outcome reached before the notice and
+already queued is still announced: the traveller at the gate is waiting for it.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from sightline.common import codec, telemetry
@@ -207,6 +214,19 @@ class SessionDesk:
             elif session_id not in self._decided:
                 self._hold(result)
 
+    def erase_subject(self, subject_id: str, erased_at: datetime | None = None) -> int:
+        """Right to erasure: delete the sessions claiming the subject (``SessionStore.erase_subject``) and forget
+        those this desk has open and the results it holds for them; returns how many sessions were deleted."""
+        with self._lock:  # no input folds into one of these sessions, and saves it again, meanwhile
+            erased = self.store.erase_subject(subject_id, erased_at)
+            for state in [s for s in self._open.values() if s.claim_subject_id == subject_id]:
+                self._remember_decided(state.session_id)  # later inputs for it are dropped, not held
+            for session_id, items in list(self._held.items()):
+                if any(item.result.frame.claim_subject_id == subject_id for item in items):
+                    del self._held[session_id]
+                    self._held_count -= len(items)
+        return erased
+
     def tick(self, now: float) -> None:
         """Time out sessions past their deadline (``now``, wall clock), close those past their close grace, save
         again a decided session whose save failed, drop stale held results, queue again the announcements that
@@ -333,8 +353,9 @@ class SessionDesk:
                 state, update, audited = item.state, item.update, False
             alert = self.engine.stop_list_alert(state)
             if alert is not None:
-                # Stored and audited once; a retry gets the stored alert back.
-                alert = self.recorder.record(alert, STOP_LIST_PURPOSE)
+                # Stored and audited once; a retry gets the stored alert back. None: the hit's subject was erased.
+                alert = self.recorder.record(alert, STOP_LIST_PURPOSE, datetime.fromtimestamp(state.opened_at, UTC))
+            if alert is not None:
                 update.alert_id = alert.alert_id
                 self.publisher.send(ALERTS.name, state.gate_id.encode(), alert.SerializeToString(), wait=True)
             if not audited:

@@ -11,6 +11,11 @@ a descriptor), the gate, the session's times and three flags:
 
 ``load_open`` gives the undecided sessions back at start-up; ``purge_decided`` removes announced sessions past their
 retention (keep it longer than the sessions topic's, so that a replayed OPENED finds its session decided).
+
+``erase_subject`` (right to erasure) deletes the sessions whose claim is the subject, decided or not, and remembers the
+subject and the erasure's time until ``purge_decided`` passes it: from then on ``save`` refuses (and deletes) a session
+of that claim opened before the erasure, however it comes back: held in the memory of another replica, or opened
+again by a replayed OPENED event.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sightline.common.sqlstore import BackendStore, Migration, StoreError, open_backend
+from sightline.common.sqlstore import BackendStore, Cursor, Migration, StoreError, open_backend
+from sightline.decision.review import ERASURE_GRACE
 from sightline.decision.sessions import SessionState
 
 _PG_MIGRATION_LOCK = 0x5365_7373  # "Sess"; the same for every replica migrating the session table
@@ -37,6 +43,21 @@ MIGRATIONS: list[Migration] = [
             " published INTEGER NOT NULL)",
             "CREATE INDEX echannel_sessions_decided_idx ON echannel_sessions (decided, updated_at)",
         ),
+    ),
+    Migration(
+        2,
+        "right to erasure: sessions by claimed subject, erased subjects",
+        (
+            "ALTER TABLE echannel_sessions ADD COLUMN claim_subject_id {key} NOT NULL DEFAULT ''",
+            "CREATE INDEX echannel_sessions_claim_idx ON echannel_sessions (claim_subject_id)",
+            "CREATE TABLE echannel_erasures (subject_id {key} PRIMARY KEY, erased_at {timestamp} NOT NULL)",
+        ),
+        by_dialect={  # the claims of the sessions stored before, from their state
+            "sqlite": ("UPDATE echannel_sessions"
+                       " SET claim_subject_id = COALESCE(json_extract(state, '$.claim_subject_id'), '')",),
+            "postgresql": ("UPDATE echannel_sessions"
+                           " SET claim_subject_id = COALESCE(state::json ->> 'claim_subject_id', '')",),
+        },
     ),
 ]
 
@@ -65,16 +86,22 @@ class SessionStore(BackendStore):
         return store._migrated(MIGRATIONS, "echannel_session_schema_version", _PG_MIGRATION_LOCK, "session")
 
     def save(self, state: SessionState) -> bool:
-        """Insert or update the session; False (nothing written) when the stored session is already decided."""
+        """Insert or update the session; False (nothing written) when the stored session is already decided, or when
+        its claimed subject was erased after it opened (its row, if any, is deleted then)."""
         to_db = self._backend.dialect.to_db_time
         with self._tx(write=True) as cur:
+            if self._erased_after(cur, state.claim_subject_id, _utc(state.opened_at)):
+                cur.execute("DELETE FROM echannel_sessions WHERE session_id = ?", (state.session_id,))
+                return False
             cur.execute(
-                "INSERT INTO echannel_sessions (session_id, gate_id, state, opened_at, deadline, updated_at, decided,"
-                " audited, published) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0) ON CONFLICT (session_id) DO UPDATE"
+                "INSERT INTO echannel_sessions (session_id, gate_id, claim_subject_id, state, opened_at, deadline,"
+                " updated_at, decided, audited, published) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0)"
+                " ON CONFLICT (session_id) DO UPDATE"
                 " SET state = excluded.state, updated_at = excluded.updated_at, decided = excluded.decided"
                 " WHERE echannel_sessions.decided = 0",
-                (state.session_id, state.gate_id, json.dumps(state.to_dict(), separators=(",", ":")),
-                 to_db(_utc(state.opened_at)), to_db(_utc(state.deadline)), self._now(), int(state.decided)),
+                (state.session_id, state.gate_id, state.claim_subject_id,
+                 json.dumps(state.to_dict(), separators=(",", ":")), to_db(_utc(state.opened_at)),
+                 to_db(_utc(state.deadline)), self._now(), int(state.decided)),
             )  # fmt: skip
             return cur.rowcount == 1
 
@@ -105,12 +132,41 @@ class SessionStore(BackendStore):
         return [_stored(row) for row in rows]
 
     def purge_decided(self, older_than: datetime) -> int:
-        """Remove the announced decided sessions last changed before ``older_than``; returns how many."""
+        """Remove the announced decided sessions last changed before ``older_than``; returns how many. Erasure markers
+        older than that go too: the sessions topic no longer holds an event from before such an erasure."""
         before = self._backend.dialect.to_db_time(older_than.astimezone(UTC))
         with self._tx(write=True) as cur:
             cur.execute("DELETE FROM echannel_sessions WHERE decided = 1 AND audited = 1 AND published = 1"
                         " AND updated_at < ?", (before,))  # fmt: skip
-            return cur.rowcount
+            purged = cur.rowcount
+            cur.execute("DELETE FROM echannel_erasures WHERE erased_at < ?", (before,))
+            return purged
+
+    def erase_subject(self, subject_id: str, erased_at: datetime | None = None) -> int:
+        """Right to erasure: delete every session claiming the subject, decided or not, in one transaction; returns
+        how many.
+
+        ``erased_at`` is when the subject was erased (the notice's time; default now). It is remembered, so that
+        ``save`` refuses the subject's sessions opened before it, and so that a replayed notice (not newer than the
+        last one applied) deletes nothing: a session claiming the subject by then opened after its erasure, for a
+        subject enrolled again. The session desk's own copy in memory is dropped by ``SessionDesk.erase_subject``.
+        """
+        dialect = self._backend.dialect
+        at = (erased_at or datetime.now(UTC)).astimezone(UTC)
+        with self._tx(write=True) as cur:
+            known = cur.execute("SELECT erased_at FROM echannel_erasures WHERE subject_id = ?" + dialect.for_update,
+                                (subject_id,)).fetchone()  # fmt: skip
+            if known is not None and dialect.from_db_time(known[0]) >= at:
+                return 0
+            erased = cur.execute("DELETE FROM echannel_sessions WHERE claim_subject_id = ?", (subject_id,)).rowcount
+            cur.execute("INSERT INTO echannel_erasures (subject_id, erased_at) VALUES (?, ?) ON CONFLICT (subject_id)"
+                        " DO UPDATE SET erased_at = excluded.erased_at", (subject_id, dialect.to_db_time(at)))  # fmt: skip
+            return erased
+
+    def _erased_after(self, cur: Cursor, subject_id: str, opened_at: datetime) -> bool:
+        """Whether the subject was erased after a session claiming it opened (or up to ERASURE_GRACE before)."""
+        row = cur.execute("SELECT erased_at FROM echannel_erasures WHERE subject_id = ?", (subject_id,)).fetchone()
+        return row is not None and self._backend.dialect.from_db_time(row[0]) + ERASURE_GRACE >= opened_at
 
     def _set_flag(self, session_id: str, column: str) -> None:
         with self._tx(write=True) as cur:

@@ -202,12 +202,7 @@ class GalleryStore(BackendStore):
     def open(cls, url: str, cipher: TemplateCipher) -> GalleryStore:
         """Opens the gallery at ``url``, creating or upgrading the schema."""
         store = cls(_open_backend(url), cipher)
-        try:
-            store._migrate(MIGRATIONS, "schema_version", _PG_MIGRATION_LOCK, "gallery")
-            store._overwrite_deleted_rows()
-        except BaseException:
-            store.close()
-            raise
+        store._migrated(MIGRATIONS, "schema_version", _PG_MIGRATION_LOCK, "gallery")
         logger.info("gallery store open at %s (schema version %d)", store._backend.description, store.schema_version)
         return store
 
@@ -548,14 +543,6 @@ class GalleryStore(BackendStore):
         return versions
 
     # -- internals -----------------------------------------------------------------------------------------------
-
-    def _overwrite_deleted_rows(self) -> None:
-        """On SQLite, deleted rows are zeroed in the file rather than left in free pages: an erased subject's
-        templates and id must not survive in the database file. (PostgreSQL keeps dead row versions until VACUUM;
-        see docs/watchlists.md.)"""
-        if self.dialect == "sqlite":
-            with self._tx(write=False) as cur:
-                cur.execute("PRAGMA secure_delete = ON")
 
     def _bump_version(self, cur: _Cursor) -> None:
         row = cur.execute("UPDATE gallery_state SET version = version + 1 WHERE id = 1 RETURNING version").fetchone()

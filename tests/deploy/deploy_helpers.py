@@ -47,11 +47,11 @@ TOPICS = {
     "sightline.decisions.v1": ("decision", (), 7 * DAY_MS),
     "sightline.alerts.v1": ("decision", (), 30 * DAY_MS),
     "sightline.sessions.v1": ("capture, decision", ("decision",), DAY_MS),
-    "sightline.erasures.v1": ("matching", (), 365 * DAY_MS),
+    "sightline.erasures.v1": ("matching", ("decision",), 365 * DAY_MS),
     "sightline.deadletter.v1": ("*", (), HOUR_MS),
     "sightline.audit.v1": ("*", (), 365 * DAY_MS),
 }
-# The topic each consumer scales on (its pipeline input; the sessions topic is a side input of decision).
+# The topic each consumer scales on (its pipeline input; the sessions and erasures topics are side inputs of decision).
 INPUT_TOPIC = {"detection": "sightline.frames.v1", "embedding": "sightline.faces.v1",
                "matching": "sightline.embeddings.v1", "decision": "sightline.matches.v1"}
 PUBLIC_SERVICES = {"capture", "matching", "decision"}  # reached by external clients over gRPC
@@ -64,6 +64,15 @@ CRD_KINDS = {
     ("keda.sh/v1alpha1", "TriggerAuthentication"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
 }
+
+
+def chart_catalog() -> dict[str, dict[str, Any]]:
+    """The chart's per-service catalogue (``sightline.catalog`` in _helpers.tpl): what the code fixes per service."""
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    block = re.search(r'define "sightline.catalog" -}}\n(.*?){{- end }}', helpers, re.S)
+    assert block is not None, "no sightline.catalog in _helpers.tpl"
+    catalog: dict[str, dict[str, Any]] = yaml.safe_load(block.group(1))
+    return catalog
 
 
 def find_tool(name: str, env_var: str) -> str:

@@ -22,6 +22,7 @@ from deploy_helpers import (
     SERVICES,
     VARIANTS,
     Rendered,
+    chart_catalog,
     render,
     retention_settings,
     run_helm,
@@ -497,9 +498,7 @@ def env_values(r: Rendered, service: str) -> dict[str, dict[str, Any]]:
 
 
 def chart_caller_roles() -> dict[str, set[str]]:
-    catalog = yaml.safe_load(re.search(r'define "sightline.catalog" -}}\n(.*?){{- end }}',
-                                       (CHART / "templates" / "_helpers.tpl").read_text(), re.S).group(1))  # fmt: skip
-    return {svc: set(entry["callerRoles"]) for svc, entry in catalog.items() if entry["callerRoles"]}
+    return {svc: set(entry["callerRoles"]) for svc, entry in chart_catalog().items() if entry["callerRoles"]}
 
 
 def test_chart_caller_roles_match_the_code() -> None:

@@ -17,6 +17,7 @@ from deploy_helpers import (
     SERVICES,
     TOPICS,
     Rendered,
+    chart_catalog,
     containers,
     render,
     retention_settings,
@@ -262,10 +263,22 @@ def test_chart_topics_match_the_code() -> None:
         from sightline.common import topics
     except ImportError:  # the deploy tests also run where the package is not installed
         pytest.skip("sightline is not importable here; the contract list in deploy_helpers is checked instead")
+    from sightline.common.lag import input_topic
+
     assert {t.name for t in topics.ALL_TOPICS} == set(TOPICS)
     assert retention_settings().topic_retention_ms() == {k: v[2] for k, v in TOPICS.items()}
     for spec in topics.ALL_TOPICS:
         assert spec.consumers == TOPICS[spec.name][1]
+    for svc in SERVICES:  # the lag `sightline status` reports, and capture's back-pressure reads, is KEDA's
+        assert input_topic(svc) == INPUT_TOPIC.get(svc), svc
+
+
+def test_chart_catalogue_lists_what_each_service_consumes() -> None:
+    """Each service's input topic (scaled on) and side inputs in the chart are the topics the contract says it reads."""
+    for svc, entry in chart_catalog().items():
+        consumed = {f"sightline.{key}.v1" for key in [entry["consumes"], *entry["alsoConsumes"]] if key}
+        assert consumed == {topic for topic, (_, consumers, _) in TOPICS.items() if svc in consumers}, svc
+        assert (f"sightline.{entry['consumes']}.v1" if entry["consumes"] else None) == INPUT_TOPIC.get(svc), svc
 
 
 def test_topics_hook_job(rendered: Rendered) -> None:

@@ -11,15 +11,17 @@ capture detection embedding matching decision
 
 {{/*
 What the code fixes for each service. `consumes` is the input topic (the one KEDA measures lag on, with consumer group
-sightline-<service>); `produces` are the topics it writes; `public` services take gRPC from outside clients;
-`grpcClients` are the services that call this one over gRPC; `callerRoles` are the roles of the service's own
-principal (service:<name>) on its gRPC calls to others (sightline.common.auth.SERVICE_CALLER_ROLES; empty: it
-calls no one and gets no token).
+sightline-<service>); `alsoConsumes` are the side inputs it reads in the same group, never scaled on (decision: the
+kiosks' session events, and the right-to-erasure notices it applies); `produces` are the topics it writes; `public`
+services take gRPC from outside clients; `grpcClients` are the services that call this one over gRPC; `callerRoles`
+are the roles of the service's own principal (service:<name>) on its gRPC calls to others
+(sightline.common.auth.SERVICE_CALLER_ROLES; empty: it calls no one and gets no token).
 Topic keys are the keys of .Values.kafka.topics; the topic name is sightline.<key>.v1.
 */}}
 {{- define "sightline.catalog" -}}
 capture:
   consumes: ""
+  alsoConsumes: []
   produces: [frames, sessions, deadletter]
   public: true
   grpcClients: []
@@ -27,6 +29,7 @@ capture:
   callerRoles: [operator, enroller]
 detection:
   consumes: frames
+  alsoConsumes: []
   produces: [faces, deadletter]
   public: false
   grpcClients: [matching]
@@ -34,6 +37,7 @@ detection:
   callerRoles: []
 embedding:
   consumes: faces
+  alsoConsumes: []
   produces: [embeddings, deadletter]
   public: false
   grpcClients: [matching]
@@ -41,6 +45,7 @@ embedding:
   callerRoles: []
 matching:
   consumes: embeddings
+  alsoConsumes: []
   produces: [matches, erasures, audit, deadletter]
   public: true
   grpcClients: [capture]
@@ -48,6 +53,7 @@ matching:
   callerRoles: [operator]
 decision:
   consumes: matches
+  alsoConsumes: [sessions, erasures]
   produces: [decisions, alerts, sessions, audit, deadletter]
   public: true
   grpcClients: []
