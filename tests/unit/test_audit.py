@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -175,8 +176,13 @@ def test_verifying_a_live_log_while_another_replica_appends_is_intact(store_url:
     stop, reports = threading.Event(), []
 
     def keep_appending() -> None:
-        while not stop.is_set():
+        # A steady writer, not a tight loop: SQLite's busy handler would let a writer that never pauses starve the
+        # reader (a live service appends a few records a second, not thousands).
+        for _ in range(2000):
+            if stop.is_set():
+                return
             writer.append("service:matching", Action.STREAM_SEARCH, "", "cctv-watchlist", "ok")
+            time.sleep(0.002)
 
     appender = threading.Thread(target=keep_appending)
     appender.start()
