@@ -126,8 +126,11 @@ def method_table_markdown() -> str:
 
 
 def new_token() -> str:
-    """A fresh bearer token: 32 random bytes, URL-safe base64 (43 characters)."""
-    return secrets.token_urlsafe(32)
+    """A fresh bearer token: 32 random bytes, URL-safe base64 (43 characters), never starting with "-" (it would
+    read as an option after ``--token`` on a command line)."""
+    while (token := secrets.token_urlsafe(32)).startswith("-"):
+        pass
+    return token
 
 
 def hash_token(token: str) -> str:

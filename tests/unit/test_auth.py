@@ -345,3 +345,9 @@ def test_cli_makes_a_token_and_its_entry_and_hashes_a_token(monkeypatch: pytest.
     with redirect_stdout(hashed):
         assert auth_cli(["auth", "hash-token"]) == 0
     assert hashed.getvalue().strip() == entry.token_sha256
+
+
+def test_new_tokens_are_distinct_and_never_look_like_an_option() -> None:
+    tokens = {auth.new_token() for _ in range(3000)}  # about 47 would start with "-" by chance
+    assert len(tokens) == 3000 and not any(token.startswith("-") for token in tokens)
+    assert all(len(token) == 43 for token in tokens)
