@@ -286,19 +286,13 @@ class ReviewStore(BackendStore):
         refused by ``record_alert``, and so that a replayed notice (not newer than the last one applied) deletes
         nothing: whatever the subject has by then was raised after its erasure, for a subject enrolled again.
         """
-        dialect = self._backend.dialect
-        at = (erased_at or datetime.now(UTC)).astimezone(UTC)
         with self._tx(write=True) as cur:
-            known = cur.execute("SELECT erased_at FROM review_erasures WHERE subject_id = ?" + dialect.for_update,
-                                (subject_id,)).fetchone()  # fmt: skip
-            if known is not None and dialect.from_db_time(known[0]) >= at:
+            if not note_erasure(cur, self._backend.dialect, "review_erasures", subject_id, erased_at):
                 return ReviewErasure(0, 0, 0)
             theirs = "SELECT alert_id FROM review_alerts WHERE subject_id = ?"
             reviews = cur.execute(f"DELETE FROM alert_reviews WHERE alert_id IN ({theirs})", (subject_id,)).rowcount
             alerts = cur.execute("DELETE FROM review_alerts WHERE subject_id = ?", (subject_id,)).rowcount
             suppressions = cur.execute("DELETE FROM review_suppressions WHERE subject_id = ?", (subject_id,)).rowcount
-            cur.execute("INSERT INTO review_erasures (subject_id, erased_at) VALUES (?, ?) ON CONFLICT (subject_id)"
-                        " DO UPDATE SET erased_at = excluded.erased_at", (subject_id, dialect.to_db_time(at)))  # fmt: skip
         return ReviewErasure(alerts, reviews, suppressions)
 
     # -- reads ---------------------------------------------------------------------------------------------------
@@ -408,6 +402,20 @@ class ReviewStore(BackendStore):
              to_db(now), expires),
         )
 
+
+
+def note_erasure(cur: Cursor, dialect: Any, table: str, subject_id: str, erased_at: datetime | None) -> bool:
+    """Remember in ``table`` that the subject was erased at ``erased_at`` (default now); False, remembering nothing,
+    for a notice not newer than the last one applied there (a replay: it must delete nothing more). The row is
+    locked, so concurrent replicas apply one notice once."""
+    at = (erased_at or datetime.now(UTC)).astimezone(UTC)
+    known = cur.execute(f"SELECT erased_at FROM {table} WHERE subject_id = ?" + dialect.for_update,
+                        (subject_id,)).fetchone()  # fmt: skip
+    if known is not None and dialect.from_db_time(known[0]) >= at:
+        return False
+    cur.execute(f"INSERT INTO {table} (subject_id, erased_at) VALUES (?, ?) ON CONFLICT (subject_id)"
+                " DO UPDATE SET erased_at = excluded.erased_at", (subject_id, dialect.to_db_time(at)))  # fmt: skip
+    return True
 
 
 def _checked_review(reviewer: str, action: str, comment: str, not_this_person: bool) -> tuple[str, str]:

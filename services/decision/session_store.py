@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sightline.common.sqlstore import BackendStore, Cursor, Migration, StoreError, open_backend
-from sightline.decision.review import ERASURE_GRACE
+from sightline.decision.review import ERASURE_GRACE, note_erasure
 from sightline.decision.sessions import SessionState
 
 _PG_MIGRATION_LOCK = 0x5365_7373  # "Sess"; the same for every replica migrating the session table
@@ -151,17 +151,10 @@ class SessionStore(BackendStore):
         last one applied) deletes nothing: a session claiming the subject by then opened after its erasure, for a
         subject enrolled again. The session desk's own copy in memory is dropped by ``SessionDesk.erase_subject``.
         """
-        dialect = self._backend.dialect
-        at = (erased_at or datetime.now(UTC)).astimezone(UTC)
         with self._tx(write=True) as cur:
-            known = cur.execute("SELECT erased_at FROM echannel_erasures WHERE subject_id = ?" + dialect.for_update,
-                                (subject_id,)).fetchone()  # fmt: skip
-            if known is not None and dialect.from_db_time(known[0]) >= at:
+            if not note_erasure(cur, self._backend.dialect, "echannel_erasures", subject_id, erased_at):
                 return 0
-            erased = cur.execute("DELETE FROM echannel_sessions WHERE claim_subject_id = ?", (subject_id,)).rowcount
-            cur.execute("INSERT INTO echannel_erasures (subject_id, erased_at) VALUES (?, ?) ON CONFLICT (subject_id)"
-                        " DO UPDATE SET erased_at = excluded.erased_at", (subject_id, dialect.to_db_time(at)))  # fmt: skip
-            return erased
+            return cur.execute("DELETE FROM echannel_sessions WHERE claim_subject_id = ?", (subject_id,)).rowcount
 
     def _erased_after(self, cur: Cursor, subject_id: str, opened_at: datetime) -> bool:
         """Whether the subject was erased after a session claiming it opened (or up to ERASURE_GRACE before)."""

@@ -18,7 +18,7 @@ from sightline.common.localstack import LocalStack
 from sightline.common.rpc import channel
 from sightline.common.topics import DECISIONS, ERASURES, MATCHES
 from sightline.v1 import audit_pb2, audit_pb2_grpc, events_pb2, review_pb2, review_pb2_grpc
-from test_review_flow import alert_events, match_result, wait_for
+from test_review_flow import alert_events, kafka, match_result, wait_for  # noqa: F401 - kafka: a fixture
 
 ERASED, KEPT = "erased-subject", "kept-subject"
 
@@ -31,11 +31,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     with LocalStack(run_dir, ports="auto", services=("decision",), env=env) as running:
         running.start(timeout=120)
         yield running
-
-
-@pytest.fixture(scope="module")
-def kafka(stack: LocalStack) -> KafkaSettings:
-    return KafkaSettings(bootstrap_servers=stack.bootstrap_servers, session_timeout_ms=2000, heartbeat_interval_ms=500)
 
 
 def publish(kafka: KafkaSettings, topic: str, key: str, messages: list[object]) -> None:
