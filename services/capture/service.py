@@ -3,7 +3,10 @@
 Frames are keyed by source id, so per-source order holds through every stage. CCTV frames are dropped, and counted,
 while the consumers lag or the producer's buffer is full: never queued without bound (``backpressure.py``). Request
 path: ``CaptureService.Ingest`` streams progress while a source is read (what ``sightline run`` uses); sources
-configured in ``SIGHTLINE_CAPTURE_SOURCES`` are ingested continuously from start-up.
+configured in ``SIGHTLINE_CAPTURE_SOURCES`` are ingested continuously from start-up, reopened with capped backoff
+while they are down. Both pass the source policy first (``source_policy.py``): a source it refuses, or one that cannot
+be opened, fails the Ingest call with INVALID_ARGUMENT before any frame is published. Sources are named by their
+redacted form everywhere (logs, errors, dead letters), never with the credentials a camera URL may carry.
 
 Each frame starts its own trace: a root span (frame and source ids as attributes, never image data) whose context goes
 into the frame record's headers, and on to every record the stages derive from it (see common/tracing.py).
@@ -15,7 +18,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
 import grpc
@@ -33,10 +36,12 @@ from sightline.common.rpc import InvalidInput, rpc_errors, stream_errors
 from sightline.common.runtime import Servicer, run_service
 from sightline.common.stage import InputEvent, StageError, dead_letter_record
 from sightline.common.topics import DEADLETTER, FRAMES
+from sightline.common.transient import Backoff
 from sightline.capture.backpressure import Backpressure, FrameDropped
 from sightline.capture.kiosk import Kiosk, KioskServicer
 from sightline.capture.settings import CaptureSettings
-from sightline.capture.sources import RawFrame, SourceError, open_source, source_id_for
+from sightline.capture.source_policy import Source, SourceError, SourcePolicy, SourceRefused
+from sightline.capture.sources import RawFrame, open_vetted, quiet_native_logs, source_id_for
 from sightline.v1 import capture_pb2, capture_pb2_grpc, events_pb2, session_pb2_grpc, types_pb2
 
 SERVICE = "capture"
@@ -50,16 +55,31 @@ class Capture:
         self._max_bytes = kafka.max_message_bytes - 64 * 1024  # room for the event's other fields
         self.producer = make_producer(kafka, max_block_ms=int(settings.publish_timeout_s * 1000))
         self.backpressure = Backpressure(settings, kafka)
+        self.policy = SourcePolicy.from_settings(settings, max_image_bytes=self._max_bytes)
 
-    def ingest(self, request: capture_pb2.IngestRequest, active: callable = lambda: True) -> Iterator[capture_pb2.IngestResponse]:  # type: ignore[valid-type]  # noqa: E501
-        """Read the source and publish its frames; yields progress, the last one with done=True."""
+    def ingest(self, request: capture_pb2.IngestRequest, active: Callable[[], bool] = lambda: True) -> Iterator[capture_pb2.IngestResponse]:  # noqa: E501
+        """Vet and open the source, then read it and publish its frames; the iterator yields progress, the last one
+        with done=True. A source that is refused or cannot be opened raises InvalidInput here, before any frame."""
         if not request.source_uri:
             raise InvalidInput("source_uri is empty")
         fps = request.fps or self.settings.default_fps
         try:
-            frames = open_source(request.source_uri, fps)
+            source, frames = self.open(request.source_uri, fps)
+        except SourceRefused as exc:
+            log.warning("source refused by the source policy",  # a probe, perhaps: worth seeing in the log
+                        extra={"source": request.source_id or source_id_for(request.source_uri), "error": str(exc)})
+            raise InvalidInput(str(exc)) from None
         except SourceError as exc:
             raise InvalidInput(str(exc)) from None
+        return self._stream(request, source, frames, fps, active)
+
+    def open(self, uri: str, fps: float) -> tuple[Source, Iterator[RawFrame]]:
+        """The vetted source and its frames; raises SourceRefused or SourceUnavailable (never with credentials)."""
+        source = self.policy.vet(uri)
+        return source, open_vetted(source, fps, self.policy, self.settings.stream_timeout_s)
+
+    def _stream(self, request: capture_pb2.IngestRequest, source: Source, frames: Iterator[RawFrame], fps: float,
+                active: Callable[[], bool]) -> Iterator[capture_pb2.IngestResponse]:  # fmt: skip
         source_id = request.source_id or source_id_for(request.source_uri)
         run = uuid.uuid4().hex[:8]
         progress = capture_pb2.IngestResponse(source_id=source_id)
@@ -67,11 +87,11 @@ class Capture:
         for raw in frames:
             if not active() or (request.max_frames and progress.frames_read >= request.max_frames):
                 break
-            self._pace(request, raw, started, fps)
+            self._pace(request, source, raw, started, fps)
             progress.frames_read += 1
             ref = self._frame_ref(request, source_id, run, progress.frames_read)
             try:
-                published = self._publish(raw, ref, request.source_uri)
+                published = self._publish(raw, ref, source.display)
             except FrameDropped as dropped:
                 self.backpressure.count(source_id, dropped.reason)
                 progress.frames_dropped += 1
@@ -105,9 +125,10 @@ class Capture:
             log.warning("frames not yet acknowledged by the broker at the end of the source",
                         extra={"source": source_id, "in_flight_bytes": self.backpressure.in_flight.bytes})  # fmt: skip
 
-    def _pace(self, request: capture_pb2.IngestRequest, raw: RawFrame, started: float, fps: float) -> None:
+    def _pace(self, request: capture_pb2.IngestRequest, source: Source, raw: RawFrame, started: float,
+              fps: float) -> None:  # fmt: skip
         """Publish folder and file frames at the sampling rate (live streams pace themselves)."""
-        if request.no_pacing or request.source_uri.startswith(("rtsp://", "rtsps://")):
+        if request.no_pacing or source.live:
             return
         due = started + (raw.media_time_s if raw.pixels is not None else raw.media_time_s / fps)
         delay = due - time.monotonic()
@@ -126,7 +147,7 @@ class Capture:
         """Publish one frame of a gate session (capture/kiosk.py): traced and dead-lettered like any, never dropped."""
         return self._publish(raw, ref, origin)
 
-    def _publish(self, raw: RawFrame, ref: types_pb2.FrameRef, uri: str) -> bool:
+    def _publish(self, raw: RawFrame, ref: types_pb2.FrameRef, origin: str) -> bool:
         """Publish one frame; False when it was dead-lettered. Raises FrameDropped for a CCTV frame that backpressure
         drops, BrokerUnavailable for an e-channel frame the producer could not take in time."""
         self.backpressure.admit(ref)  # before encoding: a dropped frame costs nothing
@@ -134,7 +155,7 @@ class Capture:
             try:
                 image, media_type = self._encode(raw)
             except (ImageError, StageError) as exc:
-                self._dead_letter(ref, uri, exc)
+                self._dead_letter(ref, origin, raw, exc)
                 return False
             event = events_pb2.FrameCaptured(frame=ref, image=image, media_type=media_type)
             self._send(ref, event.SerializeToString())
@@ -157,7 +178,7 @@ class Capture:
 
     def _encode(self, raw: RawFrame) -> tuple[bytes, str]:
         if raw.error:
-            raise StageError("unreadable_frame", raw.error)
+            raise StageError(raw.reason, raw.error)
         if raw.pixels is not None:
             pixels = downscale_to(raw.pixels, self.settings.max_frame_side)
             return encode_jpeg(pixels, self.settings.jpeg_quality), "image/jpeg"
@@ -166,29 +187,69 @@ class Capture:
             raise StageError("frame_too_large", f"{raw.name} is {len(raw.encoded)} bytes; the limit is {self._max_bytes}")
         return raw.encoded, raw.media_type
 
-    def _dead_letter(self, ref: types_pb2.FrameRef, uri: str, error: Exception) -> None:
-        item = InputEvent(key=ref.source_id.encode(), value=None, topic=uri, partition=-1, offset=ref.sequence)
+    def _dead_letter(self, ref: types_pb2.FrameRef, origin: str, raw: RawFrame, error: Exception) -> None:
+        """Dead-letter a frame capture could not publish. The record never carries the frame's bytes (capture has
+        no event to copy): a file that was withheld is described by its size and digest only."""
+        item = InputEvent(key=ref.source_id.encode(), value=None, topic=origin, partition=-1, offset=ref.sequence)
         record = dead_letter_record(SERVICE, item, error)
         record.frame_id = ref.frame_id
+        if raw.size:
+            record.payload_size, record.payload_sha256, record.payload_withheld = raw.size, raw.sha256, True
         self.producer.send(DEADLETTER.name, key=item.key, value=record.SerializeToString(),
                            headers=tracing.kafka_headers())  # fmt: skip
         telemetry.EVENTS_DEADLETTERED.labels(SERVICE, record.reason).inc()
         log.warning("frame not published", extra={"reason": record.reason, "frame_id": ref.frame_id})
 
     def run_configured_sources(self, stop: threading.Event) -> None:
-        """Ingest each configured source in its own thread, reopening it when it ends (cameras drop out)."""
+        """Ingest each configured source in its own thread, reopening it when it ends or is down (cameras drop out)."""
         for uri in self.settings.sources:
-            threading.Thread(target=self._follow, args=(uri, stop), daemon=True, name=f"source-{uri[:20]}").start()
+            name = f"source-{source_id_for(uri)}"  # thread names reach logs: never the URI (it may hold credentials)
+            threading.Thread(target=self._follow, args=(uri, stop), daemon=True, name=name).start()
 
     def _follow(self, uri: str, stop: threading.Event) -> None:
+        """Keep one configured source flowing: reopen it after it ends, retry with capped backoff while it is down,
+        give up only when the policy refuses it (a configuration change, hence a restart, is needed then)."""
         request = capture_pb2.IngestRequest(source_uri=uri, purpose=types_pb2.PURPOSE_CCTV)
+        source_id, backoff, failures = source_id_for(uri), self._reconnect_backoff(), 0
         while not stop.is_set():
             try:
-                for _ in self.ingest(request, active=lambda: not stop.is_set()):
-                    pass
-            except InvalidInput as exc:
-                log.warning("configured source unavailable", extra={"source": source_id_for(uri), "error": str(exc)})
-            stop.wait(self.settings.reconnect_delay_s)
+                source, frames = self.open(uri, self.settings.default_fps)
+            except SourceRefused as exc:
+                log.error("configured source refused by the source policy: not opened", extra={
+                    "source": source_id, "error": str(exc)})  # fmt: skip
+                return
+            except SourceError as exc:
+                failures += 1
+                self._source_down(source_id, str(exc), failures, backoff.delay(failures))
+            else:
+                frames_read = self._read_configured(request, source, frames, stop)
+                failures = 0 if frames_read else failures + 1  # a stream that opens but gives nothing is down
+                if failures:
+                    self._source_down(source_id, "no frames", failures, backoff.delay(failures))
+            stop.wait(backoff.delay(failures) if failures else self.settings.reconnect_delay_s)
+
+    def _read_configured(self, request: capture_pb2.IngestRequest, source: Source, frames: Iterator[RawFrame],
+                         stop: threading.Event) -> int:  # fmt: skip
+        """Read a configured source to its end; the frames read. Whatever fails on the way (the broker, a decoder)
+        ends this attempt only: the source is reopened, never left behind by a dead thread."""
+        final = capture_pb2.IngestResponse()
+        try:
+            for final in self._stream(request, source, frames, self.settings.default_fps, lambda: not stop.is_set()):
+                pass
+        except Exception:  # noqa: BLE001 - logged with its traceback; our errors never carry the URI
+            log.warning("configured source failed while reading", exc_info=True,
+                        extra={"source": source_id_for(request.source_uri)})  # fmt: skip
+        return final.frames_read
+
+    def _reconnect_backoff(self) -> Backoff:
+        return Backoff(initial_s=self.settings.reconnect_delay_s,
+                       max_s=max(self.settings.reconnect_delay_s, self.settings.reconnect_max_delay_s))  # fmt: skip
+
+    @staticmethod
+    def _source_down(source_id: str, error: str, attempt: int, retry_in_s: float) -> None:
+        telemetry.EVENTS_FAILED.labels(SERVICE, "source_unavailable").inc()
+        log.warning("configured source unavailable; retrying", extra={
+            "source": source_id, "error": error, "attempt": attempt, "retry_in_s": round(retry_in_s, 3)})  # fmt: skip
 
 
 def _frame_span(ref: types_pb2.FrameRef) -> AbstractContextManager[trace.Span]:
@@ -228,6 +289,7 @@ def main() -> None:
     # Before the configured sources start: their warnings must reach the log, and their frames must start traces.
     # run_service's own calls then find both done.
     telemetry.configure_logging(SERVICE, settings.log_level, settings.log_json)
+    quiet_native_logs()
     tracing.setup_tracing(SERVICE)
     audit = AuditLog.open_if_configured()  # where refused calls are audited; None: they are logged only
     capture = Capture(settings, kafka)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from pathlib import Path
+from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from sightline.capture.source_policy import parse_host_entry
 from sightline.common.config import ServiceSettings
 from sightline.common.ports import GRPC_PORTS, METRICS_PORTS
 
@@ -22,9 +24,46 @@ class CaptureSettings(ServiceSettings):
     jpeg_quality: int = Field(92, ge=50, le=100, description="JPEG quality of decoded frames.")
     sources: list[str] = Field(
         default_factory=list,
-        description="Sources ingested continuously from start-up (JSON list of URIs), e.g. RTSP cameras.",
+        description="Sources ingested continuously from start-up (JSON list of URIs), e.g. RTSP cameras; each must "
+        "pass the source policy below (one it refuses is logged and never opened).",
     )
-    reconnect_delay_s: float = Field(5.0, gt=0, description="Wait before reopening a configured source that ended.")
+    reconnect_delay_s: float = Field(
+        5.0, gt=0, description="Wait before reopening a configured source that ended or could not be opened; doubled "
+        "after each attempt that read no frame, up to reconnect_max_delay_s.",
+    )  # fmt: skip
+    reconnect_max_delay_s: float = Field(
+        60.0, gt=0, description="Longest wait between two attempts to open a configured source that is down."
+    )
+    stream_timeout_s: float = Field(
+        10.0, gt=0, description="Longest wait for a stream (or video file) to open, and for its next frame."
+    )
+
+    # Source policy (capture/source_policy.py, docs/security.md): what an Ingest call or `sources` may open.
+    # Everything is refused by default; the local stack allows the user's own folders and networks.
+    allowed_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders whose image and video files capture may read (JSON list of absolute paths); paths are "
+        "resolved, symlinks followed, before the check. Empty: no file source is read.",
+    )  # fmt: skip
+    allowed_schemes: list[Literal["rtsp", "rtsps", "http", "https"]] = Field(
+        default_factory=list,
+        description="URL schemes a network source may use (JSON list, e.g. [\"rtsp\", \"rtsps\"]). Empty: no "
+        "network source is opened.",
+    )  # fmt: skip
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts a network source may name (JSON list): IP networks in CIDR form or single addresses "
+        "(every address a name resolves to must be inside one), or host names, exact or \"*.suffix\" (trusted as "
+        "named; an rtsps/https host must be listed by name). Empty: no network source is opened.",
+    )  # fmt: skip
+    max_image_file_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024,
+        description="An image file larger than this is refused before it is read (also bounded by the largest "
+        "event the broker takes).",
+    )  # fmt: skip
+    max_video_file_bytes: int = Field(
+        0, ge=0, description="A video file larger than this is refused before it is opened; 0: no limit."
+    )
 
     # E-channel gate sessions (KioskService, capture/kiosk.py).
     grpc_workers: int = Field(
@@ -88,3 +127,18 @@ class CaptureSettings(ServiceSettings):
         5.0, gt=0, description="Longest a frame waits for the broker's metadata or for room in the producer's buffer: "
         "then a CCTV frame is dropped and an e-channel frame fails.",
     )  # fmt: skip
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _absolute_roots(cls, roots: list[Path]) -> list[Path]:
+        relative = [str(root) for root in roots if not root.expanduser().is_absolute()]
+        if relative:
+            raise ValueError(f"allowed roots must be absolute paths: {relative}")
+        return roots
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _valid_hosts(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            parse_host_entry(host)  # raises ValueError naming the entry
+        return hosts

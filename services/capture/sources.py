@@ -2,22 +2,48 @@
 
 A source yields ``RawFrame``s: either the file's own encoded bytes (image files are passed through untouched, so
 detection sees exactly what the camera or the document reader produced, EXIF included) or decoded pixels (video), plus
-the frame's media time. A file that cannot be read is yielded as a failed frame, so the caller can dead-letter it and
-go on with the next one.
+the frame's media time. Every source is vetted by the source policy first (source_policy.py), and opening is eager:
+a source that cannot be opened raises SourceError from ``open_source`` itself, before any frame is read, so the caller
+can refuse it at once.
+
+In a folder, a file that cannot be used is yielded as a failed frame, so the caller can dead-letter it and go on with
+the next one. Such a frame never carries the file's bytes: a file that is not an image (by suffix) is not even read,
+one that is named like an image but does not start like one is described by its size and SHA-256 only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import mimetypes
+import os
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".pgm", ".ppm"}
+from sightline.capture.source_policy import (
+    IMAGE_SUFFIXES, VIDEO_HEAD_BYTES, FileTooLarge, Source, SourceError, SourceKind, SourcePolicy, SourceRefused,
+    SourceUnavailable, looks_like_video, redact,
+)  # fmt: skip
+from sightline.common.images import looks_like_image
+
+# The exceptions are re-exported: callers of open_source catch them from here.
+__all__ = ["IMAGE_SUFFIXES", "RawFrame", "SourceError", "SourceRefused", "SourceUnavailable", "open_source",
+           "open_vetted", "quiet_native_logs", "source_id_for"]  # fmt: skip
+
+DEFAULT_STREAM_TIMEOUT_S = 10.0
+
+
+def quiet_native_logs() -> None:
+    """Silence FFmpeg's and OpenCV's own messages (unless configured): they go straight to stderr, are not JSON, and
+    may name a stream's address; capture logs what failed itself. Must run before the first video is opened."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 
 
 @dataclass(frozen=True)
@@ -28,52 +54,141 @@ class RawFrame:
     media_type: str = ""
     pixels: np.ndarray | None = None  # decoded RGB (video)
     error: str = ""  # set when the frame could not be read
+    reason: str = "unreadable_frame"  # machine-readable reason of the error, for the dead letter
+    size: int = 0  # bytes of a file that was not passed on (its content is withheld)
+    sha256: bytes = b""  # digest of such a file, when it was read
 
 
-class SourceError(ValueError):
-    """The source cannot be opened at all."""
+def open_source(uri: str, fps: float, policy: SourcePolicy,
+                stream_timeout_s: float = DEFAULT_STREAM_TIMEOUT_S) -> Iterator[RawFrame]:  # fmt: skip
+    """Frames of the source at (at most) ``fps`` frames per second of media time, if the policy allows it."""
+    return open_vetted(policy.vet(uri), fps, policy, stream_timeout_s)
 
 
-def open_source(uri: str, fps: float) -> Iterator[RawFrame]:
-    """Frames of the source at (at most) ``fps`` frames per second of media time."""
-    if uri.startswith(("rtsp://", "rtsps://", "http://", "https://")):
-        return _video(uri, fps, live=True)
-    path = Path(uri).expanduser()
-    if path.is_dir():
-        return _folder(path)
-    if not path.exists():
-        raise SourceError(f"source {uri!r} does not exist")
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        return iter([_image_file(path, 0.0)])
-    return _video(str(path), fps, live=False)
+def open_vetted(source: Source, fps: float, policy: SourcePolicy,
+                stream_timeout_s: float = DEFAULT_STREAM_TIMEOUT_S) -> Iterator[RawFrame]:  # fmt: skip
+    """Open a vetted source; raises SourceError (refused or unavailable) before any frame is yielded."""
+    if source.kind is SourceKind.FOLDER:
+        return _folder(Path(source.target), policy)
+    if source.kind is SourceKind.IMAGE:
+        return iter([_single_image(Path(source.target), source.display, policy)])
+    if source.kind is SourceKind.VIDEO:
+        _check_video_container(Path(source.target), source.display)
+    return _video(source, fps, stream_timeout_s)
 
 
 def source_id_for(uri: str) -> str:
-    """A readable default source id: the folder, file or stream name."""
-    name = Path(uri.rstrip("/").split("?")[0]).name or "source"
-    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)[:64]
+    """A readable default source id: the folder, file or stream name; never a URL's credentials or query."""
+    if "://" in uri:
+        parts = urlsplit(redact(uri))
+        name = parts.path.rstrip("/").rpartition("/")[2] or (parts.hostname or "")
+    else:
+        name = Path(uri.rstrip("/")).name
+    safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in name)[:64]
+    return safe.strip(".") or "source"
 
 
-def _folder(path: Path) -> Iterator[RawFrame]:
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise SourceError(f"folder {path} has no files")
-    for position, file in enumerate(files):
-        yield _image_file(file, float(position))
+# Image files ------------------------------------------------------------------------------------------------------
 
 
-def _image_file(path: Path, media_time_s: float) -> RawFrame:
-    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+def _folder(path: Path, policy: SourcePolicy) -> Iterator[RawFrame]:
     try:
-        return RawFrame(path.name, media_time_s, encoded=path.read_bytes(), media_type=media_type)
+        entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
     except OSError as exc:
-        return RawFrame(path.name, media_time_s, error=f"cannot read {path.name}: {exc.strerror}")
+        raise SourceUnavailable(f"folder {path.name!r} cannot be listed: {exc.strerror}") from None
+    entries = [p for p in entries if not p.is_dir()]  # sub-folders are not frames (nor read)
+    if not entries:
+        raise SourceUnavailable(f"folder {path.name!r} has no files")
+    return (_folder_entry(entry, float(position), policy) for position, entry in enumerate(entries))
 
 
-def _video(uri: str, fps: float, live: bool) -> Iterator[RawFrame]:
-    capture = cv2.VideoCapture(uri)
+def _folder_entry(entry: Path, media_time_s: float, policy: SourcePolicy) -> RawFrame:
+    """One file of a folder as a frame, or as a failed frame that carries none of its bytes."""
+    try:
+        path = policy.resolve_path(entry)  # a symlink in the folder may not lead out of the allowed roots
+        info = path.stat()
+        if policy.file_kind(path) is not SourceKind.IMAGE:
+            return RawFrame(entry.name, media_time_s, error=f"{entry.name} is not an image file: skipped unread",
+                            reason="not_an_image_file", size=info.st_size)  # fmt: skip
+        policy.check_file(path, info, SourceKind.IMAGE, entry.name)
+    except FileTooLarge as exc:
+        return RawFrame(entry.name, media_time_s, error=f"{exc}: skipped unread", reason="file_too_large",
+                        size=exc.size)  # fmt: skip
+    except SourceRefused as exc:
+        return RawFrame(entry.name, media_time_s, error=f"{exc}: skipped unread", reason="file_refused")
+    except OSError as exc:
+        return RawFrame(entry.name, media_time_s, error=f"cannot read {entry.name}: {exc.strerror}")
+    return _image_file(path, entry.name, media_time_s, policy.max_image_bytes)
+
+
+def _single_image(path: Path, display: str, policy: SourcePolicy) -> RawFrame:
+    """The one frame of an image source; anything wrong with it refuses the source itself."""
+    frame = _image_file(path, path.name, 0.0, policy.max_image_bytes)
+    if frame.reason == "unreadable_frame" and frame.error:
+        raise SourceUnavailable(f"source {display!r}: {frame.error}")
+    if frame.error:
+        raise SourceRefused(f"source {display!r}: {frame.error}")
+    return frame
+
+
+def _image_file(path: Path, name: str, media_time_s: float, limit: int) -> RawFrame:
+    """Read an image file, checking what it is on the open file itself (a file swapped after its check is caught)."""
+    try:
+        # Non-blocking: a FIFO swapped in after the check must not hang the reader; the path is already resolved.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        return RawFrame(name, media_time_s, error=f"cannot read {name}: {exc.strerror}")
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return RawFrame(name, media_time_s, error=f"{name} is not a regular file", reason="file_refused")
+        if info.st_size > limit:
+            return _too_large(name, media_time_s, info.st_size, limit)
+        try:
+            data = file.read(limit + 1)  # the file may have grown since its stat
+        except OSError as exc:
+            return RawFrame(name, media_time_s, error=f"cannot read {name}: {exc.strerror}")
+    if len(data) > limit:
+        return _too_large(name, media_time_s, len(data), limit)
+    if not looks_like_image(data):
+        return RawFrame(name, media_time_s, error=f"{name} is not a recognised image ({len(data)} bytes): its "
+                        "content is withheld", reason="not_an_image", size=len(data),
+                        sha256=hashlib.sha256(data).digest())  # fmt: skip
+    media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return RawFrame(name, media_time_s, encoded=data, media_type=media_type)
+
+
+def _too_large(name: str, media_time_s: float, size: int, limit: int) -> RawFrame:
+    return RawFrame(name, media_time_s, error=f"{name} is {size} bytes; the limit is {limit} "
+                    "(SIGHTLINE_CAPTURE_MAX_IMAGE_FILE_BYTES): skipped unread", reason="file_too_large", size=size)
+
+
+# Videos and streams -----------------------------------------------------------------------------------------------
+
+
+def _check_video_container(path: Path, display: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # as for images: a FIFO must not hang us
+        with os.fdopen(fd, "rb") as file:
+            head = file.read(VIDEO_HEAD_BYTES)
+    except OSError as exc:
+        raise SourceUnavailable(f"source {display!r} cannot be read: {exc.strerror}") from None
+    if not looks_like_video(head):
+        raise SourceRefused(f"source {display!r} is not a recognised video (MP4/MOV, AVI, Matroska/WebM, MPEG)")
+
+
+def _video(source: Source, fps: float, timeout_s: float) -> Iterator[RawFrame]:
+    # FFmpeg only: no other backend (image sequences, GStreamer pipelines) may interpret the string.
+    timeout_ms = int(timeout_s * 1000)
+    capture = cv2.VideoCapture(source.target, cv2.CAP_FFMPEG,
+                               [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms])
     if not capture.isOpened():
-        raise SourceError(f"cannot open video source {uri!r}")
+        capture.release()
+        raise SourceUnavailable(f"cannot open video source {source.display!r}")
+    return _video_frames(capture, fps, source.live)
+
+
+def _video_frames(capture: cv2.VideoCapture, fps: float, live: bool) -> Iterator[RawFrame]:
     period = 1.0 / fps if fps > 0 else 0.0
     next_time = 0.0
     started = time.monotonic()

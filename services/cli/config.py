@@ -17,6 +17,8 @@ SETTINGS_CLASSES = (
     ("Access control (all services)", "sightline.common.auth", "AuthSettings"),
     ("TLS (all services)", "sightline.common.tls", "TlsSettings"),
     ("Audit (every service)", "sightline.common.audit", "AuditSettings"),
+    ("Audit keys (every service that writes audit)", "sightline.common.audit_keys", "AuditKeySettings"),
+    ("Audit checkpoints (matching and decision)", "sightline.common.audit_checkpoints", "AuditCheckpointSettings"),
     ("capture", "sightline.capture.settings", "CaptureSettings"),
     ("detection", "sightline.detection.settings", "DetectionSettings"),
     ("embedding", "sightline.embedding.settings", "EmbeddingSettings"),

@@ -55,7 +55,7 @@ def build_sequence(photos: Path, strangers: list[Path], dest: Path) -> list[Expe
     for stranger in strangers:
         plan.append(("stranger", _shifted(stranger, (0, 0))))
     plan.append(("broken", _truncated(photos / "obama3.jpg")))
-    plan.append(("broken", lambda out: out.write_text("this is not an image\n")))
+    plan.append(("broken", _corrupt))
     for shift in [(0, 0), (-8, 4)]:
         plan.append(("watchlisted", _shifted(photos / "obama3.jpg", shift)))
     expected = []
@@ -82,6 +82,12 @@ def _shifted(source: Path, shift: tuple[int, int]) -> Callable[[Path], None]:
 
 def _truncated(source: Path) -> Callable[[Path], None]:
     return lambda out: out.write_bytes(source.read_bytes()[:2000])
+
+
+def _corrupt(out: Path) -> None:
+    """A frame that starts like a JPEG and holds nothing after: capture passes it on, detection cannot decode it.
+    (A file that does not even start like an image never leaves capture: source_policy.py.)"""
+    out.write_bytes(b"\xff\xd8\xff\xdb" + bytes(17))
 
 
 def check(expected: list[Expected], outcomes) -> list[str]:  # type: ignore[no-untyped-def]
@@ -135,7 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     frames = work / "frames"
     frames.mkdir()
     expected = build_sequence(photos, strangers, frames)
-    stack = LocalStack(work / "run", ports="auto")
+    stack = LocalStack(work / "run", ports="auto", capture_roots=[frames])  # capture reads the demo's frames only
     try:
         print("Starting the local stack (broker + capture, detection, embedding, matching, decision)...", flush=True)
         stack.start(timeout=args.timeout)

@@ -99,6 +99,7 @@ def _read(path: Path, what: str) -> bytes:
 def load_frames(sources: list[str], fps: float) -> list[bytes]:
     """JPEG or PNG bytes of every frame: images as they are (others re-encoded), videos sampled at ``fps``."""
     from sightline.capture.kiosk import media_type_of
+    from sightline.capture.source_policy import SourcePolicy
     from sightline.capture.sources import SourceError, open_source
     from sightline.common.images import ImageError, decode_image, encode_jpeg
     from sightline.common.rpc import InvalidInput
@@ -106,7 +107,7 @@ def load_frames(sources: list[str], fps: float) -> list[bytes]:
     frames = []
     for source in sources:
         try:
-            for raw in open_source(source, fps):
+            for raw in open_source(source, fps, SourcePolicy.local_files()):  # the user's own files, read by the CLI
                 if raw.error:
                     raise UsageError(f"{source}: {raw.error}")
                 if raw.pixels is not None:

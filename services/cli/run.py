@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import grpc
@@ -50,11 +51,16 @@ def ingest(source: str, *, fps: float = 0.0, source_id: str = "", watchlists: li
     return last
 
 
+def source_argument(source: str) -> str:
+    """A URL as given; a relative path made absolute, since capture resolves paths against its own folder."""
+    return source if "://" in source else os.path.abspath(os.path.expanduser(source))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     try:
-        final = ingest(args.source, fps=args.fps, source_id=args.source_id, watchlists=args.watchlist, claim=args.claim,
-                       max_frames=args.max_frames, no_pacing=args.no_pacing, address=args.capture,
-                       token=args.token)  # fmt: skip
+        final = ingest(source_argument(args.source), fps=args.fps, source_id=args.source_id,
+                       watchlists=args.watchlist, claim=args.claim, max_frames=args.max_frames,
+                       no_pacing=args.no_pacing, address=args.capture, token=args.token)  # fmt: skip
     except grpc.RpcError as exc:
         return rpc_failed(exc)
     # Dropped: CCTV frames not published while the pipeline lagged (backpressure, docs/cctv.md).

@@ -22,6 +22,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from sightline.cli import render
     from sightline.cli.endpoints import kafka_settings
     from sightline.common import codec
+    from sightline.common.audit_checkpoints import is_checkpoint
     from sightline.common.bus import read_topics
     from sightline.common.topics import by_name
 
@@ -34,6 +35,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     shown = 0
     try:
         for record in read_topics(kafka_settings(args.bootstrap), [spec.name], since, args.idle_timeout):
+            if is_checkpoint(record.headers):  # the audit writer's signed chain heads share the audit topic
+                print(record.value.decode() if args.json else f"audit checkpoint {record.value.decode()}", flush=True)
+                continue
             try:
                 message = codec.parse(codec.event_class(spec), record.value)
             except codec.MalformedEvent as exc:

@@ -1,4 +1,4 @@
-"""The audit trail: who did what, when, for what purpose, with what result; append-only and hash-chained.
+"""The audit trail: who did what, when, for what purpose, with what result; append-only, hash-chained, authenticated.
 
 Every enrolment, deletion, search (stream searches included), alert, review action and erasure appends one
 ``AuditRecord`` through ``AuditLog.append``. Records live in SQLite or PostgreSQL (the same URLs as every other
@@ -8,8 +8,12 @@ store, see ``sqlstore.py``) and are protected twice:
   refuse moving the chain head anywhere but one step forward. Someone with the rights to drop a trigger can still
   edit, which is why there is a second line:
 - **Detection.** Each record's hash is the SHA-256 of the previous record's hash and a canonical serialisation of
-  the record (``canonical_bytes``), so any edit, insertion or removal breaks the chain from that record on.
-  ``AuditLog.verify`` (``sightline audit verify``) recomputes it and names the first broken record.
+  the record (``canonical_bytes``), so any edit, insertion or removal breaks the chain from that record on. Each
+  record also carries an HMAC-SHA256 of the same bytes (previous hash included) under a key the database never holds
+  (``audit_keys.py``), with that key's id: someone who edits the database and recomputes every hash still cannot
+  make the MACs match. Cutting off the newest records leaves a chain that verifies; signed checkpoints of the head on
+  the audit topic (``audit_checkpoints.py``) catch that. ``AuditLog.verify`` (``sightline audit verify``, with
+  ``--against-topic`` for the checkpoints) recomputes it all and names the first broken record.
 
 Appends are serialised per chain: one lock per process around one connection, and in the database the chain-head row
 is read ``FOR UPDATE`` on PostgreSQL (``BEGIN IMMEDIATE`` on SQLite), so several replicas may append to one chain.
@@ -18,8 +22,9 @@ decision (alerts, reviews) append to the same log, at ``SIGHTLINE_AUDIT_DATABASE
 by ``AuditLog.open_configured``). Every service audits the calls its access control refuses there too; capture,
 detection and embedding only when the URL is configured (``AuditLog.open_if_configured``).
 
-Each record can also be published (a copy, for a SIEM or an archive) to ``sightline.audit.v1``; the database is
-the reference. Records never hold images, face chips or descriptors: ``details`` takes short scalar values only.
+Each record can also be published (a copy, for a SIEM or an archive) to ``sightline.audit.v1``, next to the
+checkpoints; the database is the reference. Records never hold images, face chips or descriptors: ``details`` takes
+short scalar values only.
 """
 
 from __future__ import annotations
@@ -39,6 +44,16 @@ from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from sightline.common import paths
+from sightline.common.audit_checkpoints import (
+    CHECKPOINT_TOPIC_KEY,
+    EVENT_HEADER,
+    EVENT_NAME,
+    AuditCheckpointSettings,
+    Checkpoint,
+    Checkpointer,
+    CheckpointSink,
+)
+from sightline.common.audit_keys import AuditKeyError, AuditKeyring
 from sightline.common.auth import current_caller
 from sightline.common.config import SightlineSettings
 from sightline.common.sqlstore import Backend, BackendStore, Cursor, Migration, StoreError, open_backend
@@ -53,6 +68,7 @@ MAX_FIELD_CHARS = 512
 VERIFY_BATCH = 1000
 _PG_MIGRATION_LOCK = 0x4175_6469  # "Audi"; the same for every replica migrating the audit tables
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # fixed width, so the stored text is the canonical text
+_RECORD_MAC_DOMAIN = b"sightline.audit.record.v1\n"  # a record MAC can never be mistaken for a checkpoint's
 
 
 class AuditError(StoreError):
@@ -71,6 +87,12 @@ class AuditSettings(SightlineSettings):
         "services on one machine) or postgresql://USER@HOST/DB. Give every service the same URL. Matching and "
         "decision always keep it; capture, detection and embedding audit refused calls only when it is set.",
     )
+
+    legacy_until: int = Field(
+        0, ge=0, description="Records up to this sequence may carry no MAC: those written before record "
+        "authentication, on a chain upgraded in place (services log the number at the upgrade). 0: every record "
+        "must carry one. Later records always must, so the first of them vouches for those before it.",
+    )  # fmt: skip
 
     @property
     def configured(self) -> bool:
@@ -105,6 +127,8 @@ class AuditRecord:
     details: dict[str, str]
     prev_hash: str
     hash: str
+    key_id: str = ""  # the audit key its MAC was made with; "" for a record older than record authentication
+    mac: str = ""
 
     def canonical(self) -> bytes:
         return canonical_bytes(self.sequence, self.at, self.principal, self.action, self.subject_id, self.purpose,
@@ -139,6 +163,8 @@ class ChainReport:
     reason: str
     head_sequence: int
     head_hash: str
+    legacy_records: int = 0  # records without a MAC accepted under legacy_until (written before authentication)
+    legacy_vouched: bool = False  # whether an authenticated record follows them, so a MAC covers their hashes
 
 
 def format_time(at: datetime) -> str:
@@ -161,6 +187,12 @@ def canonical_bytes(sequence: int, at: datetime, principal: str, action: str, su
 
 def chain_hash(prev_hash: str, canonical: bytes) -> str:
     return hashlib.sha256(prev_hash.encode("ascii") + b"\n" + canonical).hexdigest()
+
+
+def mac_bytes(key_id: str, prev_hash: str, canonical: bytes) -> bytes:
+    """What a record's MAC covers: the key id (so a record cannot be moved under another key), the previous hash
+    (so it cannot be moved in the chain) and its canonical bytes."""
+    return _RECORD_MAC_DOMAIN + key_id.encode("ascii") + b"\n" + prev_hash.encode("ascii") + b"\n" + canonical
 
 
 def clean_details(details: Mapping[str, Any] | None) -> dict[str, str]:
@@ -232,33 +264,65 @@ MIGRATIONS: list[Migration] = [
             ),
         },
     ),
+    # ADD COLUMN fires no UPDATE trigger; existing records keep "" (no MAC), see AuditSettings.legacy_until.
+    Migration(
+        2,
+        "record authentication: the key id and HMAC-SHA256 of each record",
+        (
+            "ALTER TABLE audit_records ADD COLUMN key_id TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE audit_records ADD COLUMN mac TEXT NOT NULL DEFAULT ''",
+        ),
+    ),
 ]
 
-_COLUMNS = "sequence, at, principal, action, subject_id, purpose, result, details, prev_hash, hash"
+_COLUMNS = "sequence, at, principal, action, subject_id, purpose, result, details, prev_hash, hash, key_id, mac"
+_LEGACY_COLUMNS = _COLUMNS.replace("key_id, mac", "'' AS key_id, '' AS mac")  # schema version 1: no MAC columns
 
 
 # -- the log -----------------------------------------------------------------------------------------------------
 
 
 class AuditLog(BackendStore):
-    """Append and read audit records, and verify their chain; thread-safe (one lock around one connection)."""
+    """Append and read audit records, and verify their chain; thread-safe (one lock around one connection).
+
+    ``publish`` gets a copy of each record; when it is also a ``CheckpointSink`` (``audit_topic_publisher``), this
+    log publishes signed checkpoints of what it appended there too."""
 
     closed_error = AuditError
     what = "audit log"
 
-    def __init__(self, backend: Backend, publish: Callable[[AuditRecord], None] | None = None) -> None:
+    def __init__(self, backend: Backend, keyring: AuditKeyring | None,
+                 publish: Callable[[AuditRecord], None] | None = None,
+                 checkpoints: AuditCheckpointSettings | None = None, legacy_until: int = 0) -> None:  # fmt: skip
         super().__init__(backend)
-        self._publish = publish
+        self._keyring, self._publish, self.legacy_until = keyring, publish, legacy_until
+        self._chain: str | None = None
+        self._columns = _COLUMNS  # a reader of a log older than record authentication selects '' for the MAC
+        self._checkpointer: Checkpointer | None = None
+        if keyring is not None and isinstance(publish, CheckpointSink):
+            self._checkpointer = Checkpointer(keyring, publish, self._chain_for_checkpoint,
+                                              checkpoints or AuditCheckpointSettings())  # fmt: skip
 
     @classmethod
-    def open(cls, url: str, publish: Callable[[AuditRecord], None] | None = None, create: bool = True) -> AuditLog:
-        """The audit log at ``url``, creating or upgrading its tables; with ``create=False`` they must exist."""
-        audit = cls(open_backend(url, what="audit", application_name="sightline-audit", error=AuditError), publish)
+    def open(cls, url: str, publish: Callable[[AuditRecord], None] | None = None, create: bool = True,
+             keyring: AuditKeyring | None = None, checkpoints: AuditCheckpointSettings | None = None,
+             legacy_until: int = 0) -> AuditLog:  # fmt: skip
+        """The audit log at ``url``, creating or upgrading its tables; with ``create=False`` they must exist.
+
+        ``keyring`` defaults to the configured one (``AuditKeyring.configured``). With ``create`` (a writer) it is
+        required: a PostgreSQL log refuses to open without one, a SQLite log gets its local keyring (made when
+        missing). Without (a reader), a missing keyring leaves the log readable but unable to append or verify, and a
+        log older than record authentication is read as it is (its records carry no MAC)."""
+        if keyring is None:  # first: a bad keyring opens no connection
+            keyring = AuditKeyring.configured(url) if create else _keyring_if_configured(url)
+        backend = open_backend(url, what="audit", application_name="sightline-audit", error=AuditError)
+        audit = cls(backend, keyring, publish, checkpoints, legacy_until)
         try:
             if create:
                 audit._migrate(MIGRATIONS, "audit_schema_version", _PG_MIGRATION_LOCK, "audit")
             else:
                 audit._require_tables()
+            audit._warn_if_unauthenticated_head()
         except BaseException:
             audit.close()
             raise
@@ -267,8 +331,10 @@ class AuditLog(BackendStore):
     @classmethod
     def open_configured(cls, publish: Callable[[AuditRecord], None] | None = None,
                         settings: AuditSettings | None = None) -> AuditLog:  # fmt: skip
-        """The system's one audit log, where ``SIGHTLINE_AUDIT_DATABASE_URL`` says (``AuditSettings``)."""
-        return cls.open((settings or AuditSettings()).database_url.get_secret_value(), publish)
+        """The system's one audit log, where ``SIGHTLINE_AUDIT_DATABASE_URL`` says (``AuditSettings``), with the
+        configured keyring (``AuditKeySettings``) and checkpoint schedule (``AuditCheckpointSettings``)."""
+        settings = settings or AuditSettings()
+        return cls.open(settings.database_url.get_secret_value(), publish, legacy_until=settings.legacy_until)
 
     @classmethod
     def open_if_configured(cls, publish: Callable[[AuditRecord], None] | None = None,
@@ -292,6 +358,8 @@ class AuditLog(BackendStore):
         cleaned = clean_details(details)
         with self._tx(write=True) as cur:
             record = self._append(cur, action.value, *fields, cleaned)
+        if self._checkpointer is not None:
+            self._checkpointer.appended(record.sequence, record.hash)
         if self._publish is not None:
             try:
                 self._publish(record)
@@ -309,7 +377,8 @@ class AuditLog(BackendStore):
                 params.append(value)
         with self._tx(write=False) as cur:
             rows = cur.execute(
-                f"SELECT {_COLUMNS} FROM audit_records WHERE {' AND '.join(conditions)} ORDER BY sequence LIMIT ?",
+                f"SELECT {self._columns} FROM audit_records WHERE {' AND '.join(conditions)} ORDER BY sequence "
+                "LIMIT ?",
                 [*params, max(1, min(int(limit), 10_000))],
             ).fetchall()
         return [_record(row) for row in rows]
@@ -320,28 +389,65 @@ class AuditLog(BackendStore):
             sequence, digest = cur.execute("SELECT sequence, hash FROM audit_chain_head WHERE id = 1").fetchone()
         return int(sequence), str(digest)
 
-    def verify(self, batch: int = VERIFY_BATCH) -> ChainReport:
+    def chain_id(self) -> str | None:
+        """The hash of the first record, which names this chain on the audit topic; None while the log is empty."""
+        if self._chain is None:
+            with self._tx(write=False) as cur:
+                row = cur.execute("SELECT hash FROM audit_records WHERE sequence = 1").fetchone()
+            self._chain = str(row[0]) if row else None
+        return self._chain
+
+    def close(self) -> None:
+        """Publish the last checkpoint (waiting for the broker), then close the database."""
+        if self._checkpointer is not None and not self._closed:
+            self._checkpointer.close()
+        super().close()
+
+    def verify(self, batch: int = VERIFY_BATCH, legacy_until: int | None = None) -> ChainReport:
         """Recompute the chain from the first record to the head as it stands when called; report the first record
-        whose sequence, link or hash is wrong. Records appended meanwhile (a live log) are left to the next run."""
+        whose sequence, link, hash or MAC is wrong. Records appended meanwhile (a live log) are left to the next run.
+
+        Records up to ``legacy_until`` (default: this log's) may carry no MAC, if they come first (written before
+        record authentication); the first later record's MAC covers their hashes through its ``prev_hash``. They are
+        counted in the report, which says whether a MAC vouches for them yet."""
+        legacy_until = self.legacy_until if legacy_until is None else legacy_until
+        keyring = self._require_keyring()
         head_sequence, head_hash = self.head()
+        check = _MacCheck(keyring, legacy_until)
+
+        def report(intact: bool, broken: int | None, reason: str) -> ChainReport:
+            return ChainReport(intact, checked, broken, reason, head_sequence, head_hash, check.legacy, check.vouched)
+
         expected, prev_hash, checked, beyond = 1, GENESIS_HASH, 0, None
         for row in self._all_rows(batch):
             if row[0] > head_sequence:  # newer than the head read above: appended while this ran, or planted
                 beyond = int(row[0])
                 break
-            broken, problem = _check_row(row, expected, prev_hash)
+            broken_link = _check_row(row, expected, prev_hash)
+            if broken_link:
+                return report(False, *broken_link)
+            broken, problem = check(row)
             if problem:
-                return ChainReport(False, checked, broken, problem, head_sequence, head_hash)
+                return report(False, broken, problem + (self._legacy_hint() if check.unsigned_first else ""))
             checked, expected, prev_hash = checked + 1, expected + 1, row[9]
         if beyond is not None and beyond > self.head()[0]:
-            problem = (f"record {beyond} lies beyond the chain head: a record was added without going through the "
-                       "chain")  # fmt: skip
-            return ChainReport(False, checked, beyond, problem, head_sequence, head_hash)
+            return report(False, beyond, f"record {beyond} lies beyond the chain head: a record was added without "
+                          "going through the chain")  # fmt: skip
         if (checked, prev_hash) != (head_sequence, head_hash):
-            problem = (f"the chain head names record {head_sequence} ({head_hash[:12]}), but the records end at "
-                       f"{checked} ({prev_hash[:12]}): records were removed from the end, or the head was changed")
-            return ChainReport(False, checked, checked + 1, problem, head_sequence, head_hash)
-        return ChainReport(True, checked, None, f"{checked} record(s), chain intact", head_sequence, head_hash)
+            return report(False, checked + 1, f"the chain head names record {head_sequence} ({head_hash[:12]}), but "
+                          f"the records end at {checked} ({prev_hash[:12]}): records were removed from the end, or "
+                          "the head was changed")  # fmt: skip
+        return report(True, None, f"{checked} record(s), chain intact{check.summary()}")
+
+    def legacy_records(self) -> tuple[int, int]:
+        """(how many records carry no MAC, the highest sequence among them): a log from before record
+        authentication, or one whose MACs were stripped."""
+        if self._columns != _COLUMNS:  # schema version 1: every record
+            sequence = self.head()[0]
+            return sequence, sequence
+        with self._tx(write=False) as cur:
+            count, last = cur.execute("SELECT COUNT(*), MAX(sequence) FROM audit_records WHERE mac = ''").fetchone()
+        return int(count), int(last or 0)
 
     # -- internals -----------------------------------------------------------------------------------------------
 
@@ -352,14 +458,16 @@ class AuditLog(BackendStore):
             "SELECT sequence, hash FROM audit_chain_head WHERE id = 1" + self._backend.dialect.for_update
         ).fetchone()
         sequence, at = int(sequence) + 1, datetime.now(UTC)  # the time is taken in turn, so it never goes back
-        digest = chain_hash(prev_hash, canonical_bytes(sequence, at, principal, action, subject_id, purpose,
-                                                       result, details))  # fmt: skip
+        canonical = canonical_bytes(sequence, at, principal, action, subject_id, purpose, result, details)
+        keyring = self._require_keyring()
+        digest, key_id = chain_hash(prev_hash, canonical), keyring.active_key_id
+        mac = keyring.mac(key_id, mac_bytes(key_id, prev_hash, canonical))
         record = AuditRecord(sequence, parse_time(format_time(at)), principal, action, subject_id, purpose, result,
-                             details, prev_hash, digest)  # fmt: skip
+                             details, prev_hash, digest, key_id, mac)  # fmt: skip
         cur.execute(
-            f"INSERT INTO audit_records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO audit_records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (sequence, format_time(at), principal, action, subject_id, purpose, result, _details_json(details),
-             prev_hash, digest),
+             prev_hash, digest, key_id, mac),
         )  # fmt: skip
         cur.execute("UPDATE audit_chain_head SET sequence = ?, hash = ? WHERE id = 1", (sequence, digest))
         return record
@@ -370,19 +478,66 @@ class AuditLog(BackendStore):
         while True:
             with self._tx(write=False) as cur:
                 where = "" if after is None else " WHERE sequence > ?"
-                rows = cur.execute(f"SELECT {_COLUMNS} FROM audit_records{where} ORDER BY sequence LIMIT ?",
+                rows = cur.execute(f"SELECT {self._columns} FROM audit_records{where} ORDER BY sequence LIMIT ?",
                                    ([] if after is None else [after]) + [batch]).fetchall()  # fmt: skip
             yield from rows
             if len(rows) < batch:
                 return
             after = rows[-1][0]
 
+    def _require_keyring(self) -> AuditKeyring:
+        if self._keyring is None:
+            raise AuditKeyError("no audit keyring: set SIGHTLINE_AUDIT_KEYS_FILE (or SIGHTLINE_AUDIT_KEYS) to the "
+                                "keyring the services sign with")  # fmt: skip
+        return self._keyring
+
+    def _chain_for_checkpoint(self) -> str:
+        chain = self.chain_id()
+        assert chain is not None, "a checkpoint follows an append"
+        return chain
+
+    def _legacy_hint(self) -> str:
+        count, last = self.legacy_records()
+        return (f" ({count} legacy record(s) without MAC in this log, the last at {last}: if they were written before "
+                f"record authentication, verify with --legacy-until {last} / SIGHTLINE_AUDIT_LEGACY_UNTIL={last})")
 
     def _require_tables(self) -> None:
         try:
             self.head()
         except Exception as error:  # noqa: BLE001 - sqlite3 and psycopg raise different types for a missing table
             raise AuditError(f"no audit log at {self.description}: {error}") from None
+        if not self._has_mac_columns():
+            self._columns = _LEGACY_COLUMNS  # read it as it is: an auditor never upgrades a log (or a backup)
+            log.warning("the audit log %s is older than record authentication: none of its records carries a MAC",
+                        self.description)  # fmt: skip
+
+    def _has_mac_columns(self) -> bool:
+        try:
+            with self._tx(write=False) as cur:
+                cur.execute("SELECT key_id, mac FROM audit_records WHERE sequence = 0").fetchall()
+        except Exception:  # noqa: BLE001 - sqlite3 and psycopg raise different types for a missing column
+            return False
+        return True
+
+    def _warn_if_unauthenticated_head(self) -> None:
+        """Say so when the newest record carries no MAC: a chain just upgraded to record authentication."""
+        sequence = self.head()[0]
+        if self._columns != _COLUMNS or sequence <= self.legacy_until:
+            return
+        with self._tx(write=False) as cur:
+            row = cur.execute("SELECT key_id FROM audit_records WHERE sequence = ?", (sequence,)).fetchone()
+        if row is not None and not row[0]:
+            log.warning("audit records up to %d carry no MAC (written before record authentication): note this "
+                        "number and verify with SIGHTLINE_AUDIT_LEGACY_UNTIL=%d (--legacy-until)", sequence,
+                        sequence, extra={"sequence": sequence})  # fmt: skip
+
+
+def _keyring_if_configured(url: str) -> AuditKeyring | None:
+    """A reader's keyring: the configured one, or None when there is none to read (listing needs no key)."""
+    try:
+        return AuditKeyring.configured(url, create=False)
+    except AuditKeyError:
+        return None
 
 
 def _details_json(details: Mapping[str, str]) -> str:
@@ -390,27 +545,76 @@ def _details_json(details: Mapping[str, str]) -> str:
 
 
 def _record(row: tuple[Any, ...]) -> AuditRecord:
-    sequence, at, principal, action, subject_id, purpose, result, details, prev_hash, digest = row
+    sequence, at, principal, action, subject_id, purpose, result, details, prev_hash, digest, key_id, mac = row
     return AuditRecord(int(sequence), parse_time(at), principal, action, subject_id, purpose, result,
-                       json.loads(details), prev_hash, digest)  # fmt: skip
+                       json.loads(details), prev_hash, digest, key_id, mac)  # fmt: skip
 
 
-def _check_row(row: tuple[Any, ...], expected: int, prev_hash: str) -> tuple[int, str]:
-    """(the first broken sequence, why) when this row breaks the chain; (0, "") when it continues it."""
-    sequence, at, principal, action, subject_id, purpose, result, details, row_prev, digest = row
-    sequence = int(sequence)
+def _row_canonical(row: tuple[Any, ...]) -> bytes:
+    sequence, at, principal, action, subject_id, purpose, result, details = row[:8]
+    return canonical_bytes(int(sequence), parse_time(at), principal, action, subject_id, purpose, result,
+                           json.loads(details))  # fmt: skip
+
+
+def _check_row(row: tuple[Any, ...], expected: int, prev_hash: str) -> tuple[int, str] | None:
+    """(the first broken sequence, why) when this row breaks the hash chain; None when it continues it."""
+    sequence, row_prev, digest = int(row[0]), row[8], row[9]
     if sequence != expected:
         return expected, f"record {expected} is missing (the next record is {sequence})"
     if row_prev != prev_hash:
         return sequence, f"record {sequence} does not link to record {expected - 1}: a record was changed"
     try:
-        canonical = canonical_bytes(sequence, parse_time(at), principal, action, subject_id, purpose, result,
-                                    json.loads(details))  # fmt: skip
+        canonical = _row_canonical(row)
     except (ValueError, TypeError) as error:
         return sequence, f"record {sequence} cannot be read: {error}"
     if chain_hash(prev_hash, canonical) != digest:
         return sequence, f"record {sequence} does not match its hash: its content was changed"
-    return 0, ""
+    return None
+
+
+class _MacCheck:
+    """Checks each row's MAC in chain order (after ``_check_row`` has read it), and counts the legacy records: those
+    without a MAC, allowed up to ``legacy_until`` and only before the first record that has one."""
+
+    def __init__(self, keyring: AuditKeyring, legacy_until: int) -> None:
+        self._keyring, self._legacy_until = keyring, legacy_until
+        self.legacy, self.vouched = 0, False  # vouched: an authenticated record follows the legacy ones
+        self.unsigned_first = False  # refused a record for carrying no MAC before any authenticated one
+
+    def __call__(self, row: tuple[Any, ...]) -> tuple[int, str]:
+        """(sequence, why) when this row's MAC is missing, unverifiable or wrong; (0, "") when it is right."""
+        sequence, prev_hash, key_id, mac = int(row[0]), row[8], row[10], row[11]
+        if not key_id and not mac:
+            return self._unsigned(sequence)
+        try:
+            if self._keyring.matches(key_id, mac_bytes(key_id, prev_hash, _row_canonical(row)), mac):
+                self.vouched = True
+                return 0, ""
+        except AuditKeyError as error:
+            return sequence, f"record {sequence} cannot be authenticated: {error}"
+        except (UnicodeEncodeError, ValueError, TypeError) as error:
+            return sequence, f"record {sequence} cannot be read: {error}"
+        return sequence, (f"record {sequence} does not match its MAC (key id {key_id!r}): it was changed, or forged "
+                          "by someone without the audit key")  # fmt: skip
+
+    def _unsigned(self, sequence: int) -> tuple[int, str]:
+        if self.vouched:  # legacy records only ever come first: this one lost its MAC after the upgrade
+            return sequence, (f"record {sequence} carries no MAC, but records before it do: its MAC was stripped, "
+                              "or it was written without the audit key")  # fmt: skip
+        if sequence > self._legacy_until:
+            self.unsigned_first = True  # a legacy log, or legacy_until too low: say how many records lack a MAC
+            return sequence, (f"record {sequence} carries no MAC: it was written before record authentication, or "
+                              "without the audit key, or its MAC was stripped")  # fmt: skip
+        self.legacy += 1  # written before record authentication; a later record's MAC covers its hash
+        return 0, ""
+
+    def summary(self) -> str:
+        if not self.legacy:
+            return ", every record authenticated"
+        covered = ("vouched for by the MAC of the record after them" if self.vouched else
+                   "NOT vouched for by any MAC yet: no authenticated record follows them")  # fmt: skip
+        return (f"; {self.legacy} legacy record(s) without MAC (1..{self.legacy}, before record authentication), "
+                f"{covered}")
 
 
 # -- principals, publishing, gRPC ---------------------------------------------------------------------------------
@@ -427,6 +631,9 @@ def principal_of(context: grpc.ServicerContext) -> str:
     return caller.principal[:MAX_FIELD_CHARS] if caller is not None else ""
 
 
+Headers = list[tuple[str, bytes]]
+
+
 class TopicPublisher:
     """A kafka-python producer made on first use (a service starts even while Kafka is still coming up)."""
 
@@ -434,6 +641,7 @@ class TopicPublisher:
         self._kafka = kafka
         self._timeout_s = timeout_s
         self._producer: Any = None
+        self._closed = False
         self._lock = threading.Lock()
 
     def _get(self) -> Any:
@@ -444,9 +652,12 @@ class TopicPublisher:
                 self._producer = make_producer(self._kafka)
             return self._producer
 
-    def send(self, topic: str, key: bytes, value: bytes, wait: bool = True) -> None:
+    def send(self, topic: str, key: bytes, value: bytes, wait: bool = True, headers: Headers | None = None) -> None:
         """Send one record; with ``wait``, block until the broker acknowledged it (raises on failure)."""
-        future = self._get().send(topic, key=key, value=value)
+        if self._closed:
+            self._send_late(topic, key, value, headers)
+            return
+        future = self._get().send(topic, key=key, value=value, headers=headers)
         if wait:
             future.get(timeout=self._timeout_s)
         else:
@@ -454,19 +665,45 @@ class TopicPublisher:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._producer is not None:
                 self._producer.close(timeout=self._timeout_s)
                 self._producer = None
 
+    def _send_late(self, topic: str, key: bytes, value: bytes, headers: Headers | None) -> None:
+        """A send after close (a service closes its publisher before its audit log, whose last checkpoint follows):
+        a producer of its own, closed again at once, so that nothing is left open behind the closed publisher."""
+        from sightline.common.bus import make_producer
 
-def audit_topic_publisher(publisher: TopicPublisher) -> Callable[[AuditRecord], None]:
-    """The ``publish`` callback of an AuditLog that copies each record to ``sightline.audit.v1`` without waiting."""
-    from sightline.common.topics import AUDIT
+        producer = make_producer(self._kafka)
+        try:
+            producer.send(topic, key=key, value=value, headers=headers).get(timeout=self._timeout_s)
+        finally:
+            producer.close(timeout=self._timeout_s)
 
-    def publish(record: AuditRecord) -> None:
-        publisher.send(AUDIT.name, AUDIT_TOPIC_KEY, record.to_proto().SerializeToString(), wait=False)
 
-    return publish
+class TopicAuditSink:
+    """The ``publish`` of an AuditLog that copies each record to ``sightline.audit.v1`` without waiting, and
+    publishes the log's signed checkpoints there (``CheckpointSink``), marked by their header."""
+
+    def __init__(self, publisher: TopicPublisher) -> None:
+        self._publisher = publisher
+
+    def __call__(self, record: AuditRecord) -> None:
+        from sightline.common.topics import AUDIT
+
+        self._publisher.send(AUDIT.name, AUDIT_TOPIC_KEY, record.to_proto().SerializeToString(), wait=False)
+
+    def checkpoint(self, checkpoint: Checkpoint, wait: bool) -> None:
+        from sightline.common.topics import AUDIT
+
+        self._publisher.send(AUDIT.name, CHECKPOINT_TOPIC_KEY, checkpoint.to_json(), wait=wait,
+                             headers=[(EVENT_HEADER, EVENT_NAME)])  # fmt: skip
+
+
+def audit_topic_publisher(publisher: TopicPublisher) -> TopicAuditSink:
+    """The ``publish`` of an AuditLog on the audit topic: record copies and signed checkpoints."""
+    return TopicAuditSink(publisher)
 
 
 class AuditServicer:

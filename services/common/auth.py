@@ -268,11 +268,15 @@ class Caller:
     roles: frozenset[Role]
 
 
+RefusalCode = Literal["UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"]
+"""The statuses of refused calls: by the access policy, or by the request and stream limits (``rpc.py``)."""
+
+
 @dataclass(frozen=True)
 class Denial:
     """A refused call, as the server reports it (to the log and, where there is one, to the audit trail)."""
 
-    code: Literal["UNAUTHENTICATED", "PERMISSION_DENIED"]
+    code: RefusalCode
     principal: str  # "" when the caller could not be authenticated
     method: str
     reason: str

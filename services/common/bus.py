@@ -37,10 +37,14 @@ def client_options(settings: KafkaSettings) -> dict[str, Any]:
 
 
 def make_producer(settings: KafkaSettings, **overrides: Any) -> KafkaProducer:
-    """A producer that waits for the leader's acknowledgement and can carry full frames."""
+    """A producer that waits for every in-sync replica's acknowledgement and can carry full frames.
+
+    ``acks="all"``: a record acknowledged by the leader alone is lost if the leader fails before a follower has it;
+    whoever sends must still wait for each record's future (or ``flush()`` and check them) before counting it sent.
+    """
     options = {
         **client_options(settings),
-        "acks": 1,
+        "acks": "all",
         "linger_ms": 2,
         "max_request_size": settings.max_message_bytes,
         "retries": 5,
@@ -62,13 +66,28 @@ def make_consumer(settings: KafkaSettings, *topics: str, **overrides: Any) -> Ka
     return KafkaConsumer(*topics, **options)
 
 
+# What a record batch holds beyond one record the producer may send: the batch header and the record's framing.
+TOPIC_MESSAGE_HEADROOM = 64 * 1024
+
+
+def topic_max_message_bytes(settings: KafkaSettings) -> int:
+    """``max.message.bytes`` of every topic: the largest record a producer may send, plus the batch's framing.
+
+    A broker's default (1 MB on Apache Kafka) is below what producers may send (``max_message_bytes``, 16 MiB by
+    default): without this, the broker would refuse a large frame that the producer accepted.
+    """
+    return settings.max_message_bytes + TOPIC_MESSAGE_HEADROOM
+
+
 def ensure_topics(settings: KafkaSettings, specs: Iterable[TopicSpec] | None = None) -> dict[str, str]:
-    """Create the topics that are missing, with explicit partitions and retention; report each topic's state.
+    """Create the topics that are missing, with explicit partitions, retention and ``max.message.bytes`` (what the
+    producers may send, ``topic_max_message_bytes``); report each topic's state.
 
     ``specs`` defaults to every topic, with the retention limits of ``SIGHTLINE_RETENTION_*`` (common/retention.py).
 
     An existing topic with fewer partitions than configured is reported, not changed: adding partitions moves keys
-    between partitions and breaks per-source order, so that is an operator's decision.
+    between partitions and breaks per-source order, so that is an operator's decision. The configs of an existing
+    topic are not changed either (docs/security.md says how to raise its ``max.message.bytes``).
     """
     from sightline.common.retention import topic_specs  # retention imports telemetry: not needed by every reader
 
@@ -90,7 +109,8 @@ def ensure_topics(settings: KafkaSettings, specs: Iterable[TopicSpec] | None = N
 def _create(admin: KafkaAdminClient, settings: KafkaSettings, specs: list[TopicSpec]) -> set[str]:
     created: set[str] = set()
     for spec in specs:
-        topic = NewTopic(spec.name, settings.default_partitions, settings.replication_factor, topic_configs=spec.configs())
+        configs = spec.configs(max_message_bytes=topic_max_message_bytes(settings))
+        topic = NewTopic(spec.name, settings.default_partitions, settings.replication_factor, topic_configs=configs)
         try:
             admin.create_topics([topic])
             created.add(spec.name)

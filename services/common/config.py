@@ -110,6 +110,29 @@ class ServiceSettings(SightlineSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_json: bool = Field(True, description="Log JSON lines (one object per line) instead of plain text.")
     grpc_workers: int = Field(8, ge=1, description="Threads serving gRPC requests.")
+    # Server limits (common/serverlimits.py): long-lived streams may never take the threads unary calls need.
+    grpc_reserved_workers: int = Field(
+        2, ge=1, description="Worker threads kept for unary calls (health Check, the APIs): at most grpc_workers "
+        "minus this many streams that hold a thread (reflection, Ingest, WatchSession) are open at once (at least "
+        "one), a third of them (at least one) for reflection, which needs no credentials; more are refused with "
+        "RESOURCE_EXHAUSTED.",
+    )  # fmt: skip
+    grpc_max_watch_streams: int = Field(
+        100, ge=1, description="Health Watch streams open at once (they hold no thread, and need no credentials); "
+        "more are refused with RESOURCE_EXHAUSTED.",
+    )  # fmt: skip
+    grpc_max_concurrent_rpcs: int | None = Field(
+        None, ge=1, description="Calls running on or waiting for a worker thread at once; more are refused with "
+        "RESOURCE_EXHAUSTED. Unset: four per worker thread.",
+    )  # fmt: skip
+    grpc_stream_idle_s: float = Field(
+        300.0, gt=0, description="A stream without a message either way for this long is cancelled (its slot freed), "
+        "and a connection without calls for this long is closed.",
+    )  # fmt: skip
+    grpc_max_connection_age_s: float = Field(
+        0.0, ge=0, description="A connection older than this is asked to reconnect; calls still open on it get "
+        "grpc_stream_idle_s more, then it is closed (this ends an Ingest of a live camera too). 0: no limit.",
+    )  # fmt: skip
     models_dir: Path = Field(
         default_factory=paths.models_dir,
         description="Converted face models (default: $SIGHTLINE_MODELS_DIR, else <home>/models).",

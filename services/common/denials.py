@@ -1,5 +1,9 @@
 """Refused gRPC calls in the audit trail, without letting a flood of them flood the chain.
 
+Refused are calls the access policy does not admit (UNAUTHENTICATED, PERMISSION_DENIED), requests over the field
+limits (INVALID_ARGUMENT) and streams beyond the server's limit (RESOURCE_EXHAUSTED); the purpose of the record tells
+the two groups apart (``access-control``, ``request-limits``).
+
 Every refused call is logged (``rpc.py``); ``DenialAudit`` also appends it to the audit chain as ACCESS_DENIED, but
 not one record per call: a client retrying with a bad token would otherwise grow the shared, append-only, never purged
 chain as fast as it can call. Refusals are grouped by kind: the peer's address (without its port, which changes with
@@ -25,6 +29,8 @@ from sightline.common.auth import Denial
 log = logging.getLogger(__name__)
 
 ACCESS_PURPOSE = "access-control"
+LIMITS_PURPOSE = "request-limits"
+_LIMIT_CODES = frozenset({"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"})
 WINDOW_S = 60.0
 MAX_KINDS = 1000
 _OVERFLOW_REASON = "refused calls of more kinds than are counted one by one"
@@ -106,7 +112,8 @@ class DenialAudit:
                           extra={"method": window.sample.method})  # fmt: skip
 
     def _append(self, denial: Denial, peer: str, counts: dict[str, int | str] | None = None) -> None:
-        self._audit.append(denial.principal or ANONYMOUS, Action.ACCESS_DENIED, "", ACCESS_PURPOSE,
+        purpose = LIMITS_PURPOSE if denial.code in _LIMIT_CODES else ACCESS_PURPOSE
+        self._audit.append(denial.principal or ANONYMOUS, Action.ACCESS_DENIED, "", purpose,
                            f"refused: {denial.code}", {"method": denial.method, "reason": denial.reason[:500],
                                                        "peer": peer[:200], **(counts or {})})  # fmt: skip
 

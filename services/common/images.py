@@ -19,6 +19,17 @@ Image.MAX_IMAGE_PIXELS = None
 
 DEFAULT_MAX_PIXELS = 40_000_000
 
+# The leading bytes of the encoded formats a camera, a kiosk or a folder of photos gives us (what capture publishes
+# and detection decodes). Only the signature is read: a payload that starts like an image may still be damaged.
+_IMAGE_SIGNATURES = (
+    b"\xff\xd8\xff",  # JPEG
+    b"\x89PNG\r\n\x1a\n",  # PNG
+    b"GIF87a", b"GIF89a",  # GIF
+    b"II*\x00", b"MM\x00*",  # TIFF, little- and big-endian
+)  # fmt: skip
+# "BM" alone is too common a start for text: a BMP also names one of the known DIB header sizes at byte 14.
+_BMP_DIB_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)
+
 
 class ImageError(ValueError):
     """An image that cannot be used, with a machine-readable ``reason``."""
@@ -26,6 +37,20 @@ class ImageError(ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def looks_like_image(data: bytes) -> bool:
+    """True when the bytes start with the signature of an image format we accept (JPEG, PNG, GIF, TIFF, BMP, WebP, PGM/PPM).
+
+    Cheap and decodes nothing: what decides whether bytes of unknown content may be copied anywhere (dead letters).
+    """
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return True
+    if data[:2] in (b"P5", b"P6") and data[2:3].isspace():  # binary PGM/PPM: magic, then whitespace
+        return True
+    if data[:2] == b"BM" and len(data) >= 18:
+        return int.from_bytes(data[14:18], "little") in _BMP_DIB_HEADER_SIZES
+    return data.startswith(_IMAGE_SIGNATURES)
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

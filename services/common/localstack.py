@@ -16,6 +16,10 @@ detection and embedding, capture's kiosk sessions call the gallery), plus the pr
 configured (``SIGHTLINE_AUTH_TOKENS_FILE``).
 ``local-admin``'s token is written to ``<run dir>/client-token`` (0600) for the CLI, and this process's own channels
 to the stack's addresses use it too, so the demo, the CLI and tests work without handling tokens.
+
+Capture's source policy (capture/source_policy.py) refuses every file and URL unless configured: the local stack lets
+it read image and video files under the folders its caller names (by default the user's home, the temporary folder
+and the folder the stack starts from) and the sample photos, and pull streams from loopback and private networks.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,6 +43,7 @@ from types import TracebackType
 from typing import IO, Any, Literal, Self
 
 from sightline.common import auth
+from sightline.common.audit_keys import LOCAL_KEYS_FILE, ensure_keys_file
 from sightline.common.broker import BrokerError, LocalBroker, free_port, port_open
 from sightline.common.ports import GRPC_PORTS, LOCAL_BROKER_PORT, METRICS_PORTS, SERVICES
 from sightline.common.processes import exit_with_parent, process_start_ticks, pid_alive, signal_if_alive, kill_group, wait_gone, tail, crash_report
@@ -58,6 +64,9 @@ ADMIN_PRINCIPAL = "local-admin"
 STATE_VERSION = 1
 SERVICE_STOP_TIMEOUT = 15.0  # services stop within ~10 s on SIGTERM; past this they are killed
 BROKER_STOP_TIMEOUT = 5.0
+# Where the local capture may pull streams from: loopback and the private ranges of a user's own cameras; never
+# link-local (169.254.0.0/16 holds cloud metadata services) or the internet.
+LOCAL_CAPTURE_NETWORKS = ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]
 
 # Internal: the package whose sub-modules are the services. Only the engine's own tests of process handling
 # replace it (with stand-in services); the product always runs the real sightline.<service> modules.
@@ -417,6 +426,32 @@ def _stop_records(state: StackState, timeout: float) -> None:
         wait_gone([(broker.pid, broker.start_ticks)], 5)
 
 
+# --- what the local capture may read ------------------------------------------------------------------------------
+
+
+def local_capture_roots() -> list[Path]:
+    """Where a user's own frames are on a laptop: home, the temporary folder, the folder the stack starts from.
+
+    The stack serves its user only (loopback, tokens in 0600 files), and capture still reads only image and video
+    files there, never /proc, devices or files of other kinds (capture/source_policy.py).
+    """
+    roots = [Path.home(), Path(tempfile.gettempdir()), Path.cwd()]
+    return [root for root in roots if root != Path(root.anchor)]  # never the whole file system
+
+
+def local_capture_policy(roots: Sequence[Path] | None = None) -> dict[str, str]:
+    """The capture source policy of the local stack, as environment variables: the given folders (or the user's
+    own) and the sample photos; streams over RTSP or HTTP(S) from loopback and private networks only."""
+    from sightline.common.paths import samples_dir
+
+    folders = [*(local_capture_roots() if roots is None else roots), samples_dir()]
+    return {
+        "SIGHTLINE_CAPTURE_ALLOWED_ROOTS": json.dumps(list(dict.fromkeys(str(Path(f).resolve()) for f in folders))),
+        "SIGHTLINE_CAPTURE_ALLOWED_SCHEMES": json.dumps(["rtsp", "rtsps", "http", "https"]),
+        "SIGHTLINE_CAPTURE_ALLOWED_HOSTS": json.dumps(LOCAL_CAPTURE_NETWORKS),
+    }
+
+
 # --- the stack -----------------------------------------------------------------------------------------------------
 
 
@@ -429,6 +464,10 @@ class LocalStack:
     ``ports="default"`` uses the documented ports (ports.py) and fails clearly if one is taken; ``"auto"`` picks
     free ports, so tests and a second stack can run beside a developer's stack. ``env`` adds variables to (or
     overrides) the caller's environment for every process.
+
+    ``capture_roots`` are the folders capture may read files from (with the sample photos); None: the user's own
+    folders (``local_capture_roots``). Capture's source policy is set only where neither the caller's environment
+    nor ``env`` sets it (``SIGHTLINE_CAPTURE_ALLOWED_*``).
     """
 
     def __init__(
@@ -439,6 +478,7 @@ class LocalStack:
         services: tuple[str, ...] = SERVICES,
         env: dict[str, str] | None = None,
         *,
+        capture_roots: Sequence[Path] | None = None,
         module_prefix: str | None = None,  # internal: see _MODULE_PREFIX
     ) -> None:
         unknown = [s for s in services if s not in SERVICES]
@@ -451,6 +491,7 @@ class LocalStack:
         self.policy_file = Path(policy_file).expanduser().resolve() if policy_file else None
         self.ports = PortPlan.make(ports)
         self._extra_env = dict(env or {})
+        self._capture_roots = capture_roots
         self._module_prefix = module_prefix or _MODULE_PREFIX
         self._broker: LocalBroker | None = None
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -502,6 +543,9 @@ class LocalStack:
             raise StackError(f"policy file {self.policy_file} not found")
         check_ports_free(self.ports.needed(self.services))
         key = template_key(self.run_dir) if "matching" in self.services else ""
+        # Made before any service starts, so none of them logs the creation in plain text before its JSON logs, and a
+        # stack whose audit log is a configured PostgreSQL database still has a keyring.
+        ensure_keys_file(self.run_dir / LOCAL_KEYS_FILE, f"sqlite:///{self.run_dir / AUDIT_DB}")
         self._tokens = write_tokens(self.run_dir, self._configured_principals())
         auth.remember_stack_token(self.addresses.values(), self._tokens.admin)
         try:
@@ -650,8 +694,12 @@ class LocalStack:
             env["SIGHTLINE_MATCHING_EMBEDDING_ADDR"] = f"{HOST}:{self.ports.grpc['embedding']}"
         # One chain for the stack: matching's and decision's records, and every service's refused calls.
         env.setdefault("SIGHTLINE_AUDIT_DATABASE_URL", f"sqlite:///{self.run_dir / AUDIT_DB}")
+        if "SIGHTLINE_AUDIT_KEYS" not in env:
+            env.setdefault("SIGHTLINE_AUDIT_KEYS_FILE", str(self.run_dir / LOCAL_KEYS_FILE))
         if name == "capture":
             env.setdefault("SIGHTLINE_CAPTURE_MATCHING_ADDR", f"{HOST}:{self.ports.grpc['matching']}")  # kiosk sessions
+            for variable, value in local_capture_policy(self._capture_roots).items():
+                env.setdefault(variable, value)
         if name == "decision":
             env.setdefault("SIGHTLINE_DECISION_DATABASE_URL", f"sqlite:///{self.run_dir / DECISION_DB}")
         if name == "decision" and self.policy_file:

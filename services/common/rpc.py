@@ -14,6 +14,12 @@ certificate, and the method's role, see ``auth.py``) before its handler runs, re
 PERMISSION_DENIED and reporting the refusal; a server given credentials speaks TLS (mutual TLS with a client CA, see
 ``tls.py``). Every channel made here sends the caller's bearer token and uses TLS when the process is configured to;
 a token never goes in clear text to another machine unless ``SIGHTLINE_TLS_ALLOW_PLAINTEXT_TOKENS`` allows it.
+
+Every server bounds what its calls may hold (``serverlimits.py``): streams beyond their pool (threads for streams,
+a share of those for callers without credentials, health Watch streams) and calls beyond ``maximum_concurrent_rpcs``
+are refused with RESOURCE_EXHAUSTED, and idle streams are cancelled; and each request's strings and lists are checked
+against ``limits.py`` before its handler runs (INVALID_ARGUMENT naming the field). These refusals are reported like
+access refusals (``on_denied``), so a service audits them too.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -34,7 +41,8 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from sightline.common import auth, tracing
+from sightline.common import auth, limits, tracing
+from sightline.common.serverlimits import OpenStream, ServerLimits, StreamGate, StreamsExhausted
 from sightline.common.tls import TlsSettings, channel_credentials, refuse_plaintext_token
 
 log = logging.getLogger(__name__)
@@ -98,24 +106,42 @@ def stream_errors(responses: Iterator[Any], context: grpc.ServicerContext) -> It
         _abort(context, exc)
 
 
+LIVENESS_SERVICE = "sightline.liveness"
+"""A health service name that is SERVING from start to stop, whatever ``set_serving`` says: for liveness probes, so
+that a replica that is up but not ready (e.g. matching while it cannot reach its database) is not restarted."""
+_STATUS = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
+
+
 class GrpcServer:
     """A threaded gRPC server with the health service and reflection; marks itself SERVING when started.
 
-    With ``access``, every call but health and reflection must be admitted by it, and each refusal is passed to
-    ``on_denied`` (e.g. to audit it); with ``credentials``, the port speaks TLS only.
+    Health: service "" and each API's name follow ``set_serving`` (readiness); ``LIVENESS_SERVICE`` is SERVING while
+    the server runs.
+
+    With ``access``, every call but health and reflection must be admitted by it; calls over ``limits`` (by default
+    derived from ``workers``, see ``ServerLimits.for_workers``) or over the field limits are refused. Each refusal is
+    passed to ``on_denied`` (e.g. to audit it). With ``credentials``, the port speaks TLS only.
     """
 
     def __init__(self, host: str, port: int, workers: int = 8, *, access: auth.AccessPolicy | None = None,
                  on_denied: Callable[[auth.Denial], None] | None = None,
-                 credentials: grpc.ServerCredentials | None = None) -> None:  # fmt: skip
+                 credentials: grpc.ServerCredentials | None = None,
+                 limits: ServerLimits | None = None) -> None:  # fmt: skip
+        limits = limits or ServerLimits.for_workers(workers)
+        self._gate = StreamGate(limits)
         interceptors: list[grpc.ServerInterceptor] = [_ServerTracing()]
         if access is not None:
             interceptors.append(_ServerAuth(access, on_denied))  # inside tracing: refusals are traced and logged
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS,
-                                   interceptors=interceptors)  # fmt: skip
+        # Inside auth: refusals name the caller, and a caller without credentials never takes an API stream's slot.
+        interceptors += [_FieldLimits(on_denied), _StreamLimits(self._gate, on_denied)]
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                                   options=CHANNEL_OPTIONS + limits.server_options(), interceptors=interceptors,
+                                   maximum_concurrent_rpcs=limits.max_concurrent_rpcs)  # fmt: skip
         self._access = access
         self._tls = credentials is not None
         self._health = health.HealthServicer()
+        self._serving_lock = threading.Lock()  # set_serving may be called from a service's own threads
+        self._stopping = False
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self._names: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]
         target = f"{host}:{port}"
@@ -131,7 +157,9 @@ class GrpcServer:
 
     def start(self) -> None:
         reflection.enable_server_reflection(self._names, self._server)
+        self._gate.start()
         self._server.start()
+        self._health.set(LIVENESS_SERVICE, _STATUS[True])
         self.set_serving(True)
         if self._access is None:
             log.warning("gRPC AUTHENTICATION IS OFF: any client that reaches port %d may call every method, "
@@ -142,13 +170,19 @@ class GrpcServer:
                                                  "auth": self._access is not None})  # fmt: skip
 
     def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ["", *self._names[2:]]:
-            self._health.set(name, status)
+        """Whether the server (service "") and its APIs are ready for calls; once stopping, never SERVING again."""
+        with self._serving_lock:
+            serving = serving and not self._stopping
+            for name in ["", *self._names[2:]]:
+                self._health.set(name, _STATUS[serving])
 
     def stop(self, grace: float = 5.0) -> None:
+        with self._serving_lock:
+            self._stopping = True
         self.set_serving(False)
+        self._health.set(LIVENESS_SERVICE, _STATUS[False])
         self._server.stop(grace).wait()
+        self._gate.stop()
 
 
 def channel(address: str, token: str | None = None, tls: TlsSettings | None = None) -> grpc.Channel:
@@ -334,20 +368,26 @@ class _ServerAuth(grpc.ServerInterceptor):
         try:
             caller = self._access.admit(method, auth.bearer_of(context.invocation_metadata()), _certificate_cn(context))
         except auth.AccessDenied as refused:
-            denial = auth.Denial(refused.code, refused.principal, method, refused.reason, context.peer() or "")
-            log.warning("call refused", extra={"method": method, "code": denial.code,
-                                               "principal": denial.principal or "-", "peer": denial.peer,
-                                               "reason": denial.reason})  # fmt: skip
-            if self._on_denied is not None:
-                try:
-                    self._on_denied(denial)
-                except Exception:  # noqa: BLE001 - the call is refused whether or not the report went through
-                    log.error("could not report a refused call", exc_info=True, extra={"method": method})
-            context.abort(getattr(grpc.StatusCode, refused.code), refused.reason)
-            raise  # unreachable: abort raises
+            _refuse(auth.Denial(refused.code, refused.principal, method, refused.reason, context.peer() or ""),
+                    context, self._on_denied)  # fmt: skip
+            raise  # unreachable: _refuse aborts
         if caller is not None:
             trace.get_current_span().set_attribute("enduser.id", caller.principal)  # the call's server span
         return caller
+
+
+def _refuse(denial: auth.Denial, context: grpc.ServicerContext,
+            on_denied: Callable[[auth.Denial], None] | None) -> None:  # fmt: skip
+    """Log the refusal, report it to ``on_denied`` and end the call with its status; raises (``context.abort``)."""
+    log.warning("call refused", extra={"method": denial.method, "code": denial.code,
+                                       "principal": denial.principal or "-", "peer": denial.peer,
+                                       "reason": denial.reason})  # fmt: skip
+    if on_denied is not None:
+        try:
+            on_denied(denial)
+        except Exception:  # noqa: BLE001 - the call is refused whether or not the report went through
+            log.error("could not report a refused call", exc_info=True, extra={"method": denial.method})
+    context.abort(getattr(grpc.StatusCode, denial.code), denial.reason)
 
 
 def _certificate_cn(context: grpc.ServicerContext) -> str:
@@ -374,3 +414,129 @@ class _ClientToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
             return details
         return _CallDetails(details.method, details.timeout, [*metadata, self._entry], details.credentials,
                             details.wait_for_ready, details.compression)  # fmt: skip
+
+
+# --- limits --------------------------------------------------------------------------------------------------------
+
+
+class _FieldLimits(grpc.ServerInterceptor):
+    """Refuses a request over the field limits of ``limits.py`` with INVALID_ARGUMENT naming the field, after reporting
+    the refusal; health and reflection are not checked (their requests are the protocol's own).
+
+    Inside ``_ServerAuth``, so that a refusal names the caller it admitted, and outside ``_StreamLimits``, so that a
+    refused request never takes a stream slot. Like the access decision, the check runs in the handler, on a worker
+    thread.
+    """
+
+    def __init__(self, on_denied: Callable[[auth.Denial], None] | None) -> None:
+        self._on_denied = on_denied
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None or auth.is_open(details.method):
+            return handler
+        check = functools.partial(self._checked, method=details.method, streaming=handler.request_streaming)
+        return _wrapped(handler, check, check)
+
+    def _checked(self, behavior: Behavior, method: str, streaming: bool) -> Behavior:
+        def checked(request: Any, context: grpc.ServicerContext) -> Any:
+            if streaming:
+                return behavior(self._checked_requests(request, method, context), context)
+            self._check(request, method, context)
+            return behavior(request, context)
+
+        return checked
+
+    def _checked_requests(self, requests: Iterator[Any], method: str, context: grpc.ServicerContext) -> Iterator[Any]:
+        for request in requests:
+            self._check(request, method, context)
+            yield request
+
+    def _check(self, request: Any, method: str, context: grpc.ServicerContext) -> None:
+        if (reason := limits.violation(request)) is not None:
+            _refuse(_denial("INVALID_ARGUMENT", method, reason, context), context, self._on_denied)
+
+
+class _StreamLimits(grpc.ServerInterceptor):
+    """Admits every stream through the ``StreamGate`` (RESOURCE_EXHAUSTED, reported, when its pool is full), tells
+    the gate of each message either way (the idle limit) and frees the slot when the stream ends. Innermost."""
+
+    def __init__(self, gate: StreamGate, on_denied: Callable[[auth.Denial], None] | None) -> None:
+        self._gate = gate
+        self._on_denied = on_denied
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None or not (handler.request_streaming or handler.response_streaming):
+            return handler
+        method, request_streaming = details.method, handler.request_streaming
+        return _wrapped(handler, lambda behavior: self._gated_unary(behavior, method, request_streaming),
+                        lambda behavior: self._gated_stream(behavior, method, request_streaming))  # fmt: skip
+
+    def _admit(self, method: str, context: grpc.ServicerContext, threaded: bool) -> OpenStream:
+        try:
+            return self._gate.enter(method, context, threaded=threaded, open_method=auth.is_open(method))
+        except StreamsExhausted as full:
+            _refuse(_denial("RESOURCE_EXHAUSTED", method, str(full), context), context, self._on_denied)
+            raise  # unreachable: _refuse aborts
+
+    def _gated_unary(self, behavior: Behavior, method: str, request_streaming: bool) -> Behavior:
+        """A request stream with one response."""
+
+        def gated(request: Any, context: grpc.ServicerContext) -> Any:
+            stream = self._admit(method, context, threaded=True)
+            try:
+                return behavior(_noting(request, stream) if request_streaming else request, context)
+            finally:
+                self._gate.leave(stream)
+
+        return gated
+
+    def _gated_stream(self, behavior: Behavior, method: str, request_streaming: bool) -> Behavior:
+        if getattr(behavior, "experimental_non_blocking", False):
+            return self._gated_callback(behavior, method)
+
+        def gated(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            stream = self._admit(method, context, threaded=True)
+            # The slot is freed when this generator ends, i.e. when the thread it holds is free again (the server
+            # drops the response iterator when the call ends, which closes it).
+            try:
+                for response in behavior(_noting(request, stream) if request_streaming else request, context):
+                    stream.touch()
+                    yield response
+            finally:
+                self._gate.leave(stream)
+
+        return gated
+
+    def _gated_callback(self, behavior: Any, method: str) -> Any:
+        """A stream answered through a callback (health Watch): it holds no thread, only a slot until it ends."""
+
+        def gated(request: Any, context: grpc.ServicerContext, send_response_callback: Callable[[Any], None]) -> Any:
+            stream = self._admit(method, context, threaded=False)
+            if not context.add_callback(lambda: self._gate.leave(stream)):
+                self._gate.leave(stream)  # the call has already ended
+
+            def send(response: Any) -> None:
+                stream.touch()
+                send_response_callback(response)
+
+            return behavior(request, context, send_response_callback=send)
+
+        gated.experimental_non_blocking = True  # type: ignore[attr-defined]
+        pool = getattr(behavior, "experimental_thread_pool", None)
+        gated.experimental_thread_pool = pool  # type: ignore[attr-defined]
+        return gated
+
+
+def _denial(code: auth.RefusalCode, method: str, reason: str, context: grpc.ServicerContext) -> auth.Denial:
+    """A refusal by the limits, naming the caller the access policy admitted (none for open methods)."""
+    caller = auth.current_caller()
+    return auth.Denial(code, caller.principal if caller else "", method, reason, context.peer() or "")
+
+
+def _noting(requests: Iterator[Any], stream: OpenStream) -> Iterator[Any]:
+    """A request stream whose every message counts as traffic for the idle limit."""
+    for request in requests:
+        stream.touch()
+        yield request

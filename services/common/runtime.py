@@ -6,7 +6,8 @@ SIGINT: the health service reports NOT_SERVING, in-flight gRPC calls get a grace
 
 The gRPC server is secured as the process's ``SIGHTLINE_AUTH_*`` and ``SIGHTLINE_TLS_*`` settings say (see
 docs/security.md); a service with an audit log passes it, and refused calls are then audited as ACCESS_DENIED,
-repeats aggregated (``denials.py``).
+repeats aggregated (``denials.py``), as are calls refused by the server's limits: streams and concurrent calls
+(``serverlimits.py``, settings ``SIGHTLINE_<SERVICE>_GRPC_*``) and over-long fields (``limits.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sightline.common.auth import AccessPolicy, AuthSettings
 from sightline.common.config import KafkaSettings, ServiceSettings
 from sightline.common.denials import DenialAudit
 from sightline.common.rpc import GrpcServer
+from sightline.common.serverlimits import ServerLimits
 from sightline.common.stage import Stage
 from sightline.common.tls import TlsSettings, server_credentials
 
@@ -50,12 +52,14 @@ def run_service(
     on_stop: Callable[[], None] | None = None,
     app_options: dict[str, Any] | None = None,
     audit: AuditLog | None = None,
+    on_serving: Callable[[GrpcServer], None] | None = None,
 ) -> None:
     """Run a service until SIGTERM/SIGINT. With stages, a faust worker runs them; otherwise the gRPC server alone.
 
     With ``audit``, calls the access policy refuses are recorded in it (ACCESS_DENIED) as well as logged; the
     counts of repeated refusals still open are written after the server stops, before ``on_stop`` (which may close
-    the log).
+    the log). ``on_serving(server)`` runs once the gRPC server has started, e.g. to tie its health to the service's
+    own readiness (matching: ``Gallery.readiness``).
     """
     telemetry.configure_logging(name, settings.log_level, settings.log_json)
     tracing.setup_tracing(name)
@@ -63,15 +67,15 @@ def run_service(
     denials = DenialAudit(audit) if audit is not None else None
     server = GrpcServer(settings.grpc_host, settings.grpc_port, settings.grpc_workers,
                         access=AccessPolicy.from_settings(AuthSettings()), on_denied=denials,
-                        credentials=server_credentials(TlsSettings()))  # fmt: skip
+                        credentials=server_credentials(TlsSettings()), limits=server_limits(settings))  # fmt: skip
     for servicer in servicers:
         server.add(servicer.register, servicer.impl, servicer.full_name)
     log.info("starting", extra={"grpc_port": settings.grpc_port, "metrics_port": settings.metrics_port})
     try:
         if stages:
-            _run_with_faust(name, kafka, stages, server, app_options or {})
+            _run_with_faust(name, kafka, stages, server, app_options or {}, on_serving)
         else:
-            server.start()
+            _start(server, on_serving)
             _wait_for_signal()
     finally:
         server.stop()
@@ -82,8 +86,22 @@ def run_service(
         log.info("stopped")
 
 
+def server_limits(settings: ServiceSettings) -> ServerLimits:
+    """The gRPC server limits a service's settings ask for."""
+    return ServerLimits.for_workers(settings.grpc_workers, settings.grpc_reserved_workers,
+                                    settings.grpc_max_concurrent_rpcs, settings.grpc_stream_idle_s,
+                                    settings.grpc_max_connection_age_s, settings.grpc_max_watch_streams)  # fmt: skip
+
+
+def _start(server: GrpcServer, on_serving: Callable[[GrpcServer], None] | None) -> None:
+    server.start()
+    if on_serving is not None:
+        on_serving(server)
+
+
 def _run_with_faust(name: str, kafka: KafkaSettings, stages: Sequence[Stage], server: GrpcServer,
-                    app_options: dict[str, Any]) -> None:  # fmt: skip
+                    app_options: dict[str, Any],
+                    on_serving: Callable[[GrpcServer], None] | None = None) -> None:  # fmt: skip
     import faust
 
     from sightline.common.streams import faust_app
@@ -97,7 +115,7 @@ def _run_with_faust(name: str, kafka: KafkaSettings, stages: Sequence[Stage], se
 
     @app.task
     async def _serving() -> None:
-        server.start()
+        _start(server, on_serving)
 
     worker = faust.Worker(app, loglevel=logging.getLogger().level, override_logging=False, redirect_stdouts=False,
                           quiet=True)  # fmt: skip

@@ -166,7 +166,14 @@ class SqliteBackend:
             except BaseException:
                 raw.execute("ROLLBACK")
                 raise
-            raw.execute("COMMIT")
+            try:
+                raw.execute("COMMIT")
+            except sqlite3.Error:
+                # A COMMIT refused (say "database is locked" by a reader) leaves the transaction open: without the
+                # rollback every later BEGIN fails with "cannot start a transaction within a transaction", which no
+                # retry outlives. Rolled back, the caller's retry starts clean.
+                raw.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         with self._lock:
@@ -201,7 +208,8 @@ class PostgresBackend:
                 self._conn = psycopg.connect(self._url, **options)
             except psycopg.OperationalError as error:
                 # libpq's message names host and user, never the password; the URL is redacted.
-                raise self._error(f"cannot connect to PostgreSQL at {self.description}: {error}") from None
+                # Chained, not hidden: common/transient.py finds the OperationalError in the cause and retries.
+                raise self._error(f"cannot connect to PostgreSQL at {self.description}: {error}") from error
         return self._conn
 
     @contextmanager

@@ -1,8 +1,15 @@
 """The faust app every stream service runs, configured from ``KafkaSettings``.
 
 Values are raw bytes (we speak protobuf), there is no web server, and topics are never auto-declared (they are created
-with explicit partitions and retention, see topics.py). Consumer offsets are committed only after the agent has
-processed an event and faust has flushed the producer, which gives at-least-once delivery end to end.
+with explicit partitions and retention, see topics.py).
+
+Delivery: the producer waits for every in-sync replica (``acks=all``). faust commits only the offsets of events the
+agent has acked, and flushes the producer first (faust/transport/consumer.py, ``Consumer._commit_offsets``: ``await
+self.app.producer.flush()`` before ``self._commit``) -- but that flush is aiokafka's ``MessageAccumulator.flush``,
+an ``asyncio.wait`` on the batches' futures, which returns when a batch *failed* as well (too large for the broker,
+expired after ``producer_request_timeout``): the offsets would then be committed past a record that never arrived.
+So the flush is not what at-least-once rests on: a stage acks an event only after awaiting the broker's
+acknowledgement of every record it sent for it (stage.py).
 
 faust hard-codes the consumer's fetch wait at 1.5 s. A Kafka broker answers a fetch as soon as data arrives, but
 Tansu (the local broker) holds every fetch for the whole wait, which would add up to 1.5 s per stage; so the wait is a
@@ -59,10 +66,16 @@ def faust_app(service: str, settings: KafkaSettings, **overrides: Any) -> Sightl
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.session_timeout_ms / 1000,
         broker_heartbeat_interval=settings.heartbeat_interval_ms / 1000,
+        producer_acks=-1,  # all in-sync replicas (faust's default too; explicit because delivery relies on it)
         producer_max_request_size=settings.max_message_bytes,
         consumer_max_fetch_size=settings.max_message_bytes,
         producer_linger=0.0,
         stream_buffer_maxsize=64,
+        # Do not wait, on shutdown or rebalance, for the events agents are working on: a stage retries a transient
+        # failure without limit, so the wait could last as long as a database outage, holding up the whole group's
+        # rebalance. Safe for delivery: an event is acked only once its records are acknowledged (stage.py), so an
+        # event left in flight is never committed and is processed again by the partition's next owner.
+        stream_wait_empty=False,
         **overrides,
     )
     app.fetch_max_wait_ms = settings.fetch_max_wait_ms

@@ -26,6 +26,12 @@ EVENTS_FAILED = Counter("sightline_events_failed_total", "Input events that fail
 EVENTS_DEADLETTERED = Counter(
     "sightline_events_deadlettered_total", "Input events published to the dead-letter topic.", ["service", "reason"]
 )
+STAGE_RETRIES = Counter(
+    "sightline_stage_retries_total",
+    "Retries after a transient failure (a database or the broker not answering) in processing an input or "
+    "delivering its records, by the failure's error type.",
+    ["service", "reason"],
+)
 EVENTS_PUBLISHED = Counter("sightline_events_published_total", "Events published, by topic.", ["service", "topic"])
 STAGE_LATENCY = Histogram(
     "sightline_stage_latency_seconds", "Time to process one input event.", ["service", "stage"], buckets=_LATENCY_BUCKETS

@@ -32,8 +32,12 @@ class TopicSpec:
     producer: str
     consumers: tuple[str, ...]
 
-    def configs(self) -> dict[str, str]:
-        return {"retention.ms": str(self.retention_ms), "cleanup.policy": "delete"}
+    def configs(self, max_message_bytes: int | None = None) -> dict[str, str]:
+        """The topic configs to create it with; ``max.message.bytes`` when given (see bus.topic_max_message_bytes)."""
+        configs = {"retention.ms": str(self.retention_ms), "cleanup.policy": "delete"}
+        if max_message_bytes is not None:
+            configs["max.message.bytes"] = str(max_message_bytes)
+        return configs
 
 
 FRAMES = TopicSpec("sightline.frames.v1", "FrameCaptured", DataClass.BIOMETRIC_RAW, HOUR_MS, "capture", ("detection",))

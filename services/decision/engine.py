@@ -8,7 +8,17 @@ track, not once per frame. A track raises at most one alert per subject; an aler
 alerted within ``alert_cooldown_seconds`` is merged into that one (from any track), and a reviewer's "not this
 person" suppresses further alerts of the subject on that track (review.py). Windows use the frames' capture times,
 not the wall clock, so a replay after a restart decides the same way; a replayed frame is counted once. Decision and
-alert ids are derived from their inputs, so a replayed decision carries the same id and consumers can deduplicate.
+alert ids are derived from their inputs, so a replayed decision carries the same id and consumers can deduplicate: a
+tracked face's alert is named by (source, track, subject), a track's one alert, whatever frames a replay starts from;
+an untracked face's by (source, subject, first evidence frame).
+
+An alert is recorded (``AlertBook.record``: stored for review, idempotent on its id) before any of the engine's state
+changes: a failed store raises, leaves the track unalerted and the cool-down unset, and the frame is processed again
+(a transient error, common/stage.py), raising the same alert. The cool-down survives a restart: with no alert of the
+subject on the source in memory, the engine asks the book for the last one stored (``AlertBook.last``). A replay of
+the frame that raised an alert gives that alert again (with its stored status), so an alert whose publication failed
+is published by the retry.
+
 E-channel (gate) frames get their per-frame decision but never an alert here: a stop-list hit at a gate is alerted
 once, by its session (sessions.py), so their decisions name no alert and leave no cool-down behind.
 """
@@ -19,6 +29,8 @@ import hashlib
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
 
 from sightline.common import codec
 from sightline.common.scores import fmr, fmr_is_extrapolated, format_fmr
@@ -35,9 +47,35 @@ class _Hits:
 
 
 @dataclass(frozen=True)
-class _LastAlert:
+class LastAlert:
+    """The last alert of a subject on a source: what the cool-down compares with."""
+
     at: float  # capture time of the frame that raised it
     alert_id: str
+    frame_id: str  # the frame that raised it: a replay of that frame gives the alert again
+
+
+class AlertBook(Protocol):
+    """Where raised alerts are recorded before anything else happens to them (``review.AlertRecorder``)."""
+
+    def record(self, alert: events_pb2.Alert, *, seen_at: datetime | None = None) -> events_pb2.Alert | None:
+        """Store and audit the alert (idempotent on its id); the alert to publish, or None when its subject was
+        erased. Raises when it cannot be stored or audited (the database's error: transient, so retried)."""
+        ...
+
+    def last(self, source_id: str, subject_id: str) -> LastAlert | None:
+        """The last alert stored for the subject on the source, if any."""
+        ...
+
+
+class _Unrecorded:
+    """The book of an engine run without a review store (tests, evaluation): alerts are kept nowhere."""
+
+    def record(self, alert: events_pb2.Alert, *, seen_at: datetime | None = None) -> events_pb2.Alert | None:
+        return alert
+
+    def last(self, source_id: str, subject_id: str) -> LastAlert | None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -61,13 +99,18 @@ def stable_id(*parts: str) -> str:
 
 
 class DecisionEngine:
-    def __init__(self, policy: Policy, suppressed: Callable[[str, str, str], bool] | None = None) -> None:
+    """Per-frame decisions and watchlist alerts over one policy; not thread-safe (the matches stage feeds it in
+    turn)."""
+
+    def __init__(self, policy: Policy, suppressed: Callable[[str, str, str], bool] | None = None,
+                 alerts: AlertBook | None = None) -> None:  # fmt: skip
         """``suppressed(source_id, subject_id, track_id)``: whether a reviewer said "not this person" there, on that
-        track ("" for a face without one) (review.py)."""
+        track ("" for a face without one) (review.py). ``alerts``: where raised alerts are recorded (none: nowhere)."""
         self.policy = policy
         self._suppressed = suppressed or (lambda source_id, subject_id, track_id: False)
+        self._alerts: AlertBook = alerts or _Unrecorded()
         self._hits: OrderedDict[tuple[str, str, str], _Hits] = OrderedDict()  # (source, track, subject)
-        self._last_alerts: OrderedDict[tuple[str, str], _LastAlert] = OrderedDict()  # (source, subject)
+        self._last_alerts: OrderedDict[tuple[str, str], LastAlert] = OrderedDict()  # (source, subject)
 
     def decide(self, result: events_pb2.MatchResult) -> tuple[list[events_pb2.Decision], list[events_pb2.Alert]]:
         decisions, alerts = [], []
@@ -96,10 +139,10 @@ class DecisionEngine:
         return self._agree(decision, frame, hit)
 
     def _hit(self, frame: types_pb2.FrameRef, face: events_pb2.FaceMatch) -> _Hit | None:
-        limit, shown = self.policy.match_max_distance, self.policy.describe_threshold()
+        shown = self.policy.describe_threshold()
         if frame.claim_subject_id:
             v = face.verification
-            if v.subject_found and v.distance <= limit:
+            if self.policy.verifies(v):  # the policy's own 1:1 threshold, never matching's ``verified``
                 return _Hit(v.subject_id, v.distance, v.similarity, [],
                             f"claim verified: distance {v.distance:.3f} <= {shown}; {_fmr_text(v.distance)}")
             return None
@@ -160,14 +203,18 @@ class DecisionEngine:
         return hits
 
     def _maybe_alert(self, decision: events_pb2.Decision, hits: _Hits, hit: _Hit, at: float) -> events_pb2.Alert | None:
+        """The alert this MATCH raises, recorded, or None; the track and the cool-down change only once it is stored."""
         watchlists = self.policy.alerts_on(hit.watchlists)
         if not watchlists:
             return None
         frame, track = decision.frame, decision.track_id
-        if hits.alerted:
+        alert = self._new_alert(decision, hit, watchlists)
+        last = self._last_alert(frame.source_id, hit.subject_id)
+        if last is not None and (last.alert_id, last.frame_id) == (alert.alert_id, frame.frame_id):
+            return self._raise(decision, hits, alert, at)  # a replay of the frame that raised it: the same alert
+        if hits.alerted or (track and last is not None and last.alert_id == alert.alert_id):  # 2nd: after a restart
             decision.reasons.append(f"alert already raised for track {track}")
             return None
-        last = self._last_alerts.get((frame.source_id, hit.subject_id))
         if last is not None and at - last.at < self.policy.alert_cooldown_seconds:
             hits.alerted = bool(track)  # this track's alert is that one
             decision.reasons.append(f"alert merged into {last.alert_id[:12]}: same subject on this source within the "
@@ -177,20 +224,45 @@ class DecisionEngine:
             where = f"on track {track}" if track else "on this source"
             decision.reasons.append(f"alert suppressed: a reviewer said this is not the person, {where}")
             return None
-        alert = events_pb2.Alert(
-            alert_id=stable_id(frame.source_id, hit.subject_id, decision.evidence_frame_ids[0]),
+        return self._raise(decision, hits, alert, at)
+
+    def _new_alert(self, decision: events_pb2.Decision, hit: _Hit, watchlists: list[str]) -> events_pb2.Alert:
+        frame, track = decision.frame, decision.track_id
+        # A track raises one alert per subject: naming it by the track (whose id carries its first sighting) gives a
+        # replay that starts later in the track, after a restart, the same alert, not a second one to review.
+        origin = f"track:{track}" if track else decision.evidence_frame_ids[0]
+        return events_pb2.Alert(
+            alert_id=stable_id(frame.source_id, hit.subject_id, origin),
             decision_id=decision.decision_id, source_id=frame.source_id, subject_id=hit.subject_id,
             watchlists=watchlists, distance=hit.distance, similarity=hit.similarity,
             evidence_frame_ids=list(decision.evidence_frame_ids), status=events_pb2.ALERT_STATUS_PENDING_REVIEW,
             raised_at=codec.now(), policy_version=self.policy.version, track_id=track,
         )  # fmt: skip
-        hits.alerted = bool(track)
-        self._remember_alert((frame.source_id, hit.subject_id), _LastAlert(at, alert.alert_id))
-        decision.alert_id = alert.alert_id
-        decision.reasons.append(f"alert raised for watchlists {', '.join(watchlists)}")
-        return alert
 
-    def _remember_alert(self, key: tuple[str, str], alert: _LastAlert) -> None:
+    def _raise(self, decision: events_pb2.Decision, hits: _Hits, alert: events_pb2.Alert,
+               at: float) -> events_pb2.Alert | None:  # fmt: skip
+        """Record the alert, then (only then) mark the track alerted and start the cool-down. A failure to store it
+        raises with the state untouched, so the frame's retry raises it again."""
+        frame = decision.frame
+        recorded = self._alerts.record(alert, seen_at=datetime.fromtimestamp(at, UTC))
+        if recorded is None:  # its subject was erased meanwhile: nothing to raise, nothing to remember
+            return None
+        hits.alerted = bool(decision.track_id)
+        self._remember_alert((frame.source_id, alert.subject_id), LastAlert(at, recorded.alert_id, frame.frame_id))
+        decision.alert_id = recorded.alert_id
+        decision.reasons.append(f"alert raised for watchlists {', '.join(recorded.watchlists)}")
+        return recorded
+
+    def _last_alert(self, source_id: str, subject_id: str) -> LastAlert | None:
+        """The subject's last alert on the source: from memory, else (after a restart) from the book."""
+        last = self._last_alerts.get((source_id, subject_id))
+        if last is None:
+            last = self._alerts.last(source_id, subject_id)
+            if last is not None:
+                self._remember_alert((source_id, subject_id), last)
+        return last
+
+    def _remember_alert(self, key: tuple[str, str], alert: LastAlert) -> None:
         self._last_alerts.pop(key, None)
         self._last_alerts[key] = alert  # most recent last, so the oldest are evicted first
         while len(self._last_alerts) > MAX_TRACKED_KEYS:

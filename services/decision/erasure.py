@@ -61,8 +61,9 @@ def _count(n: int, noun: str) -> str:
 
 
 def _persistently(what: str, step: Callable[[], T]) -> T:
-    """``step``, tried up to ERASURE_ATTEMPTS times: the steps are idempotent, and a notice that fails for good is
-    dead-lettered (the erasure must then be requested again)."""
+    """``step``, tried up to ERASURE_ATTEMPTS times: the steps are idempotent. The last failure is raised, never
+    swallowed: a database error (its driver's OperationalError) is transient, so the stage processes the notice again
+    (common/stage.py) rather than dropping it."""
     for attempt in range(1, ERASURE_ATTEMPTS):
         try:
             return step()

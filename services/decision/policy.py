@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from sightline.common.scores import DEFAULT_MAX_DISTANCE, distance_for_fmr, format_fmr
+from sightline.v1 import types_pb2
 
 
 class EChannelPolicy(BaseModel):
@@ -49,6 +50,18 @@ class EChannelPolicy(BaseModel):
         "to wait for the results of frames still in the pipeline before deciding with what has arrived. A close "
         "that gives the count is decided when all have arrived, or at the session's deadline.",
     )  # fmt: skip
+    max_deadline_seconds: float = Field(
+        600.0, gt=0, description="An OPENED event whose deadline is further than this after its opening is refused as "
+        "malformed (dead-lettered): a session that could stay open for days would hold the session timer's memory. "
+        "At least budget_seconds; keep it above capture's SIGHTLINE_CAPTURE_SESSION_BUDGET_S, whose deadline wins.",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _deadline_bound_covers_the_budget(self) -> EChannelPolicy:
+        if self.max_deadline_seconds < self.budget_seconds:
+            raise ValueError(f"echannel.max_deadline_seconds ({self.max_deadline_seconds:g}) must be at least "
+                             f"budget_seconds ({self.budget_seconds:g})")  # fmt: skip
+        return self
 
 
 class Policy(BaseModel):
@@ -118,6 +131,12 @@ class Policy(BaseModel):
             return self.match_max_distance, self.describe_threshold()
         distance, _, source = max(own)
         return distance, f"{distance:.3f} ({source})"
+
+    def verifies(self, verification: types_pb2.Verification) -> bool:
+        """Whether a 1:1 verification against a claim passes this policy's threshold (``match_max_distance``, or
+        ``match_target_fmr`` converted). Matching's own ``verified`` flag follows matching's threshold, not this
+        policy's, so it is never read: tightening the policy must tighten every claim, gates' included."""
+        return verification.subject_found and verification.distance <= self.match_max_distance
 
     def describe_threshold(self) -> str:
         """The threshold as reasons quote it: the distance, and the target FMR it came from when there is one."""

@@ -4,7 +4,8 @@ An alert is never an automatic action. The decision stage records each alert it 
 alert is published; idempotent on the alert id, so a replay is harmless) and it starts PENDING_REVIEW. Then:
 
 - a confirmation by reviewer A keeps it PENDING_REVIEW with one confirmation; a confirmation by a second reviewer
-  B != A makes it CONFIRMED. A confirming twice is refused (FAILED_PRECONDITION), whatever their rights;
+  B != A makes it CONFIRMED. A confirming twice is refused (FAILED_PRECONDITION), whatever their rights; names are
+  compared case-insensitively (``reviewer_identity``), so 'Alice' and 'alice' are one reviewer;
 - any rejection makes it REJECTED. A rejection may say "not this person": the feedback is stored, reported, and
   ``ReviewStore.suppressed(source, subject, track)`` turns true, so that the engine can skip further alerts of that
   subject on that track (the alert's; on the whole source for an alert without one) for ``suppression_seconds``;
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,9 +36,11 @@ from typing import Any
 
 import grpc
 
+from sightline.common import limits
 from sightline.common.audit import ANONYMOUS, Action, AuditLog, principal_of
 from sightline.common.rpc import InvalidInput, NotFound
 from sightline.common.sqlstore import Backend, BackendStore, Cursor, Migration, StoreError, open_backend
+from sightline.decision.engine import LastAlert
 from sightline.v1 import events_pb2, review_pb2
 
 log = logging.getLogger(__name__)
@@ -44,8 +48,9 @@ log = logging.getLogger(__name__)
 CONFIRMATIONS_REQUIRED = 2  # the two-person rule
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-MAX_COMMENT_CHARS = 2000
-MAX_REVIEWER_CHARS = 256
+# The store checks what the gRPC server already refuses (common/limits.py), for callers that are not the API.
+MAX_COMMENT_CHARS = limits.TEXT_LIMITS["comment"]
+MAX_REVIEWER_CHARS = limits.ID_CHARS
 SYSTEM_PRINCIPAL = "service:decision"
 ALERT_PURPOSE = "cctv-watchlist"
 REVIEW_PURPOSE = "human-review"
@@ -98,6 +103,7 @@ class StoredAlert:
     alert: events_pb2.Alert
     reviews: tuple[Review, ...]
     sequence: int
+    audited: bool = True  # its ALERT audit record is written (``AlertRecorder.record``)
 
     @property
     def status(self) -> str:
@@ -105,7 +111,7 @@ class StoredAlert:
 
     @property
     def confirmations(self) -> int:
-        return len({r.reviewer for r in self.reviews if r.action == CONFIRM})
+        return len(confirmers(self.reviews))
 
     def to_proto(self) -> review_pb2.ReviewedAlert:
         reply = review_pb2.ReviewedAlert(alert=self.alert, confirmations=self.confirmations,
@@ -137,6 +143,17 @@ class Feedback:
         if self.expires_at is not None:
             made.suppresses_until.FromDatetime(self.expires_at)
         return made
+
+
+def reviewer_identity(name: str) -> str:
+    """The reviewer a principal name stands for, as the two-person rule compares them: 'Alice', ' alice' and 'ALICE'
+    are one person (identity providers and certificates differ in case; NFKC folds look-alike compatibility forms)."""
+    return unicodedata.normalize("NFKC", name).casefold().strip()
+
+
+def confirmers(reviews: tuple[Review, ...]) -> set[str]:
+    """The distinct reviewers (``reviewer_identity``) who confirmed."""
+    return {reviewer_identity(r.reviewer) for r in reviews if r.action == CONFIRM}
 
 
 def status_name(status: int) -> str:
@@ -172,6 +189,16 @@ MIGRATIONS: list[Migration] = [
         (
             "CREATE INDEX review_alerts_subject_idx ON review_alerts (subject_id)",
             "CREATE TABLE review_erasures (subject_id {key} PRIMARY KEY, erased_at {timestamp} NOT NULL)",
+        ),
+    ),
+    Migration(
+        3,
+        "when each alert's evidence was seen (the cool-down survives a restart); whether its raising is audited",
+        (
+            "ALTER TABLE review_alerts ADD COLUMN seen_at {timestamp}",
+            "CREATE INDEX review_alerts_source_subject_idx ON review_alerts (source_id, subject_id, seq)",
+            # Alerts stored before were audited with their insert: 1. New ones are inserted with 0 (record_alert).
+            "ALTER TABLE review_alerts ADD COLUMN audited INTEGER NOT NULL DEFAULT 1",
         ),
     ),
 ]
@@ -214,11 +241,13 @@ class ReviewStore(BackendStore):
             if self._erased_after(cur, alert.subject_id, seen_at or raised):
                 raise ErasedSubjectAlert(f"alert {alert.alert_id} not stored: its subject was erased after its "
                                          "evidence was seen")  # fmt: skip
+            to_db = self._backend.dialect.to_db_time
             cur.execute(
                 "INSERT INTO review_alerts (alert_id, source_id, subject_id, status, published_status, alert,"
-                " raised_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (alert_id) DO NOTHING",
+                " raised_at, updated_at, seen_at, audited) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
+                " ON CONFLICT (alert_id) DO NOTHING",
                 (alert.alert_id, alert.source_id, alert.subject_id, PENDING, PENDING, stored.SerializeToString(),
-                 self._backend.dialect.to_db_time(raised), now),
+                 to_db(raised), now, to_db(seen_at or raised)),
             )  # fmt: skip
             created = cur.rowcount == 1
             found = self._load(cur, alert.alert_id)
@@ -254,6 +283,11 @@ class ReviewStore(BackendStore):
             after = self._load(cur, alert_id)
         assert after is not None
         return after, new_status != current.status
+
+    def mark_audited(self, alert_id: str) -> None:
+        """The alert's ALERT audit record is written: a replay of the alert does not write another."""
+        with self._tx(write=True) as cur:
+            cur.execute("UPDATE review_alerts SET audited = 1 WHERE alert_id = ?", (alert_id,))
 
     def mark_published(self, alert_id: str, status: str) -> None:
         """The alert with this status has reached the alerts topic (the outbox entry is done)."""
@@ -340,6 +374,22 @@ class ReviewStore(BackendStore):
             for track, expires in rows
         )  # fmt: skip
 
+    def last_alert(self, source_id: str, subject_id: str) -> tuple[events_pb2.Alert, datetime] | None:
+        """The last alert recorded for the subject on the source, with when its evidence was seen (its raising time
+        for an alert stored before that was kept): what the engine's cool-down needs after a restart."""
+        with self._tx(write=False) as cur:
+            row = cur.execute("SELECT alert, COALESCE(seen_at, raised_at) FROM review_alerts WHERE source_id = ?"
+                              " AND subject_id = ? ORDER BY seq DESC LIMIT 1", (source_id, subject_id)).fetchone()  # fmt: skip
+        if row is None:
+            return None
+        return events_pb2.Alert.FromString(bytes(row[0])), self._backend.dialect.from_db_time(row[1])
+
+    def erased_since(self, subject_id: str, seen_at: datetime) -> bool:
+        """Whether the subject was erased after ``seen_at`` (or up to ``ERASURE_GRACE`` before): a result about it seen
+        then must not be published any more."""
+        with self._tx(write=False) as cur:
+            return self._erased_after(cur, subject_id, seen_at)
+
     def feedback(self, since: datetime | None = None) -> list[Feedback]:
         """Every "not this person" rejection (since a time), oldest first: the false-alert feedback for reports."""
         params: list[Any] = []
@@ -375,10 +425,11 @@ class ReviewStore(BackendStore):
         raise NotFound(f"no alert with id {alert_id!r}")
 
     def _load(self, cur: Cursor, alert_id: str) -> StoredAlert | None:
-        row = cur.execute("SELECT seq, status, alert FROM review_alerts WHERE alert_id = ?", (alert_id,)).fetchone()
+        row = cur.execute("SELECT seq, status, alert, audited FROM review_alerts WHERE alert_id = ?",
+                          (alert_id,)).fetchone()  # fmt: skip
         if row is None:
             return None
-        seq, status, blob = row
+        seq, status, blob, audited = row
         alert = events_pb2.Alert()
         alert.ParseFromString(bytes(blob))
         alert.status = status_value(status)
@@ -389,7 +440,7 @@ class ReviewStore(BackendStore):
                 "SELECT reviewer, action, comment, not_this_person, at FROM alert_reviews WHERE alert_id = ?"
                 " ORDER BY id", (alert_id,)).fetchall()
         )  # fmt: skip
-        return StoredAlert(alert, reviews, int(seq))
+        return StoredAlert(alert, reviews, int(seq), bool(audited))
 
     def _suppress(self, cur: Cursor, alert: events_pb2.Alert, track_id: str, reviewer: str, comment: str,
                   now: datetime) -> None:  # fmt: skip
@@ -438,18 +489,25 @@ def _next_status(current: StoredAlert, reviewer: str, action: str) -> str:
         raise ReviewRefused(f"alert {alert_id} is already {current.status}; a closed alert takes no further review")
     if action == REJECT:
         return REJECTED
-    confirmers = {r.reviewer for r in current.reviews if r.action == CONFIRM}
-    if reviewer in confirmers:
+    confirmed, identity = confirmers(current.reviews), reviewer_identity(reviewer)
+    if identity in confirmed:
         raise ReviewRefused(f"{reviewer} has already confirmed alert {alert_id}; the two-person rule needs a "
                             "confirmation by a second, different reviewer")  # fmt: skip
-    return CONFIRMED if len(confirmers | {reviewer}) >= CONFIRMATIONS_REQUIRED else PENDING
+    return CONFIRMED if len(confirmed | {identity}) >= CONFIRMATIONS_REQUIRED else PENDING
 
 
 # -- the decision stage's side -----------------------------------------------------------------------------------
 
 
 class AlertRecorder:
-    """Called by the decision stage for each alert it raises, before publishing: stores it, audits ALERT once."""
+    """Called by the decision stage for each alert it raises, before publishing: stores it, audits ALERT once.
+
+    Storing and auditing are two databases, so they are two steps, and either may fail (a locked or unreachable
+    database): the failure is raised for the stage to process the input again (a transient error, common/stage.py).
+    The store remembers whether the alert's audit record was written (``StoredAlert.audited``), so the retry of an
+    alert stored but not audited writes its record then: an alert is never left stored and unaudited (a failure just
+    after the audit record is written can at worst write it twice).
+    """
 
     def __init__(self, store: ReviewStore, audit: AuditLog) -> None:
         self._store = store
@@ -462,17 +520,28 @@ class AlertRecorder:
         published. ``purpose``: what the search that raised it was for, as audited (a camera's watchlists by
         default)."""
         try:
-            stored, created = self._store.record_alert(alert, seen_at)
+            stored, _ = self._store.record_alert(alert, seen_at)
         except ErasedSubjectAlert:
             log.info("alert of an erased subject dropped", extra={"alert_id": alert.alert_id})
             return None
-        if created:
-            self._audit.append(SYSTEM_PRINCIPAL, Action.ALERT, alert.subject_id, purpose, stored.status,
-                               {"alert_id": alert.alert_id, "source_id": alert.source_id,
-                                "watchlists": ",".join(alert.watchlists), "policy_version": alert.policy_version,
-                                "similarity": f"{alert.similarity:.3f}",
-                                "evidence_frames": len(alert.evidence_frame_ids)})  # fmt: skip
+        if not stored.audited:
+            raised = stored.alert
+            self._audit.append(SYSTEM_PRINCIPAL, Action.ALERT, raised.subject_id, purpose, PENDING,
+                               {"alert_id": raised.alert_id, "source_id": raised.source_id,
+                                "watchlists": ",".join(raised.watchlists), "policy_version": raised.policy_version,
+                                "similarity": f"{raised.similarity:.3f}",
+                                "evidence_frames": len(raised.evidence_frame_ids)})  # fmt: skip
+            self._store.mark_audited(raised.alert_id)
         return stored.alert
+
+    def last(self, source_id: str, subject_id: str) -> LastAlert | None:
+        """The last alert stored for the subject on the source, as the engine's cool-down reads it (engine.py)."""
+        found = self._store.last_alert(source_id, subject_id)
+        if found is None:
+            return None
+        alert, seen_at = found
+        raised_by = alert.evidence_frame_ids[-1] if alert.evidence_frame_ids else ""  # the frame that raised it
+        return LastAlert(seen_at.timestamp(), alert.alert_id, raised_by)
 
 
 # -- gRPC --------------------------------------------------------------------------------------------------------

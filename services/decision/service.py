@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import UTC, timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 from sightline.common import codec, telemetry
 from sightline.common.audit import AuditLog, AuditServicer, TopicPublisher, audit_topic_publisher
@@ -35,30 +36,47 @@ from sightline.decision.session_stage import SessionDesk, is_session_frame, sess
 from sightline.decision.session_store import SessionStore
 from sightline.decision.sessions import SessionEngine
 from sightline.decision.settings import DecisionSettings
-from sightline.v1 import audit_pb2_grpc, events_pb2, review_pb2_grpc
+from sightline.v1 import audit_pb2_grpc, events_pb2, review_pb2_grpc, types_pb2
 
 SERVICE = "decision"
 SESSION_RESULT_NOT_FOLDED = "session_result_not_folded"  # the EVENTS_FAILED reason of a result its session missed
 log = logging.getLogger(__name__)
+Erased = Callable[[str, datetime], bool]  # (subject id, when a frame was seen): erased since? (ReviewStore.erased_since)
 
 
-def decide(engine: DecisionEngine, event: InputEvent, recorder: AlertRecorder | None = None,
-           sessions: SessionDesk | None = None) -> list[Output]:  # fmt: skip
+def decide(engine: DecisionEngine, event: InputEvent, sessions: SessionDesk | None = None,
+           erased: Erased | None = None) -> list[Output]:  # fmt: skip
+    """The decisions and alerts of one match result. The engine records each alert it raises before anything else
+    (stored and audited, so a reviewer can always find an alert an integrator saw; a store failure raises, and the
+    result is processed again). ``erased(subject_id, seen_at)``: whether a subject was erased after a frame seen then
+    (``ReviewStore.erased_since``); a decision naming one (a result in flight at the erasure) is not published."""
     result = codec.parse(events_pb2.MatchResult, event.value)
     decisions, alerts = engine.decide(result)  # a gate's frames get no alert here: their session raises it
     if sessions is not None and is_session_frame(result.frame):
         _fold_into_session(sessions, result)
-    if recorder is not None:
-        # Stored (and audited) before it is published: a reviewer can always find an alert an integrator saw. One
-        # whose subject was erased since the frame was captured is neither stored nor published.
-        seen_at = result.frame.captured_at.ToDatetime(UTC) if result.frame.HasField("captured_at") else None
-        recorded = (recorder.record(alert, seen_at=seen_at) for alert in alerts)
-        alerts = [alert for alert in recorded if alert is not None]
+    if erased is not None:
+        decisions = _published(decisions, result.frame, erased)
+        alerts = [a for a in alerts if any(d.alert_id == a.alert_id for d in decisions)]
     key = result.frame.source_id.encode()
     telemetry.END_TO_END_LATENCY.labels(SERVICE).observe(codec.seconds_since(result.frame.captured_at))
     return [Output(DECISIONS, key, d.SerializeToString()) for d in decisions] + [
         Output(ALERTS, key, a.SerializeToString()) for a in alerts
     ]
+
+
+def _published(decisions: list[events_pb2.Decision], frame: types_pb2.FrameRef,
+               erased: Erased) -> list[events_pb2.Decision]:  # fmt: skip
+    """The decisions that name no subject erased since the frame was seen (its match or its claim): right to erasure
+    means nothing more is said about the subject once the notice is applied, however late a result arrives."""
+    seen_at = frame.captured_at.ToDatetime(UTC) if frame.HasField("captured_at") else datetime.now(UTC)
+    gone = {name for name in {frame.claim_subject_id, *(d.subject_id for d in decisions)} - {""}
+            if erased(name, seen_at)}  # fmt: skip
+    if not gone:
+        return decisions
+    kept = [d for d in decisions if d.subject_id not in gone and frame.claim_subject_id not in gone]
+    log.info("decisions naming an erased subject withheld",
+             extra={"frame_id": frame.frame_id, "withheld": len(decisions) - len(kept)})  # fmt: skip
+    return kept
 
 
 def _fold_into_session(sessions: SessionDesk, result: events_pb2.MatchResult) -> None:
@@ -81,8 +99,8 @@ def main() -> None:
     publisher = TopicPublisher(kafka)
     audit = AuditLog.open_configured(publish=audit_topic_publisher(publisher))  # the chain shared with matching
     reviews = ReviewStore.open(url, settings.suppression_seconds)
-    engine = DecisionEngine(policy, suppressed=reviews.suppressed)
     recorder = AlertRecorder(reviews, audit)
+    engine = DecisionEngine(policy, suppressed=reviews.suppressed, alerts=recorder)
     review_servicer = ReviewServicer(reviews, audit, alert_publisher(publisher))
     # Status changes a previous run stored but could not publish go out now, without holding up the start.
     threading.Thread(target=review_servicer.flush_outbox, name="alert-outbox", daemon=True).start()
@@ -93,7 +111,7 @@ def main() -> None:
     session_store = SessionStore.open(url)
     sessions = start_sessions(settings, policy, session_store, recorder, audit, publisher)
     stage = Stage(SERVICE, MATCHES, [DECISIONS, ALERTS],
-                  one_at_a_time(lambda event: decide(engine, event, recorder, sessions)))  # fmt: skip
+                  one_at_a_time(lambda event: decide(engine, event, sessions, reviews.erased_since)))  # fmt: skip
 
     purge = purge_schedule(reviews, session_store)
     purge.start()

@@ -30,7 +30,12 @@ A right-to-erasure notice reaches the desk through ``erase_subject`` (the erasur
 desk's lock, the store deletes the sessions claiming the subject and the desk forgets its open ones and their held
 results, so no later input saves them again. Sessions of the subject open in another replica's memory are refused by
 the store when next saved (``SessionStore.save``) and leave that desk then. An outcome reached before the notice and
-already queued is still announced: the traveller at the gate is waiting for it.
+already queued is still announced (the traveller at the gate is waiting for it), but a stop-list hit on an erased
+subject is announced without it: no alert, and no reason naming the subject (``forget_stop_list_hit``).
+
+A malformed control event (no ids, or ids longer than ``limits.ID_CHARS``; an OPENED event with times no gate sends,
+``SessionEngine.open``) is refused (dead-lettered) before it reaches the timer, and the timer handles each session on
+its own: one session that fails to save cannot hold up the time-outs of the others.
 """
 
 from __future__ import annotations
@@ -44,14 +49,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from sightline.common import codec, telemetry
+from sightline.common import codec, limits, telemetry
 from sightline.common.audit import Action, AuditLog
 from sightline.common.codec import outcome_name
 from sightline.common.stage import InputEvent, Output, Stage, one_at_a_time
 from sightline.common.topics import ALERTS, SESSIONS
 from sightline.decision.review import AlertRecorder
 from sightline.decision.session_store import SessionStore
-from sightline.decision.sessions import SessionEngine, SessionState
+from sightline.decision.sessions import SessionEngine, SessionState, forget_stop_list_hit
 from sightline.v1 import events_pb2, session_pb2, types_pb2
 
 log = logging.getLogger(__name__)
@@ -188,8 +193,7 @@ class SessionDesk:
         """A session control event from capture (the desk's own PROGRESS and DECIDED events are skipped)."""
         if event.kind in OWN_KINDS:
             return
-        if not event.session_id or not event.gate_id:
-            raise codec.MalformedEvent("a session event needs a session id and a gate id")
+        _check_ids(event)
         with self._lock:
             if event.kind == session_pb2.SessionEvent.KIND_OPENED:
                 self._opened(event)
@@ -233,14 +237,20 @@ class SessionDesk:
         failed."""
         with self._lock:
             for state in list(self._open.values()):
-                if state.decided:  # decided here, but its save failed (a decided state leaves _open once saved)
-                    self._changed(state, self.engine.update(state, []))
-                    continue
-                update = self.engine.tick(state, now)
-                if update is not None:
-                    self._changed(state, update)
+                try:  # one session that cannot be saved must not hold up the time-outs of the others
+                    self._tick_one(state, now)
+                except Exception:  # noqa: BLE001 - logged; the next tick tries this session again
+                    log.exception("session tick failed", extra={"session_id": state.session_id})
             self._expire_held()
         self._queue_retries()
+
+    def _tick_one(self, state: SessionState, now: float) -> None:
+        if state.decided:  # decided here, but its save failed (a decided state leaves _open once saved)
+            self._changed(state, self.engine.update(state, []))
+            return
+        update = self.engine.tick(state, now)
+        if update is not None:
+            self._changed(state, update)
 
     # -- sessions ------------------------------------------------------------------------------------------------
 
@@ -248,7 +258,11 @@ class SessionDesk:
         if self._open_session(event.session_id) is not None or event.session_id in self._decided:
             return  # a replayed OPENED: the session goes on (or stays decided)
         state = self._open[event.session_id] = self.engine.open(event)
-        self._changed(state, self.engine.update(state, []))
+        try:
+            self._changed(state, self.engine.update(state, []))
+        except BaseException:  # not saved: the OPENED event is processed again, and the timer must not carry it
+            self._open.pop(event.session_id, None)
+            raise
         held = self._held.pop(event.session_id, [])
         self._held_count -= len(held)
         for item in held:
@@ -355,6 +369,10 @@ class SessionDesk:
             if alert is not None:
                 # Stored and audited once; a retry gets the stored alert back. None: the hit's subject was erased.
                 alert = self.recorder.record(alert, STOP_LIST_PURPOSE, datetime.fromtimestamp(state.opened_at, UTC))
+                if alert is None:  # nothing announced names the erased subject: a copy, the queued state is shared
+                    state = SessionState.from_dict(state.to_dict())
+                    forget_stop_list_hit(state)
+                    update = self.engine.update(state, [])
             if alert is not None:
                 update.alert_id = alert.alert_id
                 self.publisher.send(ALERTS.name, state.gate_id.encode(), alert.SerializeToString(), wait=True)
@@ -427,6 +445,16 @@ class SessionDesk:
                     self._held[session_id] = kept
                 else:
                     del self._held[session_id]
+
+
+def _check_ids(event: session_pb2.SessionEvent) -> None:
+    """Refuse a control event without its ids, or with ids longer than any API lets through (``limits.ID_CHARS``):
+    they become the session's key, the audit record's principal (``gate:<id>``) and log fields."""
+    if not event.session_id or not event.gate_id:
+        raise codec.MalformedEvent("a session event needs a session id and a gate id")
+    for name in ("session_id", "gate_id", "claim_subject_id"):
+        if len(getattr(event, name)) > limits.ID_CHARS:
+            raise codec.MalformedEvent(f"session event {name} longer than {limits.ID_CHARS} characters")
 
 
 def session_stage(desk: SessionDesk) -> Stage:

@@ -15,7 +15,8 @@ retention (keep it longer than the sessions topic's, so that a replayed OPENED f
 ``erase_subject`` (right to erasure) deletes the sessions whose claim is the subject, decided or not, and remembers the
 subject and the erasure's time until ``purge_decided`` passes it: from then on ``save`` refuses (and deletes) a session
 of that claim opened before the erasure, however it comes back: held in the memory of another replica, or opened
-again by a replayed OPENED event.
+again by a replayed OPENED event. Other travellers' sessions whose stop-list hit was the subject keep their outcome
+but lose the hit (``stop_subject_id`` finds them; ``save`` drops such a hit too when it comes back from memory).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 from sightline.common.sqlstore import BackendStore, Cursor, Migration, StoreError, open_backend
 from sightline.decision.review import ERASURE_GRACE, note_erasure
-from sightline.decision.sessions import SessionState
+from sightline.decision.sessions import SessionState, forget_stop_list_hit
 
 _PG_MIGRATION_LOCK = 0x5365_7373  # "Sess"; the same for every replica migrating the session table
 _COLUMNS = "state, audited, published"
@@ -57,6 +58,20 @@ MIGRATIONS: list[Migration] = [
                        " SET claim_subject_id = COALESCE(json_extract(state, '$.claim_subject_id'), '')",),
             "postgresql": ("UPDATE echannel_sessions"
                            " SET claim_subject_id = COALESCE(state::json ->> 'claim_subject_id', '')",),
+        },
+    ),
+    Migration(
+        3,
+        "right to erasure: sessions by the stop-list subject they hit",
+        (
+            "ALTER TABLE echannel_sessions ADD COLUMN stop_subject_id {key} NOT NULL DEFAULT ''",
+            "CREATE INDEX echannel_sessions_stop_idx ON echannel_sessions (stop_subject_id)",
+        ),
+        by_dialect={  # the hits of the sessions stored before, from their state
+            "sqlite": ("UPDATE echannel_sessions"
+                       " SET stop_subject_id = COALESCE(json_extract(state, '$.stop_list_hit[0]'), '')",),
+            "postgresql": ("UPDATE echannel_sessions"
+                           " SET stop_subject_id = COALESCE(state::json -> 'stop_list_hit' ->> 0, '')",),
         },
     ),
 ]
@@ -93,15 +108,16 @@ class SessionStore(BackendStore):
             if self._erased_after(cur, state.claim_subject_id, _utc(state.opened_at)):
                 cur.execute("DELETE FROM echannel_sessions WHERE session_id = ?", (state.session_id,))
                 return False
+            if state.stop_list_hit and self._erased_after(cur, state.stop_list_hit[0], _utc(state.opened_at)):
+                forget_stop_list_hit(state)  # a hit on a subject erased meanwhile is neither kept nor announced
             cur.execute(
-                "INSERT INTO echannel_sessions (session_id, gate_id, claim_subject_id, state, opened_at, deadline,"
-                " updated_at, decided, audited, published) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0)"
-                " ON CONFLICT (session_id) DO UPDATE"
-                " SET state = excluded.state, updated_at = excluded.updated_at, decided = excluded.decided"
-                " WHERE echannel_sessions.decided = 0",
-                (state.session_id, state.gate_id, state.claim_subject_id,
-                 json.dumps(state.to_dict(), separators=(",", ":")), to_db(_utc(state.opened_at)),
-                 to_db(_utc(state.deadline)), self._now(), int(state.decided)),
+                "INSERT INTO echannel_sessions (session_id, gate_id, claim_subject_id, stop_subject_id, state,"
+                " opened_at, deadline, updated_at, decided, audited, published)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0) ON CONFLICT (session_id) DO UPDATE"
+                " SET state = excluded.state, stop_subject_id = excluded.stop_subject_id,"
+                " updated_at = excluded.updated_at, decided = excluded.decided WHERE echannel_sessions.decided = 0",
+                (state.session_id, state.gate_id, state.claim_subject_id, _stop_subject(state), _json(state),
+                 to_db(_utc(state.opened_at)), to_db(_utc(state.deadline)), self._now(), int(state.decided)),
             )  # fmt: skip
             return cur.rowcount == 1
 
@@ -154,7 +170,20 @@ class SessionStore(BackendStore):
         with self._tx(write=True) as cur:
             if not note_erasure(cur, self._backend.dialect, "echannel_erasures", subject_id, erased_at):
                 return 0
-            return cur.execute("DELETE FROM echannel_sessions WHERE claim_subject_id = ?", (subject_id,)).rowcount
+            erased = cur.execute("DELETE FROM echannel_sessions WHERE claim_subject_id = ?", (subject_id,)).rowcount
+            self._forget_stop_list_hits(cur, subject_id)
+            return erased
+
+    def _forget_stop_list_hits(self, cur: Cursor, subject_id: str) -> None:
+        """Remove the subject from the stop-list hits of other travellers' sessions (``forget_stop_list_hit``); the
+        sessions themselves stay, they are the other travellers'."""
+        rows = cur.execute("SELECT session_id, state FROM echannel_sessions WHERE stop_subject_id = ?",
+                           (subject_id,)).fetchall()  # fmt: skip
+        for session_id, text in rows:
+            state = SessionState.from_dict(json.loads(text))
+            forget_stop_list_hit(state)
+            cur.execute("UPDATE echannel_sessions SET state = ?, stop_subject_id = '' WHERE session_id = ?",
+                        (_json(state), session_id))  # fmt: skip
 
     def _erased_after(self, cur: Cursor, subject_id: str, opened_at: datetime) -> bool:
         """Whether the subject was erased after a session claiming it opened (or up to ERASURE_GRACE before)."""
@@ -164,6 +193,14 @@ class SessionStore(BackendStore):
     def _set_flag(self, session_id: str, column: str) -> None:
         with self._tx(write=True) as cur:
             cur.execute(f"UPDATE echannel_sessions SET {column} = 1 WHERE session_id = ?", (session_id,))
+
+
+def _json(state: SessionState) -> str:
+    return json.dumps(state.to_dict(), separators=(",", ":"))
+
+
+def _stop_subject(state: SessionState) -> str:
+    return state.stop_list_hit[0] if state.stop_list_hit else ""
 
 
 def _utc(seconds: float) -> datetime:

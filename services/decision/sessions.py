@@ -4,7 +4,9 @@ Pure logic, no Kafka: the decision service feeds it session control events and m
 time-outs. ACCEPT needs enough good frames (quality at least the minimum, verified against the claim) and a passing
 liveness verdict, within the time budget. Liveness itself is assessed by detection, the only stage that sees the face
 chips of consecutive frames (detection/session_liveness.py); its verdict arrives on each frame's traveller face with
-the window of frames it was assessed on (``LivenessResult.first_sequence``/``last_sequence``). Only verified frames
+the window of frames it was assessed on (``LivenessResult.first_sequence``/``last_sequence``). A frame is verified
+when its distance to the claim is within this policy's threshold (``Policy.verifies``), whatever threshold matching
+applied to its own ``verified`` flag, so tightening the policy tightens gates too. Only verified frames
 inside that window count towards an ACCEPT: a verdict earned by one face (say a live but blurry one) cannot vouch for
 frames shown after it (a good photo of the claimed person). REFER_TO_OFFICER comes from a time-out (a result folded
 after the deadline included), repeated low quality, a failed liveness assessment, repeated mismatches against the
@@ -23,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from sightline.common import codec
@@ -87,6 +90,17 @@ class SessionState:
         return self.outcome != session_pb2.SESSION_OUTCOME_UNSPECIFIED
 
 
+STOP_LIST_REASON = "stop-list hit: "
+ERASED_STOP_LIST_REASON = STOP_LIST_REASON + "a subject since erased"
+
+
+def forget_stop_list_hit(state: SessionState) -> None:
+    """Right to erasure of the stop-list subject a session hit: the hit and its lists go, and the outcome's reason no
+    longer names the subject (the traveller was referred, and stays referred)."""
+    state.stop_list_hit, state.stop_lists = None, []
+    state.reasons = [ERASED_STOP_LIST_REASON if r.startswith(STOP_LIST_REASON) else r for r in state.reasons]
+
+
 def traveller_face(result: events_pb2.MatchResult) -> events_pb2.FaceMatch | None:
     """The face nearest the camera (the largest box): the traveller; others in view are bystanders."""
     if not result.faces:
@@ -104,10 +118,25 @@ class SessionEngine:
         self.clock = clock
 
     def open(self, event: session_pb2.SessionEvent) -> SessionState:
+        """The new session of an OPENED event; MalformedEvent when its times cannot be those of a real session."""
         opened = codec.seconds(event.opened_at)
         has_deadline = event.HasField("deadline")
         deadline = codec.seconds(event.deadline) if has_deadline else opened + self.rules.budget_seconds
+        self._check_times(opened, deadline)
         return SessionState(event.session_id, event.gate_id, event.claim_subject_id, opened, deadline)
+
+    def _check_times(self, opened: float, deadline: float) -> None:
+        """Refuse times no gate sends: one a database cannot store (out of the calendar's range) would fail every
+        save of the session, on the session timer too, and a deadline far after the opening (more than the policy's
+        ``max_deadline_seconds``) would keep the session open for as long."""
+        for stamp in (opened, deadline):
+            try:
+                datetime.fromtimestamp(stamp, UTC)
+            except (OverflowError, OSError, ValueError):
+                raise codec.MalformedEvent(f"session time {stamp!r} is out of range") from None
+        if deadline - opened > self.rules.max_deadline_seconds:
+            raise codec.MalformedEvent(f"session deadline {deadline - opened:.0f} s after its opening (at most "
+                                       f"{self.rules.max_deadline_seconds:g} s, echannel.max_deadline_seconds)")  # fmt: skip
 
     def on_result(self, state: SessionState, result: events_pb2.MatchResult) -> session_pb2.SessionUpdate:
         """Fold one frame's match result into the session; the update carries an outcome once one is reached.
@@ -137,7 +166,7 @@ class SessionEngine:
             candidate, threshold = hit
             state.stop_list_hit = (candidate.subject_id, candidate.distance, frame.frame_id)
             state.stop_lists = list(candidate.watchlists)
-            return self._refer(state, f"stop-list hit: {candidate.subject_id} on {', '.join(candidate.watchlists)} "
+            return self._refer(state, f"{STOP_LIST_REASON}{candidate.subject_id} on {', '.join(candidate.watchlists)} "
                                       f"(distance {candidate.distance:.3f} <= {threshold})")  # fmt: skip
         reasons = self._fold_liveness(state, face.liveness)
         if reasons:
@@ -175,14 +204,15 @@ class SessionEngine:
         verification = face.verification
         if not verification.subject_found:
             return self._refer(state, f"the claimed subject {state.claim_subject_id!r} is not enrolled")
-        if verification.verified:
+        if self.policy.verifies(verification):  # the policy's 1:1 threshold, not matching's ``verified``
             state.verified.append(VerifiedFrame(frame.frame_id, verification.similarity, face.quality.score,
                                                 frame.sequence))  # fmt: skip
             return []
         state.mismatches.append(frame.frame_id)
         if len(state.mismatches) >= self.rules.max_mismatch_frames:
             return self._refer(state, f"face does not match the claim on {len(state.mismatches)} good frames "
-                                      f"(last distance {verification.distance:.3f})")  # fmt: skip
+                                      f"(last distance {verification.distance:.3f} > "
+                                      f"{self.policy.describe_threshold()})")  # fmt: skip
         return []
 
     def _accepting(self, state: SessionState) -> list[VerifiedFrame]:

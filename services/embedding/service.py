@@ -49,20 +49,60 @@ class Embedding:
             return self.embedder.embed(np.stack(chips))
 
     def process_batch(self, events: Sequence[InputEvent]) -> list[list[Output] | BaseException]:
-        """Parse every event, embed all their chips in one call, then build one output per event."""
-        parsed: list[events_pb2.FacesDetected | BaseException] = []
-        chips: list[np.ndarray] = []
-        for event in events:
-            try:
-                detected = codec.parse(events_pb2.FacesDetected, event.value)
-                event_chips = [codec.chip_from_bytes(face.chip, face.chip_size) for face in searched(detected)]
-            except codec.MalformedEvent as exc:
-                parsed.append(exc)
+        """Parse every event, embed all their chips in one call, then build one output per event.
+
+        A bad event (not a FacesDetected, a chip of the wrong length or size) fails alone: it never enters the batch,
+        and if the batch call fails anyway, each event's chips are embedded on their own so that only the event
+        the model cannot take fails.
+        """
+        parsed = [self._parse(event) for event in events]
+        good = [item for item in parsed if not isinstance(item, BaseException)]
+        vectors = iter(self._embed_each([chips for _, chips in good]))
+        results: list[list[Output] | BaseException] = []
+        for item in parsed:
+            if isinstance(item, BaseException):
+                results.append(item)
                 continue
-            chips.extend(event_chips)  # only whole events, so descriptors stay aligned with their faces
-            parsed.append(detected)
-        descriptors = iter(self.embed(chips))
-        return [item if isinstance(item, BaseException) else self._output(item, descriptors) for item in parsed]
+            descriptors = next(vectors)
+            results.append(descriptors if isinstance(descriptors, BaseException) else self._built(item[0], descriptors))
+        return results
+
+    def _parse(self, event: InputEvent) -> tuple[events_pb2.FacesDetected, list[np.ndarray]] | BaseException:
+        """The event and the chips of its searched faces, or why it cannot be embedded."""
+        try:
+            detected = codec.parse(events_pb2.FacesDetected, event.value)
+            return detected, [self.chip(face.chip, face.chip_size) for face in searched(detected)]
+        except codec.MalformedEvent as exc:
+            return exc
+
+    def chip(self, data: bytes, size: int) -> np.ndarray:
+        """A chip as the model takes it; MalformedEvent when its bytes or its size are not what the model needs."""
+        chip = codec.chip_from_bytes(data, size)
+        if size != self.embedder.chip_size:
+            raise codec.MalformedEvent(f"face chip is {size}x{size}; the model takes "
+                                       f"{self.embedder.chip_size}x{self.embedder.chip_size} RGB chips")  # fmt: skip
+        return chip
+
+    def _embed_each(self, per_event: list[list[np.ndarray]]) -> list[np.ndarray | BaseException]:
+        """The descriptors of each event's chips: one model call for all, or one per event if that call fails."""
+        try:
+            stacked = self.embed([chip for chips in per_event for chip in chips])
+        except Exception:  # noqa: BLE001 - some event's chips break the batch: find which, alone
+            return [self._embed_alone(chips) for chips in per_event]
+        bounds = np.cumsum([0, *(len(chips) for chips in per_event)])
+        return [stacked[start:end] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def _embed_alone(self, chips: list[np.ndarray]) -> np.ndarray | BaseException:
+        try:
+            return self.embed(chips)
+        except Exception as exc:  # noqa: BLE001 - this event's failure only (dead-lettered, or retried if transient)
+            return exc
+
+    def _built(self, detected: events_pb2.FacesDetected, descriptors: np.ndarray) -> list[Output] | BaseException:
+        try:
+            return self._output(detected, iter(descriptors))
+        except Exception as exc:  # noqa: BLE001 - isolated to its event
+            return exc
 
     def _output(self, detected: events_pb2.FacesDetected, descriptors: object) -> list[Output]:
         embedded = events_pb2.FacesEmbedded(

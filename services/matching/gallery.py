@@ -7,6 +7,12 @@ Memberships that expire change nothing in the database, so no version moves: the
 next expiry (``GalleryStore.memberships().next_expiry``) and re-reads the memberships alone, so an expired membership
 stops matching at its expiry time on every replica without anyone calling anything.
 
+A replica matches only while it is in step with the database (``readiness.py``): an erasure notice
+(``erasure_listener.py``) drops the subject from the index at once and holds matching until a check of the database
+confirms it, and a replica that cannot reach the database for ``refresh_interval_s + max_staleness_s`` stops matching
+(searches and verifications raise ``GalleryUnavailable``) until a check succeeds again. Failed checks are retried with
+backoff, starting at ``_RETRY_FIRST_S`` and at most ``refresh_interval_s`` apart.
+
 Each candidate carries the distance thresholds of those of its (current) watchlists that set a target false match
 rate in the gallery (``MatchCandidate.watchlist_thresholds``), for the decision service to apply.
 """
@@ -23,7 +29,8 @@ from datetime import UTC, datetime
 import numpy as np
 
 from sightline.common import scores, telemetry
-from sightline.matching.index import Candidate, SearchIndex
+from sightline.matching.index import DEFAULT_MASK_CACHE_SIZE, Candidate, SearchIndex
+from sightline.matching.readiness import Readiness
 from sightline.matching.store import (
     GalleryStore,
     MembershipRecord,
@@ -34,6 +41,8 @@ from sightline.v1 import types_pb2
 
 log = logging.getLogger(__name__)
 SERVICE = "matching"
+DEFAULT_MAX_STALENESS_S = 10.0
+_RETRY_FIRST_S = 0.1  # first retry of a failed check; doubled up to refresh_interval_s
 
 
 @dataclass(frozen=True)
@@ -57,9 +66,12 @@ def watchlist_threshold(record: WatchlistRecord) -> float | None:
 
 
 class Gallery:
-    def __init__(self, store: GalleryStore, max_distance: float, refresh_interval_s: float = 2.0) -> None:
+    def __init__(self, store: GalleryStore, max_distance: float, refresh_interval_s: float = 2.0,
+                 max_staleness_s: float = DEFAULT_MAX_STALENESS_S,
+                 mask_cache_size: int = DEFAULT_MASK_CACHE_SIZE) -> None:  # fmt: skip
         self.store = store
-        self.index = SearchIndex()
+        self.index = SearchIndex(mask_cache_size=mask_cache_size)
+        self.readiness = Readiness(stale_after_s=refresh_interval_s + max_staleness_s)
         self.max_distance = max_distance
         self._version = -1
         self._thresholds: dict[str, float] = {}
@@ -68,8 +80,13 @@ class Gallery:
         self._stop = threading.Event()
         self._wake = threading.Event()  # set when the refresher must re-plan its sleep (an earlier expiry, stop)
         self._interval = refresh_interval_s
-        with self._write_lock:
-            self.reload()
+        self._failures = 0  # consecutive failed checks, for the retry backoff
+        try:
+            with self._write_lock:
+                self.reload()
+        except BaseException:
+            self.readiness.close()
+            raise
         self._refresher = threading.Thread(target=self._refresh_loop, name="gallery-refresh", daemon=True)
         self._refresher.start()
 
@@ -83,6 +100,7 @@ class Gallery:
         self.index.replace_all(self.store.load_templates(at=now))
         self._load_lists(self.store.memberships(at=now).next_expiry)
         self._version = version
+        self.readiness.checked()
         self._report_size()
 
     def _reload_memberships(self) -> None:
@@ -91,13 +109,23 @@ class Gallery:
         self.index.replace_watchlists(state.watchlists)
         self._load_lists(state.next_expiry)
 
-    def _forget_removed(self) -> None:
+    def _forget_removed(self) -> set[str]:
         """Drop from the index the subjects deleted or erased elsewhere, and re-read memberships: ids only, nothing
         decrypted, so they stop matching here even when the full reload that follows fails (e.g. a template key this
-        replica does not hold yet). Hold the write lock."""
-        for subject_id in self.index.subject_ids() - self.store.subject_ids():
+        replica does not hold yet). Returns the enrolled subject ids. Hold the write lock."""
+        enrolled = self.store.subject_ids()
+        for subject_id in self.index.subject_ids() - enrolled:
             self.index.remove_subject(subject_id)
         self._reload_memberships()
+        return enrolled
+
+    def erased(self, subject_id: str) -> None:
+        """An erasure notice: the subject leaves the index now, without the database (which may be unreachable), and
+        the replica stops matching until the next check of the database, right away, confirms the erasure."""
+        self.readiness.erasure_pending(subject_id)  # first: a reload already running may put the subject back
+        self.index.remove_subject(subject_id)
+        self._report_size()
+        self._wake.set()
 
     def _load_lists(self, next_expiry: datetime | None) -> None:
         thresholds = {record.name: watchlist_threshold(record) for record in self.store.list_watchlists()}
@@ -114,18 +142,32 @@ class Gallery:
             if self._stop.is_set():
                 return
             try:
-                with self._write_lock:
-                    if self.store.version() != self._version:
-                        self._forget_removed()
-                        self.reload()
-                        log.info("gallery reloaded after a change elsewhere", extra={"templates": self.index.size})
-                    elif self._next_expiry is not None and time.time() >= self._next_expiry:
-                        self._reload_memberships()
-                        log.info("watchlist memberships reloaded: one expired")
-            except Exception:  # noqa: BLE001 - a database hiccup must not stop the refresher
-                log.exception("gallery refresh failed; will retry")
+                self._check()
+                self._failures = 0
+            except Exception:  # noqa: BLE001 - a database hiccup must not stop the refresher; readiness tells
+                self._failures += 1
+                log.warning("gallery check failed; will retry", exc_info=True, extra={"failures": self._failures})
+
+    def _check(self) -> None:
+        """One check of the database: confirm pending erasures, catch up with changes made elsewhere, expire lists."""
+        pending = self.readiness.pending_erasures()
+        with self._write_lock:
+            version = self.store.version()
+            behind = version != self._version
+            enrolled = self._forget_removed() if behind or pending else None
+            # The erased subjects are gone from the index and the database says what else was removed: in step.
+            self.readiness.erasures_confirmed(pending)
+            self.readiness.checked()
+            if behind or (enrolled is not None and not enrolled.isdisjoint(pending)):
+                self.reload()  # an erased id enrolled again since: the database, not the notice, has the last word
+                log.info("gallery reloaded after a change elsewhere", extra={"templates": self.index.size})
+            elif self._next_expiry is not None and time.time() >= self._next_expiry:
+                self._reload_memberships()
+                log.info("watchlist memberships reloaded: one expired")
 
     def _until_next_check(self) -> float:
+        if self._failures:
+            return min(self._interval, _RETRY_FIRST_S * 2 ** (self._failures - 1))
         if self._next_expiry is None:
             return self._interval
         return max(0.0, min(self._interval, self._next_expiry - time.time()))
@@ -141,6 +183,7 @@ class Gallery:
         self._stop.set()
         self._wake.set()
         self._refresher.join(timeout=5)
+        self.readiness.close()
         self.store.close()
 
     # -- subjects ----------------------------------------------------------------------------------------------
@@ -212,6 +255,7 @@ class Gallery:
     # -- matching ----------------------------------------------------------------------------------------------
 
     def search(self, vectors: np.ndarray, top_k: int, watchlists: Sequence[str] = ()) -> list[list[types_pb2.MatchCandidate]]:  # noqa: E501
+        self.readiness.require()  # never match on an index that may still hold erased subjects
         results = self.index.search(vectors, top_k=top_k, watchlists=list(watchlists))
         thresholds = self._thresholds  # one snapshot for the whole batch
         return [[_candidate(c, thresholds) for c in candidates] for candidates in results]
@@ -223,6 +267,7 @@ class Gallery:
         return candidate.distance <= limit
 
     def verify(self, vector: np.ndarray, subject_id: str) -> types_pb2.Verification:
+        self.readiness.require()
         distance = self.index.verify(vector, subject_id)
         if distance is None:
             return types_pb2.Verification(subject_id=subject_id, subject_found=False, verified=False)

@@ -9,18 +9,29 @@ subject is exact.
 
 Concurrency: mutations take an ``RLock``. A search copies a handful of references under the lock (a ``_View``) and
 computes outside it, so searches run concurrently with each other (numpy releases the GIL in the matrix product) and
-with enrolments. That is safe because rows are only ever appended past the view's row count, or written to fresh
-arrays (growth, removal, ``replace_all``), never modified in place.
+with enrolments. That is safe because the rows a search may return are only ever appended past the view's row count,
+or written to fresh arrays (growth, compaction, ``replace_all``), never modified in place.
 
 Some subjects are for 1:1 verification only: a gate session's own template (``session-<id>``, names.py) is verified
 against the session's frames but must never turn up as a candidate of anyone's 1:N search. A search masks their rows
 out, as it masks out the subjects on none of the watchlists it is limited to.
+
+Removal frees memory. Removing a searchable subject (a deletion, an erasure) copies the remaining rows to fresh arrays
+at once, so its descriptors leave the index immediately. Session subjects come and go at the rate of gate sessions,
+and a copy of the whole gallery per session would be far too slow: their rows, which no search ever reads (they are
+masked out of every search, and ``verify`` reads rows under the lock), are zeroed in place and left as dead rows, and
+the index compacts (fresh arrays, fresh subject codes) once dead rows are a quarter of all rows. So the rows, the
+per-subject lists and the memory stay bounded by the live gallery, however many sessions pass.
+
+The masks of watchlist combinations are cached, least recently used first out, at most ``mask_cache_size`` of them
+(each is one byte per row): a stream may name any number of distinct watchlist sets.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -33,6 +44,11 @@ from sightline.matching.templates import EMBEDDING_DIM
 logger = logging.getLogger(__name__)
 
 _INITIAL_CAPACITY = 1024
+DEFAULT_MASK_CACHE_SIZE = 64
+# Dead (removed session) rows are compacted away once they are this share of all rows, and at least this many: the
+# copy then costs a few rows per removal, amortised, and dead rows never outnumber a third of the live ones.
+_COMPACT_DEAD_SHARE = 0.25
+_COMPACT_MIN_DEAD = 64
 
 
 @dataclass(frozen=True)
@@ -55,8 +71,23 @@ class IndexRecord(Protocol):
 
 
 @dataclass(frozen=True)
+class IndexStats:
+    """How much the index holds, for tests and metrics: live content, allocated rows and bytes, cached masks."""
+
+    templates: int  # live templates
+    subjects: int  # live subjects
+    rows: int  # rows in use, dead (removed, not yet compacted) ones included
+    dead_rows: int
+    capacity: int  # rows allocated
+    subject_slots: int  # per-subject entries (codes), dead ones included
+    cached_masks: int
+    nbytes: int  # bytes of the row arrays and cached masks
+
+
+@dataclass(frozen=True)
 class _View:
-    """What one search needs, captured under the lock; rows ``[:n]`` of the arrays never change afterwards."""
+    """What one search needs, captured under the lock; the rows ``[:n]`` it may return never change afterwards (a
+    removed verify-only subject's, which it never returns, may be zeroed)."""
 
     n: int
     matrix: np.ndarray
@@ -72,10 +103,15 @@ class _View:
 class SearchIndex:
     """Exact nearest-subject search over float32 templates; thread-safe."""
 
-    def __init__(self, dim: int = EMBEDDING_DIM, verify_only: Callable[[str], bool] = is_session_subject) -> None:
-        """``verify_only``: whether a subject id is for 1:1 verification only (never a 1:N candidate)."""
+    def __init__(self, dim: int = EMBEDDING_DIM, verify_only: Callable[[str], bool] = is_session_subject,
+                 mask_cache_size: int = DEFAULT_MASK_CACHE_SIZE) -> None:  # fmt: skip
+        """``verify_only``: whether a subject id is for 1:1 verification only (never a 1:N candidate);
+        ``mask_cache_size``: how many watchlist masks to keep between mutations (at least 1)."""
+        if mask_cache_size < 1:
+            raise ValueError(f"mask_cache_size must be at least 1, got {mask_cache_size}")
         self._dim = dim
         self._verify_only = verify_only
+        self._mask_cache_size = mask_cache_size
         self._lock = threading.RLock()
         self._reset()
 
@@ -112,23 +148,28 @@ class SearchIndex:
             self._masks.clear()
 
     def remove_subject(self, subject_id: str) -> int:
-        """Removes every template of the subject; returns how many were removed (0 if unknown)."""
+        """Removes every template of the subject; returns how many were removed (0 if unknown).
+
+        A searchable subject's rows leave at once (fresh arrays); a verify-only subject's rows are zeroed in place and
+        compacted away later (see the module docstring)."""
         with self._lock:
             code = self._code_of.pop(subject_id, None)
             if code is None:
                 return 0
             removed = self._count_of.pop(code)
-            self._verify_only_count -= not self._searchable_of[code]
-            keep = self._codes[: self._n] != code
-            self._tid_set.difference_update(self._tids[: self._n][~keep].tolist())
-            # Boolean indexing makes fresh arrays, so views held by running searches stay intact.
-            self._buf = self._buf[: self._n][keep]
-            self._sq = self._sq[: self._n][keep]
-            self._tids = self._tids[: self._n][keep]
-            self._codes = self._codes[: self._n][keep]
-            self._n -= removed
+            rows = np.flatnonzero(self._codes[: self._n] == code)
+            self._tid_set.difference_update(self._tids[rows].tolist())
             self._max_per_subject = max(self._count_of.values(), default=0)
             self._masks.clear()
+            if self._searchable_of[code]:
+                self._dead_rows += removed
+                self._compact()
+            else:
+                self._verify_only_count -= 1
+                self._buf[rows] = 0.0  # its descriptors leave memory now; only verify reads these rows, locked
+                self._dead_rows += removed
+                if self._dead_rows >= max(_COMPACT_MIN_DEAD, _COMPACT_DEAD_SHARE * self._n):
+                    self._compact()
             return removed
 
     # -- queries -----------------------------------------------------------------------------------------------
@@ -141,7 +182,15 @@ class SearchIndex:
     @property
     def size(self) -> int:
         """Number of templates."""
-        return self._n
+        return self._n - self._dead_rows
+
+    def stats(self) -> IndexStats:
+        with self._lock:
+            masks = sum(mask.nbytes for mask in self._masks.values())
+            arrays = sum(getattr(self, name).nbytes for name in ("_buf", "_sq", "_tids", "_codes"))
+            return IndexStats(templates=self._n - self._dead_rows, subjects=len(self._code_of), rows=self._n,
+                              dead_rows=self._dead_rows, capacity=len(self._buf), subject_slots=len(self._subject_of),
+                              cached_masks=len(self._masks), nbytes=arrays + masks)  # fmt: skip
 
     @property
     def subject_count(self) -> int:
@@ -156,7 +205,7 @@ class SearchIndex:
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
         probes = self._check_vectors(probe)
-        view = self._view(frozenset(watchlists), masked=True)
+        view = self._view(frozenset(watchlists))
         rows = np.arange(view.n) if view.row_mask is None else np.flatnonzero(view.row_mask)
         if rows.size == 0:
             return [[] for _ in range(len(probes))]
@@ -176,13 +225,12 @@ class SearchIndex:
         vector = self._check_vectors(probe)
         if len(vector) != 1:
             raise ValueError("verify takes a single probe vector")
-        with self._lock:
+        with self._lock:  # the subject's few rows are read under the lock: a verify-only row may be zeroed in place
             code = self._code_of.get(subject_id)
-            view = self._view(frozenset(), masked=False)
-        if code is None:
-            return None
-        segment = view.matrix[np.flatnonzero(view.codes[: view.n] == code)]
-        return float(np.sqrt(np.min(np.sum((segment - vector[0]) ** 2, axis=1))))
+            if code is None:
+                return None
+            segment = self._buf[np.flatnonzero(self._codes[: self._n] == code)]
+            return float(np.sqrt(np.min(np.sum((segment - vector[0]) ** 2, axis=1))))
 
     # -- internals ---------------------------------------------------------------------------------------------
 
@@ -200,8 +248,33 @@ class SearchIndex:
         self._watchlists_of: list[tuple[str, ...]] = []
         self._searchable_of: list[bool] = []
         self._verify_only_count = 0  # present subjects that are verify-only: without any, no search needs a mask
+        self._dead_rows = 0  # rows of removed subjects not compacted away yet: while any, every search needs a mask
         self._max_per_subject = 0
-        self._masks: dict[frozenset[str], np.ndarray] = {}
+        self._masks: OrderedDict[frozenset[str], np.ndarray] = OrderedDict()
+
+    def _compact(self) -> None:
+        """Fresh arrays and fresh subject codes holding the live rows only. Hold the lock."""
+        live_codes = sorted(self._count_of)
+        renumber = np.full(len(self._subject_of), -1, dtype=np.int64)
+        renumber[live_codes] = np.arange(len(live_codes))
+        keep = renumber[self._codes[: self._n]] >= 0
+        live = int(np.count_nonzero(keep))
+        capacity = max(live + live // 4, _INITIAL_CAPACITY)
+        for name, values in (("_buf", self._buf), ("_sq", self._sq), ("_tids", self._tids)):
+            fresh = np.empty((capacity, *values.shape[1:]), dtype=values.dtype)
+            fresh[:live] = values[: self._n][keep]
+            setattr(self, name, fresh)
+        codes = np.empty(capacity, dtype=np.int64)
+        codes[:live] = renumber[self._codes[: self._n][keep]]
+        self._codes = codes
+        # Fresh lists too: running searches keep the ones their views captured.
+        self._subject_of = [self._subject_of[code] for code in live_codes]
+        self._watchlists_of = [self._watchlists_of[code] for code in live_codes]
+        self._searchable_of = [self._searchable_of[code] for code in live_codes]
+        self._code_of = {subject: index for index, subject in enumerate(self._subject_of)}
+        self._count_of = {int(renumber[code]): count for code, count in self._count_of.items()}
+        self._n, self._dead_rows = live, 0
+        self._masks.clear()
 
     def _append(self, template_id: int, subject_id: str, vector: np.ndarray, watchlists: Sequence[str]) -> bool:
         if template_id in self._tid_set:
@@ -238,8 +311,8 @@ class SearchIndex:
             new[: self._n] = old[: self._n]
             setattr(self, name, new)
 
-    def _view(self, watchlists: frozenset[str], masked: bool) -> _View:
-        """The arrays as they are now; ``masked``: with the rows a 1:N search on ``watchlists`` may return."""
+    def _view(self, watchlists: frozenset[str]) -> _View:
+        """The arrays as they are now, with the rows a 1:N search on ``watchlists`` may return."""
         with self._lock:
             return _View(
                 n=self._n,
@@ -250,22 +323,28 @@ class SearchIndex:
                 subject_of=self._subject_of,
                 watchlists_of=self._watchlists_of,
                 max_per_subject=max(self._max_per_subject, 1),
-                row_mask=self._row_mask(watchlists) if masked else None,
+                row_mask=self._row_mask(watchlists),
             )
 
     def _row_mask(self, watchlists: frozenset[str]) -> np.ndarray | None:
-        """Rows a 1:N search may return: a searchable subject's, on any of ``watchlists`` when there are some; None
-        for every row. Cached until the next mutation."""
-        if not watchlists and not self._verify_only_count:
+        """Rows a 1:N search may return: a live searchable subject's, on any of ``watchlists`` when there are some;
+        None for every row. Cached until the next mutation, the least recently used dropped past the cache size."""
+        if not watchlists and not self._verify_only_count and not self._dead_rows:
             return None
         mask = self._masks.get(watchlists)
-        if mask is None:
-            eligible = np.fromiter(self._searchable_of, bool, len(self._searchable_of))
-            if watchlists:
-                eligible &= np.fromiter(
-                    (not watchlists.isdisjoint(names) for names in self._watchlists_of), bool, len(self._watchlists_of)
-                )
-            mask = self._masks[watchlists] = eligible[self._codes[: self._n]]
+        if mask is not None:
+            self._masks.move_to_end(watchlists)
+            return mask
+        # Dead rows are always a removed verify-only subject's (a searchable one's are compacted away at once), so
+        # ``_searchable_of`` already leaves them out.
+        eligible = np.fromiter(self._searchable_of, bool, len(self._searchable_of))
+        if watchlists:
+            eligible &= np.fromiter(
+                (not watchlists.isdisjoint(names) for names in self._watchlists_of), bool, len(self._watchlists_of)
+            )
+        mask = self._masks[watchlists] = eligible[self._codes[: self._n]]
+        while len(self._masks) > self._mask_cache_size:
+            self._masks.popitem(last=False)
         return mask
 
     def _check_vectors(self, probe: np.ndarray | None) -> np.ndarray:

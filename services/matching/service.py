@@ -6,6 +6,10 @@ leaves nothing behind once the short-retention topics expire. Stream searches ar
 (``stream_audit.py``). Request path: ``GalleryService`` (enrol, delete, erase, list, verify, search), which calls
 detection and embedding over gRPC, and ``WatchlistService`` (``watchlists.py``); every call that touches a person's
 data is audited (``audit_trail.py``) in the audit chain matching shares with decision.
+
+Every replica also reads the erasure notices (``erasure_listener.py``) and matches only while in step with the
+gallery database (``readiness.py``): otherwise searches are UNAVAILABLE, stream frames fail with ``GalleryUnavailable``
+(to be retried, not matched) and gRPC health is NOT_SERVING.
 """
 
 from __future__ import annotations
@@ -16,7 +20,14 @@ import grpc
 import numpy as np
 
 from sightline.common import codec, telemetry
-from sightline.common.audit import Action, AuditLog, TopicPublisher, audit_topic_publisher, principal_of
+from sightline.common.audit import (
+    MAX_DETAIL_CHARS,
+    Action,
+    AuditLog,
+    TopicPublisher,
+    audit_topic_publisher,
+    principal_of,
+)
 from sightline.common.config import KafkaSettings
 from sightline.common.rpc import InvalidInput, NotFound, rpc_errors
 from sightline.common.runtime import Servicer, run_service
@@ -35,6 +46,7 @@ from sightline.matching.audit_trail import (
 )
 from sightline.matching.enrolment import quality_failures, rejection_reason
 from sightline.matching.erasure import ErasureNotifier, erasure_notice, erasure_publisher
+from sightline.matching.erasure_listener import ErasureListener
 from sightline.matching.gallery import Gallery
 from sightline.matching.names import (
     check_enrolled_subject_id,
@@ -62,6 +74,11 @@ def match_frame(gallery: Gallery, top_k: int, event: InputEvent,
     """The stream stage: 1:N candidates for every face, plus a 1:1 verification when the frame carries a claim."""
     embedded = codec.parse(events_pb2.FacesEmbedded, event.value)
     frame = embedded.frame
+    if len(frame.source_id) > MAX_DETAIL_CHARS:
+        # The stream-search audit record names the source: a search it cannot record must not happen. Capture's API
+        # refuses such ids (limits.py); this is for frames some other producer wrote.
+        raise codec.MalformedEvent(f"the frame's source_id is longer than {MAX_DETAIL_CHARS} characters, too long "
+                                   "to be audited: not searched")  # fmt: skip
     result = events_pb2.MatchResult(frame=frame, model_name=embedded.model_name,
                                     model_version=embedded.model_version)  # fmt: skip
     within_threshold = 0
@@ -224,6 +241,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
     @audits_refusals(Action.VERIFY, VERIFY_PURPOSE)
     def Verify(self, request: gallery_pb2.VerifyRequest, context: grpc.ServicerContext) -> gallery_pb2.VerifyResponse:
         subject_id = check_subject_id(request.subject_id)
+        self._gallery.readiness.require()  # before calling detection and embedding for nothing
         if self._gallery.store.get_subject(subject_id) is None:
             raise NotFound(f"subject {subject_id!r} is not enrolled")
         probe = self._probe(request.probe_image, context)
@@ -239,6 +257,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
     @audits_refusals(Action.SEARCH, SEARCH_PURPOSE)
     def Search(self, request: gallery_pb2.SearchRequest, context: grpc.ServicerContext) -> gallery_pb2.SearchResponse:
         watchlists = [check_watchlist_name(request.watchlist)] if request.watchlist else []
+        self._gallery.readiness.require()  # before calling detection and embedding for nothing
         probe = self._probe(request.probe_image, context)
         top_k = request.top_k or self._settings.top_k
         candidates = self._gallery.search(probe.vector[None, :], top_k, watchlists)[0]
@@ -265,7 +284,8 @@ def open_gallery(settings: MatchingSettings) -> Gallery:
     old_keys = settings.previous_template_keys.get_secret_value() if settings.previous_template_keys else ""
     cipher = TemplateCipher.from_base64(settings.template_key.get_secret_value(), settings.template_key_id, old_keys)
     store = GalleryStore.open(settings.database_url.get_secret_value(), cipher)
-    return Gallery(store, settings.match_max_distance, settings.refresh_interval_s)
+    return Gallery(store, settings.match_max_distance, settings.refresh_interval_s,
+                   max_staleness_s=settings.max_staleness_s, mask_cache_size=settings.mask_cache_size)
 
 
 def main() -> None:
@@ -285,11 +305,14 @@ def main() -> None:
     ]  # fmt: skip
     stage = Stage(SERVICE, EMBEDDINGS, [MATCHES],
                   one_at_a_time(lambda event: match_frame(gallery, settings.top_k, event, stream_audit)))  # fmt: skip
+    erasures = ErasureListener(kafka, gallery.erased).start()  # every replica hears every erasure notice
 
     def close() -> None:
+        erasures.close()
         stream_audit.close()  # the last stream-search records, before the log closes
         gallery.close()
         publisher.close()
         audit.close()
 
-    run_service(SERVICE, settings, kafka, servicers, [stage], on_stop=close, audit=audit)
+    run_service(SERVICE, settings, kafka, servicers, [stage], on_stop=close, audit=audit,
+                on_serving=lambda server: gallery.readiness.subscribe(server.set_serving))  # NOT_SERVING when behind

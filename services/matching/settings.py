@@ -45,6 +45,16 @@ class MatchingSettings(ServiceSettings):
     refresh_interval_s: float = Field(
         2.0, gt=0, description="How often the search index checks the database for changes made by other replicas."
     )
+    max_staleness_s: float = Field(
+        10.0, gt=0, description="A replica that has not confirmed it is in step with the gallery database for "
+        "refresh_interval_s plus this long (database unreachable) stops matching: searches and verifications are "
+        "UNAVAILABLE, stream frames are retried, health is NOT_SERVING, until a check succeeds (it may have missed "
+        "erasures). An erasure notice stops it at once until the database confirms the erasure.",
+    )
+    mask_cache_size: int = Field(
+        64, ge=1, description="Watchlist masks the search index keeps (least recently used dropped first); each "
+        "takes one byte per template.",
+    )
     max_enroll_images: int = Field(20, ge=1, description="Most images accepted by one Enroll call.")
     stream_audit_interval_s: float = Field(
         60.0, gt=0, description="Stream searches are audited in aggregate: one STREAM_SEARCH record per source per "

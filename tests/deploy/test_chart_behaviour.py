@@ -243,6 +243,7 @@ def test_scrape_annotations_or_service_monitor(helm: str) -> None:
 DASHBOARD_METRICS = {
     "sightline_events_processed_total",
     "sightline_events_failed_total",
+    "sightline_stage_retries_total",
     "sightline_events_deadlettered_total",
     "sightline_events_published_total",
     "sightline_stage_latency_seconds",
@@ -584,3 +585,23 @@ def test_callers_may_send_their_tokens_in_clear_text_only_without_tls(helm: str)
     for sets in (VARIANTS["tls"], []):
         r = render(helm, sets, [] if sets else ["auth.enabled=false"])  # TLS on; or no tokens to protect
         assert not any(allowed in env_values(r, svc) for svc in SERVICES)
+
+
+def test_capture_source_policy_is_deny_by_default_and_reaches_capture_as_it_reads_it(
+        helm: str, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The chart's env lines are parsed by capture's own settings: nothing is allowed unless the values say so."""
+    from sightline.capture.settings import CaptureSettings
+
+    def settings(r: object) -> CaptureSettings:
+        for name, entry in env_values(r, "capture").items():
+            if name.startswith("SIGHTLINE_CAPTURE_") and "value" in entry:
+                monkeypatch.setenv(name, entry["value"])
+        return CaptureSettings()
+
+    closed = settings(render(helm, []))
+    assert closed.allowed_roots == [] and closed.allowed_schemes == [] and closed.allowed_hosts == []
+    opened = settings(render(helm, [], ["capture.sourcePolicy.allowedRoots={/data/frames}",
+                                        "capture.sourcePolicy.allowedSchemes={rtsp}",
+                                        "capture.sourcePolicy.allowedHosts={10.20.0.0/16}"]))  # fmt: skip
+    assert [str(p) for p in opened.allowed_roots] == ["/data/frames"]
+    assert opened.allowed_schemes == ["rtsp"] and opened.allowed_hosts == ["10.20.0.0/16"]

@@ -75,11 +75,16 @@ def test_deployments_have_grpc_probes_on_the_grpc_port(rendered: Rendered) -> No
         (c,) = d["spec"]["template"]["spec"]["containers"]
         port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            # Liveness asks whether the process is alive, not ready: a replica waiting for its database is not killed.
+            service = ["sightline.liveness"] if probe == "livenessProbe" else []
             if tls:
                 command = c.get(probe, {}).get("exec", {}).get("command")
-                assert command == ["python", "-m", "sightline.common.healthcheck", str(port)], f"{svc}: {probe}"
+                expected = ["python", "-m", "sightline.common.healthcheck", str(port), *service]
+                assert command == expected, f"{svc}: {probe}"
             else:
-                assert c.get(probe, {}).get("grpc", {}).get("port") == port, f"{svc}: {probe}: no grpc probe on {port}"
+                handler = c.get(probe, {}).get("grpc", {})
+                assert handler.get("port") == port, f"{svc}: {probe}: no grpc probe on {port}"
+                assert ([handler["service"]] if "service" in handler else []) == service, f"{svc}: {probe}: {handler}"
 
 
 def test_images_are_pinned(rendered: Rendered) -> None:
@@ -164,6 +169,7 @@ def test_secret_references_resolve(rendered: Rendered) -> None:
         values["matching"]["templateKey"]["previousKeys"]["existingSecret"],
         values["capture"]["sources"]["existingSecret"],
         values["auth"]["existingSecret"],
+        values["audit"]["keys"]["existingSecret"],
     } - {""}
     for doc, spec in workloads(rendered):
         for c in containers(spec):

@@ -11,6 +11,7 @@ whatever it committed (or, if it committed nothing, anything on the topic) count
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,6 +68,7 @@ def photos(tmp_path: Path, face_photos: Path) -> Path:
 
 @contextmanager
 def opened_capture(kafka: KafkaSettings, **settings: Any) -> Iterator[Capture]:
+    settings.setdefault("allowed_roots", [Path(tempfile.gettempdir()).resolve()])  # where the photos fixture is
     capture = Capture(CaptureSettings(backpressure_refresh_s=0.1, **settings), kafka)
     try:
         yield capture

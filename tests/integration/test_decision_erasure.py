@@ -16,7 +16,7 @@ from sightline.common.bus import make_producer
 from sightline.common.config import KafkaSettings
 from sightline.common.localstack import LocalStack
 from sightline.common.rpc import channel
-from sightline.common.topics import DECISIONS, ERASURES, MATCHES
+from sightline.common.topics import ALERTS, DECISIONS, ERASURES, MATCHES
 from sightline.v1 import audit_pb2, audit_pb2_grpc, events_pb2, review_pb2, review_pb2_grpc
 from test_review_flow import alert_events, kafka, match_result, wait_for  # noqa: F401 - kafka: a fixture
 
@@ -105,10 +105,16 @@ def test_an_erasure_notice_removes_the_subjects_alerts_reviews_and_feedback(stac
     assert replayed.result == "erased: 0 alerts, 0 suppressions, 0 sessions"
     assert replayed.details["reference"] == "DSAR-2026-0117"
 
-    # A frame seen before the erasure whose result arrives after it (a backlog on the matches topic) raises no alert.
+    # A frame seen before the erasure whose result arrives after it (a backlog on the matches topic) raises no alert,
+    # and its decision, naming the subject, is not published; a later frame of the same camera (same partition, so
+    # decided after them) marks the point by which they were handled.
     raise_alert(kafka, "cam-x3", ERASED, erasure.erased_at.seconds - 10)
-    wait_for(kafka, DECISIONS.name, events_pb2.Decision.FromString,
-             lambda seen: {d.frame.sequence for d in seen if d.frame.source_id == "cam-x3"} >= {1, 2})
+    publish(kafka, MATCHES.name, "cam-x3", [match_result("cam-x3", 3, time.time(), KEPT)])
+    seen = wait_for(kafka, DECISIONS.name, events_pb2.Decision.FromString,
+                    lambda seen: any(d.frame.frame_id == "cam-x3:3" for d in seen))
+    assert [d.subject_id for d in seen if d.frame.source_id == "cam-x3"] == [KEPT]
+    alerts = wait_for(kafka, ALERTS.name, events_pb2.Alert.FromString, lambda seen: True)
+    assert not [a for a in alerts if a.source_id == "cam-x3"]
     listed = review.ListAlerts(review_pb2.ListAlertsRequest(page_size=100), timeout=10).alerts
     assert [a.alert.subject_id for a in listed] == [KEPT]
     assert audit.VerifyChain(audit_pb2.VerifyChainRequest(), timeout=10).intact

@@ -243,7 +243,9 @@ def test_review_and_audit_commands(stack: LocalStack, kafka: KafkaSettings, tmp_
     with sqlite3.connect(copy) as conn:
         conn.execute("DROP TRIGGER audit_records_no_update")
         conn.execute("UPDATE audit_records SET principal = 'mallory' WHERE sequence = 2")
-    broken = sightline("audit", "verify", "--database-url", f"sqlite:///{copy}")
+    # The keyring stays with the stack: the copy's records are checked against the key they were written with.
+    broken = sightline("audit", "verify", "--database-url", f"sqlite:///{copy}", "--keys-file",
+                       str(stack.run_dir / "audit.keys"))  # fmt: skip
     assert broken.returncode == 1 and "BROKEN at record 2" in broken.stdout
     missing = sightline("audit", "verify", "--database-url", f"sqlite:///{tmp_path / 'none.db'}")
     assert missing.returncode == 2 and "no audit log" in missing.stderr

@@ -152,7 +152,9 @@ def traced_frames(stack: LocalStack, face_photos: Path, tmp_path_factory: pytest
     folder = tmp_path_factory.mktemp("frames")
     for index, name in enumerate(PHOTOS, 1):
         (folder / f"{index:03d}-{name}").write_bytes((face_photos / name).read_bytes())
-    (folder / "005-broken.jpg").write_bytes(b"this is not an image")  # detection dead-letters it
+    # Starts like a JPEG, so capture passes it on and detection dead-letters it (capture itself withholds a file
+    # that does not even start like an image).
+    (folder / "005-broken.jpg").write_bytes(b"\xff\xd8\xff\xdb" + bytes(17))
     kafka = KafkaSettings(bootstrap_servers=stack.bootstrap_servers)
     since = int(time.time() * 1000) - 1000
     final = ingest(str(folder), source_id=SOURCE, no_pacing=True, address=stack.addresses["capture"], progress=False)
@@ -223,7 +225,8 @@ def test_with_the_console_exporter_a_service_starts_serves_and_exports(stack: Lo
     port, log_path = free_port(HOST), tmp_path / "capture.log"
     env = {**os.environ, "SIGHTLINE_TRACING_EXPORTER": "console",
            "SIGHTLINE_KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap_servers, "SIGHTLINE_CAPTURE_GRPC_HOST": HOST, "SIGHTLINE_CAPTURE_GRPC_PORT": str(port),
-           "SIGHTLINE_CAPTURE_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+           "SIGHTLINE_CAPTURE_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1",
+           "SIGHTLINE_CAPTURE_ALLOWED_ROOTS": json.dumps([str(face_photos)])}  # fmt: skip
     with log_path.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "sightline.capture"], env=env, stdin=subprocess.DEVNULL,
                                    stdout=out, stderr=subprocess.STDOUT)  # fmt: skip

@@ -1,21 +1,35 @@
-"""The audit log on real databases: appends chain, verify finds an edit by its sequence, triggers refuse changes.
+"""The audit log on real databases: appends chain and carry MACs, verify finds an edit by its sequence, triggers
+refuse changes, and a real forger (database access, no key) who recomputes every hash is caught.
 
 Every test runs on a SQLite file and, marked ``postgres``, on PostgreSQL (a schema of its own in the session's
-throwaway database; skipped, saying so, when no server is reachable).
+throwaway database; skipped, saying so, when no server is reachable). Checkpoints are checked here against an
+in-process sink; tests/integration/test_audit_checkpoints.py runs them through the real broker and the CLI.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sightline.common.audit import GENESIS_HASH, Action, AuditError, AuditLog, AuditRecord
+from sightline.common.audit import (
+    GENESIS_HASH,
+    Action,
+    AuditError,
+    AuditLog,
+    AuditRecord,
+    AuditSettings,
+    chain_hash,
+)
+from sightline.common.audit_checkpoints import AuditCheckpointSettings, Checkpoint, check_against
+from sightline.common.audit_keys import AuditKeyError, AuditKeyring, AuditKeySettings, new_entry
 from sightline.v1 import audit_pb2
 
 # -- fixtures ----------------------------------------------------------------------------------------------------
@@ -30,24 +44,43 @@ def opened() -> Iterator[list[AuditLog]]:
 
 
 @pytest.fixture()
-def audit(store_url: str, opened: list[AuditLog]) -> AuditLog:
-    log = AuditLog.open(store_url)
-    opened.append(log)
-    return log
+def key_entry() -> str:
+    """The services' audit key, 'k1:BASE64': a secret the database never holds (and the forger below never has)."""
+    return new_entry("k1")
 
 
-def raw(store_url: str, statement: str) -> list[Any]:
-    """Run SQL straight on the database, as someone with a database client would."""
+@pytest.fixture()
+def keyring(key_entry: str) -> AuditKeyring:
+    return AuditKeyring.parse(key_entry)
+
+
+@pytest.fixture()
+def open_log(opened: list[AuditLog], keyring: AuditKeyring) -> Callable[..., AuditLog]:
+    def opener(url: str, **options: Any) -> AuditLog:
+        log = AuditLog.open(url, keyring=options.pop("keyring", keyring), **options)
+        opened.append(log)
+        return log
+
+    return opener
+
+
+@pytest.fixture()
+def audit(store_url: str, open_log: Callable[..., AuditLog]) -> AuditLog:
+    return open_log(store_url)
+
+
+def raw(store_url: str, statement: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    """Run SQL straight on the database, as someone with a database client would (``?`` placeholders)."""
     if store_url.startswith("sqlite:///"):
         conn = sqlite3.connect(store_url[len("sqlite:///") :], isolation_level=None)
         try:
-            return conn.execute(statement).fetchall()
+            return conn.execute(statement, params).fetchall()
         finally:
             conn.close()
     import psycopg
 
     with psycopg.connect(store_url, autocommit=True) as conn:
-        cur = conn.execute(statement)
+        cur = conn.execute(statement.replace("?", "%s"), params)  # type: ignore[arg-type]
         return cur.fetchall() if cur.description else []
 
 
@@ -59,6 +92,75 @@ def drop_append_only_triggers(store_url: str) -> None:
     else:
         raw(store_url, "DROP TRIGGER audit_records_append_only ON audit_records")
         raw(store_url, "DROP TRIGGER audit_chain_head_forward ON audit_chain_head")
+
+
+_ROW = "sequence, at, principal, action, subject_id, purpose, result, details, prev_hash, hash, key_id, mac"
+
+
+class Forger:
+    """Someone who can write the audit database (a DBA, a stolen backup restored) but does not hold the audit key.
+
+    They drop the triggers, rewrite rows as they please and recompute every SHA-256 hash exactly as the documented
+    scheme says (docs/review-and-audit.md), with their own code, then move the chain head to match."""
+
+    def __init__(self, store_url: str) -> None:
+        self.url = store_url
+
+    def rows(self) -> list[dict[str, Any]]:
+        names = [n.strip() for n in _ROW.split(",")]
+        return [dict(zip(names, row, strict=True)) for row in
+                raw(self.url, f"SELECT {_ROW} FROM audit_records ORDER BY sequence")]  # fmt: skip
+
+    def rewrite(self, rows: list[dict[str, Any]]) -> None:
+        """Store ``rows`` as the whole chain: renumbered 1.., every hash recomputed, the head at the last one."""
+        drop_append_only_triggers(self.url)
+        prev = GENESIS_HASH
+        raw(self.url, "DELETE FROM audit_records")
+        for number, row in enumerate(rows, start=1):
+            row = {**row, "sequence": number, "prev_hash": prev}
+            row["hash"] = prev = self.sha256(row)
+            raw(self.url, f"INSERT INTO audit_records ({_ROW}) VALUES ({', '.join('?' * 12)})",
+                tuple(row[name.strip()] for name in _ROW.split(",")))  # fmt: skip
+        raw(self.url, "UPDATE audit_chain_head SET sequence = ?, hash = ? WHERE id = 1", (len(rows), prev))
+
+    @staticmethod
+    def sha256(row: dict[str, Any]) -> str:
+        document = {key: row[key] for key in ("sequence", "at", "principal", "action", "subject_id", "purpose",
+                                              "result")}  # fmt: skip
+        document["details"] = json.loads(row["details"])
+        canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return hashlib.sha256(row["prev_hash"].encode("ascii") + b"\n" + canonical).hexdigest()
+
+    def truncate(self, keep: int) -> None:
+        """Cut the newest records off and move the head back: nothing to recompute, every MAC left is genuine."""
+        drop_append_only_triggers(self.url)
+        (digest,) = raw(self.url, "SELECT hash FROM audit_records WHERE sequence = ?", (keep,))[0]
+        raw(self.url, "DELETE FROM audit_records WHERE sequence > ?", (keep,))
+        raw(self.url, "UPDATE audit_chain_head SET sequence = ?, hash = ? WHERE id = 1", (keep, digest))
+
+
+def hash_chain_is_perfect(audit: AuditLog) -> bool:
+    """What the SHA-256 chain alone can tell (all the old `audit verify` could): every hash and link is right."""
+    records, prev = audit.records(limit=10_000), GENESIS_HASH
+    for number, record in enumerate(records, start=1):
+        if (record.sequence, record.prev_hash) != (number, prev) or chain_hash(prev, record.canonical()) != record.hash:
+            return False
+        prev = record.hash
+    return audit.head() == (len(records), prev)
+
+
+class ListSink:
+    """A checkpoint sink that keeps what it is given (the integration test uses the audit topic itself)."""
+
+    def __init__(self) -> None:
+        self.records: list[AuditRecord] = []
+        self.checkpoints: list[tuple[Checkpoint, bool]] = []
+
+    def __call__(self, record: AuditRecord) -> None:
+        self.records.append(record)
+
+    def checkpoint(self, checkpoint: Checkpoint, wait: bool) -> None:
+        self.checkpoints.append((checkpoint, wait))
 
 
 def fill(audit: AuditLog, count: int) -> list[AuditRecord]:
@@ -99,14 +201,84 @@ def test_an_edited_record_is_found_by_its_sequence(store_url: str, audit: AuditL
     assert "record 3" in report.reason and "changed" in report.reason
 
 
-def test_an_edit_with_a_recomputed_hash_breaks_the_next_link(store_url: str, audit: AuditLog) -> None:
-    records = fill(audit, 4)
-    drop_append_only_triggers(store_url)
-    # A forger who recomputes record 2's hash still cannot make record 3 point at it.
-    raw(store_url, f"UPDATE audit_records SET principal = 'someone-else', hash = '{'a' * 64}' WHERE sequence = 2")
+def test_a_forger_who_recomputes_every_hash_is_caught_by_the_macs(
+        store_url: str, audit: AuditLog, key_entry: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """A reviewer's name changed and an ERASE record deleted, the rest renumbered, every hash recomputed: the
+    SHA-256 chain is perfect again (the old verify said intact), but without the key the MACs cannot follow."""
+    from sightline.cli.main import main
+
+    fill(audit, 2)
+    audit.append("reviewer-a", Action.REVIEW, "alert-1", "human-review", "CONFIRMED", {"alert_id": "alert-1"})
+    audit.append("service:matching", Action.ERASE, "subject-7", "erasure-request", "ok", {"reference": "case-9"})
+    fill(audit, 2)
+    forger = Forger(store_url)
+    rows = [row for row in forger.rows() if row["action"] != "ERASE"]
+    rows[2]["principal"] = "reviewer-b"
+    forger.rewrite(rows)
+    assert hash_chain_is_perfect(audit) and audit.head()[0] == 5  # the forgery is complete as far as hashes go
     report = audit.verify()
-    assert report.first_broken_sequence == 2  # its own hash no longer matches its content
-    raw(store_url, f"UPDATE audit_records SET principal = 'officer-1', hash = '{records[1].hash}' WHERE sequence = 2")
+    assert not report.intact and report.first_broken_sequence == 3 and report.records_checked == 2
+    assert "MAC" in report.reason and "without the audit key" in report.reason
+    (tmp_path / "ring").write_text(key_entry + "\n")  # the auditor's copy of the keyring
+    assert main(["audit", "verify", "--database-url", store_url, "--keys-file", str(tmp_path / "ring")]) == 1
+    assert "BROKEN at record 3" in capsys.readouterr().out
+
+
+def test_a_forger_who_deletes_a_record_and_recomputes_is_caught_at_the_first_moved_one(
+        store_url: str, audit: AuditLog) -> None:  # fmt: skip
+    fill(audit, 3)
+    audit.append("service:matching", Action.ERASE, "subject-7", "erasure-request", "ok")
+    fill(audit, 3)
+    forger = Forger(store_url)
+    forger.rewrite([row for row in forger.rows() if row["action"] != "ERASE"])
+    assert hash_chain_is_perfect(audit)
+    report = audit.verify()
+    assert report.first_broken_sequence == 4 and "MAC" in report.reason  # record 5, renumbered 4, moved
+
+
+def test_stripping_the_macs_is_caught(store_url: str, audit: AuditLog) -> None:
+    """Blanking key id and MAC would make records look older than authentication: only --legacy-until allows that."""
+    fill(audit, 3)
+    forger = Forger(store_url)
+    rows = forger.rows()
+    for row in rows:
+        row.update(key_id="", mac="", result="refused")
+    forger.rewrite(rows)
+    report = audit.verify()
+    assert report.first_broken_sequence == 1 and "carries no MAC" in report.reason
+
+
+def test_a_forged_mac_with_another_key_is_caught(store_url: str, audit: AuditLog) -> None:
+    """A forger who makes up their own key (even under the real key id) signs nothing the keyring accepts."""
+    fill(audit, 2)
+    forger, theirs = Forger(store_url), AuditKeyring.parse(new_entry("k1"))
+    rows = forger.rows()
+    rows[1]["principal"] = "someone-else"
+    forger.rewrite(rows)
+    from sightline.common.audit import canonical_bytes, mac_bytes, parse_time
+
+    row = forger.rows()[1]
+    canonical = canonical_bytes(2, parse_time(row["at"]), row["principal"], row["action"], row["subject_id"],
+                                row["purpose"], row["result"], json.loads(row["details"]))  # fmt: skip
+    raw(store_url, "UPDATE audit_records SET mac = ? WHERE sequence = 2",
+        (theirs.mac("k1", mac_bytes("k1", row["prev_hash"], canonical)),))  # fmt: skip
+    report = audit.verify()
+    assert report.first_broken_sequence == 2 and "MAC" in report.reason
+
+
+def test_an_edit_with_one_recomputed_hash_fails_its_mac_and_undoing_it_restores_the_chain(
+        store_url: str, audit: AuditLog) -> None:  # fmt: skip
+    records = fill(audit, 4)
+    forger = Forger(store_url)
+    rows = forger.rows()
+    rows[1]["principal"] = "someone-else"
+    drop_append_only_triggers(store_url)
+    raw(store_url, "UPDATE audit_records SET principal = ?, hash = ? WHERE sequence = 2",
+        ("someone-else", forger.sha256(rows[1])))  # fmt: skip
+    report = audit.verify()  # its hash is right again; its MAC is not (and record 3 still links to the old hash)
+    assert report.first_broken_sequence == 2 and "MAC" in report.reason
+    raw(store_url, "UPDATE audit_records SET principal = 'officer-1', hash = ? WHERE sequence = 2", (records[1].hash,))
     assert audit.verify().intact
     raw(store_url, "UPDATE audit_records SET details = '{\"candidates\":\"9\",\"watchlist\":\"wl\"}' WHERE sequence = 4")
     assert audit.verify().first_broken_sequence == 4
@@ -145,10 +317,9 @@ def test_the_database_refuses_update_and_delete(store_url: str, audit: AuditLog)
     assert audit.verify().intact and len(audit.records()) == 2
 
 
-def test_concurrent_writers_share_one_chain(store_url: str, opened: list[AuditLog]) -> None:
+def test_concurrent_writers_share_one_chain(store_url: str, open_log: Callable[..., AuditLog]) -> None:
     """Threads of one process, and two logs on one database (as two replicas would be), append without a gap."""
-    logs = [AuditLog.open(store_url), AuditLog.open(store_url)]
-    opened.extend(logs)
+    logs = [open_log(store_url), open_log(store_url)]
     errors: list[BaseException] = []
 
     def work(log: AuditLog, worker: int) -> None:
@@ -169,9 +340,9 @@ def test_concurrent_writers_share_one_chain(store_url: str, opened: list[AuditLo
     assert report.intact and report.records_checked == 60
 
 
-def test_verifying_a_live_log_while_another_replica_appends_is_intact(store_url: str, opened: list[AuditLog]) -> None:
-    writer, reader = AuditLog.open(store_url), AuditLog.open(store_url)
-    opened.extend([writer, reader])
+def test_verifying_a_live_log_while_another_replica_appends_is_intact(
+        store_url: str, open_log: Callable[..., AuditLog]) -> None:  # fmt: skip
+    writer, reader = open_log(store_url), open_log(store_url)
     fill(writer, 20)
     stop, reports = threading.Event(), []
 
@@ -220,10 +391,10 @@ def test_face_data_and_unknown_actions_are_refused(audit: AuditLog) -> None:
     assert audit.head()[0] == 0  # nothing refused was written
 
 
-def test_each_record_is_published_and_a_failing_publisher_loses_nothing(store_url: str, opened: list[AuditLog]) -> None:
+def test_each_record_is_published_and_a_failing_publisher_loses_nothing(
+        store_url: str, open_log: Callable[..., AuditLog]) -> None:  # fmt: skip
     seen: list[AuditRecord] = []
-    log = AuditLog.open(store_url, publish=seen.append)
-    opened.append(log)
+    log = open_log(store_url, publish=seen.append)
     record = log.append("p", Action.ERASE, "s1", "erasure-request", "ok", {"templates": 3})
     assert seen == [record]
     message = record.to_proto()
@@ -234,17 +405,16 @@ def test_each_record_is_published_and_a_failing_publisher_loses_nothing(store_ur
     def broken(_: AuditRecord) -> None:
         raise ConnectionError("broker down")
 
-    failing = AuditLog.open(store_url, publish=broken)
-    opened.append(failing)
+    failing = open_log(store_url, publish=broken)
     failing.append("p", Action.DELETE, "s1")
     assert log.verify().intact and log.head()[0] == 2
 
 
-def test_opening_without_create_needs_an_existing_log(tmp_path: Path) -> None:
+def test_opening_without_create_needs_an_existing_log(tmp_path: Path, keyring: AuditKeyring) -> None:
     with pytest.raises(AuditError, match="no audit log"):
-        AuditLog.open(f"sqlite:///{tmp_path / 'nothing.db'}", create=False)
+        AuditLog.open(f"sqlite:///{tmp_path / 'nothing.db'}", create=False, keyring=keyring)
     with pytest.raises(AuditError, match="unsupported audit URL"):
-        AuditLog.open("mysql://host/db")
+        AuditLog.open("mysql://host/db", keyring=keyring)
 
 
 def test_every_action_has_its_number_on_the_audit_topic() -> None:
@@ -253,3 +423,262 @@ def test_every_action_has_its_number_on_the_audit_topic() -> None:
 
     names = {name.removeprefix("AUDIT_ACTION_") for name in audit_pb2.AuditAction.keys()} - {"UNSPECIFIED"}
     assert names == {action.value for action in Action}
+
+
+# -- keys: rotation, unknown ids, where they come from ------------------------------------------------------------
+
+
+def test_rotation_signs_new_records_with_the_new_key_and_old_ones_verify_with_theirs(
+        store_url: str, open_log: Callable[..., AuditLog]) -> None:  # fmt: skip
+    k1, k2 = new_entry("k1"), new_entry("k2")
+    before = open_log(store_url, keyring=AuditKeyring.parse(k1))
+    fill(before, 3)
+    after = open_log(store_url, keyring=AuditKeyring.parse(f"{k1}\n{k2}"))  # k2 added last: the active one
+    fill(after, 2)
+    assert [r.key_id for r in after.records()] == ["k1", "k1", "k1", "k2", "k2"]
+    assert after.verify().intact
+    explicit = AuditKeyring.parse(f"{k2},{k1}", active_key_id="k2")
+    assert open_log(store_url, keyring=explicit).verify().intact
+
+
+def test_a_record_under_an_unknown_key_id_fails_naming_the_id(store_url: str, open_log: Callable[..., AuditLog]) -> None:
+    k1, k2 = new_entry("k1"), new_entry("k2")
+    fill(open_log(store_url, keyring=AuditKeyring.parse(f"{k1}\n{k2}")), 2)
+    fill(open_log(store_url, keyring=AuditKeyring.parse(f"{k1}\n{k2}", active_key_id="k1")), 1)
+    report = open_log(store_url, keyring=AuditKeyring.parse(k1)).verify()  # k2 was dropped from the keyring too soon
+    assert not report.intact and report.first_broken_sequence == 1
+    assert "'k2' is not in the keyring" in report.reason and "k1" in report.reason
+
+
+@pytest.fixture()
+def no_key_settings(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No audit keyring configured in the environment (as on a laptop, or a production pod missing its secret)."""
+    for name in ("SIGHTLINE_AUDIT_KEYS", "SIGHTLINE_AUDIT_KEYS_FILE", "SIGHTLINE_AUDIT_KEY_ID",
+                 "SIGHTLINE_AUDIT_REQUIRE_KEYS", "SIGHTLINE_SECRETS_DIR", "SIGHTLINE_CONFIG_FILE"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_the_keyring_comes_from_a_secret_never_the_database(tmp_path: Path, no_key_settings: pytest.MonkeyPatch) -> None:
+    old, new = new_entry("old"), new_entry("new")
+    (tmp_path / "keys").write_text(f"{old}\n# rotated 2026-01\n{new}\n")
+    no_key_settings.setenv("SIGHTLINE_AUDIT_KEYS_FILE", str(tmp_path / "keys"))
+    assert AuditKeyring.configured("postgresql://db/audit").active_key_id == "new"
+    no_key_settings.setenv("SIGHTLINE_AUDIT_KEY_ID", "old")
+    assert AuditKeyring.configured("postgresql://db/audit").active_key_id == "old"
+    no_key_settings.setenv("SIGHTLINE_AUDIT_KEYS", f"{old},{new}")  # as the Helm chart passes it, from a Secret
+    with pytest.raises(AuditKeyError, match="not both"):
+        AuditKeyring.configured("postgresql://db/audit")
+    no_key_settings.delenv("SIGHTLINE_AUDIT_KEYS_FILE")
+    assert AuditKeyring.configured("postgresql://db/audit", AuditKeySettings()).key_ids == ("old", "new")
+    no_key_settings.setenv("SIGHTLINE_AUDIT_KEY_ID", "gone")
+    with pytest.raises(AuditKeyError, match="'gone' is not in the keyring"):
+        AuditKeyring.configured("postgresql://db/audit")
+
+
+def test_production_refuses_to_open_the_audit_log_without_a_keyring(
+        tmp_path: Path, no_key_settings: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A shared (PostgreSQL) log never gets a made-up key: a replica with its own key would sign records no auditor
+    can check. The refusal comes before any connection (there is no server at this address)."""
+    settings = AuditSettings(database_url="postgresql://sightline@127.0.0.1:9/audit")
+    with pytest.raises(AuditKeyError, match="no audit keyring configured for a shared .*SIGHTLINE_AUDIT_KEYS"):
+        AuditLog.open_configured(settings=settings)  # what matching and decision call at start
+    no_key_settings.setenv("SIGHTLINE_AUDIT_REQUIRE_KEYS", "true")  # the Helm chart sets it: SQLite too
+    with pytest.raises(AuditKeyError, match="SIGHTLINE_AUDIT_REQUIRE_KEYS is set"):
+        AuditLog.open(f"sqlite:///{tmp_path / 'audit.db'}")
+    assert not (tmp_path / "audit.db").exists() and not (tmp_path / "audit.keys").exists()
+
+
+def test_a_local_sqlite_log_makes_its_keyring_in_its_folder_once_and_says_so(
+        tmp_path: Path, no_key_settings: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    url = f"sqlite:///{tmp_path / 'state' / 'audit.db'}"
+    keys = tmp_path / "state" / "audit.keys"
+    with pytest.raises(AuditKeyError, match="cannot read the audit keyring"):
+        AuditKeyring.configured(url, create=False)  # an auditor never gets a fresh key where they expected the real one
+    with caplog.at_level("WARNING", logger="sightline.common.audit_keys"):
+        (tmp_path / "state").mkdir()
+        with AuditLog.open(url) as writer:  # a service of the local stack: made once, 0600, then reused
+            record = writer.append("p", Action.ENROL, "s1")
+    assert keys.stat().st_mode & 0o777 == 0o600
+    assert any("created a local audit keyring" in r.getMessage() and "local runs only" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    entry = keys.read_text().splitlines()[-1]
+    assert entry.split(":", 1)[1] not in caplog.text  # the path is logged, never the key
+    assert record.key_id == AuditKeyring.from_file(keys).active_key_id
+    with AuditLog.open(url, create=False) as reader:  # the auditor of the local stack finds the same keyring
+        assert reader.verify().intact
+        again = AuditLog.open(url)
+        again.append("p", Action.DELETE, "s1")
+        again.close()
+        assert reader.verify().intact and {r.key_id for r in reader.records()} == {record.key_id}
+
+
+def test_new_key_prints_an_entry_for_a_rotation(capsys: pytest.CaptureFixture[str]) -> None:
+    from sightline.cli.main import main
+
+    assert main(["audit", "new-key", "--key-id", "2026-12"]) == 0
+    entry = capsys.readouterr().out.strip()
+    assert AuditKeyring.parse(f"{new_entry('k1')}\n{entry}").active_key_id == "2026-12"  # appended: the active one
+    assert main(["audit", "new-key"]) == 0 and capsys.readouterr().out.startswith("a-")
+    assert main(["audit", "new-key", "--key-id", "no spaces"]) == 2
+    assert "must be 1-64 letters" in capsys.readouterr().err
+
+
+def test_keyring_errors_never_show_key_material() -> None:
+    entry = new_entry("k1")
+    secret = entry.split(":", 1)[1]
+    for text in (secret, f"k1:{secret[:-4]}", f"{entry},{entry}", "k1:not*base64"):
+        with pytest.raises(AuditKeyError) as caught:
+            AuditKeyring.parse(text)
+        assert secret not in str(caught.value) and secret[:-4] not in str(caught.value)
+    assert secret not in repr(AuditKeyring.parse(entry))
+
+
+# -- checkpoints: truncation, the schedule -------------------------------------------------------------------------
+
+
+def test_truncating_the_tail_is_invisible_to_the_chain_but_not_to_the_checkpoints(
+        store_url: str, open_log: Callable[..., AuditLog], keyring: AuditKeyring) -> None:  # fmt: skip
+    sink = ListSink()
+    writer = open_log(store_url, publish=sink, checkpoints=AuditCheckpointSettings(checkpoint_every=4))
+    fill(writer, 10)
+    writer.close()  # the last checkpoint: record 10
+    checkpoints = [c for c, _ in sink.checkpoints]
+    assert [c.sequence for c in checkpoints] == [4, 8, 10]
+    auditor = open_log(store_url, create=False)
+    assert check_against(auditor, keyring, checkpoints).intact
+    Forger(store_url).truncate(keep=7)
+    assert auditor.verify().intact  # every record left is genuine, MAC and all: only the checkpoints know
+    report = check_against(auditor, keyring, checkpoints)
+    assert not report.intact and report.first_broken_sequence == 8 and "removed from the end" in report.reason
+
+
+def test_a_rewritten_chain_or_a_forged_checkpoint_does_not_match(
+        store_url: str, open_log: Callable[..., AuditLog], keyring: AuditKeyring) -> None:  # fmt: skip
+    sink = ListSink()
+    writer = open_log(store_url, publish=sink, checkpoints=AuditCheckpointSettings(checkpoint_every=3))
+    fill(writer, 7)
+    checkpoints = [c for c, _ in sink.checkpoints]
+    auditor = open_log(store_url, create=False)
+    report = check_against(auditor, keyring, checkpoints)  # record 7 is not checkpointed yet: said, not hidden
+    assert report.intact and "records 7..7 are newer than the latest checkpoint" in report.reason
+    forged = Checkpoint(checkpoints[-1].chain, 5, checkpoints[-1].head_hash, checkpoints[-1].at, "k1", "0" * 64)
+    report = check_against(auditor, keyring, [*checkpoints, forged])
+    assert not report.intact and "forged" in report.reason
+    forger = Forger(store_url)
+    rows = forger.rows()
+    rows[4]["result"] = "refused"
+    forger.rewrite(rows)
+    report = check_against(auditor, keyring, checkpoints)
+    assert not report.intact and report.first_broken_sequence == 6 and "rewritten" in report.reason
+    other_chain = [Checkpoint("f" * 64, c.sequence, c.head_hash, c.at, c.key_id, c.mac) for c in checkpoints]
+    assert "no checkpoint of this chain" in check_against(auditor, keyring, other_chain).reason
+
+
+def test_checkpoints_follow_the_count_the_clock_and_close(store_url: str, open_log: Callable[..., AuditLog],
+                                                          keyring: AuditKeyring) -> None:  # fmt: skip
+    sink = ListSink()
+    writer = open_log(store_url, publish=sink,
+                      checkpoints=AuditCheckpointSettings(checkpoint_every=1000, checkpoint_interval_s=0.2))
+    fill(writer, 2)
+    deadline = time.monotonic() + 5
+    while not sink.checkpoints and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ((checkpoint, waited),) = sink.checkpoints  # the timer's, without waiting for the broker
+    assert (checkpoint.sequence, checkpoint.head_hash, waited) == (2, writer.head()[1], False)
+    assert checkpoint.chain == writer.records()[0].hash and checkpoint.key_id == "k1"
+    assert keyring.matches(checkpoint.key_id, checkpoint.signed_bytes(), checkpoint.mac)
+    assert Checkpoint.from_json(checkpoint.to_json()) == checkpoint
+    writer.close()
+    assert len(sink.checkpoints) == 1  # nothing new since: close publishes nothing
+    assert len(sink.records) == 2
+
+
+# -- upgrading a chain written before record authentication --------------------------------------------------------
+
+
+def write_old_chain(store_url: str, count: int) -> None:
+    """An audit log as the previous release left it: schema version 1 (no key id, no MAC), records it wrote."""
+    from sightline.common.audit import MIGRATIONS
+    from sightline.common.sqlstore import migrate, open_backend
+
+    backend = open_backend(store_url)
+    try:
+        with backend.transaction(True) as cur:
+            migrate(cur, backend.dialect, MIGRATIONS[:1], table="audit_schema_version", lock_key=1, what="audit")
+    finally:
+        backend.close()
+    prev = GENESIS_HASH
+    for sequence in range(1, count + 1):
+        row = {"sequence": sequence, "at": "2026-01-01T00:00:00.000000Z", "principal": "officer", "action": "SEARCH",
+               "subject_id": "", "purpose": "cctv-watchlist", "result": "ok", "details": "{}", "prev_hash": prev}
+        row["hash"] = prev = Forger.sha256(row)
+        raw(store_url, f"INSERT INTO audit_records ({_ROW[:-len(', key_id, mac')]}) VALUES ({', '.join('?' * 10)})",
+            tuple(row.values()))  # fmt: skip
+        raw(store_url, "UPDATE audit_chain_head SET sequence = ?, hash = ? WHERE id = 1", (sequence, prev))
+
+
+def test_an_old_log_is_never_called_intact_in_silence(store_url: str, open_log: Callable[..., AuditLog]) -> None:
+    """A log the previous release wrote, read as it is (an auditor never upgrades it): its records carry no MAC, so
+    verify fails saying how many; with --legacy-until it passes, counting them, and says nothing vouches for them."""
+    write_old_chain(store_url, 3)
+    reader = open_log(store_url, create=False)
+    assert reader.legacy_records() == (3, 3) and [r.mac for r in reader.records()] == ["", "", ""]
+    report = reader.verify()
+    assert not report.intact and report.first_broken_sequence == 1
+    assert "3 legacy record(s) without MAC" in report.reason and "--legacy-until 3" in report.reason
+    report = reader.verify(legacy_until=3)
+    assert report.intact and (report.legacy_records, report.legacy_vouched) == (3, False)
+    assert "3 legacy record(s) without MAC" in report.reason and "NOT vouched for by any MAC" in report.reason
+    assert raw(store_url, "SELECT version FROM audit_schema_version") == [(1,)]  # not upgraded by reading
+
+
+def test_verify_on_the_command_line_names_the_legacy_records(tmp_path: Path, keyring: AuditKeyring,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    from sightline.cli.main import main
+
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    write_old_chain(url, 4)
+    keys = tmp_path / "ring"
+    keys.write_text(new_entry("k1") + "\n")
+    command = ["audit", "verify", "--database-url", url, "--keys-file", str(keys)]
+    assert main(command) == 1
+    out = capsys.readouterr().out
+    assert "BROKEN at record 1" in out and "4 legacy record(s) without MAC" in out and "--legacy-until 4" in out
+    assert main([*command, "--legacy-until", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "intact: 4 record(s)" in out and "WARNING: 4 legacy record(s) without MAC" in out
+    assert "NOT covered by any MAC" in out
+
+
+def test_an_old_chain_is_migrated_and_its_records_are_vouched_for_by_the_first_signed_one(
+        store_url: str, open_log: Callable[..., AuditLog]) -> None:  # fmt: skip
+    write_old_chain(store_url, 3)
+    upgraded = open_log(store_url)  # a writer migrates: ADD COLUMN key_id, mac
+    report = upgraded.verify()
+    assert not report.intact and report.first_broken_sequence == 1 and "--legacy-until 3" in report.reason
+    assert upgraded.verify(legacy_until=3).intact
+    fill(upgraded, 2)
+    assert [r.key_id for r in upgraded.records()] == ["", "", "", "k1", "k1"]
+    report = upgraded.verify(legacy_until=3)
+    assert report.intact and (report.legacy_records, report.legacy_vouched) == (3, True)
+    assert "vouched for by the MAC of the record after them" in report.reason
+    forger = Forger(store_url)
+    rows = forger.rows()
+    rows[1]["principal"] = "someone-else"  # a legacy record: no MAC of its own, but record 4's covers its hash
+    forger.rewrite(rows)
+    report = upgraded.verify(legacy_until=3)
+    assert not report.intact and report.first_broken_sequence == 4 and "MAC" in report.reason
+
+
+def test_a_mac_stripped_inside_the_legacy_range_after_a_signed_record_is_caught(
+        store_url: str, audit: AuditLog) -> None:  # fmt: skip
+    """Legacy records only ever come first: a generous --legacy-until does not let a forger strip later MACs."""
+    fill(audit, 4)
+    forger = Forger(store_url)
+    rows = forger.rows()
+    rows[2].update(key_id="", mac="", principal="someone-else")
+    rows[3].update(key_id="", mac="")
+    forger.rewrite(rows)
+    report = audit.verify(legacy_until=100)
+    assert not report.intact and report.first_broken_sequence == 3 and "records before it do" in report.reason

@@ -5,6 +5,8 @@ Each test runs on a SQLite file and, marked ``postgres``, on PostgreSQL (a schem
 
 from __future__ import annotations
 
+import base64
+import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,14 +16,17 @@ import pytest
 
 from sightline.common.audit import AuditLog
 from sightline.common.rpc import InvalidInput, NotFound
+from sightline.common.sqlstore import open_backend
 from sightline.decision.review import (
     ERASURE_GRACE,
+    MIGRATIONS,
     AlertRecorder,
     ErasedSubjectAlert,
     ReviewErasure,
     ReviewRefused,
     ReviewServicer,
     ReviewStore,
+    _PG_MIGRATION_LOCK,
 )
 from sightline.v1 import events_pb2, review_pb2
 
@@ -33,7 +38,9 @@ def store(store_url: str) -> Iterator[ReviewStore]:
 
 
 @pytest.fixture()
-def audit(store_url: str) -> Iterator[AuditLog]:
+def audit(store_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[AuditLog]:
+    # A shared (PostgreSQL) audit log is only written with a keyring from a secret (common/audit_keys.py).
+    monkeypatch.setenv("SIGHTLINE_AUDIT_KEYS", f"review-test:{base64.b64encode(secrets.token_bytes(32)).decode()}")
     with AuditLog.open(store_url) as opened:
         yield opened
 
@@ -62,6 +69,28 @@ def test_two_person_rule(store: ReviewStore) -> None:
                                                                           ("bob", "CONFIRM", "")]  # fmt: skip
     assert second.alert.status == events_pb2.ALERT_STATUS_CONFIRMED
     assert second.alert.similarity == pytest.approx(0.71) and list(second.alert.evidence_frame_ids) == ["f1", "f2"]
+
+
+@pytest.mark.parametrize("again", ["alice", "Alice", " ALICE ", "ａｌｉｃｅ"])  # the last: fullwidth letters (NFKC)
+def test_one_reviewer_under_two_spellings_cannot_confirm_twice(store: ReviewStore, again: str) -> None:
+    store.record_alert(alert())
+    store.review("a1b2c3d4e5f6a7b8", "alice", "CONFIRM")
+    with pytest.raises(ReviewRefused, match="already confirmed"):
+        store.review("a1b2c3d4e5f6a7b8", again, "CONFIRM")
+    assert store.get("a1b2c3d4e5f6a7b8").status == "PENDING_REVIEW"
+
+
+def test_confirmations_count_people_not_spellings(store: ReviewStore) -> None:
+    """Reviews stored before names were compared case-insensitively count once per person too."""
+    store.record_alert(alert())
+    with store._tx(write=True) as cur:  # what an earlier version let through: 'Alice' after 'alice'
+        for name in ("alice", "Alice"):
+            cur.execute("INSERT INTO alert_reviews (alert_id, reviewer, action, comment, not_this_person, at)"
+                        " VALUES (?, ?, 'CONFIRM', '', 0, ?)",
+                        ("a1b2c3d4e5f6a7b8", name, store._backend.dialect.to_db_time(datetime.now(UTC))))  # fmt: skip
+    assert store.get("a1b2c3d4e5f6a7b8").confirmations == 1
+    confirmed, changed = store.review("a1b2c3d4e5f6a7b8", "bob", "CONFIRM")
+    assert changed and confirmed.status == "CONFIRMED"
 
 
 def test_any_rejection_closes_the_alert(store: ReviewStore) -> None:
@@ -112,6 +141,27 @@ def test_recording_is_idempotent_and_a_replay_never_resets_a_review(store: Revie
     store.review("a1b2c3d4e5f6a7b8", "alice", "REJECT")
     replayed, created = store.record_alert(alert())
     assert not created and replayed.status == "REJECTED"
+
+
+def test_alerts_stored_before_the_upgrade_count_as_audited_and_keep_the_cool_down(store_url: str,
+                                                                                  audit: AuditLog) -> None:  # fmt: skip
+    """A database of the version before alerts remembered their audit record and evidence time (migration 3)."""
+    older = ReviewStore(open_backend(store_url, what="review"))
+    older._migrated(MIGRATIONS[:2], "review_schema_version", _PG_MIGRATION_LOCK, "review")
+    raised = alert()
+    with older._tx(write=True) as cur:  # as the previous version stored it (its ALERT record written with it)
+        cur.execute("INSERT INTO review_alerts (alert_id, source_id, subject_id, status, published_status, alert,"
+                    " raised_at, updated_at) VALUES (?, ?, ?, 'PENDING_REVIEW', 'PENDING_REVIEW', ?, ?, ?)",
+                    (raised.alert_id, raised.source_id, raised.subject_id, raised.SerializeToString(),
+                     older._now(), older._now()))  # fmt: skip
+    older.close()
+    with ReviewStore.open(store_url) as upgraded:
+        assert upgraded.get(raised.alert_id).audited
+        AlertRecorder(upgraded, audit).record(raised)  # a replay after the upgrade
+        assert audit.records(action="ALERT") == []  # written by the previous version, not again
+        last = AlertRecorder(upgraded, audit).last("cam-1", "obama")
+        assert last is not None and last.alert_id == raised.alert_id and last.frame_id == "f2"
+        assert abs(last.at - raised.raised_at.ToDatetime(UTC).timestamp()) < 1  # its raising time stands in
 
 
 def test_purge_deletes_alerts_past_retention_with_their_reviews_and_spent_feedback(store_url: str) -> None:

@@ -11,14 +11,17 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from sightline.common import codec, limits
 from sightline.common.audit import AuditLog
 from sightline.common.stage import InputEvent, Output
 from sightline.common.topics import ALERTS, DECISIONS, SESSIONS
 from sightline.decision.engine import DecisionEngine
+from sightline.decision.erasure import erase
 from sightline.decision.policy import EChannelPolicy, Policy
 from sightline.decision.review import AlertRecorder, ReviewStore
 from sightline.decision.service import decide
@@ -205,14 +208,13 @@ def decisions_in(outputs: list[Output]) -> list[events_pb2.Decision]:
 
 
 def test_e_channel_frames_never_alert_through_the_per_frame_path(desk: Desk) -> None:
-    engine = DecisionEngine(Policy(min_agreeing_frames=1))
-    recorder = AlertRecorder(desk.reviews, desk.audit)
+    engine = DecisionEngine(Policy(min_agreeing_frames=1), alerts=AlertRecorder(desk.reviews, desk.audit))
     desk.desk.on_event(opened())
     outputs = []
     for seq in (1, 2):
         item = echannel(result(seq, stop_hit=True))
         item.frame.claim_subject_id = ""  # even a frame the per-frame engine would search 1:N
-        outputs += decide(engine, matches_input(item, seq), recorder, desk.desk)
+        outputs += decide(engine, matches_input(item, seq), desk.desk)
     desk.flush()
     assert {o.topic for o in outputs} == {DECISIONS}  # the per-frame decisions, no alert
     decisions = decisions_in(outputs)
@@ -230,7 +232,7 @@ def test_a_hung_broker_holds_up_announcements_not_the_matches_path(desk: Desk) -
 
     def matches_path() -> None:
         for event in inputs:
-            outputs.extend(decide(engine, event, None, desk.desk))
+            outputs.extend(decide(engine, event, desk.desk))
 
     desk.publisher.flowing.clear()  # the broker hangs: every send blocks
     desk.desk.start(0.02)
@@ -257,9 +259,9 @@ def test_a_hung_broker_holds_up_announcements_not_the_matches_path(desk: Desk) -
 def test_a_session_store_failure_does_not_cost_the_frames_own_decision(desk: Desk) -> None:
     engine = DecisionEngine(Policy(min_agreeing_frames=1))
     desk.desk.on_event(opened())
-    decide(engine, matches_input(echannel(result(1)), 1), None, desk.desk)
+    decide(engine, matches_input(echannel(result(1)), 1), desk.desk)
     desk.store.close()  # the database goes away just as the deciding frame comes
-    outputs = decide(engine, matches_input(echannel(result(2, liveness=LIVE)), 2), None, desk.desk)
+    outputs = decide(engine, matches_input(echannel(result(2, liveness=LIVE)), 2), desk.desk)
     assert [d.frame.frame_id for d in decisions_in(outputs)] == ["gate-1:s:2"]  # not dead-lettered
     desk.desk.store = desk.store = SessionStore.open(desk.url)  # it comes back
     desk.desk.tick(time.time())  # the outcome reached in memory is saved, then announced
@@ -302,3 +304,86 @@ def test_a_replica_taking_over_a_session_reads_what_the_previous_owner_folded_in
         assert decided.outcome == session_pb2.SESSION_OUTCOME_ACCEPT and decided.frames_seen == 3
     finally:
         other.close()
+
+
+# -- malformed session events, right to erasure of a stop-list subject -------------------------------------------
+
+
+def test_a_malformed_opened_event_is_refused_and_cannot_wedge_the_timer(desk: Desk) -> None:
+    bad = opened("bad")
+    bad.deadline.seconds = -(10**11)  # no calendar holds it: every save of such a session would fail
+    with pytest.raises(codec.MalformedEvent, match="out of range"):
+        desk.desk.on_event(bad)
+    endless = opened("endless", deadline=time.time() + 10**7)
+    with pytest.raises(codec.MalformedEvent, match="deadline"):
+        desk.desk.on_event(endless)
+    desk.desk.on_event(opened("s1", deadline=time.time() + 0.2))
+    desk.desk.tick(time.time() + 1)  # the good session times out: nothing of the bad ones sits on the timer
+    desk.flush()
+    decided = [e for e in desk.publisher.session_events() if e.kind == Kind.KIND_DECIDED]
+    assert [e.session_id for e in decided] == ["s1"]
+    assert desk.store.get("bad") is None and desk.store.get("endless") is None
+
+
+def test_the_longest_deadline_accepted_is_the_policys(tmp_path: Path) -> None:
+    """A gate budget of 15 minutes is an operator's choice (capture's SIGHTLINE_CAPTURE_SESSION_BUDGET_S), not a
+    malformed event, once the policy's ``echannel.max_deadline_seconds`` allows it."""
+    with pytest.raises(ValueError, match="max_deadline_seconds"):
+        EChannelPolicy(budget_seconds=900)  # the default bound (600 s) is below such a budget: said at start-up
+    url = f"sqlite:///{tmp_path / 'long.db'}"
+    with SessionStore.open(url) as store, ReviewStore.open(url) as reviews, AuditLog.open(url) as audit:
+        long_gates = Policy(echannel=EChannelPolicy(budget_seconds=900, max_deadline_seconds=1200))
+        desk = SessionDesk(SessionEngine(long_gates), store, AlertRecorder(reviews, audit), audit, RecordingPublisher())
+        desk.on_event(opened("slow-gate", deadline=time.time() + 900))
+        assert store.get("slow-gate") is not None
+        with pytest.raises(codec.MalformedEvent, match="at most 1200 s"):
+            desk.on_event(opened("endless", deadline=time.time() + 1300))
+
+
+@pytest.mark.parametrize("field", ["session_id", "gate_id", "claim_subject_id"])
+def test_a_session_event_with_an_over_long_id_is_refused(desk: Desk, field: str) -> None:
+    for kind in (Kind.KIND_OPENED, Kind.KIND_CANCELLED):
+        event = opened(kind=kind)
+        setattr(event, field, "x" * (limits.ID_CHARS + 1))
+        with pytest.raises(codec.MalformedEvent, match=f"{field} longer than {limits.ID_CHARS}"):
+            desk.desk.on_event(event)
+    assert desk.store.load_open() == [] and desk.session_audit() == []
+
+
+def test_one_session_that_cannot_be_saved_does_not_hold_up_the_others_time_outs(desk: Desk) -> None:
+    desk.desk.on_event(opened("s1", deadline=time.time() + 0.2))
+    desk.desk.on_event(opened("s2", deadline=time.time() + 0.2))
+    desk.desk._open["s1"].opened_at = 10.0**12  # as a state recovered from an older version might be: unsavable
+    desk.desk.tick(time.time() + 1)
+    desk.flush()
+    decided = [e.session_id for e in desk.publisher.session_events() if e.kind == Kind.KIND_DECIDED]
+    assert decided == ["s2"]
+
+
+def test_a_stop_list_hit_on_an_erased_subject_is_neither_kept_nor_announced(desk: Desk) -> None:
+    desk.desk.on_event(opened())
+    desk.desk.on_result(echannel(result(1, stop_hit=True)))  # referred at once; the announcement is queued
+    notice = events_pb2.SubjectErased(subject_id="wanted", reference="ticket-1")
+    notice.erased_at.GetCurrentTime()
+    erase(desk.reviews, desk.desk, desk.audit, InputEvent(None, notice.SerializeToString(), "e", 0, 0))
+    desk.flush()
+    assert desk.publisher.alerts() == [] and desk.reviews.list_alerts() == []
+    decided = desk.publisher.session_events()[-1]
+    assert decided.kind == Kind.KIND_DECIDED and decided.update.outcome == session_pb2.SESSION_OUTCOME_REFER_TO_OFFICER
+    assert not any("wanted" in r for r in decided.update.reasons), list(decided.update.reasons)
+    stored = desk.store.get("s1")
+    assert stored is not None and stored.state.stop_list_hit is None and "wanted" not in str(stored.state.to_dict())
+    session_record = desk.session_audit()[-1]
+    assert "wanted" not in str(session_record.details)
+
+
+def test_stored_stop_list_hits_on_an_erased_subject_are_deleted(desk: Desk) -> None:
+    desk.desk.on_event(opened())
+    desk.desk.on_result(echannel(result(1, stop_hit=True)))
+    desk.flush()  # announced before the erasure: the alert went out then
+    assert len(desk.publisher.alerts()) == 1
+    desk.desk.erase_subject("wanted", datetime.now(UTC))
+    stored = desk.store.get("s1")
+    assert stored is not None and stored.state.stop_list_hit is None and stored.state.stop_lists == []
+    assert "wanted" not in str(stored.state.to_dict())
+    assert stored.state.outcome == session_pb2.SESSION_OUTCOME_REFER_TO_OFFICER  # the traveller stays referred

@@ -259,6 +259,7 @@ service's refused calls. With SQLite two pods cannot share a file: matching and 
 their own PVC (sightline.sqliteStore), so there are two separate chains (the file names differ too, so that even a
 claim shared through existingClaim never holds one file for two writers), and capture, detection and embedding get
 no URL: they log their refused calls but do not audit them. Renders nothing for those.
+Every service given a URL also gets the audit keyring from its Secret (sightline.auditKeysEnv).
 Call with (dict "root" $ "service" "matching").
 */}}
 {{- define "sightline.auditEnv" -}}
@@ -269,13 +270,48 @@ Call with (dict "root" $ "service" "matching").
     secretKeyRef:
       name: {{ include "sightline.databaseSecretName" .root }}
       key: {{ $db.postgresql.existingSecretKey }}
+{{- include "sightline.auditKeysEnv" .root }}
 {{- else if eq .service "matching" }}
 - name: SIGHTLINE_AUDIT_DATABASE_URL
   value: sqlite:////var/lib/sightline/audit.db
+{{- include "sightline.auditKeysEnv" .root }}
 {{- else if eq .service "decision" }}
 - name: SIGHTLINE_AUDIT_DATABASE_URL
   value: sqlite:////var/lib/sightline/decision-audit.db
+{{- include "sightline.auditKeysEnv" .root }}
 {{- end }}
+{{- end }}
+
+{{/*
+The audit keyring and checkpoint schedule of a service that writes audit records (common/audit_keys.py,
+common/audit_checkpoints.py). SIGHTLINE_AUDIT_REQUIRE_KEYS: a pod without its keyring refuses to start rather than
+make a key of its own on its volume, which no auditor would have.
+*/}}
+{{- define "sightline.auditKeysEnv" -}}
+{{- $a := .Values.audit }}
+- name: SIGHTLINE_AUDIT_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "sightline.auditKeysSecretName" . }}
+      key: {{ $a.keys.existingSecretKey }}
+{{- with $a.keys.activeKeyId }}
+- name: SIGHTLINE_AUDIT_KEY_ID
+  value: {{ . | quote }}
+{{- end }}
+- name: SIGHTLINE_AUDIT_REQUIRE_KEYS
+  value: "true"
+- name: SIGHTLINE_AUDIT_CHECKPOINT_EVERY
+  value: {{ $a.checkpointEvery | quote }}
+- name: SIGHTLINE_AUDIT_CHECKPOINT_INTERVAL_S
+  value: {{ $a.checkpointIntervalS | quote }}
+{{- if $a.legacyUntil }}
+- name: SIGHTLINE_AUDIT_LEGACY_UNTIL
+  value: {{ $a.legacyUntil | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "sightline.auditKeysSecretName" -}}
+{{- .Values.audit.keys.existingSecret | default (printf "%s-audit-keys" (include "sightline.fullname" .)) }}
 {{- end }}
 
 {{- define "sightline.captureHasSources" -}}
@@ -441,10 +477,13 @@ image's health check run inside the container with the service's own TLS setting
 {{- define "sightline.probeHandler" -}}
 {{- if .root.Values.tls.enabled }}
 exec:
-  command: ["python", "-m", "sightline.common.healthcheck", "{{ .port }}"]
+  command: ["python", "-m", "sightline.common.healthcheck", "{{ .port }}"{{ with .service }}, {{ . | quote }}{{ end }}]
 {{- else }}
 grpc:
   port: {{ .port }}
+  {{- with .service }}
+  service: {{ . }}
+  {{- end }}
 {{- end }}
 {{- end }}
 
