@@ -191,10 +191,8 @@ class Capture:
         """Dead-letter a frame capture could not publish. The record never carries the frame's bytes (capture has
         no event to copy): a file that was withheld is described by its size and digest only."""
         item = InputEvent(key=ref.source_id.encode(), value=None, topic=origin, partition=-1, offset=ref.sequence)
-        record = dead_letter_record(SERVICE, item, error)
+        record = dead_letter_record(SERVICE, item, error, withheld=(raw.size, raw.sha256) if raw.size else None)
         record.frame_id = ref.frame_id
-        if raw.size:
-            record.payload_size, record.payload_sha256, record.payload_withheld = raw.size, raw.sha256, True
         self.producer.send(DEADLETTER.name, key=item.key, value=record.SerializeToString(),
                            headers=tracing.kafka_headers())  # fmt: skip
         telemetry.EVENTS_DEADLETTERED.labels(SERVICE, record.reason).inc()

@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from sightline.capture.source_policy import parse_host_entry
+from sightline.capture.source_policy import DEFAULT_MAX_VIDEO_BYTES, parse_host_entry
 from sightline.common.config import ServiceSettings
 from sightline.common.ports import GRPC_PORTS, METRICS_PORTS
 
@@ -62,8 +62,9 @@ class CaptureSettings(ServiceSettings):
         "event the broker takes).",
     )  # fmt: skip
     max_video_file_bytes: int = Field(
-        0, ge=0, description="A video file larger than this is refused before it is opened; 0: no limit."
-    )
+        DEFAULT_MAX_VIDEO_BYTES, ge=0,
+        description="A video file larger than this is refused before it is opened (default 4 GiB); 0: no limit.",
+    )  # fmt: skip
 
     # E-channel gate sessions (KioskService, capture/kiosk.py).
     grpc_workers: int = Field(

@@ -12,7 +12,8 @@ folders and loopback/private networks (common/localstack.py); a deployment names
 - Streams: the scheme must be allowed, and the host must be listed by name or resolve only to addresses in allowed
   networks. A plain (non-TLS) stream is then opened at the address that was checked, so a name cannot resolve to one
   address for the check and to another for the connection; a TLS stream cannot be pinned that way (the certificate
-  names the host), so its host name itself must be listed.
+  names the host), so its host name itself must be listed. The checked address covers FFmpeg's first connection;
+  what FFmpeg may do after it (protocols, redirects, playlists) is bounded by ``ffmpeg_capture_options``.
 
 Credentials in a URL (``rtsp://user:pass@cam``) never leave this module in a message: ``redact`` is what every log
 line, error, source id and dead letter shows instead of the URL.
@@ -39,6 +40,7 @@ _HOST_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 _TLS_SCHEMES = frozenset({"rtsps", "https"})
 _DEFAULT_PORTS = {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443}
 _SYSTEM_TREES = (Path("/proc"), Path("/sys"), Path("/dev"))  # kernel and device files: never frames
+DEFAULT_MAX_VIDEO_BYTES = 4 * 1024**3  # 4 GiB: larger video files are refused unopened unless configured
 VIDEO_HEAD_BYTES = 189  # enough for every container signature below (MPEG-TS needs its second sync byte at 188)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -150,7 +152,7 @@ class SourcePolicy:
     schemes: frozenset[str] = frozenset()
     hosts: HostRules = HostRules()
     max_image_bytes: int = 20 * 1024 * 1024
-    max_video_bytes: int = 0  # 0: no limit
+    max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES  # 0: no limit
 
     @classmethod
     def from_settings(cls, settings: PolicySettings, max_image_bytes: int | None = None) -> SourcePolicy:
@@ -256,6 +258,35 @@ class SourcePolicy:
                                     "(SIGHTLINE_CAPTURE_ALLOWED_HOSTS)")  # fmt: skip
         target = uri if literal is not None else _pinned(parts, addresses[0])
         return Source(SourceKind.STREAM, target, display)
+
+
+# What FFmpeg may do once it opens a source (OPENCV_FFMPEG_CAPTURE_OPTIONS, set by sources.py around the open; OpenCV
+# passes them to avformat_open_input). The checked address covers FFmpeg's first connection only; these bound what
+# follows: which protocols it may open (an RTSP camera cannot hand it file: or http: URLs), no HTTP redirect (one
+# could lead anywhere), and only demuxers of self-contained media (no HLS/DASH playlist, whose segments may be on
+# any host; no concat or image-sequence demuxer). What they do not bound: an RTSP server's redirect (FFmpeg follows
+# it to any rtsp host, with no option to refuse) and where a server tells FFmpeg to exchange RTP over UDP.
+FILE_DEMUXERS = "mov,matroska,avi,mpeg,mpegvideo,mpegts"  # exactly the containers looks_like_video admits
+HTTP_DEMUXERS = f"{FILE_DEMUXERS},mpjpeg,mjpeg"  # plus MJPEG cameras (multipart/x-mixed-replace or bare JPEGs)
+_FFMPEG_OPTIONS: dict[str, dict[str, str]] = {
+    "file": {"protocol_whitelist": "file", "format_whitelist": FILE_DEMUXERS},
+    # OpenCV asks for RTSP over TCP when it is given no options; asked again here, as these replace its default.
+    "rtsp": {"protocol_whitelist": "rtsp,rtp,udp,tcp", "rtsp_flags": "prefer_tcp"},
+    "rtsps": {"protocol_whitelist": "rtsp,rtsps,tls,tcp", "rtsp_flags": "prefer_tcp"},  # FFmpeg: rtsps is TCP only
+    "http": {"protocol_whitelist": "http,tcp", "max_redirects": "0", "format_whitelist": HTTP_DEMUXERS},
+    "https": {"protocol_whitelist": "https,tls,tcp", "max_redirects": "0", "format_whitelist": HTTP_DEMUXERS},
+}
+
+
+def ffmpeg_capture_options(source: Source) -> str:
+    """The OPENCV_FFMPEG_CAPTURE_OPTIONS (``key;value|key;value``) a vetted video file or stream is opened with."""
+    if source.kind is SourceKind.VIDEO:
+        scheme = "file"
+    elif source.kind is SourceKind.STREAM:
+        scheme = urlsplit(source.target).scheme.lower()
+    else:
+        raise ValueError(f"a {source.kind} source is not opened by FFmpeg")
+    return "|".join(f"{key};{value}" for key, value in _FFMPEG_OPTIONS[scheme].items())
 
 
 def looks_like_video(head: bytes) -> bool:

@@ -17,10 +17,13 @@ import hashlib
 import mimetypes
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import cv2
@@ -28,7 +31,7 @@ import numpy as np
 
 from sightline.capture.source_policy import (
     IMAGE_SUFFIXES, VIDEO_HEAD_BYTES, FileTooLarge, Source, SourceError, SourceKind, SourcePolicy, SourceRefused,
-    SourceUnavailable, looks_like_video, redact,
+    SourceUnavailable, ffmpeg_capture_options, looks_like_video, redact,
 )  # fmt: skip
 from sightline.common.images import looks_like_image
 
@@ -37,6 +40,8 @@ __all__ = ["IMAGE_SUFFIXES", "RawFrame", "SourceError", "SourceRefused", "Source
            "open_vetted", "quiet_native_logs", "source_id_for"]  # fmt: skip
 
 DEFAULT_STREAM_TIMEOUT_S = 10.0
+FFMPEG_OPTIONS_VARIABLE = "OPENCV_FFMPEG_CAPTURE_OPTIONS"  # read by OpenCV each time it opens a capture
+_FFMPEG_OPTIONS_LOCK = threading.Lock()  # the environment is the process's: one open sets it at a time
 
 
 def quiet_native_logs() -> None:
@@ -73,8 +78,8 @@ def open_vetted(source: Source, fps: float, policy: SourcePolicy,
     if source.kind is SourceKind.IMAGE:
         return iter([_single_image(Path(source.target), source.display, policy)])
     if source.kind is SourceKind.VIDEO:
-        _check_video_container(Path(source.target), source.display)
-    return _video(source, fps, stream_timeout_s)
+        return _video_file(source, fps, policy, stream_timeout_s)
+    return _video(source, source.target, fps, stream_timeout_s)
 
 
 def source_id_for(uri: str) -> str:
@@ -131,15 +136,25 @@ def _single_image(path: Path, display: str, policy: SourcePolicy) -> RawFrame:
     return frame
 
 
+def _open_file(path: Path) -> tuple[BinaryIO, os.stat_result]:
+    """Open a resolved path for reading as the file it is now, and its stat from the open file (not the path): a
+    symlink swapped in after the path was checked is not followed, a FIFO does not hang the reader. Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    file = os.fdopen(fd, "rb")
+    try:
+        return file, os.fstat(fd)
+    except BaseException:
+        file.close()
+        raise
+
+
 def _image_file(path: Path, name: str, media_time_s: float, limit: int) -> RawFrame:
     """Read an image file, checking what it is on the open file itself (a file swapped after its check is caught)."""
     try:
-        # Non-blocking: a FIFO swapped in after the check must not hang the reader; the path is already resolved.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        file, info = _open_file(path)
     except OSError as exc:
         return RawFrame(name, media_time_s, error=f"cannot read {name}: {exc.strerror}")
-    with os.fdopen(fd, "rb") as file:
-        info = os.fstat(file.fileno())
+    with file:
         if not stat.S_ISREG(info.st_mode):
             return RawFrame(name, media_time_s, error=f"{name} is not a regular file", reason="file_refused")
         if info.st_size > limit:
@@ -166,26 +181,61 @@ def _too_large(name: str, media_time_s: float, size: int, limit: int) -> RawFram
 # Videos and streams -----------------------------------------------------------------------------------------------
 
 
-def _check_video_container(path: Path, display: str) -> None:
+def _video_file(source: Source, fps: float, policy: SourcePolicy, timeout_s: float) -> Iterator[RawFrame]:
+    """A video file, checked on the open file (regular, size, container signature) and read by FFmpeg through that
+    same open file (``/proc/self/fd/N``), so the file checked is the file decoded even if its path is swapped."""
+    display = source.display
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # as for images: a FIFO must not hang us
-        with os.fdopen(fd, "rb") as file:
-            head = file.read(VIDEO_HEAD_BYTES)
+        file, info = _open_file(Path(source.target))
     except OSError as exc:
         raise SourceUnavailable(f"source {display!r} cannot be read: {exc.strerror}") from None
-    if not looks_like_video(head):
-        raise SourceRefused(f"source {display!r} is not a recognised video (MP4/MOV, AVI, Matroska/WebM, MPEG)")
+    try:
+        policy.check_file(Path(source.target), info, SourceKind.VIDEO, display)  # regular, not empty, size limit
+        try:
+            head = file.read(VIDEO_HEAD_BYTES)
+        except OSError as exc:
+            raise SourceUnavailable(f"source {display!r} cannot be read: {exc.strerror}") from None
+        if not looks_like_video(head):
+            raise SourceRefused(f"source {display!r} is not a recognised video (MP4/MOV, AVI, Matroska/WebM, MPEG)")
+        frames = _video(source, f"/proc/self/fd/{file.fileno()}", fps, timeout_s)
+    except BaseException:
+        file.close()
+        raise
+    return _closing(frames, file)
 
 
-def _video(source: Source, fps: float, timeout_s: float) -> Iterator[RawFrame]:
+def _closing(frames: Iterator[RawFrame], file: BinaryIO) -> Iterator[RawFrame]:
+    """The frames, keeping the file open while FFmpeg reads it (closed when they end or are abandoned)."""
+    with file:
+        yield from frames
+
+
+def _video(source: Source, target: str, fps: float, timeout_s: float) -> Iterator[RawFrame]:
     # FFmpeg only: no other backend (image sequences, GStreamer pipelines) may interpret the string.
     timeout_ms = int(timeout_s * 1000)
-    capture = cv2.VideoCapture(source.target, cv2.CAP_FFMPEG,
-                               [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms])
+    params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
+    with _ffmpeg_options(ffmpeg_capture_options(source)):
+        capture = cv2.VideoCapture(target, cv2.CAP_FFMPEG, params)
     if not capture.isOpened():
         capture.release()
         raise SourceUnavailable(f"cannot open video source {source.display!r}")
     return _video_frames(capture, fps, source.live)
+
+
+@contextmanager
+def _ffmpeg_options(options: str) -> Iterator[None]:
+    """OPENCV_FFMPEG_CAPTURE_OPTIONS set to ``options`` while a capture is opened (OpenCV reads it then), restored
+    after. One open at a time: the environment is the whole process's."""
+    with _FFMPEG_OPTIONS_LOCK:
+        previous = os.environ.get(FFMPEG_OPTIONS_VARIABLE)
+        os.environ[FFMPEG_OPTIONS_VARIABLE] = options
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(FFMPEG_OPTIONS_VARIABLE, None)
+            else:
+                os.environ[FFMPEG_OPTIONS_VARIABLE] = previous
 
 
 def _video_frames(capture: cv2.VideoCapture, fps: float, live: bool) -> Iterator[RawFrame]:

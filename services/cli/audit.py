@@ -77,11 +77,20 @@ def _keyring(keys_file: Path | None, url: str) -> Any:
     return AuditKeyring.configured(url, settings, create=False)
 
 
+def _require_sqlite_file(url: str) -> None:
+    from sightline.common.audit import AuditError
+
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and url != prefix + ":memory:" and not Path(url[len(prefix):]).expanduser().is_file():
+        raise AuditError(f"no audit log at {url}: the file does not exist")
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from sightline.common.sqlstore import StoreError
 
     try:
         url = _url(args.database_url)
+        _require_sqlite_file(url)  # "no audit log" says more than "no keyring" beside a log that is not there
         keyring = _keyring(args.keys_file, url)
         checkpoints = _read_checkpoints(args) if args.against_topic else None  # first: see check_against
         with _open(url, keyring) as audit:

@@ -48,6 +48,7 @@ from sightline.common.audit_checkpoints import (
     CHECKPOINT_TOPIC_KEY,
     EVENT_HEADER,
     EVENT_NAME,
+    TIME_FORMAT,
     AuditCheckpointSettings,
     Checkpoint,
     Checkpointer,
@@ -67,7 +68,7 @@ MAX_DETAIL_CHARS = 1024
 MAX_FIELD_CHARS = 512
 VERIFY_BATCH = 1000
 _PG_MIGRATION_LOCK = 0x4175_6469  # "Audi"; the same for every replica migrating the audit tables
-_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # fixed width, so the stored text is the canonical text
+LEGACY_DETAIL = "legacy_until"  # in the first authenticated record of an upgraded chain: the legacy records before it
 _RECORD_MAC_DOMAIN = b"sightline.audit.record.v1\n"  # a record MAC can never be mistaken for a checkpoint's
 
 
@@ -168,11 +169,11 @@ class ChainReport:
 
 
 def format_time(at: datetime) -> str:
-    return at.astimezone(UTC).strftime(_TIME_FORMAT)
+    return at.astimezone(UTC).strftime(TIME_FORMAT)
 
 
 def parse_time(text: str) -> datetime:
-    return datetime.strptime(text, _TIME_FORMAT).replace(tzinfo=UTC)
+    return datetime.strptime(text, TIME_FORMAT).replace(tzinfo=UTC)
 
 
 def canonical_bytes(sequence: int, at: datetime, principal: str, action: str, subject_id: str, purpose: str,
@@ -297,6 +298,7 @@ class AuditLog(BackendStore):
         super().__init__(backend)
         self._keyring, self._publish, self.legacy_until = keyring, publish, legacy_until
         self._chain: str | None = None
+        self._legacy_boundary: int | None = None  # a writer upgrading a legacy chain: its last record without MAC
         self._columns = _COLUMNS  # a reader of a log older than record authentication selects '' for the MAC
         self._checkpointer: Checkpointer | None = None
         if keyring is not None and isinstance(publish, CheckpointSink):
@@ -319,10 +321,11 @@ class AuditLog(BackendStore):
         audit = cls(backend, keyring, publish, checkpoints, legacy_until)
         try:
             if create:
+                first_upgrade = not audit._has_mac_columns()  # no MAC column yet: no MAC'd record was ever written
                 audit._migrate(MIGRATIONS, "audit_schema_version", _PG_MIGRATION_LOCK, "audit")
+                audit._check_unauthenticated_head(first_upgrade)
             else:
                 audit._require_tables()
-            audit._warn_if_unauthenticated_head()
         except BaseException:
             audit.close()
             raise
@@ -356,8 +359,11 @@ class AuditLog(BackendStore):
         fields = (_check_field("principal", principal, required=True), _check_field("subject id", subject_id),
                   _check_field("purpose", purpose), _check_field("result", result))  # fmt: skip
         cleaned = clean_details(details)
+        if LEGACY_DETAIL in cleaned:
+            raise ValueError(f"audit detail {LEGACY_DETAIL!r} is reserved: the log records the legacy boundary itself")
         with self._tx(write=True) as cur:
             record = self._append(cur, action.value, *fields, cleaned)
+        self._legacy_boundary = None  # recorded (or another writer appended first): only the first record says it
         if self._checkpointer is not None:
             self._checkpointer.appended(record.sequence, record.hash)
         if self._publish is not None:
@@ -457,6 +463,8 @@ class AuditLog(BackendStore):
         sequence, prev_hash = cur.execute(
             "SELECT sequence, hash FROM audit_chain_head WHERE id = 1" + self._backend.dialect.for_update
         ).fetchone()
+        if self._legacy_boundary is not None and int(sequence) == self._legacy_boundary:
+            details = {**details, LEGACY_DETAIL: str(self._legacy_boundary)}  # the first MAC'd record vouches for it
         sequence, at = int(sequence) + 1, datetime.now(UTC)  # the time is taken in turn, so it never goes back
         canonical = canonical_bytes(sequence, at, principal, action, subject_id, purpose, result, details)
         keyring = self._require_keyring()
@@ -497,9 +505,40 @@ class AuditLog(BackendStore):
         return chain
 
     def _legacy_hint(self) -> str:
+        """Why records lack a MAC, for a verify that stopped at one; never suggests a boundary above the recorded one
+        (a forger who strips every MAC and rewrites the chain must not be told which flag makes it pass)."""
         count, last = self.legacy_records()
-        return (f" ({count} legacy record(s) without MAC in this log, the last at {last}: if they were written before "
-                f"record authentication, verify with --legacy-until {last} / SIGHTLINE_AUDIT_LEGACY_UNTIL={last})")
+        if self._columns != _COLUMNS:
+            return (f" (this log is older than record authentication: none of its {count} record(s) carries a MAC; "
+                    "the first writer to open it upgrades it, logs its legacy boundary and records it in the first "
+                    "authenticated record)")  # fmt: skip
+        recorded = self.recorded_legacy_boundary()
+        if recorded is not None:
+            boundary, at = recorded
+            return (f" ({count} record(s) without MAC in this log; the upgrade recorded legacy_until={boundary} in "
+                    f"record {at}: verify with --legacy-until {boundary} / SIGHTLINE_AUDIT_LEGACY_UNTIL={boundary}, "
+                    "never a higher one)")  # fmt: skip
+        return (f" ({count} record(s) without MAC in this log, the last at {last}, and no authenticated record "
+                "records a legacy boundary: give --legacy-until only the number logged when this log was upgraded to "
+                "record authentication, never a higher one; records without MAC beyond it had their MACs stripped or "
+                "were written without the audit key)")  # fmt: skip
+
+    def recorded_legacy_boundary(self) -> tuple[int, int] | None:
+        """(legacy_until, the record holding it) as the first authenticated record recorded it when a writer upgraded
+        a legacy chain; None when no record with a valid MAC records one (or there is no keyring to check it)."""
+        if self._keyring is None or self._columns != _COLUMNS:
+            return None
+        with self._tx(write=False) as cur:
+            row = cur.execute(f"SELECT {_COLUMNS} FROM audit_records WHERE mac <> '' ORDER BY sequence "
+                              "LIMIT 1").fetchone()  # fmt: skip
+        if row is None:
+            return None
+        try:
+            if not self._keyring.matches(row[10], mac_bytes(row[10], row[8], _row_canonical(row)), row[11]):
+                return None
+            return int(json.loads(row[7])[LEGACY_DETAIL]), int(row[0])
+        except (AuditKeyError, KeyError, ValueError, TypeError, UnicodeEncodeError):
+            return None
 
     def _require_tables(self) -> None:
         try:
@@ -519,17 +558,37 @@ class AuditLog(BackendStore):
             return False
         return True
 
-    def _warn_if_unauthenticated_head(self) -> None:
-        """Say so when the newest record carries no MAC: a chain just upgraded to record authentication."""
+    def _check_unauthenticated_head(self, first_upgrade: bool) -> None:
+        """A writer's check of the newest record: one without a MAC beyond ``legacy_until`` refuses the log, unless
+        this writer is upgrading a legacy chain to record authentication right now (``first_upgrade``: the log had no
+        MAC column, so no MAC'd record was ever written), or one upgraded but not yet appended to whose records
+        ``legacy_until`` covers. Then the next record appended records the boundary (``legacy_until`` in its
+        details, covered by its MAC), and verify refuses a higher one."""
         sequence = self.head()[0]
-        if self._columns != _COLUMNS or sequence <= self.legacy_until:
+        if sequence == 0:
             return
         with self._tx(write=False) as cur:
-            row = cur.execute("SELECT key_id FROM audit_records WHERE sequence = ?", (sequence,)).fetchone()
-        if row is not None and not row[0]:
-            log.warning("audit records up to %d carry no MAC (written before record authentication): note this "
-                        "number and verify with SIGHTLINE_AUDIT_LEGACY_UNTIL=%d (--legacy-until)", sequence,
-                        sequence, extra={"sequence": sequence})  # fmt: skip
+            row = cur.execute("SELECT key_id, mac FROM audit_records WHERE sequence = ?", (sequence,)).fetchone()
+            if row is None or row[0] or row[1]:
+                return  # a MAC'd head (verify checks it), or no head record at all (verify names that)
+            (signed,) = cur.execute("SELECT COUNT(*) FROM audit_records WHERE key_id <> '' OR mac <> ''").fetchone()
+        if first_upgrade or (not int(signed) and sequence <= self.legacy_until):
+            self._legacy_boundary = sequence
+            log.warning("the audit log %s is upgraded to record authentication: its records 1..%d carry no MAC "
+                        "(written before it); the next record appended records legacy_until=%d. Note this number and "
+                        "verify with SIGHTLINE_AUDIT_LEGACY_UNTIL=%d (--legacy-until)", self.description, sequence,
+                        sequence, sequence, extra={"sequence": sequence})  # fmt: skip
+            return
+        why = ("records before it do" if int(signed) else
+               f"the log was upgraded to record authentication before and SIGHTLINE_AUDIT_LEGACY_UNTIL "
+               f"({self.legacy_until}) does not cover it")  # fmt: skip
+        recorded = self.recorded_legacy_boundary()
+        note = f"; the upgrade recorded legacy_until={recorded[0]} in record {recorded[1]}" if recorded else ""
+        raise AuditError(f"refusing to append to the audit log {self.description}: its newest record ({sequence}) "
+                         f"carries no MAC, and {why}{note}. Its MACs were stripped (and the chain rewritten), or "
+                         "records were written without the audit key: check it with 'sightline audit verify "
+                         "--against-topic' and restore it from a backup. Set SIGHTLINE_AUDIT_LEGACY_UNTIL only to the "
+                         "number logged when this log was upgraded, never a higher one")  # fmt: skip
 
 
 def _keyring_if_configured(url: str) -> AuditKeyring | None:
@@ -588,14 +647,35 @@ class _MacCheck:
             return self._unsigned(sequence)
         try:
             if self._keyring.matches(key_id, mac_bytes(key_id, prev_hash, _row_canonical(row)), mac):
-                self.vouched = True
-                return 0, ""
+                first, self.vouched = not self.vouched, True
+                problem = self._recorded_boundary(sequence, row[7]) if first else ""
+                return (sequence, problem) if problem else (0, "")
         except AuditKeyError as error:
             return sequence, f"record {sequence} cannot be authenticated: {error}"
         except (UnicodeEncodeError, ValueError, TypeError) as error:
             return sequence, f"record {sequence} cannot be read: {error}"
         return sequence, (f"record {sequence} does not match its MAC (key id {key_id!r}): it was changed, or forged "
                           "by someone without the audit key")  # fmt: skip
+
+    def _recorded_boundary(self, sequence: int, details: str) -> str:
+        """The first authenticated record of an upgraded chain records how many legacy records precede it: they must
+        be exactly those, and the legacy_until given must not exceed it. "" when it holds (or nothing is recorded:
+        a chain upgraded by a release that did not record it)."""
+        value = json.loads(details).get(LEGACY_DETAIL)
+        if value is None:
+            return ""
+        try:
+            recorded = int(value)
+        except ValueError:
+            return f"record {sequence} records an unreadable legacy boundary"
+        if recorded != sequence - 1:
+            return (f"record {sequence} records {recorded} legacy record(s) before it, but follows {sequence - 1} "
+                    "records without MAC")  # fmt: skip
+        if self._legacy_until > recorded:
+            return (f"the legacy_until given ({self._legacy_until}) is higher than the boundary the upgrade recorded "
+                    f"in record {sequence} ({recorded}): verify with --legacy-until {recorded} / "
+                    f"SIGHTLINE_AUDIT_LEGACY_UNTIL={recorded}")  # fmt: skip
+        return ""
 
     def _unsigned(self, sequence: int) -> tuple[int, str]:
         if self.vouched:  # legacy records only ever come first: this one lost its MAC after the upgrade

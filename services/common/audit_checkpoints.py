@@ -30,6 +30,7 @@ from pydantic_settings import SettingsConfigDict
 
 from sightline.common.audit_keys import AuditKeyError, AuditKeyring
 from sightline.common.config import SightlineSettings
+from sightline.common.transient import Backoff
 
 if TYPE_CHECKING:
     from sightline.common.audit import AuditLog
@@ -41,7 +42,7 @@ EVENT_HEADER = "sightline-event"
 EVENT_NAME = b"AuditCheckpoint"
 CHECKPOINT_TOPIC_KEY = b"sightline-audit-checkpoint"
 _DOMAIN = b"sightline.audit.checkpoint.v1\n"
-_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # fixed width, so the stored text is the canonical text (records use it too)
 
 
 class AuditCheckpointSettings(SightlineSettings):
@@ -82,12 +83,12 @@ class Checkpoint:
         document = json.loads(value)
         checkpoint = cls(str(document["chain"]), int(document["sequence"]), str(document["head_hash"]),
                          str(document["at"]), str(document["key_id"]), str(document["mac"]))  # fmt: skip
-        datetime.strptime(checkpoint.at, _TIME_FORMAT)
+        datetime.strptime(checkpoint.at, TIME_FORMAT)
         return checkpoint
 
 
 def sign_checkpoint(keyring: AuditKeyring, chain: str, sequence: int, head_hash: str) -> Checkpoint:
-    at = datetime.now(UTC).strftime(_TIME_FORMAT)
+    at = datetime.now(UTC).strftime(TIME_FORMAT)
     unsigned = Checkpoint(chain, sequence, head_hash, at, keyring.active_key_id, "")
     return Checkpoint(chain, sequence, head_hash, at, unsigned.key_id,
                       keyring.mac(unsigned.key_id, unsigned.signed_bytes()))  # fmt: skip
@@ -101,53 +102,128 @@ class CheckpointSink(Protocol):
 
 
 class Checkpointer:
-    """Publishes a checkpoint of the last record this process appended when one is due, from a timer, and on close."""
+    """Publishes a checkpoint of the last record this process appended when one is due, and on close.
+
+    Sends happen on the timer thread, waiting for the broker, never on an appending thread: the count trigger takes a
+    snapshot of the head it reached and hands it over, in order. A send that fails is put back (keeping only the
+    highest sequence due: one checkpoint of the newest head covers every record before it) and retried with
+    ``Backoff``, so a broker outage delays the checkpoint of the newest records but never loses it while the process
+    lives. ``close`` sends what is left, retrying for at most ``close_timeout_s``, and logs an error if it gives up."""
 
     def __init__(self, keyring: AuditKeyring, sink: CheckpointSink, chain_of: Callable[[], str],
-                 settings: AuditCheckpointSettings) -> None:  # fmt: skip
+                 settings: AuditCheckpointSettings, backoff: Backoff | None = None,
+                 close_timeout_s: float = 5.0) -> None:  # fmt: skip
         self._keyring, self._sink, self._chain_of = keyring, sink, chain_of
         self._every, self._interval_s = settings.checkpoint_every, settings.checkpoint_interval_s
-        self._lock = threading.Lock()
-        self._pending: tuple[int, str] | None = None  # (sequence, hash) appended here and not yet checkpointed
+        self._backoff = backoff or Backoff(initial_s=0.1, max_s=min(10.0, self._interval_s))
+        self._close_timeout_s = close_timeout_s
+        self._lock = threading.Lock()  # guards the state below
+        self._send_lock = threading.Lock()  # one send at a time (the timer's, or close's once the timer is gone)
+        self._pending: tuple[int, str] | None = None  # (sequence, hash) appended here and not yet due
+        self._due: list[tuple[int, str]] = []  # due to be sent, in sequence order
+        self._queued = 0  # the highest sequence made due: an older one appended late needs no checkpoint
         self._count, self._since = 0, 0.0
-        self._stop = threading.Event()
+        self._failures = 0  # consecutive failed sends
+        self._stop, self._wake = threading.Event(), threading.Event()
         self._timer = threading.Thread(target=self._run, name="audit-checkpoints", daemon=True)
         self._timer.start()
 
     def appended(self, sequence: int, digest: str) -> None:
-        """Note an appended record; publish (without waiting) when the count is reached."""
+        """Note an appended record; when the count is reached, hand its checkpoint to the timer thread."""
         with self._lock:
+            if sequence <= self._queued:
+                return
             if self._pending is None or sequence > self._pending[0]:
                 self._pending = (sequence, digest)
             if self._count == 0:
                 self._since = time.monotonic()
             self._count += 1
-            due = self._count >= self._every
-        if due:
-            self._publish(wait=False)
+            if self._count >= self._every:
+                self._make_due()
+        self._wake.set()
 
     def close(self) -> None:
-        """Stop the timer and checkpoint what this process appended last, waiting for the broker."""
+        """Stop the timer and checkpoint what this process appended last, waiting for the broker (retrying for at
+        most ``close_timeout_s``)."""
+        deadline = time.monotonic() + self._close_timeout_s
         self._stop.set()
-        self._timer.join(timeout=5.0)
-        self._publish(wait=True)
+        self._wake.set()
+        self._timer.join(timeout=self._close_timeout_s)
+        with self._lock:
+            self._make_due()
+        attempt = 0
+        while True:
+            with self._lock:
+                if not self._due:
+                    return
+                sequence = self._due[-1][0]
+            if self._send_next():
+                attempt = 0
+                continue
+            attempt += 1
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.error("gave up publishing the audit checkpoint of record %d after %d failed attempt(s) on close: "
+                          "records after the last published checkpoint can be cut off the database unnoticed until "
+                          "a later writer checkpoints the chain", sequence, attempt,
+                          extra={"sequence": sequence})  # fmt: skip
+                return
+            time.sleep(min(remaining, self._backoff.delay(attempt)))
 
     def _run(self) -> None:
-        while not self._stop.wait(min(self._interval_s, 1.0)):
+        retry_at = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            self._wake.wait(max(0.0, retry_at - now) if self._failures else min(self._interval_s, 1.0))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            if self._failures and time.monotonic() < retry_at:
+                continue  # woken by an append while backing off: the retry waits its turn
             with self._lock:
-                due = self._pending is not None and time.monotonic() - self._since >= self._interval_s
-            if due:
-                self._publish(wait=False)
+                if self._pending is not None and time.monotonic() - self._since >= self._interval_s:
+                    self._make_due()
+            while not self._stop.is_set() and self._send_next():
+                with self._lock:
+                    if not self._due:
+                        break
+            if self._failures:
+                retry_at = time.monotonic() + self._backoff.delay(self._failures)
 
-    def _publish(self, wait: bool) -> None:
-        with self._lock:
-            pending, self._pending, self._count = self._pending, None, 0
-        if pending is None:
-            return
-        try:
-            self._sink.checkpoint(sign_checkpoint(self._keyring, self._chain_of(), *pending), wait)
-        except Exception:  # noqa: BLE001 - the next checkpoint covers this one; the database is unaffected
-            log.warning("could not publish an audit checkpoint", exc_info=True, extra={"sequence": pending[0]})
+    def _make_due(self) -> None:
+        """Move the pending head to the sends due (holding ``_lock``)."""
+        if self._pending is not None:
+            self._due.append(self._pending)
+            self._queued = self._pending[0]
+        self._pending, self._count = None, 0
+
+    def _send_next(self) -> bool:
+        """Send the first checkpoint due, waiting for the broker: True when it went (or nothing was due); on failure
+        put it back, keeping only the highest sequence due, and False."""
+        with self._send_lock:
+            with self._lock:
+                if not self._due:
+                    return True
+                head = self._due.pop(0)
+            try:
+                self._sink.checkpoint(sign_checkpoint(self._keyring, self._chain_of(), *head), True)
+            except Exception:  # noqa: BLE001 - retried; the database is unaffected
+                with self._lock:
+                    self._due = [max([head, *self._due])]
+                    self._failures += 1
+                    failures = self._failures
+                if failures == 1:
+                    log.warning("could not publish the audit checkpoint of record %d: retrying", head[0],
+                                exc_info=True, extra={"sequence": head[0]})  # fmt: skip
+                else:
+                    log.debug("audit checkpoint retry %d failed", failures, exc_info=True)
+                return False
+            with self._lock:
+                failures, self._failures = self._failures, 0
+            if failures:
+                log.info("published the audit checkpoint of record %d after %d failed attempt(s)", head[0], failures,
+                         extra={"sequence": head[0]})  # fmt: skip
+            return True
 
 
 # -- checking a database against the topic ------------------------------------------------------------------------

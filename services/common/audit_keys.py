@@ -169,7 +169,9 @@ class AuditKeyring:
 
 
 def parse_entries(text: str) -> dict[str, bytes]:
-    """``{key_id: key}`` from ``id:BASE64`` entries; errors name the entry's position, never its content."""
+    """``{key_id: key}`` from ``id:BASE64`` entries; errors name the entry's position, never its content (an entry
+    written the wrong way round, ``BASE64:id``, puts the key where the id goes: it is never quoted, and neither is
+    anything else of an entry that fails)."""
     keys: dict[str, bytes] = {}
     lines = (line.split("#", 1)[0] for line in text.splitlines())
     entries = [entry for line in lines for entry in re.split(r"[,\s]+", line) if entry]
@@ -177,9 +179,12 @@ def parse_entries(text: str) -> dict[str, bytes]:
         key_id, sep, key_b64 = entry.partition(":")
         if not sep or not key_id:
             raise AuditKeyError(f"audit keyring entry {position} is not of the form KEY_ID:BASE64")
+        if not _KEY_ID.fullmatch(key_id):
+            raise AuditKeyError(f"audit keyring entry {position}: its key id must be 1-64 letters, digits, '_', '.' "
+                                "or '-' (entries are KEY_ID:BASE64, the id first)")  # fmt: skip
         if key_id in keys:
-            raise AuditKeyError(f"audit key id {key_id!r} appears twice in the keyring")
-        keys[key_id] = _decode(key_b64, key_id)
+            raise AuditKeyError(f"audit keyring entry {position}: key id {key_id!r} appears twice in the keyring")
+        keys[key_id] = _decode(key_b64, position)
     return keys
 
 
@@ -225,17 +230,21 @@ def ensure_keys_file(path: Path, database_url: str = "") -> Path:
     return path
 
 
-def _decode(key_b64: str, key_id: str) -> bytes:
+def _decode(key_b64: str, position: int) -> bytes:
+    """The key of entry ``position``; errors name the entry by its position only (an id that passed the pattern may
+    still be a key written in the wrong place)."""
     try:
         key = base64.b64decode(key_b64.replace("-", "+").replace("_", "/"), validate=True)
     except (binascii.Error, ValueError):
-        raise AuditKeyError(f"audit key {key_id!r} is not valid base64") from None
-    _check(key_id, key)
+        raise AuditKeyError(f"audit keyring entry {position}: its key is not valid base64 (entries are "
+                            "KEY_ID:BASE64, the id first)") from None  # fmt: skip
+    if len(key) != KEY_BYTES:
+        raise AuditKeyError(f"audit keyring entry {position}: its key must be {KEY_BYTES} bytes, got {len(key)}")
     return key
 
 
 def _check(key_id: str, key: bytes) -> None:
     if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
-        raise AuditKeyError(f"audit key id {key_id!r} must be 1-64 letters, digits, '_', '.' or '-'")
+        raise AuditKeyError("an audit key id must be 1-64 letters, digits, '_', '.' or '-'")  # never quoted: see above
     if len(key) != KEY_BYTES:
         raise AuditKeyError(f"audit key {key_id!r} must be {KEY_BYTES} bytes, got {len(key)}")

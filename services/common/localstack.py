@@ -441,13 +441,14 @@ def local_capture_roots() -> list[Path]:
 
 def local_capture_policy(roots: Sequence[Path] | None = None) -> dict[str, str]:
     """The capture source policy of the local stack, as environment variables: the given folders (or the user's
-    own) and the sample photos; streams over RTSP or HTTP(S) from loopback and private networks only."""
+    own) and the sample photos; streams over RTSP(S) from loopback and private networks only. Not HTTP(S): a web
+    server on a private network is not a camera, and one could serve FFmpeg anything (docs/security.md)."""
     from sightline.common.paths import samples_dir
 
     folders = [*(local_capture_roots() if roots is None else roots), samples_dir()]
     return {
         "SIGHTLINE_CAPTURE_ALLOWED_ROOTS": json.dumps(list(dict.fromkeys(str(Path(f).resolve()) for f in folders))),
-        "SIGHTLINE_CAPTURE_ALLOWED_SCHEMES": json.dumps(["rtsp", "rtsps", "http", "https"]),
+        "SIGHTLINE_CAPTURE_ALLOWED_SCHEMES": json.dumps(["rtsp", "rtsps"]),
         "SIGHTLINE_CAPTURE_ALLOWED_HOSTS": json.dumps(LOCAL_CAPTURE_NETWORKS),
     }
 

@@ -171,8 +171,10 @@ class SqliteBackend:
             except sqlite3.Error:
                 # A COMMIT refused (say "database is locked" by a reader) leaves the transaction open: without the
                 # rollback every later BEGIN fails with "cannot start a transaction within a transaction", which no
-                # retry outlives. Rolled back, the caller's retry starts clean.
-                raw.execute("ROLLBACK")
+                # retry outlives. Rolled back, the caller's retry starts clean. SQLite may have rolled back by itself
+                # (disk full, I/O error): then a ROLLBACK would hide the real error.
+                if self._conn.in_transaction:
+                    raw.execute("ROLLBACK")
                 raise
 
     def close(self) -> None:

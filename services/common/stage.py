@@ -376,9 +376,14 @@ def _without_payload(record: _Record) -> _Record:
 
 
 def dead_letter_record(stage: str, item: InputEvent, error: BaseException,
-                       max_payload: int = MAX_DEADLETTER_PAYLOAD) -> events_pb2.DeadLetter:  # fmt: skip
+                       max_payload: int = MAX_DEADLETTER_PAYLOAD,
+                       withheld: tuple[int, bytes] | None = None) -> events_pb2.DeadLetter:  # fmt: skip
     """The dead-letter record of a failed input: stage, reason, message, a reference to the input, its hash and size,
-    and a copy of it (up to ``max_payload`` bytes) only when it is safe to copy (``may_copy_payload``)."""
+    and a copy of it (up to ``max_payload`` bytes) only when it is safe to copy (``may_copy_payload``).
+
+    ``withheld`` (size, SHA-256 digest; the digest may be empty when the input was never read) describes an input
+    that is not in ``item`` at all (capture's files): the record then says it was withheld, with that size and digest.
+    """
     reason = getattr(error, "reason", None) or "internal_error"
     payload = item.value or b""
     copy = may_copy_payload(item.topic, payload)
@@ -399,6 +404,9 @@ def dead_letter_record(stage: str, item: InputEvent, error: BaseException,
     if payload:
         record.payload_sha256 = hashlib.sha256(payload).digest()
         record.payload_size = len(payload)
+    elif withheld is not None:
+        record.payload_size, record.payload_sha256 = withheld
+        record.payload_withheld = True
     return record
 
 

@@ -111,6 +111,8 @@ class DecisionEngine:
         self._alerts: AlertBook = alerts or _Unrecorded()
         self._hits: OrderedDict[tuple[str, str, str], _Hits] = OrderedDict()  # (source, track, subject)
         self._last_alerts: OrderedDict[tuple[str, str], LastAlert] = OrderedDict()  # (source, subject)
+        # (source, subject) the book had no alert for: alerts of those are raised here, so memory has them from then on
+        self._none_stored: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def decide(self, result: events_pb2.MatchResult) -> tuple[list[events_pb2.Decision], list[events_pb2.Alert]]:
         decisions, alerts = [], []
@@ -255,11 +257,16 @@ class DecisionEngine:
 
     def _last_alert(self, source_id: str, subject_id: str) -> LastAlert | None:
         """The subject's last alert on the source: from memory, else (after a restart) from the book."""
-        last = self._last_alerts.get((source_id, subject_id))
-        if last is None:
+        key = (source_id, subject_id)
+        last = self._last_alerts.get(key)
+        if last is None and key not in self._none_stored:
             last = self._alerts.last(source_id, subject_id)
             if last is not None:
-                self._remember_alert((source_id, subject_id), last)
+                self._remember_alert(key, last)
+            else:  # asked once per key and run: a subject matched frame after frame costs no query per frame
+                self._none_stored[key] = None
+                while len(self._none_stored) > MAX_TRACKED_KEYS:
+                    self._none_stored.popitem(last=False)
         return last
 
     def _remember_alert(self, key: tuple[str, str], alert: LastAlert) -> None:

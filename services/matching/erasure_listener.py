@@ -24,6 +24,7 @@ from sightline.common import codec
 from sightline.common.bus import read_topics
 from sightline.common.config import KafkaSettings
 from sightline.common.topics import ERASURES
+from sightline.common.transient import Backoff
 from sightline.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -52,17 +53,18 @@ class ErasureListener:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        delay = _RETRY_FIRST_S
+        backoff, failures = Backoff(_RETRY_FIRST_S, _RETRY_MAX_S), 0
         while not self._stop.is_set():
             try:
                 for record in read_topics(self._kafka, [ERASURES.name], since_ms=self._since_ms, stop=self._stop.is_set):
                     self._handle(record.value)
                     self._since_ms = max(self._since_ms, record.timestamp)  # resume here (replays are harmless)
-                    delay = _RETRY_FIRST_S
+                    failures = 0
             except Exception:  # noqa: BLE001 - a broker outage must not end the listener; read again later
+                failures += 1
+                delay = backoff.delay(failures)
                 log.warning("cannot read erasure notices; trying again in %.1f s", delay, exc_info=True)
                 self._stop.wait(delay)
-                delay = min(delay * 2, _RETRY_MAX_S)
 
     def _handle(self, value: bytes | None) -> None:
         try:

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from sightline.common import scores, telemetry
+from sightline.common.transient import Backoff
 from sightline.matching.index import DEFAULT_MASK_CACHE_SIZE, Candidate, SearchIndex
 from sightline.matching.readiness import Readiness
 from sightline.matching.store import (
@@ -167,7 +168,7 @@ class Gallery:
 
     def _until_next_check(self) -> float:
         if self._failures:
-            return min(self._interval, _RETRY_FIRST_S * 2 ** (self._failures - 1))
+            return Backoff(_RETRY_FIRST_S, self._interval).delay(self._failures)
         if self._next_expiry is None:
             return self._interval
         return max(0.0, min(self._interval, self._next_expiry - time.time()))

@@ -154,7 +154,8 @@ def test_a_dead_broker_cannot_grow_the_producers_buffer(tmp_path: Path, photos: 
     kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
     ensure_topics(kafka, [FRAMES])
     limit = 1024 * 1024
-    settings = CaptureSettings(publish_buffer_bytes=limit, publish_timeout_s=0.5, backpressure_refresh_s=0.1)
+    settings = CaptureSettings(publish_buffer_bytes=limit, publish_timeout_s=0.5, backpressure_refresh_s=0.1,
+                               allowed_roots=[tmp_path.resolve()])  # fmt: skip
     capture = Capture(settings, kafka)
     try:
         one = tmp_path / "one"

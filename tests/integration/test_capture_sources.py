@@ -5,6 +5,7 @@ with INVALID_ARGUMENT before any frame and without echoing credentials, a config
 
 from __future__ import annotations
 
+import http.server
 import logging
 import os
 import shutil
@@ -22,8 +23,9 @@ from prometheus_client import REGISTRY
 
 from sightline.capture.service import Capture, CaptureServicer
 from sightline.capture.settings import CaptureSettings
-from sightline.capture.source_policy import SourcePolicy
-from sightline.capture.sources import SourceRefused, SourceUnavailable, open_source, source_id_for
+from sightline.capture import sources
+from sightline.capture.source_policy import HostRules, SourcePolicy
+from sightline.capture.sources import SourceRefused, SourceUnavailable, open_source, open_vetted, source_id_for
 from sightline.common.broker import free_port
 from sightline.common.bus import read_topics
 from sightline.common.config import KafkaSettings
@@ -92,6 +94,82 @@ def test_missing_empty_and_fake_sources_fail_when_opened(tmp_path: Path) -> None
     with pytest.raises(SourceRefused, match="not a recognised image") as refused:
         open_source(str(fake), 5, policy)
     assert SECRET not in str(refused.value)
+
+
+def test_a_video_is_decoded_from_the_file_that_was_checked_even_if_its_path_is_swapped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    video, other = tmp_path / "clip.avi", tmp_path / "other.avi"
+    write_video(video, frames=50, fps=25)
+    write_video(other, frames=5, fps=25)
+    checked = sources.looks_like_video
+
+    def check_then_swap(head: bytes) -> bool:  # the swap lands between the signature check and FFmpeg's open
+        os.replace(other, video)
+        return checked(head)
+
+    monkeypatch.setattr(sources, "looks_like_video", check_then_swap)
+    assert len(list(open_source(str(video), 25, files_under(tmp_path)))) == 50  # the checked file, not the new one
+    monkeypatch.undo()
+    vetted = files_under(tmp_path).vet(str(video))
+    video.unlink()
+    video.symlink_to(tmp_path / "elsewhere.avi")  # a symlink swapped in after the vetting is not followed
+    write_video(tmp_path / "elsewhere.avi", frames=5, fps=25)
+    with pytest.raises(SourceUnavailable, match="cannot be read"):
+        open_vetted(vetted, 25, files_under(tmp_path))
+    assert sources.FFMPEG_OPTIONS_VARIABLE not in os.environ  # set around each open only
+
+
+class _Site(http.server.ThreadingHTTPServer):
+    """A loopback web server: ``routes`` maps a path to (status, headers, body); every path asked is recorded."""
+
+    def __init__(self, routes: dict[str, tuple[int, dict[str, str], bytes]]) -> None:
+        self.routes, self.asked = routes, []  # type: ignore[var-annotated]
+        site = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                site.asked.append(self.path)
+                status, headers, body = site.routes.get(self.path, (404, {}, b""))
+                self.send_response(status)
+                for name, value in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}{path}"
+
+
+def test_an_http_stream_cannot_lead_ffmpeg_to_another_server_by_redirect_or_playlist(tmp_path: Path) -> None:
+    # The policy allows a host, not a port: "another server" is a second loopback port, so nothing leaves the machine.
+    clip = tmp_path / "clip.avi"
+    write_video(clip, frames=10, fps=25)
+    elsewhere = _Site({"/clip.avi": (200, {"Content-Type": "video/x-msvideo"}, clip.read_bytes())})
+    playlist = f"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\n{elsewhere.url('/clip.avi')}\n#EXT-X-ENDLIST\n"
+    allowed = _Site({
+        "/clip.avi": (200, {"Content-Type": "video/x-msvideo"}, clip.read_bytes()),
+        "/redirect": (302, {"Location": elsewhere.url("/clip.avi")}, b""),
+        "/live.m3u8": (200, {"Content-Type": "application/vnd.apple.mpegurl"}, playlist.encode()),
+    })  # fmt: skip
+    policy = SourcePolicy(schemes=frozenset({"http"}), hosts=HostRules.parse(["127.0.0.1/32"]))
+    try:
+        assert list(open_source(allowed.url("/clip.avi"), 1000, policy))  # the allowed server itself: read
+        for path in ("/redirect", "/live.m3u8"):
+            with pytest.raises(SourceUnavailable, match="cannot open video source"):
+                open_source(allowed.url(path), 1000, policy)
+        assert "/redirect" in allowed.asked and "/live.m3u8" in allowed.asked
+        assert elsewhere.asked == []  # FFmpeg never went there
+    finally:
+        for site in (allowed, elsewhere):
+            site.shutdown()
+            site.server_close()
 
 
 def test_source_ids_are_readable_and_never_carry_credentials() -> None:

@@ -163,6 +163,13 @@ class ListSink:
         self.checkpoints.append((checkpoint, wait))
 
 
+def wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def fill(audit: AuditLog, count: int) -> list[AuditRecord]:
     return [audit.append(f"officer-{i % 2}", Action.SEARCH, f"subject-{i}", "cctv-watchlist", "ok",
                          {"candidates": i, "watchlist": "wl"}) for i in range(count)]  # fmt: skip
@@ -558,6 +565,7 @@ def test_a_rewritten_chain_or_a_forged_checkpoint_does_not_match(
     sink = ListSink()
     writer = open_log(store_url, publish=sink, checkpoints=AuditCheckpointSettings(checkpoint_every=3))
     fill(writer, 7)
+    wait_for(lambda: len(sink.checkpoints) == 2)  # records 3 and 6, sent from the checkpointer's thread
     checkpoints = [c for c, _ in sink.checkpoints]
     auditor = open_log(store_url, create=False)
     report = check_against(auditor, keyring, checkpoints)  # record 7 is not checkpointed yet: said, not hidden
@@ -584,8 +592,8 @@ def test_checkpoints_follow_the_count_the_clock_and_close(store_url: str, open_l
     deadline = time.monotonic() + 5
     while not sink.checkpoints and time.monotonic() < deadline:
         time.sleep(0.05)
-    ((checkpoint, waited),) = sink.checkpoints  # the timer's, without waiting for the broker
-    assert (checkpoint.sequence, checkpoint.head_hash, waited) == (2, writer.head()[1], False)
+    ((checkpoint, waited),) = sink.checkpoints  # the timer's, waiting for the broker (on its own thread)
+    assert (checkpoint.sequence, checkpoint.head_hash, waited) == (2, writer.head()[1], True)
     assert checkpoint.chain == writer.records()[0].hash and checkpoint.key_id == "k1"
     assert keyring.matches(checkpoint.key_id, checkpoint.signed_bytes(), checkpoint.mac)
     assert Checkpoint.from_json(checkpoint.to_json()) == checkpoint
@@ -626,7 +634,7 @@ def test_an_old_log_is_never_called_intact_in_silence(store_url: str, open_log: 
     assert reader.legacy_records() == (3, 3) and [r.mac for r in reader.records()] == ["", "", ""]
     report = reader.verify()
     assert not report.intact and report.first_broken_sequence == 1
-    assert "3 legacy record(s) without MAC" in report.reason and "--legacy-until 3" in report.reason
+    assert "older than record authentication: none of its 3 record(s) carries a MAC" in report.reason
     report = reader.verify(legacy_until=3)
     assert report.intact and (report.legacy_records, report.legacy_vouched) == (3, False)
     assert "3 legacy record(s) without MAC" in report.reason and "NOT vouched for by any MAC" in report.reason
@@ -644,7 +652,7 @@ def test_verify_on_the_command_line_names_the_legacy_records(tmp_path: Path, key
     command = ["audit", "verify", "--database-url", url, "--keys-file", str(keys)]
     assert main(command) == 1
     out = capsys.readouterr().out
-    assert "BROKEN at record 1" in out and "4 legacy record(s) without MAC" in out and "--legacy-until 4" in out
+    assert "BROKEN at record 1" in out and "none of its 4 record(s) carries a MAC" in out
     assert main([*command, "--legacy-until", "4"]) == 0
     out = capsys.readouterr().out
     assert "intact: 4 record(s)" in out and "WARNING: 4 legacy record(s) without MAC" in out
@@ -656,10 +664,16 @@ def test_an_old_chain_is_migrated_and_its_records_are_vouched_for_by_the_first_s
     write_old_chain(store_url, 3)
     upgraded = open_log(store_url)  # a writer migrates: ADD COLUMN key_id, mac
     report = upgraded.verify()
-    assert not report.intact and report.first_broken_sequence == 1 and "--legacy-until 3" in report.reason
+    assert not report.intact and report.first_broken_sequence == 1 and not suggested_boundaries(report.reason)
     assert upgraded.verify(legacy_until=3).intact
     fill(upgraded, 2)
     assert [r.key_id for r in upgraded.records()] == ["", "", "", "k1", "k1"]
+    assert upgraded.records()[3].details["legacy_until"] == "3"  # the first MAC'd record records the boundary
+    assert "legacy_until" not in upgraded.records()[4].details
+    report = upgraded.verify()  # now the hint names the recorded boundary, and no higher one
+    assert not report.intact and "--legacy-until 3 " in report.reason
+    report = upgraded.verify(legacy_until=4)
+    assert not report.intact and report.first_broken_sequence == 4 and "higher than the boundary" in report.reason
     report = upgraded.verify(legacy_until=3)
     assert report.intact and (report.legacy_records, report.legacy_vouched) == (3, True)
     assert "vouched for by the MAC of the record after them" in report.reason
@@ -682,3 +696,134 @@ def test_a_mac_stripped_inside_the_legacy_range_after_a_signed_record_is_caught(
     forger.rewrite(rows)
     report = audit.verify(legacy_until=100)
     assert not report.intact and report.first_broken_sequence == 3 and "records before it do" in report.reason
+
+
+def suggested_boundaries(*messages: str) -> set[int]:
+    """Every legacy_until a message suggests (--legacy-until N, SIGHTLINE_AUDIT_LEGACY_UNTIL=N)."""
+    import re
+
+    return {int(n) for m in messages for n in re.findall(r"(?:--legacy-until |LEGACY_UNTIL=)(\d+)", m)}
+
+
+def test_a_chain_stripped_of_every_mac_and_rewritten_is_refused_and_never_suggested_a_way_through(
+        store_url: str, open_log: Callable[..., AuditLog], caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """A forger (database, no key) strips every MAC of an upgraded chain and rewrites it, boundary detail and all:
+    the writers refuse to append, verify fails, and no message suggests a legacy_until above the recorded one."""
+    write_old_chain(store_url, 3)
+    fill(open_log(store_url), 3)  # the genuine upgrade: records 4..6 MAC'd, record 4 records legacy_until=3
+    opened = open_log(store_url, create=False)
+    assert opened.recorded_legacy_boundary() == (3, 4)
+    forger = Forger(store_url)
+    rows = forger.rows()
+    for row in rows:
+        row.update(key_id="", mac="", details="{}", result="refused")
+    forger.rewrite(rows)
+    for legacy_until in (0, 3):
+        with pytest.raises(AuditError, match="refusing to append") as caught:
+            AuditLog.open(store_url, keyring=AuditKeyring.parse(new_entry("k1")), legacy_until=legacy_until)
+        assert "never a higher one" in str(caught.value)
+        assert all(n <= 3 for n in suggested_boundaries(str(caught.value)))
+    reader = open_log(store_url, create=False, legacy_until=3)
+    report = reader.verify()
+    assert not report.intact and report.first_broken_sequence == 4 and "carries no MAC" in report.reason
+    suggested = suggested_boundaries(report.reason, reader.verify(legacy_until=0).reason, caplog.text)
+    assert all(n <= 3 for n in suggested)
+    for n in suggested | {3}:
+        assert not reader.verify(legacy_until=n).intact
+    assert not (caplog.text and "LEGACY_UNTIL=6" in caplog.text)
+
+
+def test_a_chain_that_never_was_legacy_stripped_of_its_macs_is_refused(
+        store_url: str, open_log: Callable[..., AuditLog]) -> None:  # fmt: skip
+    fill(open_log(store_url), 4)
+    forger = Forger(store_url)
+    rows = forger.rows()
+    for row in rows:
+        row.update(key_id="", mac="")
+    forger.rewrite(rows)
+    with pytest.raises(AuditError, match=r"newest record \(4\) carries no MAC") as caught:
+        open_log(store_url)
+    assert not suggested_boundaries(str(caught.value))
+    report = open_log(store_url, create=False).verify()
+    assert not report.intact and report.first_broken_sequence == 1 and not suggested_boundaries(report.reason)
+
+
+def test_an_upgraded_chain_not_yet_appended_to_opens_only_within_the_configured_legacy_until(
+        store_url: str, open_log: Callable[..., AuditLog]) -> None:  # fmt: skip
+    """The upgrading writer stopped before appending: a later writer is no longer upgrading, so only the operator's
+    SIGHTLINE_AUDIT_LEGACY_UNTIL (the number the upgrade logged) lets it take over and record the boundary."""
+    write_old_chain(store_url, 3)
+    open_log(store_url).close()
+    with pytest.raises(AuditError, match="refusing to append"):
+        open_log(store_url)
+    with pytest.raises(AuditError, match="refusing to append"):
+        open_log(store_url, legacy_until=2)
+    writer = open_log(store_url, legacy_until=3)
+    fill(writer, 1)
+    assert writer.records()[3].details["legacy_until"] == "3"
+    assert writer.verify(legacy_until=3).intact
+    open_log(store_url).append("p", Action.ENROL, "s1")  # the head is MAC'd now: every writer opens
+    with pytest.raises(ValueError, match="reserved"):
+        writer.append("p", Action.ENROL, "s1", details={"legacy_until": 99})
+
+
+def test_a_keyring_entry_written_the_wrong_way_round_never_shows_the_key() -> None:
+    """'BASE64:id' puts the key where the id goes: the error names the entry by its position, never quotes it."""
+    secret = new_entry("k1").split(":", 1)[1]
+    urlsafe = secret.replace("+", "-").replace("/", "_").rstrip("=")  # matches the id pattern once unpadded
+    for text in (f"{secret}:k1", f"{secret.rstrip('=')}:k1", f"{urlsafe}:k1", f"{new_entry('k0')},{urlsafe}:k1"):
+        with pytest.raises(AuditKeyError) as caught:
+            AuditKeyring.parse(text)
+        message = str(caught.value)
+        assert secret.rstrip("=")[:12] not in message and urlsafe[:12] not in message and "entry" in message
+
+
+class FlakySink(ListSink):
+    """A broker that is down for the next ``failures`` checkpoint sends, then answers again."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures, self.attempts = failures, 0
+
+    def checkpoint(self, checkpoint: Checkpoint, wait: bool) -> None:
+        self.attempts += 1
+        if self.failures > 0:
+            self.failures -= 1
+            raise ConnectionError("broker down")
+        super().checkpoint(checkpoint, wait)
+
+
+def test_a_checkpoint_that_fails_to_send_is_retried_until_the_broker_answers_and_on_close(
+        store_url: str, open_log: Callable[..., AuditLog], keyring: AuditKeyring) -> None:  # fmt: skip
+    sink = FlakySink(failures=3)
+    writer = open_log(store_url, publish=sink,
+                      checkpoints=AuditCheckpointSettings(checkpoint_every=2, checkpoint_interval_s=3600))
+    fill(writer, 4)  # checkpoints due at 2 and 4, while the broker is down
+    wait_for(lambda: any(c.sequence == 4 for c, _ in sink.checkpoints))
+    assert sink.attempts >= 4 and sink.failures == 0
+    checkpoint, waited = sink.checkpoints[-1]
+    assert (checkpoint.sequence, checkpoint.head_hash, waited) == (4, writer.head()[1], True)
+    fill(writer, 1)  # record 5: not due yet
+    sink.failures = 2
+    writer.close()  # retries within its bound
+    checkpoint, _ = sink.checkpoints[-1]
+    assert checkpoint.sequence == 5
+    auditor = open_log(store_url, create=False)
+    assert checkpoint.head_hash == auditor.head()[1] and auditor.head()[0] == 5
+    assert check_against(auditor, keyring, [c for c, _ in sink.checkpoints]).intact
+
+
+def test_close_gives_up_on_a_broker_that_stays_down_within_its_bound_and_says_so(
+        keyring: AuditKeyring, caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    from sightline.common.audit_checkpoints import Checkpointer
+    from sightline.common.transient import Backoff
+
+    sink = FlakySink(failures=10**6)
+    checkpointer = Checkpointer(keyring, sink, lambda: "c" * 64, AuditCheckpointSettings(checkpoint_every=1000),
+                                backoff=Backoff(0.01, 0.05), close_timeout_s=0.3)  # fmt: skip
+    checkpointer.appended(1, "a" * 64)
+    started = time.monotonic()
+    with caplog.at_level("ERROR", logger="sightline.common.audit_checkpoints"):
+        checkpointer.close()
+    assert time.monotonic() - started < 2 and sink.attempts >= 2 and not sink.checkpoints
+    assert "gave up publishing the audit checkpoint of record 1" in caplog.text

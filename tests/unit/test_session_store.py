@@ -6,6 +6,9 @@ Each test runs on a SQLite file and, marked ``postgres``, on PostgreSQL (a schem
 
 from __future__ import annotations
 
+import base64
+import secrets
+
 import json
 import time
 from collections.abc import Iterator
@@ -86,7 +89,10 @@ def test_purge_removes_only_announced_decided_sessions_past_retention(store: Ses
     assert store.get("a") is None and store.get("b") is not None and [s.session_id for s in store.load_open()] == ["c"]
 
 
-def test_sessions_share_the_decision_database_with_reviews_and_audit(store_url: str, engine: SessionEngine) -> None:
+def test_sessions_share_the_decision_database_with_reviews_and_audit(store_url: str, engine: SessionEngine,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # A shared (PostgreSQL) audit log opens only with a configured keyring, as in production.
+    monkeypatch.setenv("SIGHTLINE_AUDIT_KEYS", f"session-test:{base64.b64encode(secrets.token_bytes(32)).decode()}")
     with ReviewStore.open(store_url), AuditLog.open(store_url), SessionStore.open(store_url) as sessions:
         sessions.save(opened(engine))
     with SessionStore.open(store_url) as reopened:  # migrations already applied: a no-op

@@ -12,7 +12,8 @@ import pytest
 
 from sightline.capture.settings import CaptureSettings
 from sightline.capture.source_policy import (
-    HostRules, SourceKind, SourcePolicy, SourceRefused, SourceUnavailable, looks_like_video, parse_host_entry, redact,
+    DEFAULT_MAX_VIDEO_BYTES, HostRules, Source, SourceKind, SourcePolicy, SourceRefused, SourceUnavailable,
+    ffmpeg_capture_options, looks_like_video, parse_host_entry, redact,
 )  # fmt: skip
 from sightline.common.localstack import local_capture_policy
 
@@ -107,6 +108,11 @@ def test_sizes_are_checked_from_the_stat_per_kind(tmp_path: Path) -> None:
     with pytest.raises(SourceRefused, match="SIGHTLINE_CAPTURE_MAX_VIDEO_FILE_BYTES"):
         limited.vet(str(video))
     assert policy(tmp_path, max_video_bytes=0).vet(str(video)).kind is SourceKind.VIDEO  # 0: no video limit
+    # Shipped with a limit: a 10 GiB video is refused by the default settings, unopened.
+    assert CaptureSettings().max_video_file_bytes == DEFAULT_MAX_VIDEO_BYTES == 4 * 1024**3
+    defaults = SourcePolicy.from_settings(CaptureSettings(allowed_roots=[tmp_path]))
+    with pytest.raises(SourceRefused, match="limit is 4294967296"):
+        defaults.vet(str(video))
 
 
 def test_video_containers_are_recognised_by_their_first_bytes() -> None:
@@ -185,8 +191,32 @@ def test_the_local_stack_allows_the_callers_folders_and_private_networks_only(tm
     (tmp_path / "a.jpg").write_bytes(JPEG)
     assert local.vet(str(tmp_path / "a.jpg")).kind is SourceKind.IMAGE
     assert local.vet("rtsp://192.168.1.20/stream").kind is SourceKind.STREAM
-    for refused in ("/etc/hostname", "rtsp://169.254.169.254/x", "http://8.8.8.8/x"):
+    assert settings["allowed_schemes"] == ["rtsp", "rtsps"]  # no http(s): a web server can serve FFmpeg anything
+    for refused in ("/etc/hostname", "rtsp://169.254.169.254/x", "http://8.8.8.8/x", "http://192.168.1.20/x",
+                    "https://127.0.0.1/x"):  # fmt: skip
         with pytest.raises(SourceRefused):
             local.vet(refused)
     assert "/" not in settings["allowed_roots"]
     assert "/" not in json.loads(local_capture_policy()["SIGHTLINE_CAPTURE_ALLOWED_ROOTS"])
+
+
+def test_ffmpeg_is_bounded_per_scheme_after_its_first_connection() -> None:
+    def options(kind: SourceKind, target: str) -> dict[str, str]:
+        text = ffmpeg_capture_options(Source(kind, target, target))
+        pairs = [pair.split(";") for pair in text.split("|")]
+        assert all(len(pair) == 2 for pair in pairs), text  # OpenCV's format: key;value|key;value
+        return dict(pairs)
+
+    containers = "mov,matroska,avi,mpeg,mpegvideo,mpegts"
+    assert options(SourceKind.VIDEO, "/data/clip.mp4") == {"protocol_whitelist": "file", "format_whitelist": containers}
+    assert options(SourceKind.STREAM, "rtsp://u:p@10.0.0.5/s") == {"protocol_whitelist": "rtsp,rtp,udp,tcp",
+                                                                  "rtsp_flags": "prefer_tcp"}  # fmt: skip
+    assert options(SourceKind.STREAM, "RTSPS://cam/s") == {"protocol_whitelist": "rtsp,rtsps,tls,tcp",
+                                                         "rtsp_flags": "prefer_tcp"}  # fmt: skip
+    for scheme, protocols in (("http", "http,tcp"), ("https", "https,tls,tcp")):
+        http = options(SourceKind.STREAM, f"{scheme}://10.0.0.5/video")
+        assert http["protocol_whitelist"] == protocols and http["max_redirects"] == "0"
+        demuxers = http["format_whitelist"].split(",")
+        assert demuxers[:6] == containers.split(",") and not {"hls", "dash", "concat", "image2"} & set(demuxers)
+    with pytest.raises(ValueError):
+        ffmpeg_capture_options(Source(SourceKind.FOLDER, "/data", "/data"))
