@@ -7,7 +7,8 @@ the audit keyring the services sign with (``--keys-file``, default ``SIGHTLINE_A
 ``SIGHTLINE_AUDIT_KEYS``, else a SQLite log's local ``audit.keys`` next to it); with ``--against-topic`` it also
 checks the database against the signed checkpoints on ``sightline.audit.v1``, which catches records cut off the end.
 Records without a MAC (a log from before record authentication) fail unless ``--legacy-until`` covers them, and are
-then counted in the output, never passed over in silence.
+then counted in the output, never passed over in silence; a ``--legacy-until`` above the boundary the upgrade recorded
+(in the first authenticated record) fails too, and no message ever suggests one.
 ``verify`` exits 0 when everything is intact, 1, naming the first broken record, when it is not, and 2 when it cannot
 check (no log, no keyring, no broker).
 ``new-key`` prints a new keyring entry (``id:BASE64``) for a rotation.
@@ -30,8 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the audit keyring, 'id:BASE64' a line (default: SIGHTLINE_AUDIT_KEYS_FILE or "
                         "SIGHTLINE_AUDIT_KEYS, else audit.keys next to a SQLite audit database)")  # fmt: skip
     verify.add_argument("--legacy-until", type=int,
-                        help="records up to this sequence may carry no MAC (written before record authentication; "
-                        "default SIGHTLINE_AUDIT_LEGACY_UNTIL, 0)")  # fmt: skip
+                        help="records up to this sequence may carry no MAC (written before record authentication: "
+                        "the number the upgrade logged and recorded, never higher; default "
+                        "SIGHTLINE_AUDIT_LEGACY_UNTIL, 0)")  # fmt: skip
     verify.add_argument("--against-topic", action="store_true",
                         help="also check the database against the signed checkpoints on sightline.audit.v1")
     verify.add_argument("--bootstrap", help="Kafka bootstrap servers for --against-topic (default: the running "
