@@ -25,12 +25,10 @@ logs, errors or reprs.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import logging
 import os
-import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,15 +38,14 @@ from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from sightline.common.config import SightlineSettings
+from sightline.common.keyring import KEY_BYTES, KEY_ID, parse_key_entries
 from sightline.common.sqlstore import StoreError
 
 log = logging.getLogger(__name__)
 
-KEY_BYTES = 32
 LOCAL_KEYS_FILE = "audit.keys"  # a local run's keyring, next to its SQLite audit log
 _HOW = ("give every service and auditor the same keyring in SIGHTLINE_AUDIT_KEYS or SIGHTLINE_AUDIT_KEYS_FILE, from a "
         "secret ('sightline audit new-key' prints an entry)")  # fmt: skip
-_KEY_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
 class AuditKeyError(StoreError):
@@ -169,23 +166,8 @@ class AuditKeyring:
 
 
 def parse_entries(text: str) -> dict[str, bytes]:
-    """``{key_id: key}`` from ``id:BASE64`` entries; errors name the entry's position, never its content (an entry
-    written the wrong way round, ``BASE64:id``, puts the key where the id goes: it is never quoted, and neither is
-    anything else of an entry that fails)."""
-    keys: dict[str, bytes] = {}
-    lines = (line.split("#", 1)[0] for line in text.splitlines())
-    entries = [entry for line in lines for entry in re.split(r"[,\s]+", line) if entry]
-    for position, entry in enumerate(entries, start=1):
-        key_id, sep, key_b64 = entry.partition(":")
-        if not sep or not key_id:
-            raise AuditKeyError(f"audit keyring entry {position} is not of the form KEY_ID:BASE64")
-        if not _KEY_ID.fullmatch(key_id):
-            raise AuditKeyError(f"audit keyring entry {position}: its key id must be 1-64 letters, digits, '_', '.' "
-                                "or '-' (entries are KEY_ID:BASE64, the id first)")  # fmt: skip
-        if key_id in keys:
-            raise AuditKeyError(f"audit keyring entry {position}: key id {key_id!r} appears twice in the keyring")
-        keys[key_id] = _decode(key_b64, position)
-    return keys
+    """``{key_id: key}`` from ``id:BASE64`` entries; errors name the entry's position, never its content."""
+    return parse_key_entries(text, "audit keyring", AuditKeyError)
 
 
 def new_entry(key_id: str | None = None) -> str:
@@ -230,21 +212,8 @@ def ensure_keys_file(path: Path, database_url: str = "") -> Path:
     return path
 
 
-def _decode(key_b64: str, position: int) -> bytes:
-    """The key of entry ``position``; errors name the entry by its position only (an id that passed the pattern may
-    still be a key written in the wrong place)."""
-    try:
-        key = base64.b64decode(key_b64.replace("-", "+").replace("_", "/"), validate=True)
-    except (binascii.Error, ValueError):
-        raise AuditKeyError(f"audit keyring entry {position}: its key is not valid base64 (entries are "
-                            "KEY_ID:BASE64, the id first)") from None  # fmt: skip
-    if len(key) != KEY_BYTES:
-        raise AuditKeyError(f"audit keyring entry {position}: its key must be {KEY_BYTES} bytes, got {len(key)}")
-    return key
-
-
 def _check(key_id: str, key: bytes) -> None:
-    if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
+    if not isinstance(key_id, str) or not KEY_ID.fullmatch(key_id):
         raise AuditKeyError("an audit key id must be 1-64 letters, digits, '_', '.' or '-'")  # never quoted: see above
     if len(key) != KEY_BYTES:
         raise AuditKeyError(f"audit key {key_id!r} must be {KEY_BYTES} bytes, got {len(key)}")

@@ -14,25 +14,23 @@ Key material never appears in exceptions, reprs or logs; only key ids do.
 from __future__ import annotations
 
 import base64
-import binascii
 import logging
 import os
-import re
 from collections.abc import Mapping
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from sightline.common.keyring import KEY_BYTES, KEY_ID, decode_base64_key, parse_key_entries
+
 logger = logging.getLogger(__name__)
 
 EMBEDDING_DIM = 128
-KEY_BYTES = 32
 NONCE_BYTES = 12
 FORMAT_V1 = b"\x01"
 # Domain-separates our AAD from any other use of the same key, and versions the binding itself.
 _AAD_PREFIX = b"sightline/template/v1\x00"
-_KEY_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _VECTOR_DTYPE = np.dtype("<f4")
 
 
@@ -144,27 +142,16 @@ class TemplateCipher:
 
 def decode_key(key_b64: str, key_id: str) -> bytes:
     """Decodes one base64 (standard or URL-safe) key and checks it is 32 bytes."""
-    text = key_b64.strip()
-    try:
-        key = base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)
-    except (binascii.Error, ValueError):
-        raise TemplateKeyError(f"template key {key_id!r} is not valid base64") from None
+    key = decode_base64_key(key_b64)
+    if key is None:
+        raise TemplateKeyError(f"template key {key_id!r} is not valid base64")
     _check_key(key_id, key)
     return key
 
 
 def parse_key_list(spec: str) -> dict[str, bytes]:
     """Parses ``"k0:BASE64,k1:BASE64"`` (commas or whitespace between entries) into ``{key_id: key}``."""
-    keys: dict[str, bytes] = {}
-    for position, entry in enumerate(re.split(r"[,\s]+", spec.strip()) if spec.strip() else []):
-        key_id, sep, key_b64 = entry.partition(":")
-        if not sep or not key_id:
-            # Only the position: the entry itself may be a bare key.
-            raise TemplateKeyError(f"template key list entry {position + 1} is not of the form KEY_ID:BASE64")
-        if key_id in keys:
-            raise TemplateKeyError(f"template key id {key_id!r} appears twice in the key list")
-        keys[key_id] = decode_key(key_b64, key_id)
-    return keys
+    return parse_key_entries(spec, "template key list", TemplateKeyError)
 
 
 def generate_key() -> str:
@@ -173,7 +160,7 @@ def generate_key() -> str:
 
 
 def _check_key(key_id: str, key: bytes) -> None:
-    if not isinstance(key_id, str) or not _KEY_ID_PATTERN.fullmatch(key_id):
+    if not isinstance(key_id, str) or not KEY_ID.fullmatch(key_id):
         raise TemplateKeyError(
             f"template key id {key_id!r} must be 1-64 characters of letters, digits, '_', '.' or '-'"
         )
