@@ -30,10 +30,10 @@ $(GEN)/events_pb2.py: $(PROTOS) $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=build/gen --pyi_out=build/gen --grpc_python_out=build/gen $(PROTOS)
 
 models: install protos
-	$(PY) -m sightline.common.models.fetch
+	$(PY) -m sightline.common.models.convert.fetch
 
 samples: install
-	$(PY) -m sightline.common.samples
+	$(PY) -m sightline.tooling.samples
 
 tools: build/tools/helm build/tools/hadolint
 build/tools/helm build/tools/hadolint &: tools/install-helm.sh

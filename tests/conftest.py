@@ -55,7 +55,7 @@ def dlib_johns() -> Path:
 @pytest.fixture(scope="session")
 def broker() -> Iterator[object]:
     """A fresh Tansu broker for the test session (its memory is never freed, so never reuse one)."""
-    from sightline.common.broker import LocalBroker
+    from sightline.tooling.broker import LocalBroker
 
     instance = LocalBroker()
     instance.start()

@@ -38,7 +38,8 @@ from sightline.common.stage import InputEvent, StageError, dead_letter_record
 from sightline.common.topics import DEADLETTER, FRAMES
 from sightline.common.transient import Backoff
 from sightline.capture.backpressure import Backpressure, FrameDropped
-from sightline.capture.kiosk import Kiosk, KioskServicer
+from sightline.capture.kiosk.kiosk import Kiosk
+from sightline.capture.kiosk.servicer import KioskServicer
 from sightline.capture.settings import CaptureSettings
 from sightline.capture.source_policy import Source, SourceError, SourcePolicy, SourceRefused
 from sightline.capture.sources import RawFrame, open_vetted, quiet_native_logs, source_id_for
@@ -144,7 +145,7 @@ class Capture:
         )  # fmt: skip
 
     def publish_frame(self, raw: RawFrame, ref: types_pb2.FrameRef, origin: str) -> bool:
-        """Publish one frame of a gate session (capture/kiosk.py): traced and dead-lettered like any, never dropped."""
+        """Publish one frame of a gate session (capture/kiosk/kiosk.py): traced and dead-lettered like any, never dropped."""
         return self._publish(raw, ref, origin)
 
     def _publish(self, raw: RawFrame, ref: types_pb2.FrameRef, origin: str) -> bool:

@@ -66,7 +66,7 @@ class CaptureSettings(ServiceSettings):
         description="A video file larger than this is refused before it is opened (default 4 GiB); 0: no limit.",
     )  # fmt: skip
 
-    # E-channel gate sessions (KioskService, capture/kiosk.py).
+    # E-channel gate sessions (KioskService, capture/kiosk/kiosk.py).
     grpc_workers: int = Field(
         64, ge=1, description="Threads serving gRPC requests: each open WatchSession holds one for its session, so "
         "allow about two per gate plus the Ingest calls.",

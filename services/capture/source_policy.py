@@ -3,7 +3,7 @@
 Capture reads whatever source it is given with its own privileges, so a source is vetted here before anything is
 opened, whether an Ingest call names it or ``SIGHTLINE_CAPTURE_SOURCES`` lists it. Deny by default: with no allowed
 roots no file is read, with no allowed schemes or hosts no connection is made. The local stack allows the user's own
-folders and loopback/private networks (common/localstack.py); a deployment names its own.
+folders and loopback/private networks (tooling/localstack.py); a deployment names its own.
 
 - Files: the path is resolved (``..`` and every symlink followed) before it is compared with the allowed roots, so
   neither can lead outside them; /proc, /sys and /dev are refused whatever the roots; only regular files are read;

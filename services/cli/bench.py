@@ -119,7 +119,7 @@ def _frame_latencies(outcomes: Any) -> list[float]:
 
 def pipeline_figures(frames: list[Path], timeout: float) -> dict[str, Any]:
     from sightline.cli.gallery import enroll
-    from sightline.common.localstack import LocalStack
+    from sightline.tooling.localstack import LocalStack
     from sightline.common.paths import samples_dir
 
     run_dir = Path(tempfile.mkdtemp(prefix="sightline-bench-run-"))
@@ -240,7 +240,7 @@ def _model_sources() -> Path:
 
 def cmd_fidelity(args: argparse.Namespace) -> int:
     """Median and 90th percentile of the L2 distance between our descriptors and dlib's, face by face."""
-    from sightline.common.models.fidelity import descriptor_distances
+    from sightline.common.models.convert.fidelity import descriptor_distances
     from sightline.common.paths import samples_dir
 
     images = sorted((samples_dir() / "face_recognition").glob("*.jpg")) + sorted((samples_dir() / "dlib" / "faces").glob("*.jpg"))

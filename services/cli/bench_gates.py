@@ -295,7 +295,7 @@ def figures(runs: list[Any], times: TopicTimes, gates: int, fps: float, seconds:
 
 
 # Outcomes reached by a timer rather than by a frame's result: after a close (its grace spent waiting for results),
-# a time-out, or capture giving up on decision. They have no deciding frame (decision's reasons, sessions.py).
+# a time-out, or capture giving up on decision. They have no deciding frame (decision's reasons, decision/echannel/engine.py).
 _CLOCK_REASONS = ("session closed", "time-out", "the decision did not arrive in time")
 
 
@@ -369,7 +369,7 @@ def bench_gates(gate_counts: list[int], fps: float, seconds: float, frames_per_s
         endpoints = Endpoints(grpc_address("capture"), grpc_address("matching"), kafka_settings().bootstrap_servers,
                               running_metrics_ports())  # fmt: skip
         return measure(endpoints, gate_counts, fps, seconds, frames_per_session, target_ms)
-    from sightline.common.localstack import LocalStack
+    from sightline.tooling.localstack import LocalStack
 
     run_dir = Path(tempfile.mkdtemp(prefix="sightline-bench-gates-"))
     try:
@@ -386,7 +386,7 @@ def bench_gates(gate_counts: list[int], fps: float, seconds: float, frames_per_s
 def running_metrics_ports() -> dict[str, int]:
     """The metrics ports of the running local stack's services (none known: no stage times)."""
     from sightline.common import paths
-    from sightline.common.localstack import load_state
+    from sightline.tooling.localstack import load_state
 
     state = load_state(paths.run_dir())
     return {name: r.metrics_port for name, r in state.services.items() if r.metrics_port} if state else {}

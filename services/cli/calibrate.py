@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def registry_samples() -> tuple[list[Any], list[str]]:
     """The shipped table's data: dlib's johns, face_recognition's photos, dlib's examples/faces as crowds."""
     from sightline.common import paths
-    from sightline.common.evaluation import Sample, load_identity_folders
+    from sightline.tooling.evaluation import Sample, load_identity_folders
 
     root = paths.samples_dir()
     johns = load_identity_folders(root / "dlib" / "johns").samples
@@ -71,13 +71,13 @@ def registry_samples() -> tuple[list[Any], list[str]]:
 
 
 def _samples_source() -> str:
-    from sightline.common.samples import DLIB_SOURCE_VERSION
+    from sightline.tooling.samples import DLIB_SOURCE_VERSION
 
     return DLIB_SOURCE_VERSION
 
 
 def user_samples(dataset: Path | None, crowds: list[Path]) -> tuple[list[Any], list[str]]:
-    from sightline.common.evaluation import IMAGE_SUFFIXES, Sample, load_identity_folders
+    from sightline.tooling.evaluation import IMAGE_SUFFIXES, Sample, load_identity_folders
 
     samples, described = [], []
     if dataset is not None:
@@ -92,7 +92,7 @@ def user_samples(dataset: Path | None, crowds: list[Path]) -> tuple[list[Any], l
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from sightline.cli.evaluate import load_pipeline, package_version
-    from sightline.common.evaluation import DatasetError, acquire, all_pairs_scores, build_calibration_table
+    from sightline.tooling.evaluation import DatasetError, acquire, all_pairs_scores, build_calibration_table
 
     if not (args.dataset or args.crowd or args.registry_samples):
         print("error: give DATASET, --crowd DIR or --registry-samples", file=sys.stderr)

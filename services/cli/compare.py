@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def describe_face(path: Path, pipeline: Any, chips: str) -> tuple[Any, dict[str, Any]]:
     """The descriptor of the image's best face and what was done to get it; raises ``ValueError`` with a message."""
-    from sightline.common.evaluation import as_chip, best_face, is_chip, read_rgb
+    from sightline.tooling.evaluation import as_chip, best_face, is_chip, read_rgb
     from sightline.common.images import ImageError
 
     try:

@@ -43,7 +43,7 @@ def sample_paths() -> tuple[Path, list[Path]]:
     strangers = sorted((samples_dir() / "dlib" / "faces").glob("*.jpg"))[:2]
     if not (photos / "obama.jpg").is_file() or len(strangers) < 2:
         raise SystemExit(f"error: sample photos not found in {samples_dir()}: run `make setup` "
-                         "(or python -m sightline.common.samples)")  # fmt: skip
+                         "(or python -m sightline.tooling.samples)")  # fmt: skip
     return photos, strangers
 
 
@@ -134,7 +134,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from sightline.cli.outcomes import collect
     from sightline.cli.run import ingest
     from sightline.common.config import KafkaSettings
-    from sightline.common.localstack import LocalStack, StackError
+    from sightline.tooling.localstack import LocalStack, StackError
 
     photos, strangers = sample_paths()
     work = Path(tempfile.mkdtemp(prefix="sightline-demo-"))

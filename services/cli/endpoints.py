@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from sightline.common import paths
 from sightline.common.config import KafkaSettings
-from sightline.common.localstack import HOST, StackState, client_token, load_state
+from sightline.tooling.localstack import HOST, StackState, client_token, load_state
 from sightline.common.ports import GRPC_PORTS
 
 if TYPE_CHECKING:

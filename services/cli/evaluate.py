@@ -74,7 +74,7 @@ def load_pipeline(models_dir: Path | None) -> Any:
 
 def evaluate(dataset: Any, acquisition: Any, thresholds: tuple[float, ...]) -> tuple[dict[str, Any], Any]:
     """The report document (what report.json holds) and the scores behind it."""
-    from sightline.common import evaluation as ev
+    from sightline.tooling import evaluation as ev
     from sightline.common import scores as sc
 
     if dataset.pairs is not None:
@@ -113,7 +113,7 @@ def evaluate(dataset: Any, acquisition: Any, thresholds: tuple[float, ...]) -> t
 
 
 def _at_threshold(genuine: Any, impostor: Any, threshold: float) -> dict[str, Any]:
-    from sightline.common import evaluation as ev
+    from sightline.tooling import evaluation as ev
     from sightline.common import scores as sc
 
     measured = ev.fmr_at(impostor, threshold)
@@ -128,7 +128,7 @@ def _at_threshold(genuine: Any, impostor: Any, threshold: float) -> dict[str, An
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from sightline.cli import report as rendering
-    from sightline.common.evaluation import DatasetError, acquire, load_dataset
+    from sightline.tooling.evaluation import DatasetError, acquire, load_dataset
 
     try:
         dataset = load_dataset(args.dataset, args.images)

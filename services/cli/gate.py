@@ -98,7 +98,7 @@ def _read(path: Path, what: str) -> bytes:
 
 def load_frames(sources: list[str], fps: float) -> list[bytes]:
     """JPEG or PNG bytes of every frame: images as they are (others re-encoded), videos sampled at ``fps``."""
-    from sightline.capture.kiosk import media_type_of
+    from sightline.capture.kiosk.kiosk import media_type_of
     from sightline.capture.source_policy import SourcePolicy
     from sightline.capture.sources import SourceError, open_source
     from sightline.common.images import ImageError, decode_image, encode_jpeg

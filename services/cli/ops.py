@@ -87,7 +87,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _read_kubernetes(report: Report, args: argparse.Namespace) -> None:
-    from sightline.common.kube import Kube, KubeError
+    from sightline.tooling.kube import Kube, KubeError
 
     report.namespace, report.release = args.namespace, args.release
     try:
@@ -194,7 +194,7 @@ def _cells(row: dict[str, Any], kube_unknown: bool, kafka_unknown: bool) -> tupl
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    from sightline.common.kube import Kube, KubeError
+    from sightline.tooling.kube import Kube, KubeError
 
     try:
         kube = Kube(args.kubeconfig, args.context, args.namespace, timeout_s=args.timeout)

@@ -47,7 +47,7 @@ def _png(fig: Any) -> bytes:
 
 def det_png(genuine: np.ndarray, impostor: np.ndarray, thresholds: list[float]) -> bytes:
     """FNMR against FMR on log axes. Zero rates are drawn at half the resolution (1/2N), below a dotted line."""
-    from sightline.common.evaluation import error_curves, fmr_at, fnmr_at
+    from sightline.tooling.evaluation import error_curves, fmr_at, fnmr_at
 
     fig, ax = _figure()
     if len(genuine) and len(impostor):

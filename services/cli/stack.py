@@ -1,6 +1,6 @@
 """``sightline up``, ``sightline status`` and ``sightline down``: run the whole pipeline on this machine.
 
-``up`` starts the embedded broker and the five services as separate processes (see sightline.common.localstack) and
+``up`` starts the embedded broker and the five services as separate processes (see sightline.tooling.localstack) and
 either supervises them in the foreground (Ctrl-C stops everything) or, with ``--detach``, leaves them running in the
 background for ``status`` and ``down`` to find through the run dir's state file.
 """
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sightline.common.paths import run_dir
 
 if TYPE_CHECKING:
-    from sightline.common.localstack import LocalStack, StackStatus
+    from sightline.tooling.localstack import LocalStack, StackStatus
 
 POLL_SECONDS = 0.5
 
@@ -82,7 +82,7 @@ def _run_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from sightline.common.localstack import LocalStack, StackError
+    from sightline.tooling.localstack import LocalStack, StackError
 
     stack = LocalStack(_run_dir(args), ports=args.ports, policy_file=args.policy)
     _interrupt_on(signal.SIGTERM, signal.SIGHUP)  # stop cleanly when asked to by a signal, not only by Ctrl-C
@@ -154,7 +154,7 @@ def _stop(stack: LocalStack) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from sightline.common.localstack import status
+    from sightline.tooling.localstack import status
 
     directory = _run_dir(args)
     current = status(directory)
@@ -201,7 +201,7 @@ def _yes(flag: bool) -> str:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from sightline.common.localstack import stop_detached
+    from sightline.tooling.localstack import stop_detached
 
     directory = _run_dir(args)
     if stop_detached(directory, timeout=args.timeout):

@@ -430,7 +430,7 @@ _stack_lock = threading.Lock()
 
 
 def remember_stack_token(addresses: Iterable[str], token: str) -> None:
-    """Use ``token`` on this process's calls to these addresses: a local stack's own services (see localstack.py)."""
+    """Use ``token`` on this process's calls to these addresses: a local stack's own services (see tooling/localstack.py)."""
     with _stack_lock:
         _stack_tokens.update(dict.fromkeys(addresses, token))
 

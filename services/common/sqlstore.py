@@ -4,7 +4,7 @@ SQLite (``sqlite:///path.db``) serves a single node or a laptop; PostgreSQL (``p
 several replicas share one database. Each store writes its SQL once, with ``?`` placeholders and ``{type}`` names
 (``{pk}``, ``{bytes}``, ``{key}``, ``{timestamp}``, ``{bigint}``) that the dialect fills in, and keeps its schema in a
 list of ``Migration``s applied on open under its own version table. Used by the gallery (``matching/store.py``), the
-audit log (``common/audit.py``) and the review store (``decision/review.py``).
+audit log (``common/audit.py``) and the review store (``decision/review/``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ subject) for faces without a track: the recent frames on which that subject was 
 ``min_agreeing_frames`` counts the searched faces of its track, which detection sends for a search a few times per
 track, not once per frame. A track raises at most one alert per subject; an alert for a subject that the same source
 alerted within ``alert_cooldown_seconds`` is merged into that one (from any track), and a reviewer's "not this
-person" suppresses further alerts of the subject on that track (review.py). Windows use the frames' capture times,
+person" suppresses further alerts of the subject on that track (review/store.py). Windows use the frames' capture times,
 not the wall clock, so a replay after a restart decides the same way; a replayed frame is counted once. Decision and
 alert ids are derived from their inputs, so a replayed decision carries the same id and consumers can deduplicate: a
 tracked face's alert is named by (source, track, subject), a track's one alert, whatever frames a replay starts from;
@@ -20,7 +20,7 @@ the frame that raised an alert gives that alert again (with its stored status), 
 is published by the retry.
 
 E-channel (gate) frames get their per-frame decision but never an alert here: a stop-list hit at a gate is alerted
-once, by its session (sessions.py), so their decisions name no alert and leave no cool-down behind.
+once, by its session (echannel/engine.py), so their decisions name no alert and leave no cool-down behind.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class LastAlert:
 
 
 class AlertBook(Protocol):
-    """Where raised alerts are recorded before anything else happens to them (``review.AlertRecorder``)."""
+    """Where raised alerts are recorded before anything else happens to them (``review/recorder.py``)."""
 
     def record(self, alert: events_pb2.Alert, *, seen_at: datetime | None = None) -> events_pb2.Alert | None:
         """Store and audit the alert (idempotent on its id); the alert to publish, or None when its subject was
@@ -105,7 +105,7 @@ class DecisionEngine:
     def __init__(self, policy: Policy, suppressed: Callable[[str, str, str], bool] | None = None,
                  alerts: AlertBook | None = None) -> None:  # fmt: skip
         """``suppressed(source_id, subject_id, track_id)``: whether a reviewer said "not this person" there, on that
-        track ("" for a face without one) (review.py). ``alerts``: where raised alerts are recorded (none: nowhere)."""
+        track ("" for a face without one) (review/store.py). ``alerts``: where raised alerts are recorded (none: nowhere)."""
         self.policy = policy
         self._suppressed = suppressed or (lambda source_id, subject_id, track_id: False)
         self._alerts: AlertBook = alerts or _Unrecorded()
@@ -189,7 +189,7 @@ class DecisionEngine:
             return decision, None
         decision.outcome = events_pb2.OUTCOME_MATCH
         if frame.purpose == types_pb2.PURPOSE_ECHANNEL:
-            return decision, None  # a gate's stop-list hit is alerted by its session (sessions.py), once
+            return decision, None  # a gate's stop-list hit is alerted by its session (echannel/engine.py), once
         return decision, self._maybe_alert(decision, hits, hit, at)
 
     def _record(self, key: tuple[str, str, str], frame_id: str, at: float) -> _Hits:

@@ -19,8 +19,8 @@ from sightline.common import codec
 from sightline.common.audit import Action, AuditLog
 from sightline.common.stage import InputEvent, Output, Stage, one_at_a_time
 from sightline.common.topics import ERASURES
-from sightline.decision.review import SYSTEM_PRINCIPAL, ReviewStore
-from sightline.decision.session_stage import SessionDesk
+from sightline.decision.review.store import SYSTEM_PRINCIPAL, ReviewStore
+from sightline.decision.echannel.desk import SessionDesk
 from sightline.v1 import events_pb2
 
 ERASURE_STAGE = "decision-erasures"

@@ -18,7 +18,7 @@ from sightline.v1 import types_pb2
 
 
 class EChannelPolicy(BaseModel):
-    """The rules of a gate session (the ``echannel`` block of the decision policy; sessions.py applies them).
+    """The rules of a gate session (the ``echannel`` block of the decision policy; echannel/engine.py applies them).
 
     A stop-list candidate on the traveller's face is a hit within the same threshold as on a CCTV frame
     (``Policy.threshold_for``: the list's own in the gallery, else ``watchlist_target_fmr``, else the global one).

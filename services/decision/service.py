@@ -4,13 +4,13 @@ Consumes ``sightline.matches.v1``; publishes one ``Decision`` per face to ``sigh
 for review to ``sightline.alerts.v1`` when a watchlist subject is confirmed on enough frames. E-channel (gate)
 sessions are fused beside that: a second stage consumes ``sightline.sessions.v1`` and the session results of the
 matches topic go to the same ``SessionDesk``, which publishes progress and outcomes on the sessions topic
-(``session_stage.py``, docs/echannel.md). A third stage consumes the right-to-erasure notices matching publishes on
+(``echannel/desk.py``, docs/echannel.md). A third stage consumes the right-to-erasure notices matching publishes on
 ``sightline.erasures.v1`` (``erase``): the subject's alerts, reviews, feedback and sessions are deleted, and the
 erasure is audited (``erasure.py``).
 
 An alert is never an automatic action: it starts PENDING_REVIEW, is stored for review before it is published, and
 reviewers confirm (two different reviewers) or reject it through the ReviewService on this service's gRPC port
-(``review.py``). Alerts, review actions, decided sessions and erasures are written to the audit log
+(``review/``). Alerts, review actions, decided sessions and erasures are written to the audit log
 (``common/audit.py``), served by the AuditService.
 """
 
@@ -31,10 +31,12 @@ from sightline.common.topics import ALERTS, DECISIONS, MATCHES
 from sightline.decision.engine import DecisionEngine
 from sightline.decision.policy import Policy, load_policy
 from sightline.decision.erasure import erasure_stage
-from sightline.decision.review import AlertRecorder, ReviewServicer, ReviewStore, alert_publisher
-from sightline.decision.session_stage import SessionDesk, is_session_frame, session_stage
-from sightline.decision.session_store import SessionStore
-from sightline.decision.sessions import SessionEngine
+from sightline.decision.review.recorder import AlertRecorder
+from sightline.decision.review.servicer import ReviewServicer, alert_publisher
+from sightline.decision.review.store import ReviewStore
+from sightline.decision.echannel.desk import SessionDesk, is_session_frame, session_stage
+from sightline.decision.echannel.store import SessionStore
+from sightline.decision.echannel.engine import SessionEngine
 from sightline.decision.settings import DecisionSettings
 from sightline.v1 import audit_pb2_grpc, events_pb2, review_pb2_grpc, types_pb2
 

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sightline.common.liveness import LivenessChecker, LivenessObservation, LivenessSettings
+from sightline.detection.liveness import LivenessChecker, LivenessObservation, LivenessSettings
 from sightline.common.models.pipeline import AnalyzedFace
 from sightline.v1 import types_pb2
 

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from sightline.common.config import ServiceSettings
-from sightline.common.liveness import LivenessSettings
+from sightline.detection.liveness import LivenessSettings
 from sightline.common.images import DEFAULT_MAX_PIXELS
 from sightline.common.ports import GRPC_PORTS, METRICS_PORTS
 

@@ -1,7 +1,7 @@
 """What the gallery accepts as subject ids, watchlist names and erasure references; INVALID_ARGUMENT otherwise.
 
 Subject ids starting with ``session-`` are reserved for the session-scoped templates of e-channel gate sessions
-(capture/kiosk.py): only capture's own principal enrols them, and they are never candidates in a 1:N search (index.py).
+(capture/kiosk/kiosk.py): only capture's own principal enrols them, and they are never candidates in a 1:N search (index.py).
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ def test_runs_as_non_root(dockerfile: tuple[dict[str, str], dict[str, Stage]]) -
 
 def test_models_are_fetched_at_build_time(dockerfile: tuple[dict[str, str], dict[str, Stage]]) -> None:
     _, stages = dockerfile
-    assert any("sightline.common.models.fetch --models-dir /models" in r.args for r in stages["build"].all("RUN"))
+    assert any("sightline.common.models.convert.fetch --models-dir /models" in r.args for r in stages["build"].all("RUN"))
     copies = [c.args for c in stages["runtime"].all("COPY")]
     assert "--from=build /models /models" in copies and "--from=build /opt/venv /opt/venv" in copies
     env = " ".join(e.args for e in stages["runtime"].all("ENV"))

@@ -15,7 +15,7 @@ from sightline.cli.gallery import enroll
 from sightline.cli.outcomes import collect
 from sightline.cli.run import ingest
 from sightline.common.config import KafkaSettings
-from sightline.common.localstack import LocalStack
+from sightline.tooling.localstack import LocalStack
 
 pytestmark = pytest.mark.e2e
 FRAMES = 30

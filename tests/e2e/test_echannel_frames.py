@@ -15,7 +15,7 @@ from sightline.cli.outcomes import collect
 from sightline.common import codec
 from sightline.common.bus import make_producer
 from sightline.common.config import KafkaSettings
-from sightline.common.localstack import LocalStack
+from sightline.tooling.localstack import LocalStack
 from sightline.common.topics import FRAMES
 from sightline.v1 import events_pb2, types_pb2
 

@@ -26,7 +26,7 @@ from e2e.test_echannel_frames import frame_bytes
 from integration.test_document_reading import LINE1, LINE2_BAD_CHECK, render_page
 from sightline.cli.gate import SessionRun, run_session
 from sightline.common.images import encode_jpeg
-from sightline.common.localstack import LocalStack, client_token
+from sightline.tooling.localstack import LocalStack, client_token
 from sightline.common.rpc import channel
 from sightline.v1 import detection_pb2, detection_pb2_grpc, gallery_pb2, gallery_pb2_grpc, session_pb2, session_pb2_grpc
 from unit.test_liveness import _geometry, replay_attack

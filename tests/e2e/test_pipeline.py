@@ -22,7 +22,7 @@ from sightline.cli.outcomes import collect
 from sightline.cli.run import ingest
 from sightline.common.bus import make_producer
 from sightline.common.config import KafkaSettings
-from sightline.common.localstack import LocalStack
+from sightline.tooling.localstack import LocalStack
 from sightline.common.topics import FRAMES
 
 pytestmark = pytest.mark.e2e

@@ -21,7 +21,7 @@ from sightline.cli.outcomes import collect
 from sightline.common import codec
 from sightline.common.bus import make_producer, read_topics
 from sightline.common.config import KafkaSettings
-from sightline.common.localstack import LocalStack
+from sightline.tooling.localstack import LocalStack
 from sightline.common.stage import InputEvent
 from sightline.common.topics import FACES, FRAMES
 from sightline.detection.service import Detection

@@ -27,7 +27,7 @@ from sightline.cli.outcomes import Outcomes, collect
 from sightline.common.auth import AUTHORIZATION_KEY, Principal, Role, dump_principals, hash_token, new_token
 from sightline.common.bus import make_producer, read_topics
 from sightline.common.config import KafkaSettings
-from sightline.common.localstack import LocalStack
+from sightline.tooling.localstack import LocalStack
 from sightline.common.rpc import channel
 from sightline.common.topics import ALERTS, FRAMES
 from sightline.detection.settings import DetectionSettings

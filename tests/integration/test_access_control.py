@@ -25,7 +25,9 @@ from sightline.common.auth import AccessPolicy, Denial, Principal, Role, hash_to
 from sightline.common.denials import DenialAudit
 from sightline.common.rpc import GrpcServer, channel
 from sightline.common.tls import TlsSettings, server_credentials
-from sightline.decision.review import AlertRecorder, ReviewServicer, ReviewStore
+from sightline.decision.review.recorder import AlertRecorder
+from sightline.decision.review.servicer import ReviewServicer
+from sightline.decision.review.store import ReviewStore
 from sightline.v1 import (
     audit_pb2,
     audit_pb2_grpc,

@@ -24,7 +24,7 @@ from prometheus_client import REGISTRY
 from sightline.capture.backpressure import LAGGING, PRODUCER_FULL, BrokerUnavailable, ConsumerLag, frames_lag
 from sightline.capture.service import Capture
 from sightline.capture.settings import CaptureSettings
-from sightline.common.broker import LocalBroker
+from sightline.tooling.broker import LocalBroker
 from sightline.common.bus import ensure_topics, make_producer, read_topics
 from sightline.common.config import KafkaSettings
 from sightline.common.lag import consumer_group, group_lags

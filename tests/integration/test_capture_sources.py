@@ -26,7 +26,7 @@ from sightline.capture.settings import CaptureSettings
 from sightline.capture import sources
 from sightline.capture.source_policy import HostRules, SourcePolicy
 from sightline.capture.sources import SourceRefused, SourceUnavailable, open_source, open_vetted, source_id_for
-from sightline.common.broker import free_port
+from sightline.tooling.broker import free_port
 from sightline.common.bus import read_topics
 from sightline.common.config import KafkaSettings
 from sightline.common.rpc import GrpcServer, channel

@@ -14,7 +14,7 @@ import pytest
 
 from sightline.common.bus import make_producer
 from sightline.common.config import KafkaSettings
-from sightline.common.localstack import LocalStack
+from sightline.tooling.localstack import LocalStack
 from sightline.common.rpc import channel
 from sightline.common.topics import ALERTS, DECISIONS, ERASURES, MATCHES
 from sightline.v1 import audit_pb2, audit_pb2_grpc, events_pb2, review_pb2, review_pb2_grpc

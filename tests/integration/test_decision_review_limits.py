@@ -19,7 +19,9 @@ from sightline.common.audit import Action, AuditLog, AuditRecord, AuditServicer
 from sightline.common.auth import AccessPolicy, Principal, Role, hash_token, new_token
 from sightline.common.denials import LIMITS_PURPOSE, DenialAudit
 from sightline.common.rpc import GrpcServer, channel
-from sightline.decision.review import AlertRecorder, ReviewServicer, ReviewStore
+from sightline.decision.review.recorder import AlertRecorder
+from sightline.decision.review.servicer import ReviewServicer
+from sightline.decision.review.store import ReviewStore
 from sightline.v1 import audit_pb2, audit_pb2_grpc, events_pb2, review_pb2, review_pb2_grpc
 
 TOKEN = new_token()

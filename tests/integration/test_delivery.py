@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from sightline.common.broker import LocalBroker, free_port, tansu_binary
+from sightline.tooling.broker import LocalBroker, free_port, tansu_binary
 from sightline.common.config import KafkaSettings
 from sightline.common.topics import DEADLETTER, DataClass, TopicSpec
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from sightline.capture import document
-from sightline.capture.document import MRZ_INVALID, NO_MRZ, DocumentReading, read_document
+from sightline.capture.kiosk import document
+from sightline.capture.kiosk.document import MRZ_INVALID, NO_MRZ, DocumentReading, read_document
 
 MONO_FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf")
 SANS_FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")

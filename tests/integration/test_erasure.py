@@ -20,7 +20,7 @@ from test_watchlists import TOKEN, Replica, face_services, photo, records, refus
 from sightline.cli.main import main as cli
 from sightline.common.audit import AuditLog, AuditSettings, TopicPublisher
 from sightline.common.bus import read_topics
-from sightline.common.localstack import LocalStack
+from sightline.tooling.localstack import LocalStack
 from sightline.common.topics import ERASURES
 from sightline.matching.erasure import erasure_publisher
 from sightline.matching.gallery import Gallery

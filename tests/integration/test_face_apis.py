@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sightline.common.localstack import LocalStack
+from sightline.tooling.localstack import LocalStack
 from sightline.common.rpc import channel
 from sightline.v1 import (
     detection_pb2,

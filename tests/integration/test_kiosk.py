@@ -26,8 +26,9 @@ from PIL import Image
 
 from e2e.test_echannel_frames import frame_bytes
 from integration.test_document_reading import LINE1, LINE2, LINE2_BAD_CHECK, render_page
-from sightline.capture.claims import SessionGallery
-from sightline.capture.kiosk import Kiosk, KioskServicer
+from sightline.capture.kiosk.claims import SessionGallery
+from sightline.capture.kiosk.kiosk import Kiosk
+from sightline.capture.kiosk.servicer import KioskServicer
 from sightline.capture.service import Capture
 from sightline.capture.settings import CaptureSettings
 from sightline.cli.gate import open_request, run_session
@@ -43,7 +44,7 @@ from sightline.common.auth import (
 )
 from sightline.common.bus import make_producer, read_topics
 from sightline.common.config import KafkaSettings
-from sightline.common.localstack import LocalStack
+from sightline.tooling.localstack import LocalStack
 from sightline.common.rpc import GrpcServer, channel
 from sightline.common.topics import FRAMES, SESSIONS
 from sightline.v1 import events_pb2, gallery_pb2, gallery_pb2_grpc, session_pb2, session_pb2_grpc, types_pb2

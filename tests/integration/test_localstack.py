@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from sightline.common.broker import port_open
-from sightline.common.localstack import LocalStack, StackError, load_state, status
-from sightline.common.processes import pid_alive
+from sightline.tooling.broker import port_open
+from sightline.tooling.localstack import LocalStack, StackError, load_state, status
+from sightline.tooling.processes import pid_alive
 from sightline.common.ports import LOCAL_BROKER_PORT, SERVICES
 from sightline.common.rpc import check_health
 
@@ -209,7 +209,7 @@ def test_a_foreground_stack_dies_with_the_process_that_owns_it(tmp_path: Path, m
     import time
 
     script = (
-        "import sys, time; from pathlib import Path; from sightline.common.localstack import LocalStack\n"
+        "import sys, time; from pathlib import Path; from sightline.tooling.localstack import LocalStack\n"
         f"stack = LocalStack(Path({str(tmp_path / 'run')!r}), ports='auto', services=('decision',))\n"
         "stack.start(timeout=120); print(' '.join(map(str, stack.pids.values())), flush=True); time.sleep(600)\n"
     )

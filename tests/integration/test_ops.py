@@ -29,9 +29,9 @@ import yaml
 from kafka import KafkaConsumer, TopicPartition
 
 from sightline.cli.main import main
-from sightline.common.broker import free_port
+from sightline.tooling.broker import free_port
 from sightline.common.bus import client_options, make_consumer, make_producer, read_topics
-from sightline.common.kube import deployment_name
+from sightline.tooling.kube import deployment_name
 from sightline.common.lag import service_lags
 from sightline.common.topics import FRAMES, MATCHES
 

@@ -19,7 +19,7 @@ import pytest
 from sightline.common.audit import AuditLog, AuditRecord
 from sightline.common.bus import make_producer, read_topics
 from sightline.common.config import KafkaSettings
-from sightline.common.localstack import LocalStack
+from sightline.tooling.localstack import LocalStack
 from sightline.common.topics import ALERTS, MATCHES, SESSIONS
 from sightline.v1 import events_pb2, session_pb2, types_pb2
 

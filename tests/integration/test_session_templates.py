@@ -28,7 +28,7 @@ from sightline.common.auth import (
     new_token,
     service_principal,
 )
-from sightline.common.localstack import LocalStack
+from sightline.tooling.localstack import LocalStack
 from sightline.common.rpc import GrpcServer, channel
 from sightline.common.stage import InputEvent
 from sightline.matching.audit_trail import GalleryAudit

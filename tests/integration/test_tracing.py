@@ -28,10 +28,10 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, Trace
 from sightline.cli.outcomes import collect
 from sightline.cli.run import ingest
 from sightline.common import codec, tracing
-from sightline.common.broker import free_port
+from sightline.tooling.broker import free_port
 from sightline.common.bus import read_topics
 from sightline.common.config import KafkaSettings
-from sightline.common.localstack import HOST, LocalStack
+from sightline.tooling.localstack import HOST, LocalStack
 from sightline.common.rpc import channel, check_health
 from sightline.common.topics import DEADLETTER, DECISIONS, EMBEDDINGS, FACES, FRAMES, MATCHES, by_name
 from sightline.v1 import gallery_pb2, gallery_pb2_grpc

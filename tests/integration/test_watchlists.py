@@ -23,7 +23,7 @@ from sightline.cli.main import main as cli
 from sightline.common import codec, scores
 from sightline.common.audit import Action, AuditLog, AuditSettings
 from sightline.common.auth import AccessPolicy, Principal, Role, hash_token, new_token
-from sightline.common.localstack import LocalStack
+from sightline.tooling.localstack import LocalStack
 from sightline.common.rpc import GrpcServer, channel
 from sightline.common.stage import InputEvent
 from sightline.decision.engine import DecisionEngine

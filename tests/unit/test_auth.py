@@ -21,7 +21,8 @@ from pydantic import ValidationError
 import sightline.v1
 from sightline.cli import auth as auth_command
 from sightline.cli import endpoints
-from sightline.common import auth, localstack, rpc
+from sightline.common import auth, rpc
+from sightline.tooling import localstack
 from sightline.common.audit import principal_of
 from sightline.common.auth import AccessDenied, AccessPolicy, AuthSettings, Caller, Principal, Role
 from sightline.common.tls import PlaintextTokenError, TlsSettings, is_local_address

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from sightline.common.models.blazeface import Detection, FaceDetector
-from sightline.common.models.blazeface_convert import BlazefaceVerificationError, verify_blazeface
+from sightline.common.models.convert.blazeface import BlazefaceVerificationError, verify_blazeface
 
 # dlib-bin 20.0.1 on obama.jpg (910x1137): HOG detector (upsample 1) box left, top, right, bottom, and the eye centres
 # as the mean of the two eye-corner points of the 5-point shape predictor. Measured once; no dlib needed here.
@@ -190,7 +190,7 @@ def test_detection_is_immutable(detector: FaceDetector, face_photos: Path) -> No
 
 
 def test_missing_model_file_says_how_to_fetch(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="sightline.common.models.fetch"):
+    with pytest.raises(FileNotFoundError, match="sightline.common.models.convert.fetch"):
         FaceDetector(tmp_path / "nope.onnx")
 
 

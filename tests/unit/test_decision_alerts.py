@@ -21,7 +21,8 @@ from sightline.common.transient import is_transient
 from sightline.common.topics import ALERTS, DECISIONS
 from sightline.decision.engine import DecisionEngine
 from sightline.decision.policy import Policy
-from sightline.decision.review import AlertRecorder, ReviewStore
+from sightline.decision.review.recorder import AlertRecorder
+from sightline.decision.review.store import ReviewStore
 from sightline.decision.service import decide
 from sightline.v1 import events_pb2
 from test_decision_engine import match_result

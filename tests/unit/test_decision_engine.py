@@ -9,7 +9,7 @@ import pytest
 
 from sightline.decision.engine import DecisionEngine
 from sightline.decision.policy import Policy, load_policy
-from sightline.decision.review import ReviewStore
+from sightline.decision.review.store import ReviewStore
 from sightline.v1 import events_pb2, types_pb2
 
 
@@ -157,7 +157,7 @@ def test_reasons_mark_a_false_match_rate_below_what_the_table_measured() -> None
 
 
 def test_a_gate_frame_gets_its_decision_but_no_alert_and_leaves_no_cool_down() -> None:
-    """A stop-list hit at a gate is alerted by its session (sessions.py); the per-frame decision names none."""
+    """A stop-list hit at a gate is alerted by its session (decision/echannel/engine.py); the per-frame decision names none."""
     engine = DecisionEngine(Policy(min_agreeing_frames=1, alert_cooldown_seconds=60))
     gate = match_result(1, 100.0, source="gate-1")
     gate.frame.purpose = types_pb2.PURPOSE_ECHANNEL

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sightline.common.models.dlib_resnet import EXPECTED_ONNX_SHA256, convert_dlib_resnet, file_sha256
+from sightline.common.models.convert.dlib_resnet import EXPECTED_ONNX_SHA256, convert_dlib_resnet, file_sha256
 from sightline.common.models.embedder import FaceEmbedder
 
 RESNET_DAT = "dlib_face_recognition_resnet_model_v1.dat"

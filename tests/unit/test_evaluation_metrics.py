@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sightline.common import evaluation as ev
+from sightline.tooling import evaluation as ev
 
 
 def test_fmr_and_fnmr_count_at_or_under_the_threshold_as_a_match() -> None:

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from sightline.common.models.face_chip import chip_transform, extract_face_chips, landmark_box_from_detection
-from sightline.common.models.fidelity import nearest_detection
+from sightline.common.models.convert.fidelity import nearest_detection
 from sightline.common.models.shape_predictor import ShapePredictor
 
 dlib = pytest.importorskip("dlib")

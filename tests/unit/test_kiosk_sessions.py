@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sightline.capture.claims import Claim
-from sightline.capture.kiosk import check_gate_id, media_type_of, session_stop_lists
-from sightline.capture.session_book import GateSession, SessionBook, SessionNotOpen, TooManySessions
+from sightline.capture.kiosk.claims import Claim
+from sightline.capture.kiosk.kiosk import check_gate_id, media_type_of, session_stop_lists
+from sightline.capture.kiosk.session_book import GateSession, SessionBook, SessionNotOpen, TooManySessions
 from sightline.cli.gate import UsageError, load_frames
 from sightline.common.rpc import InvalidInput, NotFound
 from sightline.v1 import session_pb2

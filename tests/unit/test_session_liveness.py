@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from sightline.common.images import decode_image
-from sightline.common.liveness import LivenessSettings
+from sightline.detection.liveness import LivenessSettings
 from sightline.common.models.pipeline import AnalyzedFace, FaceAnalyzer
 from sightline.common.models.registry import model_files
 from sightline.detection.session_liveness import SessionLiveness, traveller

@@ -23,11 +23,12 @@ from sightline.common.topics import ALERTS, DECISIONS, SESSIONS
 from sightline.decision.engine import DecisionEngine
 from sightline.decision.erasure import erase
 from sightline.decision.policy import EChannelPolicy, Policy
-from sightline.decision.review import AlertRecorder, ReviewStore
+from sightline.decision.review.recorder import AlertRecorder
+from sightline.decision.review.store import ReviewStore
 from sightline.decision.service import decide
-from sightline.decision.session_stage import SessionDesk
-from sightline.decision.session_store import SessionStore
-from sightline.decision.sessions import SessionEngine
+from sightline.decision.echannel.desk import SessionDesk
+from sightline.decision.echannel.store import SessionStore
+from sightline.decision.echannel.engine import SessionEngine
 from sightline.v1 import events_pb2, session_pb2, types_pb2
 from test_sessions import LIVE, Clock, result
 

@@ -19,9 +19,9 @@ import pytest
 
 from sightline.common.audit import AuditLog
 from sightline.common.sqlstore import open_backend
-from sightline.decision.review import ERASURE_GRACE, ReviewStore
-from sightline.decision.session_store import _PG_MIGRATION_LOCK, MIGRATIONS, SessionStore, SessionStoreError
-from sightline.decision.sessions import SessionEngine, SessionState
+from sightline.decision.review.store import ERASURE_GRACE, ReviewStore
+from sightline.decision.echannel.store import _PG_MIGRATION_LOCK, MIGRATIONS, SessionStore, SessionStoreError
+from sightline.decision.echannel.engine import SessionEngine, SessionState
 from sightline.v1 import session_pb2
 from test_session_stage import Desk, echannel
 from test_session_stage import opened as opened_event

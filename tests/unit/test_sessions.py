@@ -13,7 +13,7 @@ import pytest
 
 from sightline.common.scores import distance_for_fmr
 from sightline.decision.policy import EChannelPolicy, Policy
-from sightline.decision.sessions import SessionEngine, SessionState, VerifiedFrame
+from sightline.decision.echannel.engine import SessionEngine, SessionState, VerifiedFrame
 from sightline.v1 import events_pb2, session_pb2, types_pb2
 
 PENDING = types_pb2.LivenessResult(assessed=False, frames=1, reasons=["need 6 frames, have 1"])

@@ -15,7 +15,7 @@ from sightline.capture.source_policy import (
     DEFAULT_MAX_VIDEO_BYTES, HostRules, Source, SourceKind, SourcePolicy, SourceRefused, SourceUnavailable,
     ffmpeg_capture_options, looks_like_video, parse_host_entry, redact,
 )  # fmt: skip
-from sightline.common.localstack import local_capture_policy
+from sightline.tooling.localstack import local_capture_policy
 
 SECRET = "s3cr3t-pw"
 JPEG = b"\xff\xd8\xff\xe0" + bytes(60)

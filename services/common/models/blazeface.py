@@ -6,7 +6,7 @@ box centre x, y, width, height and six keypoints (x, y), in pixels of the 192 in
 from the anchor centre. Overlapping candidates are merged by MediaPipe's weighted non-maximum suppression (a
 score-weighted average of every box that overlaps the best one), which steadies boxes and keypoints.
 
-Produce the ONNX file with ``python -m sightline.common.models.fetch``; this module needs only numpy, OpenCV and
+Produce the ONNX file with ``python -m sightline.common.models.convert.fetch``; this module needs only numpy, OpenCV and
 onnxruntime.
 """
 

@@ -1,6 +1,6 @@
 """The interface of the descriptor graph, shared by the converter (install time) and the embedder (run time).
 
-Kept apart from dlib_resnet.py so that running services never import the converter, which needs the install-time
+Kept apart from convert/dlib_resnet.py so that running services never import the converter, which needs the install-time
 ``onnx`` package.
 """
 

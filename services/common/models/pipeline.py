@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sightline.common import quality
+from sightline.common.models import quality
 from sightline.common.models.blazeface import FaceDetector
 from sightline.common.models.embedder import FaceEmbedder
 from sightline.common.models.face_chip import extract_face_chips, landmark_box_from_detection

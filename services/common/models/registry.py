@@ -14,7 +14,7 @@ from sightline.common import paths
 
 log = logging.getLogger(__name__)
 
-# Kept equal to the names in fetch.py, which is not imported here so that a service pulls in no install code.
+# Kept equal to the names in convert/fetch.py, which is not imported here so that a service pulls in no install code.
 DETECTOR_FILE = "blazeface_full_range.onnx"
 LANDMARKS_FILE = "shape_predictor_5.npz"
 EMBEDDER_FILE = "dlib_resnet_v1.onnx"
@@ -44,5 +44,5 @@ def model_files(models_dir: Path | None = None) -> ModelFiles:
     if missing:
         log.debug("missing model files in %s: %s", root, missing)
         raise ModelsMissingError(
-            f"face models not found in {root}: run `make setup` (or python -m sightline.common.models.fetch)")
+            f"face models not found in {root}: run `make setup` (or python -m sightline.common.models.convert.fetch)")
     return files

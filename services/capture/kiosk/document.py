@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from sightline.capture.mrz import MrzResult, find_td3_lines, looks_like_mrz, parse_td3
+from sightline.capture.kiosk.mrz import MrzResult, find_td3_lines, looks_like_mrz, parse_td3
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Fetch the sample face photos used by tests, demos and benchmarks, from package registries only.
 
-Run as ``python -m sightline.common.samples [--dest DIR]`` (default :func:`sightline.common.paths.samples_dir`).
+Run as ``python -m sightline.tooling.samples [--dest DIR]`` (default :func:`sightline.common.paths.samples_dir`).
 
 - ``<dest>/face_recognition/``: the test photos of the ``face_recognition==1.3.0`` sdist (PyPI): obama.jpg,
   obama2.jpg, obama3.jpg, obama_partial_face.jpg, obama_partial_face2.jpg, 32bit.png (RGBA) and biden.jpg.
@@ -24,7 +24,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from sightline.common.models.fetch import FetchError, pip_download, run_install_step, sha256_file, step, verify_download
+from sightline.common.models.convert.fetch import FetchError, pip_download, run_install_step, sha256_file, step, verify_download
 from sightline.common.paths import samples_dir
 
 log = logging.getLogger(__name__)
@@ -254,12 +254,12 @@ def fetch_samples(dest: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sightline.common.samples", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sightline.tooling.samples", description=__doc__.split("\n")[0])
     parser.add_argument("--dest", type=Path, default=None, help=f"default: {samples_dir()}")
     args = parser.parse_args(argv)
     dest = (args.dest or samples_dir()).expanduser()
     return run_install_step(f"sample photos into {dest}", lambda: fetch_samples(dest),
-                            f"-m sightline.common.samples --dest {dest}")
+                            f"-m sightline.tooling.samples --dest {dest}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Capture's KioskService: e-channel gate sessions, from the traveller's claim to the gate's outcome.
+"""The kiosk: e-channel gate sessions, from the traveller's claim to the gate's outcome.
 
 A kiosk (the gate's controller) speaks gRPC only. ``OpenSession`` turns its claim into the subject the frames are
 verified against (``claims.py``). Capture then announces the session on ``sightline.sessions.v1`` (OPENED, with its
@@ -28,24 +28,23 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from typing import TYPE_CHECKING
 
-import grpc
 from kafka.errors import KafkaError
 
-from sightline.capture.claims import Claim, SessionGallery, resolve_claim
-from sightline.capture.session_book import GateSession, SessionBook, SessionNotOpen, TooManySessions
+from sightline.capture.kiosk.claims import Claim, SessionGallery, resolve_claim
+from sightline.capture.kiosk.session_book import GateSession, SessionBook, TooManySessions
 from sightline.capture.settings import CaptureSettings
 from sightline.capture.sources import RawFrame
 from sightline.common import codec, tracing
 from sightline.common.bus import read_topics
 from sightline.common.config import KafkaSettings
-from sightline.common.rpc import InvalidInput, Unavailable, rpc_errors
+from sightline.common.rpc import InvalidInput, Unavailable
 from sightline.common.topics import SESSIONS
-from sightline.v1 import session_pb2, session_pb2_grpc, types_pb2
+from sightline.v1 import session_pb2, types_pb2
 
 if TYPE_CHECKING:
     from kafka.producer.future import FutureRecordMetadata
 
-    from sightline.capture.service import Capture  # which registers this module's servicer
+    from sightline.capture.service import Capture  # which serves the kiosk (kiosk/servicer.py)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,6 @@ LATE_REASON = "the decision did not arrive in time"  # how the kiosk's referral,
 
 Event = session_pb2.SessionEvent
 Update = session_pb2.SessionUpdate
-Context = grpc.ServicerContext
 
 
 def media_type_of(image: bytes) -> str:
@@ -430,56 +428,3 @@ class Kiosk:
 
 def _log_unannounced(session_id: str, error: Exception) -> None:
     log.warning("cancellation not announced", extra={"session_id": session_id, "error": repr(error)})
-
-
-# --- gRPC ----------------------------------------------------------------------------------------------------------
-
-_STATUS = {SessionNotOpen: grpc.StatusCode.FAILED_PRECONDITION, TooManySessions: grpc.StatusCode.RESOURCE_EXHAUSTED}
-
-
-def _kiosk_errors(method):  # type: ignore[no-untyped-def]
-    """The kiosk's own failures as their gRPC status, with the message (InvalidInput/NotFound/Unavailable:
-    ``rpc_errors``)."""
-
-    @functools.wraps(method)
-    def wrapper(self, request, context):  # type: ignore[no-untyped-def]
-        try:
-            return method(self, request, context)
-        except (SessionNotOpen, TooManySessions) as exc:
-            context.abort(_STATUS[type(exc)], str(exc))
-
-    return wrapper
-
-
-class KioskServicer(session_pb2_grpc.KioskServiceServicer):
-    def __init__(self, kiosk: Kiosk) -> None:
-        self._kiosk = kiosk
-
-    @rpc_errors
-    @_kiosk_errors
-    def OpenSession(self, request: session_pb2.OpenSessionRequest, context: Context) -> session_pb2.OpenSessionResponse:
-        return self._kiosk.open(request)
-
-    @rpc_errors
-    @_kiosk_errors
-    def SendFrame(self, request: session_pb2.SendFrameRequest, context: Context) -> session_pb2.SendFrameResponse:
-        return self._kiosk.send(request)
-
-    @rpc_errors
-    @_kiosk_errors
-    def CloseSession(self, request: session_pb2.CloseSessionRequest,
-                     context: Context) -> session_pb2.CloseSessionResponse:  # fmt: skip
-        self._kiosk.close_session(request)
-        return session_pb2.CloseSessionResponse()
-
-    @rpc_errors
-    @_kiosk_errors
-    def CancelSession(self, request: session_pb2.CancelSessionRequest,
-                      context: Context) -> session_pb2.CancelSessionResponse:  # fmt: skip
-        self._kiosk.cancel(request)
-        return session_pb2.CancelSessionResponse()
-
-    @rpc_errors
-    @_kiosk_errors
-    def WatchSession(self, request: session_pb2.WatchSessionRequest, context: Context) -> Iterator[Update]:
-        return self._kiosk.watch(request.session_id, context.is_active)

@@ -118,7 +118,7 @@ def resolve_claim(request: session_pb2.OpenSessionRequest, session_id: str, gall
 
 def read_document_claim(page: bytes) -> tuple[bytes, str]:
     """The portrait (cut out of the page, JPEG) and the document number of a photographed data page."""
-    from sightline.capture.document import read_document  # OCR is heavy: loaded on the first document claim
+    from sightline.capture.kiosk.document import read_document  # OCR is heavy: loaded on the first document claim
 
     try:
         rgb = decode_image(page)

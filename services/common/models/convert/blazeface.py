@@ -103,5 +103,5 @@ def verify_blazeface(onnx_path: Path) -> None:
     if bad:
         raise BlazefaceVerificationError(f"{onnx_path} is not the expected BlazeFace full-range model: "
                                          + "; ".join(bad)
-                                         + ". Rebuild it with `python -m sightline.common.models.fetch --force`.")
+                                         + ". Rebuild it with `python -m sightline.common.models.convert.fetch --force`.")
     log.debug("verified %s: %s", onnx_path, got)

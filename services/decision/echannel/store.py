@@ -27,8 +27,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sightline.common.sqlstore import BackendStore, Cursor, Migration, StoreError, open_backend
-from sightline.decision.review import ERASURE_GRACE, note_erasure
-from sightline.decision.sessions import SessionState, forget_stop_list_hit
+from sightline.decision.review.store import ERASURE_GRACE, note_erasure
+from sightline.decision.echannel.engine import SessionState, forget_stop_list_hit
 
 _PG_MIGRATION_LOCK = 0x5365_7373  # "Sess"; the same for every replica migrating the session table
 _COLUMNS = "state, audited, published"

@@ -54,9 +54,9 @@ from sightline.common.audit import Action, AuditLog
 from sightline.common.codec import outcome_name
 from sightline.common.stage import InputEvent, Output, Stage, one_at_a_time
 from sightline.common.topics import ALERTS, SESSIONS
-from sightline.decision.review import AlertRecorder
-from sightline.decision.session_store import SessionStore
-from sightline.decision.sessions import SessionEngine, SessionState, forget_stop_list_hit
+from sightline.decision.review.recorder import AlertRecorder
+from sightline.decision.echannel.store import SessionStore
+from sightline.decision.echannel.engine import SessionEngine, SessionState, forget_stop_list_hit
 from sightline.v1 import events_pb2, session_pb2, types_pb2
 
 log = logging.getLogger(__name__)

@@ -44,9 +44,9 @@ from typing import IO, Any, Literal, Self
 
 from sightline.common import auth
 from sightline.common.audit_keys import LOCAL_KEYS_FILE, ensure_keys_file
-from sightline.common.broker import BrokerError, LocalBroker, free_port, port_open
+from sightline.tooling.broker import BrokerError, LocalBroker, free_port, port_open
 from sightline.common.ports import GRPC_PORTS, LOCAL_BROKER_PORT, METRICS_PORTS, SERVICES
-from sightline.common.processes import exit_with_parent, process_start_ticks, pid_alive, signal_if_alive, kill_group, wait_gone, tail, crash_report
+from sightline.tooling.processes import exit_with_parent, process_start_ticks, pid_alive, signal_if_alive, kill_group, wait_gone, tail, crash_report
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from sightline.capture.claims import Claim
+from sightline.capture.kiosk.claims import Claim
 from sightline.common.rpc import NotFound
 from sightline.v1 import session_pb2
 

