@@ -8,7 +8,7 @@ GEN := build/gen/sightline/v1
 PROTOS := $(wildcard protos/sightline/v1/*.proto)
 PYTEST_ARGS ?=
 
-.PHONY: setup install protos models samples tools demo test test-fast bench clean
+.PHONY: setup install protos models samples tools demo lint test test-fast bench clean
 
 ## setup: virtualenv, dependencies, generated code, face models, sample photos, helm
 setup: install protos models samples tools
@@ -43,8 +43,15 @@ build/tools/helm build/tools/hadolint &: tools/install-helm.sh
 demo: setup
 	$(BIN)/sightline demo
 
-## test: every test, including the slow and PostgreSQL ones (skipped, with a message, if no server is reachable)
-test: setup
+## lint: ruff (lint rules and formatting) on services/ and tests/, mypy --strict on services/common
+lint: install protos
+	$(BIN)/ruff check services tests
+	$(BIN)/ruff format --check services tests
+	$(BIN)/mypy
+
+## test: lint, then every test, including the slow and PostgreSQL ones (skipped, with a message, if no server is
+## reachable)
+test: setup lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: setup

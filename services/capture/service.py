@@ -9,7 +9,9 @@ be opened, fails the Ingest call with INVALID_ARGUMENT before any frame is publi
 redacted form everywhere (logs, errors, dead letters), never with the credentials a camera URL may carry.
 
 Each frame starts its own trace: a root span (frame and source ids as attributes, never image data) whose context goes
-into the frame record's headers, and on to every record the stages derive from it (see common/tracing.py).
+into the frame record's headers, and on to every record the stages derive from it (see common/tracing.py). Beside it
+goes the frame's capture time (``sightline-captured-at``), from which each stage measures its end-to-end latency
+(common/stage.py).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from sightline.common.config import KafkaSettings
 from sightline.common.images import ImageError, downscale_to, encode_jpeg
 from sightline.common.rpc import InvalidInput, rpc_errors, stream_errors
 from sightline.common.runtime import Servicer, run_service
-from sightline.common.stage import InputEvent, StageError, dead_letter_record
+from sightline.common.stage import StageError, captured_at_header, source_dead_letter
 from sightline.common.topics import DEADLETTER, FRAMES
 from sightline.common.transient import Backoff
 from sightline.capture.backpressure import Backpressure, FrameDropped
@@ -43,7 +45,7 @@ from sightline.capture.kiosk.servicer import KioskServicer
 from sightline.capture.settings import CaptureSettings
 from sightline.capture.source_policy import Source, SourceError, SourcePolicy, SourceRefused
 from sightline.capture.sources import RawFrame, open_vetted, quiet_native_logs, source_id_for
-from sightline.v1 import capture_pb2, capture_pb2_grpc, events_pb2, session_pb2_grpc, types_pb2
+from sightline.v1 import capture_pb2, capture_pb2_grpc, events_pb2, types_pb2
 
 SERVICE = "capture"
 PROGRESS_EVERY_S = 0.25
@@ -168,7 +170,7 @@ class Capture:
         self.backpressure.reserve(ref, len(value))
         try:
             future = self.producer.send(FRAMES.name, key=ref.source_id.encode(), value=value,
-                                        headers=tracing.kafka_headers())  # fmt: skip
+                                        headers=_frame_headers(ref))  # fmt: skip
         except KafkaTimeoutError:  # no metadata for the topic within publish_timeout_s: the broker is not answering
             self.backpressure.release(len(value))
             raise self.backpressure.unavailable(ref) from None
@@ -189,13 +191,14 @@ class Capture:
         return raw.encoded, raw.media_type
 
     def _dead_letter(self, ref: types_pb2.FrameRef, origin: str, raw: RawFrame, error: Exception) -> None:
-        """Dead-letter a frame capture could not publish. The record never carries the frame's bytes (capture has
-        no event to copy): a file that was withheld is described by its size and digest only."""
-        item = InputEvent(key=ref.source_id.encode(), value=None, topic=origin, partition=-1, offset=ref.sequence)
-        record = dead_letter_record(SERVICE, item, error, withheld=(raw.size, raw.sha256) if raw.size else None)
-        record.frame_id = ref.frame_id
-        self.producer.send(DEADLETTER.name, key=item.key, value=record.SerializeToString(),
-                           headers=tracing.kafka_headers())  # fmt: skip
+        """Dead-letter a frame capture could not publish, referenced by its source (``origin``, redacted) and
+        sequence. The record never carries the frame's bytes (capture has no event to copy): a file that was withheld
+        is described by its size and digest only."""
+        key = ref.source_id.encode()
+        record = source_dead_letter(SERVICE, error, source=origin, key=key, sequence=ref.sequence,
+                                    frame_id=ref.frame_id, withheld=(raw.size, raw.sha256) if raw.size else None)
+        self.producer.send(DEADLETTER.name, key=key, value=record.SerializeToString(),
+                           headers=_frame_headers(ref))  # fmt: skip
         telemetry.EVENTS_DEADLETTERED.labels(SERVICE, record.reason).inc()
         log.warning("frame not published", extra={"reason": record.reason, "frame_id": ref.frame_id})
 
@@ -251,6 +254,12 @@ class Capture:
             "source": source_id, "error": error, "attempt": attempt, "retry_in_s": round(retry_in_s, 3)})  # fmt: skip
 
 
+def _frame_headers(ref: types_pb2.FrameRef) -> tracing.KafkaHeaders:
+    """The headers of a frame's records: the frame's trace context (its span is current) and its capture time, which
+    every stage copies on and observes its end-to-end latency from (``CAPTURED_AT_HEADER``, common/stage.py)."""
+    return [*tracing.kafka_headers(), captured_at_header(ref.captured_at)]
+
+
 def _frame_span(ref: types_pb2.FrameRef) -> AbstractContextManager[trace.Span]:
     """The root span of one frame's trace, current while it is published; linked to the Ingest call, if any.
 
@@ -297,9 +306,8 @@ def main() -> None:
     kiosk = Kiosk(capture, settings, kafka)
     kiosk.start()
     servicers = [
-        Servicer(capture_pb2_grpc.add_CaptureServiceServicer_to_server, CaptureServicer(capture),
-                 "sightline.v1.CaptureService"),
-        Servicer(session_pb2_grpc.add_KioskServiceServicer_to_server, KioskServicer(kiosk), "sightline.v1.KioskService"),
+        Servicer.of(CaptureServicer(capture)),
+        Servicer.of(KioskServicer(kiosk)),
     ]  # fmt: skip
 
     def close() -> None:

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import grpc
 from pydantic import Field, SecretStr
@@ -58,6 +58,10 @@ from sightline.common.audit_keys import AuditKeyError, AuditKeyring
 from sightline.common.auth import current_caller
 from sightline.common.config import SightlineSettings
 from sightline.common.sqlstore import Backend, BackendStore, Cursor, Migration, StoreError, open_backend
+from sightline.v1 import audit_pb2_grpc
+
+if TYPE_CHECKING:
+    from sightline.v1 import audit_pb2
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +151,12 @@ class AuditRecord:
         return record
 
 
-def _proto_action(action: str) -> int:
+def _proto_action(action: str) -> audit_pb2.AuditAction:
     """The ``AuditAction`` number of an action (every ``Action`` has one: tests/unit/test_audit.py checks)."""
     from sightline.v1 import audit_pb2
 
-    return audit_pb2.AuditAction.Value(f"AUDIT_ACTION_{action}")
+    # protoc's stubs type the field as the enum class, Value() as a plain int: both are that int at run time.
+    return cast("audit_pb2.AuditAction", audit_pb2.AuditAction.Value(f"AUDIT_ACTION_{action}"))
 
 
 @dataclass(frozen=True)
@@ -301,8 +306,10 @@ class AuditLog(BackendStore):
         self._legacy_boundary: int | None = None  # a writer upgrading a legacy chain: its last record without MAC
         self._columns = _COLUMNS  # a reader of a log older than record authentication selects '' for the MAC
         self._checkpointer: Checkpointer | None = None
-        if keyring is not None and isinstance(publish, CheckpointSink):
-            self._checkpointer = Checkpointer(keyring, publish, self._chain_for_checkpoint,
+        # As an object: mypy cannot narrow a Callable to a protocol and would skip the branch as unreachable.
+        sink: object = publish
+        if keyring is not None and isinstance(sink, CheckpointSink):
+            self._checkpointer = Checkpointer(keyring, sink, self._chain_for_checkpoint,
                                               checkpoints or AuditCheckpointSettings())  # fmt: skip
 
     @classmethod
@@ -376,7 +383,8 @@ class AuditLog(BackendStore):
     def records(self, after: int = 0, limit: int = 100, action: str | None = None, principal: str | None = None,
                 subject_id: str | None = None) -> list[AuditRecord]:  # fmt: skip
         """Records with a sequence greater than ``after``, in order, at most ``limit``, optionally filtered."""
-        conditions, params = ["sequence > ?"], [int(after)]
+        conditions = ["sequence > ?"]
+        params: list[object] = [int(after)]  # the sequence, then the filter values (text)
         for column, value in (("action", action), ("principal", principal), ("subject_id", subject_id)):
             if value:
                 conditions.append(f"{column} = ?")
@@ -786,7 +794,7 @@ def audit_topic_publisher(publisher: TopicPublisher) -> TopicAuditSink:
     return TopicAuditSink(publisher)
 
 
-class AuditServicer:
+class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     """``sightline.v1.AuditService``: list records and verify the chain over gRPC."""
 
     def __init__(self, audit: AuditLog) -> None:

@@ -38,6 +38,9 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from sightline.common.config import SightlineSettings
+from sightline.v1 import (
+    audit_pb2, capture_pb2, detection_pb2, embedding_pb2, gallery_pb2, review_pb2, session_pb2,
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -66,26 +69,34 @@ _REVIEW = frozenset({Role.REVIEWER})
 _ALERT_READ = frozenset({Role.REVIEWER, Role.AUDITOR})
 _AUDIT = frozenset({Role.AUDITOR})
 
+
+def _service(messages: Any, name: str) -> str:
+    """A service's full name (``sightline.v1.GalleryService``) from its generated module's descriptor: a KeyError
+    at import for a service the protos do not have."""
+    return str(messages.DESCRIPTOR.services_by_name[name].full_name)
+
+
 _TABLE: dict[str, dict[str, frozenset[Role]]] = {
-    "sightline.v1.GalleryService": {
+    _service(gallery_pb2, "GalleryService"): {
         "Enroll": _ENROL, "DeleteSubject": _ENROL, "EraseSubject": _ENROL,
         "ListSubjects": _GALLERY_READ, "GetSubject": _GALLERY_READ, "Verify": _GALLERY_READ, "Search": _GALLERY_READ,
     },
-    "sightline.v1.WatchlistService": {
+    _service(gallery_pb2, "WatchlistService"): {
         "CreateWatchlist": _ENROL, "UpdateWatchlist": _ENROL, "DeleteWatchlist": _ENROL, "AddMembers": _ENROL,
         "RemoveMembers": _ENROL,
         "GetWatchlist": _GALLERY_READ, "ListWatchlists": _GALLERY_READ, "ListMembers": _GALLERY_READ,
     },
-    "sightline.v1.ReviewService": {"ListAlerts": _ALERT_READ, "GetAlert": _ALERT_READ, "ReviewAlert": _REVIEW,
-                                   "ListFeedback": _ALERT_READ},
-    "sightline.v1.AuditService": {"ListAuditRecords": _AUDIT, "VerifyChain": _AUDIT},
-    "sightline.v1.CaptureService": {"Ingest": _OPERATE},
-    "sightline.v1.KioskService": {
+    _service(review_pb2, "ReviewService"): {
+        "ListAlerts": _ALERT_READ, "GetAlert": _ALERT_READ, "ReviewAlert": _REVIEW, "ListFeedback": _ALERT_READ,
+    },
+    _service(audit_pb2, "AuditService"): {"ListAuditRecords": _AUDIT, "VerifyChain": _AUDIT},
+    _service(capture_pb2, "CaptureService"): {"Ingest": _OPERATE},
+    _service(session_pb2, "KioskService"): {
         "OpenSession": _OPERATE, "SendFrame": _OPERATE, "CloseSession": _OPERATE, "CancelSession": _OPERATE,
         "WatchSession": _OPERATE,
     },
-    "sightline.v1.DetectionService": {"Detect": _OPERATE},
-    "sightline.v1.EmbeddingService": {"Embed": _OPERATE},
+    _service(detection_pb2, "DetectionService"): {"Detect": _OPERATE},
+    _service(embedding_pb2, "EmbeddingService"): {"Embed": _OPERATE},
 }  # fmt: skip
 
 METHOD_ROLES: Mapping[str, frozenset[Role]] = {
@@ -118,7 +129,7 @@ def method_table_markdown() -> str:
     for service, methods in _TABLE.items():
         for method, roles in methods.items():
             names = ", ".join(role.value for role in Role if role in roles)
-            lines.append(f"| `{service.removeprefix('sightline.v1.')}` | `{method}` | {names} |")
+            lines.append(f"| `{service.rsplit('.', 1)[-1]}` | `{method}` | {names} |")
     return "\n".join(lines) + "\n"
 
 

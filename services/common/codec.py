@@ -7,7 +7,7 @@ timestamps) and a malformed event fails the same way everywhere: ``MalformedEven
 from __future__ import annotations
 
 import time
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 from google.protobuf.message import DecodeError, Message
@@ -84,5 +84,6 @@ def event_class(topic: TopicSpec) -> type[Message]:
 
     for module in (events_pb2, audit_pb2, session_pb2):
         if hasattr(module, topic.event):
-            return getattr(module, topic.event)
+            # A topic's `event` names a message class of these modules (topics.py); getattr cannot say so.
+            return cast(type[Message], getattr(module, topic.event))
     raise KeyError(f"no protobuf message {topic.event} for topic {topic.name}")

@@ -104,7 +104,7 @@ class DenialAudit:
         for window in windows:
             if not window.unwritten:
                 continue
-            counts = {"repeats": window.unwritten, "window_s": f"{self._window_s:g}"}
+            counts: dict[str, int | str] = {"repeats": window.unwritten, "window_s": f"{self._window_s:g}"}
             try:
                 self._append(window.sample, _host_of(window.sample.peer), counts)
             except Exception:  # noqa: BLE001 - each refusal was logged; only the count is lost

@@ -63,7 +63,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
+            # An Image, not the ImageFile that open() gives: exif_transpose below returns a plain Image.
+            image: Image.Image = Image.open(io.BytesIO(data))
             _check_size(image.size, max_pixels)
             image.load()
             image = ImageOps.exif_transpose(image)

@@ -169,8 +169,9 @@ def _high_watermarks(consumer: KafkaConsumer, plans: list[_Plan], timeout_s: flo
         # Each poll parses only some of the completed fetches; the others report their watermark on later polls.
         consumer.poll(timeout_ms=100)
         marks = {tp: consumer.highwater(tp) for tp in positions}
-        if all(mark is not None for mark in marks.values()):
-            return marks  # type: ignore[return-value]
+        known = {tp: mark for tp, mark in marks.items() if mark is not None}
+        if len(known) == len(marks):
+            return known
         if time.monotonic() > deadline:
             missing = sorted(f"{tp.topic}[{tp.partition}]" for tp, mark in marks.items() if mark is None)
             raise LagError(f"no fetch response with a high watermark within {timeout_s:g} s for {', '.join(missing)}")
@@ -183,8 +184,8 @@ def _fetch_positions(plans: list[_Plan]) -> dict[TopicPartition, int | None]:
         for tp, offset in plan.committed.items():
             if tp not in positions:
                 positions[tp] = offset
-            elif positions[tp] is not None:
-                positions[tp] = None if offset is None else min(offset, positions[tp])  # type: ignore[type-var]
+            elif (lowest := positions[tp]) is not None:
+                positions[tp] = None if offset is None else min(offset, lowest)
     return positions
 
 

@@ -65,7 +65,9 @@ def _violations(message: Message, prefix: str) -> Iterator[str]:
 def _map_violations(field: FieldDescriptor, value: Any, path: str) -> Iterator[str]:
     if len(value) > MAX_ITEMS:
         yield f"{path}: more than {MAX_ITEMS} entries"
-    key_field, value_field = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
+    entry = field.message_type
+    assert entry is not None  # a map field is a repeated message of its generated entry type, always set
+    key_field, value_field = entry.fields_by_name["key"], entry.fields_by_name["value"]
     for key in value:
         yield from _value_violations(key_field, key, f"{path} key")
         # A map's values take the map's name ("details"), not the entry's generic "value".
@@ -82,5 +84,7 @@ def _value_violations(field: FieldDescriptor, value: Any, path: str, limit_name:
 
 
 def _is_map(field: FieldDescriptor) -> bool:
-    return field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry
+    # message_type is set on every message field; the check only tells the type checker so.
+    return (field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None
+            and field.message_type.GetOptions().map_entry)  # fmt: skip
 

@@ -56,7 +56,14 @@ class RetentionSettings(SightlineSettings):
 
     def topic_retention_ms(self) -> dict[str, int]:
         """retention.ms per topic name, from these limits."""
-        raw, hours, days = int(self.raw_hours * HOUR_MS), lambda h: int(h * HOUR_MS), lambda d: int(d * 24 * HOUR_MS)
+        raw = int(self.raw_hours * HOUR_MS)
+
+        def hours(h: float) -> int:
+            return int(h * HOUR_MS)
+
+        def days(d: float) -> int:
+            return int(d * 24 * HOUR_MS)
+
         return {
             FRAMES.name: raw, FACES.name: raw, EMBEDDINGS.name: raw, DEADLETTER.name: raw,
             MATCHES.name: hours(self.matches_hours), SESSIONS.name: hours(self.sessions_hours),

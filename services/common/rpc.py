@@ -1,5 +1,8 @@
 """gRPC plumbing shared by every server and client: the server with health and reflection, channels, and errors.
 
+A servicer is registered by itself (``GrpcServer.add(impl)``): the service it implements, its full name and its
+registration function are read from the generated code (``grpc_service``), so no name is typed twice.
+
 Every Sightline server serves the standard gRPC health protocol (so Kubernetes probes are plain ``grpc:`` probes and
 ``sightline status`` can ask any process) and server reflection (so ``grpcurl`` works without the protos); both are
 open to callers without credentials.
@@ -26,13 +29,15 @@ from __future__ import annotations
 
 import collections
 import functools
+import importlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -110,6 +115,39 @@ LIVENESS_SERVICE = "sightline.liveness"
 """A health service name that is SERVING from start to stop, whatever ``set_serving`` says: for liveness probes, so
 that a replica that is up but not ready (e.g. matching while it cannot reach its database) is not restarted."""
 _STATUS = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
+GENERATED_PACKAGE = "sightline.v1"  # where ``make protos`` puts the generated modules
+
+
+@dataclass(frozen=True)
+class GrpcService:
+    """A service of the protos as the generated code has it: its full name and the function registering an
+    implementation with a ``grpc.Server``."""
+
+    full_name: str  # e.g. "sightline.v1.GalleryService", from the descriptor
+    register: Callable[[Any, grpc.Server], None]  # e.g. gallery_pb2_grpc.add_GalleryServiceServicer_to_server
+
+
+def grpc_service(servicer: Any) -> GrpcService:
+    """The service a servicer (or servicer class) implements, found from the generated ``<Name>Servicer`` base class
+    in its MRO: the full name from the ``*_pb2`` module's descriptor, the registration from ``*_pb2_grpc``.
+
+    TypeError when it subclasses no generated servicer, or several (one object serves one service).
+    """
+    cls = servicer if isinstance(servicer, type) else type(servicer)
+    bases = [base for base in cls.__mro__ if base.__module__.startswith(f"{GENERATED_PACKAGE}.")
+             and base.__module__.endswith("_pb2_grpc") and base.__name__.endswith("Servicer")]  # fmt: skip
+    if len(bases) != 1:
+        found = ", ".join(f"{base.__module__}.{base.__name__}" for base in bases) or "none"
+        raise TypeError(f"{cls.__qualname__} must subclass exactly one generated {GENERATED_PACKAGE} *Servicer "
+                        f"class (found: {found})")  # fmt: skip
+    [base] = bases
+    generated = importlib.import_module(base.__module__)
+    messages = importlib.import_module(base.__module__.removesuffix("_grpc"))
+    descriptor = messages.DESCRIPTOR.services_by_name.get(base.__name__.removesuffix("Servicer"))
+    register = getattr(generated, f"add_{base.__name__}_to_server", None)
+    if descriptor is None or register is None:
+        raise TypeError(f"{base.__module__}.{base.__name__} is not the servicer of a service in {messages.__name__}")
+    return GrpcService(descriptor.full_name, register)
 
 
 class GrpcServer:
@@ -150,10 +188,12 @@ class GrpcServer:
         if self.port == 0:
             raise OSError(f"cannot bind gRPC server to {host}:{port}")
 
-    def add(self, register: Callable[[Any, grpc.Server], None], servicer: Any, full_name: str) -> None:
-        """Register a servicer, e.g. ``add(add_GalleryServiceServicer_to_server, impl, "sightline.v1.GalleryService")``."""
-        register(servicer, self._server)
-        self._names.append(full_name)
+    def add(self, servicer: Any) -> None:
+        """Register a servicer (a subclass of its generated ``<Name>Servicer``, see ``grpc_service``), e.g.
+        ``add(GalleryServicer(...))``; it is named in health and reflection by its service's full name."""
+        service = grpc_service(servicer)
+        service.register(servicer, self._server)
+        self._names.append(service.full_name)
 
     def start(self) -> None:
         reflection.enable_server_reflection(self._names, self._server)
@@ -209,7 +249,9 @@ def check_health(address: str, timeout: float = 1.0, service: str = "") -> str:
     """The health status of a server as a name ("SERVING", ...), or "UNREACHABLE"."""
     with channel(address, token="") as ch:  # health is open: no token needed
         try:
-            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            # types-grpcio-health-checking declares HealthStub without its methods (they are set in __init__).
+            check = health_pb2_grpc.HealthStub(ch).Check  # type: ignore[attr-defined]
+            reply = check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError:
             return "UNREACHABLE"
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -220,8 +262,8 @@ def check_health(address: str, timeout: float = 1.0, service: str = "") -> str:
 _UNTRACED = ("/grpc.health.", "/grpc.reflection.")
 
 
-def _wrapped(handler: grpc.RpcMethodHandler, unary: Callable[[Behavior], Behavior],
-             streaming: Callable[[Behavior], Behavior]) -> grpc.RpcMethodHandler:  # fmt: skip
+def _wrapped(handler: grpc.RpcMethodHandler[Any, Any], unary: Callable[[Behavior], Behavior],
+             streaming: Callable[[Behavior], Behavior]) -> grpc.RpcMethodHandler[Any, Any]:  # fmt: skip
     """The handler with its behaviour wrapped: by ``unary`` when it returns one response, ``streaming`` otherwise."""
     kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler, unary),
              ("unary_stream", grpc.unary_stream_rpc_method_handler, streaming),
@@ -288,7 +330,9 @@ def _server_span(method: str, parent: Context, context: grpc.ServicerContext) ->
 
 
 def _code_of(context: grpc.ServicerContext) -> grpc.StatusCode | None:
-    code = context.code()  # set by abort() or set_code(); None when the handler left it alone
+    # set by abort() or set_code(); None when the handler left it alone. grpc has had ServicerContext.code() since
+    # 1.38; types-grpcio does not declare it.
+    code = context.code()  # type: ignore[attr-defined]
     return code if isinstance(code, grpc.StatusCode) else None
 
 
@@ -392,7 +436,9 @@ def _refuse(denial: auth.Denial, context: grpc.ServicerContext,
 
 def _certificate_cn(context: grpc.ServicerContext) -> str:
     """The common name of the client's certificate; only present when the server verified it (mutual TLS)."""
-    names = (context.auth_context() or {}).get("x509_common_name") or []
+    # types-grpcio declares auth_context() as Mapping[str, bytes]; grpc gives a list of values for each key.
+    auth_context = cast(Mapping[str, Sequence[bytes]], context.auth_context() or {})
+    names = auth_context.get("x509_common_name") or []
     return names[0].decode("utf-8", "replace") if names else ""
 
 
@@ -509,7 +555,7 @@ class _StreamLimits(grpc.ServerInterceptor):
 
         return gated
 
-    def _gated_callback(self, behavior: Any, method: str) -> Any:
+    def _gated_callback(self, behavior: Any, method: str) -> Callable[..., Any]:
         """A stream answered through a callback (health Watch): it holds no thread, only a slot until it ends."""
 
         def gated(request: Any, context: grpc.ServicerContext, send_response_callback: Callable[[Any], None]) -> Any:

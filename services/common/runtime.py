@@ -26,7 +26,7 @@ from sightline.common.audit import AuditLog
 from sightline.common.auth import AccessPolicy, AuthSettings
 from sightline.common.config import KafkaSettings, ServiceSettings
 from sightline.common.denials import DenialAudit
-from sightline.common.rpc import GrpcServer
+from sightline.common.rpc import GrpcServer, GrpcService, grpc_service
 from sightline.common.serverlimits import ServerLimits
 from sightline.common.stage import Stage
 from sightline.common.tls import TlsSettings, server_credentials
@@ -36,11 +36,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Servicer:
-    """A gRPC servicer and how to register it, e.g. (add_GalleryServiceServicer_to_server, impl, full name)."""
+    """A gRPC servicer and the service of the protos it implements, e.g. ``Servicer.of(GalleryServicer(...))``.
 
-    register: Callable[[Any, Any], None]
+    The service's full name and registration function come from the generated code (``rpc.grpc_service``), so a
+    main() names neither; ``of`` raises TypeError at once for an object that implements no generated service.
+    """
+
     impl: Any
-    full_name: str
+    service: GrpcService
+
+    @classmethod
+    def of(cls, impl: Any) -> Servicer:
+        return cls(impl, grpc_service(impl))
 
 
 def run_service(
@@ -69,7 +76,7 @@ def run_service(
                         access=AccessPolicy.from_settings(AuthSettings()), on_denied=denials,
                         credentials=server_credentials(TlsSettings()), limits=server_limits(settings))  # fmt: skip
     for servicer in servicers:
-        server.add(servicer.register, servicer.impl, servicer.full_name)
+        server.add(servicer.impl)
     log.info("starting", extra={"grpc_port": settings.grpc_port, "metrics_port": settings.metrics_port})
     try:
         if stages:
@@ -113,9 +120,10 @@ def _run_with_faust(name: str, kafka: KafkaSettings, stages: Sequence[Stage], se
     for stage in stages:
         stage.attach(app)
 
-    @app.task
     async def _serving() -> None:
         _start(server, on_serving)
+
+    app.task(_serving)  # faust's decorator, called plainly: it is untyped, and would make _serving untyped too
 
     worker = faust.Worker(app, loglevel=logging.getLogger().level, override_logging=False, redirect_stdouts=False,
                           quiet=True)  # fmt: skip

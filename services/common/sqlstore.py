@@ -160,7 +160,9 @@ class SqliteBackend:
     def transaction(self, write: bool) -> Iterator[Cursor]:
         with self._lock:
             raw = self._conn.cursor()
-            raw.execute(self.dialect.begin_write if write else self.dialect.begin_read)
+            begin = self.dialect.begin_write if write else self.dialect.begin_read
+            assert begin is not None  # SQLITE sets both: in autocommit mode every transaction is explicit
+            raw.execute(begin)
             try:
                 yield Cursor(raw, self.dialect)
             except BaseException:

@@ -1,7 +1,10 @@
 """One stream stage: consume a topic, process each event (or a batch), publish the results, dead-letter failures.
 
-Every stream service (detection, embedding, matching, decision) is a ``Stage`` with its own ``process`` function; this
-module owns what they must all do the same way:
+Every stream service (detection, embedding, matching, decision) is a ``Stage`` around its ``Processor``: one
+method, ``process(events)``, that returns one result per input event, its outputs or the error it raised. A service
+whose events are independent subclasses ``EventProcessor`` and writes ``process_event(event)`` only; embedding,
+which batches its events into one model call, implements ``process`` itself. This module owns what every stage must
+do the same way:
 
 - Processing runs on a worker thread, so the event loop keeps heartbeating while a model runs.
 - At-least-once delivery end to end, for kills and producer failures alike: an input event is acknowledged to faust
@@ -13,11 +16,19 @@ module owns what they must all do the same way:
 - A bad input never stops the stage: it is published to the dead-letter topic with the stage, a reason and a
   reference to the input (topic, partition, offset), counted in metrics, and the stage goes on. So is an input whose
   output is larger than the producer may send (``output_too_large``): none of its outputs is sent, so consumers
-  never see half a result.
+  never see half a result. One input's failure is its own: the other inputs of its batch are delivered.
 - A dead letter carries the SHA-256 and size of the input, and a copy of it only when the input is the topic's own
-  event type and, for frames, its image bytes start like an image: never bytes of unknown content.
+  event type and, for frames, its image bytes start like an image: never bytes of unknown content. Capture, whose
+  inputs are files and streams rather than records, dead-letters with ``source_dead_letter``: the same record, the
+  source's redacted name in place of a topic.
 - Each input event is processed in its own span, a child of the context in the input record's headers (see
   tracing.py); every record sent for that event, outputs and dead letters alike, carries that span's context.
+- End-to-end latency: capture puts each frame's capture time on its record, in the ``sightline-captured-at`` header
+  (``CAPTURED_AT_HEADER``: epoch milliseconds, as ASCII digits). Every stage copies that header, beside the trace
+  context, onto every record it sends for the input, so it travels frames -> faces -> embeddings -> matches ->
+  decisions and alerts (and onto dead letters); and once the broker has acknowledged an input's outputs the stage
+  observes ``sightline_capture_to_stage_seconds{service}`` (``telemetry.END_TO_END_LATENCY``). An input without the
+  header (session events, erasure notices, records written before it existed) is not observed.
 """
 
 from __future__ import annotations
@@ -25,12 +36,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -44,6 +58,9 @@ log = logging.getLogger(__name__)
 MAX_DEADLETTER_PAYLOAD = 1024 * 1024
 # Room a dead letter keeps for its own fields (reason, error text, references) beside its copy of the payload.
 _RECORD_ROOM = 64 * 1024
+# The header with a frame's capture time (epoch milliseconds, ASCII digits), copied onto everything derived from it.
+CAPTURED_AT_HEADER = "sightline-captured-at"
+_MAX_CAPTURED_AT_DIGITS = 16  # epoch milliseconds have 13 digits until the year 2286: anything longer is not one
 
 
 @dataclass(frozen=True)
@@ -57,7 +74,7 @@ class Output:
 
 @dataclass(frozen=True)
 class InputEvent:
-    """What a stage's process function sees of one consumed record."""
+    """What a stage's processor sees of one consumed record."""
 
     key: bytes | None
     value: bytes | None
@@ -78,24 +95,54 @@ class StageError(Exception):
         self.frame_id = frame_id
 
 
-# A process function gets a batch of inputs and returns, per input, either its outputs or the error it raised.
-ProcessBatch = Callable[[Sequence[InputEvent]], list["list[Output] | BaseException"]]
+class Processor(Protocol):
+    """What a stage runs on its worker thread: a batch of input events in, one result per input out, in order.
+
+    A result is the input's outputs (possibly none), or the error processing it raised: a ``StageError`` or
+    ``codec.MalformedEvent`` (the input is dead-lettered with its reason), a transient error (``transient.py``: it is
+    processed again) or anything else (dead-lettered as ``internal_error``). One input's error must not become the
+    others': a processor that fails as a whole fails every input of the batch.
+    """
+
+    def process(self, events: Sequence[InputEvent]) -> list[list[Output] | BaseException]: ...
 
 
-def one_at_a_time(process: Callable[[InputEvent], list[Output]]) -> ProcessBatch:
-    """Adapt a per-event function to a batch function, isolating each event's failure."""
+class EventProcessor(ABC):
+    """A processor whose events are independent: ``process_event`` takes them one at a time, each with its span
+    current (so its logs carry its own trace id, even in a batch) and its failure isolated to it."""
 
-    def batch(events: Sequence[InputEvent]) -> list[list[Output] | BaseException]:
+    @abstractmethod
+    def process_event(self, event: InputEvent) -> list[Output]:
+        """The outputs of one input event; raises when it cannot be processed (see ``Processor``)."""
+
+    def process(self, events: Sequence[InputEvent]) -> list[list[Output] | BaseException]:
         results: list[list[Output] | BaseException] = []
         for event in events:
             try:
-                with tracing.activated(event.span):  # logs of this event carry its own trace id, even in a batch
-                    results.append(process(event))
+                with tracing.activated(event.span):
+                    results.append(self.process_event(event))
             except Exception as exc:  # noqa: BLE001 - isolated per event, reported to the dead-letter topic
                 results.append(exc)
         return results
 
-    return batch
+
+def captured_at_header(stamp: Timestamp) -> tuple[str, bytes]:
+    """The header capture puts on a frame record: its capture time, as ``CAPTURED_AT_HEADER`` carries it."""
+    return CAPTURED_AT_HEADER, str(stamp.ToMilliseconds()).encode("ascii")
+
+
+def captured_at(headers: Iterable[tuple[str, bytes]]) -> float | None:
+    """The capture time (epoch seconds) in a record's headers; None when they carry none, or not a well-formed one."""
+    value = _captured_at_value(headers)
+    return int(value) / 1000 if value is not None else None
+
+
+def _captured_at_value(headers: Iterable[tuple[str, bytes]]) -> bytes | None:
+    """The first ``CAPTURED_AT_HEADER`` value, when it is one (digits, not too many): only such a value is copied on."""
+    value = next((value for key, value in headers if key == CAPTURED_AT_HEADER), None)
+    if isinstance(value, bytes) and 0 < len(value) <= _MAX_CAPTURED_AT_DIGITS and value.isdigit():
+        return value
+    return None
 
 
 class _Stopping(BaseException):
@@ -118,12 +165,12 @@ class _Record:
 
 @dataclass
 class Stage:
-    """Binds a process function to an input topic on a faust app."""
+    """Binds a processor to an input topic on a faust app."""
 
     service: str
     input: TopicSpec
     outputs: Sequence[TopicSpec]
-    process: ProcessBatch
+    processor: Processor
     max_batch: int = 1
     batch_wait_s: float = 0.0
     backoff: Backoff = field(default_factory=Backoff)  # between retries of a transient failure
@@ -177,7 +224,7 @@ class Stage:
                 item.span.end()  # type: ignore[union-attr]
 
     def _input_of(self, event: Any) -> InputEvent:
-        """The event as the process function sees it, with its span: a child of the context in its headers."""
+        """The event as the processor sees it, with its span: a child of the context in its headers."""
         message = event.message
         headers = tuple(message.headers or ())
         span = tracing.tracer.start_span(
@@ -209,15 +256,15 @@ class Stage:
             results = await loop.run_in_executor(self._executor, self._process, inputs)
         except Exception as exc:  # noqa: BLE001 - a failed batch is each input's failure (retried if transient)
             return [exc] * len(inputs)
-        if len(results) != len(inputs):  # a process function's bug must not pair outputs with the wrong inputs
+        if len(results) != len(inputs):  # a processor's bug must not pair outputs with the wrong inputs
             return [RuntimeError(f"{len(results)} results for {len(inputs)} inputs")] * len(inputs)
         return list(results)
 
     def _process(self, inputs: list[InputEvent]) -> list[list[Output] | BaseException]:
         # Runs on the worker thread, which does not inherit the event loop's context: a lone event's span is made
-        # current here; in a batch, one_at_a_time (or the batch function) makes each event's span current in turn.
+        # current here; in a batch, EventProcessor (or the batch processor) makes each event's span current in turn.
         with tracing.activated(inputs[0].span if len(inputs) == 1 else None):
-            return self.process(inputs)
+            return self.processor.process(inputs)
 
     async def _pause(self, during: str, error: BaseException, attempt: int, item: InputEvent) -> None:
         """Log and count a retry of a transient failure, then wait the backoff (on the loop: heartbeats go on).
@@ -252,7 +299,7 @@ class Stage:
 
     def _records(self, item: InputEvent, result: list[Output] | BaseException) -> list[_Record]:
         """What to send for one input: its outputs, or its dead letter (also when an output is too large to send)."""
-        headers = tracing.kafka_headers(item.span)
+        headers = _headers(item)
         if isinstance(result, BaseException):
             return [self._dead_letter(item, result, headers)]
         records = [_Record(output.topic.name, output.key, output.value, headers) for output in result]
@@ -294,12 +341,15 @@ class Stage:
             # The broker refused an output for good (e.g. a topic limit below the producer's): the input is
             # dead-lettered. Outputs of it already delivered stay; on a correctly configured cluster this cannot occur.
             error = StageError("output_rejected", f"the broker refused an output: {type(refused).__name__}: {refused}")
-            dead_letter = self._dead_letter(item, error, tracing.kafka_headers(item.span))
+            dead_letter = self._dead_letter(item, error, _headers(item))
             await self._confirm_dead_letter(item, dead_letter, await self._start(dead_letter))
             return
         for record in records:
             telemetry.EVENTS_PUBLISHED.labels(self.service, record.topic).inc()
         telemetry.EVENTS_PROCESSED.labels(self.service, item.topic).inc()
+        since = captured_at(item.headers)
+        if since is not None:  # a frame (or what was derived from one) at the end of this stage: delivered
+            telemetry.END_TO_END_LATENCY.labels(self.service).observe(time.time() - since)
 
     async def _confirm(self, item: InputEvent, record: _Record, future: asyncio.Future[Any]) -> BaseException | None:
         """Wait for the broker's acknowledgement, sending again after each transient failure; the error if refused."""
@@ -359,6 +409,15 @@ class Stage:
         return _Record(DEADLETTER.name, item.key or b"", record.SerializeToString(), headers, dead_letter=True)
 
 
+def _headers(item: InputEvent) -> tracing.KafkaHeaders:
+    """The headers of every record sent for an input: its span's trace context, and the input's capture time."""
+    headers = tracing.kafka_headers(item.span)
+    value = _captured_at_value(item.headers)
+    if value is not None:
+        headers.append((CAPTURED_AT_HEADER, value))
+    return headers
+
+
 def _is_transient_failure(result: list[Output] | BaseException) -> bool:
     return isinstance(result, BaseException) and transient.is_transient(result)
 
@@ -376,38 +435,55 @@ def _without_payload(record: _Record) -> _Record:
 
 
 def dead_letter_record(stage: str, item: InputEvent, error: BaseException,
-                       max_payload: int = MAX_DEADLETTER_PAYLOAD,
-                       withheld: tuple[int, bytes] | None = None) -> events_pb2.DeadLetter:  # fmt: skip
+                       max_payload: int = MAX_DEADLETTER_PAYLOAD) -> events_pb2.DeadLetter:  # fmt: skip
     """The dead-letter record of a failed input: stage, reason, message, a reference to the input, its hash and size,
-    and a copy of it (up to ``max_payload`` bytes) only when it is safe to copy (``may_copy_payload``).
-
-    ``withheld`` (size, SHA-256 digest; the digest may be empty when the input was never read) describes an input
-    that is not in ``item`` at all (capture's files): the record then says it was withheld, with that size and digest.
-    """
-    reason = getattr(error, "reason", None) or "internal_error"
+    and a copy of it (up to ``max_payload`` bytes) only when it is safe to copy (``may_copy_payload``)."""
     payload = item.value or b""
     copy = may_copy_payload(item.topic, payload)
-    record = events_pb2.DeadLetter(
-        stage=stage,
-        reason=reason,
-        error=str(error)[:2000] if reason != "internal_error" else f"{type(error).__name__}: {str(error)[:500]}",
-        input_topic=item.topic,
-        input_partition=item.partition,
-        input_offset=item.offset,
-        input_key=item.key or b"",
-        payload=payload[:max_payload] if copy else b"",
-        payload_truncated=copy and len(payload) > max_payload,
-        payload_withheld=bool(payload) and not copy,
-        frame_id=getattr(error, "frame_id", "") or "",
-        failed_at=codec.now(),
-    )
+    record = _letter(stage, error, item.topic, item.partition, item.offset, item.key or b"")
+    record.payload = payload[:max_payload] if copy else b""
+    record.payload_truncated = copy and len(payload) > max_payload
+    record.payload_withheld = bool(payload) and not copy
     if payload:
         record.payload_sha256 = hashlib.sha256(payload).digest()
         record.payload_size = len(payload)
-    elif withheld is not None:
+    return record
+
+
+def source_dead_letter(stage: str, error: BaseException, *, source: str, key: bytes, sequence: int,
+                       frame_id: str = "", withheld: tuple[int, bytes] | None = None) -> events_pb2.DeadLetter:  # fmt: skip
+    """The dead-letter record of an input that is not a consumed record (capture's frames of files and streams):
+    the same fields as ``dead_letter_record``, the input referenced by its source's name (``source``: redacted, never
+    with credentials), partition -1 and its ``sequence`` in that source.
+
+    The record never carries the input's bytes (there is no event to copy). ``withheld`` (size, SHA-256 digest; the
+    digest may be empty when the input was never read) describes the input: the record then says it was withheld,
+    with that size and digest.
+    """
+    record = _letter(stage, error, source, -1, sequence, key)
+    if frame_id:
+        record.frame_id = frame_id
+    if withheld is not None:
         record.payload_size, record.payload_sha256 = withheld
         record.payload_withheld = True
     return record
+
+
+def _letter(stage: str, error: BaseException, topic: str, partition: int, offset: int,
+            key: bytes) -> events_pb2.DeadLetter:  # fmt: skip
+    """What every dead letter says, whatever its input: the stage, the reason and the error, where the input was."""
+    reason = getattr(error, "reason", None) or "internal_error"
+    return events_pb2.DeadLetter(
+        stage=stage,
+        reason=reason,
+        error=str(error)[:2000] if reason != "internal_error" else f"{type(error).__name__}: {str(error)[:500]}",
+        input_topic=topic,
+        input_partition=partition,
+        input_offset=offset,
+        input_key=key,
+        frame_id=getattr(error, "frame_id", "") or "",
+        failed_at=codec.now(),
+    )
 
 
 def may_copy_payload(topic: str, payload: bytes) -> bool:
@@ -428,5 +504,5 @@ def may_copy_payload(topic: str, payload: bytes) -> bool:
     if topic == FRAMES.name:
         from sightline.common.images import looks_like_image  # images loads OpenCV: only detection needs it here
 
-        return looks_like_image(message.image)  # type: ignore[attr-defined]
+        return isinstance(message, events_pb2.FrameCaptured) and looks_like_image(message.image)
     return True

@@ -19,7 +19,7 @@ setting (``SIGHTLINE_KAFKA_FETCH_MAX_WAIT_MS``), applied through the small subcl
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import Any, cast
 
 import faust
 from faust.transport.drivers import aiokafka as driver
@@ -31,7 +31,8 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         # Read by aiokafka when the consumer starts and builds its fetcher, which happens after this returns.
-        consumer._fetch_max_wait_ms = self.app.fetch_max_wait_ms
+        # Typed as faust's AppT, self.app is a SightlineApp: only SightlineApp's transport makes this thread.
+        consumer._fetch_max_wait_ms = cast(SightlineApp, self.app).fetch_max_wait_ms
         return consumer
 
 

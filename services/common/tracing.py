@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
 
@@ -124,17 +124,24 @@ def _install_log_ids() -> None:
     previous = logging.getLogRecordFactory()
     if getattr(previous, "sightline_trace_ids", False):
         return
+    logging.setLogRecordFactory(_TraceIdRecordFactory(previous))
 
-    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        record = previous(*args, **kwargs)
+
+class _TraceIdRecordFactory:
+    """The record factory of ``_install_log_ids``, around the one it replaced."""
+
+    sightline_trace_ids = True  # what _install_log_ids looks for, so that it wraps the factory only once
+
+    def __init__(self, previous: Callable[..., logging.LogRecord]) -> None:
+        self._previous = previous
+
+    def __call__(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = self._previous(*args, **kwargs)
         span_context = trace.get_current_span().get_span_context()
         if span_context.is_valid:
             record.trace_id = format(span_context.trace_id, "032x")
             record.span_id = format(span_context.span_id, "016x")
         return record
-
-    factory.sightline_trace_ids = True  # type: ignore[attr-defined]
-    logging.setLogRecordFactory(factory)
 
 
 # --- carriers: Kafka headers and gRPC metadata -------------------------------------------------------------------

@@ -88,4 +88,5 @@ class Backoff:
 
     def delay(self, attempt: int) -> float:
         """The wait before retry number ``attempt`` (1 for the first retry)."""
-        return min(self.max_s, self.initial_s * 2 ** max(0, attempt - 1))
+        # The exponent is capped: retries go on without limit (stage.py), and 2.0 ** 1024 overflows a float.
+        return min(self.max_s, self.initial_s * 2.0 ** min(max(0, attempt - 1), 64))

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from sightline.common import codec
 from sightline.common.audit import Action, AuditLog
-from sightline.common.stage import InputEvent, Output, Stage, one_at_a_time
+from sightline.common.stage import EventProcessor, InputEvent, Output, Stage
 from sightline.common.topics import ERASURES
 from sightline.decision.review.store import SYSTEM_PRINCIPAL, ReviewStore
 from sightline.decision.echannel.desk import SessionDesk
@@ -31,29 +31,37 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def erase(reviews: ReviewStore, sessions: SessionDesk, audit: AuditLog, event: InputEvent) -> list[Output]:
-    """Apply one right-to-erasure notice: delete the subject's alerts with their reviews, its "not this person"
-    feedback, and the sessions claiming it, then write one ERASE audit record with the counts and the reference.
+class Eraser(EventProcessor):
+    """The erasures stage's processor: applies one right-to-erasure notice at a time."""
 
-    A replayed notice deletes nothing more (the stores remember the erasures they applied) and is audited again,
-    with zero counts: the audit trail shows every time the notice was handled.
-    """
-    notice = codec.parse(events_pb2.SubjectErased, event.value)
-    subject_id = notice.subject_id
-    if not subject_id:
-        raise codec.MalformedEvent("an erasure notice needs a subject id")
-    erased_at = notice.erased_at.ToDatetime(UTC) if notice.HasField("erased_at") else datetime.now(UTC)
-    alerts = _persistently("erasing alerts", lambda: reviews.erase_subject(subject_id, erased_at))
-    sessions_erased = _persistently("erasing sessions", lambda: sessions.erase_subject(subject_id, erased_at))
-    counts = {"alerts": alerts.alerts, "reviews": alerts.reviews, "suppressions": alerts.suppressions,
-              "sessions": sessions_erased}  # fmt: skip
-    result = (f"erased: {_count(alerts.alerts, 'alert')}, {_count(alerts.suppressions, 'suppression')}, "
-              f"{_count(sessions_erased, 'session')}")  # fmt: skip
-    details = {**counts, "reference": notice.reference[:256], "erased_at": erased_at.isoformat()}
-    _persistently("auditing the erasure",
-                  lambda: audit.append(SYSTEM_PRINCIPAL, Action.ERASE, subject_id, ERASURE_PURPOSE, result, details))
-    log.info("erasure notice applied", extra=counts)
-    return []
+    def __init__(self, reviews: ReviewStore, sessions: SessionDesk, audit: AuditLog) -> None:
+        self.reviews = reviews
+        self.sessions = sessions
+        self.audit = audit
+
+    def process_event(self, event: InputEvent) -> list[Output]:
+        """Delete the subject's alerts with their reviews, its "not this person" feedback, and the sessions claiming
+        it, then write one ERASE audit record with the counts and the reference; nothing is published.
+
+        A replayed notice deletes nothing more (the stores remember the erasures they applied) and is audited again,
+        with zero counts: the audit trail shows every time the notice was handled.
+        """
+        notice = codec.parse(events_pb2.SubjectErased, event.value)
+        subject_id = notice.subject_id
+        if not subject_id:
+            raise codec.MalformedEvent("an erasure notice needs a subject id")
+        erased_at = notice.erased_at.ToDatetime(UTC) if notice.HasField("erased_at") else datetime.now(UTC)
+        alerts = _persistently("erasing alerts", lambda: self.reviews.erase_subject(subject_id, erased_at))
+        sessions_erased = _persistently("erasing sessions", lambda: self.sessions.erase_subject(subject_id, erased_at))
+        counts = {"alerts": alerts.alerts, "reviews": alerts.reviews, "suppressions": alerts.suppressions,
+                  "sessions": sessions_erased}  # fmt: skip
+        result = (f"erased: {_count(alerts.alerts, 'alert')}, {_count(alerts.suppressions, 'suppression')}, "
+                  f"{_count(sessions_erased, 'session')}")  # fmt: skip
+        details = {**counts, "reference": notice.reference[:256], "erased_at": erased_at.isoformat()}
+        _persistently("auditing the erasure", lambda: self.audit.append(SYSTEM_PRINCIPAL, Action.ERASE, subject_id,
+                                                                        ERASURE_PURPOSE, result, details))  # fmt: skip
+        log.info("erasure notice applied", extra=counts)
+        return []
 
 
 def _count(n: int, noun: str) -> str:
@@ -75,4 +83,4 @@ def _persistently(what: str, step: Callable[[], T]) -> T:
 
 def erasure_stage(reviews: ReviewStore, sessions: SessionDesk, audit: AuditLog) -> Stage:
     """The stage that applies the right-to-erasure notices of ``sightline.erasures.v1`` (it publishes nothing)."""
-    return Stage(ERASURE_STAGE, ERASURES, [], one_at_a_time(lambda event: erase(reviews, sessions, audit, event)))
+    return Stage(ERASURE_STAGE, ERASURES, [], Eraser(reviews, sessions, audit))

@@ -5,8 +5,9 @@ for review to ``sightline.alerts.v1`` when a watchlist subject is confirmed on e
 sessions are fused beside that: a second stage consumes ``sightline.sessions.v1`` and the session results of the
 matches topic go to the same ``SessionDesk``, which publishes progress and outcomes on the sessions topic
 (``echannel/desk.py``, docs/echannel.md). A third stage consumes the right-to-erasure notices matching publishes on
-``sightline.erasures.v1`` (``erase``): the subject's alerts, reviews, feedback and sessions are deleted, and the
-erasure is audited (``erasure.py``).
+``sightline.erasures.v1`` (``Eraser``): the subject's alerts, reviews, feedback and sessions are deleted, and the
+erasure is audited (``erasure.py``). Each of the three stages runs an ``EventProcessor`` (common/stage.py):
+``Decider`` here, ``SessionEvents`` (``echannel/desk.py``) and ``Eraser``.
 
 An alert is never an automatic action: it starts PENDING_REVIEW, is stored for review before it is published, and
 reviewers confirm (two different reviewers) or reject it through the ReviewService on this service's gRPC port
@@ -26,7 +27,7 @@ from sightline.common.audit import AuditLog, AuditServicer, TopicPublisher, audi
 from sightline.common.config import KafkaSettings
 from sightline.common.retention import PurgeSchedule, RetentionSettings
 from sightline.common.runtime import Servicer, run_service
-from sightline.common.stage import InputEvent, Output, Stage, one_at_a_time
+from sightline.common.stage import EventProcessor, InputEvent, Output, Stage
 from sightline.common.topics import ALERTS, DECISIONS, MATCHES
 from sightline.decision.engine import DecisionEngine
 from sightline.decision.policy import Policy, load_policy
@@ -38,7 +39,7 @@ from sightline.decision.echannel.desk import SessionDesk, is_session_frame, sess
 from sightline.decision.echannel.store import SessionStore
 from sightline.decision.echannel.engine import SessionEngine
 from sightline.decision.settings import DecisionSettings
-from sightline.v1 import audit_pb2_grpc, events_pb2, review_pb2_grpc, types_pb2
+from sightline.v1 import events_pb2, types_pb2
 
 SERVICE = "decision"
 SESSION_RESULT_NOT_FOLDED = "session_result_not_folded"  # the EVENTS_FAILED reason of a result its session missed
@@ -46,24 +47,34 @@ log = logging.getLogger(__name__)
 Erased = Callable[[str, datetime], bool]  # (subject id, when a frame was seen): erased since? (ReviewStore.erased_since)
 
 
-def decide(engine: DecisionEngine, event: InputEvent, sessions: SessionDesk | None = None,
-           erased: Erased | None = None) -> list[Output]:  # fmt: skip
-    """The decisions and alerts of one match result. The engine records each alert it raises before anything else
-    (stored and audited, so a reviewer can always find an alert an integrator saw; a store failure raises, and the
-    result is processed again). ``erased(subject_id, seen_at)``: whether a subject was erased after a frame seen then
-    (``ReviewStore.erased_since``); a decision naming one (a result in flight at the erasure) is not published."""
-    result = codec.parse(events_pb2.MatchResult, event.value)
-    decisions, alerts = engine.decide(result)  # a gate's frames get no alert here: their session raises it
-    if sessions is not None and is_session_frame(result.frame):
-        _fold_into_session(sessions, result)
-    if erased is not None:
-        decisions = _published(decisions, result.frame, erased)
-        alerts = [a for a in alerts if any(d.alert_id == a.alert_id for d in decisions)]
-    key = result.frame.source_id.encode()
-    telemetry.END_TO_END_LATENCY.labels(SERVICE).observe(codec.seconds_since(result.frame.captured_at))
-    return [Output(DECISIONS, key, d.SerializeToString()) for d in decisions] + [
-        Output(ALERTS, key, a.SerializeToString()) for a in alerts
-    ]
+class Decider(EventProcessor):
+    """The matches stage's processor: the decisions and alerts of one match result.
+
+    The engine records each alert it raises before anything else (stored and audited, so a reviewer can always find
+    an alert an integrator saw; a store failure raises, and the result is processed again). ``sessions``: the desk a
+    gate frame's result is also handed to (``echannel/desk.py``). ``erased(subject_id, seen_at)``: whether a subject
+    was erased after a frame seen then (``ReviewStore.erased_since``); a decision naming one (a result in flight at
+    the erasure) is not published.
+    """
+
+    def __init__(self, engine: DecisionEngine, sessions: SessionDesk | None = None,
+                 erased: Erased | None = None) -> None:  # fmt: skip
+        self.engine = engine
+        self.sessions = sessions
+        self.erased = erased
+
+    def process_event(self, event: InputEvent) -> list[Output]:
+        result = codec.parse(events_pb2.MatchResult, event.value)
+        decisions, alerts = self.engine.decide(result)  # a gate's frames get no alert here: their session raises it
+        if self.sessions is not None and is_session_frame(result.frame):
+            _fold_into_session(self.sessions, result)
+        if self.erased is not None:
+            decisions = _published(decisions, result.frame, self.erased)
+            alerts = [a for a in alerts if any(d.alert_id == a.alert_id for d in decisions)]
+        key = result.frame.source_id.encode()
+        return [Output(DECISIONS, key, d.SerializeToString()) for d in decisions] + [
+            Output(ALERTS, key, a.SerializeToString()) for a in alerts
+        ]
 
 
 def _published(decisions: list[events_pb2.Decision], frame: types_pb2.FrameRef,
@@ -107,13 +118,12 @@ def main() -> None:
     # Status changes a previous run stored but could not publish go out now, without holding up the start.
     threading.Thread(target=review_servicer.flush_outbox, name="alert-outbox", daemon=True).start()
     servicers = [
-        Servicer(review_pb2_grpc.add_ReviewServiceServicer_to_server, review_servicer, "sightline.v1.ReviewService"),
-        Servicer(audit_pb2_grpc.add_AuditServiceServicer_to_server, AuditServicer(audit), "sightline.v1.AuditService"),
+        Servicer.of(review_servicer),
+        Servicer.of(AuditServicer(audit)),
     ]
     session_store = SessionStore.open(url)
     sessions = start_sessions(settings, policy, session_store, recorder, audit, publisher)
-    stage = Stage(SERVICE, MATCHES, [DECISIONS, ALERTS],
-                  one_at_a_time(lambda event: decide(engine, event, sessions, reviews.erased_since)))  # fmt: skip
+    stage = Stage(SERVICE, MATCHES, [DECISIONS, ALERTS], Decider(engine, sessions, reviews.erased_since))
 
     purge = purge_schedule(reviews, session_store)
     purge.start()

@@ -41,11 +41,11 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, Field
 
+from sightline.common.models.descriptor_spec import CHIP_SIZE
 from sightline.common.models.onnx_session import open_session
 
 log = logging.getLogger(__name__)
 
-CHIP_SIZE = 150
 PAD_INPUT = "chips"
 PAD_OUTPUT = "live_probability"
 

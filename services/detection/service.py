@@ -19,10 +19,11 @@ from sightline.common import codec, telemetry
 from sightline.common.audit import AuditLog
 from sightline.common.config import KafkaSettings
 from sightline.common.images import ImageError, decode_image
-from sightline.common.models.pipeline import CHIP_SIZE, AnalyzedFace, FaceAnalyzer
+from sightline.common.models.descriptor_spec import CHIP_SIZE
+from sightline.common.models.pipeline import AnalyzedFace, FaceAnalyzer
 from sightline.common.rpc import InvalidInput, rpc_errors
 from sightline.common.runtime import Servicer, run_service
-from sightline.common.stage import InputEvent, Output, Stage, StageError, one_at_a_time
+from sightline.common.stage import EventProcessor, InputEvent, Output, Stage, StageError
 from sightline.common.topics import FACES, FRAMES
 from sightline.detection.session_liveness import SessionLiveness, traveller
 from sightline.detection.settings import DetectionSettings
@@ -45,8 +46,8 @@ def face_to_proto(face: AnalyzedFace, include_chip: bool) -> types_pb2.DetectedF
     )
 
 
-class Detection:
-    """The detection logic shared by the stream stage and the gRPC API."""
+class Detection(EventProcessor):
+    """The detection logic shared by the stream stage (the stage's processor: one frame at a time) and the gRPC API."""
 
     def __init__(self, settings: DetectionSettings) -> None:
         self.settings = settings
@@ -66,7 +67,8 @@ class Detection:
             faces = self.analyzer.analyze(rgb, max_faces or self.settings.max_faces)
         return rgb, faces
 
-    def process_frame(self, event: InputEvent) -> list[Output]:
+    def process_event(self, event: InputEvent) -> list[Output]:
+        """A frame's faces, in one ``FacesDetected``; a frame whose image cannot be decoded is dead-lettered."""
         frame = codec.parse(events_pb2.FrameCaptured, event.value)
         try:
             rgb, faces = self.analyze(frame.image, self.settings.max_faces)
@@ -83,7 +85,6 @@ class Detection:
             frame=ref, faces=protos, detector_model=self.analyzer.model_name, detected_at=codec.now()
         )
         self._assess_liveness(ref, faces, detected)
-        telemetry.END_TO_END_LATENCY.labels(SERVICE).observe(codec.seconds_since(ref.captured_at))
         return [Output(FACES, ref.source_id.encode(), detected.SerializeToString())]
 
     def _track(self, ref: types_pb2.FrameRef, faces: list[AnalyzedFace]) -> list[types_pb2.DetectedFace]:
@@ -131,9 +132,8 @@ class DetectionServicer(detection_pb2_grpc.DetectionServiceServicer):
 def main() -> None:
     settings = DetectionSettings()
     detection = Detection(settings)
-    servicer = Servicer(detection_pb2_grpc.add_DetectionServiceServicer_to_server, DetectionServicer(detection),
-                        "sightline.v1.DetectionService")  # fmt: skip
-    stage = Stage(SERVICE, FRAMES, [FACES], one_at_a_time(detection.process_frame))
+    servicer = Servicer.of(DetectionServicer(detection))
+    stage = Stage(SERVICE, FRAMES, [FACES], detection)
     audit = AuditLog.open_if_configured()  # where refused calls are audited; None: they are logged only
     run_service(SERVICE, settings, KafkaSettings(), [servicer], [stage], on_stop=audit.close if audit else None,
                 audit=audit)  # fmt: skip

@@ -34,7 +34,7 @@ def searched(detected: events_pb2.FacesDetected) -> list[types_pb2.DetectedFace]
 
 
 class Embedding:
-    """The descriptor model behind both the stream stage and the gRPC API."""
+    """The descriptor model behind both the stream stage (the stage's ``Processor``: batches) and the gRPC API."""
 
     def __init__(self, settings: EmbeddingSettings) -> None:
         self.settings = settings
@@ -48,7 +48,7 @@ class Embedding:
         with self._lock, telemetry.timed(telemetry.INFERENCE_SECONDS, service=SERVICE, model=self.embedder.model_name):
             return self.embedder.embed(np.stack(chips))
 
-    def process_batch(self, events: Sequence[InputEvent]) -> list[list[Output] | BaseException]:
+    def process(self, events: Sequence[InputEvent]) -> list[list[Output] | BaseException]:
         """Parse every event, embed all their chips in one call, then build one output per event.
 
         A bad event (not a FacesDetected, a chip of the wrong length or size) fails alone: it never enters the batch,
@@ -116,7 +116,6 @@ class Embedding:
             embedded.faces.add(face_index=face.index, box=face.box, quality=face.quality, vector=vector.tolist(),
                                landmarks=face.landmarks, detector_keypoints=face.detector_keypoints,
                                liveness=face.liveness, track_id=face.track_id)  # fmt: skip
-        telemetry.END_TO_END_LATENCY.labels(SERVICE).observe(codec.seconds_since(detected.frame.captured_at))
         return [Output(EMBEDDINGS, detected.frame.source_id.encode(), embedded.SerializeToString())]
 
 
@@ -147,9 +146,8 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
 def main() -> None:
     settings = EmbeddingSettings()
     embedding = Embedding(settings)
-    servicer = Servicer(embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server, EmbeddingServicer(embedding),
-                        "sightline.v1.EmbeddingService")  # fmt: skip
-    stage = Stage(SERVICE, FACES, [EMBEDDINGS], embedding.process_batch, max_batch=settings.max_batch_events,
+    servicer = Servicer.of(EmbeddingServicer(embedding))
+    stage = Stage(SERVICE, FACES, [EMBEDDINGS], embedding, max_batch=settings.max_batch_events,
                   batch_wait_s=settings.batch_wait_ms / 1000)  # fmt: skip
     audit = AuditLog.open_if_configured()  # where refused calls are audited; None: they are logged only
     run_service(SERVICE, settings, KafkaSettings(), [servicer], [stage], on_stop=audit.close if audit else None,

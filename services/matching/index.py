@@ -12,7 +12,7 @@ computes outside it, so searches run concurrently with each other (numpy release
 with enrolments. That is safe because the rows a search may return are only ever appended past the view's row count,
 or written to fresh arrays (growth, compaction, ``replace_all``), never modified in place.
 
-Some subjects are for 1:1 verification only: a gate session's own template (``session-<id>``, names.py) is verified
+Some subjects are for 1:1 verification only: a gate session's own template (``session-<id>``, common/subjects.py) is verified
 against the session's frames but must never turn up as a candidate of anyone's 1:N search. A search masks their rows
 out, as it masks out the subjects on none of the watchlists it is limited to.
 
@@ -38,8 +38,8 @@ from typing import Protocol
 
 import numpy as np
 
-from sightline.matching.names import is_session_subject
-from sightline.matching.templates import EMBEDDING_DIM
+from sightline.common.models.descriptor_spec import DESCRIPTOR_SIZE
+from sightline.common.subjects import is_session_subject
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class _View:
 class SearchIndex:
     """Exact nearest-subject search over float32 templates; thread-safe."""
 
-    def __init__(self, dim: int = EMBEDDING_DIM, verify_only: Callable[[str], bool] = is_session_subject,
+    def __init__(self, dim: int = DESCRIPTOR_SIZE, verify_only: Callable[[str], bool] = is_session_subject,
                  mask_cache_size: int = DEFAULT_MASK_CACHE_SIZE) -> None:  # fmt: skip
         """``verify_only``: whether a subject id is for 1:1 verification only (never a 1:N candidate);
         ``mask_cache_size``: how many watchlist masks to keep between mutations (at least 1)."""

@@ -1,7 +1,8 @@
 """What the gallery accepts as subject ids, watchlist names and erasure references; INVALID_ARGUMENT otherwise.
 
 Subject ids starting with ``session-`` are reserved for the session-scoped templates of e-channel gate sessions
-(capture/kiosk/kiosk.py): only capture's own principal enrols them, and they are never candidates in a 1:N search (index.py).
+(capture/kiosk/kiosk.py; the convention lives in common/subjects.py): only capture's own principal enrols them, and
+they are never candidates in a 1:N search (index.py).
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ import re
 
 from sightline.common.auth import service_principal
 from sightline.common.rpc import InvalidInput
+from sightline.common.subjects import SESSION_SUBJECT_PREFIX, is_session_subject
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 _NAME_RULE = "use 1-128 letters, digits and . _ : @ - (starting with a letter or digit)"
 MAX_REFERENCE_CHARS = 200
-SESSION_SUBJECT_PREFIX = "session-"
 SESSION_ENROLLER = service_principal("capture")
 
 
@@ -22,11 +23,6 @@ def check_subject_id(subject_id: str) -> str:
     if not _NAME.match(subject_id):
         raise InvalidInput(f"invalid subject id {subject_id[:40]!r}: {_NAME_RULE}")
     return subject_id
-
-
-def is_session_subject(subject_id: str) -> bool:
-    """A gate session's own template (``session-<session id>``): verified 1:1, never searched 1:N."""
-    return subject_id.startswith(SESSION_SUBJECT_PREFIX)
 
 
 def check_enrolled_subject_id(subject_id: str, caller: str) -> str:

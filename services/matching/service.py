@@ -19,7 +19,7 @@ import logging
 import grpc
 import numpy as np
 
-from sightline.common import codec, telemetry
+from sightline.common import codec
 from sightline.common.audit import (
     MAX_DETAIL_CHARS,
     Action,
@@ -29,9 +29,10 @@ from sightline.common.audit import (
     principal_of,
 )
 from sightline.common.config import KafkaSettings
+from sightline.common.models.descriptor_spec import DESCRIPTOR_SIZE
 from sightline.common.rpc import InvalidInput, NotFound, rpc_errors
 from sightline.common.runtime import Servicer, run_service
-from sightline.common.stage import InputEvent, Output, Stage, one_at_a_time
+from sightline.common.stage import EventProcessor, InputEvent, Output, Stage
 from sightline.common.topics import EMBEDDINGS, MATCHES
 from sightline.matching.audit_trail import (
     DELETE_PURPOSE,
@@ -66,40 +67,47 @@ SERVICE = "matching"
 MAX_ENROL_WATCHLISTS = 20
 log = logging.getLogger(__name__)
 
-__all__ = ["GalleryServicer", "check_subject_id", "main", "match_frame", "open_gallery"]
+__all__ = ["GalleryServicer", "Matcher", "check_subject_id", "main", "open_gallery"]
 
 
-def match_frame(gallery: Gallery, top_k: int, event: InputEvent,
-                stream_audit: StreamSearchAudit | None = None) -> list[Output]:  # fmt: skip
-    """The stream stage: 1:N candidates for every face, plus a 1:1 verification when the frame carries a claim."""
-    embedded = codec.parse(events_pb2.FacesEmbedded, event.value)
-    frame = embedded.frame
-    if len(frame.source_id) > MAX_DETAIL_CHARS:
-        # The stream-search audit record names the source: a search it cannot record must not happen. Capture's API
-        # refuses such ids (limits.py); this is for frames some other producer wrote.
-        raise codec.MalformedEvent(f"the frame's source_id is longer than {MAX_DETAIL_CHARS} characters, too long "
-                                   "to be audited: not searched")  # fmt: skip
-    result = events_pb2.MatchResult(frame=frame, model_name=embedded.model_name,
-                                    model_version=embedded.model_version)  # fmt: skip
-    within_threshold = 0
-    if embedded.faces:
-        vectors = np.array([list(face.vector) for face in embedded.faces], dtype=np.float32)
-        if vectors.shape[1] != 128:
-            raise codec.MalformedEvent(f"descriptors have {vectors.shape[1]} values, expected 128")
-        candidates = gallery.search(vectors, top_k, frame.watchlists)
-        for face, vector, found in zip(embedded.faces, vectors, candidates, strict=True):
-            match = result.faces.add(face_index=face.face_index, box=face.box, quality=face.quality, candidates=found,
-                                     landmarks=face.landmarks, detector_keypoints=face.detector_keypoints,
-                                     liveness=face.liveness, track_id=face.track_id)  # fmt: skip
-            within_threshold += sum(gallery.within_threshold(candidate) for candidate in found)
-            if frame.claim_subject_id:
-                match.verification.CopyFrom(gallery.verify(vector, frame.claim_subject_id))
-    if stream_audit is not None:
-        verifications = len(embedded.faces) if frame.claim_subject_id else 0
-        stream_audit.count(frame, len(embedded.faces), within_threshold, verifications)
-    result.matched_at.CopyFrom(codec.now())
-    telemetry.END_TO_END_LATENCY.labels(SERVICE).observe(codec.seconds_since(frame.captured_at))
-    return [Output(MATCHES, frame.source_id.encode(), result.SerializeToString())]
+class Matcher(EventProcessor):
+    """The stream stage's processor: 1:N candidates for every face, plus a 1:1 verification when the frame carries a
+    claim. ``stream_audit``: where the searches are counted for the audit log (``stream_audit.py``)."""
+
+    def __init__(self, gallery: Gallery, top_k: int, stream_audit: StreamSearchAudit | None = None) -> None:
+        self.gallery = gallery
+        self.top_k = top_k
+        self.stream_audit = stream_audit
+
+    def process_event(self, event: InputEvent) -> list[Output]:
+        embedded = codec.parse(events_pb2.FacesEmbedded, event.value)
+        frame = embedded.frame
+        if len(frame.source_id) > MAX_DETAIL_CHARS:
+            # The stream-search audit record names the source: a search it cannot record must not happen. Capture's
+            # API refuses such ids (limits.py); this is for frames some other producer wrote.
+            raise codec.MalformedEvent(f"the frame's source_id is longer than {MAX_DETAIL_CHARS} characters, too long "
+                                       "to be audited: not searched")  # fmt: skip
+        result = events_pb2.MatchResult(frame=frame, model_name=embedded.model_name,
+                                        model_version=embedded.model_version)  # fmt: skip
+        within_threshold = 0
+        if embedded.faces:
+            vectors = np.array([list(face.vector) for face in embedded.faces], dtype=np.float32)
+            if vectors.shape[1] != DESCRIPTOR_SIZE:
+                raise codec.MalformedEvent(f"descriptors have {vectors.shape[1]} values, expected {DESCRIPTOR_SIZE}")
+            candidates = self.gallery.search(vectors, self.top_k, frame.watchlists)
+            for face, vector, found in zip(embedded.faces, vectors, candidates, strict=True):
+                match = result.faces.add(face_index=face.face_index, box=face.box, quality=face.quality,
+                                         candidates=found, landmarks=face.landmarks,
+                                         detector_keypoints=face.detector_keypoints, liveness=face.liveness,
+                                         track_id=face.track_id)  # fmt: skip
+                within_threshold += sum(self.gallery.within_threshold(candidate) for candidate in found)
+                if frame.claim_subject_id:
+                    match.verification.CopyFrom(self.gallery.verify(vector, frame.claim_subject_id))
+        if self.stream_audit is not None:
+            verifications = len(embedded.faces) if frame.claim_subject_id else 0
+            self.stream_audit.count(frame, len(embedded.faces), within_threshold, verifications)
+        result.matched_at.CopyFrom(codec.now())
+        return [Output(MATCHES, frame.source_id.encode(), result.SerializeToString())]
 
 
 def subject_proto(record: SubjectRecord) -> gallery_pb2.Subject:
@@ -297,14 +305,10 @@ def main() -> None:
     stream_audit = StreamSearchAudit(audit, settings.stream_audit_interval_s)
     faces = FaceClient(settings.detection_addr, settings.embedding_addr, settings.peer_timeout_s)
     servicers = [
-        Servicer(gallery_pb2_grpc.add_GalleryServiceServicer_to_server,
-                 GalleryServicer(gallery, faces, settings, trail, erasure_publisher(publisher)),
-                 "sightline.v1.GalleryService"),
-        Servicer(gallery_pb2_grpc.add_WatchlistServiceServicer_to_server, WatchlistServicer(gallery, trail),
-                 "sightline.v1.WatchlistService"),
+        Servicer.of(GalleryServicer(gallery, faces, settings, trail, erasure_publisher(publisher))),
+        Servicer.of(WatchlistServicer(gallery, trail)),
     ]  # fmt: skip
-    stage = Stage(SERVICE, EMBEDDINGS, [MATCHES],
-                  one_at_a_time(lambda event: match_frame(gallery, settings.top_k, event, stream_audit)))  # fmt: skip
+    stage = Stage(SERVICE, EMBEDDINGS, [MATCHES], Matcher(gallery, settings.top_k, stream_audit))
     erasures = ErasureListener(kafka, gallery.erased).start()  # every replica hears every erasure notice
 
     def close() -> None:

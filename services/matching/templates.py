@@ -23,10 +23,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sightline.common.keyring import KEY_BYTES, KEY_ID, decode_base64_key, parse_key_entries
+from sightline.common.models.descriptor_spec import DESCRIPTOR_SIZE
 
 logger = logging.getLogger(__name__)
 
-EMBEDDING_DIM = 128
 NONCE_BYTES = 12
 FORMAT_V1 = b"\x01"
 # Domain-separates our AAD from any other use of the same key, and versions the binding itself.
@@ -61,7 +61,7 @@ class TemplateDecryptionError(ValueError):
 class TemplateCipher:
     """Encrypts and decrypts face templates with AES-256-GCM; holds every readable key and one active key."""
 
-    def __init__(self, keys: Mapping[str, bytes], active_key_id: str, dim: int = EMBEDDING_DIM) -> None:
+    def __init__(self, keys: Mapping[str, bytes], active_key_id: str, dim: int = DESCRIPTOR_SIZE) -> None:
         if not keys:
             raise TemplateKeyError("no template keys configured")
         for key_id, key in keys.items():
@@ -76,7 +76,7 @@ class TemplateCipher:
 
     @classmethod
     def from_base64(
-        cls, key_b64: str, key_id: str, old_keys: str | Mapping[str, bytes] = "", dim: int = EMBEDDING_DIM
+        cls, key_b64: str, key_id: str, old_keys: str | Mapping[str, bytes] = "", dim: int = DESCRIPTOR_SIZE
     ) -> TemplateCipher:
         """The active key as base64 plus, for rotation, older read-only keys (``"k0:BASE64,k1:BASE64"``)."""
         keys = dict(parse_key_list(old_keys) if isinstance(old_keys, str) else old_keys)

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-CHIP_SIZE = 150
+from sightline.common.models.descriptor_spec import CHIP_SIZE
+
 # To estimate a rate p from N independent trials with zero observed errors, the 95% upper bound is 3/N (the "rule
 # of three"): a FAR of p can only be told apart from "unknown" with at least 3/p impostor comparisons.
 MIN_ERRORS_RULE = 3

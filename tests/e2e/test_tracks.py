@@ -139,7 +139,7 @@ def test_detection_tracks_cctv_faces_but_leaves_echannel_frames_untouched(face_p
                                  session_id="s1" if purpose == types_pb2.PURPOSE_ECHANNEL else "")  # fmt: skip
         ref.captured_at.FromNanoseconds(int((1000.0 + 0.2 * sequence) * 1e9))
         value = events_pb2.FrameCaptured(frame=ref, image=image, media_type="image/jpeg").SerializeToString()
-        (output,) = detection.process_frame(InputEvent(key=b"gate", value=value, topic=FRAMES.name, partition=0,
+        (output,) = detection.process_event(InputEvent(key=b"gate", value=value, topic=FRAMES.name, partition=0,
                                                        offset=sequence))  # fmt: skip
         return codec.parse(events_pb2.FacesDetected, output.value)
 

@@ -80,10 +80,9 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Decision]]:
         denials = DenialAudit(audit, window_s)
         server = GrpcServer("127.0.0.1", 0, workers=4, access=AccessPolicy(principals(cert_cn)),
                             on_denied=denials, credentials=credentials)  # fmt: skip
-        server.add(review_pb2_grpc.add_ReviewServiceServicer_to_server, ReviewServicer(store, audit, lambda _: None),
-                   "sightline.v1.ReviewService")  # fmt: skip
-        server.add(audit_pb2_grpc.add_AuditServiceServicer_to_server, AuditServicer(audit), "sightline.v1.AuditService")
-        server.add(capture_pb2_grpc.add_CaptureServiceServicer_to_server, EchoCapture(), "sightline.v1.CaptureService")
+        server.add(ReviewServicer(store, audit, lambda _: None))
+        server.add(AuditServicer(audit))
+        server.add(EchoCapture())
         server.start()
         decision = Decision(f"127.0.0.1:{server.port}", audit, store, server, denials)
         started.append(decision)
@@ -258,7 +257,7 @@ def test_a_service_without_a_trail_of_its_own_audits_refusals_where_configured(
     assert audit is not None
     denials = DenialAudit(audit)
     server = GrpcServer("127.0.0.1", 0, workers=2, access=AccessPolicy(principals()), on_denied=denials)
-    server.add(capture_pb2_grpc.add_CaptureServiceServicer_to_server, EchoCapture(), "sightline.v1.CaptureService")
+    server.add(EchoCapture())
     server.start()
     try:
         as_rita = capture_pb2_grpc.CaptureServiceStub(channel(f"127.0.0.1:{server.port}", token=TOKENS["rita"]))

@@ -257,8 +257,7 @@ def capture_server(capture_for: Any, tmp_path: Path) -> Iterator[capture_pb2_grp
     (tmp_path / "allowed").mkdir()
     capture = capture_for(allowed_roots=[tmp_path / "allowed"], allowed_schemes=["rtsp"], allowed_hosts=["127.0.0.0/8"])
     server = GrpcServer("127.0.0.1", 0, workers=4)
-    server.add(capture_pb2_grpc.add_CaptureServiceServicer_to_server, CaptureServicer(capture),
-               "sightline.v1.CaptureService")  # fmt: skip
+    server.add(CaptureServicer(capture))
     server.start()
     yield capture_pb2_grpc.CaptureServiceStub(channel(f"127.0.0.1:{server.port}"))
     server.stop(0)

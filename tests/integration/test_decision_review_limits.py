@@ -47,9 +47,8 @@ def decision(tmp_path: Path) -> Iterator[Decision]:
     denials = DenialAudit(audit)
     officer = Principal("officer-1", frozenset({Role.REVIEWER, Role.AUDITOR}), hash_token(TOKEN))
     server = GrpcServer("127.0.0.1", 0, workers=4, access=AccessPolicy([officer]), on_denied=denials)
-    server.add(review_pb2_grpc.add_ReviewServiceServicer_to_server, ReviewServicer(store, audit, lambda _: None),
-               "sightline.v1.ReviewService")  # fmt: skip
-    server.add(audit_pb2_grpc.add_AuditServiceServicer_to_server, AuditServicer(audit), "sightline.v1.AuditService")
+    server.add(ReviewServicer(store, audit, lambda _: None))
+    server.add(AuditServicer(audit))
     server.start()
     alert = events_pb2.Alert(alert_id=ALERT_ID, decision_id="d1", source_id="cam-1", subject_id="obama",
                              watchlists=["wl"], status=events_pb2.ALERT_STATUS_PENDING_REVIEW)  # fmt: skip

@@ -24,12 +24,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from sightline.tooling.broker import LocalBroker, free_port, tansu_binary
 from sightline.common.config import KafkaSettings
 from sightline.common.topics import DEADLETTER, DataClass, TopicSpec
+
+if TYPE_CHECKING:
+    from sightline.common.stage import EventProcessor
 
 INPUT = TopicSpec("probe.delivery.in", "Probe", DataClass.OPERATIONAL, 3_600_000, "test", ("probe",))
 OUTPUT = TopicSpec("probe.delivery.out", "Probe", DataClass.OPERATIONAL, 3_600_000, "probe", ())
@@ -151,24 +155,30 @@ class ProxiedBroker(LocalBroker):
 # -- the probe stage, run in its own worker process -------------------------------------------------------------
 
 
-def probe_process(mode: str) -> Callable[[object], list[object]]:
-    """The probe stage's per-event function: the input's value back on the output topic, after a little work."""
-    from sightline.common.stage import InputEvent, Output
+def probe_processor(mode: str) -> EventProcessor:
+    """The probe stage's processor: the input's value back on the output topic, after a little work. In "stage" mode
+    (tests/integration/test_stage_batch.py) an input starting "bad" fails, "pair" gives two outputs, "big" one too large."""
+    from sightline.common.stage import EventProcessor, InputEvent, Output, StageError
 
     limit = KafkaSettings().max_message_bytes
     database = os.environ.get("PROBE_DATABASE", "")
 
-    def process(event: InputEvent) -> list[Output]:
-        time.sleep(float(os.environ.get("PROBE_DELAY_S", "0")))
-        value = event.value or b""
-        if mode == "oversize" and value.startswith(b"big"):
-            return [Output(OUTPUT, b"k", value), Output(OUTPUT, b"k", b"x" * (limit + 1))]
-        if mode == "sqlite":
-            with sqlite3.connect(database, timeout=0) as conn:  # no busy wait: a held lock fails at once
-                conn.execute("INSERT INTO seen VALUES (?)", (value.decode(),))
-        return [Output(OUTPUT, event.key or b"", value)]
+    class ProbeProcessor(EventProcessor):
+        def process_event(self, event: InputEvent) -> list[Output]:
+            time.sleep(float(os.environ.get("PROBE_DELAY_S", "0")))
+            value = event.value or b""
+            if mode in ("oversize", "stage") and value.startswith(b"big"):
+                return [Output(OUTPUT, b"k", value), Output(OUTPUT, b"k", b"x" * (limit + 1))]
+            if mode == "stage" and value.startswith(b"bad"):
+                raise StageError("probe_refused", f"the probe refuses {value.decode()}", frame_id=value.decode())
+            if mode == "stage" and value.startswith(b"pair"):
+                return [Output(OUTPUT, event.key or b"", value + b"/1"), Output(OUTPUT, event.key or b"", value + b"/2")]
+            if mode == "sqlite":
+                with sqlite3.connect(database, timeout=0) as conn:  # no busy wait: a held lock fails at once
+                    conn.execute("INSERT INTO seen VALUES (?)", (value.decode(),))
+            return [Output(OUTPUT, event.key or b"", value)]
 
-    return process  # type: ignore[return-value]
+    return ProbeProcessor()
 
 
 def run_probe(mode: str) -> None:
@@ -178,15 +188,19 @@ def run_probe(mode: str) -> None:
 
     import faust
 
-    from sightline.common import telemetry
-    from sightline.common.stage import Stage, one_at_a_time
+    from sightline.common import telemetry, tracing
+    from sightline.common.stage import Stage
     from sightline.common.streams import faust_app
 
     telemetry.configure_logging("probe", "INFO")
+    if port := os.environ.get("PROBE_METRICS_PORT"):  # what run_service starts too: the stage's metrics
+        telemetry.start_metrics(int(port))
+        tracing.setup_tracing("probe")  # and spans of its own, children of the inputs' contexts
     timeout = float(os.environ.get("PROBE_PRODUCER_TIMEOUT_S", "30"))
     app = faust_app("probe", KafkaSettings(), datadir=tempfile.mkdtemp(prefix="probe-faust-"),
                     producer_request_timeout=timeout)  # fmt: skip
-    stage = Stage("probe", INPUT, [OUTPUT], one_at_a_time(probe_process(mode)))  # the default backoff
+    stage = Stage("probe", INPUT, [OUTPUT], probe_processor(mode), max_batch=int(os.environ.get("PROBE_MAX_BATCH", "1")),
+                  batch_wait_s=float(os.environ.get("PROBE_BATCH_WAIT_S", "0")))  # the default backoff  # fmt: skip
     stage.attach(app)
     worker = faust.Worker(app, loglevel=logging.INFO, override_logging=False, redirect_stdouts=False, quiet=True)
     worker.spinner = None

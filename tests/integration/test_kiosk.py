@@ -114,7 +114,7 @@ def start_kiosk(stack: LocalStack, kafka: KafkaSettings, budget_s: float = BUDGE
     gallery = SessionGallery(settings.matching_addr, settings.gallery_timeout_s, token=CAPTURE_TOKEN)
     kiosk = Kiosk(capture, settings, kafka, gallery)
     server = GrpcServer("127.0.0.1", 0)
-    server.add(session_pb2_grpc.add_KioskServiceServicer_to_server, KioskServicer(kiosk), "sightline.v1.KioskService")
+    server.add(KioskServicer(kiosk))
     server.start()
     if start:
         kiosk.start()

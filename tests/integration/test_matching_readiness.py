@@ -36,7 +36,7 @@ from sightline.matching.erasure_listener import ErasureListener
 from sightline.matching.gallery import Gallery
 from sightline.matching.peers import FaceClient
 from sightline.matching.readiness import GalleryUnavailable
-from sightline.matching.service import GalleryServicer, match_frame
+from sightline.matching.service import GalleryServicer, Matcher
 from sightline.matching.settings import MatchingSettings
 from sightline.matching.store import GalleryStore
 from sightline.matching.stream_audit import StreamSearchAudit
@@ -125,9 +125,7 @@ def test_a_replica_cut_off_from_its_database_stops_matching_until_it_can_check_a
                                 detection_addr=UNREACHABLE, embedding_addr=UNREACHABLE)  # fmt: skip
     officer = Principal("officer-1", frozenset({Role.OPERATOR}), hash_token(TOKEN))
     server = GrpcServer("127.0.0.1", 0, workers=4, access=AccessPolicy([officer]))
-    server.add(gallery_pb2_grpc.add_GalleryServiceServicer_to_server,
-               GalleryServicer(gallery, FaceClient(UNREACHABLE, UNREACHABLE, 1.0), settings, GalleryAudit(audit)),
-               "sightline.v1.GalleryService")  # fmt: skip
+    server.add(GalleryServicer(gallery, FaceClient(UNREACHABLE, UNREACHABLE, 1.0), settings, GalleryAudit(audit)))
     server.start()
     gallery.readiness.subscribe(server.set_serving)  # as matching's main() ties them
     address = f"127.0.0.1:{server.port}"
@@ -144,7 +142,7 @@ def test_a_replica_cut_off_from_its_database_stops_matching_until_it_can_check_a
                 gallery.search(alice[None, :], 3)
             assert is_transient(refused.value)  # the stream stage retries the frame later, never dead-letters it
             with pytest.raises(GalleryUnavailable):
-                match_frame(gallery, 3, embedded("cam-1", alice))
+                Matcher(gallery, 3).process_event(embedded("cam-1", alice))
             with pytest.raises(grpc.RpcError) as failed:  # refused before detection and embedding are called
                 search(gallery_pb2.SearchRequest(probe_image=b"not looked at"), timeout=10)
             assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -198,8 +196,8 @@ def test_a_frame_whose_source_id_cannot_be_audited_is_not_searched(
     stream_audit = StreamSearchAudit(audit, interval_s=3600)  # flushed by hand
     try:
         with pytest.raises(codec.MalformedEvent, match="too long to be audited"):  # dead-lettered, never searched
-            match_frame(gallery, 3, embedded("cam-" + "x" * 2000, alice), stream_audit)
-        [output] = match_frame(gallery, 3, embedded("cam-2", alice), stream_audit)
+            Matcher(gallery, 3, stream_audit).process_event(embedded("cam-" + "x" * 2000, alice))
+        [output] = Matcher(gallery, 3, stream_audit).process_event(embedded("cam-2", alice))
         assert events_pb2.MatchResult.FromString(output.value).faces[0].candidates[0].subject_id == "alice"
         assert stream_audit.flush() == 1  # only the frame that was searched, and it is on record
         [record] = audit.records(action="STREAM_SEARCH")

@@ -59,17 +59,17 @@ class Running:
 
 @pytest.fixture()
 def serve(tmp_path: Path) -> Iterator[Callable[..., Running]]:
-    """``serve(workers, limits, servicers=[(register, factory(audit), name)])``: a started server, refusals audited."""
+    """``serve(workers, limits, servicers=[factory(audit)])``: a started server, refusals audited."""
     started: list[Running] = []
 
     def start(workers: int = 4, limits: ServerLimits | None = None,
-              servicers: tuple[tuple[Any, Callable[[AuditLog], Any], str], ...] = ()) -> Running:  # fmt: skip
+              servicers: tuple[Callable[[AuditLog], Any], ...] = ()) -> Running:  # fmt: skip
         audit = AuditLog.open(f"sqlite:///{tmp_path / f'audit-{len(started)}.db'}")
         denials = DenialAudit(audit)
         officer = Principal(OFFICER, frozenset({Role.ENROLLER, Role.OPERATOR}), hash_token(TOKEN))
         server = GrpcServer("127.0.0.1", 0, workers, access=AccessPolicy([officer]), on_denied=denials, limits=limits)
-        for register, factory, name in servicers:
-            server.add(register, factory(audit), name)
+        for factory in servicers:
+            server.add(factory(audit))
         server.start()
         started.append(Running(server, f"127.0.0.1:{server.port}", audit, denials))
         return started[-1]
@@ -193,8 +193,7 @@ def test_idle_streams_are_held_to_their_pools_and_health_check_answers_within_a_
 ) -> None:
     # 4 threads: 2 for streams, 1 of those for callers without credentials; 3 health Watch streams (no thread).
     limits = ServerLimits(max_streams=2, max_concurrent_rpcs=64, max_open_streams=1, max_watchers=3)
-    running = serve(workers=4, limits=limits, servicers=[
-        (capture_pb2_grpc.add_CaptureServiceServicer_to_server, lambda _: HeldIngest(), "sightline.v1.CaptureService")])
+    running = serve(workers=4, limits=limits, servicers=[lambda _: HeldIngest()])
     anonymous, officer = channel(running.address, token=""), channel(running.address, token=TOKEN)
     try:
         # 10 idle anonymous streams, more than the server has threads (all started at once: which ones are
@@ -304,12 +303,8 @@ def test_over_long_fields_never_reach_the_gallery_and_are_audited(
                                 detection_addr=UNREACHABLE, embedding_addr=UNREACHABLE)  # fmt: skip
     gallery = open_gallery(settings)
     faces = FaceClient(UNREACHABLE, UNREACHABLE, 1.0)
-    running = serve(servicers=[
-        (gallery_pb2_grpc.add_GalleryServiceServicer_to_server,
-         lambda audit: GalleryServicer(gallery, faces, settings, GalleryAudit(audit)), "sightline.v1.GalleryService"),
-        (gallery_pb2_grpc.add_WatchlistServiceServicer_to_server,
-         lambda audit: WatchlistServicer(gallery, GalleryAudit(audit)), "sightline.v1.WatchlistService"),
-    ])  # fmt: skip
+    running = serve(servicers=[lambda audit: GalleryServicer(gallery, faces, settings, GalleryAudit(audit)),
+                               lambda audit: WatchlistServicer(gallery, GalleryAudit(audit))])  # fmt: skip
     try:
         with channel(running.address, token=TOKEN) as ch:
             galleries, lists = gallery_pb2_grpc.GalleryServiceStub(ch), gallery_pb2_grpc.WatchlistServiceStub(ch)
@@ -339,8 +334,7 @@ def test_an_over_long_source_id_is_refused_at_ingest_and_nothing_is_published(
     serve: Callable[..., Running], kafka: object, face_photos: Path,
 ) -> None:
     capture = Capture(CaptureSettings(), kafka)  # type: ignore[arg-type]
-    running = serve(servicers=[(capture_pb2_grpc.add_CaptureServiceServicer_to_server,
-                                lambda _: CaptureServicer(capture), "sightline.v1.CaptureService")])  # fmt: skip
+    running = serve(servicers=[lambda _: CaptureServicer(capture)])
     since_ms = int(time.time() * 1000)
     try:
         with channel(running.address, token=TOKEN) as ch:

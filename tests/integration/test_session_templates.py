@@ -35,7 +35,7 @@ from sightline.matching.audit_trail import GalleryAudit
 from sightline.matching.gallery import Gallery
 from sightline.matching.index import SearchIndex
 from sightline.matching.peers import FaceClient
-from sightline.matching.service import GalleryServicer, match_frame, open_gallery
+from sightline.matching.service import GalleryServicer, Matcher, open_gallery
 from sightline.matching.settings import MatchingSettings
 from sightline.matching.templates import generate_key
 from sightline.matching.watchlists import WatchlistServicer
@@ -69,10 +69,8 @@ def replica(face_services: LocalStack, tmp_path_factory: pytest.TempPathFactory)
                   Principal(service_principal("capture"), SERVICE_CALLER_ROLES["capture"], hash_token(CAPTURE_TOKEN))]
     servers = [GrpcServer("127.0.0.1", 0, access=access) for access in (AccessPolicy(principals), None)]
     for server in servers:
-        server.add(gallery_pb2_grpc.add_GalleryServiceServicer_to_server,
-                   GalleryServicer(gallery, faces, settings, GalleryAudit(audit)), "sightline.v1.GalleryService")
-        server.add(gallery_pb2_grpc.add_WatchlistServiceServicer_to_server,
-                   WatchlistServicer(gallery, GalleryAudit(audit)), "sightline.v1.WatchlistService")  # fmt: skip
+        server.add(GalleryServicer(gallery, faces, settings, GalleryAudit(audit)))
+        server.add(WatchlistServicer(gallery, GalleryAudit(audit)))
         server.start()
     yield Replica(gallery, faces, *(f"127.0.0.1:{server.port}" for server in servers))
     for server in servers:
@@ -136,11 +134,12 @@ def test_a_session_template_is_verified_one_to_one_but_never_a_search_candidate(
     assert candidates(officer, probe) == ["obama-enrolled"]  # the same face, enrolled as an ordinary subject, is found
     assert candidates(officer, probe, "stop-z") == ["obama-enrolled"]
 
-    [output] = match_frame(replica.gallery, 10, embedded_frame(replica, probe, SESSION_SUBJECT, ["stop-z"]))
+    matcher = Matcher(replica.gallery, 10)
+    [output] = matcher.process_event(embedded_frame(replica, probe, SESSION_SUBJECT, ["stop-z"]))
     [face] = events_pb2.MatchResult.FromString(output.value).faces
     assert face.verification.subject_found and face.verification.verified
     assert [c.subject_id for c in face.candidates] == ["obama-enrolled"]
-    [output] = match_frame(replica.gallery, 10, embedded_frame(replica, probe, SESSION_SUBJECT, []))
+    [output] = matcher.process_event(embedded_frame(replica, probe, SESSION_SUBJECT, []))
     assert [c.subject_id for c in events_pb2.MatchResult.FromString(output.value).faces[0].candidates] == [
         "obama-enrolled"]
 

@@ -32,7 +32,7 @@ from sightline.matching.audit_trail import GalleryAudit
 from sightline.matching.erasure import ErasureNotifier
 from sightline.matching.gallery import Gallery
 from sightline.matching.peers import FaceClient
-from sightline.matching.service import GalleryServicer, match_frame, open_gallery
+from sightline.matching.service import GalleryServicer, Matcher, open_gallery
 from sightline.matching.settings import MatchingSettings
 from sightline.matching.stream_audit import StreamSearchAudit
 from sightline.matching.templates import generate_key
@@ -75,10 +75,8 @@ def start_replica(faces: LocalStack, gallery_url: str, key: str, audit: AuditLog
     trail = GalleryAudit(audit)
     officer = Principal(OFFICER, frozenset({Role.ENROLLER, Role.OPERATOR}), hash_token(TOKEN))
     server = GrpcServer("127.0.0.1", 0, access=AccessPolicy([officer]))
-    server.add(gallery_pb2_grpc.add_GalleryServiceServicer_to_server,
-               GalleryServicer(gallery, client, settings, trail, notify_erased), "sightline.v1.GalleryService")
-    server.add(gallery_pb2_grpc.add_WatchlistServiceServicer_to_server, WatchlistServicer(gallery, trail),
-               "sightline.v1.WatchlistService")  # fmt: skip
+    server.add(GalleryServicer(gallery, client, settings, trail, notify_erased))
+    server.add(WatchlistServicer(gallery, trail))
     server.start()
     return Replica(gallery, server, client, f"127.0.0.1:{server.port}")
 
@@ -359,14 +357,15 @@ def test_stream_searches_are_audited_per_source_and_interval(replica: Replica, g
     start = audit.head()[0]
     stream_audit = StreamSearchAudit(audit, interval_s=3600)  # flushed by hand here; the timer has its own test
     try:
-        [output] = match_frame(replica.gallery, 5, event("cam-a", 1, []), stream_audit)
+        matcher = Matcher(replica.gallery, 5, stream_audit)
+        [output] = matcher.process_event(event("cam-a", 1, []))
         matched = events_pb2.MatchResult.FromString(output.value)
         assert [f.track_id for f in matched.faces] == ["cam-a/t0", "cam-a/t1"]  # tracks travel on to decision
         assert {c.subject_id for c in matched.faces[0].candidates[:2]} == {"s-biden", "x-biden"}  # both from biden.jpg
-        match_frame(replica.gallery, 5, event("cam-a", 2, []), stream_audit)
-        match_frame(replica.gallery, 5, event("cam-b", 1, ["stream-list"]), stream_audit)
+        matcher.process_event(event("cam-a", 2, []))
+        matcher.process_event(event("cam-b", 1, ["stream-list"]))
         assert stream_audit.flush() == 2  # one record per source for the interval
-        match_frame(replica.gallery, 5, event("cam-b", 2, ["stream-list"]), stream_audit)
+        matcher.process_event(event("cam-b", 2, ["stream-list"]))
     finally:
         stream_audit.close()  # shutdown writes what is left
     by_source = [(r.details["source_id"], r.details["frames"], r.details["faces_searched"],

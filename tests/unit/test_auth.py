@@ -1,5 +1,5 @@
 """Access control without a network: token hashing, the tokens file, the role table against the generated protos,
-the admission decisions, the settings, which token a client sends and where it may go in clear text, and the files
+the servicers against the services they implement (names from the descriptors), the admission decisions, the settings, which token a client sends and where it may go in clear text, and the files
 and environment the local stack gives its services."""
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from pydantic import ValidationError
 import sightline.v1
 from sightline.cli import auth as auth_command
 from sightline.cli import endpoints
-from sightline.common import auth, rpc
+from sightline.common import auth, rpc, runtime
 from sightline.tooling import localstack
 from sightline.common.audit import principal_of
 from sightline.common.auth import AccessDenied, AccessPolicy, AuthSettings, Caller, Principal, Role
 from sightline.common.tls import PlaintextTokenError, TlsSettings, is_local_address
+from sightline.v1 import capture_pb2_grpc, detection_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 ENROL = "/sightline.v1.GalleryService/Enroll"
@@ -116,6 +117,67 @@ def test_roles_follow_the_duties() -> None:
 def test_docs_show_the_role_table() -> None:
     docs = (REPO / "docs" / "security.md").read_text()
     assert auth.method_table_markdown() in docs, "docs/security.md: paste `sightline auth methods` into the table"
+
+
+# -- servicers and the services they implement --------------------------------------------------------------------
+
+SERVICERS = (  # every servicer the services' main() register
+    "sightline.matching.service.GalleryServicer",
+    "sightline.matching.watchlists.WatchlistServicer",
+    "sightline.decision.review.servicer.ReviewServicer",
+    "sightline.common.audit.AuditServicer",
+    "sightline.capture.service.CaptureServicer",
+    "sightline.capture.kiosk.servicer.KioskServicer",
+    "sightline.detection.service.DetectionServicer",
+    "sightline.embedding.service.EmbeddingServicer",
+)
+
+
+def generated_services() -> dict[str, object]:
+    """Every service of the generated sightline.v1 modules, by full name: its descriptor."""
+    services = {}
+    for module in pkgutil.iter_modules(sightline.v1.__path__):
+        if module.name.endswith("_pb2"):
+            descriptor = importlib.import_module(f"sightline.v1.{module.name}").DESCRIPTOR
+            services |= {service.full_name: service for service in descriptor.services_by_name.values()}
+    return services
+
+
+def test_every_service_has_a_servicer_named_and_registered_from_the_generated_code() -> None:
+    services = generated_services()
+    implemented = {}
+    for path in SERVICERS:
+        module, name = path.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module), name)
+        service = rpc.grpc_service(cls)
+        implemented[service.full_name] = cls
+        assert service.register.__name__ == f"add_{service.full_name.rsplit('.', 1)[-1]}Servicer_to_server"
+        # Subclassing the generated base gives every RPC a stub answering UNIMPLEMENTED: the servicer must override
+        # them all itself.
+        stubs = [m.name for m in services[service.full_name].methods  # type: ignore[attr-defined]
+                 if getattr(cls, m.name).__module__.startswith("sightline.v1.")]  # fmt: skip
+        assert stubs == [], f"{path} leaves {stubs} unimplemented"
+    assert set(implemented) == set(services)
+    assert "sightline.v1.GalleryService" in implemented and "sightline.v1.AuditService" in implemented
+
+
+def test_a_servicer_is_named_by_its_one_generated_base_class() -> None:
+    class Echo(capture_pb2_grpc.CaptureServiceServicer):
+        pass
+
+    servicer = runtime.Servicer.of(Echo())
+    assert servicer.service.full_name == "sightline.v1.CaptureService"
+    assert servicer.service.register is capture_pb2_grpc.add_CaptureServiceServicer_to_server
+
+    class Plain:
+        pass
+
+    class Both(capture_pb2_grpc.CaptureServiceServicer, detection_pb2_grpc.DetectionServiceServicer):
+        pass
+
+    for cls in (Plain, Both):
+        with pytest.raises(TypeError, match="exactly one generated sightline.v1"):
+            runtime.Servicer.of(cls())
 
 
 # -- admission ----------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from sightline.common.images import looks_like_image
-from sightline.common.stage import InputEvent, StageError, dead_letter_record, may_copy_payload, one_at_a_time
+from sightline.common.stage import InputEvent, StageError, dead_letter_record, may_copy_payload, source_dead_letter
 from sightline.common.topics import FACES, FRAMES
 from sightline.v1 import events_pb2, types_pb2
 
@@ -84,8 +84,8 @@ def test_what_is_not_the_topics_event_is_withheld(face_photos: Path) -> None:
 
 
 def test_no_payload_no_hash() -> None:
-    letter = dead_letter_record("capture", InputEvent(key=b"cam", value=None, topic="rtsp://cam/1", partition=-1,
-                                                      offset=3), StageError("unreadable_frame", "gone"))  # fmt: skip
+    letter = source_dead_letter("capture", StageError("unreadable_frame", "gone"), source="rtsp://cam/1", key=b"cam",
+                                sequence=3)  # fmt: skip
     assert not letter.payload_withheld and not letter.payload_sha256 and letter.payload_size == 0
 
 
@@ -97,7 +97,7 @@ def test_the_detection_stage_dead_letters_a_non_image_frame_without_its_bytes(mo
     detection = Detection(DetectionSettings(models_dir=models_dir))
     garbage = frame(b"<html>definitely not a photo</html>")
     damaged = frame((face_photos / "obama.jpg").read_bytes()[:5000])
-    results = one_at_a_time(detection.process_frame)([item(garbage), item(damaged)])
+    results = detection.process([item(garbage), item(damaged)])
     letters = [dead_letter_record("detection", item(value), error)  # type: ignore[arg-type]
                for value, error in zip((garbage, damaged), results, strict=True)]  # fmt: skip
     assert [letter.reason for letter in letters] == ["undecodable_image", "truncated_image"]

@@ -23,7 +23,7 @@ from sightline.decision.engine import DecisionEngine
 from sightline.decision.policy import Policy
 from sightline.decision.review.recorder import AlertRecorder
 from sightline.decision.review.store import ReviewStore
-from sightline.decision.service import decide
+from sightline.decision import service as decision
 from sightline.v1 import events_pb2
 from test_decision_engine import match_result
 
@@ -53,7 +53,7 @@ class Decider:
         self.engine = DecisionEngine(POLICY, alerts=AlertRecorder(self.reviews, self.audit))
 
     def __call__(self, result: events_pb2.MatchResult, offset: int = 0) -> list[Output]:
-        return decide(self.engine, event_of(result, offset), erased=self.reviews.erased_since)
+        return decision.Decider(self.engine, erased=self.reviews.erased_since).process_event(event_of(result, offset))
 
 
 @pytest.fixture()

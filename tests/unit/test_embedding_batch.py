@@ -61,7 +61,7 @@ def test_a_bad_event_in_a_batch_fails_alone_and_the_others_get_their_descriptors
     batch = [obama.SerializeToString(), wrong_size.SerializeToString(), biden.SerializeToString(),
              b"\xff\xfenot a protobuf at all", short.SerializeToString()]  # fmt: skip
 
-    results = embedding.process_batch([event(value, i) for i, value in enumerate(batch)])
+    results = embedding.process([event(value, i) for i, value in enumerate(batch)])
 
     assert len(results) == len(batch)
     for bad in (1, 3, 4):
@@ -69,7 +69,7 @@ def test_a_bad_event_in_a_batch_fails_alone_and_the_others_get_their_descriptors
     assert "150x150" in str(results[1])
     # The good events' descriptors are the ones each gets alone: the batch kept every face with its own vector.
     for index, alone in ((0, obama), (2, biden)):
-        (single,) = embedding.process_batch([event(alone.SerializeToString(), 0)])
+        (single,) = embedding.process([event(alone.SerializeToString(), 0)])
         assert vectors(results[index]).shape == (len(alone.faces), 128)
         np.testing.assert_allclose(vectors(results[index]), vectors(single), atol=1e-5)
     assert np.linalg.norm(vectors(results[0])[0] - vectors(results[2])[0]) > 0.6, "two people, two descriptors"

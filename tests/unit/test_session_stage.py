@@ -21,11 +21,11 @@ from sightline.common.audit import AuditLog
 from sightline.common.stage import InputEvent, Output
 from sightline.common.topics import ALERTS, DECISIONS, SESSIONS
 from sightline.decision.engine import DecisionEngine
-from sightline.decision.erasure import erase
+from sightline.decision.erasure import Eraser
 from sightline.decision.policy import EChannelPolicy, Policy
 from sightline.decision.review.recorder import AlertRecorder
 from sightline.decision.review.store import ReviewStore
-from sightline.decision.service import decide
+from sightline.decision.service import Decider
 from sightline.decision.echannel.desk import SessionDesk
 from sightline.decision.echannel.store import SessionStore
 from sightline.decision.echannel.engine import SessionEngine
@@ -215,7 +215,7 @@ def test_e_channel_frames_never_alert_through_the_per_frame_path(desk: Desk) -> 
     for seq in (1, 2):
         item = echannel(result(seq, stop_hit=True))
         item.frame.claim_subject_id = ""  # even a frame the per-frame engine would search 1:N
-        outputs += decide(engine, matches_input(item, seq), desk.desk)
+        outputs += Decider(engine, desk.desk).process_event(matches_input(item, seq))
     desk.flush()
     assert {o.topic for o in outputs} == {DECISIONS}  # the per-frame decisions, no alert
     decisions = decisions_in(outputs)
@@ -232,8 +232,9 @@ def test_a_hung_broker_holds_up_announcements_not_the_matches_path(desk: Desk) -
     outputs: list[Output] = []
 
     def matches_path() -> None:
+        decider = Decider(engine, desk.desk)
         for event in inputs:
-            outputs.extend(decide(engine, event, desk.desk))
+            outputs.extend(decider.process_event(event))
 
     desk.publisher.flowing.clear()  # the broker hangs: every send blocks
     desk.desk.start(0.02)
@@ -260,9 +261,10 @@ def test_a_hung_broker_holds_up_announcements_not_the_matches_path(desk: Desk) -
 def test_a_session_store_failure_does_not_cost_the_frames_own_decision(desk: Desk) -> None:
     engine = DecisionEngine(Policy(min_agreeing_frames=1))
     desk.desk.on_event(opened())
-    decide(engine, matches_input(echannel(result(1)), 1), desk.desk)
+    decider = Decider(engine, desk.desk)
+    decider.process_event(matches_input(echannel(result(1)), 1))
     desk.store.close()  # the database goes away just as the deciding frame comes
-    outputs = decide(engine, matches_input(echannel(result(2, liveness=LIVE)), 2), desk.desk)
+    outputs = decider.process_event(matches_input(echannel(result(2, liveness=LIVE)), 2))
     assert [d.frame.frame_id for d in decisions_in(outputs)] == ["gate-1:s:2"]  # not dead-lettered
     desk.desk.store = desk.store = SessionStore.open(desk.url)  # it comes back
     desk.desk.tick(time.time())  # the outcome reached in memory is saved, then announced
@@ -366,7 +368,7 @@ def test_a_stop_list_hit_on_an_erased_subject_is_neither_kept_nor_announced(desk
     desk.desk.on_result(echannel(result(1, stop_hit=True)))  # referred at once; the announcement is queued
     notice = events_pb2.SubjectErased(subject_id="wanted", reference="ticket-1")
     notice.erased_at.GetCurrentTime()
-    erase(desk.reviews, desk.desk, desk.audit, InputEvent(None, notice.SerializeToString(), "e", 0, 0))
+    Eraser(desk.reviews, desk.desk, desk.audit).process_event(InputEvent(None, notice.SerializeToString(), "e", 0, 0))
     desk.flush()
     assert desk.publisher.alerts() == [] and desk.reviews.list_alerts() == []
     decided = desk.publisher.session_events()[-1]

@@ -2,7 +2,7 @@
 
 A kiosk claims an enrolled traveller (checked in the gallery), or gives the chip's portrait or a photographed data
 page (whose MRZ gives the document number): the portrait is then enrolled as a session-scoped subject,
-``session-<session id>``, a prefix matching reserves for capture (matching/names.py), deleted when the session ends.
+``session-<session id>`` (common/subjects.py), a prefix matching reserves for capture, deleted when the session ends.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 
 from sightline.common.images import ImageError, decode_image, encode_jpeg
 from sightline.common.rpc import InvalidInput, Unavailable, channel
-from sightline.matching.names import SESSION_SUBJECT_PREFIX, is_session_subject
+from sightline.common.subjects import SESSION_SUBJECT_PREFIX, is_session_subject, session_subject_id
 from sightline.v1 import gallery_pb2, gallery_pb2_grpc, session_pb2
 
 PORTRAIT_MARGIN = 0.35  # of the portrait's size, kept around it when it is cut out of the page
@@ -102,7 +102,7 @@ class SessionGallery:
 def resolve_claim(request: session_pb2.OpenSessionRequest, session_id: str, gallery: SessionGallery) -> Claim:
     """The subject the session's frames are verified against; InvalidInput saying why a claim cannot be used."""
     which = request.WhichOneof("claim")
-    scoped_id = f"{SESSION_SUBJECT_PREFIX}{session_id}"
+    scoped_id = session_subject_id(session_id)
     if which == "subject_id":
         gallery.check_enrolled(request.subject_id)
         return Claim(session_pb2.CLAIM_KIND_SUBJECT, request.subject_id)

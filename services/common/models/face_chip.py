@@ -23,6 +23,8 @@ import math
 import cv2
 import numpy as np
 
+from sightline.common.models.descriptor_spec import CHIP_PADDING, CHIP_SIZE
+
 __all__ = ["chip_transform", "extract_face_chips", "landmark_box_from_detection", "FACE_TEMPLATE_5"]
 
 # dlib's get_face_chip_details template for the 5-point model, in the unpadded unit square and in the shape
@@ -53,7 +55,7 @@ def _similarity(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return m, dst_mean - m @ src_mean
 
 
-def chip_transform(landmarks5: np.ndarray, size: int = 150, padding: float = 0.25) -> np.ndarray:
+def chip_transform(landmarks5: np.ndarray, size: int = CHIP_SIZE, padding: float = CHIP_PADDING) -> np.ndarray:
     """2x3 affine taking chip pixel (col, row) to image (x, y), as ``get_face_chip_details`` + ``extract_image_chip``.
 
     This is the full-resolution geometry; :func:`extract_face_chips` may sample a pyramid level instead, which maps
@@ -106,7 +108,8 @@ def _corner_affine(tl: np.ndarray, tr: np.ndarray, bl: np.ndarray, size: int) ->
 
 def _rect_down(rect: np.ndarray) -> np.ndarray:
     """pyramid_down<2>::rect_down: where a drectangle lands one level down (dlib's own offsets)."""
-    return rect / 2.0 - np.array([1.25, 0.75, 1.25, 0.75])
+    down: np.ndarray = rect / 2.0 - np.array([1.25, 0.75, 1.25, 0.75])
+    return down
 
 
 def _area(rect: np.ndarray) -> float:
@@ -163,7 +166,8 @@ def _sample_bilinear(image: np.ndarray, affine: np.ndarray, size: int) -> np.nda
     pixels = image.reshape(h * w, 3)
 
     def neighbour(offset: int) -> np.ndarray:
-        return np.take(pixels, idx + offset, axis=0).reshape(-1).astype(np.float64)
+        values: np.ndarray = np.take(pixels, idx + offset, axis=0).reshape(-1).astype(np.float64)
+        return values
 
     rl = 1 - lr
     upper = rl * neighbour(0)
@@ -174,7 +178,7 @@ def _sample_bilinear(image: np.ndarray, affine: np.ndarray, size: int) -> np.nda
     lower *= tb
     upper += lower
     # dlib's vector_to_pixel truncates towards zero
-    chip = upper.astype(np.uint8).reshape(size, size, 3)
+    chip: np.ndarray = upper.astype(np.uint8).reshape(size, size, 3)
     if not all_inside:
         chip[~inside.reshape(size, size)] = 0
     return chip
@@ -228,7 +232,7 @@ def _center(rect: np.ndarray) -> np.ndarray:
 
 
 def extract_face_chips(
-    image_rgb: np.ndarray, landmarks: np.ndarray, size: int = 150, padding: float = 0.25
+    image_rgb: np.ndarray, landmarks: np.ndarray, size: int = CHIP_SIZE, padding: float = CHIP_PADDING
 ) -> np.ndarray:
     """Aligned face chips [K, size, size, 3] uint8 from an HxWx3 RGB uint8 image and [K, 5, 2] landmarks.
 

@@ -14,13 +14,11 @@ import numpy as np
 
 from sightline.common.models import quality
 from sightline.common.models.blazeface import FaceDetector
+from sightline.common.models.descriptor_spec import CHIP_PADDING, CHIP_SIZE, DESCRIPTOR_SIZE
 from sightline.common.models.embedder import FaceEmbedder
 from sightline.common.models.face_chip import extract_face_chips, landmark_box_from_detection
 from sightline.common.models.registry import ModelFiles, model_files
 from sightline.common.models.shape_predictor import ShapePredictor
-
-CHIP_SIZE = 150
-CHIP_PADDING = 0.25
 
 
 @dataclass(frozen=True)
@@ -76,5 +74,7 @@ class FacePipeline:
 
     def run(self, rgb: np.ndarray, max_faces: int = 0) -> tuple[list[AnalyzedFace], np.ndarray]:
         faces = self.analyzer.analyze(rgb, max_faces)
-        descriptors = self.embedder.embed(np.stack([f.chip for f in faces])) if faces else np.zeros((0, 128), "f4")
+        if not faces:
+            return faces, np.zeros((0, DESCRIPTOR_SIZE), "f4")
+        descriptors = self.embedder.embed(np.stack([f.chip for f in faces]))
         return faces, descriptors

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from sightline.common.models.descriptor_spec import CHIP_PADDING, CHIP_SIZE
 from sightline.common.models.face_chip import chip_transform
 
 
@@ -50,10 +51,9 @@ class Quality:
 
 # -- where the face is on the chip -------------------------------------------------------------------------------------
 
-CHIP_SIZE = 150  # the pipeline's chip (150x150, padding 0.25), on which the template below is laid out
-CHIP_PADDING = 0.25
-# The face region: an ellipse on the aligned chip from the eyebrows to the chin and cheek to cheek (dlib's template
-# puts the eye centres at (48, 47) and (100, 47) and the nose base at (74, 88) on a 150 px chip with padding 0.25).
+# The face region: an ellipse on the aligned chip (CHIP_SIZE 150, CHIP_PADDING 0.25, descriptor_spec.py) from the
+# eyebrows to the chin and cheek to cheek (dlib's template puts the eye centres at (48, 47) and (100, 47) and the nose
+# base at (74, 88) on that chip).
 # Measuring only there keeps background, hair and the black fill of chips that leave the image out of the figures.
 _FACE_CENTRE = (75.0, 85.0)
 _FACE_RADII = (45.0, 55.0)
@@ -135,10 +135,10 @@ def head_pose(
     ax, ay = ax / eye_distance, ay / eye_distance
 
     def along(p: list[float], origin: tuple[float, float]) -> float:  # coordinate along the eye line
-        return (p[0] - origin[0]) * ax + (p[1] - origin[1]) * ay
+        return float((p[0] - origin[0]) * ax + (p[1] - origin[1]) * ay)
 
     def down(p: list[float], origin: tuple[float, float]) -> float:  # coordinate towards the mouth
-        return (p[1] - origin[1]) * ax - (p[0] - origin[0]) * ay
+        return float((p[1] - origin[1]) * ax - (p[0] - origin[0]) * ay)
 
     # Yaw: turning the head moves the nose tip towards one ear and away from the other.
     if size is None or (_inside(right_ear, size) and _inside(left_ear, size)):

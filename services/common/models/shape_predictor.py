@@ -177,7 +177,7 @@ class ShapePredictor:
     @property
     def num_parts(self) -> int:
         """Number of landmarks per face (5 for the shipped model)."""
-        return self.initial_shape.shape[0]
+        return int(self.initial_shape.shape[0])
 
     def predict(self, image: np.ndarray, boxes: np.ndarray, subpixel: bool = False) -> np.ndarray:
         """Landmarks for each box: ``image`` HxW gray or HxWx3 RGB uint8, ``boxes`` [K,4] (left, top, right, bottom).
@@ -215,9 +215,10 @@ class ShapePredictor:
         pts += shape[:, :, level.anchor_idx]
         # ...then mapped to image pixels in float64 and rounded half up (dlib's vector -> point conversion).
         # `origin` already holds the +0.5: for integer boxes every step here is exact, so the order is immaterial.
-        pix = pts * extent
+        pix: np.ndarray = pts * extent
         pix += origin
-        return np.floor(pix, out=pix).astype(np.intp)
+        np.floor(pix, out=pix)
+        return pix.astype(np.intp)
 
     def _apply_trees(self, level: _Level, feats: np.ndarray, shape: np.ndarray) -> np.ndarray:
         """Run every tree of a level on every face and add the leaf outputs to the shapes, in dlib's order."""
@@ -230,14 +231,15 @@ class ShapePredictor:
         acc = np.empty((self._n_trees + 1, k, shape[0].size), np.float32)
         acc[0] = shape.reshape(k, -1)
         np.take(level.leaves, (leaf + self._tree_rows).T, axis=0, out=acc[1:])
-        return np.add.reduce(acc.reshape(self._n_trees + 1, -1), axis=0).reshape(shape.shape)
+        summed: np.ndarray = np.add.reduce(acc.reshape(self._n_trees + 1, -1), axis=0)
+        return summed.reshape(shape.shape)
 
     def _leaves_reached(self, goes_left: np.ndarray) -> np.ndarray:
         """Leaf index [K,T] reached in each tree given every split's outcome [K,T,S] (True = go to the left child)."""
         if self._leaf_lut is not None:
             code = (goes_left.astype(np.float32) @ self._bit_weights).astype(np.intp)
             return self._leaf_lut[code].astype(np.intp)
-        k, t, s = goes_left.shape
+        k, t, s = map(int, goes_left.shape)
         flat = goes_left.reshape(k, -1).view(np.uint8)
         first = np.arange(t, dtype=np.intp) * s
         node = np.zeros((k, t), np.intp)

@@ -1,13 +1,14 @@
 """The running side of e-channel sessions in the decision service: session events and match results in, progress and
 outcomes out on ``sightline.sessions.v1``.
 
-The decision service consumes two topics. Its matches stage hands each e-channel result (``is_session_frame``) to the
-``SessionDesk`` besides making the per-frame ``Decision`` as for any frame; a second stage (``session_stage``) feeds
-it the session control events capture publishes (OPENED, CLOSED, CANCELLED; the desk's own PROGRESS and DECIDED
-events on the same topic are skipped). A timer thread ticks every ~100 ms, so a session times out even when no
-more frames come. Those three threads fold inputs into the sessions under the desk's lock.
+The decision service consumes two topics. Its matches stage (``Decider``) hands each e-channel result
+(``is_session_frame``) to the ``SessionDesk`` besides making the per-frame ``Decision`` as for any frame; a second
+stage (``session_stage``, whose processor is ``SessionEvents``) feeds it the session control events capture
+publishes (OPENED, CLOSED, CANCELLED; the desk's own PROGRESS and DECIDED events on the same topic are skipped). A
+timer thread ticks every ~100 ms, so a session times out even when no more frames come. Those three threads fold
+inputs into the sessions under the desk's lock.
 
-For every change of a session the desk saves its state (``session_store.py``) under that lock, then queues what is to
+For every change of a session the desk saves its state (``store.py``) under that lock, then queues what is to
 be told: a KIND_PROGRESS ``SessionEvent`` while undecided, the outcome once. A fourth thread, the announcer, works
 through the queue outside the lock, so a broker or database that hangs holds up announcements, never the folding of
 results (nor the matches stage, which also serves CCTV). Announcing an outcome is: record the stop-list alert if
@@ -26,7 +27,7 @@ referral by time-out at worst), never accept it.
 Stop-list hits at a gate are alerted here, once per session; the per-frame decision engine raises no alert for
 e-channel frames (``engine.py``), so a gate's frame never raises an alert twice.
 
-A right-to-erasure notice reaches the desk through ``erase_subject`` (the erasures stage, ``service.py``): under the
+A right-to-erasure notice reaches the desk through ``erase_subject`` (the erasures stage, ``erasure.py``): under the
 desk's lock, the store deletes the sessions claiming the subject and the desk forgets its open ones and their held
 results, so no later input saves them again. Sessions of the subject open in another replica's memory are refused by
 the store when next saved (``SessionStore.save``) and leave that desk then. An outcome reached before the notice and
@@ -52,7 +53,7 @@ from typing import Any, Protocol
 from sightline.common import codec, limits, telemetry
 from sightline.common.audit import Action, AuditLog
 from sightline.common.codec import outcome_name
-from sightline.common.stage import InputEvent, Output, Stage, one_at_a_time
+from sightline.common.stage import EventProcessor, InputEvent, Output, Stage
 from sightline.common.topics import ALERTS, SESSIONS
 from sightline.decision.review.recorder import AlertRecorder
 from sightline.decision.echannel.store import SessionStore
@@ -457,14 +458,18 @@ def _check_ids(event: session_pb2.SessionEvent) -> None:
             raise codec.MalformedEvent(f"session event {name} longer than {limits.ID_CHARS} characters")
 
 
-def session_stage(desk: SessionDesk) -> Stage:
-    """The stage that feeds the desk the session control events of ``sightline.sessions.v1``."""
-    return Stage(SESSION_STAGE, SESSIONS, [], one_at_a_time(_session_events(desk)))
+class SessionEvents(EventProcessor):
+    """The sessions stage's processor: hands each control event of ``sightline.sessions.v1`` to the desk (the desk's
+    own PROGRESS and DECIDED events on that topic are skipped there); it publishes nothing."""
 
+    def __init__(self, desk: SessionDesk) -> None:
+        self.desk = desk
 
-def _session_events(desk: SessionDesk) -> Callable[[InputEvent], list[Output]]:
-    def process(event: InputEvent) -> list[Output]:
-        desk.on_event(codec.parse(session_pb2.SessionEvent, event.value))
+    def process_event(self, event: InputEvent) -> list[Output]:
+        self.desk.on_event(codec.parse(session_pb2.SessionEvent, event.value))
         return []
 
-    return process
+
+def session_stage(desk: SessionDesk) -> Stage:
+    """The stage that feeds the desk the session control events of ``sightline.sessions.v1``."""
+    return Stage(SESSION_STAGE, SESSIONS, [], SessionEvents(desk))

@@ -15,9 +15,9 @@ CANCELLED from the kiosk. Every outcome names its reasons and its evidence (fram
 liveness score, policy and model versions).
 
 A session's state is a plain dataclass, serialisable with ``to_dict``/``from_dict``, so the service can keep it in its
-database and recover it after a restart (``session_store.py``). Folding is idempotent per frame id: a match result
+database and recover it after a restart (``store.py``). Folding is idempotent per frame id: a match result
 replayed after a restart is not counted twice. The running side (Kafka, persistence, time-outs, audit) is
-``session_stage.py``.
+``desk.py``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from sightline.common.topics import ALERTS
 from sightline.decision.review.store import (
     CONFIRM, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, REJECT, ReviewRefused, ReviewStore, StoredAlert, status_name,
 )
-from sightline.v1 import events_pb2, review_pb2
+from sightline.v1 import events_pb2, review_pb2, review_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ REVIEW_PURPOSE = "human-review"  # what a review action is for, as audited
 _ACTIONS = {review_pb2.REVIEW_ACTION_CONFIRM: CONFIRM, review_pb2.REVIEW_ACTION_REJECT: REJECT}
 
 
-class ReviewServicer:
+class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
     """``sightline.v1.ReviewService``: list, show and review alerts; publishes status changes and audits reviews."""
 
     def __init__(self, store: ReviewStore, audit: AuditLog, publish_alert: Callable[[events_pb2.Alert], None],

@@ -110,7 +110,7 @@ def _read_fc(d: DlibDeserializer) -> DlibLayer:
         d.read_double()
     shapes = (w_shape, b_shape) if has_bias else (w_shape,)
     parts = _split_params(params, *shapes)
-    weights = {"weight": parts[0].reshape(inputs, outputs)}
+    weights: dict[str, np.ndarray] = {"weight": parts[0].reshape(inputs, outputs)}
     if has_bias:
         weights["bias"] = parts[1].ravel()
     return DlibLayer("fc", {"outputs": outputs, "inputs": inputs}, weights)
@@ -222,6 +222,11 @@ def _pool_out(size: int, window: int, stride: int, pad: int) -> int:
     return 1 + (size + 2 * pad - window) // stride
 
 
+def _covering(a: tuple[int, int, int], b: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The smallest (channels, rows, columns) holding both shapes: what add_prev pads its two inputs to."""
+    return max(a[0], b[0]), max(a[1], b[1]), max(a[2], b[2])
+
+
 def _pad_to(g: _GraphBuilder, x: str, shape: tuple[int, int, int], target: tuple[int, int, int]) -> str:
     """Zero-pad channels and the bottom/right border, as dlib's add_prev does."""
     if shape == target:
@@ -275,7 +280,7 @@ def build_onnx_model(net: DlibResnet) -> onnx.ModelProto:
                      _pool_out(shape[2], a["nc"], a["stride_x"], a["pad_x"]))
         elif kind == "add_prev":
             other, other_shape = tags[tag_id]
-            target = tuple(max(p, q) for p, q in zip(shape, other_shape))
+            target = _covering(shape, other_shape)
             x = g.op("Add", [_pad_to(g, x, shape, target), _pad_to(g, other, other_shape, target)])
             shape = target
         elif kind == "fc":

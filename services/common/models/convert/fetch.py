@@ -30,8 +30,12 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sightline.common.paths import models_dir
+
+if TYPE_CHECKING:  # for the annotation only: landmarks() imports it itself, a failure there is a FetchError
+    from sightline.common.models.shape_predictor import ShapePredictor
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +145,10 @@ def extract_member(archive: Path, member: str, out: Path, expected_sha256: str |
             infos = [i for i in tf.getmembers() if i.isfile() and (i.name == member or i.name.endswith("/" + member))]
             if not infos:
                 raise FetchError(f"{member} not found in {archive.name}")
-            src = tf.extractfile(infos[0])
-            assert src is not None
-            with src, tmp.open("wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+            extracted = tf.extractfile(infos[0])
+            assert extracted is not None
+            with extracted, tmp.open("wb") as dst:
+                shutil.copyfileobj(extracted, dst, 1 << 20)
     if expected_sha256 is not None:
         actual = sha256_file(tmp)
         if actual != expected_sha256:
@@ -306,7 +310,7 @@ class Fetcher:
         path = self.root / MANIFEST_FILE
         files = []
         for entry in self.entries:
-            item = entry.as_json()
+            item: dict[str, str | int] = {**entry.as_json()}
             # The file's own hash, for the record even where the check is a fingerprint (a detector conversion
             # gives a different hash each time).
             item["sha256"] = sha256_file(self.root / entry.file)
@@ -334,7 +338,7 @@ class Fetcher:
         return manifest
 
 
-def _loads(predictor_cls: type, npz: Path) -> bool:
+def _loads(predictor_cls: type[ShapePredictor], npz: Path) -> bool:
     """Whether the current shape predictor code loads the file: catches a format change since it was written."""
     try:
         predictor_cls.from_npz(npz)

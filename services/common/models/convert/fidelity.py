@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from sightline.common.images import decode_image
+from sightline.common.models.descriptor_spec import CHIP_PADDING, CHIP_SIZE
 from sightline.common.models.pipeline import FacePipeline
 
 
@@ -50,7 +51,7 @@ def descriptor_distances(images: Iterable[Path], sources_dir: Path, models_dir: 
             match = nearest_detection(box, faces)
             if match is None:
                 continue
-            chip = dlib.get_face_chip(rgb, shapes(rgb, rect), size=150, padding=0.25)
+            chip = dlib.get_face_chip(rgb, shapes(rgb, rect), size=CHIP_SIZE, padding=CHIP_PADDING)
             reference = np.array(resnet.compute_face_descriptor(chip))
             distances.append(float(np.linalg.norm(vectors[match.index] - reference)))
     return distances, hog_faces
