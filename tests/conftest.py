@@ -69,8 +69,12 @@ def kafka(broker: object) -> object:
     from sightline.common.bus import ensure_topics
     from sightline.common.config import KafkaSettings
 
-    settings = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, session_timeout_ms=2000,  # type: ignore[attr-defined]
-                             heartbeat_interval_ms=500, fetch_max_wait_ms=25)  # fmt: skip
+    settings = KafkaSettings(
+        bootstrap_servers=broker.bootstrap_servers,
+        session_timeout_ms=2000,  # type: ignore[attr-defined]
+        heartbeat_interval_ms=500,
+        fetch_max_wait_ms=25,
+    )
     ensure_topics(settings)
     return settings
 

@@ -26,12 +26,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from sightline.capture.settings import CaptureSettings
 from sightline.common import telemetry
 from sightline.common.config import KafkaSettings
 from sightline.common.lag import service_lags
 from sightline.common.rpc import Unavailable
 from sightline.common.topics import FRAMES
-from sightline.capture.settings import CaptureSettings
 from sightline.v1 import types_pb2
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,9 @@ class ConsumerLag:
         except Exception as exc:  # noqa: BLE001 - whatever the failure, the thread goes on and nothing is dropped for it
             if time.monotonic() - self._last_error_log >= LOG_EVERY_S:
                 self._last_error_log = time.monotonic()
-                log.warning("consumer lag unreadable: frames are not dropped for lag meanwhile",
-                            extra={"error": str(exc)})
+                log.warning(
+                    "consumer lag unreadable: frames are not dropped for lag meanwhile", extra={"error": str(exc)}
+                )
         finally:
             self._measured.set()
 
@@ -138,6 +139,7 @@ class InFlight:
 
         A record larger than the whole budget still goes when nothing else is in flight, rather than never.
         """
+
         def fits() -> bool:
             return self._bytes == 0 or self._bytes + size <= self.limit_bytes
 
@@ -156,8 +158,9 @@ class InFlight:
 class Backpressure:
     """Decides, per frame, whether it may be published; counts and reports what is dropped."""
 
-    def __init__(self, settings: CaptureSettings, kafka: KafkaSettings,
-                 measure: Callable[[], int | None] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, settings: CaptureSettings, kafka: KafkaSettings, measure: Callable[[], int | None] | None = None
+    ) -> None:
         self.max_lag = settings.backpressure_max_lag_frames
         self.publish_timeout_s = settings.publish_timeout_s
         self.lag = ConsumerLag(measure or (lambda: frames_lag(kafka)), settings.backpressure_refresh_s)
@@ -180,8 +183,9 @@ class Backpressure:
             if not self.in_flight.reserve(size, wait_s=0):
                 raise FrameDropped(PRODUCER_FULL)
         elif not self.in_flight.reserve(size, wait_s=self.publish_timeout_s):
-            raise BrokerUnavailable(f"the producer's buffer stayed full for {self.publish_timeout_s:g} s: "
-                                    "is the broker reachable?")  # fmt: skip
+            raise BrokerUnavailable(
+                f"the producer's buffer stayed full for {self.publish_timeout_s:g} s: is the broker reachable?"
+            )
 
     def release(self, size: int) -> None:
         self.in_flight.release(size)
@@ -203,10 +207,16 @@ class Backpressure:
             self._last_log = time.monotonic()
             dropped = {f"{source}/{why}": n for (source, why), n in sorted(self._dropped_since_log.items())}
             self._dropped_since_log.clear()
-        log.warning("CCTV frames dropped (backpressure)", extra={
-            "dropped": dropped, "lag": self.lag.current(), "max_lag": self.max_lag,
-            "in_flight_bytes": self.in_flight.bytes, "buffer_bytes": self.in_flight.limit_bytes,
-        })  # fmt: skip
+        log.warning(
+            "CCTV frames dropped (backpressure)",
+            extra={
+                "dropped": dropped,
+                "lag": self.lag.current(),
+                "max_lag": self.max_lag,
+                "in_flight_bytes": self.in_flight.bytes,
+                "buffer_bytes": self.in_flight.limit_bytes,
+            },
+        )
 
     def close(self) -> None:
         self.lag.close()

@@ -29,6 +29,12 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanKind
 
+from sightline.capture.backpressure import Backpressure, FrameDropped
+from sightline.capture.kiosk.kiosk import Kiosk
+from sightline.capture.kiosk.servicer import KioskServicer
+from sightline.capture.settings import CaptureSettings
+from sightline.capture.source_policy import Source, SourceError, SourcePolicy, SourceRefused
+from sightline.capture.sources import RawFrame, open_vetted, quiet_native_logs, source_id_for
 from sightline.common import codec, telemetry, tracing
 from sightline.common.audit import AuditLog
 from sightline.common.bus import make_producer
@@ -39,12 +45,6 @@ from sightline.common.runtime import Servicer, run_service
 from sightline.common.stage import StageError, captured_at_header, source_dead_letter
 from sightline.common.topics import DEADLETTER, FRAMES
 from sightline.common.transient import Backoff
-from sightline.capture.backpressure import Backpressure, FrameDropped
-from sightline.capture.kiosk.kiosk import Kiosk
-from sightline.capture.kiosk.servicer import KioskServicer
-from sightline.capture.settings import CaptureSettings
-from sightline.capture.source_policy import Source, SourceError, SourcePolicy, SourceRefused
-from sightline.capture.sources import RawFrame, open_vetted, quiet_native_logs, source_id_for
 from sightline.v1 import capture_pb2, capture_pb2_grpc, events_pb2, types_pb2
 
 SERVICE = "capture"
@@ -60,7 +60,9 @@ class Capture:
         self.backpressure = Backpressure(settings, kafka)
         self.policy = SourcePolicy.from_settings(settings, max_image_bytes=self._max_bytes)
 
-    def ingest(self, request: capture_pb2.IngestRequest, active: Callable[[], bool] = lambda: True) -> Iterator[capture_pb2.IngestResponse]:  # noqa: E501
+    def ingest(
+        self, request: capture_pb2.IngestRequest, active: Callable[[], bool] = lambda: True
+    ) -> Iterator[capture_pb2.IngestResponse]:
         """Vet and open the source, then read it and publish its frames; the iterator yields progress, the last one
         with done=True. A source that is refused or cannot be opened raises InvalidInput here, before any frame."""
         if not request.source_uri:
@@ -69,8 +71,10 @@ class Capture:
         try:
             source, frames = self.open(request.source_uri, fps)
         except SourceRefused as exc:
-            log.warning("source refused by the source policy",  # a probe, perhaps: worth seeing in the log
-                        extra={"source": request.source_id or source_id_for(request.source_uri), "error": str(exc)})
+            log.warning(
+                "source refused by the source policy",  # a probe, perhaps: worth seeing in the log
+                extra={"source": request.source_id or source_id_for(request.source_uri), "error": str(exc)},
+            )
             raise InvalidInput(str(exc)) from None
         except SourceError as exc:
             raise InvalidInput(str(exc)) from None
@@ -81,8 +85,14 @@ class Capture:
         source = self.policy.vet(uri)
         return source, open_vetted(source, fps, self.policy, self.settings.stream_timeout_s)
 
-    def _stream(self, request: capture_pb2.IngestRequest, source: Source, frames: Iterator[RawFrame], fps: float,
-                active: Callable[[], bool]) -> Iterator[capture_pb2.IngestResponse]:  # fmt: skip
+    def _stream(
+        self,
+        request: capture_pb2.IngestRequest,
+        source: Source,
+        frames: Iterator[RawFrame],
+        fps: float,
+        active: Callable[[], bool],
+    ) -> Iterator[capture_pb2.IngestResponse]:
         source_id = request.source_id or source_id_for(request.source_uri)
         run = uuid.uuid4().hex[:8]
         progress = capture_pb2.IngestResponse(source_id=source_id)
@@ -117,19 +127,24 @@ class Capture:
         try:
             self.producer.close(timeout=self.settings.publish_timeout_s)
         except KafkaTimeoutError:  # a dead broker: what it never acknowledged is lost, say so rather than crash
-            log.warning("frames not acknowledged by the broker at shutdown",
-                        extra={"in_flight_bytes": self.backpressure.in_flight.bytes})  # fmt: skip
+            log.warning(
+                "frames not acknowledged by the broker at shutdown",
+                extra={"in_flight_bytes": self.backpressure.in_flight.bytes},
+            )
 
     def _flush(self, source_id: str) -> None:
         """Wait for the broker to acknowledge what was sent, but not forever: the broker may be down."""
         try:
             self.producer.flush(timeout=self.settings.publish_timeout_s)
         except KafkaTimeoutError:
-            log.warning("frames not yet acknowledged by the broker at the end of the source",
-                        extra={"source": source_id, "in_flight_bytes": self.backpressure.in_flight.bytes})  # fmt: skip
+            log.warning(
+                "frames not yet acknowledged by the broker at the end of the source",
+                extra={"source": source_id, "in_flight_bytes": self.backpressure.in_flight.bytes},
+            )
 
-    def _pace(self, request: capture_pb2.IngestRequest, source: Source, raw: RawFrame, started: float,
-              fps: float) -> None:  # fmt: skip
+    def _pace(
+        self, request: capture_pb2.IngestRequest, source: Source, raw: RawFrame, started: float, fps: float
+    ) -> None:
         """Publish folder and file frames at the sampling rate (live streams pace themselves)."""
         if request.no_pacing or source.live:
             return
@@ -141,13 +156,18 @@ class Capture:
     @staticmethod
     def _frame_ref(request: capture_pb2.IngestRequest, source_id: str, run: str, sequence: int) -> types_pb2.FrameRef:
         return types_pb2.FrameRef(
-            frame_id=f"{source_id}:{run}:{sequence}", source_id=source_id, sequence=sequence,
-            captured_at=codec.now(), purpose=request.purpose or types_pb2.PURPOSE_CCTV,
-            claim_subject_id=request.claim_subject_id, watchlists=list(request.watchlists),
-        )  # fmt: skip
+            frame_id=f"{source_id}:{run}:{sequence}",
+            source_id=source_id,
+            sequence=sequence,
+            captured_at=codec.now(),
+            purpose=request.purpose or types_pb2.PURPOSE_CCTV,
+            claim_subject_id=request.claim_subject_id,
+            watchlists=list(request.watchlists),
+        )
 
     def publish_frame(self, raw: RawFrame, ref: types_pb2.FrameRef, origin: str) -> bool:
-        """Publish one frame of a gate session (capture/kiosk/kiosk.py): traced and dead-lettered like any, never dropped."""
+        """Publish one frame of a gate session (capture/kiosk/kiosk.py): traced and dead-lettered like any, never
+        dropped."""
         return self._publish(raw, ref, origin)
 
     def _publish(self, raw: RawFrame, ref: types_pb2.FrameRef, origin: str) -> bool:
@@ -169,8 +189,9 @@ class Capture:
         """Hand the frame to the producer, within the bound on bytes not yet acknowledged (backpressure.py)."""
         self.backpressure.reserve(ref, len(value))
         try:
-            future = self.producer.send(FRAMES.name, key=ref.source_id.encode(), value=value,
-                                        headers=_frame_headers(ref))  # fmt: skip
+            future = self.producer.send(
+                FRAMES.name, key=ref.source_id.encode(), value=value, headers=_frame_headers(ref)
+            )
         except KafkaTimeoutError:  # no metadata for the topic within publish_timeout_s: the broker is not answering
             self.backpressure.release(len(value))
             raise self.backpressure.unavailable(ref) from None
@@ -187,7 +208,9 @@ class Capture:
             return encode_jpeg(pixels, self.settings.jpeg_quality), "image/jpeg"
         assert raw.encoded is not None
         if len(raw.encoded) > self._max_bytes:
-            raise StageError("frame_too_large", f"{raw.name} is {len(raw.encoded)} bytes; the limit is {self._max_bytes}")
+            raise StageError(
+                "frame_too_large", f"{raw.name} is {len(raw.encoded)} bytes; the limit is {self._max_bytes}"
+            )
         return raw.encoded, raw.media_type
 
     def _dead_letter(self, ref: types_pb2.FrameRef, origin: str, raw: RawFrame, error: Exception) -> None:
@@ -195,10 +218,16 @@ class Capture:
         sequence. The record never carries the frame's bytes (capture has no event to copy): a file that was withheld
         is described by its size and digest only."""
         key = ref.source_id.encode()
-        record = source_dead_letter(SERVICE, error, source=origin, key=key, sequence=ref.sequence,
-                                    frame_id=ref.frame_id, withheld=(raw.size, raw.sha256) if raw.size else None)
-        self.producer.send(DEADLETTER.name, key=key, value=record.SerializeToString(),
-                           headers=_frame_headers(ref))  # fmt: skip
+        record = source_dead_letter(
+            SERVICE,
+            error,
+            source=origin,
+            key=key,
+            sequence=ref.sequence,
+            frame_id=ref.frame_id,
+            withheld=(raw.size, raw.sha256) if raw.size else None,
+        )
+        self.producer.send(DEADLETTER.name, key=key, value=record.SerializeToString(), headers=_frame_headers(ref))
         telemetry.EVENTS_DEADLETTERED.labels(SERVICE, record.reason).inc()
         log.warning("frame not published", extra={"reason": record.reason, "frame_id": ref.frame_id})
 
@@ -217,8 +246,10 @@ class Capture:
             try:
                 source, frames = self.open(uri, self.settings.default_fps)
             except SourceRefused as exc:
-                log.error("configured source refused by the source policy: not opened", extra={
-                    "source": source_id, "error": str(exc)})  # fmt: skip
+                log.error(
+                    "configured source refused by the source policy: not opened",
+                    extra={"source": source_id, "error": str(exc)},
+                )
                 return
             except SourceError as exc:
                 failures += 1
@@ -230,28 +261,36 @@ class Capture:
                     self._source_down(source_id, "no frames", failures, backoff.delay(failures))
             stop.wait(backoff.delay(failures) if failures else self.settings.reconnect_delay_s)
 
-    def _read_configured(self, request: capture_pb2.IngestRequest, source: Source, frames: Iterator[RawFrame],
-                         stop: threading.Event) -> int:  # fmt: skip
+    def _read_configured(
+        self, request: capture_pb2.IngestRequest, source: Source, frames: Iterator[RawFrame], stop: threading.Event
+    ) -> int:
         """Read a configured source to its end; the frames read. Whatever fails on the way (the broker, a decoder)
         ends this attempt only: the source is reopened, never left behind by a dead thread."""
         final = capture_pb2.IngestResponse()
         try:
-            for final in self._stream(request, source, frames, self.settings.default_fps, lambda: not stop.is_set()):
-                pass
-        except Exception:  # noqa: BLE001 - logged with its traceback; our errors never carry the URI
-            log.warning("configured source failed while reading", exc_info=True,
-                        extra={"source": source_id_for(request.source_uri)})  # fmt: skip
+            for progress in self._stream(request, source, frames, self.settings.default_fps, lambda: not stop.is_set()):
+                final = progress
+        except Exception:
+            log.warning(
+                "configured source failed while reading",
+                exc_info=True,
+                extra={"source": source_id_for(request.source_uri)},
+            )
         return final.frames_read
 
     def _reconnect_backoff(self) -> Backoff:
-        return Backoff(initial_s=self.settings.reconnect_delay_s,
-                       max_s=max(self.settings.reconnect_delay_s, self.settings.reconnect_max_delay_s))  # fmt: skip
+        return Backoff(
+            initial_s=self.settings.reconnect_delay_s,
+            max_s=max(self.settings.reconnect_delay_s, self.settings.reconnect_max_delay_s),
+        )
 
     @staticmethod
     def _source_down(source_id: str, error: str, attempt: int, retry_in_s: float) -> None:
         telemetry.EVENTS_FAILED.labels(SERVICE, "source_unavailable").inc()
-        log.warning("configured source unavailable; retrying", extra={
-            "source": source_id, "error": error, "attempt": attempt, "retry_in_s": round(retry_in_s, 3)})  # fmt: skip
+        log.warning(
+            "configured source unavailable; retrying",
+            extra={"source": source_id, "error": error, "attempt": attempt, "retry_in_s": round(retry_in_s, 3)},
+        )
 
 
 def _frame_headers(ref: types_pb2.FrameRef) -> tracing.KafkaHeaders:
@@ -268,10 +307,17 @@ def _frame_span(ref: types_pb2.FrameRef) -> AbstractContextManager[trace.Span]:
     """
     request = trace.get_current_span().get_span_context()
     return tracing.tracer.start_as_current_span(
-        SERVICE, context=Context(), kind=SpanKind.PRODUCER, links=[Link(request)] if request.is_valid else None,
-        attributes={"sightline.frame_id": ref.frame_id, "sightline.source_id": ref.source_id,
-                    "messaging.system": "kafka", "messaging.destination.name": FRAMES.name},
-    )  # fmt: skip
+        SERVICE,
+        context=Context(),
+        kind=SpanKind.PRODUCER,
+        links=[Link(request)] if request.is_valid else None,
+        attributes={
+            "sightline.frame_id": ref.frame_id,
+            "sightline.source_id": ref.source_id,
+            "messaging.system": "kafka",
+            "messaging.destination.name": FRAMES.name,
+        },
+    )
 
 
 class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
@@ -279,14 +325,18 @@ class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
         self._capture = capture
 
     @rpc_errors
-    def Ingest(self, request: capture_pb2.IngestRequest, context: grpc.ServicerContext) -> Iterator[capture_pb2.IngestResponse]:  # noqa: E501
+    def Ingest(
+        self, request: capture_pb2.IngestRequest, context: grpc.ServicerContext
+    ) -> Iterator[capture_pb2.IngestResponse]:
         # Validate before streaming, so a bad source is reported as INVALID_ARGUMENT rather than a broken stream.
         stream = self._capture.ingest(request, active=context.is_active)
         first = next(stream)
         return stream_errors(_chain(first, stream), context)  # e.g. the broker lost while an e-channel source streams
 
 
-def _chain(first: capture_pb2.IngestResponse, rest: Iterator[capture_pb2.IngestResponse]) -> Iterator[capture_pb2.IngestResponse]:  # noqa: E501
+def _chain(
+    first: capture_pb2.IngestResponse, rest: Iterator[capture_pb2.IngestResponse]
+) -> Iterator[capture_pb2.IngestResponse]:
     yield first
     yield from rest
 
@@ -308,7 +358,7 @@ def main() -> None:
     servicers = [
         Servicer.of(CaptureServicer(capture)),
         Servicer.of(KioskServicer(kiosk)),
-    ]  # fmt: skip
+    ]
 
     def close() -> None:
         stop.set()

@@ -28,9 +28,11 @@ class CaptureSettings(ServiceSettings):
         "pass the source policy below (one it refuses is logged and never opened).",
     )
     reconnect_delay_s: float = Field(
-        5.0, gt=0, description="Wait before reopening a configured source that ended or could not be opened; doubled "
+        5.0,
+        gt=0,
+        description="Wait before reopening a configured source that ended or could not be opened; doubled "
         "after each attempt that read no frame, up to reconnect_max_delay_s.",
-    )  # fmt: skip
+    )
     reconnect_max_delay_s: float = Field(
         60.0, gt=0, description="Longest wait between two attempts to open a configured source that is down."
     )
@@ -44,33 +46,37 @@ class CaptureSettings(ServiceSettings):
         default_factory=list,
         description="Folders whose image and video files capture may read (JSON list of absolute paths); paths are "
         "resolved, symlinks followed, before the check. Empty: no file source is read.",
-    )  # fmt: skip
+    )
     allowed_schemes: list[Literal["rtsp", "rtsps", "http", "https"]] = Field(
         default_factory=list,
-        description="URL schemes a network source may use (JSON list, e.g. [\"rtsp\", \"rtsps\"]). Empty: no "
+        description='URL schemes a network source may use (JSON list, e.g. ["rtsp", "rtsps"]). Empty: no '
         "network source is opened.",
-    )  # fmt: skip
+    )
     allowed_hosts: list[str] = Field(
         default_factory=list,
         description="Hosts a network source may name (JSON list): IP networks in CIDR form or single addresses "
-        "(every address a name resolves to must be inside one), or host names, exact or \"*.suffix\" (trusted as "
+        '(every address a name resolves to must be inside one), or host names, exact or "*.suffix" (trusted as '
         "named; an rtsps/https host must be listed by name). Empty: no network source is opened.",
-    )  # fmt: skip
+    )
     max_image_file_bytes: int = Field(
-        20 * 1024 * 1024, ge=1024,
+        20 * 1024 * 1024,
+        ge=1024,
         description="An image file larger than this is refused before it is read (also bounded by the largest "
         "event the broker takes).",
-    )  # fmt: skip
+    )
     max_video_file_bytes: int = Field(
-        DEFAULT_MAX_VIDEO_BYTES, ge=0,
+        DEFAULT_MAX_VIDEO_BYTES,
+        ge=0,
         description="A video file larger than this is refused before it is opened (default 4 GiB); 0: no limit.",
-    )  # fmt: skip
+    )
 
     # E-channel gate sessions (KioskService, capture/kiosk/kiosk.py).
     grpc_workers: int = Field(
-        64, ge=1, description="Threads serving gRPC requests: each open WatchSession holds one for its session, so "
+        64,
+        ge=1,
+        description="Threads serving gRPC requests: each open WatchSession holds one for its session, so "
         "allow about two per gate plus the Ingest calls.",
-    )  # fmt: skip
+    )
     matching_addr: str = Field(
         f"127.0.0.1:{GRPC_PORTS['matching']}",
         description="GalleryService (matching) address: subject claims are checked there, portraits enrolled.",
@@ -79,15 +85,17 @@ class CaptureSettings(ServiceSettings):
         30.0, gt=0, description="Longest a gallery call may take (enrolling a portrait runs detection and embedding)."
     )
     session_budget_s: float = Field(
-        10.0, gt=0,
+        10.0,
+        gt=0,
         description="From a session's opening to its deadline, sent to decision with the opening (it refers the "
         "traveller to an officer when no outcome is reached by then; this overrides the policy's budget_seconds).",
-    )  # fmt: skip
+    )
     session_grace_s: float = Field(
-        3.0, ge=0,
+        3.0,
+        ge=0,
         description="After a session's deadline, how long to wait for decision's outcome before telling the kiosk "
         "that it did not arrive in time (and referring the traveller).",
-    )  # fmt: skip
+    )
     default_stop_lists: list[str] = Field(
         default_factory=list,
         description="Watchlists every traveller's face is searched against (JSON list). An OpenSession's stop_lists "
@@ -100,34 +108,44 @@ class CaptureSettings(ServiceSettings):
         60.0, ge=0, description="How long an ended session's outcome is kept for a kiosk that starts watching late."
     )
     shutdown_timeout_s: float = Field(
-        10.0, gt=0,
+        10.0,
+        gt=0,
         description="On a graceful stop, longest spent cancelling the open sessions (CANCELLED announced to decision) "
         "and deleting their session-scoped templates; templates left are deleted by the next start-up's sweep.",
-    )  # fmt: skip
+    )
     orphan_sweep_interval_s: float = Field(
-        600.0, gt=0,
+        600.0,
+        gt=0,
         description="How often session-scoped templates left behind (capture restarted mid-session) are deleted; "
         "also done at start-up. Only those older than the budget plus the grace are touched.",
-    )  # fmt: skip
+    )
 
     # Backpressure (capture/backpressure.py, docs/cctv.md): CCTV frames are dropped, counted, rather than queued.
     backpressure_max_lag_frames: int = Field(
-        500, ge=0, description="CCTV frames are dropped while the detection consumers lag more than this many frames "
+        500,
+        ge=0,
+        description="CCTV frames are dropped while the detection consumers lag more than this many frames "
         "on the frames topic (about the delay you accept times the frames per second of all cameras; committed "
         "offsets trail by up to a few seconds of frames); 0: never drop for lag. E-channel frames are never dropped.",
-    )  # fmt: skip
+    )
     backpressure_refresh_s: float = Field(
-        0.5, gt=0, description="How often the consumers' lag is measured while frames are captured (each frame reads "
+        0.5,
+        gt=0,
+        description="How often the consumers' lag is measured while frames are captured (each frame reads "
         "the latest figure).",
-    )  # fmt: skip
+    )
     publish_buffer_bytes: int = Field(
-        64 * 1024 * 1024, ge=1024 * 1024, description="Bytes of frames handed to the Kafka producer and not yet "
+        64 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Bytes of frames handed to the Kafka producer and not yet "
         "acknowledged; a CCTV frame that finds no room is dropped, so a dead broker cannot grow memory.",
-    )  # fmt: skip
+    )
     publish_timeout_s: float = Field(
-        5.0, gt=0, description="Longest a frame waits for the broker's metadata or for room in the producer's buffer: "
+        5.0,
+        gt=0,
+        description="Longest a frame waits for the broker's metadata or for room in the producer's buffer: "
         "then a CCTV frame is dropped and an e-channel frame fails.",
-    )  # fmt: skip
+    )
 
     @field_validator("allowed_roots")
     @classmethod

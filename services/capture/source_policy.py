@@ -164,8 +164,9 @@ class SourcePolicy:
             roots=tuple(Path(root).expanduser().resolve() for root in settings.allowed_roots),
             schemes=frozenset(scheme.lower() for scheme in settings.allowed_schemes),
             hosts=HostRules.parse(settings.allowed_hosts),
-            max_image_bytes=image_limit, max_video_bytes=settings.max_video_file_bytes,
-        )  # fmt: skip
+            max_image_bytes=image_limit,
+            max_video_bytes=settings.max_video_file_bytes,
+        )
 
     @classmethod
     def local_files(cls) -> SourcePolicy:
@@ -193,23 +194,28 @@ class SourcePolicy:
             return Source(SourceKind.FOLDER, str(path), uri)
         kind = self.file_kind(path)
         if kind is None:
-            raise SourceRefused(f"source {uri!r} is neither an image ({', '.join(sorted(IMAGE_SUFFIXES))}) nor a "
-                                f"video file ({', '.join(sorted(VIDEO_SUFFIXES))})")  # fmt: skip
+            raise SourceRefused(
+                f"source {uri!r} is neither an image ({', '.join(sorted(IMAGE_SUFFIXES))}) nor a "
+                f"video file ({', '.join(sorted(VIDEO_SUFFIXES))})"
+            )
         self.check_file(path, info, kind, uri)
         return Source(kind, str(path), uri)
 
     def resolve_path(self, path: Path) -> Path:
         """The real path (``..`` and symlinks followed), if it is inside an allowed root and not a system tree."""
         if not self.roots:
-            raise SourceRefused("file sources are not allowed here: list the folders capture may read in "
-                                "SIGHTLINE_CAPTURE_ALLOWED_ROOTS")  # fmt: skip
+            raise SourceRefused(
+                "file sources are not allowed here: list the folders capture may read in "
+                "SIGHTLINE_CAPTURE_ALLOWED_ROOTS"
+            )
         real = Path(os.path.realpath(path))  # follows every symlink, also of a path that does not exist (yet)
         if any(real.is_relative_to(tree) for tree in _SYSTEM_TREES):
             raise SourceRefused(f"source {str(path)!r} is a system file, never a frame source")
         if not any(real.is_relative_to(root) for root in self.roots):
             # The real path is not echoed: where a symlink leads is none of the caller's business.
-            raise SourceRefused(f"source {str(path)!r} is outside the folders capture may read "
-                                "(SIGHTLINE_CAPTURE_ALLOWED_ROOTS)")  # fmt: skip
+            raise SourceRefused(
+                f"source {str(path)!r} is outside the folders capture may read (SIGHTLINE_CAPTURE_ALLOWED_ROOTS)"
+            )
         return real
 
     @staticmethod
@@ -230,8 +236,10 @@ class SourcePolicy:
         limit = self.max_image_bytes if kind is SourceKind.IMAGE else self.max_video_bytes
         if limit and info.st_size > limit:
             setting = "MAX_IMAGE_FILE_BYTES" if kind is SourceKind.IMAGE else "MAX_VIDEO_FILE_BYTES"
-            raise FileTooLarge(f"source {name!r} is {info.st_size} bytes; the limit is {limit} "
-                               f"(SIGHTLINE_CAPTURE_{setting})", info.st_size)  # fmt: skip
+            raise FileTooLarge(
+                f"source {name!r} is {info.st_size} bytes; the limit is {limit} (SIGHTLINE_CAPTURE_{setting})",
+                info.st_size,
+            )
 
     def _vet_url(self, uri: str) -> Source:
         display = redact(uri)
@@ -239,8 +247,10 @@ class SourcePolicy:
         scheme = parts.scheme.lower()
         if scheme not in self.schemes:
             allowed = ", ".join(sorted(self.schemes)) or "none"
-            raise SourceRefused(f"source {display!r}: scheme {scheme!r} is not allowed (allowed: {allowed}; "
-                                "SIGHTLINE_CAPTURE_ALLOWED_SCHEMES)")  # fmt: skip
+            raise SourceRefused(
+                f"source {display!r}: scheme {scheme!r} is not allowed (allowed: {allowed}; "
+                "SIGHTLINE_CAPTURE_ALLOWED_SCHEMES)"
+            )
         host, port = _host_port(parts, scheme, display)
         if not self.hosts:
             raise SourceRefused(f"source {display!r}: no network hosts are allowed (SIGHTLINE_CAPTURE_ALLOWED_HOSTS)")
@@ -248,14 +258,17 @@ class SourcePolicy:
             return Source(SourceKind.STREAM, uri, display)  # listed by name: the operator trusts that name's DNS
         literal = _ip_literal(host)
         if literal is None and scheme in _TLS_SCHEMES:
-            raise SourceRefused(f"source {display!r}: a {scheme} host must be listed by name in "
-                                "SIGHTLINE_CAPTURE_ALLOWED_HOSTS (a TLS stream cannot be pinned to a checked address)")
+            raise SourceRefused(
+                f"source {display!r}: a {scheme} host must be listed by name in "
+                "SIGHTLINE_CAPTURE_ALLOWED_HOSTS (a TLS stream cannot be pinned to a checked address)"
+            )
         addresses = [literal] if literal is not None else _resolve(host, port, display)
         for address in addresses:
             if not self.hosts.contains(address):
                 where = f"address {address}" if literal is not None else f"{host} resolves to {address}, which"
-                raise SourceRefused(f"source {display!r}: {where} is not in an allowed network "
-                                    "(SIGHTLINE_CAPTURE_ALLOWED_HOSTS)")  # fmt: skip
+                raise SourceRefused(
+                    f"source {display!r}: {where} is not in an allowed network (SIGHTLINE_CAPTURE_ALLOWED_HOSTS)"
+                )
         target = uri if literal is not None else _pinned(parts, addresses[0])
         return Source(SourceKind.STREAM, target, display)
 

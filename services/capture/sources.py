@@ -30,14 +30,33 @@ import cv2
 import numpy as np
 
 from sightline.capture.source_policy import (
-    IMAGE_SUFFIXES, VIDEO_HEAD_BYTES, FileTooLarge, Source, SourceError, SourceKind, SourcePolicy, SourceRefused,
-    SourceUnavailable, ffmpeg_capture_options, looks_like_video, redact,
-)  # fmt: skip
+    IMAGE_SUFFIXES,
+    VIDEO_HEAD_BYTES,
+    FileTooLarge,
+    Source,
+    SourceError,
+    SourceKind,
+    SourcePolicy,
+    SourceRefused,
+    SourceUnavailable,
+    ffmpeg_capture_options,
+    looks_like_video,
+    redact,
+)
 from sightline.common.images import looks_like_image
 
 # The exceptions are re-exported: callers of open_source catch them from here.
-__all__ = ["IMAGE_SUFFIXES", "RawFrame", "SourceError", "SourceRefused", "SourceUnavailable", "open_source",
-           "open_vetted", "quiet_native_logs", "source_id_for"]  # fmt: skip
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "RawFrame",
+    "SourceError",
+    "SourceRefused",
+    "SourceUnavailable",
+    "open_source",
+    "open_vetted",
+    "quiet_native_logs",
+    "source_id_for",
+]
 
 DEFAULT_STREAM_TIMEOUT_S = 10.0
 FFMPEG_OPTIONS_VARIABLE = "OPENCV_FFMPEG_CAPTURE_OPTIONS"  # read by OpenCV each time it opens a capture
@@ -64,14 +83,16 @@ class RawFrame:
     sha256: bytes = b""  # digest of such a file, when it was read
 
 
-def open_source(uri: str, fps: float, policy: SourcePolicy,
-                stream_timeout_s: float = DEFAULT_STREAM_TIMEOUT_S) -> Iterator[RawFrame]:  # fmt: skip
+def open_source(
+    uri: str, fps: float, policy: SourcePolicy, stream_timeout_s: float = DEFAULT_STREAM_TIMEOUT_S
+) -> Iterator[RawFrame]:
     """Frames of the source at (at most) ``fps`` frames per second of media time, if the policy allows it."""
     return open_vetted(policy.vet(uri), fps, policy, stream_timeout_s)
 
 
-def open_vetted(source: Source, fps: float, policy: SourcePolicy,
-                stream_timeout_s: float = DEFAULT_STREAM_TIMEOUT_S) -> Iterator[RawFrame]:  # fmt: skip
+def open_vetted(
+    source: Source, fps: float, policy: SourcePolicy, stream_timeout_s: float = DEFAULT_STREAM_TIMEOUT_S
+) -> Iterator[RawFrame]:
     """Open a vetted source; raises SourceError (refused or unavailable) before any frame is yielded."""
     if source.kind is SourceKind.FOLDER:
         return _folder(Path(source.target), policy)
@@ -113,12 +134,18 @@ def _folder_entry(entry: Path, media_time_s: float, policy: SourcePolicy) -> Raw
         path = policy.resolve_path(entry)  # a symlink in the folder may not lead out of the allowed roots
         info = path.stat()
         if policy.file_kind(path) is not SourceKind.IMAGE:
-            return RawFrame(entry.name, media_time_s, error=f"{entry.name} is not an image file: skipped unread",
-                            reason="not_an_image_file", size=info.st_size)  # fmt: skip
+            return RawFrame(
+                entry.name,
+                media_time_s,
+                error=f"{entry.name} is not an image file: skipped unread",
+                reason="not_an_image_file",
+                size=info.st_size,
+            )
         policy.check_file(path, info, SourceKind.IMAGE, entry.name)
     except FileTooLarge as exc:
-        return RawFrame(entry.name, media_time_s, error=f"{exc}: skipped unread", reason="file_too_large",
-                        size=exc.size)  # fmt: skip
+        return RawFrame(
+            entry.name, media_time_s, error=f"{exc}: skipped unread", reason="file_too_large", size=exc.size
+        )
     except SourceRefused as exc:
         return RawFrame(entry.name, media_time_s, error=f"{exc}: skipped unread", reason="file_refused")
     except OSError as exc:
@@ -166,16 +193,26 @@ def _image_file(path: Path, name: str, media_time_s: float, limit: int) -> RawFr
     if len(data) > limit:
         return _too_large(name, media_time_s, len(data), limit)
     if not looks_like_image(data):
-        return RawFrame(name, media_time_s, error=f"{name} is not a recognised image ({len(data)} bytes): its "
-                        "content is withheld", reason="not_an_image", size=len(data),
-                        sha256=hashlib.sha256(data).digest())  # fmt: skip
+        return RawFrame(
+            name,
+            media_time_s,
+            error=f"{name} is not a recognised image ({len(data)} bytes): its content is withheld",
+            reason="not_an_image",
+            size=len(data),
+            sha256=hashlib.sha256(data).digest(),
+        )
     media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
     return RawFrame(name, media_time_s, encoded=data, media_type=media_type)
 
 
 def _too_large(name: str, media_time_s: float, size: int, limit: int) -> RawFrame:
-    return RawFrame(name, media_time_s, error=f"{name} is {size} bytes; the limit is {limit} "
-                    "(SIGHTLINE_CAPTURE_MAX_IMAGE_FILE_BYTES): skipped unread", reason="file_too_large", size=size)
+    return RawFrame(
+        name,
+        media_time_s,
+        error=f"{name} is {size} bytes; the limit is {limit} (SIGHTLINE_CAPTURE_MAX_IMAGE_FILE_BYTES): skipped unread",
+        reason="file_too_large",
+        size=size,
+    )
 
 
 # Videos and streams -----------------------------------------------------------------------------------------------

@@ -27,19 +27,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("audit", help="audit trail: verify the hash chain and MACs, list records")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     verify = actions.add_parser("verify", help="recompute the hash chain and MACs; exit 1 at the first broken record")
-    verify.add_argument("--keys-file", type=Path,
-                        help="the audit keyring, 'id:BASE64' a line (default: SIGHTLINE_AUDIT_KEYS_FILE or "
-                        "SIGHTLINE_AUDIT_KEYS, else audit.keys next to a SQLite audit database)")  # fmt: skip
-    verify.add_argument("--legacy-until", type=int,
-                        help="records up to this sequence may carry no MAC (written before record authentication: "
-                        "the number the upgrade logged and recorded, never higher; default "
-                        "SIGHTLINE_AUDIT_LEGACY_UNTIL, 0)")  # fmt: skip
-    verify.add_argument("--against-topic", action="store_true",
-                        help="also check the database against the signed checkpoints on sightline.audit.v1")
-    verify.add_argument("--bootstrap", help="Kafka bootstrap servers for --against-topic (default: the running "
-                        "local stack's, else SIGHTLINE_KAFKA_BOOTSTRAP_SERVERS)")  # fmt: skip
-    verify.add_argument("--topic-timeout", type=float, default=3.0,
-                        help="stop reading the topic after this many seconds without a message (default 3)")
+    verify.add_argument(
+        "--keys-file",
+        type=Path,
+        help="the audit keyring, 'id:BASE64' a line (default: SIGHTLINE_AUDIT_KEYS_FILE or "
+        "SIGHTLINE_AUDIT_KEYS, else audit.keys next to a SQLite audit database)",
+    )
+    verify.add_argument(
+        "--legacy-until",
+        type=int,
+        help="records up to this sequence may carry no MAC (written before record authentication: "
+        "the number the upgrade logged and recorded, never higher; default "
+        "SIGHTLINE_AUDIT_LEGACY_UNTIL, 0)",
+    )
+    verify.add_argument(
+        "--against-topic",
+        action="store_true",
+        help="also check the database against the signed checkpoints on sightline.audit.v1",
+    )
+    verify.add_argument(
+        "--bootstrap",
+        help="Kafka bootstrap servers for --against-topic (default: the running "
+        "local stack's, else SIGHTLINE_KAFKA_BOOTSTRAP_SERVERS)",
+    )
+    verify.add_argument(
+        "--topic-timeout",
+        type=float,
+        default=3.0,
+        help="stop reading the topic after this many seconds without a message (default 3)",
+    )
     verify.set_defaults(func=cmd_verify)
     listing = actions.add_parser("list", help="records in sequence order")
     listing.add_argument("--after", type=int, default=0, help="only records after this sequence number")
@@ -50,9 +66,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(func=cmd_list)
     for sub in (verify, listing):
-        sub.add_argument("--database-url", help="the audit database (default: SIGHTLINE_AUDIT_DATABASE_URL, else <run dir>/audit.db)")
-    new_key = actions.add_parser("new-key", help="print a new keyring entry 'id:BASE64' (append it to the keyring, "
-                                 "then make it active with SIGHTLINE_AUDIT_KEY_ID)")  # fmt: skip
+        sub.add_argument(
+            "--database-url", help="the audit database (default: SIGHTLINE_AUDIT_DATABASE_URL, else <run dir>/audit.db)"
+        )
+    new_key = actions.add_parser(
+        "new-key",
+        help="print a new keyring entry 'id:BASE64' (append it to the keyring, "
+        "then make it active with SIGHTLINE_AUDIT_KEY_ID)",
+    )
     new_key.add_argument("--key-id", help="the new key's id (never reuse one; default: a random a-XXXXXXXX)")
     new_key.set_defaults(func=cmd_new_key)
 
@@ -83,7 +104,7 @@ def _require_sqlite_file(url: str) -> None:
     from sightline.common.audit import AuditError
 
     prefix = "sqlite:///"
-    if url.startswith(prefix) and url != prefix + ":memory:" and not Path(url[len(prefix):]).expanduser().is_file():
+    if url.startswith(prefix) and url != prefix + ":memory:" and not Path(url[len(prefix) :]).expanduser().is_file():
         raise AuditError(f"no audit log at {url}: the file does not exist")
 
 
@@ -107,8 +128,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if report.legacy_records:
             print(_legacy_line(report))
     else:
-        print(f"audit chain BROKEN at record {report.first_broken_sequence}: {report.reason} "
-              f"({report.records_checked} record(s) before it verified) in {where}")  # fmt: skip
+        print(
+            f"audit chain BROKEN at record {report.first_broken_sequence}: {report.reason} "
+            f"({report.records_checked} record(s) before it verified) in {where}"
+        )
     if against is not None:
         state = "match the database" if against.intact else "do NOT match the database"
         print(f"audit checkpoints {state}: {against.reason}")
@@ -117,8 +140,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _legacy_line(report: Any) -> str:
     """The legacy records an intact report accepted (``--legacy-until``): never passed over in silence."""
-    line = (f"WARNING: {report.legacy_records} legacy record(s) without MAC (1..{report.legacy_records}, written "
-            "before record authentication): ")  # fmt: skip
+    line = (
+        f"WARNING: {report.legacy_records} legacy record(s) without MAC (1..{report.legacy_records}, written "
+        "before record authentication): "
+    )
     if report.legacy_vouched:
         return line + "their hashes are covered by the MAC of the first authenticated record after them"
     return line + "NOT covered by any MAC yet (no authenticated record follows them): only their hash chain vouches"
@@ -172,12 +197,29 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 2
     for r in records:
         if args.json:
-            print(json.dumps({"sequence": r.sequence, "at": r.at.isoformat(), "principal": r.principal,
-                              "action": r.action, "subject_id": r.subject_id, "purpose": r.purpose,
-                              "result": r.result, "details": r.details, "prev_hash": r.prev_hash, "hash": r.hash,
-                              "key_id": r.key_id, "mac": r.mac}, sort_keys=True))  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "sequence": r.sequence,
+                        "at": r.at.isoformat(),
+                        "principal": r.principal,
+                        "action": r.action,
+                        "subject_id": r.subject_id,
+                        "purpose": r.purpose,
+                        "result": r.result,
+                        "details": r.details,
+                        "prev_hash": r.prev_hash,
+                        "hash": r.hash,
+                        "key_id": r.key_id,
+                        "mac": r.mac,
+                    },
+                    sort_keys=True,
+                )
+            )
         else:
             details = " ".join(f"{k}={v}" for k, v in sorted(r.details.items()))
-            print(f"{r.sequence:>6} {r.at.isoformat(timespec='seconds')} {r.action:<13} {r.principal:<20} "
-                  f"subject={r.subject_id or '-'} purpose={r.purpose or '-'} result={r.result} {details}")  # fmt: skip
+            print(
+                f"{r.sequence:>6} {r.at.isoformat(timespec='seconds')} {r.action:<13} {r.principal:<20} "
+                f"subject={r.subject_id or '-'} purpose={r.purpose or '-'} result={r.result} {details}"
+            )
     return 0

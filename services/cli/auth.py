@@ -16,8 +16,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     new = actions.add_parser("new-token", help="make a token for a principal and print its tokens-file entry")
     new.add_argument("principal", help="who holds the token, e.g. alice or svc:kiosk-gate-3")
-    new.add_argument("--role", action="append", required=True, dest="roles",
-                     choices=("enroller", "reviewer", "auditor", "operator"), help="a role (repeatable)")  # fmt: skip
+    new.add_argument(
+        "--role",
+        action="append",
+        required=True,
+        dest="roles",
+        choices=("enroller", "reviewer", "auditor", "operator"),
+        help="a role (repeatable)",
+    )
     new.set_defaults(func=cmd_new_token)
     hashed = actions.add_parser("hash-token", help="print the token_sha256 of a token read from standard input")
     hashed.set_defaults(func=cmd_hash_token)
@@ -49,11 +55,14 @@ def cmd_new_token(args: argparse.Namespace) -> int:
 def cmd_hash_token(args: argparse.Namespace) -> int:
     token = sys.stdin.readline().strip()
     if not token:
-        print("error: no token on standard input (e.g. `printf %s \"$TOKEN\" | sightline auth hash-token`)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            'error: no token on standard input (e.g. `printf %s "$TOKEN" | sightline auth hash-token`)', file=sys.stderr
+        )
         return 2
     if len(token) < 32:
-        print("warning: a token shorter than 32 characters is guessable; `sightline auth new-token` makes good ones",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "warning: a token shorter than 32 characters is guessable; `sightline auth new-token` makes good ones",
+            file=sys.stderr,
+        )
     print(_auth().hash_token(token))
     return 0

@@ -39,10 +39,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gates.add_argument("--gates", default="2", help="number of gates, or a comma-separated list tried in turn (1,2,4)")
     gates.add_argument("--fps", type=float, default=10.0, help="frames per second per gate (default 10)")
     gates.add_argument("--seconds", type=float, default=30.0, help="how long each number of gates runs (default 30)")
-    gates.add_argument("--frames", type=int, default=50,
-                       help="most frames per session: a gate's camera sends until the outcome (default 50)")  # fmt: skip
-    gates.add_argument("--target-ms", type=float, default=300.0,
-                       help="p99 last-needed-frame-to-decision within which a number of gates is sustained")  # fmt: skip
+    gates.add_argument(
+        "--frames",
+        type=int,
+        default=50,
+        help="most frames per session: a gate's camera sends until the outcome (default 50)",
+    )
+    gates.add_argument(
+        "--target-ms",
+        type=float,
+        default=300.0,
+        help="p99 last-needed-frame-to-decision within which a number of gates is sustained",
+    )
     gates.add_argument("--running", action="store_true", help="use the running local stack instead of a private one")
     gates.add_argument("--json", action="store_true", help="print one JSON object")
     gates.add_argument("--timeout", type=float, default=300.0, help="longest wait for a private stack to start")
@@ -52,7 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def bench_frames(count: int) -> list[Path]:
     from sightline.common.paths import samples_dir
 
-    pool = sorted((samples_dir() / "face_recognition").glob("*.jpg")) + sorted((samples_dir() / "dlib" / "faces").glob("*.jpg"))
+    pool = sorted((samples_dir() / "face_recognition").glob("*.jpg")) + sorted(
+        (samples_dir() / "dlib" / "faces").glob("*.jpg")
+    )
     if not pool:
         raise SystemExit(f"error: no sample photos in {samples_dir()}: run `make setup`")
     return [pool[i % len(pool)] for i in range(count)]
@@ -83,8 +93,11 @@ def raw_loop(frames: list[Path]) -> dict[str, float]:
         stages["embed"] += t3 - t2
         faces += len(found)
     elapsed = time.perf_counter() - start
-    return {"fps": len(data) / elapsed, "faces": faces,
-            **{f"{k}_ms_per_frame": 1000 * v / len(data) for k, v in stages.items()}}  # fmt: skip
+    return {
+        "fps": len(data) / elapsed,
+        "faces": faces,
+        **{f"{k}_ms_per_frame": 1000 * v / len(data) for k, v in stages.items()},
+    }
 
 
 def _through_stack(stack: Any, frames: list[Path], source_id: str, fps: float, timeout: float) -> dict[str, Any]:
@@ -98,10 +111,22 @@ def _through_stack(stack: Any, frames: list[Path], source_id: str, fps: float, t
             shutil.copy(frame, folder / f"{i:05d}{frame.suffix}")
         since = int(time.time() * 1000) - 1000
         start = time.time()
-        ingest(str(folder), source_id=source_id, fps=fps, no_pacing=fps == 0, address=stack.addresses["capture"],
-               progress=False)  # fmt: skip
-        outcomes = collect(KafkaSettings(bootstrap_servers=stack.bootstrap_servers), source_id,
-                           set(range(1, len(frames) + 1)), since, timeout, grace_s=0.0)  # fmt: skip
+        ingest(
+            str(folder),
+            source_id=source_id,
+            fps=fps,
+            no_pacing=fps == 0,
+            address=stack.addresses["capture"],
+            progress=False,
+        )
+        outcomes = collect(
+            KafkaSettings(bootstrap_servers=stack.bootstrap_servers),
+            source_id,
+            set(range(1, len(frames) + 1)),
+            since,
+            timeout,
+            grace_s=0.0,
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return {"start": start, "outcomes": outcomes}
@@ -119,8 +144,8 @@ def _frame_latencies(outcomes: Any) -> list[float]:
 
 def pipeline_figures(frames: list[Path], timeout: float) -> dict[str, Any]:
     from sightline.cli.gallery import enroll
-    from sightline.tooling.localstack import LocalStack
     from sightline.common.paths import samples_dir
+    from sightline.tooling.localstack import LocalStack
 
     run_dir = Path(tempfile.mkdtemp(prefix="sightline-bench-run-"))
     # Like for like with the raw loop: every face embedded (no per-track selection) and no frame dropped for lag,
@@ -128,7 +153,9 @@ def pipeline_figures(frames: list[Path], timeout: float) -> dict[str, Any]:
     env = {"SIGHTLINE_DETECTION_SEARCH_EVERY_FACE": "true", "SIGHTLINE_CAPTURE_BACKPRESSURE_MAX_LAG_FRAMES": "0"}
     with LocalStack(run_dir, ports="auto", env=env) as stack:
         stack.start(timeout=timeout)
-        enroll("obama", [samples_dir() / "face_recognition" / "obama.jpg"], ["bench"], address=stack.addresses["matching"])
+        enroll(
+            "obama", [samples_dir() / "face_recognition" / "obama.jpg"], ["bench"], address=stack.addresses["matching"]
+        )
         _through_stack(stack, frames[:4], "bench-warmup", 0, timeout)  # warm-up: group joins, first inferences
         burst = _through_stack(stack, frames, "bench-throughput", 0, timeout)
         elapsed = _span(burst)
@@ -172,7 +199,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         "latency_p50_ms": piped["latency_p50_ms"] and round(piped["latency_p50_ms"], 1),
         "latency_p99_ms": piped["latency_p99_ms"] and round(piped["latency_p99_ms"], 1),
         "latency_measured_at_fps": round(piped["latency_paced_fps"], 2),
-        "raw_ms_per_frame": {k.removesuffix("_ms_per_frame"): round(v, 2) for k, v in raw.items() if k.endswith("_ms_per_frame")},
+        "raw_ms_per_frame": {
+            k.removesuffix("_ms_per_frame"): round(v, 2) for k, v in raw.items() if k.endswith("_ms_per_frame")
+        },
         "cores": __import__("os").cpu_count(),
     }
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
@@ -188,8 +217,10 @@ def cmd_gates(args: argparse.Namespace) -> int:
     except ValueError:
         counts = []
     if not counts or counts[0] < 1 or args.fps <= 0 or args.seconds <= 0 or args.frames < 1:
-        print("error: --gates takes positive numbers (e.g. 2 or 1,2,4); --fps, --seconds and --frames must be positive",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "error: --gates takes positive numbers (e.g. 2 or 1,2,4); --fps, --seconds and --frames must be positive",
+            file=sys.stderr,
+        )
         return 2
     result = bench_gates(counts, args.fps, args.seconds, args.frames, args.target_ms, args.running, args.timeout)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
@@ -243,16 +274,29 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     from sightline.common.models.convert.fidelity import descriptor_distances
     from sightline.common.paths import samples_dir
 
-    images = sorted((samples_dir() / "face_recognition").glob("*.jpg")) + sorted((samples_dir() / "dlib" / "faces").glob("*.jpg"))
+    images = sorted((samples_dir() / "face_recognition").glob("*.jpg")) + sorted(
+        (samples_dir() / "dlib" / "faces").glob("*.jpg")
+    )
     try:
         distances, hog_faces = descriptor_distances(images, _model_sources())
     except ImportError:
-        print("error: the fidelity benchmark needs dlib-bin (installed by `make setup` with the test extra)", file=sys.stderr)
+        print(
+            "error: the fidelity benchmark needs dlib-bin (installed by `make setup` with the test extra)",
+            file=sys.stderr,
+        )
         return 2
     values = np.array(distances)
-    print(json.dumps({
-        "images": len(images), "dlib_faces": hog_faces, "paired_faces": len(distances),
-        "median_l2": round(float(np.median(values)), 4), "p90_l2": round(float(np.percentile(values, 90)), 4),
-        "max_l2": round(float(values.max()), 4), "targets": {"median": 0.07, "p90": 0.15},
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "images": len(images),
+                "dlib_faces": hog_faces,
+                "paired_faces": len(distances),
+                "median_l2": round(float(np.median(values)), 4),
+                "p90_l2": round(float(np.percentile(values, 90)), 4),
+                "max_l2": round(float(values.max()), 4),
+                "targets": {"median": 0.07, "p90": 0.15},
+            }
+        )
+    )
     return 0

@@ -94,8 +94,13 @@ def travellers(stream_length: int = 60, seed: int = 7) -> list[Traveller]:
     found = []
     for person in people:
         photos = sorted(person.glob("*.jpg"))
-        found.append(Traveller(f"{TRAVELLER_PREFIX}{person.name.lower()}", compose(photos[-1], 0, 0),
-                               camera_stream(photos[:-1], stream_length, rng)))  # fmt: skip
+        found.append(
+            Traveller(
+                f"{TRAVELLER_PREFIX}{person.name.lower()}",
+                compose(photos[-1], 0, 0),
+                camera_stream(photos[:-1], stream_length, rng),
+            )
+        )
     return found
 
 
@@ -122,8 +127,12 @@ def enrol(endpoints: Endpoints, people: list[Traveller]) -> None:
     gallery = gallery_pb2_grpc.GalleryServiceStub(connect("matching", endpoints.matching))
     for person in people:
         gallery.DeleteSubject(gallery_pb2.DeleteSubjectRequest(subject_id=person.subject_id), timeout=30)
-        reply = gallery.Enroll(gallery_pb2.EnrollRequest(subject_id=person.subject_id, images=[person.enrolment],
-                                                         purpose="sightline bench gates"), timeout=120)  # fmt: skip
+        reply = gallery.Enroll(
+            gallery_pb2.EnrollRequest(
+                subject_id=person.subject_id, images=[person.enrolment], purpose="sightline bench gates"
+            ),
+            timeout=120,
+        )
         if not reply.templates_added:
             raise SystemExit(f"error: could not enrol {person.subject_id}: {reply.results[0].reason}")
 
@@ -140,11 +149,19 @@ def remove(endpoints: Endpoints, people: list[Traveller]) -> None:
 # --- running gates ---------------------------------------------------------------------------------------------------
 
 
-def run_gates(endpoints: Endpoints, people: list[Traveller], gates: int, fps: float, seconds: float,
-              frames_per_session: int, timeout: float, seed: int = 0) -> list[Any]:  # fmt: skip
+def run_gates(
+    endpoints: Endpoints,
+    people: list[Traveller],
+    gates: int,
+    fps: float,
+    seconds: float,
+    frames_per_session: int,
+    timeout: float,
+    seed: int = 0,
+) -> list[Any]:
     """Run ``gates`` gates for ``seconds`` (at least one session each; sessions under way at the end are finished)."""
-    from sightline.cli.gate import run_session
     from sightline.cli.endpoints import connect
+    from sightline.cli.gate import run_session
     from sightline.v1 import session_pb2, session_pb2_grpc
 
     until = time.time() + seconds
@@ -210,10 +227,12 @@ def stage_totals(endpoints: Endpoints) -> dict[str, tuple[float, float, float, f
             for sample in family.samples:
                 if sample.name.startswith(("sightline_stage_latency_seconds_", "sightline_capture_to_stage_seconds_")):
                     values[sample.name] = values.get(sample.name, 0.0) + sample.value
-        totals[service] = (values.get("sightline_stage_latency_seconds_sum", 0.0),
-                           values.get("sightline_stage_latency_seconds_count", 0.0),
-                           values.get("sightline_capture_to_stage_seconds_sum", 0.0),
-                           values.get("sightline_capture_to_stage_seconds_count", 0.0))  # fmt: skip
+        totals[service] = (
+            values.get("sightline_stage_latency_seconds_sum", 0.0),
+            values.get("sightline_stage_latency_seconds_count", 0.0),
+            values.get("sightline_capture_to_stage_seconds_sum", 0.0),
+            values.get("sightline_capture_to_stage_seconds_count", 0.0),
+        )
     return totals
 
 
@@ -229,7 +248,7 @@ def stage_means(before: dict[str, tuple[float, ...]], after: dict[str, tuple[flo
                 "busy_share": None,  # filled in by the caller, who knows the run's length
                 "events": int(events - b[1]),
                 "_busy_s": busy - b[0],
-            }  # fmt: skip
+            }
     return means
 
 
@@ -246,8 +265,12 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p95": None, "p99": None, "n": 0}
     array = np.array(values)
-    return {"p50": round(float(np.percentile(array, 50)), 1), "p95": round(float(np.percentile(array, 95)), 1),
-            "p99": round(float(np.percentile(array, 99)), 1), "n": len(values)}  # fmt: skip
+    return {
+        "p50": round(float(np.percentile(array, 50)), 1),
+        "p95": round(float(np.percentile(array, 95)), 1),
+        "p99": round(float(np.percentile(array, 99)), 1),
+        "n": len(values),
+    }
 
 
 def median(values: list[float]) -> float | None:
@@ -272,30 +295,42 @@ def figures(runs: list[Any], times: TopicTimes, gates: int, fps: float, seconds:
             to_match.append((matched - times.captured[frame_id]) * 1000)
             to_decided.append((published - matched) * 1000)
             to_kiosk.append((run.decided_at - published) * 1000)
-    referred = Counter(_reason_kind(reason) for r in decided if r.outcome.outcome != session_pb2.SESSION_OUTCOME_ACCEPT
-                       for reason in r.outcome.reasons[:1])  # fmt: skip
+    referred = Counter(
+        _reason_kind(reason)
+        for r in decided
+        if r.outcome.outcome != session_pb2.SESSION_OUTCOME_ACCEPT
+        for reason in r.outcome.reasons[:1]
+    )
     per_frame = [(times.matched[f] - times.captured[f]) * 1000 for f in times.matched]
     frames_sent = sum(r.frames_sent for r in runs)
     span = max((r.decided_at for r in decided), default=0.0) - min((r.sent_at[0] for r in decided), default=0.0)
     return {
-        "gates": gates, "fps_per_gate": fps, "seconds": seconds, "sessions": len(runs),
-        "sessions_decided": len(decided), "decided_by_the_clock": len(decided) - len(by_frame),
+        "gates": gates,
+        "fps_per_gate": fps,
+        "seconds": seconds,
+        "sessions": len(runs),
+        "sessions_decided": len(decided),
+        "decided_by_the_clock": len(decided) - len(by_frame),
         "outcomes": dict(Counter(outcome_name(r.outcome.outcome) for r in decided)),
         "referral_reasons": dict(referred),
         "first_frame_to_decision_ms": percentiles(first),
         "last_needed_frame_to_decision_ms": percentiles(last),
         "frame_result_ms": percentiles(per_frame),
-        "breakdown_ms_p50": {"deciding_frame_capture_to_match": median(to_match),
-                             "match_to_decided_event": median(to_decided),
-                             "decided_event_to_kiosk": median(to_kiosk)},
-        "frames_sent": frames_sent, "frames_matched": len(times.matched),
+        "breakdown_ms_p50": {
+            "deciding_frame_capture_to_match": median(to_match),
+            "match_to_decided_event": median(to_decided),
+            "decided_event_to_kiosk": median(to_kiosk),
+        },
+        "frames_sent": frames_sent,
+        "frames_matched": len(times.matched),
         "sent_fps": round(frames_sent / span, 1) if span > 0 else None,
         "result_fps": round(len(times.matched) / span, 1) if span > 0 else None,
-    }  # fmt: skip
+    }
 
 
 # Outcomes reached by a timer rather than by a frame's result: after a close (its grace spent waiting for results),
-# a time-out, or capture giving up on decision. They have no deciding frame (decision's reasons, decision/echannel/engine.py).
+# a time-out, or capture giving up on decision. They have no deciding frame (decision's reasons,
+# decision/echannel/engine.py).
 _CLOCK_REASONS = ("session closed", "time-out", "the decision did not arrive in time")
 
 
@@ -303,11 +338,13 @@ def by_the_clock(outcome: Any) -> bool:
     return bool(outcome.reasons) and outcome.reasons[0].startswith(_CLOCK_REASONS)
 
 
-
 def kept_up(result: dict[str, Any]) -> bool:
     """Every session decided by a frame's result (none by the clock for want of results), every frame's result in."""
-    return (result["sessions_decided"] == result["sessions"] and result["decided_by_the_clock"] == 0
-            and result["frames_matched"] >= result["frames_sent"])  # fmt: skip
+    return (
+        result["sessions_decided"] == result["sessions"]
+        and result["decided_by_the_clock"] == 0
+        and result["frames_matched"] >= result["frames_sent"]
+    )
 
 
 def sustained(result: dict[str, Any], target_ms: float) -> bool:
@@ -316,8 +353,9 @@ def sustained(result: dict[str, Any], target_ms: float) -> bool:
     return kept_up(result) and p99 is not None and p99 <= target_ms
 
 
-def measure(endpoints: Endpoints, gate_counts: list[int], fps: float, seconds: float, frames_per_session: int,
-            target_ms: float) -> dict[str, Any]:  # fmt: skip
+def measure(
+    endpoints: Endpoints, gate_counts: list[int], fps: float, seconds: float, frames_per_session: int, target_ms: float
+) -> dict[str, Any]:
     people = travellers()
     timeout = 60.0 + frames_per_session / fps
     enrol(endpoints, people)
@@ -331,20 +369,32 @@ def measure(endpoints: Endpoints, gate_counts: list[int], fps: float, seconds: f
     finally:
         remove(endpoints, people)
     return {
-        "runs": results, "target_ms": target_ms,
+        "runs": results,
+        "target_ms": target_ms,
         "gates_kept_up": max((r["gates"] for r in results if kept_up(r)), default=0),
         "sustained_gates": max((r["gates"] for r in results if sustained(r, target_ms)), default=0),
         "sustained_means": f"kept up (every session decided by a frame's result, every frame's result in) and p99 "
-                           f"last_needed_frame_to_decision_ms <= {target_ms:g}",
+        f"last_needed_frame_to_decision_ms <= {target_ms:g}",
         "cores": __import__("os").cpu_count(),
-    }  # fmt: skip
+    }
 
 
-def _measure_once(endpoints: Endpoints, people: list[Traveller], gates: int, fps: float, seconds: float,
-                  frames_per_session: int, timeout: float) -> dict[str, Any]:  # fmt: skip
+def _measure_once(
+    endpoints: Endpoints,
+    people: list[Traveller],
+    gates: int,
+    fps: float,
+    seconds: float,
+    frames_per_session: int,
+    timeout: float,
+) -> dict[str, Any]:
     times, stop = TopicTimes(), threading.Event()
-    reader = threading.Thread(target=read_topic_times, args=(endpoints, int(time.time() * 1000) - 1000, stop, times),
-                              daemon=True, name="bench-topics")  # fmt: skip
+    reader = threading.Thread(
+        target=read_topic_times,
+        args=(endpoints, int(time.time() * 1000) - 1000, stop, times),
+        daemon=True,
+        name="bench-topics",
+    )
     reader.start()
     before, started = stage_totals(endpoints), time.monotonic()
     runs = run_gates(endpoints, people, gates, fps, seconds, frames_per_session, timeout)
@@ -360,14 +410,25 @@ def _measure_once(endpoints: Endpoints, people: list[Traveller], gates: int, fps
     return {**figures(runs, times, gates, fps, seconds), "stages": stages}
 
 
-def bench_gates(gate_counts: list[int], fps: float, seconds: float, frames_per_session: int, target_ms: float,
-                running: bool, start_timeout: float) -> dict[str, Any]:  # fmt: skip
+def bench_gates(
+    gate_counts: list[int],
+    fps: float,
+    seconds: float,
+    frames_per_session: int,
+    target_ms: float,
+    running: bool,
+    start_timeout: float,
+) -> dict[str, Any]:
     """Against the running local stack, or a private one started (and stopped) here."""
     if running:
         from sightline.cli.endpoints import grpc_address, kafka_settings
 
-        endpoints = Endpoints(grpc_address("capture"), grpc_address("matching"), kafka_settings().bootstrap_servers,
-                              running_metrics_ports())  # fmt: skip
+        endpoints = Endpoints(
+            grpc_address("capture"),
+            grpc_address("matching"),
+            kafka_settings().bootstrap_servers,
+            running_metrics_ports(),
+        )
         return measure(endpoints, gate_counts, fps, seconds, frames_per_session, target_ms)
     from sightline.tooling.localstack import LocalStack
 
@@ -376,8 +437,9 @@ def bench_gates(gate_counts: list[int], fps: float, seconds: float, frames_per_s
         print("starting a private local stack...", file=sys.stderr)
         with LocalStack(run_dir, ports="auto") as stack:
             stack.start(timeout=start_timeout)
-            endpoints = Endpoints(stack.addresses["capture"], stack.addresses["matching"], stack.bootstrap_servers,
-                                  stack.metrics_ports)  # fmt: skip
+            endpoints = Endpoints(
+                stack.addresses["capture"], stack.addresses["matching"], stack.bootstrap_servers, stack.metrics_ports
+            )
             return measure(endpoints, gate_counts, fps, seconds, frames_per_session, target_ms)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -18,31 +18,55 @@ from typing import Any
 from sightline.cli.evaluate import add_pipeline_arguments
 
 # face_recognition's 32bit.png is obama2.jpg saved as RGBA: the same photo twice would be a fake genuine pair.
-REGISTRY_FACE_RECOGNITION = {"obama": ("obama.jpg", "obama2.jpg", "obama3.jpg", "obama_partial_face.jpg",
-                                       "obama_partial_face2.jpg"), "biden": ("biden.jpg",)}  # fmt: skip
+REGISTRY_FACE_RECOGNITION = {
+    "obama": ("obama.jpg", "obama2.jpg", "obama3.jpg", "obama_partial_face.jpg", "obama_partial_face2.jpg"),
+    "biden": ("biden.jpg",),
+}
 # dlib's examples/faces/bald_guys.jpg is a collage of four people (dlib's face clustering example). Its faces are
 # labelled by hand, by a point inside each face box (pixels of the original image); other faces of examples/faces
 # are each a distinct person.
 BALD_GUYS_LABELS = (
-    (853, 906, "bruce_willis"), (855, 1324, "bruce_willis"), (1191, 1145, "bruce_willis"),
-    (127, 1066, "bruce_willis"), (451, 1342, "bruce_willis"), (1135, 848, "bruce_willis"),
-    (955, 493, "jason_statham"), (501, 928, "jason_statham"), (132, 777, "jason_statham"),
-    (405, 526, "jason_statham"), (955, 189, "jason_statham"),
-    (1606, 259, "dwayne_johnson"), (1158, 1384, "dwayne_johnson"), (1869, 486, "dwayne_johnson"),
-    (127, 1381, "vin_diesel"), (643, 524, "vin_diesel"), (142, 157, "vin_diesel"), (134, 455, "vin_diesel"),
+    (853, 906, "bruce_willis"),
+    (855, 1324, "bruce_willis"),
+    (1191, 1145, "bruce_willis"),
+    (127, 1066, "bruce_willis"),
+    (451, 1342, "bruce_willis"),
+    (1135, 848, "bruce_willis"),
+    (955, 493, "jason_statham"),
+    (501, 928, "jason_statham"),
+    (132, 777, "jason_statham"),
+    (405, 526, "jason_statham"),
+    (955, 189, "jason_statham"),
+    (1606, 259, "dwayne_johnson"),
+    (1158, 1384, "dwayne_johnson"),
+    (1869, 486, "dwayne_johnson"),
+    (127, 1381, "vin_diesel"),
+    (643, 524, "vin_diesel"),
+    (142, 157, "vin_diesel"),
+    (134, 455, "vin_diesel"),
     (622, 195, "vin_diesel"),
 )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("calibrate", help="build a distance -> false match rate table from your photos")
-    parser.add_argument("dataset", nargs="?", type=Path, metavar="DATASET",
-                        help="folder with one subfolder per identity")
+    parser.add_argument(
+        "dataset", nargs="?", type=Path, metavar="DATASET", help="folder with one subfolder per identity"
+    )
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="calibration table (JSON) to write")
-    parser.add_argument("--crowd", type=Path, action="append", default=[], metavar="DIR",
-                        help="photos whose faces are all different people (repeatable)")
-    parser.add_argument("--registry-samples", action="store_true",
-                        help="use the sample photos of `make samples` (how the shipped table is made)")
+    parser.add_argument(
+        "--crowd",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="photos whose faces are all different people (repeatable)",
+    )
+    parser.add_argument(
+        "--registry-samples",
+        action="store_true",
+        help="use the sample photos of `make samples` (how the shipped table is made)",
+    )
     add_pipeline_arguments(parser)
     parser.set_defaults(func=cmd_calibrate)
 
@@ -54,11 +78,14 @@ def registry_samples() -> tuple[list[Any], list[str]]:
 
     root = paths.samples_dir()
     johns = load_identity_folders(root / "dlib" / "johns").samples
-    photos = [Sample(name, root / "face_recognition" / f) for name, files in REGISTRY_FACE_RECOGNITION.items()
-              for f in files]  # fmt: skip
+    photos = [
+        Sample(name, root / "face_recognition" / f) for name, files in REGISTRY_FACE_RECOGNITION.items() for f in files
+    ]
     crowd_dir = root / "dlib" / "faces"
-    crowds = [Sample(p.stem, p, crowd=True, face_labels=BALD_GUYS_LABELS if p.name == "bald_guys.jpg" else ())
-              for p in sorted(crowd_dir.glob("*.jpg"))]  # fmt: skip
+    crowds = [
+        Sample(p.stem, p, crowd=True, face_labels=BALD_GUYS_LABELS if p.name == "bald_guys.jpg" else ())
+        for p in sorted(crowd_dir.glob("*.jpg"))
+    ]
     described = [
         f"dlib {_samples_source()} examples/johns: {len({s.identity for s in johns})} identities, {len(johns)} "
         "aligned 150x150 chips, embedded directly (no detection)",
@@ -126,7 +153,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(table, indent=1) + "\n")
     p = table["provenance"]
-    print(f"{args.out}: {p['descriptors']} descriptors of {p['identities']} identities, {p['impostor_pairs']} "
-          f"impostor and {p['genuine_pairs']} genuine pairs; FMR measured down to {p['lowest_measured_fmr']:.1g}, "
-          "modelled below")  # fmt: skip
+    print(
+        f"{args.out}: {p['descriptors']} descriptors of {p['identities']} identities, {p['impostor_pairs']} "
+        f"impostor and {p['genuine_pairs']} genuine pairs; FMR measured down to {p['lowest_measured_fmr']:.1g}, "
+        "modelled below"
+    )
     return 0

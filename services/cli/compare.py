@@ -24,16 +24,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     limit = parser.add_mutually_exclusive_group()
     limit.add_argument("--max-distance", type=float, help="same person at or under this distance (default 0.6)")
     limit.add_argument("--target-fmr", type=float, help="threshold from the calibration table, e.g. 1e-3")
-    parser.add_argument("--chips", choices=("auto", "always", "never"), default="auto",
-                        help="embed images directly as aligned chips: auto = those of exactly 150x150 (default)")
+    parser.add_argument(
+        "--chips",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="embed images directly as aligned chips: auto = those of exactly 150x150 (default)",
+    )
     parser.add_argument("--models-dir", type=Path, help="converted models (default: SIGHTLINE_MODELS_DIR)")
     parser.set_defaults(func=cmd_compare)
 
 
 def describe_face(path: Path, pipeline: Any, chips: str) -> tuple[Any, dict[str, Any]]:
     """The descriptor of the image's best face and what was done to get it; raises ``ValueError`` with a message."""
-    from sightline.tooling.evaluation import as_chip, best_face, is_chip, read_rgb
     from sightline.common.images import ImageError
+    from sightline.tooling.evaluation import as_chip, best_face, is_chip, read_rgb
 
     try:
         rgb = read_rgb(path)
@@ -45,8 +49,13 @@ def describe_face(path: Path, pipeline: Any, chips: str) -> tuple[Any, dict[str,
     if not faces:
         raise ValueError(f"{path}: no face found")
     j = best_face(faces)
-    info = {"image": str(path), "faces": len(faces), "used": j, "box": [round(float(v), 1) for v in faces[j].box],
-            "score": round(faces[j].score, 4)}  # fmt: skip
+    info = {
+        "image": str(path),
+        "faces": len(faces),
+        "used": j,
+        "box": [round(float(v), 1) for v in faces[j].box],
+        "score": round(faces[j].score, 4),
+    }
     if len(faces) > 1:
         info["note"] = f"{path}: {len(faces)} faces; compared the largest (face {j})"
     return descriptors[j], info
@@ -86,10 +95,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 1
     (a, info_a), (b, info_b) = described
     distance = float(np.linalg.norm(a.astype(np.float64) - b))
-    result = {"distance": round(distance, 4), "similarity": round(scores.similarity(distance), 4),
-              "fmr": float(f"{scores.fmr(distance):.3g}"), "same": distance <= threshold,
-              "threshold": round(threshold, 4), "fmr_extrapolated": scores.fmr_is_extrapolated(distance),
-              "faces": [info_a, info_b]}  # fmt: skip
+    result = {
+        "distance": round(distance, 4),
+        "similarity": round(scores.similarity(distance), 4),
+        "fmr": float(f"{scores.fmr(distance):.3g}"),
+        "same": distance <= threshold,
+        "threshold": round(threshold, 4),
+        "fmr_extrapolated": scores.fmr_is_extrapolated(distance),
+        "faces": [info_a, info_b],
+    }
     print(json.dumps(result) if args.json else _text(result))
     return 0
 
@@ -99,5 +113,7 @@ def _text(result: dict[str, Any]) -> str:
 
     verdict = "same person" if result["same"] else "different people"
     fmr = format_fmr(result["fmr"]) + (" (extrapolated)" if result["fmr_extrapolated"] else "")
-    return (f"{verdict}: distance {result['distance']:.3f} (threshold {result['threshold']:.3f}), "
-            f"similarity {result['similarity']:.3f}, FMR at this score {fmr}")  # fmt: skip
+    return (
+        f"{verdict}: distance {result['distance']:.3f} (threshold {result['threshold']:.3f}), "
+        f"similarity {result['similarity']:.3f}, FMR at this score {fmr}"
+    )

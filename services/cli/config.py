@@ -54,7 +54,9 @@ def render_docs() -> str:
         prefix = cls.model_config.get("env_prefix", "")
         parts.append(f"\n## {title}\n\n| variable | default | meaning |\n|---|---|---|\n")
         for field_name, field in cls.model_fields.items():
-            parts.append(f"| `{prefix.upper()}{field_name.upper()}` | {_default(field)} | {field.description or ''} |\n")
+            parts.append(
+                f"| `{prefix.upper()}{field_name.upper()}` | {_default(field)} | {field.description or ''} |\n"
+            )
     return "".join(parts)
 
 

@@ -42,15 +42,17 @@ def sample_paths() -> tuple[Path, list[Path]]:
     photos = samples_dir() / "face_recognition"
     strangers = sorted((samples_dir() / "dlib" / "faces").glob("*.jpg"))[:2]
     if not (photos / "obama.jpg").is_file() or len(strangers) < 2:
-        raise SystemExit(f"error: sample photos not found in {samples_dir()}: run `make setup` "
-                         "(or python -m sightline.tooling.samples)")  # fmt: skip
+        raise SystemExit(
+            f"error: sample photos not found in {samples_dir()}: run `make setup` "
+            "(or python -m sightline.tooling.samples)"
+        )
     return photos, strangers
 
 
 def build_sequence(photos: Path, strangers: list[Path], dest: Path) -> list[Expected]:
     """Write the camera frames into ``dest`` (in order) and say what each should produce."""
     plan: list[tuple[str, Callable[[Path], None]]] = []
-    for i, shift in enumerate([(0, 0), (6, 3), (12, 6)]):
+    for shift in [(0, 0), (6, 3), (12, 6)]:
         plan.append(("watchlisted", _shifted(photos / "obama2.jpg", shift)))
     for stranger in strangers:
         plan.append(("stranger", _shifted(stranger, (0, 0))))
@@ -112,7 +114,9 @@ def check(expected: list[Expected], outcomes) -> list[str]:  # type: ignore[no-u
         problems.append(f"expected exactly one alert, for obama; got {[a.subject_id for a in outcomes.alerts]}")
     broken = {e.sequence for e in expected if e.kind == "broken"}
     if outcomes.dead_sequences() != broken:
-        problems.append(f"expected frames {sorted(broken)} in the dead-letter topic, got {sorted(outcomes.dead_sequences())}")
+        problems.append(
+            f"expected frames {sorted(broken)} in the dead-letter topic, got {sorted(outcomes.dead_sequences())}"
+        )
     return problems
 
 
@@ -121,11 +125,17 @@ def create_watchlist(matching: str) -> None:
     from sightline.cli.watchlists import watchlist_stub
     from sightline.v1 import gallery_pb2
 
-    watchlist = gallery_pb2.Watchlist(name=WATCHLIST, purpose="demonstration on public sample photos",
-                                      owner="sightline demo", default_membership_days=1)  # fmt: skip
+    watchlist = gallery_pb2.Watchlist(
+        name=WATCHLIST,
+        purpose="demonstration on public sample photos",
+        owner="sightline demo",
+        default_membership_days=1,
+    )
     watchlist_stub(matching).CreateWatchlist(gallery_pb2.CreateWatchlistRequest(watchlist=watchlist), timeout=30)
-    print(f"Created watchlist {WATCHLIST!r}: purpose {watchlist.purpose!r}, owner {watchlist.owner!r}, "
-          f"memberships end after {watchlist.default_membership_days} day")
+    print(
+        f"Created watchlist {WATCHLIST!r}: purpose {watchlist.purpose!r}, owner {watchlist.owner!r}, "
+        f"memberships end after {watchlist.default_membership_days} day"
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -156,9 +166,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         since = int(time.time() * 1000) - 1000
         final = ingest(str(frames), source_id=SOURCE_ID, address=stack.addresses["capture"], progress=False)
         print(f"  capture published {final.frames_published} frame(s), {final.frames_failed} failed")
-        outcomes = collect(KafkaSettings(bootstrap_servers=stack.bootstrap_servers), SOURCE_ID,
-                           {e.sequence for e in expected}, since, args.timeout,
-                           on_message=lambda m: _print_event(render, m))  # fmt: skip
+        outcomes = collect(
+            KafkaSettings(bootstrap_servers=stack.bootstrap_servers),
+            SOURCE_ID,
+            {e.sequence for e in expected},
+            since,
+            args.timeout,
+            on_message=lambda m: _print_event(render, m),
+        )
     except StackError as exc:
         print(f"error: the local stack did not start: {exc}", file=sys.stderr)
         return 1
@@ -183,9 +198,11 @@ def _verdict(expected: list[Expected], outcomes, kept: Path | None) -> int:  # t
     for d in outcomes.decisions:
         name = events_pb2.Outcome.Name(d.outcome).removeprefix("OUTCOME_")
         counts[name] = counts.get(name, 0) + 1
-    print(f"Summary: {len(outcomes.matches)} frames matched, {len(outcomes.decisions)} decisions "
-          f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}), {len(outcomes.alerts)} alert(s), "
-          f"{len(outcomes.dead_letters)} dead letter(s)")  # fmt: skip
+    print(
+        f"Summary: {len(outcomes.matches)} frames matched, {len(outcomes.decisions)} decisions "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}), {len(outcomes.alerts)} alert(s), "
+        f"{len(outcomes.dead_letters)} dead letter(s)"
+    )
     if kept:
         print(f"Run folder kept: {kept} (logs in {kept / 'run' / 'logs'})")
     problems = check(expected, outcomes)

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from sightline.common import paths
 from sightline.common.config import KafkaSettings
-from sightline.tooling.localstack import HOST, StackState, client_token, load_state
 from sightline.common.ports import GRPC_PORTS
+from sightline.tooling.localstack import HOST, StackState, client_token, load_state
 
 if TYPE_CHECKING:
     import grpc
@@ -36,9 +36,13 @@ def grpc_address(service: str, explicit: str | None = None) -> str:
 
 def add_token_argument(parser: argparse.ArgumentParser) -> None:
     """``--token``, for every command that calls a gRPC API."""
-    parser.add_argument("--token", default=None, metavar="TOKEN",
-                        help="bearer token (default: $SIGHTLINE_TOKEN, else the local stack's); "
-                        "prefer the variable: a flag is visible to other users in the process list")  # fmt: skip
+    parser.add_argument(
+        "--token",
+        default=None,
+        metavar="TOKEN",
+        help="bearer token (default: $SIGHTLINE_TOKEN, else the local stack's); "
+        "prefer the variable: a flag is visible to other users in the process list",
+    )
 
 
 def connect(service: str, explicit_address: str | None = None, token: str | None = None) -> grpc.Channel:

@@ -33,8 +33,10 @@ def _confirmed(subject_id: str) -> bool:
     if not sys.stdin.isatty():
         print("error: erasure cannot be undone: pass --yes to erase without a prompt", file=sys.stderr)
         return False
-    answer = input(f"Erase {subject_id!r} and everything enrolled about it? This cannot be undone.\n"
-                   "Type the subject id to confirm: ")  # fmt: skip
+    answer = input(
+        f"Erase {subject_id!r} and everything enrolled about it? This cannot be undone.\n"
+        "Type the subject id to confirm: "
+    )
     return answer.strip() == subject_id
 
 
@@ -47,15 +49,20 @@ def cmd_erase(args: argparse.Namespace) -> int:
         return 2
     stub = gallery_pb2_grpc.GalleryServiceStub(connect("matching", args.matching, args.token))
     try:
-        reply = stub.EraseSubject(gallery_pb2.EraseSubjectRequest(subject_id=args.subject_id, reference=args.reference),
-                                  timeout=60)  # fmt: skip
+        reply = stub.EraseSubject(
+            gallery_pb2.EraseSubjectRequest(subject_id=args.subject_id, reference=args.reference), timeout=60
+        )
     except grpc.RpcError as exc:
         return rpc_failed(exc)
     if reply.erased:
         lists = ", ".join(reply.watchlists) or "none"
-        print(f"{args.subject_id}: erased ({reply.templates_removed} template(s); watchlists: {lists}); "
-              f"reference {args.reference}; notice published on sightline.erasures.v1")  # fmt: skip
+        print(
+            f"{args.subject_id}: erased ({reply.templates_removed} template(s); watchlists: {lists}); "
+            f"reference {args.reference}; notice published on sightline.erasures.v1"
+        )
     else:
-        print(f"{args.subject_id}: nothing was enrolled under this id; the erasure request {args.reference} is "
-              "audited and published all the same")  # fmt: skip
+        print(
+            f"{args.subject_id}: nothing was enrolled under this id; the erasure request {args.reference} is "
+            "audited and published all the same"
+        )
     return 0

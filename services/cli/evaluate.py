@@ -23,20 +23,33 @@ REPORTED_FARS = (1e-2, 1e-3)
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every dataset command shares: chips, models folder, progress bar."""
-    parser.add_argument("--chips", choices=("auto", "always", "never"), default="auto",
-                        help="embed images directly as aligned chips: auto = those of exactly 150x150 (default)")
+    parser.add_argument(
+        "--chips",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="embed images directly as aligned chips: auto = those of exactly 150x150 (default)",
+    )
     parser.add_argument("--models-dir", type=Path, help="converted models (default: SIGHTLINE_MODELS_DIR)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="accuracy report (FTA, FMR/FNMR, EER, TAR@FAR, rank-1) on a dataset")
-    parser.add_argument("dataset", type=Path, metavar="DATASET",
-                        help="folder with one subfolder per identity, or an LFW-style pairs file")
+    parser.add_argument(
+        "dataset",
+        type=Path,
+        metavar="DATASET",
+        help="folder with one subfolder per identity, or an LFW-style pairs file",
+    )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the report files")
     parser.add_argument("--images", type=Path, metavar="DIR", help="images of a pairs file (default: its folder)")
-    parser.add_argument("--thresholds", type=_thresholds, default=DEFAULT_THRESHOLDS, metavar="D,D,...",
-                        help="distance thresholds to report FMR and FNMR at (default 0.4,0.5,0.6)")
+    parser.add_argument(
+        "--thresholds",
+        type=_thresholds,
+        default=DEFAULT_THRESHOLDS,
+        metavar="D,D,...",
+        help="distance thresholds to report FMR and FNMR at (default 0.4,0.5,0.6)",
+    )
     add_pipeline_arguments(parser)
     parser.set_defaults(func=cmd_eval)
 
@@ -74,8 +87,8 @@ def load_pipeline(models_dir: Path | None) -> Any:
 
 def evaluate(dataset: Any, acquisition: Any, thresholds: tuple[float, ...]) -> tuple[dict[str, Any], Any]:
     """The report document (what report.json holds) and the scores behind it."""
-    from sightline.tooling import evaluation as ev
     from sightline.common import scores as sc
+    from sightline.tooling import evaluation as ev
 
     if dataset.pairs is not None:
         scores = ev.listed_pairs_scores(acquisition.acquired, dataset.pairs)
@@ -85,45 +98,63 @@ def evaluate(dataset: Any, acquisition: Any, thresholds: tuple[float, ...]) -> t
     report = {
         "tool": f"sightline {package_version()} (sightline eval)",
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "dataset": {"path": str(dataset.path), "format": dataset.kind, "identities": dataset.identities,
-                    "samples": len(dataset.samples), "problems": dataset.problems},
-        "model": {"descriptor": "dlib_resnet_v1", "detector": "blazeface_full_range+dlib_5pt",
-                  "score": "Euclidean distance; a pair at or under the threshold is a match",
-                  "calibration_table": str(sc.calibration().path.name)},
+        "dataset": {
+            "path": str(dataset.path),
+            "format": dataset.kind,
+            "identities": dataset.identities,
+            "samples": len(dataset.samples),
+            "problems": dataset.problems,
+        },
+        "model": {
+            "descriptor": "dlib_resnet_v1",
+            "detector": "blazeface_full_range+dlib_5pt",
+            "score": "Euclidean distance; a pair at or under the threshold is a match",
+            "calibration_table": str(sc.calibration().path.name),
+        },
         "acquisition": {
-            "samples": acquisition.samples, "acquired": acquisition.samples - len(acquisition.failures),
-            "failures": len(acquisition.failures), "fta_rate": acquisition.fta_rate,
-            "failed_files": [{"path": str(f.path), "reason": f.reason, "message": f.message}
-                             for f in acquisition.failures],
+            "samples": acquisition.samples,
+            "acquired": acquisition.samples - len(acquisition.failures),
+            "failures": len(acquisition.failures),
+            "fta_rate": acquisition.fta_rate,
+            "failed_files": [
+                {"path": str(f.path), "reason": f.reason, "message": f.message} for f in acquisition.failures
+            ],
             "notes": acquisition.notes,
         },
-        "pairs": {"genuine": int(len(g)), "impostor": int(len(i)), "listed": len(dataset.pairs or []),
-                  "skipped_after_failure_to_acquire": scores.skipped_pairs,
-                  "impostor_subsampled_from": scores.impostor_sampled_from or None},
+        "pairs": {
+            "genuine": int(len(g)),
+            "impostor": int(len(i)),
+            "listed": len(dataset.pairs or []),
+            "skipped_after_failure_to_acquire": scores.skipped_pairs,
+            "impostor_subsampled_from": scores.impostor_sampled_from or None,
+        },
         "distances": {"genuine": ev.summary(g), "impostor": ev.summary(i)},
         "thresholds": [_at_threshold(g, i, t) for t in thresholds],
         "eer": ev.equal_error_rate(g, i).as_dict(),
         "tar_at_far": [{"far": far, **ev.tar_at_far(g, i, far).as_dict()} for far in REPORTED_FARS],
         "rank1": ev.rank1_rate(acquisition.acquired).as_dict(),
         "estimation_rule": f"TAR at FAR p needs >= {ev.MIN_ERRORS_RULE}/p impostor pairs (rule of three: with N "
-                           "pairs and no false match, the 95% upper bound on the FMR is 3/N)",
+        "pairs and no false match, the 95% upper bound on the FMR is 3/N)",
         "files": {"json": "report.json", "html": "report.html", "det": "det.png", "histogram": "histogram.png"},
-    }  # fmt: skip
+    }
     return report, scores
 
 
 def _at_threshold(genuine: Any, impostor: Any, threshold: float) -> dict[str, Any]:
-    from sightline.tooling import evaluation as ev
     from sightline.common import scores as sc
+    from sightline.tooling import evaluation as ev
 
     measured = ev.fmr_at(impostor, threshold)
-    return {"distance": threshold, "similarity": round(sc.similarity(threshold), 4),
-            "fmr": None if measured != measured else measured,  # NaN (no pairs) is not valid JSON
-            "fnmr": None if not len(genuine) else ev.fnmr_at(genuine, threshold),
-            "impostor_matches": int((impostor <= threshold).sum()),
-            "genuine_non_matches": int((genuine > threshold).sum()),
-            "calibrated_fmr": sc.fmr(threshold),
-            "calibrated_fmr_extrapolated": sc.fmr_is_extrapolated(threshold)}  # fmt: skip
+    return {
+        "distance": threshold,
+        "similarity": round(sc.similarity(threshold), 4),
+        "fmr": None if measured != measured else measured,  # NaN (no pairs) is not valid JSON
+        "fnmr": None if not len(genuine) else ev.fnmr_at(genuine, threshold),
+        "impostor_matches": int((impostor <= threshold).sum()),
+        "genuine_non_matches": int((genuine > threshold).sum()),
+        "calibrated_fmr": sc.fmr(threshold),
+        "calibrated_fmr_extrapolated": sc.fmr_is_extrapolated(threshold),
+    }
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

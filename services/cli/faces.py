@@ -78,8 +78,10 @@ def _summary(result: dict[str, Any]) -> str:
     lines = [f"{result['image']}: {len(result['faces'])} face(s) in {result['width']}x{result['height']}"]
     for i, face in enumerate(result["faces"]):
         x1, y1, x2, y2 = face["box"]
-        lines.append(f"  face {i}: box ({x1:.0f},{y1:.0f})-({x2:.0f},{y2:.0f}) score {face['score']:.2f} "
-                     f"quality {face['quality']['score']:.0f}")  # fmt: skip
+        lines.append(
+            f"  face {i}: box ({x1:.0f},{y1:.0f})-({x2:.0f},{y2:.0f}) score {face['score']:.2f} "
+            f"quality {face['quality']['score']:.0f}"
+        )
     return "\n".join(lines)
 
 

@@ -20,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     enroll = subparsers.add_parser("enroll", help="enrol a subject from one or more photos (one face each)")
     enroll.add_argument("subject_id")
     enroll.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    enroll.add_argument("--watchlist", action="append", default=[], help="add the subject to this watchlist (repeatable)")
+    enroll.add_argument(
+        "--watchlist", action="append", default=[], help="add the subject to this watchlist (repeatable)"
+    )
     enroll.add_argument("--name", default="", help="display name")
     enroll.add_argument("--purpose", default="", help="why the subject is enrolled, e.g. a case reference (audited)")
     from sightline.cli.watchlists import add_expiry_arguments
@@ -49,8 +51,16 @@ def _stub(address: str | None, token: str | None = None):  # type: ignore[no-unt
     return gallery_pb2_grpc.GalleryServiceStub(connect("matching", address, token))
 
 
-def enroll(subject_id: str, images: list[Path], watchlists: list[str], name: str = "", address: str | None = None,
-           token: str | None = None, purpose: str = "", expires_at: datetime | None = None) -> int:
+def enroll(
+    subject_id: str,
+    images: list[Path],
+    watchlists: list[str],
+    name: str = "",
+    address: str | None = None,
+    token: str | None = None,
+    purpose: str = "",
+    expires_at: datetime | None = None,
+) -> int:
     """Enrol and print one line per image; returns the number of templates added."""
     from sightline.v1 import gallery_pb2
 
@@ -60,8 +70,9 @@ def enroll(subject_id: str, images: list[Path], watchlists: list[str], name: str
             payloads.append(path.read_bytes())
         except OSError as exc:
             raise SystemExit(f"error: cannot read {path}: {exc.strerror}") from None
-    request = gallery_pb2.EnrollRequest(subject_id=subject_id, images=payloads, watchlists=watchlists, display_name=name,
-                                        purpose=purpose)  # fmt: skip
+    request = gallery_pb2.EnrollRequest(
+        subject_id=subject_id, images=payloads, watchlists=watchlists, display_name=name, purpose=purpose
+    )
     if expires_at is not None:
         request.membership_expires_at.FromDatetime(expires_at)
     reply = _stub(address, token).Enroll(request, timeout=120)
@@ -78,8 +89,16 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     try:
         from sightline.cli.watchlists import expiry_of
 
-        added = enroll(args.subject_id, args.images, args.watchlist, args.name, args.matching, args.token,
-                       args.purpose, expiry_of(args))  # fmt: skip
+        added = enroll(
+            args.subject_id,
+            args.images,
+            args.watchlist,
+            args.name,
+            args.matching,
+            args.token,
+            args.purpose,
+            expiry_of(args),
+        )
     except grpc.RpcError as exc:
         return rpc_failed(exc)
     lists = f" on {', '.join(args.watchlist)}" if args.watchlist else ""

@@ -35,13 +35,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     claim.add_argument("--subject", help="claim: the subject id of an enrolled traveller")
     claim.add_argument("--portrait", type=Path, metavar="IMAGE", help="claim: the passport chip's portrait")
     claim.add_argument("--document", type=Path, metavar="IMAGE", help="claim: a photographed passport data page")
-    parser.add_argument("frames", nargs="+", metavar="FRAME_OR_VIDEO",
-                        help="camera frames: image files, folders of images, video files")  # fmt: skip
+    parser.add_argument(
+        "frames", nargs="+", metavar="FRAME_OR_VIDEO", help="camera frames: image files, folders of images, video files"
+    )
     parser.add_argument("--gate", default="gate-1", help="gate id (default: gate-1)")
     parser.add_argument("--fps", type=float, default=10.0, help="frames sent per second, as a camera (default 10)")
-    parser.add_argument("--stop-list", action="append", default=[],
-                        help="also search the face on this stop list (repeatable; added to the service's default "
-                        "stop lists, which it cannot narrow)")  # fmt: skip
+    parser.add_argument(
+        "--stop-list",
+        action="append",
+        default=[],
+        help="also search the face on this stop list (repeatable; added to the service's default "
+        "stop lists, which it cannot narrow)",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="longest wait for the outcome, seconds")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--capture", help="capture gRPC address (default: the local stack)")
@@ -75,8 +80,13 @@ class SessionRun:
         return (self.decided_at - self.sent_at[0]) * 1000 if self.sent_at and self.decided_at else 0.0
 
 
-def open_request(gate_id: str, subject: str | None = None, portrait: Path | None = None,
-                 document: Path | None = None, stop_lists: list[str] | None = None) -> Any:  # fmt: skip
+def open_request(
+    gate_id: str,
+    subject: str | None = None,
+    portrait: Path | None = None,
+    document: Path | None = None,
+    stop_lists: list[str] | None = None,
+) -> Any:
     from sightline.v1 import session_pb2
 
     request = session_pb2.OpenSessionRequest(gate_id=gate_id, stop_lists=stop_lists or [])
@@ -151,8 +161,7 @@ def run_session(stub: Any, request: Any, frames: Iterable[bytes], fps: float, ti
     return run
 
 
-def _send_frames(stub: Any, run: SessionRun, frames: Iterable[bytes], fps: float,
-                 decided: threading.Event) -> None:  # fmt: skip
+def _send_frames(stub: Any, run: SessionRun, frames: Iterable[bytes], fps: float, decided: threading.Event) -> None:
     """Send the frames at ``fps`` until the outcome is in (or the watch ends), then close the session if it is not."""
     from sightline.v1 import session_pb2
 
@@ -184,8 +193,9 @@ def _cancel(stub: Any, run: SessionRun, reason: str) -> None:
     if run.outcome is not None:
         return
     try:
-        stub.CancelSession(session_pb2.CancelSessionRequest(session_id=run.session_id, reason=reason),
-                           timeout=CANCEL_TIMEOUT_S)  # fmt: skip
+        stub.CancelSession(
+            session_pb2.CancelSessionRequest(session_id=run.session_id, reason=reason), timeout=CANCEL_TIMEOUT_S
+        )
     except grpc.RpcError:
         pass
 
@@ -225,12 +235,16 @@ def summary(run: SessionRun) -> dict[str, Any]:
 
 def print_summary(result: dict[str, Any], run: SessionRun) -> None:
     document = f", document {run.opened.document_number}" if run.opened.document_number else ""
-    print(f"{result['outcome']} after {result['elapsed_ms']:.0f} ms (session {run.session_id}, claim "
-          f"{run.opened.claim_subject_id}{document})")  # fmt: skip
+    print(
+        f"{result['outcome']} after {result['elapsed_ms']:.0f} ms (session {run.session_id}, claim "
+        f"{run.opened.claim_subject_id}{document})"
+    )
     for reason in result["reasons"]:
         print(f"  - {reason}")
-    print(f"  frames: {result['frames_sent']} sent, {result['frames_verified']} verified against the claim; best "
-          f"similarity {result['best_similarity']:.3f}, liveness score {result['liveness_score']:.2f}")  # fmt: skip
+    print(
+        f"  frames: {result['frames_sent']} sent, {result['frames_verified']} verified against the claim; best "
+        f"similarity {result['best_similarity']:.3f}, liveness score {result['liveness_score']:.2f}"
+    )
     if result["evidence_frame_ids"]:
         print(f"  evidence: {_frames(result['evidence_frame_ids'], run.session_id)}")
     print(f"  policy {result['policy_version'] or '-'}, model {result['model_version'] or '-'}")

@@ -25,9 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rotate.add_argument("--database-url", help="the gallery database (default: SIGHTLINE_MATCHING_DATABASE_URL)")
     rotate.add_argument("--new-key-file", type=Path, required=True, help="file holding the new key (base64, 32 bytes)")
     rotate.add_argument("--new-key-id", required=True, help="id stored with each template, e.g. k2 (never reuse one)")
-    rotate.add_argument("--old-keys-file", type=Path,
-                        help="file with the keys in use, 'id:BASE64,id:BASE64' (default: the matching settings' "
-                        "template key and previous keys)")  # fmt: skip
+    rotate.add_argument(
+        "--old-keys-file",
+        type=Path,
+        help="file with the keys in use, 'id:BASE64,id:BASE64' (default: the matching settings' "
+        "template key and previous keys)",
+    )
     rotate.add_argument("--no-progress", action="store_true", help="no progress bar")
     rotate.set_defaults(func=cmd_rotate)
 
@@ -61,8 +64,10 @@ def _configured_keys_and_url(args: argparse.Namespace) -> tuple[dict[str, bytes]
     try:
         settings = MatchingSettings()
     except ValidationError:
-        raise SystemExit("error: give --old-keys-file and --database-url, or set SIGHTLINE_MATCHING_TEMPLATE_KEY "
-                         "(and the other matching settings) as the matching service has them") from None
+        raise SystemExit(
+            "error: give --old-keys-file and --database-url, or set SIGHTLINE_MATCHING_TEMPLATE_KEY "
+            "(and the other matching settings) as the matching service has them"
+        ) from None
     if not keys:
         previous = settings.previous_template_keys.get_secret_value() if settings.previous_template_keys else ""
         keys = parse_key_list(previous)
@@ -85,8 +90,10 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         old_keys, url = _configured_keys_and_url(args)
         new_key = decode_key(_read(args.new_key_file, "new key file"), args.new_key_id)
         if old_keys.get(args.new_key_id, new_key) != new_key:
-            print(f"error: key id {args.new_key_id!r} is already in use with other key bytes; choose a new id",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"error: key id {args.new_key_id!r} is already in use with other key bytes; choose a new id",
+                file=sys.stderr,
+            )
             return 2
         new_cipher = TemplateCipher({args.new_key_id: new_key}, args.new_key_id)
         readers = TemplateCipher({**old_keys, args.new_key_id: new_key}, args.new_key_id)
@@ -107,8 +114,11 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         with GalleryStore.open(url, new_cipher) as check:  # the new key alone must now read everything
             readable = len(check.load_templates())
     except failures as exc:
-        print(f"error: after rotation, a template does not decrypt with {args.new_key_id!r} alone: {exc} (one written "
-              "meanwhile by a replica without the new key? rotate again)", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: after rotation, a template does not decrypt with {args.new_key_id!r} alone: {exc} (one written "
+            "meanwhile by a replica without the new key? rotate again)",
+            file=sys.stderr,
+        )
         return 1
     print(f"checked: all {readable} template(s) decrypt with {args.new_key_id!r} alone")
     return 0

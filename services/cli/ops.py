@@ -37,8 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _kube_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", "-n", help="namespace of the release (default: the context's namespace)")
     parser.add_argument("--release", help="Helm release name (default: the only Sightline release in the namespace)")
-    parser.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, "
-                                                        "else the pod's service account)")  # fmt: skip
+    parser.add_argument(
+        "--kubeconfig",
+        type=Path,
+        help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, else the pod's service account)",
+    )
     parser.add_argument("--context", help="kubeconfig context (default: the current one)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each system (default 10)")
 
@@ -122,13 +125,17 @@ def _row(service: str, report: Report) -> dict[str, Any]:
     state, lag = report.deployments.get(service), report.lags.get(service)
     read = lag if lag is not None and lag.error is None else None
     row: dict[str, Any] = {
-        "service": service, "deployment": state.name if state else None,
-        "desired": state.desired if state else None, "ready": state.ready if state else None,
-        "updated": state.updated if state else None, "input_topic": input_topic(service),
-        "partitions": read.partition_count if read else None, "lag": read.total if read else None,
+        "service": service,
+        "deployment": state.name if state else None,
+        "desired": state.desired if state else None,
+        "ready": state.ready if state else None,
+        "updated": state.updated if state else None,
+        "input_topic": input_topic(service),
+        "partitions": read.partition_count if read else None,
+        "lag": read.total if read else None,
         "lag_by_partition": {str(p.partition): p.lag for p in read.partitions} if read else None,
         "notes": [],
-    }  # fmt: skip
+    }
     _add_notes(row, report, state, lag)
     return row
 
@@ -147,17 +154,23 @@ def _add_notes(row: dict[str, Any], report: Report, state: Any, lag: Any) -> Non
 
 def _warnings(rows: list[dict[str, Any]]) -> list[str]:
     """Lag that nothing is working off: records are waiting and no replica of the consumer is ready."""
-    return [f"warning: {r['service']} has {r['lag']} record(s) waiting on {r['input_topic']} and no ready replica"
-            for r in rows if r["lag"] and r["ready"] == 0]  # fmt: skip
+    return [
+        f"warning: {r['service']} has {r['lag']} record(s) waiting on {r['input_topic']} and no ready replica"
+        for r in rows
+        if r["lag"] and r["ready"] == 0
+    ]
 
 
 def _json(report: Report, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {
-        "ok": report.ok, "namespace": report.namespace, "release": report.release,
+        "ok": report.ok,
+        "namespace": report.namespace,
+        "release": report.release,
         "kubernetes": {"server": report.kube_server, "error": report.kube_error},
         "kafka": {"bootstrap_servers": report.bootstrap, "error": report.kafka_error},
-        "services": rows, "warnings": _warnings(rows),
-    }  # fmt: skip
+        "services": rows,
+        "warnings": _warnings(rows),
+    }
 
 
 def _print_table(report: Report, rows: list[dict[str, Any]]) -> None:
@@ -185,9 +198,17 @@ def _cells(row: dict[str, Any], kube_unknown: bool, kafka_unknown: bool) -> tupl
     def show(value: Any, blank: str) -> str:
         return blank if value is None else str(value)
 
-    return (row["service"], show(row["deployment"], kube_blank), show(row["desired"], kube_blank),
-            show(row["ready"], kube_blank), show(row["updated"], kube_blank), row["input_topic"] or "-",
-            show(row["partitions"], kafka_blank), show(row["lag"], kafka_blank), "; ".join(row["notes"]))  # fmt: skip
+    return (
+        row["service"],
+        show(row["deployment"], kube_blank),
+        show(row["desired"], kube_blank),
+        show(row["ready"], kube_blank),
+        show(row["updated"], kube_blank),
+        row["input_topic"] or "-",
+        show(row["partitions"], kafka_blank),
+        show(row["lag"], kafka_blank),
+        "; ".join(row["notes"]),
+    )
 
 
 # --- scale ------------------------------------------------------------------------------------------------------
@@ -213,6 +234,8 @@ def cmd_scale(args: argparse.Namespace) -> int:
 def _refusal(state: Any, replicas: int) -> str | None:
     """Why the chart forbids this replica count, if it does."""
     if state.sqlite_database and replicas > 1:
-        return (f"{state.name} keeps its database in SQLite on a ReadWriteOnce volume (matching.database.mode=sqlite):"
-                " it runs exactly one replica. Move the databases to PostgreSQL to scale it out.")  # fmt: skip
+        return (
+            f"{state.name} keeps its database in SQLite on a ReadWriteOnce volume (matching.database.mode=sqlite):"
+            " it runs exactly one replica. Move the databases to PostgreSQL to scale it out."
+        )
     return None

@@ -57,8 +57,15 @@ class Outcomes:
         )
 
 
-def collect(settings: KafkaSettings, source_id: str, sequences: set[int], since_ms: int, timeout_s: float,
-            on_message: Callable[[Message], None] | None = None, grace_s: float = 1.0) -> Outcomes:  # fmt: skip
+def collect(
+    settings: KafkaSettings,
+    source_id: str,
+    sequences: set[int],
+    since_ms: int,
+    timeout_s: float,
+    on_message: Callable[[Message], None] | None = None,
+    grace_s: float = 1.0,
+) -> Outcomes:
     """Read the result topics until every frame in ``sequences`` is done, or the timeout passes."""
     outcomes = Outcomes(source_id)
     deadline = time.monotonic() + timeout_s

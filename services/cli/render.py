@@ -45,7 +45,8 @@ def one_line(message: Message) -> str:
     if isinstance(message, events_pb2.Alert):
         return _alert_line(message)
     if isinstance(message, events_pb2.DeadLetter):
-        return f"DEAD-LETTER stage={message.stage} reason={message.reason} frame={message.frame_id or '-'}: {message.error}"
+        frame = message.frame_id or "-"
+        return f"DEAD-LETTER stage={message.stage} reason={message.reason} frame={frame}: {message.error}"
     return to_json(message)
 
 
@@ -53,11 +54,15 @@ def _decision_line(d: events_pb2.Decision) -> str:
     outcome = events_pb2.Outcome.Name(d.outcome).removeprefix("OUTCOME_")
     who = f" subject={d.subject_id}" if d.subject_id else ""
     alert = f" alert={d.alert_id[:12]}" if d.alert_id else ""
-    return (f"{outcome:<11} source={d.frame.source_id} frame={d.frame.sequence} face={d.face_index}{who} "
-            f"similarity={d.similarity:.3f} distance={d.distance:.3f}{alert} | {'; '.join(d.reasons)}")  # fmt: skip
+    return (
+        f"{outcome:<11} source={d.frame.source_id} frame={d.frame.sequence} face={d.face_index}{who} "
+        f"similarity={d.similarity:.3f} distance={d.distance:.3f}{alert} | {'; '.join(d.reasons)}"
+    )
 
 
 def _alert_line(a: events_pb2.Alert) -> str:
     status = events_pb2.AlertStatus.Name(a.status).removeprefix("ALERT_STATUS_")
-    return (f"ALERT {status} subject={a.subject_id} watchlists={','.join(a.watchlists)} source={a.source_id} "
-            f"similarity={a.similarity:.3f} frames={len(a.evidence_frame_ids)} id={a.alert_id[:12]}")  # fmt: skip
+    return (
+        f"ALERT {status} subject={a.subject_id} watchlists={','.join(a.watchlists)} source={a.source_id} "
+        f"similarity={a.similarity:.3f} frames={len(a.evidence_frame_ids)} id={a.alert_id[:12]}"
+    )

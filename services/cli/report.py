@@ -90,6 +90,7 @@ def histogram_png(genuine: np.ndarray, impostor: np.ndarray, thresholds: list[fl
 
 # -- text and HTML ---------------------------------------------------------------------------------------------------
 
+
 def _rate(value: float | None) -> str:
     if value is None:
         return "n/a"
@@ -112,10 +113,13 @@ def headline(report: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [
         ("samples", f"{acq['samples']} images of {dataset['identities']} identities ({dataset['format']})"),
         ("failure to acquire", f"{_rate(acq['fta_rate'])} ({acq['failures']} of {acq['samples']})"),
-        ("pairs", f"{pairs['genuine']} genuine, {pairs['impostor']} impostor"
-                  + (f", {skipped} skipped (an image failed)" if pairs["listed"] else "")),
+        (
+            "pairs",
+            f"{pairs['genuine']} genuine, {pairs['impostor']} impostor"
+            + (f", {skipped} skipped (an image failed)" if pairs["listed"] else ""),
+        ),
         ("EER", _estimate(report["eer"])),
-    ]  # fmt: skip
+    ]
     rows += [(f"TAR at FAR {t['far']:g}", _estimate(t)) for t in report["tar_at_far"]]
     rank1 = report["rank1"]
     probes = f" over {rank1['count']} probes" if rank1["value"] is not None else ""
@@ -124,9 +128,16 @@ def headline(report: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _threshold_rows(report: dict[str, Any]) -> list[list[str]]:
-    return [[f"{t['distance']:.3f}", f"{t['similarity']:.3f}", _rate(t["fmr"]), _rate(t["fnmr"]),
-             _rate(t["calibrated_fmr"]) + (" (extrapolated)" if t["calibrated_fmr_extrapolated"] else "")]
-            for t in report["thresholds"]]  # fmt: skip
+    return [
+        [
+            f"{t['distance']:.3f}",
+            f"{t['similarity']:.3f}",
+            _rate(t["fmr"]),
+            _rate(t["fnmr"]),
+            _rate(t["calibrated_fmr"]) + (" (extrapolated)" if t["calibrated_fmr_extrapolated"] else ""),
+        ]
+        for t in report["thresholds"]
+    ]
 
 
 THRESHOLD_HEADER = ["distance", "similarity", "FMR", "FNMR", "FMR from calibration table"]
@@ -150,17 +161,25 @@ def _image(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-STYLE = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;color:#222}"
-         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}"
-         "img{max-width:100%}.note{color:#666}")  # fmt: skip
+STYLE = (
+    "body{font-family:sans-serif;max-width:60em;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}"
+    "img{max-width:100%}.note{color:#666}"
+)
 
 
 def html_report(report: dict[str, Any], out: Path) -> str:
     """One HTML file with everything inline: figures, tables, the per-file problems."""
     acq, dist = report["acquisition"], report["distances"]
-    summaries = [[kind] + [f"{dist[kind].get(k, 0):.3f}" if k != "count" else str(dist[kind].get(k, 0))
-                           for k in ("count", "mean", "std", "min", "median", "max")]
-                 for kind in ("genuine", "impostor") if dist[kind]["count"]]  # fmt: skip
+    summaries = [
+        [kind]
+        + [
+            f"{dist[kind].get(k, 0):.3f}" if k != "count" else str(dist[kind].get(k, 0))
+            for k in ("count", "mean", "std", "min", "median", "max")
+        ]
+        for kind in ("genuine", "impostor")
+        if dist[kind]["count"]
+    ]
     problems = [[f["message"]] for f in acq["failed_files"]] + [[n] for n in acq["notes"]]
     parts = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Sightline accuracy report</title>"
@@ -171,8 +190,10 @@ def html_report(report: dict[str, Any], out: Path) -> str:
         "<h2>Error rates at thresholds</h2><p class='note'>A pair at or under the distance is a match. The last "
         "column is the FMR the shipped calibration table predicts, for comparison with the measured one.</p>",
         _table(THRESHOLD_HEADER, _threshold_rows(report)),
-        "<h2>DET curve</h2>", _image(out / "det.png", "DET curve"),
-        "<h2>Score distributions</h2>", _image(out / "histogram.png", "histogram of distances"),
+        "<h2>DET curve</h2>",
+        _image(out / "det.png", "DET curve"),
+        "<h2>Score distributions</h2>",
+        _image(out / "histogram.png", "histogram of distances"),
         _table(["pairs", "count", "mean", "std", "min", "median", "max"], summaries),
         f"<p class='note'>{html.escape(report['estimation_rule'])}</p>",
         "<h2>Files that could not be used as expected</h2>",

@@ -30,15 +30,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show = actions.add_parser("show", help="one alert with its reviews")
     show.add_argument("alert_id", help="the alert id or a unique prefix (6+ characters)")
     show.set_defaults(func=cmd_show)
-    for name, helptext in (("confirm", "confirm an alert (a second, different reviewer makes it CONFIRMED)"),
-                           ("reject", "reject an alert")):  # fmt: skip
+    for name, helptext in (
+        ("confirm", "confirm an alert (a second, different reviewer makes it CONFIRMED)"),
+        ("reject", "reject an alert"),
+    ):
         command = actions.add_parser(name, help=helptext)
         command.add_argument("alert_id", help="the alert id or a unique prefix (6+ characters)")
         command.add_argument("--as", dest="reviewer", help=argparse.SUPPRESS)  # gone: the token names the reviewer
         command.add_argument("--comment", default="", help="why")
         if name == "reject":
-            command.add_argument("--not-this-person", action="store_true",
-                                 help="the face is not this subject: suppresses further alerts of it on this source")
+            command.add_argument(
+                "--not-this-person",
+                action="store_true",
+                help="the face is not this subject: suppresses further alerts of it on this source",
+            )
         command.set_defaults(func=cmd_review, review_action=name)
     feedback = actions.add_parser("feedback", help='"not this person" rejections: false alerts per subject and source')
     feedback.add_argument("--days", type=float, default=0, help="only the last N days (default: all that is kept)")
@@ -63,15 +68,19 @@ def describe(reviewed: Any) -> str:
     from sightline.cli import render
     from sightline.v1 import review_pb2
 
-    lines = [render.one_line(reviewed.alert),
-             f"  confirmations {reviewed.confirmations}/{reviewed.confirmations_required}  full id {reviewed.alert.alert_id}"]  # fmt: skip
+    lines = [
+        render.one_line(reviewed.alert),
+        f"  confirmations {reviewed.confirmations}/{reviewed.confirmations_required}"
+        f"  full id {reviewed.alert.alert_id}",
+    ]
     for r in reviewed.reviews:
         action = review_pb2.ReviewAction.Name(r.action).removeprefix("REVIEW_ACTION_")
         extra = " not-this-person" if r.not_this_person else ""
         comment = f": {r.comment}" if r.comment else ""
-        lines.append(f"  {r.at.ToDatetime().isoformat(timespec='seconds')}Z {action:<7} by {r.reviewer}{extra}{comment}")
+        lines.append(
+            f"  {r.at.ToDatetime().isoformat(timespec='seconds')}Z {action:<7} by {r.reviewer}{extra}{comment}"
+        )
     return "\n".join(lines)
-
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -86,8 +95,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         while True:
             reply = _stub(args).ListAlerts(request, timeout=30)
             for reviewed in reply.alerts:
-                print(f"{describe(reviewed).splitlines()[0]}  confirmations {reviewed.confirmations}"
-                      f"/{reviewed.confirmations_required}")  # fmt: skip
+                print(
+                    f"{describe(reviewed).splitlines()[0]}  confirmations {reviewed.confirmations}"
+                    f"/{reviewed.confirmations_required}"
+                )
                 shown += 1
                 if args.max and shown >= args.max:
                     return 0
@@ -116,12 +127,19 @@ def cmd_review(args: argparse.Namespace) -> int:
     from sightline.v1 import review_pb2
 
     if args.reviewer:
-        print("error: --as is gone: the reviewer is the principal of your token (--token or $SIGHTLINE_TOKEN); "
-              "see docs/security.md", file=sys.stderr)  # fmt: skip
+        print(
+            "error: --as is gone: the reviewer is the principal of your token (--token or $SIGHTLINE_TOKEN); "
+            "see docs/security.md",
+            file=sys.stderr,
+        )
         return 2
     action = review_pb2.REVIEW_ACTION_CONFIRM if args.review_action == "confirm" else review_pb2.REVIEW_ACTION_REJECT
-    request = review_pb2.ReviewAlertRequest(alert_id=args.alert_id, action=action, comment=args.comment,
-                                            not_this_person=getattr(args, "not_this_person", False))  # fmt: skip
+    request = review_pb2.ReviewAlertRequest(
+        alert_id=args.alert_id,
+        action=action,
+        comment=args.comment,
+        not_this_person=getattr(args, "not_this_person", False),
+    )
     try:
         reviewed = _stub(args).ReviewAlert(request, timeout=30)
     except grpc.RpcError as exc:
@@ -154,9 +172,14 @@ def cmd_feedback(args: argparse.Namespace) -> int:
         print(f"{count.subject_id:<24} {count.source_id:<24} {count.rejections}")
     print()
     for item in reply.feedback:
-        until = item.suppresses_until.ToDatetime(UTC).isoformat(timespec="seconds") if item.HasField(
-            "suppresses_until") else "for good"  # fmt: skip
+        until = (
+            item.suppresses_until.ToDatetime(UTC).isoformat(timespec="seconds")
+            if item.HasField("suppresses_until")
+            else "for good"
+        )
         track = f" track {item.track_id}" if item.track_id else ""
-        print(f"{item.at.ToDatetime(UTC).isoformat(timespec='seconds')} {item.reviewer}: {item.subject_id} on "
-              f"{item.source_id}{track} (alert {item.alert_id[:12]}; suppressed until {until}) {item.comment}")
+        print(
+            f"{item.at.ToDatetime(UTC).isoformat(timespec='seconds')} {item.reviewer}: {item.subject_id} on "
+            f"{item.source_id}{track} (alert {item.alert_id[:12]}; suppressed until {until}) {item.comment}"
+        )
     return 0

@@ -27,9 +27,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=cmd_run)
 
 
-def ingest(source: str, *, fps: float = 0.0, source_id: str = "", watchlists: list[str] | None = None,
-           claim: str = "", max_frames: int = 0, no_pacing: bool = False, address: str | None = None,
-           progress: bool = True, token: str | None = None):  # type: ignore[no-untyped-def]  # fmt: skip
+def ingest(
+    source: str,
+    *,
+    fps: float = 0.0,
+    source_id: str = "",
+    watchlists: list[str] | None = None,
+    claim: str = "",
+    max_frames: int = 0,
+    no_pacing: bool = False,
+    address: str | None = None,
+    progress: bool = True,
+    token: str | None = None,
+):  # type: ignore[no-untyped-def]
     """Run the Ingest RPC to the end; returns the final IngestResponse."""
     from tqdm import tqdm
 
@@ -37,9 +47,16 @@ def ingest(source: str, *, fps: float = 0.0, source_id: str = "", watchlists: li
     from sightline.v1 import capture_pb2, capture_pb2_grpc, types_pb2
 
     purpose = types_pb2.PURPOSE_ECHANNEL if claim else types_pb2.PURPOSE_CCTV
-    request = capture_pb2.IngestRequest(source_uri=source, source_id=source_id, fps=fps, purpose=purpose,
-                                        claim_subject_id=claim, watchlists=watchlists or [], max_frames=max_frames,
-                                        no_pacing=no_pacing)  # fmt: skip
+    request = capture_pb2.IngestRequest(
+        source_uri=source,
+        source_id=source_id,
+        fps=fps,
+        purpose=purpose,
+        claim_subject_id=claim,
+        watchlists=watchlists or [],
+        max_frames=max_frames,
+        no_pacing=no_pacing,
+    )
     stub = capture_pb2_grpc.CaptureServiceStub(connect("capture", address, token))
     last = None
     # disable=None: tqdm hides itself when stderr is not a terminal (logs, CI), instead of printing every refresh.
@@ -58,12 +75,22 @@ def source_argument(source: str) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
-        final = ingest(source_argument(args.source), fps=args.fps, source_id=args.source_id,
-                       watchlists=args.watchlist, claim=args.claim, max_frames=args.max_frames,
-                       no_pacing=args.no_pacing, address=args.capture, token=args.token)  # fmt: skip
+        final = ingest(
+            source_argument(args.source),
+            fps=args.fps,
+            source_id=args.source_id,
+            watchlists=args.watchlist,
+            claim=args.claim,
+            max_frames=args.max_frames,
+            no_pacing=args.no_pacing,
+            address=args.capture,
+            token=args.token,
+        )
     except grpc.RpcError as exc:
         return rpc_failed(exc)
     # Dropped: CCTV frames not published while the pipeline lagged (backpressure, docs/cctv.md).
-    print(f"{final.source_id}: {final.frames_published} frame(s) published, {final.frames_dropped} dropped, "
-          f"{final.frames_failed} failed (last frame {final.last_frame_id or '-'})")  # fmt: skip
+    print(
+        f"{final.source_id}: {final.frames_published} frame(s) published, {final.frames_dropped} dropped, "
+        f"{final.frames_failed} failed (last frame {final.last_frame_id or '-'})"
+    )
     return 0 if final.frames_published else 1

@@ -32,22 +32,16 @@ def register(subparsers: Any) -> None:
         "all are healthy. Logs go to <run dir>/logs/. In the foreground, Ctrl-C stops everything.",
     )
     _run_dir_option(up)
+    up.add_argument("--detach", "-d", action="store_true", help="return once healthy, leave the stack running")
+    up.add_argument("--policy", type=Path, metavar="FILE", help="decision policy file for the decision service")
+    up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for all services (default 120)")
+    up.add_argument("--exit-on-crash", action="store_true", help="stop everything and exit 1 if a service dies")
     up.add_argument(
-        "--detach", "-d", action="store_true", help="return once healthy, leave the stack running"
-    )
-    up.add_argument(
-        "--policy", type=Path, metavar="FILE", help="decision policy file for the decision service"
-    )
-    up.add_argument(
-        "--timeout", type=float, default=120.0, help="seconds to wait for all services (default 120)"
-    )
-    up.add_argument(
-        "--exit-on-crash", action="store_true", help="stop everything and exit 1 if a service dies"
-    )
-    up.add_argument(
-        "--ports", choices=("default", "auto"), default="default",
+        "--ports",
+        choices=("default", "auto"),
+        default="default",
         help="default: the documented ports; auto: free ports (to run beside another stack)",
-    )  # fmt: skip
+    )
     up.set_defaults(func=cmd_up)
 
     status = subparsers.add_parser(
@@ -59,9 +53,7 @@ def register(subparsers: Any) -> None:
 
     down = subparsers.add_parser("down", help="stop the local stack (detached or foreground)")
     _run_dir_option(down)
-    down.add_argument(
-        "--timeout", type=float, default=15.0, help="seconds each service gets before it is killed"
-    )
+    down.add_argument("--timeout", type=float, default=15.0, help="seconds each service gets before it is killed")
     down.set_defaults(func=cmd_down)
 
 
@@ -178,19 +170,13 @@ def _print_status(current: StackStatus) -> None:
     print(f"  {'NAME':<10} {'PID':>7}  {'ALIVE':<5}  {'HEALTH':<12} {'ADDRESS':<16} METRICS")
     broker = current.broker
     health = "REACHABLE" if broker.reachable else "UNREACHABLE"
-    print(
-        f"  {'broker':<10} {broker.pid:>7}  {_yes(broker.alive):<5}  {health:<12} {broker.bootstrap_servers:<16} -"
-    )
+    print(f"  {'broker':<10} {broker.pid:>7}  {_yes(broker.alive):<5}  {health:<12} {broker.bootstrap_servers:<16} -")
     for name, svc in current.services.items():
         metrics = f":{svc.metrics_port}" if svc.metrics_port else "-"
-        print(
-            f"  {name:<10} {svc.pid:>7}  {_yes(svc.alive):<5}  {svc.health:<12} {svc.address:<16} {metrics}"
-        )
+        print(f"  {name:<10} {svc.pid:>7}  {_yes(svc.alive):<5}  {svc.health:<12} {svc.address:<16} {metrics}")
     print(f"logs: {Path(current.run_dir) / 'logs'}")
     if not current.healthy:
-        print(
-            "not all services are SERVING: see their logs, or restart with `sightline down && sightline up`"
-        )
+        print("not all services are SERVING: see their logs, or restart with `sightline down && sightline up`")
 
 
 def _yes(flag: bool) -> str:

@@ -16,7 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     ensure = actions.add_parser("ensure", help="create missing topics (partitions, retention); exit 1 on failure")
     ensure.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the local stack or SIGHTLINE_KAFKA_*)")
-    ensure.add_argument("--from-file", type=Path, help="YAML list of {name, partitions, retention_ms} overriding the defaults")
+    ensure.add_argument(
+        "--from-file", type=Path, help="YAML list of {name, partitions, retention_ms} overriding the defaults"
+    )
     ensure.set_defaults(func=cmd_ensure)
     listing = actions.add_parser("list", help="the topics Sightline uses, with data class and retention")
     listing.set_defaults(func=cmd_list)
@@ -62,6 +64,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     for spec in topic_specs():
         hours = spec.retention_ms / 3_600_000
-        print(f"{spec.name:<28} {spec.event:<14} {spec.data_class.value:<14} retention {hours:g} h  "
-              f"{spec.producer} -> {', '.join(spec.consumers) or 'integrators'}")  # fmt: skip
+        print(
+            f"{spec.name:<28} {spec.event:<14} {spec.data_class.value:<14} retention {hours:g} h  "
+            f"{spec.producer} -> {', '.join(spec.consumers) or 'integrators'}"
+        )
     return 0

@@ -59,17 +59,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _add_settings(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--purpose", required=required, help="why the list exists (audited, shown to reviewers)")
     parser.add_argument("--owner", help="who answers for the list (default on create: you, the token's principal)")
-    parser.add_argument("--target-fmr", type=float, metavar="FMR",
-                        help="the list's own threshold as a target false match rate, e.g. 1e-4 (0: none)")
-    parser.add_argument("--default-days", type=int, metavar="N",
-                        help="memberships added without an expiry end after N days (0: never)")  # fmt: skip
+    parser.add_argument(
+        "--target-fmr",
+        type=float,
+        metavar="FMR",
+        help="the list's own threshold as a target false match rate, e.g. 1e-4 (0: none)",
+    )
+    parser.add_argument(
+        "--default-days", type=int, metavar="N", help="memberships added without an expiry end after N days (0: never)"
+    )
 
 
 def add_expiry_arguments(parser: argparse.ArgumentParser) -> None:
     """``--expires DATE`` or ``--days N``: when the memberships a command adds end."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--expires", type=parse_time, metavar="WHEN",
-                       help="the membership ends then: 2027-01-01 (start of the day, UTC) or an ISO date-time")
+    group.add_argument(
+        "--expires",
+        type=parse_time,
+        metavar="WHEN",
+        help="the membership ends then: 2027-01-01 (start of the day, UTC) or an ISO date-time",
+    )
     group.add_argument("--days", type=int, metavar="N", help="the membership ends N days from now")
 
 
@@ -101,7 +110,6 @@ def watchlist_stub(address: str | None = None, token: str | None = None) -> Any:
     return gallery_pb2_grpc.WatchlistServiceStub(connect("matching", address, token))
 
 
-
 def _when(timestamp: Any, unset: str = "never") -> str:
     if not timestamp.seconds and not timestamp.nanos:
         return unset
@@ -110,25 +118,35 @@ def _when(timestamp: Any, unset: str = "never") -> str:
 
 def describe(watchlist: Any) -> str:
     """One line per field of a watchlist."""
-    threshold = (f"target FMR {watchlist.target_fmr:g} (distance {watchlist.threshold_distance:.3f})"
-                 if watchlist.target_fmr else "the decision policy's")  # fmt: skip
+    threshold = (
+        f"target FMR {watchlist.target_fmr:g} (distance {watchlist.threshold_distance:.3f})"
+        if watchlist.target_fmr
+        else "the decision policy's"
+    )
     days = f"{watchlist.default_membership_days} days" if watchlist.default_membership_days else "none (no expiry)"
-    return "\n".join([
-        f"watchlist  {watchlist.name}",
-        f"purpose    {watchlist.purpose or '(none yet: set one with `sightline watchlists update`)'}",
-        f"owner      {watchlist.owner or '-'}",
-        f"threshold  {threshold}",
-        f"default membership  {days}",
-        f"members    {watchlist.member_count} current",
-        f"created    {_when(watchlist.created_at)}",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"watchlist  {watchlist.name}",
+            f"purpose    {watchlist.purpose or '(none yet: set one with `sightline watchlists update`)'}",
+            f"owner      {watchlist.owner or '-'}",
+            f"threshold  {threshold}",
+            f"default membership  {days}",
+            f"members    {watchlist.member_count} current",
+            f"created    {_when(watchlist.created_at)}",
+        ]
+    )
 
 
 def cmd_create(args: argparse.Namespace) -> int:
     from sightline.v1 import gallery_pb2
 
-    watchlist = gallery_pb2.Watchlist(name=args.name, purpose=args.purpose, owner=args.owner or "",
-                                      target_fmr=args.target_fmr or 0.0, default_membership_days=args.default_days or 0)
+    watchlist = gallery_pb2.Watchlist(
+        name=args.name,
+        purpose=args.purpose,
+        owner=args.owner or "",
+        target_fmr=args.target_fmr or 0.0,
+        default_membership_days=args.default_days or 0,
+    )
     try:
         created = _stub(args).CreateWatchlist(gallery_pb2.CreateWatchlistRequest(watchlist=watchlist), timeout=30)
     except grpc.RpcError as exc:
@@ -148,8 +166,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     for w in reply.watchlists:
         fmr = f"{w.target_fmr:.0e}" if w.target_fmr else "-"
         days = str(w.default_membership_days) if w.default_membership_days else "-"
-        print(f"{w.name:<24} {w.member_count:>7} {fmr:>10} {days:>5}  {w.owner or '-':<20} "
-              f"{w.purpose or '(NO PURPOSE: set one)'}")  # fmt: skip
+        print(
+            f"{w.name:<24} {w.member_count:>7} {fmr:>10} {days:>5}  {w.owner or '-':<20} "
+            f"{w.purpose or '(NO PURPOSE: set one)'}"
+        )
     return 0
 
 
@@ -170,8 +190,12 @@ def cmd_update(args: argparse.Namespace) -> int:
     stub = _stub(args)
     try:
         watchlist = stub.GetWatchlist(gallery_pb2.GetWatchlistRequest(name=args.name), timeout=30)
-        for field, value in (("purpose", args.purpose), ("owner", args.owner), ("target_fmr", args.target_fmr),
-                             ("default_membership_days", args.default_days)):  # fmt: skip
+        for field, value in (
+            ("purpose", args.purpose),
+            ("owner", args.owner),
+            ("target_fmr", args.target_fmr),
+            ("default_membership_days", args.default_days),
+        ):
             if value is not None:
                 setattr(watchlist, field, value)
         updated = stub.UpdateWatchlist(watchlist, timeout=30)
@@ -229,15 +253,18 @@ def cmd_members(args: argparse.Namespace) -> int:
     page = ""
     print(f"{'SUBJECT':<32} {'ADDED':<25} {'EXPIRES':<25} STATE")
     while True:
-        request = gallery_pb2.ListMembersRequest(watchlist=args.name, include_expired=args.expired, page_size=500,
-                                                 page_token=page)  # fmt: skip
+        request = gallery_pb2.ListMembersRequest(
+            watchlist=args.name, include_expired=args.expired, page_size=500, page_token=page
+        )
         try:
             reply = _stub(args).ListMembers(request, timeout=30)
         except grpc.RpcError as exc:
             return rpc_failed(exc)
         for m in reply.memberships:
-            print(f"{m.subject_id:<32} {_when(m.added_at):<25} {_when(m.expires_at):<25} "
-                  f"{'expired' if m.expired else 'current'}")  # fmt: skip
+            print(
+                f"{m.subject_id:<32} {_when(m.added_at):<25} {_when(m.expires_at):<25} "
+                f"{'expired' if m.expired else 'current'}"
+            )
         page = reply.next_page_token
         if not page:
             return 0

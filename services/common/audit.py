@@ -94,10 +94,12 @@ class AuditSettings(SightlineSettings):
     )
 
     legacy_until: int = Field(
-        0, ge=0, description="Records up to this sequence may carry no MAC: those written before record "
+        0,
+        ge=0,
+        description="Records up to this sequence may carry no MAC: those written before record "
         "authentication, on a chain upgraded in place (services log the number at the upgrade). 0: every record "
         "must carry one. Later records always must, so the first of them vouches for those before it.",
-    )  # fmt: skip
+    )
 
     @property
     def configured(self) -> bool:
@@ -136,17 +138,31 @@ class AuditRecord:
     mac: str = ""
 
     def canonical(self) -> bytes:
-        return canonical_bytes(self.sequence, self.at, self.principal, self.action, self.subject_id, self.purpose,
-                               self.result, self.details)  # fmt: skip
+        return canonical_bytes(
+            self.sequence,
+            self.at,
+            self.principal,
+            self.action,
+            self.subject_id,
+            self.purpose,
+            self.result,
+            self.details,
+        )
 
     def to_proto(self) -> Any:
         from sightline.v1 import audit_pb2
 
         record = audit_pb2.AuditRecord(
-            sequence=self.sequence, principal=self.principal, subject_id=self.subject_id, purpose=self.purpose,
-            result=self.result, details=self.details, prev_hash=self.prev_hash, hash=self.hash,
+            sequence=self.sequence,
+            principal=self.principal,
+            subject_id=self.subject_id,
+            purpose=self.purpose,
+            result=self.result,
+            details=self.details,
+            prev_hash=self.prev_hash,
+            hash=self.hash,
             action=_proto_action(self.action),
-        )  # fmt: skip
+        )
         record.at.FromDatetime(self.at)
         return record
 
@@ -181,13 +197,27 @@ def parse_time(text: str) -> datetime:
     return datetime.strptime(text, TIME_FORMAT).replace(tzinfo=UTC)
 
 
-def canonical_bytes(sequence: int, at: datetime, principal: str, action: str, subject_id: str, purpose: str,
-                    result: str, details: Mapping[str, str]) -> bytes:  # fmt: skip
+def canonical_bytes(
+    sequence: int,
+    at: datetime,
+    principal: str,
+    action: str,
+    subject_id: str,
+    purpose: str,
+    result: str,
+    details: Mapping[str, str],
+) -> bytes:
     """The bytes a record's hash covers: compact JSON with sorted keys, UTF-8. Changing this breaks every chain."""
     document = {
-        "sequence": sequence, "at": format_time(at), "principal": principal, "action": action,
-        "subject_id": subject_id, "purpose": purpose, "result": result, "details": dict(details),
-    }  # fmt: skip
+        "sequence": sequence,
+        "at": format_time(at),
+        "principal": principal,
+        "action": action,
+        "subject_id": subject_id,
+        "purpose": purpose,
+        "result": result,
+        "details": dict(details),
+    }
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
@@ -220,8 +250,9 @@ def clean_details(details: Mapping[str, Any] | None) -> dict[str, str]:
 
 def _check_field(name: str, value: str, required: bool = False) -> str:
     if not isinstance(value, str) or len(value) > MAX_FIELD_CHARS or (required and not value):
-        raise ValueError(f"audit {name} must be a{' non-empty' if required else ''} string of at most "
-                         f"{MAX_FIELD_CHARS} characters")  # fmt: skip
+        raise ValueError(
+            f"audit {name} must be a{' non-empty' if required else ''} string of at most {MAX_FIELD_CHARS} characters"
+        )
     return value
 
 
@@ -297,9 +328,14 @@ class AuditLog(BackendStore):
     closed_error = AuditError
     what = "audit log"
 
-    def __init__(self, backend: Backend, keyring: AuditKeyring | None,
-                 publish: Callable[[AuditRecord], None] | None = None,
-                 checkpoints: AuditCheckpointSettings | None = None, legacy_until: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        backend: Backend,
+        keyring: AuditKeyring | None,
+        publish: Callable[[AuditRecord], None] | None = None,
+        checkpoints: AuditCheckpointSettings | None = None,
+        legacy_until: int = 0,
+    ) -> None:
         super().__init__(backend)
         self._keyring, self._publish, self.legacy_until = keyring, publish, legacy_until
         self._chain: str | None = None
@@ -309,13 +345,20 @@ class AuditLog(BackendStore):
         # As an object: mypy cannot narrow a Callable to a protocol and would skip the branch as unreachable.
         sink: object = publish
         if keyring is not None and isinstance(sink, CheckpointSink):
-            self._checkpointer = Checkpointer(keyring, sink, self._chain_for_checkpoint,
-                                              checkpoints or AuditCheckpointSettings())  # fmt: skip
+            self._checkpointer = Checkpointer(
+                keyring, sink, self._chain_for_checkpoint, checkpoints or AuditCheckpointSettings()
+            )
 
     @classmethod
-    def open(cls, url: str, publish: Callable[[AuditRecord], None] | None = None, create: bool = True,
-             keyring: AuditKeyring | None = None, checkpoints: AuditCheckpointSettings | None = None,
-             legacy_until: int = 0) -> AuditLog:  # fmt: skip
+    def open(
+        cls,
+        url: str,
+        publish: Callable[[AuditRecord], None] | None = None,
+        create: bool = True,
+        keyring: AuditKeyring | None = None,
+        checkpoints: AuditCheckpointSettings | None = None,
+        legacy_until: int = 0,
+    ) -> AuditLog:
         """The audit log at ``url``, creating or upgrading its tables; with ``create=False`` they must exist.
 
         ``keyring`` defaults to the configured one (``AuditKeyring.configured``). With ``create`` (a writer) it is
@@ -339,16 +382,18 @@ class AuditLog(BackendStore):
         return audit
 
     @classmethod
-    def open_configured(cls, publish: Callable[[AuditRecord], None] | None = None,
-                        settings: AuditSettings | None = None) -> AuditLog:  # fmt: skip
+    def open_configured(
+        cls, publish: Callable[[AuditRecord], None] | None = None, settings: AuditSettings | None = None
+    ) -> AuditLog:
         """The system's one audit log, where ``SIGHTLINE_AUDIT_DATABASE_URL`` says (``AuditSettings``), with the
         configured keyring (``AuditKeySettings``) and checkpoint schedule (``AuditCheckpointSettings``)."""
         settings = settings or AuditSettings()
         return cls.open(settings.database_url.get_secret_value(), publish, legacy_until=settings.legacy_until)
 
     @classmethod
-    def open_if_configured(cls, publish: Callable[[AuditRecord], None] | None = None,
-                           settings: AuditSettings | None = None) -> AuditLog | None:  # fmt: skip
+    def open_if_configured(
+        cls, publish: Callable[[AuditRecord], None] | None = None, settings: AuditSettings | None = None
+    ) -> AuditLog | None:
         """The system's audit log when ``SIGHTLINE_AUDIT_DATABASE_URL`` is set; None when it is not, so that a service
         without a trail of its own (capture, detection, embedding) never starts a private chain nobody reads."""
         settings = settings or AuditSettings()
@@ -359,12 +404,23 @@ class AuditLog(BackendStore):
         """Where the log is, password redacted."""
         return self._backend.description
 
-    def append(self, principal: str, action: Action | str, subject_id: str = "", purpose: str = "",
-               result: str = "ok", details: Mapping[str, Any] | None = None) -> AuditRecord:  # fmt: skip
+    def append(
+        self,
+        principal: str,
+        action: Action | str,
+        subject_id: str = "",
+        purpose: str = "",
+        result: str = "ok",
+        details: Mapping[str, Any] | None = None,
+    ) -> AuditRecord:
         """Append one record (its sequence and hash are assigned here) and hand it to the publisher."""
         action = Action(action)  # an unknown action is a programming error: ValueError
-        fields = (_check_field("principal", principal, required=True), _check_field("subject id", subject_id),
-                  _check_field("purpose", purpose), _check_field("result", result))  # fmt: skip
+        fields = (
+            _check_field("principal", principal, required=True),
+            _check_field("subject id", subject_id),
+            _check_field("purpose", purpose),
+            _check_field("result", result),
+        )
         cleaned = clean_details(details)
         if LEGACY_DETAIL in cleaned:
             raise ValueError(f"audit detail {LEGACY_DETAIL!r} is reserved: the log records the legacy boundary itself")
@@ -376,12 +432,18 @@ class AuditLog(BackendStore):
         if self._publish is not None:
             try:
                 self._publish(record)
-            except Exception:  # noqa: BLE001 - the database is the reference; the topic copy is best effort
+            except Exception:
                 log.warning("could not publish audit record", exc_info=True, extra={"sequence": record.sequence})
         return record
 
-    def records(self, after: int = 0, limit: int = 100, action: str | None = None, principal: str | None = None,
-                subject_id: str | None = None) -> list[AuditRecord]:  # fmt: skip
+    def records(
+        self,
+        after: int = 0,
+        limit: int = 100,
+        action: str | None = None,
+        principal: str | None = None,
+        subject_id: str | None = None,
+    ) -> list[AuditRecord]:
         """Records with a sequence greater than ``after``, in order, at most ``limit``, optionally filtered."""
         conditions = ["sequence > ?"]
         params: list[object] = [int(after)]  # the sequence, then the filter values (text)
@@ -391,8 +453,7 @@ class AuditLog(BackendStore):
                 params.append(value)
         with self._tx(write=False) as cur:
             rows = cur.execute(
-                f"SELECT {self._columns} FROM audit_records WHERE {' AND '.join(conditions)} ORDER BY sequence "
-                "LIMIT ?",
+                f"SELECT {self._columns} FROM audit_records WHERE {' AND '.join(conditions)} ORDER BY sequence LIMIT ?",
                 [*params, max(1, min(int(limit), 10_000))],
             ).fetchall()
         return [_record(row) for row in rows]
@@ -445,12 +506,19 @@ class AuditLog(BackendStore):
                 return report(False, broken, problem + (self._legacy_hint() if check.unsigned_first else ""))
             checked, expected, prev_hash = checked + 1, expected + 1, row[9]
         if beyond is not None and beyond > self.head()[0]:
-            return report(False, beyond, f"record {beyond} lies beyond the chain head: a record was added without "
-                          "going through the chain")  # fmt: skip
+            return report(
+                False,
+                beyond,
+                f"record {beyond} lies beyond the chain head: a record was added without going through the chain",
+            )
         if (checked, prev_hash) != (head_sequence, head_hash):
-            return report(False, checked + 1, f"the chain head names record {head_sequence} ({head_hash[:12]}), but "
-                          f"the records end at {checked} ({prev_hash[:12]}): records were removed from the end, or "
-                          "the head was changed")  # fmt: skip
+            return report(
+                False,
+                checked + 1,
+                f"the chain head names record {head_sequence} ({head_hash[:12]}), but "
+                f"the records end at {checked} ({prev_hash[:12]}): records were removed from the end, or "
+                "the head was changed",
+            )
         return report(True, None, f"{checked} record(s), chain intact{check.summary()}")
 
     def legacy_records(self) -> tuple[int, int]:
@@ -465,8 +533,16 @@ class AuditLog(BackendStore):
 
     # -- internals -----------------------------------------------------------------------------------------------
 
-    def _append(self, cur: Cursor, action: str, principal: str, subject_id: str, purpose: str, result: str,
-                details: dict[str, str]) -> AuditRecord:  # fmt: skip
+    def _append(
+        self,
+        cur: Cursor,
+        action: str,
+        principal: str,
+        subject_id: str,
+        purpose: str,
+        result: str,
+        details: dict[str, str],
+    ) -> AuditRecord:
         # The head row, locked: appends from every thread, process and replica take their turn here.
         sequence, prev_hash = cur.execute(
             "SELECT sequence, hash FROM audit_chain_head WHERE id = 1" + self._backend.dialect.for_update
@@ -478,13 +554,37 @@ class AuditLog(BackendStore):
         keyring = self._require_keyring()
         digest, key_id = chain_hash(prev_hash, canonical), keyring.active_key_id
         mac = keyring.mac(key_id, mac_bytes(key_id, prev_hash, canonical))
-        record = AuditRecord(sequence, parse_time(format_time(at)), principal, action, subject_id, purpose, result,
-                             details, prev_hash, digest, key_id, mac)  # fmt: skip
+        record = AuditRecord(
+            sequence,
+            parse_time(format_time(at)),
+            principal,
+            action,
+            subject_id,
+            purpose,
+            result,
+            details,
+            prev_hash,
+            digest,
+            key_id,
+            mac,
+        )
         cur.execute(
             f"INSERT INTO audit_records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (sequence, format_time(at), principal, action, subject_id, purpose, result, _details_json(details),
-             prev_hash, digest, key_id, mac),
-        )  # fmt: skip
+            (
+                sequence,
+                format_time(at),
+                principal,
+                action,
+                subject_id,
+                purpose,
+                result,
+                _details_json(details),
+                prev_hash,
+                digest,
+                key_id,
+                mac,
+            ),
+        )
         cur.execute("UPDATE audit_chain_head SET sequence = ?, hash = ? WHERE id = 1", (sequence, digest))
         return record
 
@@ -494,8 +594,10 @@ class AuditLog(BackendStore):
         while True:
             with self._tx(write=False) as cur:
                 where = "" if after is None else " WHERE sequence > ?"
-                rows = cur.execute(f"SELECT {self._columns} FROM audit_records{where} ORDER BY sequence LIMIT ?",
-                                   ([] if after is None else [after]) + [batch]).fetchall()  # fmt: skip
+                rows = cur.execute(
+                    f"SELECT {self._columns} FROM audit_records{where} ORDER BY sequence LIMIT ?",
+                    ([] if after is None else [after]) + [batch],
+                ).fetchall()
             yield from rows
             if len(rows) < batch:
                 return
@@ -503,8 +605,10 @@ class AuditLog(BackendStore):
 
     def _require_keyring(self) -> AuditKeyring:
         if self._keyring is None:
-            raise AuditKeyError("no audit keyring: set SIGHTLINE_AUDIT_KEYS_FILE (or SIGHTLINE_AUDIT_KEYS) to the "
-                                "keyring the services sign with")  # fmt: skip
+            raise AuditKeyError(
+                "no audit keyring: set SIGHTLINE_AUDIT_KEYS_FILE (or SIGHTLINE_AUDIT_KEYS) to the "
+                "keyring the services sign with"
+            )
         return self._keyring
 
     def _chain_for_checkpoint(self) -> str:
@@ -517,19 +621,25 @@ class AuditLog(BackendStore):
         (a forger who strips every MAC and rewrites the chain must not be told which flag makes it pass)."""
         count, last = self.legacy_records()
         if self._columns != _COLUMNS:
-            return (f" (this log is older than record authentication: none of its {count} record(s) carries a MAC; "
-                    "the first writer to open it upgrades it, logs its legacy boundary and records it in the first "
-                    "authenticated record)")  # fmt: skip
+            return (
+                f" (this log is older than record authentication: none of its {count} record(s) carries a MAC; "
+                "the first writer to open it upgrades it, logs its legacy boundary and records it in the first "
+                "authenticated record)"
+            )
         recorded = self.recorded_legacy_boundary()
         if recorded is not None:
             boundary, at = recorded
-            return (f" ({count} record(s) without MAC in this log; the upgrade recorded legacy_until={boundary} in "
-                    f"record {at}: verify with --legacy-until {boundary} / SIGHTLINE_AUDIT_LEGACY_UNTIL={boundary}, "
-                    "never a higher one)")  # fmt: skip
-        return (f" ({count} record(s) without MAC in this log, the last at {last}, and no authenticated record "
-                "records a legacy boundary: give --legacy-until only the number logged when this log was upgraded to "
-                "record authentication, never a higher one; records without MAC beyond it had their MACs stripped or "
-                "were written without the audit key)")  # fmt: skip
+            return (
+                f" ({count} record(s) without MAC in this log; the upgrade recorded legacy_until={boundary} in "
+                f"record {at}: verify with --legacy-until {boundary} / SIGHTLINE_AUDIT_LEGACY_UNTIL={boundary}, "
+                "never a higher one)"
+            )
+        return (
+            f" ({count} record(s) without MAC in this log, the last at {last}, and no authenticated record "
+            "records a legacy boundary: give --legacy-until only the number logged when this log was upgraded to "
+            "record authentication, never a higher one; records without MAC beyond it had their MACs stripped or "
+            "were written without the audit key)"
+        )
 
     def recorded_legacy_boundary(self) -> tuple[int, int] | None:
         """(legacy_until, the record holding it) as the first authenticated record recorded it when a writer upgraded
@@ -537,8 +647,9 @@ class AuditLog(BackendStore):
         if self._keyring is None or self._columns != _COLUMNS:
             return None
         with self._tx(write=False) as cur:
-            row = cur.execute(f"SELECT {_COLUMNS} FROM audit_records WHERE mac <> '' ORDER BY sequence "
-                              "LIMIT 1").fetchone()  # fmt: skip
+            row = cur.execute(
+                f"SELECT {_COLUMNS} FROM audit_records WHERE mac <> '' ORDER BY sequence LIMIT 1"
+            ).fetchone()
         if row is None:
             return None
         try:
@@ -555,8 +666,10 @@ class AuditLog(BackendStore):
             raise AuditError(f"no audit log at {self.description}: {error}") from None
         if not self._has_mac_columns():
             self._columns = _LEGACY_COLUMNS  # read it as it is: an auditor never upgrades a log (or a backup)
-            log.warning("the audit log %s is older than record authentication: none of its records carries a MAC",
-                        self.description)  # fmt: skip
+            log.warning(
+                "the audit log %s is older than record authentication: none of its records carries a MAC",
+                self.description,
+            )
 
     def _has_mac_columns(self) -> bool:
         try:
@@ -582,21 +695,32 @@ class AuditLog(BackendStore):
             (signed,) = cur.execute("SELECT COUNT(*) FROM audit_records WHERE key_id <> '' OR mac <> ''").fetchone()
         if first_upgrade or (not int(signed) and sequence <= self.legacy_until):
             self._legacy_boundary = sequence
-            log.warning("the audit log %s is upgraded to record authentication: its records 1..%d carry no MAC "
-                        "(written before it); the next record appended records legacy_until=%d. Note this number and "
-                        "verify with SIGHTLINE_AUDIT_LEGACY_UNTIL=%d (--legacy-until)", self.description, sequence,
-                        sequence, sequence, extra={"sequence": sequence})  # fmt: skip
+            log.warning(
+                "the audit log %s is upgraded to record authentication: its records 1..%d carry no MAC "
+                "(written before it); the next record appended records legacy_until=%d. Note this number and "
+                "verify with SIGHTLINE_AUDIT_LEGACY_UNTIL=%d (--legacy-until)",
+                self.description,
+                sequence,
+                sequence,
+                sequence,
+                extra={"sequence": sequence},
+            )
             return
-        why = ("records before it do" if int(signed) else
-               f"the log was upgraded to record authentication before and SIGHTLINE_AUDIT_LEGACY_UNTIL "
-               f"({self.legacy_until}) does not cover it")  # fmt: skip
+        why = (
+            "records before it do"
+            if int(signed)
+            else f"the log was upgraded to record authentication before and SIGHTLINE_AUDIT_LEGACY_UNTIL "
+            f"({self.legacy_until}) does not cover it"
+        )
         recorded = self.recorded_legacy_boundary()
         note = f"; the upgrade recorded legacy_until={recorded[0]} in record {recorded[1]}" if recorded else ""
-        raise AuditError(f"refusing to append to the audit log {self.description}: its newest record ({sequence}) "
-                         f"carries no MAC, and {why}{note}. Its MACs were stripped (and the chain rewritten), or "
-                         "records were written without the audit key: check it with 'sightline audit verify "
-                         "--against-topic' and restore it from a backup. Set SIGHTLINE_AUDIT_LEGACY_UNTIL only to the "
-                         "number logged when this log was upgraded, never a higher one")  # fmt: skip
+        raise AuditError(
+            f"refusing to append to the audit log {self.description}: its newest record ({sequence}) "
+            f"carries no MAC, and {why}{note}. Its MACs were stripped (and the chain rewritten), or "
+            "records were written without the audit key: check it with 'sightline audit verify "
+            "--against-topic' and restore it from a backup. Set SIGHTLINE_AUDIT_LEGACY_UNTIL only to the "
+            "number logged when this log was upgraded, never a higher one"
+        )
 
 
 def _keyring_if_configured(url: str) -> AuditKeyring | None:
@@ -613,14 +737,27 @@ def _details_json(details: Mapping[str, str]) -> str:
 
 def _record(row: tuple[Any, ...]) -> AuditRecord:
     sequence, at, principal, action, subject_id, purpose, result, details, prev_hash, digest, key_id, mac = row
-    return AuditRecord(int(sequence), parse_time(at), principal, action, subject_id, purpose, result,
-                       json.loads(details), prev_hash, digest, key_id, mac)  # fmt: skip
+    return AuditRecord(
+        int(sequence),
+        parse_time(at),
+        principal,
+        action,
+        subject_id,
+        purpose,
+        result,
+        json.loads(details),
+        prev_hash,
+        digest,
+        key_id,
+        mac,
+    )
 
 
 def _row_canonical(row: tuple[Any, ...]) -> bytes:
     sequence, at, principal, action, subject_id, purpose, result, details = row[:8]
-    return canonical_bytes(int(sequence), parse_time(at), principal, action, subject_id, purpose, result,
-                           json.loads(details))  # fmt: skip
+    return canonical_bytes(
+        int(sequence), parse_time(at), principal, action, subject_id, purpose, result, json.loads(details)
+    )
 
 
 def _check_row(row: tuple[Any, ...], expected: int, prev_hash: str) -> tuple[int, str] | None:
@@ -662,8 +799,10 @@ class _MacCheck:
             return sequence, f"record {sequence} cannot be authenticated: {error}"
         except (UnicodeEncodeError, ValueError, TypeError) as error:
             return sequence, f"record {sequence} cannot be read: {error}"
-        return sequence, (f"record {sequence} does not match its MAC (key id {key_id!r}): it was changed, or forged "
-                          "by someone without the audit key")  # fmt: skip
+        return sequence, (
+            f"record {sequence} does not match its MAC (key id {key_id!r}): it was changed, or forged "
+            "by someone without the audit key"
+        )
 
     def _recorded_boundary(self, sequence: int, details: str) -> str:
         """The first authenticated record of an upgraded chain records how many legacy records precede it: they must
@@ -677,32 +816,44 @@ class _MacCheck:
         except ValueError:
             return f"record {sequence} records an unreadable legacy boundary"
         if recorded != sequence - 1:
-            return (f"record {sequence} records {recorded} legacy record(s) before it, but follows {sequence - 1} "
-                    "records without MAC")  # fmt: skip
+            return (
+                f"record {sequence} records {recorded} legacy record(s) before it, but follows {sequence - 1} "
+                "records without MAC"
+            )
         if self._legacy_until > recorded:
-            return (f"the legacy_until given ({self._legacy_until}) is higher than the boundary the upgrade recorded "
-                    f"in record {sequence} ({recorded}): verify with --legacy-until {recorded} / "
-                    f"SIGHTLINE_AUDIT_LEGACY_UNTIL={recorded}")  # fmt: skip
+            return (
+                f"the legacy_until given ({self._legacy_until}) is higher than the boundary the upgrade recorded "
+                f"in record {sequence} ({recorded}): verify with --legacy-until {recorded} / "
+                f"SIGHTLINE_AUDIT_LEGACY_UNTIL={recorded}"
+            )
         return ""
 
     def _unsigned(self, sequence: int) -> tuple[int, str]:
         if self.vouched:  # legacy records only ever come first: this one lost its MAC after the upgrade
-            return sequence, (f"record {sequence} carries no MAC, but records before it do: its MAC was stripped, "
-                              "or it was written without the audit key")  # fmt: skip
+            return sequence, (
+                f"record {sequence} carries no MAC, but records before it do: its MAC was stripped, "
+                "or it was written without the audit key"
+            )
         if sequence > self._legacy_until:
             self.unsigned_first = True  # a legacy log, or legacy_until too low: say how many records lack a MAC
-            return sequence, (f"record {sequence} carries no MAC: it was written before record authentication, or "
-                              "without the audit key, or its MAC was stripped")  # fmt: skip
+            return sequence, (
+                f"record {sequence} carries no MAC: it was written before record authentication, or "
+                "without the audit key, or its MAC was stripped"
+            )
         self.legacy += 1  # written before record authentication; a later record's MAC covers its hash
         return 0, ""
 
     def summary(self) -> str:
         if not self.legacy:
             return ", every record authenticated"
-        covered = ("vouched for by the MAC of the record after them" if self.vouched else
-                   "NOT vouched for by any MAC yet: no authenticated record follows them")  # fmt: skip
-        return (f"; {self.legacy} legacy record(s) without MAC (1..{self.legacy}, before record authentication), "
-                f"{covered}")
+        covered = (
+            "vouched for by the MAC of the record after them"
+            if self.vouched
+            else "NOT vouched for by any MAC yet: no authenticated record follows them"
+        )
+        return (
+            f"; {self.legacy} legacy record(s) without MAC (1..{self.legacy}, before record authentication), {covered}"
+        )
 
 
 # -- principals, publishing, gRPC ---------------------------------------------------------------------------------
@@ -785,8 +936,9 @@ class TopicAuditSink:
     def checkpoint(self, checkpoint: Checkpoint, wait: bool) -> None:
         from sightline.common.topics import AUDIT
 
-        self._publisher.send(AUDIT.name, CHECKPOINT_TOPIC_KEY, checkpoint.to_json(), wait=wait,
-                             headers=[(EVENT_HEADER, EVENT_NAME)])  # fmt: skip
+        self._publisher.send(
+            AUDIT.name, CHECKPOINT_TOPIC_KEY, checkpoint.to_json(), wait=wait, headers=[(EVENT_HEADER, EVENT_NAME)]
+        )
 
 
 def audit_topic_publisher(publisher: TopicPublisher) -> TopicAuditSink:
@@ -800,26 +952,30 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     def __init__(self, audit: AuditLog) -> None:
         self._audit = audit
 
-    def ListAuditRecords(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802 - gRPC method name
+    def ListAuditRecords(self, request: Any, context: grpc.ServicerContext) -> Any:
         from sightline.v1 import audit_pb2
 
         action = ""
         if request.action:
             action = audit_pb2.AuditAction.Name(request.action).removeprefix("AUDIT_ACTION_")
         limit = min(request.page_size or 100, 1000)
-        records = self._audit.records(request.after_sequence, limit, action or None, request.principal or None,
-                                      request.subject_id or None)  # fmt: skip
+        records = self._audit.records(
+            request.after_sequence, limit, action or None, request.principal or None, request.subject_id or None
+        )
         reply = audit_pb2.ListAuditRecordsResponse(records=[r.to_proto() for r in records])
         if len(records) == limit:
             reply.next_after_sequence = records[-1].sequence
         return reply
 
-    def VerifyChain(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802 - gRPC method name
+    def VerifyChain(self, request: Any, context: grpc.ServicerContext) -> Any:
         from sightline.v1 import audit_pb2
 
         report = self._audit.verify()
         return audit_pb2.VerifyChainResponse(
-            intact=report.intact, records_checked=report.records_checked,
-            first_broken_sequence=report.first_broken_sequence or 0, reason=report.reason,
-            head_sequence=report.head_sequence, head_hash=report.head_hash,
-        )  # fmt: skip
+            intact=report.intact,
+            records_checked=report.records_checked,
+            first_broken_sequence=report.first_broken_sequence or 0,
+            reason=report.reason,
+            head_sequence=report.head_sequence,
+            head_hash=report.head_hash,
+        )

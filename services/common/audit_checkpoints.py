@@ -53,9 +53,11 @@ class AuditCheckpointSettings(SightlineSettings):
 
     checkpoint_every: int = Field(100, ge=1, description="Publish a signed checkpoint after this many records.")
     checkpoint_interval_s: float = Field(
-        60.0, gt=0, description="...or this many seconds after the first record not yet checkpointed, whichever "
+        60.0,
+        gt=0,
+        description="...or this many seconds after the first record not yet checkpointed, whichever "
         "comes first; and always when the log closes. Records after the last checkpoint can be cut off unnoticed.",
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,13 @@ class Checkpoint:
     mac: str
 
     def signed_bytes(self) -> bytes:
-        document = {"chain": self.chain, "sequence": self.sequence, "head_hash": self.head_hash, "at": self.at,
-                    "key_id": self.key_id}  # fmt: skip
+        document = {
+            "chain": self.chain,
+            "sequence": self.sequence,
+            "head_hash": self.head_hash,
+            "at": self.at,
+            "key_id": self.key_id,
+        }
         return _DOMAIN + json.dumps(document, sort_keys=True, separators=(",", ":")).encode("ascii")
 
     def to_json(self) -> bytes:
@@ -81,8 +88,14 @@ class Checkpoint:
     def from_json(cls, value: bytes) -> Checkpoint:
         """Raises ValueError (or TypeError) for anything but a well-formed checkpoint."""
         document = json.loads(value)
-        checkpoint = cls(str(document["chain"]), int(document["sequence"]), str(document["head_hash"]),
-                         str(document["at"]), str(document["key_id"]), str(document["mac"]))  # fmt: skip
+        checkpoint = cls(
+            str(document["chain"]),
+            int(document["sequence"]),
+            str(document["head_hash"]),
+            str(document["at"]),
+            str(document["key_id"]),
+            str(document["mac"]),
+        )
         datetime.strptime(checkpoint.at, TIME_FORMAT)
         return checkpoint
 
@@ -90,8 +103,9 @@ class Checkpoint:
 def sign_checkpoint(keyring: AuditKeyring, chain: str, sequence: int, head_hash: str) -> Checkpoint:
     at = datetime.now(UTC).strftime(TIME_FORMAT)
     unsigned = Checkpoint(chain, sequence, head_hash, at, keyring.active_key_id, "")
-    return Checkpoint(chain, sequence, head_hash, at, unsigned.key_id,
-                      keyring.mac(unsigned.key_id, unsigned.signed_bytes()))  # fmt: skip
+    return Checkpoint(
+        chain, sequence, head_hash, at, unsigned.key_id, keyring.mac(unsigned.key_id, unsigned.signed_bytes())
+    )
 
 
 @runtime_checkable
@@ -110,9 +124,15 @@ class Checkpointer:
     ``Backoff``, so a broker outage delays the checkpoint of the newest records but never loses it while the process
     lives. ``close`` sends what is left, retrying for at most ``close_timeout_s``, and logs an error if it gives up."""
 
-    def __init__(self, keyring: AuditKeyring, sink: CheckpointSink, chain_of: Callable[[], str],
-                 settings: AuditCheckpointSettings, backoff: Backoff | None = None,
-                 close_timeout_s: float = 5.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        keyring: AuditKeyring,
+        sink: CheckpointSink,
+        chain_of: Callable[[], str],
+        settings: AuditCheckpointSettings,
+        backoff: Backoff | None = None,
+        close_timeout_s: float = 5.0,
+    ) -> None:
         self._keyring, self._sink, self._chain_of = keyring, sink, chain_of
         self._every, self._interval_s = settings.checkpoint_every, settings.checkpoint_interval_s
         self._backoff = backoff or Backoff(initial_s=0.1, max_s=min(10.0, self._interval_s))
@@ -163,10 +183,14 @@ class Checkpointer:
             attempt += 1
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                log.error("gave up publishing the audit checkpoint of record %d after %d failed attempt(s) on close: "
-                          "records after the last published checkpoint can be cut off the database unnoticed until "
-                          "a later writer checkpoints the chain", sequence, attempt,
-                          extra={"sequence": sequence})  # fmt: skip
+                log.error(
+                    "gave up publishing the audit checkpoint of record %d after %d failed attempt(s) on close: "
+                    "records after the last published checkpoint can be cut off the database unnoticed until "
+                    "a later writer checkpoints the chain",
+                    sequence,
+                    attempt,
+                    extra={"sequence": sequence},
+                )
                 return
             time.sleep(min(remaining, self._backoff.delay(attempt)))
 
@@ -207,22 +231,30 @@ class Checkpointer:
                 head = self._due.pop(0)
             try:
                 self._sink.checkpoint(sign_checkpoint(self._keyring, self._chain_of(), *head), True)
-            except Exception:  # noqa: BLE001 - retried; the database is unaffected
+            except Exception:
                 with self._lock:
                     self._due = [max([head, *self._due])]
                     self._failures += 1
                     failures = self._failures
                 if failures == 1:
-                    log.warning("could not publish the audit checkpoint of record %d: retrying", head[0],
-                                exc_info=True, extra={"sequence": head[0]})  # fmt: skip
+                    log.warning(
+                        "could not publish the audit checkpoint of record %d: retrying",
+                        head[0],
+                        exc_info=True,
+                        extra={"sequence": head[0]},
+                    )
                 else:
                     log.debug("audit checkpoint retry %d failed", failures, exc_info=True)
                 return False
             with self._lock:
                 failures, self._failures = self._failures, 0
             if failures:
-                log.info("published the audit checkpoint of record %d after %d failed attempt(s)", head[0], failures,
-                         extra={"sequence": head[0]})  # fmt: skip
+                log.info(
+                    "published the audit checkpoint of record %d after %d failed attempt(s)",
+                    head[0],
+                    failures,
+                    extra={"sequence": head[0]},
+                )
             return True
 
 
@@ -260,21 +292,30 @@ def read_checkpoints(kafka: KafkaSettings, idle_timeout_s: float = 2.0) -> tuple
     return found, malformed
 
 
-def check_against(audit: AuditLog, keyring: AuditKeyring, checkpoints: list[Checkpoint],
-                  malformed: int = 0) -> CheckpointReport:  # fmt: skip
+def check_against(
+    audit: AuditLog, keyring: AuditKeyring, checkpoints: list[Checkpoint], malformed: int = 0
+) -> CheckpointReport:
     """Check the database against the checkpoints. Read the checkpoints first: each was published after its record
     was committed, so a live log's newer records never make a checkpoint look ahead of the database."""
     chain = audit.chain_id()
     if chain is None:
         if checkpoints:
-            return _broken(0, None, f"the database holds no record, but the topic holds {len(checkpoints)} "
-                           "checkpoint(s): the chain was emptied, or this is not the database they are of")  # fmt: skip
+            return _broken(
+                0,
+                None,
+                f"the database holds no record, but the topic holds {len(checkpoints)} "
+                "checkpoint(s): the chain was emptied, or this is not the database they are of",
+            )
         return CheckpointReport(True, 0, None, "no records and no checkpoints")
     mine = sorted((c for c in checkpoints if c.chain == chain), key=lambda c: c.sequence)
     if not mine:
-        return _broken(0, 1, f"no checkpoint of this chain (first record {chain[:12]}) on the topic "
-                       f"({len(checkpoints)} of other chains): its first record was rewritten, or no writer has "
-                       "published one yet")  # fmt: skip
+        return _broken(
+            0,
+            1,
+            f"no checkpoint of this chain (first record {chain[:12]}) on the topic "
+            f"({len(checkpoints)} of other chains): its first record was rewritten, or no writer has "
+            "published one yet",
+        )
     head_sequence = audit.head()[0]
     for checked, checkpoint in enumerate(mine):
         problem = _check_one(audit, keyring, checkpoint, head_sequence)
@@ -283,29 +324,41 @@ def check_against(audit: AuditLog, keyring: AuditKeyring, checkpoints: list[Chec
     last = mine[-1]
     note = f"; {malformed} unreadable checkpoint message(s) ignored" if malformed else ""
     if head_sequence > last.sequence:  # a live log, or records the next checkpoint will cover: say so, not "all"
-        note += (f"; records {last.sequence + 1}..{head_sequence} are newer than the latest checkpoint (only the "
-                 "next one covers them)")  # fmt: skip
-    return CheckpointReport(True, len(mine), None, f"{len(mine)} checkpoint(s) match, the latest at record "
-                            f"{last.sequence} ({last.at}){note}")  # fmt: skip
+        note += (
+            f"; records {last.sequence + 1}..{head_sequence} are newer than the latest checkpoint (only the "
+            "next one covers them)"
+        )
+    return CheckpointReport(
+        True,
+        len(mine),
+        None,
+        f"{len(mine)} checkpoint(s) match, the latest at record {last.sequence} ({last.at}){note}",
+    )
 
 
 def _check_one(audit: AuditLog, keyring: AuditKeyring, checkpoint: Checkpoint, head_sequence: int) -> str:
     """Why this checkpoint does not match the database; "" when it does."""
     try:
         if not keyring.matches(checkpoint.key_id, checkpoint.signed_bytes(), checkpoint.mac):
-            return (f"the checkpoint of record {checkpoint.sequence} ({checkpoint.at}) does not match its MAC: it was "
-                    "forged or altered on the topic")  # fmt: skip
+            return (
+                f"the checkpoint of record {checkpoint.sequence} ({checkpoint.at}) does not match its MAC: it was "
+                "forged or altered on the topic"
+            )
     except AuditKeyError as exc:
         return f"the checkpoint of record {checkpoint.sequence} cannot be verified: {exc}"
     if checkpoint.sequence > head_sequence:
-        return (f"a checkpoint at {checkpoint.at} names record {checkpoint.sequence}, but the database ends at record "
-                f"{head_sequence}: records {head_sequence + 1}..{checkpoint.sequence} were removed from the end")
+        return (
+            f"a checkpoint at {checkpoint.at} names record {checkpoint.sequence}, but the database ends at record "
+            f"{head_sequence}: records {head_sequence + 1}..{checkpoint.sequence} were removed from the end"
+        )
     found = audit.records(after=checkpoint.sequence - 1, limit=1)
     if not found or found[0].sequence != checkpoint.sequence:
         return f"record {checkpoint.sequence}, checkpointed at {checkpoint.at}, is missing from the database"
     if found[0].hash != checkpoint.head_hash:
-        return (f"record {checkpoint.sequence} differs from its checkpoint of {checkpoint.at}: it, or a record "
-                "before it, was rewritten")  # fmt: skip
+        return (
+            f"record {checkpoint.sequence} differs from its checkpoint of {checkpoint.at}: it, or a record "
+            "before it, was rewritten"
+        )
     return ""
 
 

@@ -44,8 +44,10 @@ from sightline.common.sqlstore import StoreError
 log = logging.getLogger(__name__)
 
 LOCAL_KEYS_FILE = "audit.keys"  # a local run's keyring, next to its SQLite audit log
-_HOW = ("give every service and auditor the same keyring in SIGHTLINE_AUDIT_KEYS or SIGHTLINE_AUDIT_KEYS_FILE, from a "
-        "secret ('sightline audit new-key' prints an entry)")  # fmt: skip
+_HOW = (
+    "give every service and auditor the same keyring in SIGHTLINE_AUDIT_KEYS or SIGHTLINE_AUDIT_KEYS_FILE, from a "
+    "secret ('sightline audit new-key' prints an entry)"
+)
 
 
 class AuditKeyError(StoreError):
@@ -59,23 +61,27 @@ class AuditKeySettings(SightlineSettings):
     model_config = SettingsConfigDict(env_prefix="SIGHTLINE_AUDIT_", extra="ignore")
 
     keys: SecretStr | None = Field(
-        None, description="The audit keyring: 'id:BASE64' entries (32-byte keys), separated by commas or newlines. "
+        None,
+        description="The audit keyring: 'id:BASE64' entries (32-byte keys), separated by commas or newlines. "
         "Keep it in a secret; the audit database never holds it. Give every service and auditor the same keyring.",
-    )  # fmt: skip
+    )
     keys_file: Path | None = Field(
-        None, description="A file holding the keyring, one 'id:BASE64' a line (instead of SIGHTLINE_AUDIT_KEYS). "
+        None,
+        description="A file holding the keyring, one 'id:BASE64' a line (instead of SIGHTLINE_AUDIT_KEYS). "
         "Neither set: a PostgreSQL audit log refuses to open; a SQLite one uses audit.keys in its own folder, "
         "created with one random key on first use (local runs only, see require_keys).",
-    )  # fmt: skip
+    )
     key_id: str | None = Field(
-        None, description="The active key id, which new records and checkpoints are signed with (default: the "
+        None,
+        description="The active key id, which new records and checkpoints are signed with (default: the "
         "keyring's last entry). Rotate by adding a key and naming it here; keep old keys to verify old records.",
-    )  # fmt: skip
+    )
     require_keys: bool = Field(
-        False, description="Refuse to start without SIGHTLINE_AUDIT_KEYS or SIGHTLINE_AUDIT_KEYS_FILE even when the "
+        False,
+        description="Refuse to start without SIGHTLINE_AUDIT_KEYS or SIGHTLINE_AUDIT_KEYS_FILE even when the "
         "audit log is SQLite (the Helm chart sets it). A PostgreSQL audit log always refuses; a SQLite one otherwise "
         "gets a local keyring, audit.keys in the database's folder (local runs only).",
-    )  # fmt: skip
+    )
 
 
 class AuditKeyring:
@@ -98,8 +104,9 @@ class AuditKeyring:
         return cls(parse_entries(text), active_key_id)
 
     @classmethod
-    def configured(cls, database_url: str, settings: AuditKeySettings | None = None,
-                   create: bool = True) -> AuditKeyring:  # fmt: skip
+    def configured(
+        cls, database_url: str, settings: AuditKeySettings | None = None, create: bool = True
+    ) -> AuditKeyring:
         """The keyring for the audit log at ``database_url``: the configured one, else the local one of a SQLite log
         (made when ``create``, i.e. for a writer); AuditKeyError when there is none to use."""
         settings = settings or AuditKeySettings()
@@ -125,8 +132,11 @@ class AuditKeyring:
         if create:
             ensure_keys_file(path, database_url)
         keyring = cls.from_file(path, settings.key_id)
-        log.info("audit records are signed with the local keyring %s (local runs only: set SIGHTLINE_AUDIT_KEYS in "
-                 "production)", path)  # fmt: skip
+        log.info(
+            "audit records are signed with the local keyring %s (local runs only: set SIGHTLINE_AUDIT_KEYS in "
+            "production)",
+            path,
+        )
         return keyring
 
     @classmethod
@@ -134,8 +144,10 @@ class AuditKeyring:
         try:
             text = path.read_text()
         except OSError as exc:
-            raise AuditKeyError(f"cannot read the audit keyring {path}: {exc.strerror} (set SIGHTLINE_AUDIT_KEYS_FILE "
-                                "or SIGHTLINE_AUDIT_KEYS)") from None  # fmt: skip
+            raise AuditKeyError(
+                f"cannot read the audit keyring {path}: {exc.strerror} (set SIGHTLINE_AUDIT_KEYS_FILE "
+                "or SIGHTLINE_AUDIT_KEYS)"
+            ) from None
         try:
             return cls.parse(text, active_key_id)
         except AuditKeyError as exc:
@@ -153,8 +165,10 @@ class AuditKeyring:
         """Hex HMAC-SHA256 of ``message`` under ``key_id``; AuditKeyError when the keyring lacks that id."""
         key = self._keys.get(key_id)
         if key is None:
-            raise AuditKeyError(f"audit key id {key_id!r} is not in the keyring (key ids: {', '.join(self._keys)}); "
-                                "add that key to SIGHTLINE_AUDIT_KEYS(_FILE) to verify what it signed")  # fmt: skip
+            raise AuditKeyError(
+                f"audit key id {key_id!r} is not in the keyring (key ids: {', '.join(self._keys)}); "
+                "add that key to SIGHTLINE_AUDIT_KEYS(_FILE) to verify what it signed"
+            )
         return hmac.new(key, message, hashlib.sha256).hexdigest()
 
     def matches(self, key_id: str, message: bytes, mac: str) -> bool:
@@ -183,7 +197,7 @@ def local_keys_path(database_url: str) -> Path | None:
     prefix = "sqlite:///"
     if not database_url.startswith(prefix) or database_url == prefix + ":memory:":
         return None
-    return Path(database_url[len(prefix):]).expanduser().parent / LOCAL_KEYS_FILE
+    return Path(database_url[len(prefix) :]).expanduser().parent / LOCAL_KEYS_FILE
 
 
 def ensure_keys_file(path: Path, database_url: str = "") -> Path:
@@ -197,14 +211,19 @@ def ensure_keys_file(path: Path, database_url: str = "") -> Path:
     draft = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as file:
-        file.write("# Sightline audit keys (id:BASE64, one a line; the last is active unless SIGHTLINE_AUDIT_KEY_ID "
-                   "says otherwise). Back it up: without it the audit chain cannot be verified.\n")  # fmt: skip
+        file.write(
+            "# Sightline audit keys (id:BASE64, one a line; the last is active unless SIGHTLINE_AUDIT_KEY_ID "
+            "says otherwise). Back it up: without it the audit chain cannot be verified.\n"
+        )
         file.write(new_entry() + "\n")
     try:
         os.link(draft, path)  # appears complete or not at all: a concurrent starter never reads half a file
-        log.warning("created a local audit keyring in %s for the audit log %s: for local runs only (in production "
-                    "set SIGHTLINE_AUDIT_KEYS from a secret); back it up with the log", path,
-                    database_url or "next to it")  # fmt: skip
+        log.warning(
+            "created a local audit keyring in %s for the audit log %s: for local runs only (in production "
+            "set SIGHTLINE_AUDIT_KEYS from a secret); back it up with the log",
+            path,
+            database_url or "next to it",
+        )
     except FileExistsError:
         pass  # another process made it first: use theirs
     finally:

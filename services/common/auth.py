@@ -39,8 +39,14 @@ from pydantic_settings import SettingsConfigDict
 
 from sightline.common.config import SightlineSettings
 from sightline.v1 import (
-    audit_pb2, capture_pb2, detection_pb2, embedding_pb2, gallery_pb2, review_pb2, session_pb2,
-)  # fmt: skip
+    audit_pb2,
+    capture_pb2,
+    detection_pb2,
+    embedding_pb2,
+    gallery_pb2,
+    review_pb2,
+    session_pb2,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,26 +84,42 @@ def _service(messages: Any, name: str) -> str:
 
 _TABLE: dict[str, dict[str, frozenset[Role]]] = {
     _service(gallery_pb2, "GalleryService"): {
-        "Enroll": _ENROL, "DeleteSubject": _ENROL, "EraseSubject": _ENROL,
-        "ListSubjects": _GALLERY_READ, "GetSubject": _GALLERY_READ, "Verify": _GALLERY_READ, "Search": _GALLERY_READ,
+        "Enroll": _ENROL,
+        "DeleteSubject": _ENROL,
+        "EraseSubject": _ENROL,
+        "ListSubjects": _GALLERY_READ,
+        "GetSubject": _GALLERY_READ,
+        "Verify": _GALLERY_READ,
+        "Search": _GALLERY_READ,
     },
     _service(gallery_pb2, "WatchlistService"): {
-        "CreateWatchlist": _ENROL, "UpdateWatchlist": _ENROL, "DeleteWatchlist": _ENROL, "AddMembers": _ENROL,
+        "CreateWatchlist": _ENROL,
+        "UpdateWatchlist": _ENROL,
+        "DeleteWatchlist": _ENROL,
+        "AddMembers": _ENROL,
         "RemoveMembers": _ENROL,
-        "GetWatchlist": _GALLERY_READ, "ListWatchlists": _GALLERY_READ, "ListMembers": _GALLERY_READ,
+        "GetWatchlist": _GALLERY_READ,
+        "ListWatchlists": _GALLERY_READ,
+        "ListMembers": _GALLERY_READ,
     },
     _service(review_pb2, "ReviewService"): {
-        "ListAlerts": _ALERT_READ, "GetAlert": _ALERT_READ, "ReviewAlert": _REVIEW, "ListFeedback": _ALERT_READ,
+        "ListAlerts": _ALERT_READ,
+        "GetAlert": _ALERT_READ,
+        "ReviewAlert": _REVIEW,
+        "ListFeedback": _ALERT_READ,
     },
     _service(audit_pb2, "AuditService"): {"ListAuditRecords": _AUDIT, "VerifyChain": _AUDIT},
     _service(capture_pb2, "CaptureService"): {"Ingest": _OPERATE},
     _service(session_pb2, "KioskService"): {
-        "OpenSession": _OPERATE, "SendFrame": _OPERATE, "CloseSession": _OPERATE, "CancelSession": _OPERATE,
+        "OpenSession": _OPERATE,
+        "SendFrame": _OPERATE,
+        "CloseSession": _OPERATE,
+        "CancelSession": _OPERATE,
         "WatchSession": _OPERATE,
     },
     _service(detection_pb2, "DetectionService"): {"Detect": _OPERATE},
     _service(embedding_pb2, "EmbeddingService"): {"Embed": _OPERATE},
-}  # fmt: skip
+}
 
 METHOD_ROLES: Mapping[str, frozenset[Role]] = {
     f"/{service}/{method}": roles for service, methods in _TABLE.items() for method, roles in methods.items()
@@ -115,7 +137,11 @@ def service_principal(service: str) -> str:
     return f"service:{service}"
 
 
-OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
+OPEN_SERVICES = (
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
 
 
 def is_open(method: str) -> bool:
@@ -203,8 +229,10 @@ def _principal(entry: Any, where: str) -> Principal:
         raise TokensFileError(f"{where}: expected a mapping with principal, roles and token_sha256")
     unknown = set(entry) - {"principal", "roles", "token_sha256", "client_cert_cn"}
     if unknown:
-        raise TokensFileError(f"{where}: unknown keys {sorted(unknown)}; a plaintext token never goes in this file, "
-                              "only its token_sha256 (`sightline auth hash-token`)")  # fmt: skip
+        raise TokensFileError(
+            f"{where}: unknown keys {sorted(unknown)}; a plaintext token never goes in this file, "
+            "only its token_sha256 (`sightline auth hash-token`)"
+        )
     name = str(entry.get("principal") or "")
     if not _PRINCIPAL_NAME.match(name):
         raise TokensFileError(f"{where}: principal {name[:40]!r} must be 1-128 letters, digits and . _ : @ + -")
@@ -214,8 +242,9 @@ def _principal(entry: Any, where: str) -> Principal:
     try:
         granted = frozenset(Role(str(role).lower()) for role in roles)
     except ValueError:
-        raise TokensFileError(f"{where} ({name}): unknown role in {roles}; roles are "
-                              f"{', '.join(r.value for r in Role)}") from None  # fmt: skip
+        raise TokensFileError(
+            f"{where} ({name}): unknown role in {roles}; roles are {', '.join(r.value for r in Role)}"
+        ) from None
     digest = str(entry.get("token_sha256") or "").lower()
     if digest and not _SHA256_HEX.match(digest):
         raise TokensFileError(f"{where} ({name}): token_sha256 must be 64 hex characters (the SHA-256 of the token)")
@@ -245,17 +274,20 @@ class AuthSettings(SightlineSettings):
     model_config = SettingsConfigDict(env_prefix="SIGHTLINE_AUTH_", extra="ignore")
 
     tokens_file: Path | None = Field(
-        None, description="YAML list of {principal, roles, token_sha256} naming who may call the gRPC APIs "
+        None,
+        description="YAML list of {principal, roles, token_sha256} naming who may call the gRPC APIs "
         "(docs/security.md). Re-read when it changes. Unset: authentication is off unless required is true.",
-    )  # fmt: skip
+    )
     required: bool | None = Field(
-        None, description="Refuse calls without credentials (UNAUTHENTICATED). Unset: true when tokens_file is "
+        None,
+        description="Refuse calls without credentials (UNAUTHENTICATED). Unset: true when tokens_file is "
         "set. false with a tokens file admits calls without a token (checking those that carry one): a migration aid.",
-    )  # fmt: skip
+    )
     token: SecretStr | None = Field(
-        None, description="Bearer token this process sends on its own gRPC calls (e.g. matching to detection). "
+        None,
+        description="Bearer token this process sends on its own gRPC calls (e.g. matching to detection). "
         "The CLI also reads $SIGHTLINE_TOKEN. Prefer a secret file.",
-    )  # fmt: skip
+    )
 
     @model_validator(mode="after")
     def _required_needs_principals(self) -> AuthSettings:
@@ -312,8 +344,14 @@ class AccessPolicy:
     with an error in the log and the last good principals stay in force.
     """
 
-    def __init__(self, principals: Iterable[Principal] = (), *, required: bool = True,
-                 tokens_file: Path | None = None, recheck_s: float = 5.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        principals: Iterable[Principal] = (),
+        *,
+        required: bool = True,
+        tokens_file: Path | None = None,
+        recheck_s: float = 5.0,
+    ) -> None:
         self.required = required
         self._file = Path(tokens_file) if tokens_file else None
         self._recheck_s = recheck_s
@@ -346,13 +384,17 @@ class AccessPolicy:
             return None
         needed = METHOD_ROLES.get(method)
         if needed is None:
-            raise AccessDenied("PERMISSION_DENIED", caller.principal,
-                               f"{method} is not in the role table, so nobody may call it")  # fmt: skip
+            raise AccessDenied(
+                "PERMISSION_DENIED", caller.principal, f"{method} is not in the role table, so nobody may call it"
+            )
         if not needed & caller.roles:
             held = ", ".join(sorted(caller.roles)) or "none"
-            raise AccessDenied("PERMISSION_DENIED", caller.principal,
-                               f"{caller.principal} may not call {method.lstrip('/')}: it needs the role "
-                               f"{' or '.join(sorted(needed))} (has {held})")  # fmt: skip
+            raise AccessDenied(
+                "PERMISSION_DENIED",
+                caller.principal,
+                f"{caller.principal} may not call {method.lstrip('/')}: it needs the role "
+                f"{' or '.join(sorted(needed))} (has {held})",
+            )
         return caller
 
     def _authenticate(self, authorization: str | None, certificate_cn: str) -> Caller | None:
@@ -362,18 +404,29 @@ class AccessPolicy:
                 raise AccessDenied("UNAUTHENTICATED", "", "the authorization metadata must be 'Bearer <token>'")
             principal = self._by_token.get(hash_token(match.group(1)))
             if principal is None:
-                raise AccessDenied("UNAUTHENTICATED", "", "the bearer token is not known here (mistyped, revoked, "
-                                   "or from another deployment)")  # fmt: skip
+                raise AccessDenied(
+                    "UNAUTHENTICATED",
+                    "",
+                    "the bearer token is not known here (mistyped, revoked, or from another deployment)",
+                )
             return Caller(principal.name, principal.roles)
         if certificate_cn:
             principal = self._by_cert.get(certificate_cn)
             if principal is None:
-                raise AccessDenied("UNAUTHENTICATED", "", f"the client certificate CN={certificate_cn[:64]} is not "
-                                   "mapped to a principal (client_cert_cn in the tokens file)")  # fmt: skip
+                raise AccessDenied(
+                    "UNAUTHENTICATED",
+                    "",
+                    f"the client certificate CN={certificate_cn[:64]} is not "
+                    "mapped to a principal (client_cert_cn in the tokens file)",
+                )
             return Caller(principal.name, principal.roles)
         if self.required:
-            raise AccessDenied("UNAUTHENTICATED", "", "this method needs credentials: send the metadata "
-                               "'authorization: Bearer <token>' (the CLI: --token or $SIGHTLINE_TOKEN)")  # fmt: skip
+            raise AccessDenied(
+                "UNAUTHENTICATED",
+                "",
+                "this method needs credentials: send the metadata "
+                "'authorization: Bearer <token>' (the CLI: --token or $SIGHTLINE_TOKEN)",
+            )
         return None
 
     def _index(self, principals: list[Principal]) -> None:
@@ -441,7 +494,8 @@ _stack_lock = threading.Lock()
 
 
 def remember_stack_token(addresses: Iterable[str], token: str) -> None:
-    """Use ``token`` on this process's calls to these addresses: a local stack's own services (see tooling/localstack.py)."""
+    """Use ``token`` on this process's calls to these addresses: a local stack's own services
+    (see tooling/localstack.py)."""
     with _stack_lock:
         _stack_tokens.update(dict.fromkeys(addresses, token))
 
@@ -471,8 +525,13 @@ _SETTINGS_SOURCES = ("SIGHTLINE_SECRETS_DIR", "SIGHTLINE_CONFIG_FILE")
 
 def _settings_environment() -> tuple[tuple[str, str], ...]:
     """The variables ``AuthSettings`` is read from: the cache key of ``_own_token``, so a changed one is read anew."""
-    return tuple(sorted((name, value) for name, value in os.environ.items()
-                        if name.startswith("SIGHTLINE_AUTH_") or name in _SETTINGS_SOURCES))  # fmt: skip
+    return tuple(
+        sorted(
+            (name, value)
+            for name, value in os.environ.items()
+            if name.startswith("SIGHTLINE_AUTH_") or name in _SETTINGS_SOURCES
+        )
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -483,9 +542,13 @@ def _own_token(environment: tuple[tuple[str, str], ...]) -> str:
     try:
         own = AuthSettings().token
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(str(part) for part in problem['loc']) or 'auth'}: {problem['msg']}"
-                             for problem in error.errors(include_input=False))  # fmt: skip
-        log.warning("this process sends no token of its own (SIGHTLINE_AUTH_TOKEN): its auth settings are invalid "
-                    "(%s)", problems)
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in problem['loc']) or 'auth'}: {problem['msg']}"
+            for problem in error.errors(include_input=False)
+        )
+        log.warning(
+            "this process sends no token of its own (SIGHTLINE_AUTH_TOKEN): its auth settings are invalid (%s)",
+            problems,
+        )
         return ""
     return own.get_secret_value().strip() if own is not None else ""

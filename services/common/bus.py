@@ -125,8 +125,13 @@ def _partition_counts(admin: KafkaAdminClient, names: list[str]) -> dict[str, in
     return {t["name"]: len(t["partitions"]) for t in admin.describe_topics(names)}
 
 
-def read_topics(settings: KafkaSettings, topics: Iterable[str], since_ms: int | None = None,
-                idle_timeout_s: float | None = None, stop: Any = None) -> Iterator[Any]:  # fmt: skip
+def read_topics(
+    settings: KafkaSettings,
+    topics: Iterable[str],
+    since_ms: int | None = None,
+    idle_timeout_s: float | None = None,
+    stop: Any = None,
+) -> Iterator[Any]:
     """Yield the records of every partition of the topics, from the start, or only those produced at/after ``since_ms``.
 
     Reads without a consumer group and filters by record timestamp instead of seeking to the end: Tansu's

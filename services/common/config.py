@@ -86,10 +86,12 @@ class KafkaSettings(SightlineSettings):
     )
     heartbeat_interval_ms: int = Field(1500, ge=100, description="Consumer heartbeat interval.")
     fetch_max_wait_ms: int = Field(
-        500, ge=1, le=5000,
+        500,
+        ge=1,
+        le=5000,
         description="Longest a stream consumer's fetch waits for data. Kafka answers as soon as data arrives, so "
         "this only bounds idle polling; Tansu holds every fetch this long, so the local stack sets 25.",
-    )  # fmt: skip
+    )
     max_message_bytes: int = Field(
         16 * 1024 * 1024, ge=1024 * 1024, description="Largest event a producer may send (frames are the largest)."
     )
@@ -112,27 +114,37 @@ class ServiceSettings(SightlineSettings):
     grpc_workers: int = Field(8, ge=1, description="Threads serving gRPC requests.")
     # Server limits (common/serverlimits.py): long-lived streams may never take the threads unary calls need.
     grpc_reserved_workers: int = Field(
-        2, ge=1, description="Worker threads kept for unary calls (health Check, the APIs): at most grpc_workers "
+        2,
+        ge=1,
+        description="Worker threads kept for unary calls (health Check, the APIs): at most grpc_workers "
         "minus this many streams that hold a thread (reflection, Ingest, WatchSession) are open at once (at least "
         "one), a third of them (at least one) for reflection, which needs no credentials; more are refused with "
         "RESOURCE_EXHAUSTED.",
-    )  # fmt: skip
+    )
     grpc_max_watch_streams: int = Field(
-        100, ge=1, description="Health Watch streams open at once (they hold no thread, and need no credentials); "
+        100,
+        ge=1,
+        description="Health Watch streams open at once (they hold no thread, and need no credentials); "
         "more are refused with RESOURCE_EXHAUSTED.",
-    )  # fmt: skip
+    )
     grpc_max_concurrent_rpcs: int | None = Field(
-        None, ge=1, description="Calls running on or waiting for a worker thread at once; more are refused with "
+        None,
+        ge=1,
+        description="Calls running on or waiting for a worker thread at once; more are refused with "
         "RESOURCE_EXHAUSTED. Unset: four per worker thread.",
-    )  # fmt: skip
+    )
     grpc_stream_idle_s: float = Field(
-        300.0, gt=0, description="A stream without a message either way for this long is cancelled (its slot freed), "
+        300.0,
+        gt=0,
+        description="A stream without a message either way for this long is cancelled (its slot freed), "
         "and a connection without calls for this long is closed.",
-    )  # fmt: skip
+    )
     grpc_max_connection_age_s: float = Field(
-        0.0, ge=0, description="A connection older than this is asked to reconnect; calls still open on it get "
+        0.0,
+        ge=0,
+        description="A connection older than this is asked to reconnect; calls still open on it get "
         "grpc_stream_idle_s more, then it is closed (this ends an Ingest of a live camera too). 0: no limit.",
-    )  # fmt: skip
+    )
     models_dir: Path = Field(
         default_factory=paths.models_dir,
         description="Converted face models (default: $SIGHTLINE_MODELS_DIR, else <home>/models).",

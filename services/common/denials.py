@@ -107,15 +107,24 @@ class DenialAudit:
             counts: dict[str, int | str] = {"repeats": window.unwritten, "window_s": f"{self._window_s:g}"}
             try:
                 self._append(window.sample, _host_of(window.sample.peer), counts)
-            except Exception:  # noqa: BLE001 - each refusal was logged; only the count is lost
-                log.error("could not audit %d repeated refused calls", window.unwritten, exc_info=True,
-                          extra={"method": window.sample.method})  # fmt: skip
+            except Exception:
+                log.error(
+                    "could not audit %d repeated refused calls",
+                    window.unwritten,
+                    exc_info=True,
+                    extra={"method": window.sample.method},
+                )
 
     def _append(self, denial: Denial, peer: str, counts: dict[str, int | str] | None = None) -> None:
         purpose = LIMITS_PURPOSE if denial.code in _LIMIT_CODES else ACCESS_PURPOSE
-        self._audit.append(denial.principal or ANONYMOUS, Action.ACCESS_DENIED, "", purpose,
-                           f"refused: {denial.code}", {"method": denial.method, "reason": denial.reason[:500],
-                                                       "peer": peer[:200], **(counts or {})})  # fmt: skip
+        self._audit.append(
+            denial.principal or ANONYMOUS,
+            Action.ACCESS_DENIED,
+            "",
+            purpose,
+            f"refused: {denial.code}",
+            {"method": denial.method, "reason": denial.reason[:500], "peer": peer[:200], **(counts or {})},
+        )
 
 
 def _kind_of(denial: Denial) -> _Kind:

@@ -24,9 +24,11 @@ DEFAULT_MAX_PIXELS = 40_000_000
 _IMAGE_SIGNATURES = (
     b"\xff\xd8\xff",  # JPEG
     b"\x89PNG\r\n\x1a\n",  # PNG
-    b"GIF87a", b"GIF89a",  # GIF
-    b"II*\x00", b"MM\x00*",  # TIFF, little- and big-endian
-)  # fmt: skip
+    b"GIF87a",
+    b"GIF89a",  # GIF
+    b"II*\x00",
+    b"MM\x00*",  # TIFF, little- and big-endian
+)
 # "BM" alone is too common a start for text: a BMP also names one of the known DIB header sizes at byte 14.
 _BMP_DIB_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)
 
@@ -40,7 +42,8 @@ class ImageError(ValueError):
 
 
 def looks_like_image(data: bytes) -> bool:
-    """True when the bytes start with the signature of an image format we accept (JPEG, PNG, GIF, TIFF, BMP, WebP, PGM/PPM).
+    """True when the bytes start with the signature of an image format we accept (JPEG, PNG, GIF, TIFF, BMP, WebP,
+    PGM/PPM).
 
     Cheap and decodes nothing: what decides whether bytes of unknown content may be copied anywhere (dead letters).
     """
@@ -84,7 +87,8 @@ def _check_size(size: tuple[int, int], max_pixels: int) -> None:
     if width * height > max_pixels:
         raise ImageError(
             "image_too_large",
-            f"the image is {width}x{height} ({width * height / 1e6:.1f} MP), over the limit of {max_pixels / 1e6:.1f} MP",
+            f"the image is {width}x{height} ({width * height / 1e6:.1f} MP), "
+            f"over the limit of {max_pixels / 1e6:.1f} MP",
         )
 
 

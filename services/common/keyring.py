@@ -36,8 +36,10 @@ def parse_key_entries(text: str, what: str, error: type[Exception]) -> dict[str,
         if not sep or not key_id:
             raise error(f"{where} is not of the form KEY_ID:BASE64")
         if not KEY_ID.fullmatch(key_id):
-            raise error(f"{where}: its key id must be 1-64 letters, digits, '_', '.' or '-' (entries are "
-                        "KEY_ID:BASE64, the id first)")  # fmt: skip
+            raise error(
+                f"{where}: its key id must be 1-64 letters, digits, '_', '.' or '-' (entries are "
+                "KEY_ID:BASE64, the id first)"
+            )
         if key_id in keys:
             raise error(f"{where}: key id {key_id!r} appears twice")
         key = decode_base64_key(key_b64)

@@ -99,12 +99,22 @@ def service_lags(settings: KafkaSettings, services: Iterable[str], timeout_s: fl
     return {service: lags[key] for service, key in targets.items()}
 
 
-def group_lags(settings: KafkaSettings, pairs: list[tuple[str, str]],
-               timeout_s: float = 10.0) -> dict[tuple[str, str], GroupLag]:  # fmt: skip
+def group_lags(
+    settings: KafkaSettings, pairs: list[tuple[str, str]], timeout_s: float = 10.0
+) -> dict[tuple[str, str], GroupLag]:
     """Lag of each (group, topic) pair, read with one admin client and one group-less consumer."""
-    consumer = _connect(KafkaConsumer, settings, timeout_s, group_id=None, enable_auto_commit=False,
-                        auto_offset_reset="earliest", fetch_max_wait_ms=10, fetch_max_bytes=1,
-                        max_partition_fetch_bytes=1, allow_auto_create_topics=False)  # fmt: skip
+    consumer = _connect(
+        KafkaConsumer,
+        settings,
+        timeout_s,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=10,
+        fetch_max_bytes=1,
+        max_partition_fetch_bytes=1,
+        allow_auto_create_topics=False,
+    )
     try:
         plans = [_plan(consumer, group, topic) for group, topic in pairs]
         admin = _connect(KafkaAdminClient, settings, timeout_s)
@@ -126,8 +136,9 @@ def group_lags(settings: KafkaSettings, pairs: list[tuple[str, str]],
 def _connect(cls: Any, settings: KafkaSettings, timeout_s: float, **options: Any) -> Any:
     timeout_ms = int(timeout_s * 1000)
     try:
-        return cls(**client_options(settings), bootstrap_timeout_ms=timeout_ms, request_timeout_ms=timeout_ms + 1000,
-                   **options)  # fmt: skip
+        return cls(
+            **client_options(settings), bootstrap_timeout_ms=timeout_ms, request_timeout_ms=timeout_ms + 1000, **options
+        )
     except KafkaError as exc:
         raise LagError(f"cannot reach the Kafka brokers at {settings.bootstrap_servers}: {exc}") from exc
 

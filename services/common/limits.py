@@ -85,6 +85,8 @@ def _value_violations(field: FieldDescriptor, value: Any, path: str, limit_name:
 
 def _is_map(field: FieldDescriptor) -> bool:
     # message_type is set on every message field; the check only tells the type checker so.
-    return (field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None
-            and field.message_type.GetOptions().map_entry)  # fmt: skip
-
+    return (
+        field.type == FieldDescriptor.TYPE_MESSAGE
+        and field.message_type is not None
+        and field.message_type.GetOptions().map_entry
+    )

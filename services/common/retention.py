@@ -22,9 +22,19 @@ from pydantic_settings import SettingsConfigDict
 from sightline.common import telemetry
 from sightline.common.config import SightlineSettings
 from sightline.common.topics import (
-    ALERTS, ALL_TOPICS, AUDIT, DEADLETTER, DECISIONS, EMBEDDINGS, ERASURES, FACES, FRAMES, MATCHES, SESSIONS,
+    ALERTS,
+    ALL_TOPICS,
+    AUDIT,
+    DEADLETTER,
+    DECISIONS,
+    EMBEDDINGS,
+    ERASURES,
+    FACES,
+    FRAMES,
+    MATCHES,
+    SESSIONS,
     TopicSpec,
-)  # fmt: skip
+)
 
 log = logging.getLogger(__name__)
 HOUR_MS = 3_600_000
@@ -37,18 +47,21 @@ class RetentionSettings(SightlineSettings):
     model_config = SettingsConfigDict(env_prefix="SIGHTLINE_RETENTION_", extra="ignore")
 
     raw_hours: float = Field(
-        1.0, gt=0, le=72,
+        1.0,
+        gt=0,
+        le=72,
         description="Frames, face chips and descriptors on their topics (and dead letters, which may hold them).",
-    )  # fmt: skip
+    )
     matches_hours: float = Field(24.0, gt=0, description="Match results (scores and subject ids) on their topic.")
     sessions_hours: float = Field(
         24.0, gt=0, description="E-channel session events on their topic, and decided sessions in the database."
     )
     decisions_days: float = Field(7.0, gt=0, description="Per-face decisions on their topic.")
     alerts_days: float = Field(
-        30.0, gt=0,
+        30.0,
+        gt=0,
         description="Alerts on their topic, and alerts with their reviews in the database (reviewed or not).",
-    )  # fmt: skip
+    )
     audit_days: float = Field(
         365.0, gt=0, description="Audit records and erasure notices on their topics (the database chain is kept)."
     )
@@ -65,11 +78,17 @@ class RetentionSettings(SightlineSettings):
             return int(d * 24 * HOUR_MS)
 
         return {
-            FRAMES.name: raw, FACES.name: raw, EMBEDDINGS.name: raw, DEADLETTER.name: raw,
-            MATCHES.name: hours(self.matches_hours), SESSIONS.name: hours(self.sessions_hours),
-            DECISIONS.name: days(self.decisions_days), ALERTS.name: days(self.alerts_days),
-            AUDIT.name: days(self.audit_days), ERASURES.name: days(self.audit_days),
-        }  # fmt: skip
+            FRAMES.name: raw,
+            FACES.name: raw,
+            EMBEDDINGS.name: raw,
+            DEADLETTER.name: raw,
+            MATCHES.name: hours(self.matches_hours),
+            SESSIONS.name: hours(self.sessions_hours),
+            DECISIONS.name: days(self.decisions_days),
+            ALERTS.name: days(self.alerts_days),
+            AUDIT.name: days(self.audit_days),
+            ERASURES.name: days(self.audit_days),
+        }
 
 
 def topic_specs(settings: RetentionSettings | None = None) -> list[TopicSpec]:
@@ -106,7 +125,7 @@ class PurgeSchedule:
         for name, (keep, purge) in self._jobs.items():
             try:
                 deleted[name] = purge(now - keep)
-            except Exception:  # noqa: BLE001 - a database hiccup must not stop the schedule
+            except Exception:
                 log.exception("purge failed; will retry", extra={"job": name})
                 continue
             telemetry.RECORDS_PURGED.labels(self._service, name).inc(deleted[name])

@@ -134,12 +134,19 @@ def grpc_service(servicer: Any) -> GrpcService:
     TypeError when it subclasses no generated servicer, or several (one object serves one service).
     """
     cls = servicer if isinstance(servicer, type) else type(servicer)
-    bases = [base for base in cls.__mro__ if base.__module__.startswith(f"{GENERATED_PACKAGE}.")
-             and base.__module__.endswith("_pb2_grpc") and base.__name__.endswith("Servicer")]  # fmt: skip
+    bases = [
+        base
+        for base in cls.__mro__
+        if base.__module__.startswith(f"{GENERATED_PACKAGE}.")
+        and base.__module__.endswith("_pb2_grpc")
+        and base.__name__.endswith("Servicer")
+    ]
     if len(bases) != 1:
         found = ", ".join(f"{base.__module__}.{base.__name__}" for base in bases) or "none"
-        raise TypeError(f"{cls.__qualname__} must subclass exactly one generated {GENERATED_PACKAGE} *Servicer "
-                        f"class (found: {found})")  # fmt: skip
+        raise TypeError(
+            f"{cls.__qualname__} must subclass exactly one generated {GENERATED_PACKAGE} *Servicer "
+            f"class (found: {found})"
+        )
     [base] = bases
     generated = importlib.import_module(base.__module__)
     messages = importlib.import_module(base.__module__.removesuffix("_grpc"))
@@ -161,10 +168,17 @@ class GrpcServer:
     passed to ``on_denied`` (e.g. to audit it). With ``credentials``, the port speaks TLS only.
     """
 
-    def __init__(self, host: str, port: int, workers: int = 8, *, access: auth.AccessPolicy | None = None,
-                 on_denied: Callable[[auth.Denial], None] | None = None,
-                 credentials: grpc.ServerCredentials | None = None,
-                 limits: ServerLimits | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        workers: int = 8,
+        *,
+        access: auth.AccessPolicy | None = None,
+        on_denied: Callable[[auth.Denial], None] | None = None,
+        credentials: grpc.ServerCredentials | None = None,
+        limits: ServerLimits | None = None,
+    ) -> None:
         limits = limits or ServerLimits.for_workers(workers)
         self._gate = StreamGate(limits)
         interceptors: list[grpc.ServerInterceptor] = [_ServerTracing()]
@@ -172,9 +186,12 @@ class GrpcServer:
             interceptors.append(_ServerAuth(access, on_denied))  # inside tracing: refusals are traced and logged
         # Inside auth: refusals name the caller, and a caller without credentials never takes an API stream's slot.
         interceptors += [_FieldLimits(on_denied), _StreamLimits(self._gate, on_denied)]
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                                   options=CHANNEL_OPTIONS + limits.server_options(), interceptors=interceptors,
-                                   maximum_concurrent_rpcs=limits.max_concurrent_rpcs)  # fmt: skip
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers),
+            options=CHANNEL_OPTIONS + limits.server_options(),
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+        )
         self._access = access
         self._tls = credentials is not None
         self._health = health.HealthServicer()
@@ -183,8 +200,11 @@ class GrpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self._names: list[str] = [health.SERVICE_NAME, reflection.SERVICE_NAME]
         target = f"{host}:{port}"
-        self.port = (self._server.add_secure_port(target, credentials) if credentials is not None
-                     else self._server.add_insecure_port(target))  # fmt: skip
+        self.port = (
+            self._server.add_secure_port(target, credentials)
+            if credentials is not None
+            else self._server.add_insecure_port(target)
+        )
         if self.port == 0:
             raise OSError(f"cannot bind gRPC server to {host}:{port}")
 
@@ -202,12 +222,17 @@ class GrpcServer:
         self._health.set(LIVENESS_SERVICE, _STATUS[True])
         self.set_serving(True)
         if self._access is None:
-            log.warning("gRPC AUTHENTICATION IS OFF: any client that reaches port %d may call every method, "
-                        "unaudited as to who it is; set SIGHTLINE_AUTH_TOKENS_FILE (docs/security.md)", self.port)
+            log.warning(
+                "gRPC AUTHENTICATION IS OFF: any client that reaches port %d may call every method, "
+                "unaudited as to who it is; set SIGHTLINE_AUTH_TOKENS_FILE (docs/security.md)",
+                self.port,
+            )
         elif not self._access.required:
             log.warning("gRPC calls without credentials are admitted (SIGHTLINE_AUTH_REQUIRED=false)")
-        log.info("gRPC server listening", extra={"port": self.port, "services": self._names[2:], "tls": self._tls,
-                                                 "auth": self._access is not None})  # fmt: skip
+        log.info(
+            "gRPC server listening",
+            extra={"port": self.port, "services": self._names[2:], "tls": self._tls, "auth": self._access is not None},
+        )
 
     def set_serving(self, serving: bool) -> None:
         """Whether the server (service "") and its APIs are ready for calls; once stopping, never SERVING again."""
@@ -237,8 +262,11 @@ def channel(address: str, token: str | None = None, tls: TlsSettings | None = No
     credentials = channel_credentials(tls)
     if token and credentials is None:
         refuse_plaintext_token(address, tls)
-    raw = (grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS) if credentials is not None
-           else grpc.insecure_channel(address, options=CHANNEL_OPTIONS))  # fmt: skip
+    raw = (
+        grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+        if credentials is not None
+        else grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    )
     interceptors: list[Any] = [_ClientTracing()]
     if token:
         interceptors.append(_ClientToken(token))
@@ -262,13 +290,18 @@ def check_health(address: str, timeout: float = 1.0, service: str = "") -> str:
 _UNTRACED = ("/grpc.health.", "/grpc.reflection.")
 
 
-def _wrapped(handler: grpc.RpcMethodHandler[Any, Any], unary: Callable[[Behavior], Behavior],
-             streaming: Callable[[Behavior], Behavior]) -> grpc.RpcMethodHandler[Any, Any]:  # fmt: skip
+def _wrapped(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    unary: Callable[[Behavior], Behavior],
+    streaming: Callable[[Behavior], Behavior],
+) -> grpc.RpcMethodHandler[Any, Any]:
     """The handler with its behaviour wrapped: by ``unary`` when it returns one response, ``streaming`` otherwise."""
-    kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler, unary),
-             ("unary_stream", grpc.unary_stream_rpc_method_handler, streaming),
-             ("stream_unary", grpc.stream_unary_rpc_method_handler, unary),
-             ("stream_stream", grpc.stream_stream_rpc_method_handler, streaming))  # fmt: skip
+    kinds = (
+        ("unary_unary", grpc.unary_unary_rpc_method_handler, unary),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler, streaming),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler, unary),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler, streaming),
+    )
     for attribute, make, wrap in kinds:
         behavior = getattr(handler, attribute)
         if behavior is not None:
@@ -284,8 +317,11 @@ class _ServerTracing(grpc.ServerInterceptor):
         if handler is None or details.method.startswith(_UNTRACED):
             return handler
         parent = tracing.context_from_metadata(details.invocation_metadata)
-        return _wrapped(handler, lambda behavior: _traced_unary(behavior, details.method, parent),
-                        lambda behavior: _traced_stream(behavior, details.method, parent))  # fmt: skip
+        return _wrapped(
+            handler,
+            lambda behavior: _traced_unary(behavior, details.method, parent),
+            lambda behavior: _traced_stream(behavior, details.method, parent),
+        )
 
 
 def _traced_unary(behavior: Behavior, method: str, parent: Context) -> Behavior:
@@ -311,9 +347,14 @@ def _server_span(method: str, parent: Context, context: grpc.ServicerContext) ->
     """The call's span, current for the handler; on the way out, its status and one log line with its trace id."""
     started = time.perf_counter()
     attributes = {"rpc.system": "grpc", "rpc.method": method}
-    with tracing.tracer.start_as_current_span(method.lstrip("/"), context=parent, kind=SpanKind.SERVER,
-                                              attributes=attributes, record_exception=False,
-                                              set_status_on_exception=False) as span:  # fmt: skip
+    with tracing.tracer.start_as_current_span(
+        method.lstrip("/"),
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes=attributes,
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
         code = grpc.StatusCode.UNKNOWN  # an exception other than an abort ends the call as UNKNOWN
         try:
             yield
@@ -325,8 +366,10 @@ def _server_span(method: str, parent: Context, context: grpc.ServicerContext) ->
             span.set_attribute("rpc.grpc.status_code", code.value[0])
             if code != grpc.StatusCode.OK:
                 span.set_status(Status(StatusCode.ERROR, code.name))
-            log.info("rpc", extra={"method": method, "code": code.name,
-                                   "ms": round(1000 * (time.perf_counter() - started), 1)})  # fmt: skip
+            log.info(
+                "rpc",
+                extra={"method": method, "code": code.name, "ms": round(1000 * (time.perf_counter() - started), 1)},
+            )
 
 
 def _code_of(context: grpc.ServicerContext) -> grpc.StatusCode | None:
@@ -337,7 +380,9 @@ def _code_of(context: grpc.ServicerContext) -> grpc.StatusCode | None:
 
 
 class _CallDetails(
-    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),  # noqa: E501
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
     grpc.ClientCallDetails,
 ):
     pass
@@ -346,18 +391,28 @@ class _CallDetails(
 class _ClientTracing(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
     """Puts the current trace context into each call's metadata (nothing when no span is current)."""
 
-    def intercept_unary_unary(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any) -> Any:  # noqa: E501
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any
+    ) -> Any:
         return continuation(_with_context(details), request)
 
-    def intercept_unary_stream(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any) -> Any:  # noqa: E501
+    def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any
+    ) -> Any:
         return continuation(_with_context(details), request)
 
 
 def _with_context(details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
     if not trace.get_current_span().get_span_context().is_valid:
         return details  # e.g. the CLI: its own metadata (possibly a traceparent) goes through untouched
-    return _CallDetails(details.method, details.timeout, tracing.metadata_with_context(details.metadata),
-                        details.credentials, details.wait_for_ready, details.compression)  # fmt: skip
+    return _CallDetails(
+        details.method,
+        details.timeout,
+        tracing.metadata_with_context(details.metadata),
+        details.credentials,
+        details.wait_for_ready,
+        details.compression,
+    )
 
 
 # --- access control ------------------------------------------------------------------------------------------------
@@ -380,8 +435,11 @@ class _ServerAuth(grpc.ServerInterceptor):
         if handler is None or auth.is_open(details.method):
             return handler
         method = details.method
-        return _wrapped(handler, lambda behavior: self._guarded_unary(behavior, method),
-                        lambda behavior: self._guarded_stream(behavior, method))  # fmt: skip
+        return _wrapped(
+            handler,
+            lambda behavior: self._guarded_unary(behavior, method),
+            lambda behavior: self._guarded_stream(behavior, method),
+        )
 
     def _guarded_unary(self, behavior: Behavior, method: str) -> Behavior:
         def guarded(request: Any, context: grpc.ServicerContext) -> Any:
@@ -412,24 +470,35 @@ class _ServerAuth(grpc.ServerInterceptor):
         try:
             caller = self._access.admit(method, auth.bearer_of(context.invocation_metadata()), _certificate_cn(context))
         except auth.AccessDenied as refused:
-            _refuse(auth.Denial(refused.code, refused.principal, method, refused.reason, context.peer() or ""),
-                    context, self._on_denied)  # fmt: skip
+            _refuse(
+                auth.Denial(refused.code, refused.principal, method, refused.reason, context.peer() or ""),
+                context,
+                self._on_denied,
+            )
             raise  # unreachable: _refuse aborts
         if caller is not None:
             trace.get_current_span().set_attribute("enduser.id", caller.principal)  # the call's server span
         return caller
 
 
-def _refuse(denial: auth.Denial, context: grpc.ServicerContext,
-            on_denied: Callable[[auth.Denial], None] | None) -> None:  # fmt: skip
+def _refuse(
+    denial: auth.Denial, context: grpc.ServicerContext, on_denied: Callable[[auth.Denial], None] | None
+) -> None:
     """Log the refusal, report it to ``on_denied`` and end the call with its status; raises (``context.abort``)."""
-    log.warning("call refused", extra={"method": denial.method, "code": denial.code,
-                                       "principal": denial.principal or "-", "peer": denial.peer,
-                                       "reason": denial.reason})  # fmt: skip
+    log.warning(
+        "call refused",
+        extra={
+            "method": denial.method,
+            "code": denial.code,
+            "principal": denial.principal or "-",
+            "peer": denial.peer,
+            "reason": denial.reason,
+        },
+    )
     if on_denied is not None:
         try:
             on_denied(denial)
-        except Exception:  # noqa: BLE001 - the call is refused whether or not the report went through
+        except Exception:
             log.error("could not report a refused call", exc_info=True, extra={"method": denial.method})
     context.abort(getattr(grpc.StatusCode, denial.code), denial.reason)
 
@@ -448,18 +517,28 @@ class _ClientToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
     def __init__(self, token: str) -> None:
         self._entry = (auth.AUTHORIZATION_KEY, f"Bearer {token}")
 
-    def intercept_unary_unary(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any) -> Any:  # noqa: E501
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any
+    ) -> Any:
         return continuation(self._with_token(details), request)
 
-    def intercept_unary_stream(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any) -> Any:  # noqa: E501
+    def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any
+    ) -> Any:
         return continuation(self._with_token(details), request)
 
     def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
         metadata = list(details.metadata or ())
         if any(key == auth.AUTHORIZATION_KEY for key, _ in metadata):
             return details
-        return _CallDetails(details.method, details.timeout, [*metadata, self._entry], details.credentials,
-                            details.wait_for_ready, details.compression)  # fmt: skip
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            [*metadata, self._entry],
+            details.credentials,
+            details.wait_for_ready,
+            details.compression,
+        )
 
 
 # --- limits --------------------------------------------------------------------------------------------------------
@@ -516,8 +595,11 @@ class _StreamLimits(grpc.ServerInterceptor):
         if handler is None or not (handler.request_streaming or handler.response_streaming):
             return handler
         method, request_streaming = details.method, handler.request_streaming
-        return _wrapped(handler, lambda behavior: self._gated_unary(behavior, method, request_streaming),
-                        lambda behavior: self._gated_stream(behavior, method, request_streaming))  # fmt: skip
+        return _wrapped(
+            handler,
+            lambda behavior: self._gated_unary(behavior, method, request_streaming),
+            lambda behavior: self._gated_stream(behavior, method, request_streaming),
+        )
 
     def _admit(self, method: str, context: grpc.ServicerContext, threaded: bool) -> OpenStream:
         try:

@@ -72,9 +72,15 @@ def run_service(
     tracing.setup_tracing(name)
     telemetry.start_metrics(settings.metrics_port)
     denials = DenialAudit(audit) if audit is not None else None
-    server = GrpcServer(settings.grpc_host, settings.grpc_port, settings.grpc_workers,
-                        access=AccessPolicy.from_settings(AuthSettings()), on_denied=denials,
-                        credentials=server_credentials(TlsSettings()), limits=server_limits(settings))  # fmt: skip
+    server = GrpcServer(
+        settings.grpc_host,
+        settings.grpc_port,
+        settings.grpc_workers,
+        access=AccessPolicy.from_settings(AuthSettings()),
+        on_denied=denials,
+        credentials=server_credentials(TlsSettings()),
+        limits=server_limits(settings),
+    )
     for servicer in servicers:
         server.add(servicer.impl)
     log.info("starting", extra={"grpc_port": settings.grpc_port, "metrics_port": settings.metrics_port})
@@ -95,9 +101,14 @@ def run_service(
 
 def server_limits(settings: ServiceSettings) -> ServerLimits:
     """The gRPC server limits a service's settings ask for."""
-    return ServerLimits.for_workers(settings.grpc_workers, settings.grpc_reserved_workers,
-                                    settings.grpc_max_concurrent_rpcs, settings.grpc_stream_idle_s,
-                                    settings.grpc_max_connection_age_s, settings.grpc_max_watch_streams)  # fmt: skip
+    return ServerLimits.for_workers(
+        settings.grpc_workers,
+        settings.grpc_reserved_workers,
+        settings.grpc_max_concurrent_rpcs,
+        settings.grpc_stream_idle_s,
+        settings.grpc_max_connection_age_s,
+        settings.grpc_max_watch_streams,
+    )
 
 
 def _start(server: GrpcServer, on_serving: Callable[[GrpcServer], None] | None) -> None:
@@ -106,9 +117,14 @@ def _start(server: GrpcServer, on_serving: Callable[[GrpcServer], None] | None) 
         on_serving(server)
 
 
-def _run_with_faust(name: str, kafka: KafkaSettings, stages: Sequence[Stage], server: GrpcServer,
-                    app_options: dict[str, Any],
-                    on_serving: Callable[[GrpcServer], None] | None = None) -> None:  # fmt: skip
+def _run_with_faust(
+    name: str,
+    kafka: KafkaSettings,
+    stages: Sequence[Stage],
+    server: GrpcServer,
+    app_options: dict[str, Any],
+    on_serving: Callable[[GrpcServer], None] | None = None,
+) -> None:
     import faust
 
     from sightline.common.streams import faust_app
@@ -125,8 +141,9 @@ def _run_with_faust(name: str, kafka: KafkaSettings, stages: Sequence[Stage], se
 
     app.task(_serving)  # faust's decorator, called plainly: it is untyped, and would make _serving untyped too
 
-    worker = faust.Worker(app, loglevel=logging.getLogger().level, override_logging=False, redirect_stdouts=False,
-                          quiet=True)  # fmt: skip
+    worker = faust.Worker(
+        app, loglevel=logging.getLogger().level, override_logging=False, redirect_stdouts=False, quiet=True
+    )
     worker.spinner = None  # the terminal spinner writes cursor escapes into the JSON log stream
     try:
         worker.execute_from_commandline()

@@ -58,9 +58,13 @@ class CalibrationTable:
         try:
             document = json.loads(Path(path).read_text())
             rows = sorted(document["rows"], key=lambda r: float(r["distance"]))
-            table = cls(tuple(float(r["distance"]) for r in rows), tuple(float(r["fmr"]) for r in rows),
-                        tuple(r.get("source") == "model" for r in rows), dict(document.get("provenance", {})),
-                        Path(path))  # fmt: skip
+            table = cls(
+                tuple(float(r["distance"]) for r in rows),
+                tuple(float(r["fmr"]) for r in rows),
+                tuple(r.get("source") == "model" for r in rows),
+                dict(document.get("provenance", {})),
+                Path(path),
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CalibrationError(f"calibration table {path} cannot be read: {exc}") from None
         if len(rows) < 2 or any(not 0 < f <= 1 for f in table.fmrs) or list(table.fmrs) != sorted(table.fmrs):
@@ -92,8 +96,10 @@ class CalibrationTable:
         if not 0 < target < 1:
             raise CalibrationError(f"target FMR must be in (0, 1), got {target:g}")
         if target < f[0]:
-            raise CalibrationError(f"target FMR {target:g} is below the calibration table's range (lowest "
-                                   f"{f[0]:.3g} at distance {d[0]:.2f}; table {self.path.name})")  # fmt: skip
+            raise CalibrationError(
+                f"target FMR {target:g} is below the calibration table's range (lowest "
+                f"{f[0]:.3g} at distance {d[0]:.2f}; table {self.path.name})"
+            )
         if target >= f[-1]:
             return d[-1]
         i = next(k for k in range(1, len(f)) if f[k] > target)

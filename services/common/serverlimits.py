@@ -64,18 +64,34 @@ class ServerLimits:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     @classmethod
-    def for_workers(cls, workers: int, reserved: int = RESERVED_WORKERS, max_concurrent_rpcs: int | None = None,
-                    stream_idle_s: float = STREAM_IDLE_S, max_connection_age_s: float = MAX_CONNECTION_AGE_S,
-                    max_watchers: int = MAX_WATCHERS) -> ServerLimits:  # fmt: skip
+    def for_workers(
+        cls,
+        workers: int,
+        reserved: int = RESERVED_WORKERS,
+        max_concurrent_rpcs: int | None = None,
+        stream_idle_s: float = STREAM_IDLE_S,
+        max_connection_age_s: float = MAX_CONNECTION_AGE_S,
+        max_watchers: int = MAX_WATCHERS,
+    ) -> ServerLimits:
         """Streams get ``workers - reserved`` threads, at least one (then nothing is reserved: ``reserved`` should be
         below ``workers``), open streams a third of those; ``max_concurrent_rpcs`` defaults to ``RPCS_PER_WORKER`` per
         thread."""
         if workers <= reserved:
-            log.warning("gRPC: %d worker thread(s) leave none reserved for unary calls beside %d; one stream at a "
-                        "time is admitted", workers, reserved)  # fmt: skip
+            log.warning(
+                "gRPC: %d worker thread(s) leave none reserved for unary calls beside %d; one stream at a "
+                "time is admitted",
+                workers,
+                reserved,
+            )
         streams = max(1, workers - reserved)
-        return cls(streams, max_concurrent_rpcs or RPCS_PER_WORKER * workers, max(1, streams // OPEN_STREAM_SHARE),
-                   max_watchers, stream_idle_s, max_connection_age_s)  # fmt: skip
+        return cls(
+            streams,
+            max_concurrent_rpcs or RPCS_PER_WORKER * workers,
+            max(1, streams // OPEN_STREAM_SHARE),
+            max_watchers,
+            stream_idle_s,
+            max_connection_age_s,
+        )
 
     def server_options(self) -> list[tuple[str, int]]:
         """The connection options of ``grpc.server`` that enforce these limits."""
@@ -87,8 +103,10 @@ class ServerLimits:
             ("grpc.http2.max_pings_without_data", 0),  # keep pinging a connection whose only stream is idle
         ]
         if self.max_connection_age_s > 0:
-            options += [("grpc.max_connection_age_ms", int(self.max_connection_age_s * 1000)),
-                        ("grpc.max_connection_age_grace_ms", idle_ms)]  # fmt: skip
+            options += [
+                ("grpc.max_connection_age_ms", int(self.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", idle_ms),
+            ]
         return options
 
 
@@ -121,10 +139,10 @@ class StreamGate:
         self._full = {
             self._threaded: f"all {limits.max_streams} streams this server runs at once are open; retry later",
             self._open_slots: f"all {limits.max_open_streams} reflection streams this server allows are open; "
-                              "retry later",
+            "retry later",
             self._watch: f"all {limits.max_watchers} health Watch streams this server allows are open; use "
-                         "health Check, or retry later",
-        }  # fmt: skip
+            "health Check, or retry later",
+        }
         self._open: set[OpenStream] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Protocol, Self
 from urllib.parse import urlsplit, urlunsplit
 
-
 log = logging.getLogger(__name__)
 
 
@@ -277,8 +276,15 @@ class BackendStore:
     def _migrate(self, migrations: Sequence[Migration], table: str, lock_key: int, what: str) -> None:
         """Bring the store's tables up to the newest migration (one process at a time, see ``migrate``)."""
         with self._tx(write=True) as cur:
-            applied = migrate(cur, self._backend.dialect, migrations, table=table, lock_key=lock_key, what=what,
-                              error=self.closed_error)  # fmt: skip
+            applied = migrate(
+                cur,
+                self._backend.dialect,
+                migrations,
+                table=table,
+                lock_key=lock_key,
+                what=what,
+                error=self.closed_error,
+            )
         for migration in applied:
             log.info("%s schema migrated to version %d: %s", what, migration.version, migration.description)
 
@@ -295,8 +301,9 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def open_backend(url: str, what: str = "database", application_name: str = "sightline",
-                 error: type[StoreError] = StoreError) -> Backend:  # fmt: skip
+def open_backend(
+    url: str, what: str = "database", application_name: str = "sightline", error: type[StoreError] = StoreError
+) -> Backend:
     """The backend for ``url``; ``what`` names the database in error messages ("gallery", "audit", ...)."""
     scheme = url.split(":", 1)[0].lower()
     if scheme == "sqlite":
@@ -314,8 +321,16 @@ def open_backend(url: str, what: str = "database", application_name: str = "sigh
 # -- migrations --------------------------------------------------------------------------------------------------
 
 
-def migrate(cur: Cursor, dialect: Dialect, migrations: Sequence[Migration], *, table: str, lock_key: int,
-            what: str, error: type[StoreError] = StoreError) -> list[Migration]:  # fmt: skip
+def migrate(
+    cur: Cursor,
+    dialect: Dialect,
+    migrations: Sequence[Migration],
+    *,
+    table: str,
+    lock_key: int,
+    what: str,
+    error: type[StoreError] = StoreError,
+) -> list[Migration]:
     """Apply the migrations newer than the database's version, inside the caller's write transaction.
 
     ``table`` is the store's own version table, so several stores can share one database; ``lock_key`` is a

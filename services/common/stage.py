@@ -228,13 +228,25 @@ class Stage:
         message = event.message
         headers = tuple(message.headers or ())
         span = tracing.tracer.start_span(
-            self.service, context=tracing.context_from_headers(headers), kind=SpanKind.CONSUMER,
-            attributes={"messaging.system": "kafka", "messaging.destination.name": message.topic,
-                        "messaging.destination.partition.id": str(message.partition),
-                        "messaging.kafka.offset": message.offset},
-        )  # fmt: skip
-        return InputEvent(key=message.key, value=message.value, topic=message.topic, partition=message.partition,
-                          offset=message.offset, headers=headers, span=span)  # fmt: skip
+            self.service,
+            context=tracing.context_from_headers(headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.destination.name": message.topic,
+                "messaging.destination.partition.id": str(message.partition),
+                "messaging.kafka.offset": message.offset,
+            },
+        )
+        return InputEvent(
+            key=message.key,
+            value=message.value,
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            headers=headers,
+            span=span,
+        )
 
     # -- processing, with transient failures retried ------------------------------------------------------------
 
@@ -276,11 +288,19 @@ class Stage:
         delay = self.backoff.delay(attempt)
         telemetry.STAGE_RETRIES.labels(self.service, type(cause).__name__).inc()
         with tracing.activated(item.span):
-            log.warning("transient failure; retrying", extra={
-                "during": during, "error_type": type(cause).__name__, "error": str(cause)[:200], "attempt": attempt,
-                "retry_in_s": round(delay, 3), "topic": item.topic, "partition": item.partition,
-                "offset": item.offset,
-            })  # fmt: skip
+            log.warning(
+                "transient failure; retrying",
+                extra={
+                    "during": during,
+                    "error_type": type(cause).__name__,
+                    "error": str(cause)[:200],
+                    "attempt": attempt,
+                    "retry_in_s": round(delay, 3),
+                    "topic": item.topic,
+                    "partition": item.partition,
+                    "offset": item.offset,
+                },
+            )
         await asyncio.sleep(delay)
         self._check_stopping()
 
@@ -306,8 +326,11 @@ class Stage:
         for record in records:
             size = _record_size(record)
             if size > self._max_record_bytes:
-                error = StageError("output_too_large", f"an output for {record.topic} is {size} bytes, over the "
-                                   f"producer's limit of {self._max_record_bytes} (SIGHTLINE_KAFKA_MAX_MESSAGE_BYTES)")
+                error = StageError(
+                    "output_too_large",
+                    f"an output for {record.topic} is {size} bytes, over the "
+                    f"producer's limit of {self._max_record_bytes} (SIGHTLINE_KAFKA_MAX_MESSAGE_BYTES)",
+                )
                 return [self._dead_letter(item, error, headers)]  # none of its outputs: never half a result
         return records
 
@@ -330,8 +353,9 @@ class Stage:
             return failed
         return message  # type: ignore[no-any-return]
 
-    async def _confirm_input(self, item: InputEvent, records: list[_Record],
-                             futures: list[asyncio.Future[Any]]) -> None:  # fmt: skip
+    async def _confirm_input(
+        self, item: InputEvent, records: list[_Record], futures: list[asyncio.Future[Any]]
+    ) -> None:
         if records and records[0].dead_letter:
             await self._confirm_dead_letter(item, records[0], futures[0])
             return
@@ -380,9 +404,15 @@ class Stage:
         while (refused := await self._confirm(item, record, future)) is not None:
             attempt += 1
             with tracing.activated(item.span):
-                log.error("the dead-letter topic refused a dead letter; sending it again without the payload copy",
-                          extra={"error_type": type(refused).__name__, "error": str(refused)[:200],
-                                 "attempt": attempt, "offset": item.offset})  # fmt: skip
+                log.error(
+                    "the dead-letter topic refused a dead letter; sending it again without the payload copy",
+                    extra={
+                        "error_type": type(refused).__name__,
+                        "error": str(refused)[:200],
+                        "attempt": attempt,
+                        "offset": item.offset,
+                    },
+                )
             if attempt > 1:  # refused even without it (e.g. not authorised to write there): wait for the operator
                 await asyncio.sleep(self.backoff.delay(attempt - 1))
                 self._check_stopping()
@@ -392,8 +422,9 @@ class Stage:
     def _dead_letter(self, item: InputEvent, error: BaseException, headers: tracing.KafkaHeaders) -> _Record:
         """The input's dead-letter record, counted, logged and marked on its span."""
         # The payload copy leaves room for the record's other fields within the producer's limit.
-        record = dead_letter_record(self.service, item, error,
-                                    max_payload=min(MAX_DEADLETTER_PAYLOAD, self._max_record_bytes - _RECORD_ROOM))
+        record = dead_letter_record(
+            self.service, item, error, max_payload=min(MAX_DEADLETTER_PAYLOAD, self._max_record_bytes - _RECORD_ROOM)
+        )
         telemetry.EVENTS_FAILED.labels(self.service, record.reason).inc()
         telemetry.EVENTS_DEADLETTERED.labels(self.service, record.reason).inc()
         if item.span is not None:
@@ -401,11 +432,16 @@ class Stage:
             item.span.set_attribute("sightline.deadletter.reason", record.reason)
         with tracing.activated(item.span):  # the log line carries the failed event's trace id
             if record.reason == "internal_error":
-                log.error("unexpected failure; input sent to the dead-letter topic", exc_info=error,
-                          extra={"topic": item.topic, "partition": item.partition, "offset": item.offset})  # fmt: skip
+                log.error(
+                    "unexpected failure; input sent to the dead-letter topic",
+                    exc_info=error,
+                    extra={"topic": item.topic, "partition": item.partition, "offset": item.offset},
+                )
             else:
-                log.warning("bad input sent to the dead-letter topic",
-                            extra={"reason": record.reason, "detail": record.error, "offset": item.offset})  # fmt: skip
+                log.warning(
+                    "bad input sent to the dead-letter topic",
+                    extra={"reason": record.reason, "detail": record.error, "offset": item.offset},
+                )
         return _Record(DEADLETTER.name, item.key or b"", record.SerializeToString(), headers, dead_letter=True)
 
 
@@ -434,8 +470,9 @@ def _without_payload(record: _Record) -> _Record:
     return replace(record, value=letter.SerializeToString())
 
 
-def dead_letter_record(stage: str, item: InputEvent, error: BaseException,
-                       max_payload: int = MAX_DEADLETTER_PAYLOAD) -> events_pb2.DeadLetter:  # fmt: skip
+def dead_letter_record(
+    stage: str, item: InputEvent, error: BaseException, max_payload: int = MAX_DEADLETTER_PAYLOAD
+) -> events_pb2.DeadLetter:
     """The dead-letter record of a failed input: stage, reason, message, a reference to the input, its hash and size,
     and a copy of it (up to ``max_payload`` bytes) only when it is safe to copy (``may_copy_payload``)."""
     payload = item.value or b""
@@ -450,8 +487,16 @@ def dead_letter_record(stage: str, item: InputEvent, error: BaseException,
     return record
 
 
-def source_dead_letter(stage: str, error: BaseException, *, source: str, key: bytes, sequence: int,
-                       frame_id: str = "", withheld: tuple[int, bytes] | None = None) -> events_pb2.DeadLetter:  # fmt: skip
+def source_dead_letter(
+    stage: str,
+    error: BaseException,
+    *,
+    source: str,
+    key: bytes,
+    sequence: int,
+    frame_id: str = "",
+    withheld: tuple[int, bytes] | None = None,
+) -> events_pb2.DeadLetter:
     """The dead-letter record of an input that is not a consumed record (capture's frames of files and streams):
     the same fields as ``dead_letter_record``, the input referenced by its source's name (``source``: redacted, never
     with credentials), partition -1 and its ``sequence`` in that source.
@@ -469,8 +514,9 @@ def source_dead_letter(stage: str, error: BaseException, *, source: str, key: by
     return record
 
 
-def _letter(stage: str, error: BaseException, topic: str, partition: int, offset: int,
-            key: bytes) -> events_pb2.DeadLetter:  # fmt: skip
+def _letter(
+    stage: str, error: BaseException, topic: str, partition: int, offset: int, key: bytes
+) -> events_pb2.DeadLetter:
     """What every dead letter says, whatever its input: the stage, the reason and the error, where the input was."""
     reason = getattr(error, "reason", None) or "internal_error"
     return events_pb2.DeadLetter(

@@ -88,9 +88,11 @@ def _credentials(settings: KafkaSettings) -> Any:
     if settings.sasl_mechanism:
         password = settings.sasl_password.get_secret_value() if settings.sasl_password else ""
         return faust.SASLCredentials(
-            username=settings.sasl_username or "", password=password, ssl_context=context,
+            username=settings.sasl_username or "",
+            password=password,
+            ssl_context=context,
             mechanism=settings.sasl_mechanism,
-        )  # fmt: skip
+        )
     if context is not None:
         return faust.SSLCredentials(context)
     return None

@@ -34,7 +34,10 @@ STAGE_RETRIES = Counter(
 )
 EVENTS_PUBLISHED = Counter("sightline_events_published_total", "Events published, by topic.", ["service", "topic"])
 STAGE_LATENCY = Histogram(
-    "sightline_stage_latency_seconds", "Time to process one input event.", ["service", "stage"], buckets=_LATENCY_BUCKETS
+    "sightline_stage_latency_seconds",
+    "Time to process one input event.",
+    ["service", "stage"],
+    buckets=_LATENCY_BUCKETS,
 )
 END_TO_END_LATENCY = Histogram(
     "sightline_capture_to_stage_seconds",
@@ -46,16 +49,21 @@ BATCH_SIZE = Histogram(
     "sightline_batch_size", "Items per model batch.", ["service"], buckets=(1, 2, 4, 8, 16, 32, 64, 128)
 )
 INFERENCE_SECONDS = Histogram(
-    "sightline_model_inference_seconds", "Model inference time per call.", ["service", "model"], buckets=_LATENCY_BUCKETS
+    "sightline_model_inference_seconds",
+    "Model inference time per call.",
+    ["service", "model"],
+    buckets=_LATENCY_BUCKETS,
 )
 GALLERY_TEMPLATES = Gauge("sightline_gallery_templates", "Templates in the in-memory search index.", ["service"])
 GALLERY_SUBJECTS = Gauge("sightline_gallery_subjects", "Enrolled subjects.", ["service"])
 FRAMES_DROPPED = Counter(
-    "sightline_frames_dropped_total", "CCTV frames capture did not publish (backpressure), by source and reason.",
+    "sightline_frames_dropped_total",
+    "CCTV frames capture did not publish (backpressure), by source and reason.",
     ["service", "source", "reason"],
 )
 FACES_NOT_SEARCHED = Counter(
-    "sightline_faces_not_searched_total", "CCTV faces detected but not searched (best-quality selection per track).",
+    "sightline_faces_not_searched_total",
+    "CCTV faces detected but not searched (best-quality selection per track).",
     ["service", "reason"],
 )
 RECORDS_PURGED = Counter(

@@ -39,28 +39,33 @@ class TlsSettings(SightlineSettings):
     model_config = SettingsConfigDict(env_prefix="SIGHTLINE_TLS_", extra="ignore")
 
     server_cert_file: Path | None = Field(
-        None, description="PEM certificate chain the gRPC server presents; with server_key_file the server speaks "
+        None,
+        description="PEM certificate chain the gRPC server presents; with server_key_file the server speaks "
         "TLS only. Its names must cover the addresses clients dial (and 127.0.0.1 for the container health probe).",
-    )  # fmt: skip
+    )
     server_key_file: Path | None = Field(None, description="PEM private key of server_cert_file.")
     client_ca_file: Path | None = Field(
-        None, description="PEM CA bundle that signs client certificates. Set: every connection must present a "
+        None,
+        description="PEM CA bundle that signs client certificates. Set: every connection must present a "
         "certificate it verifies (mutual TLS). Needs server_cert_file.",
-    )  # fmt: skip
+    )
     ca_file: Path | None = Field(
-        None, description="PEM CA bundle this process trusts for the servers it calls. Set (or client_cert_file "
+        None,
+        description="PEM CA bundle this process trusts for the servers it calls. Set (or client_cert_file "
         "set): outgoing calls use TLS.",
-    )  # fmt: skip
+    )
     client_cert_file: Path | None = Field(
-        None, description="PEM certificate this process presents on its outgoing calls (for servers that require "
+        None,
+        description="PEM certificate this process presents on its outgoing calls (for servers that require "
         "mutual TLS); with client_key_file.",
-    )  # fmt: skip
+    )
     client_key_file: Path | None = Field(None, description="PEM private key of client_cert_file.")
     allow_plaintext_tokens: bool = Field(
-        False, description="Send bearer tokens over plaintext (non-TLS) channels to other machines too. Only inside a "
+        False,
+        description="Send bearer tokens over plaintext (non-TLS) channels to other machines too. Only inside a "
         "network you trust, e.g. a cluster with NetworkPolicies: anyone who can read the traffic can replay the "
         "tokens. false: a token goes in clear text to loopback addresses only (127.0.0.0/8, ::1, localhost).",
-    )  # fmt: skip
+    )
 
     @model_validator(mode="after")
     def _pairs_complete(self) -> TlsSettings:
@@ -68,7 +73,9 @@ class TlsSettings(SightlineSettings):
             if (getattr(self, cert) is None) != (getattr(self, key) is None):
                 raise ValueError(f"SIGHTLINE_TLS_{cert.upper()} and SIGHTLINE_TLS_{key.upper()} go together: set both")
         if self.client_ca_file is not None and self.server_cert_file is None:
-            raise ValueError("SIGHTLINE_TLS_CLIENT_CA_FILE needs SIGHTLINE_TLS_SERVER_CERT_FILE: mutual TLS is TLS first")
+            raise ValueError(
+                "SIGHTLINE_TLS_CLIENT_CA_FILE needs SIGHTLINE_TLS_SERVER_CERT_FILE: mutual TLS is TLS first"
+            )
         return self
 
     @property

@@ -55,15 +55,22 @@ SESSIONS = TopicSpec(
     "sightline.sessions.v1", "SessionEvent", DataClass.RESULT, DAY_MS, "capture, decision", ("decision",)
 )
 # Right-to-erasure notices: decision erases what it holds about the subject, integrators their copies of results.
-ERASURES = TopicSpec(
-    "sightline.erasures.v1", "SubjectErased", DataClass.AUDIT, 365 * DAY_MS, "matching", ("decision",)
-)
+ERASURES = TopicSpec("sightline.erasures.v1", "SubjectErased", DataClass.AUDIT, 365 * DAY_MS, "matching", ("decision",))
 DEADLETTER = TopicSpec("sightline.deadletter.v1", "DeadLetter", DataClass.OPERATIONAL, HOUR_MS, "*", ())
 # A copy of every audit record, for a SIEM or an archive; the hash chain in the database is the reference.
 AUDIT = TopicSpec("sightline.audit.v1", "AuditRecord", DataClass.AUDIT, 365 * DAY_MS, "*", ())
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
-    FRAMES, FACES, EMBEDDINGS, MATCHES, DECISIONS, ALERTS, SESSIONS, ERASURES, DEADLETTER, AUDIT,
+    FRAMES,
+    FACES,
+    EMBEDDINGS,
+    MATCHES,
+    DECISIONS,
+    ALERTS,
+    SESSIONS,
+    ERASURES,
+    DEADLETTER,
+    AUDIT,
 )
 
 

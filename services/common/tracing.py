@@ -54,17 +54,21 @@ class TracingSettings(SightlineSettings):
     model_config = SettingsConfigDict(env_prefix="SIGHTLINE_TRACING_", extra="ignore")
 
     exporter: Literal["none", "console", "otlp"] = Field(
-        "none", description="Where finished spans go: nowhere (ids are still made, propagated and logged), "
+        "none",
+        description="Where finished spans go: nowhere (ids are still made, propagated and logged), "
         "one JSON line per span on stdout, or an OTLP/gRPC collector.",
-    )  # fmt: skip
+    )
     otlp_endpoint: str = Field(
-        "http://127.0.0.1:4317", description="OTLP/gRPC collector address when the exporter is otlp "
-        "(http:// for plaintext, https:// for TLS).",
-    )  # fmt: skip
+        "http://127.0.0.1:4317",
+        description="OTLP/gRPC collector address when the exporter is otlp (http:// for plaintext, https:// for TLS).",
+    )
     sample_ratio: float = Field(
-        1.0, ge=0.0, le=1.0, description="Share of new traces (frames, requests) that are recorded and exported; "
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of new traces (frames, requests) that are recorded and exported; "
         "a trace started elsewhere follows its parent's decision. Ids propagate either way.",
-    )  # fmt: skip
+    )
     service_name: str | None = Field(None, description="service.name of the spans (default: sightline-<service>).")
 
 

@@ -72,8 +72,15 @@ def _is_kafka_transient(error: BaseException) -> bool:
     if not module.startswith(("kafka", "aiokafka")):
         return False
     name = type(error).__name__
-    if name in ("KafkaTimeoutError", "KafkaConnectionError", "NoBrokersAvailable", "NodeNotReadyError",
-                "RequestTimedOutError", "NotEnoughReplicasError", "NotEnoughReplicasAfterAppendError"):  # fmt: skip
+    if name in (
+        "KafkaTimeoutError",
+        "KafkaConnectionError",
+        "NoBrokersAvailable",
+        "NodeNotReadyError",
+        "RequestTimedOutError",
+        "NotEnoughReplicasError",
+        "NotEnoughReplicasAfterAppendError",
+    ):
         return True
     # A record or request too large is marked non-retriable by both clients, as are authorisation failures.
     return bool(getattr(error, "retriable", False))

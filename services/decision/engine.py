@@ -102,10 +102,12 @@ class DecisionEngine:
     """Per-frame decisions and watchlist alerts over one policy; not thread-safe (the matches stage feeds it in
     turn)."""
 
-    def __init__(self, policy: Policy, suppressed: Callable[[str, str, str], bool] | None = None,
-                 alerts: AlertBook | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, policy: Policy, suppressed: Callable[[str, str, str], bool] | None = None, alerts: AlertBook | None = None
+    ) -> None:
         """``suppressed(source_id, subject_id, track_id)``: whether a reviewer said "not this person" there, on that
-        track ("" for a face without one) (review/store.py). ``alerts``: where raised alerts are recorded (none: nowhere)."""
+        track ("" for a face without one) (review/store.py). ``alerts``: where raised alerts are recorded (none:
+        nowhere)."""
         self.policy = policy
         self._suppressed = suppressed or (lambda source_id, subject_id, track_id: False)
         self._alerts: AlertBook = alerts or _Unrecorded()
@@ -123,13 +125,19 @@ class DecisionEngine:
                 alerts.append(alert)
         return decisions, alerts
 
-    def _decide_face(self, result: events_pb2.MatchResult, face: events_pb2.FaceMatch) -> tuple[events_pb2.Decision, events_pb2.Alert | None]:  # noqa: E501
+    def _decide_face(
+        self, result: events_pb2.MatchResult, face: events_pb2.FaceMatch
+    ) -> tuple[events_pb2.Decision, events_pb2.Alert | None]:
         frame = result.frame
         decision = events_pb2.Decision(
             decision_id=stable_id(frame.frame_id, str(face.face_index), self.policy.version),
-            frame=frame, face_index=face.face_index, policy_version=self.policy.version,
-            model_version=f"{result.model_name}:{result.model_version}", decided_at=codec.now(), track_id=face.track_id,
-        )  # fmt: skip
+            frame=frame,
+            face_index=face.face_index,
+            policy_version=self.policy.version,
+            model_version=f"{result.model_name}:{result.model_version}",
+            decided_at=codec.now(),
+            track_id=face.track_id,
+        )
         if face.quality.score < self.policy.min_quality:
             decision.outcome = events_pb2.OUTCOME_LOW_QUALITY
             decision.reasons.append(f"quality {face.quality.score:.0f} < minimum {self.policy.min_quality:.0f}")
@@ -145,27 +153,39 @@ class DecisionEngine:
         if frame.claim_subject_id:
             v = face.verification
             if self.policy.verifies(v):  # the policy's own 1:1 threshold, never matching's ``verified``
-                return _Hit(v.subject_id, v.distance, v.similarity, [],
-                            f"claim verified: distance {v.distance:.3f} <= {shown}; {_fmr_text(v.distance)}")
+                return _Hit(
+                    v.subject_id,
+                    v.distance,
+                    v.similarity,
+                    [],
+                    f"claim verified: distance {v.distance:.3f} <= {shown}; {_fmr_text(v.distance)}",
+                )
             return None
         for candidate in face.candidates:  # most alike first; lists may set their own thresholds
             threshold, shown = self.policy.threshold_for(list(candidate.watchlists), candidate.watchlist_thresholds)
             if candidate.distance <= threshold:
-                return _Hit(candidate.subject_id, candidate.distance, candidate.similarity, list(candidate.watchlists),
-                            f"best candidate: distance {candidate.distance:.3f} <= {shown}; "
-                            f"{_fmr_text(candidate.distance)}")  # fmt: skip
+                return _Hit(
+                    candidate.subject_id,
+                    candidate.distance,
+                    candidate.similarity,
+                    list(candidate.watchlists),
+                    f"best candidate: distance {candidate.distance:.3f} <= {shown}; {_fmr_text(candidate.distance)}",
+                )
         return None
 
-    def _no_match(self, decision: events_pb2.Decision, frame: types_pb2.FrameRef, face: events_pb2.FaceMatch) -> events_pb2.Decision:  # noqa: E501
+    def _no_match(
+        self, decision: events_pb2.Decision, frame: types_pb2.FrameRef, face: events_pb2.FaceMatch
+    ) -> events_pb2.Decision:
         decision.outcome = events_pb2.OUTCOME_NO_MATCH
         decision.evidence_frame_ids.append(frame.frame_id)
         limit = self.policy.describe_threshold()
         if frame.claim_subject_id:
             v = face.verification
             decision.reasons.append(
-                f"claim not verified: distance {v.distance:.3f} > {limit}; {_fmr_text(v.distance)}" if v.subject_found
+                f"claim not verified: distance {v.distance:.3f} > {limit}; {_fmr_text(v.distance)}"
+                if v.subject_found
                 else f"claimed subject {frame.claim_subject_id!r} is not enrolled"
-            )  # fmt: skip
+            )
             decision.distance, decision.similarity = v.distance, v.similarity
         elif face.candidates:
             best = face.candidates[0].distance
@@ -175,7 +195,9 @@ class DecisionEngine:
             decision.reasons.append("the gallery has no subject to compare with")
         return decision
 
-    def _agree(self, decision: events_pb2.Decision, frame: types_pb2.FrameRef, hit: _Hit) -> tuple[events_pb2.Decision, events_pb2.Alert | None]:  # noqa: E501
+    def _agree(
+        self, decision: events_pb2.Decision, frame: types_pb2.FrameRef, hit: _Hit
+    ) -> tuple[events_pb2.Decision, events_pb2.Alert | None]:
         at = codec.seconds(frame.captured_at)
         hits = self._record((frame.source_id, decision.track_id, hit.subject_id), frame.frame_id, at)
         decision.subject_id, decision.distance, decision.similarity = hit.subject_id, hit.distance, hit.similarity
@@ -219,8 +241,9 @@ class DecisionEngine:
             return None
         if last is not None and at - last.at < self.policy.alert_cooldown_seconds:
             hits.alerted = bool(track)  # this track's alert is that one
-            decision.reasons.append(f"alert merged into {last.alert_id[:12]}: same subject on this source within the "
-                                    "cool-down")  # fmt: skip
+            decision.reasons.append(
+                f"alert merged into {last.alert_id[:12]}: same subject on this source within the cool-down"
+            )
             return None
         if self._suppressed(frame.source_id, hit.subject_id, track):
             where = f"on track {track}" if track else "on this source"
@@ -235,14 +258,22 @@ class DecisionEngine:
         origin = f"track:{track}" if track else decision.evidence_frame_ids[0]
         return events_pb2.Alert(
             alert_id=stable_id(frame.source_id, hit.subject_id, origin),
-            decision_id=decision.decision_id, source_id=frame.source_id, subject_id=hit.subject_id,
-            watchlists=watchlists, distance=hit.distance, similarity=hit.similarity,
-            evidence_frame_ids=list(decision.evidence_frame_ids), status=events_pb2.ALERT_STATUS_PENDING_REVIEW,
-            raised_at=codec.now(), policy_version=self.policy.version, track_id=track,
-        )  # fmt: skip
+            decision_id=decision.decision_id,
+            source_id=frame.source_id,
+            subject_id=hit.subject_id,
+            watchlists=watchlists,
+            distance=hit.distance,
+            similarity=hit.similarity,
+            evidence_frame_ids=list(decision.evidence_frame_ids),
+            status=events_pb2.ALERT_STATUS_PENDING_REVIEW,
+            raised_at=codec.now(),
+            policy_version=self.policy.version,
+            track_id=track,
+        )
 
-    def _raise(self, decision: events_pb2.Decision, hits: _Hits, alert: events_pb2.Alert,
-               at: float) -> events_pb2.Alert | None:  # fmt: skip
+    def _raise(
+        self, decision: events_pb2.Decision, hits: _Hits, alert: events_pb2.Alert, at: float
+    ) -> events_pb2.Alert | None:
         """Record the alert, then (only then) mark the track alerted and start the cool-down. A failure to store it
         raises with the state untouched, so the frame's retry raises it again."""
         frame = decision.frame

@@ -19,8 +19,8 @@ from sightline.common import codec
 from sightline.common.audit import Action, AuditLog
 from sightline.common.stage import EventProcessor, InputEvent, Output, Stage
 from sightline.common.topics import ERASURES
-from sightline.decision.review.store import SYSTEM_PRINCIPAL, ReviewStore
 from sightline.decision.echannel.desk import SessionDesk
+from sightline.decision.review.store import SYSTEM_PRINCIPAL, ReviewStore
 from sightline.v1 import events_pb2
 
 ERASURE_STAGE = "decision-erasures"
@@ -53,13 +53,21 @@ class Eraser(EventProcessor):
         erased_at = notice.erased_at.ToDatetime(UTC) if notice.HasField("erased_at") else datetime.now(UTC)
         alerts = _persistently("erasing alerts", lambda: self.reviews.erase_subject(subject_id, erased_at))
         sessions_erased = _persistently("erasing sessions", lambda: self.sessions.erase_subject(subject_id, erased_at))
-        counts = {"alerts": alerts.alerts, "reviews": alerts.reviews, "suppressions": alerts.suppressions,
-                  "sessions": sessions_erased}  # fmt: skip
-        result = (f"erased: {_count(alerts.alerts, 'alert')}, {_count(alerts.suppressions, 'suppression')}, "
-                  f"{_count(sessions_erased, 'session')}")  # fmt: skip
+        counts = {
+            "alerts": alerts.alerts,
+            "reviews": alerts.reviews,
+            "suppressions": alerts.suppressions,
+            "sessions": sessions_erased,
+        }
+        result = (
+            f"erased: {_count(alerts.alerts, 'alert')}, {_count(alerts.suppressions, 'suppression')}, "
+            f"{_count(sessions_erased, 'session')}"
+        )
         details = {**counts, "reference": notice.reference[:256], "erased_at": erased_at.isoformat()}
-        _persistently("auditing the erasure", lambda: self.audit.append(SYSTEM_PRINCIPAL, Action.ERASE, subject_id,
-                                                                        ERASURE_PURPOSE, result, details))  # fmt: skip
+        _persistently(
+            "auditing the erasure",
+            lambda: self.audit.append(SYSTEM_PRINCIPAL, Action.ERASE, subject_id, ERASURE_PURPOSE, result, details),
+        )
         log.info("erasure notice applied", extra=counts)
         return []
 
@@ -75,7 +83,7 @@ def _persistently(what: str, step: Callable[[], T]) -> T:
     for attempt in range(1, ERASURE_ATTEMPTS):
         try:
             return step()
-        except Exception:  # noqa: BLE001 - a database hiccup; the last attempt's failure is the one raised
+        except Exception:
             log.warning("%s failed; trying again", what, exc_info=True, extra={"attempt": attempt})
             time.sleep(ERASURE_RETRY_SECONDS * attempt)
     return step()

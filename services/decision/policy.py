@@ -28,13 +28,18 @@ class EChannelPolicy(BaseModel):
 
     budget_seconds: float = Field(5.0, gt=0, description="From the session's opening to REFER_TO_OFFICER by time-out.")
     min_verified_frames: int = Field(
-        2, ge=1, description="Good frames verified against the claim needed to accept, among the frames the liveness "
+        2,
+        ge=1,
+        description="Good frames verified against the claim needed to accept, among the frames the liveness "
         "verdict was assessed on (keep it at most detection's liveness min_frames).",
-    )  # fmt: skip
+    )
     min_quality: float = Field(
-        40.0, ge=0, le=100, description="Unified quality a frame's face needs to count (keep detection's liveness "
+        40.0,
+        ge=0,
+        le=100,
+        description="Unified quality a frame's face needs to count (keep detection's liveness "
         "min_quality at most this, so every frame counted here was one the liveness verdict assessed).",
-    )  # fmt: skip
+    )
     max_low_quality_frames: int = Field(
         12, ge=1, description="Frames whose face is under the minimum quality before referring (repeated low quality)."
     )
@@ -42,25 +47,32 @@ class EChannelPolicy(BaseModel):
         2, ge=1, description="Good frames that fail verification against the claim before referring (mismatch)."
     )
     require_liveness: bool = Field(
-        True, description="ACCEPT only with a passing liveness verdict (from detection's multi-frame checks), on "
+        True,
+        description="ACCEPT only with a passing liveness verdict (from detection's multi-frame checks), on "
         "verified frames inside the window of frames that verdict was assessed on.",
-    )  # fmt: skip
+    )
     close_grace_seconds: float = Field(
-        1.0, ge=0, description="After the kiosk closes a session without saying how many frames it sent, how long "
+        1.0,
+        ge=0,
+        description="After the kiosk closes a session without saying how many frames it sent, how long "
         "to wait for the results of frames still in the pipeline before deciding with what has arrived. A close "
         "that gives the count is decided when all have arrived, or at the session's deadline.",
-    )  # fmt: skip
+    )
     max_deadline_seconds: float = Field(
-        600.0, gt=0, description="An OPENED event whose deadline is further than this after its opening is refused as "
+        600.0,
+        gt=0,
+        description="An OPENED event whose deadline is further than this after its opening is refused as "
         "malformed (dead-lettered): a session that could stay open for days would hold the session timer's memory. "
         "At least budget_seconds; keep it above capture's SIGHTLINE_CAPTURE_SESSION_BUDGET_S, whose deadline wins.",
-    )  # fmt: skip
+    )
 
     @model_validator(mode="after")
     def _deadline_bound_covers_the_budget(self) -> EChannelPolicy:
         if self.max_deadline_seconds < self.budget_seconds:
-            raise ValueError(f"echannel.max_deadline_seconds ({self.max_deadline_seconds:g}) must be at least "
-                             f"budget_seconds ({self.budget_seconds:g})")  # fmt: skip
+            raise ValueError(
+                f"echannel.max_deadline_seconds ({self.max_deadline_seconds:g}) must be at least "
+                f"budget_seconds ({self.budget_seconds:g})"
+            )
         return self
 
 
@@ -72,15 +84,21 @@ class Policy(BaseModel):
         DEFAULT_MAX_DISTANCE, gt=0, le=2, description="A candidate or claim at or under this distance is a hit."
     )
     match_target_fmr: float | None = Field(
-        None, gt=0, lt=1, description="The threshold as a target false match rate (e.g. 0.001), converted to a "
+        None,
+        gt=0,
+        lt=1,
+        description="The threshold as a target false match rate (e.g. 0.001), converted to a "
         "distance with the model's calibration table (docs/accuracy.md); overrides match_max_distance when set.",
     )
     watchlist_target_fmr: dict[str, float] = Field(
-        default_factory=dict, description="Per-watchlist thresholds as target false match rates, e.g. "
+        default_factory=dict,
+        description="Per-watchlist thresholds as target false match rates, e.g. "
         "{stop-list: 0.0001, vip: 0.01}; a candidate on such a list is a hit within that list's threshold.",
     )
     min_agreeing_frames: int = Field(
-        2, ge=1, description="Frames of one source that must agree on a subject before the outcome is MATCH; for "
+        2,
+        ge=1,
+        description="Frames of one source that must agree on a subject before the outcome is MATCH; for "
         "tracked CCTV faces, the searched faces of one track (keep detection's always-searched count at least this).",
     )
     window_seconds: float = Field(10.0, gt=0, description="The agreeing frames must fall within this span.")
@@ -91,7 +109,9 @@ class Policy(BaseModel):
         ("*",), description='A MATCH on a subject of these watchlists raises an alert; "*" means any watchlist.'
     )
     alert_cooldown_seconds: float = Field(
-        60.0, ge=0, description="Further MATCHes of the same subject on the same source within this span raise no alert."
+        60.0,
+        ge=0,
+        description="Further MATCHes of the same subject on the same source within this span raise no alert.",
     )
     echannel: EChannelPolicy = Field(
         default_factory=EChannelPolicy, description="The rules of e-channel (gate) sessions: see EChannelPolicy."
@@ -109,8 +129,9 @@ class Policy(BaseModel):
             self._watchlist_distances[name] = distance_for_fmr(target)
         return self
 
-    def threshold_for(self, watchlists: list[str],
-                      gallery_thresholds: Mapping[str, float] | None = None) -> tuple[float, str]:  # fmt: skip
+    def threshold_for(
+        self, watchlists: list[str], gallery_thresholds: Mapping[str, float] | None = None
+    ) -> tuple[float, str]:
         """The distance threshold for a candidate on these watchlists, and how reasons quote it.
 
         Per list, in order of precedence: the list's own threshold set in the gallery (``gallery_thresholds``, from

@@ -29,22 +29,24 @@ from sightline.common.retention import PurgeSchedule, RetentionSettings
 from sightline.common.runtime import Servicer, run_service
 from sightline.common.stage import EventProcessor, InputEvent, Output, Stage
 from sightline.common.topics import ALERTS, DECISIONS, MATCHES
+from sightline.decision.echannel.desk import SessionDesk, is_session_frame, session_stage
+from sightline.decision.echannel.engine import SessionEngine
+from sightline.decision.echannel.store import SessionStore
 from sightline.decision.engine import DecisionEngine
-from sightline.decision.policy import Policy, load_policy
 from sightline.decision.erasure import erasure_stage
+from sightline.decision.policy import Policy, load_policy
 from sightline.decision.review.recorder import AlertRecorder
 from sightline.decision.review.servicer import ReviewServicer, alert_publisher
 from sightline.decision.review.store import ReviewStore
-from sightline.decision.echannel.desk import SessionDesk, is_session_frame, session_stage
-from sightline.decision.echannel.store import SessionStore
-from sightline.decision.echannel.engine import SessionEngine
 from sightline.decision.settings import DecisionSettings
 from sightline.v1 import events_pb2, types_pb2
 
 SERVICE = "decision"
 SESSION_RESULT_NOT_FOLDED = "session_result_not_folded"  # the EVENTS_FAILED reason of a result its session missed
 log = logging.getLogger(__name__)
-Erased = Callable[[str, datetime], bool]  # (subject id, when a frame was seen): erased since? (ReviewStore.erased_since)
+Erased = Callable[
+    [str, datetime], bool
+]  # (subject id, when a frame was seen): erased since? (ReviewStore.erased_since)
 
 
 class Decider(EventProcessor):
@@ -57,8 +59,9 @@ class Decider(EventProcessor):
     the erasure) is not published.
     """
 
-    def __init__(self, engine: DecisionEngine, sessions: SessionDesk | None = None,
-                 erased: Erased | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, engine: DecisionEngine, sessions: SessionDesk | None = None, erased: Erased | None = None
+    ) -> None:
         self.engine = engine
         self.sessions = sessions
         self.erased = erased
@@ -77,18 +80,22 @@ class Decider(EventProcessor):
         ]
 
 
-def _published(decisions: list[events_pb2.Decision], frame: types_pb2.FrameRef,
-               erased: Erased) -> list[events_pb2.Decision]:  # fmt: skip
+def _published(
+    decisions: list[events_pb2.Decision], frame: types_pb2.FrameRef, erased: Erased
+) -> list[events_pb2.Decision]:
     """The decisions that name no subject erased since the frame was seen (its match or its claim): right to erasure
     means nothing more is said about the subject once the notice is applied, however late a result arrives."""
     seen_at = frame.captured_at.ToDatetime(UTC) if frame.HasField("captured_at") else datetime.now(UTC)
-    gone = {name for name in {frame.claim_subject_id, *(d.subject_id for d in decisions)} - {""}
-            if erased(name, seen_at)}  # fmt: skip
+    gone = {
+        name for name in {frame.claim_subject_id, *(d.subject_id for d in decisions)} - {""} if erased(name, seen_at)
+    }
     if not gone:
         return decisions
     kept = [d for d in decisions if d.subject_id not in gone and frame.claim_subject_id not in gone]
-    log.info("decisions naming an erased subject withheld",
-             extra={"frame_id": frame.frame_id, "withheld": len(decisions) - len(kept)})  # fmt: skip
+    log.info(
+        "decisions naming an erased subject withheld",
+        extra={"frame_id": frame.frame_id, "withheld": len(decisions) - len(kept)},
+    )
     return kept
 
 
@@ -98,9 +105,11 @@ def _fold_into_session(sessions: SessionDesk, result: events_pb2.MatchResult) ->
     evidence, is at worst referred by time-out."""
     try:
         sessions.on_result(result)
-    except Exception:  # noqa: BLE001 - see above
-        log.exception("e-channel result not folded into its session",
-                      extra={"session_id": result.frame.session_id, "frame_id": result.frame.frame_id})  # fmt: skip
+    except Exception:
+        log.exception(
+            "e-channel result not folded into its session",
+            extra={"session_id": result.frame.session_id, "frame_id": result.frame.frame_id},
+        )
         telemetry.EVENTS_FAILED.labels(SERVICE, SESSION_RESULT_NOT_FOLDED).inc()
 
 
@@ -147,17 +156,34 @@ def purge_schedule(reviews: ReviewStore, sessions: SessionStore) -> PurgeSchedul
     from the topic always finds its session already decided.
     """
     limits = RetentionSettings()
-    return PurgeSchedule(SERVICE, {
-        "alerts": (timedelta(days=limits.alerts_days), reviews.purge),
-        "sessions": (timedelta(hours=limits.sessions_hours + 1), sessions.purge_decided),
-    }, limits.purge_interval_s)  # fmt: skip
+    return PurgeSchedule(
+        SERVICE,
+        {
+            "alerts": (timedelta(days=limits.alerts_days), reviews.purge),
+            "sessions": (timedelta(hours=limits.sessions_hours + 1), sessions.purge_decided),
+        },
+        limits.purge_interval_s,
+    )
 
 
-def start_sessions(settings: DecisionSettings, policy: Policy, store: SessionStore, recorder: AlertRecorder,
-                   audit: AuditLog, publisher: TopicPublisher) -> SessionDesk:  # fmt: skip
+def start_sessions(
+    settings: DecisionSettings,
+    policy: Policy,
+    store: SessionStore,
+    recorder: AlertRecorder,
+    audit: AuditLog,
+    publisher: TopicPublisher,
+) -> SessionDesk:
     """The e-channel session desk, with the sessions a previous run left open, and its timer and announcer running."""
-    desk = SessionDesk(SessionEngine(policy), store, recorder, audit, publisher,
-                       settings.session_hold_seconds, settings.session_hold_max)  # fmt: skip
+    desk = SessionDesk(
+        SessionEngine(policy),
+        store,
+        recorder,
+        audit,
+        publisher,
+        settings.session_hold_seconds,
+        settings.session_hold_max,
+    )
     desk.recover()
     desk.start(settings.session_tick_seconds)
     return desk

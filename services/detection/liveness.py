@@ -55,28 +55,47 @@ class LivenessSettings(BaseModel):
 
     min_frames: int = Field(10, ge=3, description="Frames of the tracked face needed before liveness is decided.")
     min_quality: float = Field(
-        40.0, ge=0, le=100, description="E-channel sessions: unified quality (0-100) a traveller's face needs to "
+        40.0,
+        ge=0,
+        le=100,
+        description="E-channel sessions: unified quality (0-100) a traveller's face needs to "
         "count towards the verdict. Keep it at most the decision policy's echannel.min_quality (the default equals "
-        "it): then every verified frame inside the verdict's window is one the checks assessed.")  # fmt: skip
+        "it): then every verified frame inside the verdict's window is one the checks assessed.",
+    )
     min_motion: float = Field(
-        0.05, gt=0, description="Largest RMS displacement of the face's points from the first frame, in inter-eye "
-        "distances, below which the face counts as still (a photo on a stand).")  # fmt: skip
+        0.05,
+        gt=0,
+        description="Largest RMS displacement of the face's points from the first frame, in inter-eye "
+        "distances, below which the face counts as still (a photo on a stand).",
+    )
     min_non_planarity: float = Field(
-        0.0, ge=0, description="Median over frames of the RMS residual of one homography fitted from the first "
+        0.0,
+        ge=0,
+        description="Median over frames of the RMS residual of one homography fitted from the first "
         "frame's points, in inter-eye distances, below which the face moves as a flat picture. 0: reported only "
-        "(measured: it overlaps between replays and real faces, see docs/liveness.md).")  # fmt: skip
+        "(measured: it overlaps between replays and real faces, see docs/liveness.md).",
+    )
     min_texture_non_planarity: float = Field(
-        0.004, ge=0, description="1 - the lowest correlation (ECC) reached when each sampled chip is aligned onto "
+        0.004,
+        ge=0,
+        description="1 - the lowest correlation (ECC) reached when each sampled chip is aligned onto "
         "the first by one homography, on the face region; below it the face's texture moves as a flat picture. "
-        "0 disables the check.")
+        "0 disables the check.",
+    )
     texture_frames: int = Field(
-        4, ge=1, description="Frames (evenly spaced after the first) on which the texture check runs: ~25 ms each. "
-        "More frames also raise the attack tail, since the check takes the largest misfit (measured with 8: 0.0034).")
+        4,
+        ge=1,
+        description="Frames (evenly spaced after the first) on which the texture check runs: ~25 ms each. "
+        "More frames also raise the attack tail, since the check takes the largest misfit (measured with 8: 0.0034).",
+    )
     pad_model: Path | None = Field(
-        None, description="Optional operator-supplied ONNX PAD model: input 'chips' uint8 [N,150,150,3] RGB aligned "
-        "chips, output 'live_probability' float32 [N]. None: geometric checks only.")  # fmt: skip
+        None,
+        description="Optional operator-supplied ONNX PAD model: input 'chips' uint8 [N,150,150,3] RGB aligned "
+        "chips, output 'live_probability' float32 [N]. None: geometric checks only.",
+    )
     pad_threshold: float = Field(
-        0.5, ge=0, le=1, description="Mean live probability over the frames that the PAD model must reach.")
+        0.5, ge=0, le=1, description="Mean live probability over the frames that the PAD model must reach."
+    )
     pad_threads: int = Field(1, ge=1, description="onnxruntime threads of the PAD model's session.")
 
 
@@ -92,8 +111,12 @@ class LivenessObservation:
     @classmethod
     def from_face(cls, face: Any, keep_chip: bool = True) -> LivenessObservation:
         """From an ``AnalyzedFace`` (or anything with the same fields)."""
-        return cls(landmarks=np.asarray(face.landmarks, np.float64), keypoints=np.asarray(face.keypoints, np.float64),
-                   box=np.asarray(face.box, np.float64), chip=face.chip if keep_chip else None)  # fmt: skip
+        return cls(
+            landmarks=np.asarray(face.landmarks, np.float64),
+            keypoints=np.asarray(face.keypoints, np.float64),
+            box=np.asarray(face.box, np.float64),
+            chip=face.chip if keep_chip else None,
+        )
 
 
 @dataclass
@@ -182,8 +205,15 @@ def texture_misfit(first_chip: np.ndarray, later_chip: np.ndarray) -> float | No
     moves the face box's corners more than ``_MAX_CORNER_SHIFT`` pixels (ECC settled on a wrong alignment).
     """
     try:
-        correlation, warp = cv2.findTransformECC(_grey(first_chip), _grey(later_chip), np.eye(3, dtype=np.float32),
-                                                 cv2.MOTION_HOMOGRAPHY, _ECC_CRITERIA, _FACE_MASK, 1)  # fmt: skip
+        correlation, warp = cv2.findTransformECC(
+            _grey(first_chip),
+            _grey(later_chip),
+            np.eye(3, dtype=np.float32),
+            cv2.MOTION_HOMOGRAPHY,
+            _ECC_CRITERIA,
+            _FACE_MASK,
+            1,
+        )
     except cv2.error:
         return None
     if np.abs(cv2.perspectiveTransform(_BOX_CORNERS, warp) - _BOX_CORNERS).max() > _MAX_CORNER_SHIFT:
@@ -211,7 +241,9 @@ class PadModelError(ValueError):
 
 def _check_dims(dims: Sequence[object], expected: Sequence[int], what: str, path: Path) -> None:
     """Fixed dimensions must equal ``expected`` (the batch dimension, and any symbolic one, is free)."""
-    if len(dims) != len(expected) or any(isinstance(d, int) and d != e for d, e in zip(dims[1:], expected[1:])):
+    if len(dims) != len(expected) or any(
+        isinstance(d, int) and d != e for d, e in zip(dims[1:], expected[1:], strict=True)
+    ):
         shape = "[N" + "".join(f",{e}" for e in expected[1:]) + "]"
         raise PadModelError(f"PAD model {path}: {what} has shape {list(dims)}, expected {shape}")
 
@@ -302,8 +334,13 @@ class LivenessChecker:
         score = min(scores.values()) if scores else 1.0
         return LivenessVerdict(passed=not reasons, score=round(float(score), 4), reasons=reasons, checks=checks)
 
-    def _run_pad(self, observations: Sequence[LivenessObservation], checks: dict[str, float],
-                 scores: dict[str, float], reasons: list[str]) -> None:  # fmt: skip
+    def _run_pad(
+        self,
+        observations: Sequence[LivenessObservation],
+        checks: dict[str, float],
+        scores: dict[str, float],
+        reasons: list[str],
+    ) -> None:
         """Adds the PAD model's mean live probability (frames without a chip are skipped; none at all fails)."""
         assert self.pad is not None
         chips = [o.chip for o in observations if o.chip is not None]
@@ -314,5 +351,6 @@ class LivenessChecker:
         probability = float(self.pad.live_probability(np.stack(chips)).mean())
         checks["pad"], scores["pad"] = probability, _probability_score(probability, self.settings.pad_threshold)
         if probability < self.settings.pad_threshold:
-            reasons.append(f"PAD model {self.pad.name}: live probability {probability:.4f} < "
-                           f"{self.settings.pad_threshold:.4f}")  # fmt: skip
+            reasons.append(
+                f"PAD model {self.pad.name}: live probability {probability:.4f} < {self.settings.pad_threshold:.4f}"
+            )

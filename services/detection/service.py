@@ -53,10 +53,12 @@ class Detection(EventProcessor):
         self.settings = settings
         self.analyzer = FaceAnalyzer(threads=settings.inference_threads, score_threshold=settings.score_threshold)
         self.session_liveness = SessionLiveness(settings.liveness)
-        self.tracker = FaceTracker(settings.track_min_iou, settings.track_min_landmark_similarity,
-                                   settings.track_max_age_s)  # fmt: skip
-        self.best_faces = BestFaces(settings.search_min_quality, settings.search_first_faces, settings.search_margin,
-                                    settings.search_max_faces)  # fmt: skip
+        self.tracker = FaceTracker(
+            settings.track_min_iou, settings.track_min_landmark_similarity, settings.track_max_age_s
+        )
+        self.best_faces = BestFaces(
+            settings.search_min_quality, settings.search_first_faces, settings.search_margin, settings.search_max_faces
+        )
         # One onnxruntime session is not meant to be driven from many threads at once for our latency goals.
         self._lock = threading.Lock()
         self._tracking_lock = threading.Lock()
@@ -92,8 +94,9 @@ class Detection(EventProcessor):
         at = codec.seconds(ref.captured_at)
         protos = []
         with self._tracking_lock:
-            tracks = self.tracker.tracks_of(ref.source_id, at, [f.box for f in faces], [f.landmarks for f in faces],
-                                            size=(ref.height, ref.width))  # fmt: skip
+            tracks = self.tracker.tracks_of(
+                ref.source_id, at, [f.box for f in faces], [f.landmarks for f in faces], size=(ref.height, ref.width)
+            )
             for face, track in zip(faces, tracks, strict=True):
                 skipped = None if self.settings.search_every_face else self.best_faces.select(track, face.quality.score)
                 if skipped:
@@ -103,7 +106,9 @@ class Detection(EventProcessor):
                 protos.append(proto)
         return protos
 
-    def _assess_liveness(self, ref: types_pb2.FrameRef, faces: list[AnalyzedFace], detected: events_pb2.FacesDetected) -> None:  # noqa: E501
+    def _assess_liveness(
+        self, ref: types_pb2.FrameRef, faces: list[AnalyzedFace], detected: events_pb2.FacesDetected
+    ) -> None:
         """E-channel frames: the session's liveness verdict so far goes on the traveller's face."""
         face = traveller(faces) if ref.purpose == types_pb2.PURPOSE_ECHANNEL and ref.session_id else None
         if face is not None:
@@ -135,5 +140,6 @@ def main() -> None:
     servicer = Servicer.of(DetectionServicer(detection))
     stage = Stage(SERVICE, FRAMES, [FACES], detection)
     audit = AuditLog.open_if_configured()  # where refused calls are audited; None: they are logged only
-    run_service(SERVICE, settings, KafkaSettings(), [servicer], [stage], on_stop=audit.close if audit else None,
-                audit=audit)  # fmt: skip
+    run_service(
+        SERVICE, settings, KafkaSettings(), [servicer], [stage], on_stop=audit.close if audit else None, audit=audit
+    )

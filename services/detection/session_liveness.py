@@ -20,8 +20,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sightline.detection.liveness import LivenessChecker, LivenessObservation, LivenessSettings
 from sightline.common.models.pipeline import AnalyzedFace
+from sightline.detection.liveness import LivenessChecker, LivenessObservation, LivenessSettings
 from sightline.v1 import types_pb2
 
 IDLE_SECONDS = 120.0
@@ -65,9 +65,14 @@ class SessionLiveness:
                 return session.verdict
             if face.quality.score < settings.min_quality:
                 counted = len(session.observations)
-                return types_pb2.LivenessResult(assessed=False, frames=counted, reasons=[
-                    f"face quality {face.quality.score:.0f} under {settings.min_quality:.0f}: not counted "
-                    f"({counted} of {settings.min_frames} frames)"])  # fmt: skip
+                return types_pb2.LivenessResult(
+                    assessed=False,
+                    frames=counted,
+                    reasons=[
+                        f"face quality {face.quality.score:.0f} under {settings.min_quality:.0f}: not counted "
+                        f"({counted} of {settings.min_frames} frames)"
+                    ],
+                )
             session.observations.append(LivenessObservation.from_face(face))
             session.sequences.append(sequence)
             observations, sequences = list(session.observations), list(session.sequences)
@@ -75,9 +80,15 @@ class SessionLiveness:
             needed = f"need {settings.min_frames} frames, have {len(observations)}"
             return types_pb2.LivenessResult(assessed=False, frames=len(observations), reasons=[needed])
         verdict = self.checker.assess(observations)
-        result = types_pb2.LivenessResult(assessed=True, passed=verdict.passed, score=verdict.score,
-                                          reasons=list(verdict.reasons), frames=len(observations),
-                                          first_sequence=sequences[0], last_sequence=sequences[-1])  # fmt: skip
+        result = types_pb2.LivenessResult(
+            assessed=True,
+            passed=verdict.passed,
+            score=verdict.score,
+            reasons=list(verdict.reasons),
+            frames=len(observations),
+            first_sequence=sequences[0],
+            last_sequence=sequences[-1],
+        )
         with self._lock:
             session.verdict, session.observations, session.sequences = result, [], []  # not needed any more
         return result

@@ -8,9 +8,9 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from sightline.common.config import ServiceSettings
-from sightline.detection.liveness import LivenessSettings
 from sightline.common.images import DEFAULT_MAX_PIXELS
 from sightline.common.ports import GRPC_PORTS, METRICS_PORTS
+from sightline.detection.liveness import LivenessSettings
 
 
 class DetectionSettings(ServiceSettings):
@@ -32,38 +32,54 @@ class DetectionSettings(ServiceSettings):
 
     # CCTV face tracking and best-quality selection (docs/cctv.md); e-channel frames are neither tracked nor selected.
     track_min_iou: float = Field(
-        0.3, gt=0, le=1, description="Least overlap (IoU) of a face with where a track is expected for it to continue "
-        "that track.",
-    )  # fmt: skip
+        0.3,
+        gt=0,
+        le=1,
+        description="Least overlap (IoU) of a face with where a track is expected for it to continue that track.",
+    )
     track_min_landmark_similarity: float = Field(
-        0.6, gt=0, le=1, description="When the boxes overlap less: least landmark similarity (1: same place, 0: two "
+        0.6,
+        gt=0,
+        le=1,
+        description="When the boxes overlap less: least landmark similarity (1: same place, 0: two "
         "face widths apart) for a face to continue a track.",
-    )  # fmt: skip
+    )
     track_max_age_s: float = Field(
-        2.0, gt=0, description="A track not seen for this long (capture time) ends; the person's next face starts a "
-        "new track.",
-    )  # fmt: skip
+        2.0,
+        gt=0,
+        description="A track not seen for this long (capture time) ends; the person's next face starts a new track.",
+    )
     search_min_quality: float = Field(
-        10.0, ge=0, le=100, description="CCTV faces under this unified quality score (0-100) are not searched; their "
+        10.0,
+        ge=0,
+        le=100,
+        description="CCTV faces under this unified quality score (0-100) are not searched; their "
         "track waits for a better face.",
-    )  # fmt: skip
+    )
     search_first_faces: int = Field(
-        2, ge=1, description="The first faces of a track (of at least search_min_quality) searched whatever their "
+        2,
+        ge=1,
+        description="The first faces of a track (of at least search_min_quality) searched whatever their "
         "quality, so that one track can meet the decision policy's min_agreeing_frames: keep it at least as high.",
-    )  # fmt: skip
+    )
     search_margin: float = Field(
-        10.0, ge=0, description="After the first faces, a face of a track is searched only when its quality beats the "
+        10.0,
+        ge=0,
+        description="After the first faces, a face of a track is searched only when its quality beats the "
         "best one searched for the track by this many points.",
-    )  # fmt: skip
+    )
     search_max_faces: int = Field(3, ge=1, description="Most faces of one track that are searched.")
     search_every_face: bool = Field(
-        False, description="Search every CCTV face (tracks are still set), for benchmarks and evaluations that need a "
+        False,
+        description="Search every CCTV face (tracks are still set), for benchmarks and evaluations that need a "
         "decision per face; costs a search per face and frame.",
-    )  # fmt: skip
+    )
 
     @model_validator(mode="after")
     def _first_faces_within_the_limit(self) -> DetectionSettings:
         if self.search_first_faces > self.search_max_faces:
-            raise ValueError(f"search_first_faces ({self.search_first_faces}) must not exceed search_max_faces "
-                             f"({self.search_max_faces})")  # fmt: skip
+            raise ValueError(
+                f"search_first_faces ({self.search_first_faces}) must not exceed search_max_faces "
+                f"({self.search_max_faces})"
+            )
         return self

@@ -64,21 +64,38 @@ def landmark_similarity(a: np.ndarray, b: np.ndarray, box: np.ndarray) -> float:
 
 
 class FaceTracker:
-    def __init__(self, min_iou: float = 0.3, min_landmark_similarity: float = 0.6, max_age_s: float = 2.0,
-                 max_cameras: int = 10_000) -> None:  # fmt: skip
+    def __init__(
+        self,
+        min_iou: float = 0.3,
+        min_landmark_similarity: float = 0.6,
+        max_age_s: float = 2.0,
+        max_cameras: int = 10_000,
+    ) -> None:
         self.min_iou = min_iou
         self.min_landmark_similarity = min_landmark_similarity
         self.max_age_s = max_age_s
         self.max_cameras = max_cameras
         self._cameras: dict[str, _Camera] = {}
 
-    def assign(self, camera: str, at: float, boxes: Sequence[np.ndarray], landmarks: Sequence[np.ndarray],
-               size: tuple[int, int] | None = None) -> list[str]:  # fmt: skip
+    def assign(
+        self,
+        camera: str,
+        at: float,
+        boxes: Sequence[np.ndarray],
+        landmarks: Sequence[np.ndarray],
+        size: tuple[int, int] | None = None,
+    ) -> list[str]:
         """The track id of each face of one frame, in order; new faces start new tracks."""
         return [track.track_id for track in self.tracks_of(camera, at, boxes, landmarks, size)]
 
-    def tracks_of(self, camera: str, at: float, boxes: Sequence[np.ndarray], landmarks: Sequence[np.ndarray],
-                  size: tuple[int, int] | None = None) -> list[Track]:  # fmt: skip
+    def tracks_of(
+        self,
+        camera: str,
+        at: float,
+        boxes: Sequence[np.ndarray],
+        landmarks: Sequence[np.ndarray],
+        size: tuple[int, int] | None = None,
+    ) -> list[Track]:
         """The track of each face of one frame (``size``: the frame's height and width), in order."""
         state = self._camera(camera)
         if size is not None and state.size != size:
@@ -91,11 +108,13 @@ class FaceTracker:
             if found[face] is None and track_index not in taken:
                 taken.add(track_index)
                 found[face] = self._continue(state.tracks[track_index], boxes[face], landmarks[face], at)
-        return [track or self._start(camera, state, boxes[face], landmarks[face], at)
-                for face, track in enumerate(found)]  # fmt: skip
+        return [
+            track or self._start(camera, state, boxes[face], landmarks[face], at) for face, track in enumerate(found)
+        ]
 
-    def _candidate_pairs(self, tracks: list[Track], boxes: Sequence[np.ndarray], landmarks: Sequence[np.ndarray],
-                         at: float) -> list[tuple[float, int, int]]:  # fmt: skip
+    def _candidate_pairs(
+        self, tracks: list[Track], boxes: Sequence[np.ndarray], landmarks: Sequence[np.ndarray], at: float
+    ) -> list[tuple[float, int, int]]:
         # Where each track is expected, and where it was last seen: a walker may stop, and a velocity measured over
         # two frames captured milliseconds apart can overshoot.
         expected = [(track.predicted(at), (track.box, track.landmarks)) for track in tracks]

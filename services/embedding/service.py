@@ -79,8 +79,10 @@ class Embedding:
         """A chip as the model takes it; MalformedEvent when its bytes or its size are not what the model needs."""
         chip = codec.chip_from_bytes(data, size)
         if size != self.embedder.chip_size:
-            raise codec.MalformedEvent(f"face chip is {size}x{size}; the model takes "
-                                       f"{self.embedder.chip_size}x{self.embedder.chip_size} RGB chips")  # fmt: skip
+            raise codec.MalformedEvent(
+                f"face chip is {size}x{size}; the model takes "
+                f"{self.embedder.chip_size}x{self.embedder.chip_size} RGB chips"
+            )
         return chip
 
     def _embed_each(self, per_event: list[list[np.ndarray]]) -> list[np.ndarray | BaseException]:
@@ -113,9 +115,16 @@ class Embedding:
         )
         for face in searched(detected):
             vector = next(descriptors)  # type: ignore[call-overload]
-            embedded.faces.add(face_index=face.index, box=face.box, quality=face.quality, vector=vector.tolist(),
-                               landmarks=face.landmarks, detector_keypoints=face.detector_keypoints,
-                               liveness=face.liveness, track_id=face.track_id)  # fmt: skip
+            embedded.faces.add(
+                face_index=face.index,
+                box=face.box,
+                quality=face.quality,
+                vector=vector.tolist(),
+                landmarks=face.landmarks,
+                detector_keypoints=face.detector_keypoints,
+                liveness=face.liveness,
+                track_id=face.track_id,
+            )
         return [Output(EMBEDDINGS, detected.frame.source_id.encode(), embedded.SerializeToString())]
 
 
@@ -126,8 +135,9 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     @rpc_errors
     def Embed(self, request: embedding_pb2.EmbedRequest, context: object) -> embedding_pb2.EmbedResponse:
         if len(request.chips) > self._embedding.settings.max_chips_per_request:
-            raise InvalidInput(f"{len(request.chips)} chips in one call; the limit is "
-                               f"{self._embedding.settings.max_chips_per_request}")  # fmt: skip
+            raise InvalidInput(
+                f"{len(request.chips)} chips in one call; the limit is {self._embedding.settings.max_chips_per_request}"
+            )
         try:
             chips = [codec.chip_from_bytes(chip.rgb, chip.size) for chip in request.chips]
         except codec.MalformedEvent as exc:
@@ -147,8 +157,15 @@ def main() -> None:
     settings = EmbeddingSettings()
     embedding = Embedding(settings)
     servicer = Servicer.of(EmbeddingServicer(embedding))
-    stage = Stage(SERVICE, FACES, [EMBEDDINGS], embedding, max_batch=settings.max_batch_events,
-                  batch_wait_s=settings.batch_wait_ms / 1000)  # fmt: skip
+    stage = Stage(
+        SERVICE,
+        FACES,
+        [EMBEDDINGS],
+        embedding,
+        max_batch=settings.max_batch_events,
+        batch_wait_s=settings.batch_wait_ms / 1000,
+    )
     audit = AuditLog.open_if_configured()  # where refused calls are audited; None: they are logged only
-    run_service(SERVICE, settings, KafkaSettings(), [servicer], [stage], on_stop=audit.close if audit else None,
-                audit=audit)  # fmt: skip
+    run_service(
+        SERVICE, settings, KafkaSettings(), [servicer], [stage], on_stop=audit.close if audit else None, audit=audit
+    )

@@ -45,10 +45,23 @@ class GalleryAudit:
     def caller(self, context: grpc.ServicerContext) -> str:
         return self._principal(context) or ANONYMOUS
 
-    def record(self, context: grpc.ServicerContext, action: Action, subject_id: str = "", purpose: str = "",
-               result: str = "ok", details: Mapping[str, Any] | None = None) -> None:  # fmt: skip
-        self.log.append(self.caller(context), action, subject_id[:MAX_AUDITED_ID], purpose[:MAX_PURPOSE_CHARS],
-                        result[:MAX_RESULT_CHARS], details)  # fmt: skip
+    def record(
+        self,
+        context: grpc.ServicerContext,
+        action: Action,
+        subject_id: str = "",
+        purpose: str = "",
+        result: str = "ok",
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.log.append(
+            self.caller(context),
+            action,
+            subject_id[:MAX_AUDITED_ID],
+            purpose[:MAX_PURPOSE_CHARS],
+            result[:MAX_RESULT_CHARS],
+            details,
+        )
 
 
 def joined_names(names: Iterable[str]) -> str:
@@ -72,9 +85,14 @@ def audits_refusals(action: Action, purpose: str) -> Callable[[F], F]:
                 return method(self, request, context)
             except (InvalidInput, NotFound) as error:
                 outcome = "refused" if isinstance(error, InvalidInput) else "not found"
-                self._audit.record(context, action, getattr(request, "subject_id", ""),
-                                   getattr(request, "purpose", "") or purpose, f"{outcome}: {error}",
-                                   _request_ids(request))  # fmt: skip
+                self._audit.record(
+                    context,
+                    action,
+                    getattr(request, "subject_id", ""),
+                    getattr(request, "purpose", "") or purpose,
+                    f"{outcome}: {error}",
+                    _request_ids(request),
+                )
                 raise
 
         return wrapper  # type: ignore[return-value]

@@ -22,9 +22,13 @@ ErasureNotifier = Callable[[events_pb2.SubjectErased], None]
 
 
 def erasure_notice(subject_id: str, reference: str, removal: SubjectRemoval) -> events_pb2.SubjectErased:
-    return events_pb2.SubjectErased(subject_id=subject_id, templates_removed=removal.templates_removed,
-                                    watchlists=list(removal.watchlists), reference=reference,
-                                    erased_at=codec.now())  # fmt: skip
+    return events_pb2.SubjectErased(
+        subject_id=subject_id,
+        templates_removed=removal.templates_removed,
+        watchlists=list(removal.watchlists),
+        reference=reference,
+        erased_at=codec.now(),
+    )
 
 
 def erasure_publisher(publisher: TopicPublisher) -> ErasureNotifier:

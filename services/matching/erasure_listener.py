@@ -56,11 +56,13 @@ class ErasureListener:
         backoff, failures = Backoff(_RETRY_FIRST_S, _RETRY_MAX_S), 0
         while not self._stop.is_set():
             try:
-                for record in read_topics(self._kafka, [ERASURES.name], since_ms=self._since_ms, stop=self._stop.is_set):
+                for record in read_topics(
+                    self._kafka, [ERASURES.name], since_ms=self._since_ms, stop=self._stop.is_set
+                ):
                     self._handle(record.value)
                     self._since_ms = max(self._since_ms, record.timestamp)  # resume here (replays are harmless)
                     failures = 0
-            except Exception:  # noqa: BLE001 - a broker outage must not end the listener; read again later
+            except Exception:
                 failures += 1
                 delay = backoff.delay(failures)
                 log.warning("cannot read erasure notices; trying again in %.1f s", delay, exc_info=True)

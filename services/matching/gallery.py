@@ -61,15 +61,21 @@ def watchlist_threshold(record: WatchlistRecord) -> float | None:
     try:
         return scores.distance_for_fmr(record.target_fmr)
     except scores.CalibrationError as error:
-        log.warning("watchlist %r: its target FMR has no threshold (%s); the policy's threshold applies",
-                    record.name, error)  # fmt: skip
+        log.warning(
+            "watchlist %r: its target FMR has no threshold (%s); the policy's threshold applies", record.name, error
+        )
         return None
 
 
 class Gallery:
-    def __init__(self, store: GalleryStore, max_distance: float, refresh_interval_s: float = 2.0,
-                 max_staleness_s: float = DEFAULT_MAX_STALENESS_S,
-                 mask_cache_size: int = DEFAULT_MASK_CACHE_SIZE) -> None:  # fmt: skip
+    def __init__(
+        self,
+        store: GalleryStore,
+        max_distance: float,
+        refresh_interval_s: float = 2.0,
+        max_staleness_s: float = DEFAULT_MAX_STALENESS_S,
+        mask_cache_size: int = DEFAULT_MASK_CACHE_SIZE,
+    ) -> None:
         self.store = store
         self.index = SearchIndex(mask_cache_size=mask_cache_size)
         self.readiness = Readiness(stale_after_s=refresh_interval_s + max_staleness_s)
@@ -145,7 +151,7 @@ class Gallery:
             try:
                 self._check()
                 self._failures = 0
-            except Exception:  # noqa: BLE001 - a database hiccup must not stop the refresher; readiness tells
+            except Exception:
                 self._failures += 1
                 log.warning("gallery check failed; will retry", exc_info=True, extra={"failures": self._failures})
 
@@ -189,9 +195,17 @@ class Gallery:
 
     # -- subjects ----------------------------------------------------------------------------------------------
 
-    def enroll(self, subject_id: str, display_name: str, watchlists: Sequence[str], vectors: Sequence[np.ndarray],
-               model: tuple[str, str], qualities: Sequence[float], expires_at: datetime | None = None,
-               owner: str = "") -> EnrolResult:  # fmt: skip
+    def enroll(
+        self,
+        subject_id: str,
+        display_name: str,
+        watchlists: Sequence[str],
+        vectors: Sequence[np.ndarray],
+        model: tuple[str, str],
+        qualities: Sequence[float],
+        expires_at: datetime | None = None,
+        owner: str = "",
+    ) -> EnrolResult:
         """Stores the subject, its new templates and its memberships; ``owner`` owns any list created on the way."""
         with self._write_lock:
             enrolment = self.store.enrol_subject(subject_id, display_name, list(watchlists), expires_at, owner)
@@ -215,16 +229,18 @@ class Gallery:
 
     # -- watchlists --------------------------------------------------------------------------------------------
 
-    def create_watchlist(self, name: str, purpose: str, owner: str, target_fmr: float | None,
-                         default_membership_days: int) -> WatchlistRecord:  # fmt: skip
+    def create_watchlist(
+        self, name: str, purpose: str, owner: str, target_fmr: float | None, default_membership_days: int
+    ) -> WatchlistRecord:
         with self._write_lock:
             record = self.store.create_watchlist(name, purpose, owner, target_fmr, default_membership_days)
             self._reload_memberships()
             self._written()
         return record
 
-    def update_watchlist(self, name: str, purpose: str, owner: str, target_fmr: float | None,
-                         default_membership_days: int) -> WatchlistRecord:  # fmt: skip
+    def update_watchlist(
+        self, name: str, purpose: str, owner: str, target_fmr: float | None, default_membership_days: int
+    ) -> WatchlistRecord:
         with self._write_lock:
             record = self.store.update_watchlist(name, purpose, owner, target_fmr, default_membership_days)
             self._reload_memberships()
@@ -238,8 +254,9 @@ class Gallery:
             self._written()
         return removed
 
-    def add_members(self, watchlist: str, subject_ids: Sequence[str],
-                    expires_at: datetime | None = None) -> list[MembershipRecord]:  # fmt: skip
+    def add_members(
+        self, watchlist: str, subject_ids: Sequence[str], expires_at: datetime | None = None
+    ) -> list[MembershipRecord]:
         with self._write_lock:
             memberships = self.store.add_members(watchlist, subject_ids, expires_at)
             self._reload_memberships()
@@ -255,7 +272,9 @@ class Gallery:
 
     # -- matching ----------------------------------------------------------------------------------------------
 
-    def search(self, vectors: np.ndarray, top_k: int, watchlists: Sequence[str] = ()) -> list[list[types_pb2.MatchCandidate]]:  # noqa: E501
+    def search(
+        self, vectors: np.ndarray, top_k: int, watchlists: Sequence[str] = ()
+    ) -> list[list[types_pb2.MatchCandidate]]:
         self.readiness.require()  # never match on an index that may still hold erased subjects
         results = self.index.search(vectors, top_k=top_k, watchlists=list(watchlists))
         thresholds = self._thresholds  # one snapshot for the whole batch
@@ -273,9 +292,13 @@ class Gallery:
         if distance is None:
             return types_pb2.Verification(subject_id=subject_id, subject_found=False, verified=False)
         return types_pb2.Verification(
-            subject_id=subject_id, distance=distance, similarity=scores.similarity(distance),
-            verified=distance <= self.max_distance, subject_found=True, fmr=scores.fmr(distance),
-        )  # fmt: skip
+            subject_id=subject_id,
+            distance=distance,
+            similarity=scores.similarity(distance),
+            verified=distance <= self.max_distance,
+            subject_found=True,
+            fmr=scores.fmr(distance),
+        )
 
     def _report_size(self) -> None:
         telemetry.GALLERY_TEMPLATES.labels(SERVICE).set(self.index.size)
@@ -284,7 +307,10 @@ class Gallery:
 
 def _candidate(found: Candidate, thresholds: dict[str, float]) -> types_pb2.MatchCandidate:
     return types_pb2.MatchCandidate(
-        subject_id=found.subject_id, distance=found.distance, similarity=scores.similarity(found.distance),
-        watchlists=sorted(found.watchlists), fmr=scores.fmr(found.distance),
+        subject_id=found.subject_id,
+        distance=found.distance,
+        similarity=scores.similarity(found.distance),
+        watchlists=sorted(found.watchlists),
+        fmr=scores.fmr(found.distance),
         watchlist_thresholds={name: thresholds[name] for name in found.watchlists if name in thresholds},
-    )  # fmt: skip
+    )

@@ -12,9 +12,9 @@ computes outside it, so searches run concurrently with each other (numpy release
 with enrolments. That is safe because the rows a search may return are only ever appended past the view's row count,
 or written to fresh arrays (growth, compaction, ``replace_all``), never modified in place.
 
-Some subjects are for 1:1 verification only: a gate session's own template (``session-<id>``, common/subjects.py) is verified
-against the session's frames but must never turn up as a candidate of anyone's 1:N search. A search masks their rows
-out, as it masks out the subjects on none of the watchlists it is limited to.
+Some subjects are for 1:1 verification only: a gate session's own template (``session-<id>``, common/subjects.py) is
+verified against the session's frames but must never turn up as a candidate of anyone's 1:N search. A search masks
+their rows out, as it masks out the subjects on none of the watchlists it is limited to.
 
 Removal frees memory. Removing a searchable subject (a deletion, an erasure) copies the remaining rows to fresh arrays
 at once, so its descriptors leave the index immediately. Session subjects come and go at the rate of gate sessions,
@@ -103,8 +103,12 @@ class _View:
 class SearchIndex:
     """Exact nearest-subject search over float32 templates; thread-safe."""
 
-    def __init__(self, dim: int = DESCRIPTOR_SIZE, verify_only: Callable[[str], bool] = is_session_subject,
-                 mask_cache_size: int = DEFAULT_MASK_CACHE_SIZE) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dim: int = DESCRIPTOR_SIZE,
+        verify_only: Callable[[str], bool] = is_session_subject,
+        mask_cache_size: int = DEFAULT_MASK_CACHE_SIZE,
+    ) -> None:
         """``verify_only``: whether a subject id is for 1:1 verification only (never a 1:N candidate);
         ``mask_cache_size``: how many watchlist masks to keep between mutations (at least 1)."""
         if mask_cache_size < 1:
@@ -188,9 +192,16 @@ class SearchIndex:
         with self._lock:
             masks = sum(mask.nbytes for mask in self._masks.values())
             arrays = sum(getattr(self, name).nbytes for name in ("_buf", "_sq", "_tids", "_codes"))
-            return IndexStats(templates=self._n - self._dead_rows, subjects=len(self._code_of), rows=self._n,
-                              dead_rows=self._dead_rows, capacity=len(self._buf), subject_slots=len(self._subject_of),
-                              cached_masks=len(self._masks), nbytes=arrays + masks)  # fmt: skip
+            return IndexStats(
+                templates=self._n - self._dead_rows,
+                subjects=len(self._code_of),
+                rows=self._n,
+                dead_rows=self._dead_rows,
+                capacity=len(self._buf),
+                subject_slots=len(self._subject_of),
+                cached_masks=len(self._masks),
+                nbytes=arrays + masks,
+            )
 
     @property
     def subject_count(self) -> int:

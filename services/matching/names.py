@@ -30,9 +30,11 @@ def check_enrolled_subject_id(subject_id: str, caller: str) -> str:
     ``caller`` "")."""
     check_subject_id(subject_id)
     if is_session_subject(subject_id) and caller not in ("", SESSION_ENROLLER):
-        raise InvalidInput(f"subject id {subject_id[:40]!r}: ids starting with {SESSION_SUBJECT_PREFIX!r} are "
-                           f"reserved for the templates of e-channel gate sessions, enrolled by {SESSION_ENROLLER} "
-                           "only; choose another id")  # fmt: skip
+        raise InvalidInput(
+            f"subject id {subject_id[:40]!r}: ids starting with {SESSION_SUBJECT_PREFIX!r} are "
+            f"reserved for the templates of e-channel gate sessions, enrolled by {SESSION_ENROLLER} "
+            "only; choose another id"
+        )
     return subject_id
 
 

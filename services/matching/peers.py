@@ -56,6 +56,7 @@ class FaceClient:
                 raise rpc.InvalidInput(exc.details()) from None  # type: ignore[attr-defined]
             if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 why = exc.details()  # type: ignore[attr-defined]
-                raise PeerUnavailable(f"{code.name}: matching's own credentials were refused ({why}); check its "
-                                      "SIGHTLINE_AUTH_TOKEN") from None  # fmt: skip
+                raise PeerUnavailable(
+                    f"{code.name}: matching's own credentials were refused ({why}); check its SIGHTLINE_AUTH_TOKEN"
+                ) from None
             raise PeerUnavailable(f"{code.name}: {exc.details()}") from None  # type: ignore[attr-defined]

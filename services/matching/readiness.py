@@ -86,7 +86,7 @@ class Readiness:
     # -- what searches and probes ask --------------------------------------------------------------------------
 
     def why_not_ready(self) -> str:
-        """"" when ready, else why not (no subject ids: they would end up in callers' logs)."""
+        """ "" when ready, else why not (no subject ids: they would end up in callers' logs)."""
         with self._changed:
             return self._why_not()
 

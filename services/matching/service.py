@@ -85,10 +85,13 @@ class Matcher(EventProcessor):
         if len(frame.source_id) > MAX_DETAIL_CHARS:
             # The stream-search audit record names the source: a search it cannot record must not happen. Capture's
             # API refuses such ids (limits.py); this is for frames some other producer wrote.
-            raise codec.MalformedEvent(f"the frame's source_id is longer than {MAX_DETAIL_CHARS} characters, too long "
-                                       "to be audited: not searched")  # fmt: skip
-        result = events_pb2.MatchResult(frame=frame, model_name=embedded.model_name,
-                                        model_version=embedded.model_version)  # fmt: skip
+            raise codec.MalformedEvent(
+                f"the frame's source_id is longer than {MAX_DETAIL_CHARS} characters, too long "
+                "to be audited: not searched"
+            )
+        result = events_pb2.MatchResult(
+            frame=frame, model_name=embedded.model_name, model_version=embedded.model_version
+        )
         within_threshold = 0
         if embedded.faces:
             vectors = np.array([list(face.vector) for face in embedded.faces], dtype=np.float32)
@@ -96,10 +99,16 @@ class Matcher(EventProcessor):
                 raise codec.MalformedEvent(f"descriptors have {vectors.shape[1]} values, expected {DESCRIPTOR_SIZE}")
             candidates = self.gallery.search(vectors, self.top_k, frame.watchlists)
             for face, vector, found in zip(embedded.faces, vectors, candidates, strict=True):
-                match = result.faces.add(face_index=face.face_index, box=face.box, quality=face.quality,
-                                         candidates=found, landmarks=face.landmarks,
-                                         detector_keypoints=face.detector_keypoints, liveness=face.liveness,
-                                         track_id=face.track_id)  # fmt: skip
+                match = result.faces.add(
+                    face_index=face.face_index,
+                    box=face.box,
+                    quality=face.quality,
+                    candidates=found,
+                    landmarks=face.landmarks,
+                    detector_keypoints=face.detector_keypoints,
+                    liveness=face.liveness,
+                    track_id=face.track_id,
+                )
                 within_threshold += sum(self.gallery.within_threshold(candidate) for candidate in found)
                 if frame.claim_subject_id:
                     match.verification.CopyFrom(self.gallery.verify(vector, frame.claim_subject_id))
@@ -111,15 +120,25 @@ class Matcher(EventProcessor):
 
 
 def subject_proto(record: SubjectRecord) -> gallery_pb2.Subject:
-    subject = gallery_pb2.Subject(subject_id=record.subject_id, display_name=record.display_name,
-                                  watchlists=sorted(record.watchlists), template_count=record.template_count)  # fmt: skip
+    subject = gallery_pb2.Subject(
+        subject_id=record.subject_id,
+        display_name=record.display_name,
+        watchlists=sorted(record.watchlists),
+        template_count=record.template_count,
+    )
     subject.created_at.FromDatetime(record.created_at)
     return subject
 
 
 class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
-    def __init__(self, gallery: Gallery, faces: FaceClient, settings: MatchingSettings, audit: GalleryAudit,
-                 notify_erased: ErasureNotifier | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        gallery: Gallery,
+        faces: FaceClient,
+        settings: MatchingSettings,
+        audit: GalleryAudit,
+        notify_erased: ErasureNotifier | None = None,
+    ) -> None:
         self._gallery = gallery
         self._faces = faces
         self._settings = settings
@@ -145,22 +164,41 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         response = gallery_pb2.EnrollResponse(subject_id=subject_id)
         vectors, qualities, model = self._templates(request.images, response, context)
         details: dict[str, object] = {
-            "images": len(request.images), "images_rejected": len(request.images) - len(vectors),
+            "images": len(request.images),
+            "images_rejected": len(request.images) - len(vectors),
             "watchlists": joined_names(watchlists),
             "membership_expires_at": expires_at.isoformat() if expires_at else "",
-        }  # fmt: skip
+        }
         if vectors:
-            enrolled = self._gallery.enroll(subject_id, request.display_name, watchlists, vectors, model, qualities,
-                                            expires_at, owner=self._audit.caller(context))  # fmt: skip
+            enrolled = self._gallery.enroll(
+                subject_id,
+                request.display_name,
+                watchlists,
+                vectors,
+                model,
+                qualities,
+                expires_at,
+                owner=self._audit.caller(context),
+            )
             response.templates_added = enrolled.templates_added
-            details.update(templates_added=enrolled.templates_added, subject_created=enrolled.subject_created,
-                           watchlists_created=joined_names(enrolled.watchlists_created))  # fmt: skip
-        self._audit.record(context, Action.ENROL, subject_id, request.purpose.strip() or ENROL_PURPOSE,
-                           "ok" if vectors else "rejected: no usable image", details)  # fmt: skip
+            details.update(
+                templates_added=enrolled.templates_added,
+                subject_created=enrolled.subject_created,
+                watchlists_created=joined_names(enrolled.watchlists_created),
+            )
+        self._audit.record(
+            context,
+            Action.ENROL,
+            subject_id,
+            request.purpose.strip() or ENROL_PURPOSE,
+            "ok" if vectors else "rejected: no usable image",
+            details,
+        )
         return response
 
-    def _templates(self, images: list[bytes], response: gallery_pb2.EnrollResponse,
-                   context: grpc.ServicerContext) -> tuple[list[np.ndarray], list[float], tuple[str, str]]:  # fmt: skip
+    def _templates(
+        self, images: list[bytes], response: gallery_pb2.EnrollResponse, context: grpc.ServicerContext
+    ) -> tuple[list[np.ndarray], list[float], tuple[str, str]]:
         """The descriptors of the images that pass the quality gate; one result per image in ``response``."""
         vectors, qualities, model = [], [], ("", "")
         for index, image in enumerate(images):
@@ -186,34 +224,54 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
 
     @rpc_errors
     @audits_refusals(Action.DELETE, DELETE_PURPOSE)
-    def DeleteSubject(self, request: gallery_pb2.DeleteSubjectRequest, context: grpc.ServicerContext) -> gallery_pb2.DeleteSubjectResponse:  # noqa: E501
+    def DeleteSubject(
+        self, request: gallery_pb2.DeleteSubjectRequest, context: grpc.ServicerContext
+    ) -> gallery_pb2.DeleteSubjectResponse:
         subject_id = check_subject_id(request.subject_id)
         removal = self._gallery.remove(subject_id)
-        self._audit.record(context, Action.DELETE, subject_id, DELETE_PURPOSE,
-                           "deleted" if removal.existed else "not enrolled",
-                           {"templates_removed": removal.templates_removed,
-                            "watchlists": joined_names(removal.watchlists)})  # fmt: skip
+        self._audit.record(
+            context,
+            Action.DELETE,
+            subject_id,
+            DELETE_PURPOSE,
+            "deleted" if removal.existed else "not enrolled",
+            {"templates_removed": removal.templates_removed, "watchlists": joined_names(removal.watchlists)},
+        )
         return gallery_pb2.DeleteSubjectResponse(deleted=removal.existed, templates_removed=removal.templates_removed)
 
     @rpc_errors
     @audits_refusals(Action.ERASE, ERASE_PURPOSE)
-    def EraseSubject(self, request: gallery_pb2.EraseSubjectRequest, context: grpc.ServicerContext) -> gallery_pb2.EraseSubjectResponse:  # noqa: E501
+    def EraseSubject(
+        self, request: gallery_pb2.EraseSubjectRequest, context: grpc.ServicerContext
+    ) -> gallery_pb2.EraseSubjectResponse:
         subject_id = check_subject_id(request.subject_id)
         reference = check_reference(request.reference)
         removal = self._gallery.remove(subject_id)
         notice = erasure_notice(subject_id, reference, removal)
         unpublished = self._publish_erasure(notice)
         notice_state = f"not published: {unpublished}"[:500] if unpublished else "published"
-        self._audit.record(context, Action.ERASE, subject_id, ERASE_PURPOSE,
-                           "erased" if removal.existed else "nothing enrolled",
-                           {"reference": reference, "templates_removed": removal.templates_removed,
-                            "watchlists": joined_names(removal.watchlists), "notice": notice_state})  # fmt: skip
+        self._audit.record(
+            context,
+            Action.ERASE,
+            subject_id,
+            ERASE_PURPOSE,
+            "erased" if removal.existed else "nothing enrolled",
+            {
+                "reference": reference,
+                "templates_removed": removal.templates_removed,
+                "watchlists": joined_names(removal.watchlists),
+                "notice": notice_state,
+            },
+        )
         if unpublished:
-            context.abort(grpc.StatusCode.UNAVAILABLE,
-                          f"subject {subject_id!r} is erased from the gallery, but the erasure notice could not be "
-                          f"published ({unpublished}); erase it again to publish the notice")  # fmt: skip
-        return gallery_pb2.EraseSubjectResponse(erased=removal.existed, templates_removed=removal.templates_removed,
-                                                watchlists=list(removal.watchlists))  # fmt: skip
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"subject {subject_id!r} is erased from the gallery, but the erasure notice could not be "
+                f"published ({unpublished}); erase it again to publish the notice",
+            )
+        return gallery_pb2.EraseSubjectResponse(
+            erased=removal.existed, templates_removed=removal.templates_removed, watchlists=list(removal.watchlists)
+        )
 
     def _publish_erasure(self, notice: events_pb2.SubjectErased) -> str:
         """Publishes the notice; "" when done, else why not."""
@@ -221,7 +279,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             return "no publisher configured"
         try:
             self._notify_erased(notice)
-        except Exception as error:  # noqa: BLE001 - kafka clients raise many types; the caller is told either way
+        except Exception as error:
             log.warning("could not publish an erasure notice", exc_info=True)
             return f"{type(error).__name__}: {error}"
         return ""
@@ -235,10 +293,13 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         return subject_proto(record)
 
     @rpc_errors
-    def ListSubjects(self, request: gallery_pb2.ListSubjectsRequest, context: grpc.ServicerContext) -> gallery_pb2.ListSubjectsResponse:  # noqa: E501
+    def ListSubjects(
+        self, request: gallery_pb2.ListSubjectsRequest, context: grpc.ServicerContext
+    ) -> gallery_pb2.ListSubjectsResponse:
         limit = min(request.page_size or 100, 1000)
-        records = self._gallery.store.list_subjects(request.watchlist or None, limit=limit + 1,
-                                                    after=request.page_token or None)  # fmt: skip
+        records = self._gallery.store.list_subjects(
+            request.watchlist or None, limit=limit + 1, after=request.page_token or None
+        )
         response = gallery_pb2.ListSubjectsResponse()
         response.subjects.extend(subject_proto(record) for record in records[:limit])
         if len(records) > limit:
@@ -254,12 +315,17 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             raise NotFound(f"subject {subject_id!r} is not enrolled")
         probe = self._probe(request.probe_image, context)
         verification = self._gallery.verify(probe.vector, subject_id)
-        self._audit.record(context, Action.VERIFY, subject_id, VERIFY_PURPOSE,
-                           "verified" if verification.verified else "not verified",
-                           {"distance": round(verification.distance, 4),
-                            "threshold": round(self._gallery.max_distance, 4)})  # fmt: skip
-        return gallery_pb2.VerifyResponse(verification=verification, probe_box=probe.face.box,
-                                          threshold_distance=self._gallery.max_distance)  # fmt: skip
+        self._audit.record(
+            context,
+            Action.VERIFY,
+            subject_id,
+            VERIFY_PURPOSE,
+            "verified" if verification.verified else "not verified",
+            {"distance": round(verification.distance, 4), "threshold": round(self._gallery.max_distance, 4)},
+        )
+        return gallery_pb2.VerifyResponse(
+            verification=verification, probe_box=probe.face.box, threshold_distance=self._gallery.max_distance
+        )
 
     @rpc_errors
     @audits_refusals(Action.SEARCH, SEARCH_PURPOSE)
@@ -272,12 +338,23 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         within = [c.subject_id for c in candidates if self._gallery.within_threshold(c)]
         # The record names the best candidate within threshold, so `audit list --subject X` finds searches that
         # pointed at X; every id shown to the caller is in the details.
-        self._audit.record(context, Action.SEARCH, within[0] if within else "", SEARCH_PURPOSE, "ok",
-                           {"watchlist": request.watchlist or "*", "top_k": top_k, "candidates": len(candidates),
-                            "within_threshold": len(within),
-                            "candidate_ids": joined_names(c.subject_id for c in candidates)})  # fmt: skip
-        return gallery_pb2.SearchResponse(candidates=candidates, probe_box=probe.face.box,
-                                          threshold_distance=self._gallery.max_distance)  # fmt: skip
+        self._audit.record(
+            context,
+            Action.SEARCH,
+            within[0] if within else "",
+            SEARCH_PURPOSE,
+            "ok",
+            {
+                "watchlist": request.watchlist or "*",
+                "top_k": top_k,
+                "candidates": len(candidates),
+                "within_threshold": len(within),
+                "candidate_ids": joined_names(c.subject_id for c in candidates),
+            },
+        )
+        return gallery_pb2.SearchResponse(
+            candidates=candidates, probe_box=probe.face.box, threshold_distance=self._gallery.max_distance
+        )
 
     def _probe(self, image: bytes, context: grpc.ServicerContext):  # type: ignore[no-untyped-def]
         if not image:
@@ -292,8 +369,13 @@ def open_gallery(settings: MatchingSettings) -> Gallery:
     old_keys = settings.previous_template_keys.get_secret_value() if settings.previous_template_keys else ""
     cipher = TemplateCipher.from_base64(settings.template_key.get_secret_value(), settings.template_key_id, old_keys)
     store = GalleryStore.open(settings.database_url.get_secret_value(), cipher)
-    return Gallery(store, settings.match_max_distance, settings.refresh_interval_s,
-                   max_staleness_s=settings.max_staleness_s, mask_cache_size=settings.mask_cache_size)
+    return Gallery(
+        store,
+        settings.match_max_distance,
+        settings.refresh_interval_s,
+        max_staleness_s=settings.max_staleness_s,
+        mask_cache_size=settings.mask_cache_size,
+    )
 
 
 def main() -> None:
@@ -307,7 +389,7 @@ def main() -> None:
     servicers = [
         Servicer.of(GalleryServicer(gallery, faces, settings, trail, erasure_publisher(publisher))),
         Servicer.of(WatchlistServicer(gallery, trail)),
-    ]  # fmt: skip
+    ]
     stage = Stage(SERVICE, EMBEDDINGS, [MATCHES], Matcher(gallery, settings.top_k, stream_audit))
     erasures = ErasureListener(kafka, gallery.erased).start()  # every replica hears every erasure notice
 
@@ -318,5 +400,13 @@ def main() -> None:
         publisher.close()
         audit.close()
 
-    run_service(SERVICE, settings, kafka, servicers, [stage], on_stop=close, audit=audit,
-                on_serving=lambda server: gallery.readiness.subscribe(server.set_serving))  # NOT_SERVING when behind
+    run_service(
+        SERVICE,
+        settings,
+        kafka,
+        servicers,
+        [stage],
+        on_stop=close,
+        audit=audit,
+        on_serving=lambda server: gallery.readiness.subscribe(server.set_serving),
+    )  # NOT_SERVING when behind

@@ -13,7 +13,6 @@ from sightline.common.ports import GRPC_PORTS, METRICS_PORTS
 from sightline.common.scores import DEFAULT_MAX_DISTANCE, distance_for_fmr
 
 
-
 class MatchingSettings(ServiceSettings):
     config_section: ClassVar[str] = "matching"
     model_config = SettingsConfigDict(env_prefix="SIGHTLINE_MATCHING_", extra="ignore")
@@ -37,7 +36,10 @@ class MatchingSettings(ServiceSettings):
         DEFAULT_MAX_DISTANCE, gt=0, description="Distance at or under which a 1:1 verification succeeds."
     )
     match_target_fmr: float | None = Field(
-        None, gt=0, lt=1, description="1:1 threshold as a target false match rate (e.g. 0.001), converted to a "
+        None,
+        gt=0,
+        lt=1,
+        description="1:1 threshold as a target false match rate (e.g. 0.001), converted to a "
         "distance with the calibration table (docs/accuracy.md); overrides match_max_distance when set.",
     )
     top_k: int = Field(5, ge=1, le=100, description="1:N candidates reported per face.")
@@ -46,18 +48,24 @@ class MatchingSettings(ServiceSettings):
         2.0, gt=0, description="How often the search index checks the database for changes made by other replicas."
     )
     max_staleness_s: float = Field(
-        10.0, gt=0, description="A replica that has not confirmed it is in step with the gallery database for "
+        10.0,
+        gt=0,
+        description="A replica that has not confirmed it is in step with the gallery database for "
         "refresh_interval_s plus this long (database unreachable) stops matching: searches and verifications are "
         "UNAVAILABLE, stream frames are retried, health is NOT_SERVING, until a check succeeds (it may have missed "
         "erasures). An erasure notice stops it at once until the database confirms the erasure.",
     )
     mask_cache_size: int = Field(
-        64, ge=1, description="Watchlist masks the search index keeps (least recently used dropped first); each "
+        64,
+        ge=1,
+        description="Watchlist masks the search index keeps (least recently used dropped first); each "
         "takes one byte per template.",
     )
     max_enroll_images: int = Field(20, ge=1, description="Most images accepted by one Enroll call.")
     stream_audit_interval_s: float = Field(
-        60.0, gt=0, description="Stream searches are audited in aggregate: one STREAM_SEARCH record per source per "
+        60.0,
+        gt=0,
+        description="Stream searches are audited in aggregate: one STREAM_SEARCH record per source per "
         "this many seconds (and one at shutdown).",
     )
     # Enrolment quality gate (docs/quality.md): an image failing any of these is rejected, naming every failure.

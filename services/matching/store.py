@@ -30,9 +30,14 @@ from typing import Any
 import numpy as np
 
 from sightline.common.sqlstore import Backend as _Backend
+from sightline.common.sqlstore import (
+    BackendStore,
+    Migration,
+    StoreError,
+    open_backend,
+    redact_url,  # noqa: F401 - part of this module's API (tests, callers)
+)
 from sightline.common.sqlstore import Cursor as _Cursor
-from sightline.common.sqlstore import BackendStore, Migration, StoreError, open_backend
-from sightline.common.sqlstore import redact_url  # noqa: F401 - part of this module's API (tests, callers)
 from sightline.matching.templates import TemplateCipher, TemplateDecryptionError, UnknownKeyError
 
 logger = logging.getLogger(__name__)
@@ -227,13 +232,24 @@ class GalleryStore(BackendStore):
 
     # -- writes: subjects and templates --------------------------------------------------------------------------
 
-    def add_subject(self, subject_id: str, display_name: str = "", watchlists: Sequence[str] = (),
-                    expires_at: datetime | None = None) -> bool:  # fmt: skip
+    def add_subject(
+        self,
+        subject_id: str,
+        display_name: str = "",
+        watchlists: Sequence[str] = (),
+        expires_at: datetime | None = None,
+    ) -> bool:
         """Enrols the subject if new and adds it to ``watchlists``; returns True if the subject was created."""
         return self.enrol_subject(subject_id, display_name, watchlists, expires_at).created
 
-    def enrol_subject(self, subject_id: str, display_name: str = "", watchlists: Sequence[str] = (),
-                      expires_at: datetime | None = None, owner: str = "") -> Enrolment:  # fmt: skip
+    def enrol_subject(
+        self,
+        subject_id: str,
+        display_name: str = "",
+        watchlists: Sequence[str] = (),
+        expires_at: datetime | None = None,
+        owner: str = "",
+    ) -> Enrolment:
         """Enrols the subject if new and puts it on ``watchlists``, as ``add_members`` does.
 
         Idempotent. A non-empty ``display_name`` replaces the stored one. A watchlist that does not exist is created
@@ -289,9 +305,12 @@ class GalleryStore(BackendStore):
         with self._tx(write=True) as cur:
             if cur.execute("SELECT 1 FROM subjects WHERE subject_id = ?", (subject_id,)).fetchone() is None:
                 return SubjectRemoval(False, 0, ())
-            watchlists = tuple(row[0] for row in cur.execute(
-                "SELECT watchlist FROM watchlist_members WHERE subject_id = ? ORDER BY watchlist", (subject_id,)
-            ).fetchall())  # fmt: skip
+            watchlists = tuple(
+                row[0]
+                for row in cur.execute(
+                    "SELECT watchlist FROM watchlist_members WHERE subject_id = ? ORDER BY watchlist", (subject_id,)
+                ).fetchall()
+            )
             # Explicit deletes rather than relying on ON DELETE CASCADE, which SQLite only honours per connection.
             removed = cur.execute("DELETE FROM templates WHERE subject_id = ?", (subject_id,)).rowcount
             cur.execute("DELETE FROM watchlist_members WHERE subject_id = ?", (subject_id,))
@@ -300,8 +319,7 @@ class GalleryStore(BackendStore):
         logger.info("deleted a subject, %d templates and %d memberships", removed, len(watchlists))
         return SubjectRemoval(True, removed, watchlists)
 
-    def rotate_keys(self, new_cipher: TemplateCipher,
-                    progress: Callable[[int, int], None] | None = None) -> int:  # fmt: skip
+    def rotate_keys(self, new_cipher: TemplateCipher, progress: Callable[[int, int], None] | None = None) -> int:
         """Re-encrypts every template not yet under ``new_cipher``'s active key; returns how many it re-encrypted.
 
         Old blobs are read with the current cipher, or with ``new_cipher`` for key ids only it holds. One
@@ -330,8 +348,14 @@ class GalleryStore(BackendStore):
 
     # -- writes: watchlists and memberships ----------------------------------------------------------------------
 
-    def create_watchlist(self, name: str, purpose: str = "", owner: str = "", target_fmr: float | None = None,
-                         default_membership_days: int = 0) -> WatchlistRecord:  # fmt: skip
+    def create_watchlist(
+        self,
+        name: str,
+        purpose: str = "",
+        owner: str = "",
+        target_fmr: float | None = None,
+        default_membership_days: int = 0,
+    ) -> WatchlistRecord:
         """Creates a list; WatchlistExistsError when the name is taken."""
         _check_id("watchlist name", name)
         fields = _watchlist_fields(purpose, owner, target_fmr, default_membership_days)
@@ -346,8 +370,9 @@ class GalleryStore(BackendStore):
             self._bump_version(cur)
             return self._watchlists(cur, name)[0]
 
-    def update_watchlist(self, name: str, purpose: str, owner: str, target_fmr: float | None,
-                         default_membership_days: int) -> WatchlistRecord:  # fmt: skip
+    def update_watchlist(
+        self, name: str, purpose: str, owner: str, target_fmr: float | None, default_membership_days: int
+    ) -> WatchlistRecord:
         """Replaces a list's purpose, owner, threshold and default duration; UnknownWatchlistError if none."""
         fields = _watchlist_fields(purpose, owner, target_fmr, default_membership_days)
         with self._tx(write=True) as cur:
@@ -371,8 +396,9 @@ class GalleryStore(BackendStore):
             self._bump_version(cur)
         return removed
 
-    def add_members(self, watchlist: str, subject_ids: Sequence[str],
-                    expires_at: datetime | None = None) -> list[MembershipRecord]:  # fmt: skip
+    def add_members(
+        self, watchlist: str, subject_ids: Sequence[str], expires_at: datetime | None = None
+    ) -> list[MembershipRecord]:
         """Puts enrolled subjects on an existing list, or renews their membership; returns the memberships.
 
         The membership ends at ``expires_at``, else after the list's default duration, else never. Raises
@@ -401,8 +427,9 @@ class GalleryStore(BackendStore):
             if not self._watchlist_exists(cur, watchlist):
                 raise UnknownWatchlistError(watchlist)
             for subject_id in dict.fromkeys(subject_ids):
-                cur.execute("DELETE FROM watchlist_members WHERE watchlist = ? AND subject_id = ?",
-                            (watchlist, subject_id))  # fmt: skip
+                cur.execute(
+                    "DELETE FROM watchlist_members WHERE watchlist = ? AND subject_id = ?", (watchlist, subject_id)
+                )
                 if cur.rowcount == 1:
                     removed.append(subject_id)
             if removed:
@@ -445,8 +472,9 @@ class GalleryStore(BackendStore):
             found = self._subjects(cur, ["s.subject_id = ?"], [subject_id], 1)
         return found[0] if found else None
 
-    def load_templates(self, model_name: str | None = None, model_version: str | None = None,
-                       at: datetime | None = None) -> list[TemplateRecord]:  # fmt: skip
+    def load_templates(
+        self, model_name: str | None = None, model_version: str | None = None, at: datetime | None = None
+    ) -> list[TemplateRecord]:
         """Every template, decrypted, ordered by id, with the subject's memberships current ``at`` (default now);
         optionally only those of one model (name and/or version)."""
         conditions, params = [], []
@@ -482,8 +510,9 @@ class GalleryStore(BackendStore):
         at = at or _utcnow()
         with self._tx(write=False) as cur:
             current = self._current_memberships(cur, None, at)
-            row = cur.execute("SELECT MIN(expires_at) FROM watchlist_members WHERE expires_at > ?",
-                              (self._db_time(at),)).fetchone()  # fmt: skip
+            row = cur.execute(
+                "SELECT MIN(expires_at) FROM watchlist_members WHERE expires_at > ?", (self._db_time(at),)
+            ).fetchone()
         next_expiry = self._from_db_time(row[0]) if row and row[0] is not None else None
         return MembershipState(current, next_expiry)
 
@@ -497,8 +526,9 @@ class GalleryStore(BackendStore):
         with self._tx(write=False) as cur:
             return self._watchlists(cur, None)
 
-    def list_members(self, watchlist: str, include_expired: bool = False, limit: int = 100,
-                     after: str | None = None) -> list[MembershipRecord]:  # fmt: skip
+    def list_members(
+        self, watchlist: str, include_expired: bool = False, limit: int = 100, after: str | None = None
+    ) -> list[MembershipRecord]:
         """A list's memberships by subject id, at most ``limit``, after the subject id ``after``; current ones only
         unless ``include_expired``. UnknownWatchlistError if there is no such list."""
         if limit < 1:
@@ -570,31 +600,40 @@ class GalleryStore(BackendStore):
         return found
 
     def _create_watchlist_if_missing(self, cur: _Cursor, name: str, owner: str, now: datetime) -> bool:
-        cur.execute("INSERT INTO watchlists (name, owner, created_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
-                    (name, owner[:MAX_TEXT_LENGTH], self._db_time(now)))  # fmt: skip
+        cur.execute(
+            "INSERT INTO watchlists (name, owner, created_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
+            (name, owner[:MAX_TEXT_LENGTH], self._db_time(now)),
+        )
         return cur.rowcount == 1
 
-    def _put_member(self, cur: _Cursor, watchlist: str, subject_id: str, expires_at: datetime | None,
-                    now: datetime) -> bool:  # fmt: skip
+    def _put_member(
+        self, cur: _Cursor, watchlist: str, subject_id: str, expires_at: datetime | None, now: datetime
+    ) -> bool:
         """Adds or renews one membership; True when something changed. A lapsed membership starts afresh."""
         if expires_at is None:
-            days = int(cur.execute("SELECT default_membership_days FROM watchlists WHERE name = ?",
-                                   (watchlist,)).fetchone()[0])  # fmt: skip
+            days = int(
+                cur.execute("SELECT default_membership_days FROM watchlists WHERE name = ?", (watchlist,)).fetchone()[0]
+            )
             expires_at = now + timedelta(days=days) if days else None
         new_expiry = self._db_time(expires_at) if expires_at is not None else None
-        row = cur.execute("SELECT expires_at FROM watchlist_members WHERE subject_id = ? AND watchlist = ?",
-                          (subject_id, watchlist)).fetchone()  # fmt: skip
+        row = cur.execute(
+            "SELECT expires_at FROM watchlist_members WHERE subject_id = ? AND watchlist = ?", (subject_id, watchlist)
+        ).fetchone()
         if row is None:
-            cur.execute("INSERT INTO watchlist_members (subject_id, watchlist, created_at, expires_at)"
-                        " VALUES (?, ?, ?, ?)", (subject_id, watchlist, self._db_time(now), new_expiry))  # fmt: skip
+            cur.execute(
+                "INSERT INTO watchlist_members (subject_id, watchlist, created_at, expires_at) VALUES (?, ?, ?, ?)",
+                (subject_id, watchlist, self._db_time(now), new_expiry),
+            )
             return True
         old_expiry = None if row[0] is None else self._from_db_time(row[0])
         lapsed = old_expiry is not None and old_expiry <= now
         if not lapsed and old_expiry == expires_at:
             return False
         added = ", created_at = ?" if lapsed else ""
-        cur.execute(f"UPDATE watchlist_members SET expires_at = ?{added} WHERE subject_id = ? AND watchlist = ?",
-                    (new_expiry, *((self._db_time(now),) if lapsed else ()), subject_id, watchlist))  # fmt: skip
+        cur.execute(
+            f"UPDATE watchlist_members SET expires_at = ?{added} WHERE subject_id = ? AND watchlist = ?",
+            (new_expiry, *((self._db_time(now),) if lapsed else ()), subject_id, watchlist),
+        )
         return True
 
     def _subjects(self, cur: _Cursor, conditions: list[str], params: list[Any], limit: int) -> list[SubjectRecord]:
@@ -617,8 +656,9 @@ class GalleryStore(BackendStore):
             for subject_id, display_name, created_at, count in rows
         ]
 
-    def _current_memberships(self, cur: _Cursor, subject_ids: list[str] | None,
-                             at: datetime) -> dict[str, tuple[str, ...]]:  # fmt: skip
+    def _current_memberships(
+        self, cur: _Cursor, subject_ids: list[str] | None, at: datetime
+    ) -> dict[str, tuple[str, ...]]:
         """Unexpired watchlists per subject, sorted; for the given subjects, or all subjects when None."""
         if subject_ids is not None and not subject_ids:
             return {}
@@ -642,32 +682,47 @@ class GalleryStore(BackendStore):
             [self._db_time(_utcnow()), *params],
         ).fetchall()
         return [
-            WatchlistRecord(name, purpose, owner, None if fmr is None else float(fmr), int(days),
-                            self._from_db_time(created_at), int(count))  # fmt: skip
+            WatchlistRecord(
+                name,
+                purpose,
+                owner,
+                None if fmr is None else float(fmr),
+                int(days),
+                self._from_db_time(created_at),
+                int(count),
+            )
             for name, purpose, owner, fmr, days, created_at, count in rows
         ]
 
     def _members(self, cur: _Cursor, watchlist: str, subject_ids: list[str]) -> list[MembershipRecord]:
         rows = []
         for subject_id in subject_ids:
-            rows.extend(cur.execute(
-                "SELECT subject_id, watchlist, created_at, expires_at FROM watchlist_members"
-                " WHERE watchlist = ? AND subject_id = ?", (watchlist, subject_id),
-            ).fetchall())  # fmt: skip
+            rows.extend(
+                cur.execute(
+                    "SELECT subject_id, watchlist, created_at, expires_at FROM watchlist_members"
+                    " WHERE watchlist = ? AND subject_id = ?",
+                    (watchlist, subject_id),
+                ).fetchall()
+            )
         return [self._membership(row) for row in rows]
 
     def _membership(self, row: tuple[Any, ...]) -> MembershipRecord:
         subject_id, watchlist, added_at, expires_at = row
-        return MembershipRecord(subject_id, watchlist, self._from_db_time(added_at),
-                                None if expires_at is None else self._from_db_time(expires_at))  # fmt: skip
+        return MembershipRecord(
+            subject_id,
+            watchlist,
+            self._from_db_time(added_at),
+            None if expires_at is None else self._from_db_time(expires_at),
+        )
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _watchlist_fields(purpose: str, owner: str, target_fmr: float | None,
-                      default_membership_days: int) -> tuple[str, str, float | None, int]:  # fmt: skip
+def _watchlist_fields(
+    purpose: str, owner: str, target_fmr: float | None, default_membership_days: int
+) -> tuple[str, str, float | None, int]:
     for what, text in (("purpose", purpose), ("owner", owner)):
         if not isinstance(text, str) or len(text) > MAX_TEXT_LENGTH:
             raise ValueError(f"watchlist {what} must be a string of at most {MAX_TEXT_LENGTH} characters")

@@ -58,12 +58,15 @@ class _Tally:
 
     def details(self, source_id: str) -> dict[str, object]:
         return {
-            "source_id": source_id, "frames": self.frames, "faces_searched": self.faces,
-            "verifications": self.verifications, "candidates_within_threshold": self.within_threshold,
+            "source_id": source_id,
+            "frames": self.frames,
+            "faces_searched": self.faces,
+            "verifications": self.verifications,
+            "candidates_within_threshold": self.within_threshold,
             "watchlists_searched": _names(self.watchlists),
             "from": format_time(self.first_at) if self.first_at else "",
             "to": format_time(self.last_at) if self.last_at else "",
-        }  # fmt: skip
+        }
 
 
 def _names(watchlists: set[str]) -> str:
@@ -110,10 +113,11 @@ class StreamSearchAudit:
             written = 0
             for (source_id, purpose), tally in sorted(tallies.items()):
                 try:
-                    self._audit.append(self._principal, Action.STREAM_SEARCH, "", purpose, "ok",
-                                       tally.details(source_id))  # fmt: skip
+                    self._audit.append(
+                        self._principal, Action.STREAM_SEARCH, "", purpose, "ok", tally.details(source_id)
+                    )
                     written += 1
-                except Exception:  # noqa: BLE001 - keep the tally for the next flush rather than lose it
+                except Exception:
                     log.warning("could not write a stream-search audit record; will retry", exc_info=True)
                     with self._lock:
                         tally.merge(self._tallies.get((source_id, purpose), _Tally()))

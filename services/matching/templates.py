@@ -166,9 +166,7 @@ def _check_key(key_id: str, key: bytes) -> None:
         )
     if not isinstance(key, bytes | bytearray) or len(key) != KEY_BYTES:
         size = len(key) if isinstance(key, bytes | bytearray) else "not bytes"
-        raise TemplateKeyError(
-            f"template key {key_id!r} must be {KEY_BYTES} bytes (AES-256), got {size}"
-        )
+        raise TemplateKeyError(f"template key {key_id!r} must be {KEY_BYTES} bytes (AES-256), got {size}")
 
 
 def _aad(subject_id: str) -> bytes:

@@ -34,18 +34,23 @@ MAX_DEFAULT_DAYS = 36_500
 
 
 def watchlist_proto(record: WatchlistRecord) -> gallery_pb2.Watchlist:
-    message = gallery_pb2.Watchlist(name=record.name, purpose=record.purpose, owner=record.owner,
-                                    target_fmr=record.target_fmr or 0.0,
-                                    threshold_distance=watchlist_threshold(record) or 0.0,
-                                    default_membership_days=record.default_membership_days,
-                                    member_count=record.member_count)  # fmt: skip
+    message = gallery_pb2.Watchlist(
+        name=record.name,
+        purpose=record.purpose,
+        owner=record.owner,
+        target_fmr=record.target_fmr or 0.0,
+        threshold_distance=watchlist_threshold(record) or 0.0,
+        default_membership_days=record.default_membership_days,
+        member_count=record.member_count,
+    )
     message.created_at.FromDatetime(record.created_at)
     return message
 
 
 def membership_proto(record: MembershipRecord, now: datetime) -> gallery_pb2.Membership:
-    message = gallery_pb2.Membership(subject_id=record.subject_id, watchlist=record.watchlist,
-                                     expired=record.expired(now))  # fmt: skip
+    message = gallery_pb2.Membership(
+        subject_id=record.subject_id, watchlist=record.watchlist, expired=record.expired(now)
+    )
     message.added_at.FromDatetime(record.added_at)
     if record.expires_at is not None:
         message.expires_at.FromDatetime(record.expires_at)
@@ -81,8 +86,12 @@ def _settings(message: gallery_pb2.Watchlist) -> tuple[str, str, float | None, i
 
 
 def _list_details(record: WatchlistRecord) -> dict[str, object]:
-    return {"watchlist": record.name, "owner": record.owner, "target_fmr": record.target_fmr or "",
-            "default_membership_days": record.default_membership_days}  # fmt: skip
+    return {
+        "watchlist": record.name,
+        "owner": record.owner,
+        "target_fmr": record.target_fmr or "",
+        "default_membership_days": record.default_membership_days,
+    }
 
 
 class WatchlistServicer(gallery_pb2_grpc.WatchlistServiceServicer):
@@ -92,7 +101,9 @@ class WatchlistServicer(gallery_pb2_grpc.WatchlistServiceServicer):
 
     @rpc_errors
     @audits_refusals(Action.WATCHLIST, WATCHLIST_PURPOSE)
-    def CreateWatchlist(self, request: gallery_pb2.CreateWatchlistRequest, context: grpc.ServicerContext) -> gallery_pb2.Watchlist:  # noqa: E501
+    def CreateWatchlist(
+        self, request: gallery_pb2.CreateWatchlistRequest, context: grpc.ServicerContext
+    ) -> gallery_pb2.Watchlist:
         name = check_watchlist_name(request.watchlist.name)
         purpose, owner, target, days = _settings(request.watchlist)
         owner = owner or self._audit.caller(context)
@@ -117,33 +128,46 @@ class WatchlistServicer(gallery_pb2_grpc.WatchlistServiceServicer):
         return watchlist_proto(record)
 
     @rpc_errors
-    def GetWatchlist(self, request: gallery_pb2.GetWatchlistRequest, context: grpc.ServicerContext) -> gallery_pb2.Watchlist:  # noqa: E501
+    def GetWatchlist(
+        self, request: gallery_pb2.GetWatchlistRequest, context: grpc.ServicerContext
+    ) -> gallery_pb2.Watchlist:
         record = self._gallery.store.get_watchlist(check_watchlist_name(request.name))
         if record is None:
             raise NotFound(f"watchlist {request.name!r} does not exist")
         return watchlist_proto(record)
 
     @rpc_errors
-    def ListWatchlists(self, request: gallery_pb2.ListWatchlistsRequest, context: grpc.ServicerContext) -> gallery_pb2.ListWatchlistsResponse:  # noqa: E501
+    def ListWatchlists(
+        self, request: gallery_pb2.ListWatchlistsRequest, context: grpc.ServicerContext
+    ) -> gallery_pb2.ListWatchlistsResponse:
         return gallery_pb2.ListWatchlistsResponse(
             watchlists=[watchlist_proto(record) for record in self._gallery.store.list_watchlists()]
         )
 
     @rpc_errors
     @audits_refusals(Action.WATCHLIST, WATCHLIST_PURPOSE)
-    def DeleteWatchlist(self, request: gallery_pb2.DeleteWatchlistRequest, context: grpc.ServicerContext) -> gallery_pb2.DeleteWatchlistResponse:  # noqa: E501
+    def DeleteWatchlist(
+        self, request: gallery_pb2.DeleteWatchlistRequest, context: grpc.ServicerContext
+    ) -> gallery_pb2.DeleteWatchlistResponse:
         name = check_watchlist_name(request.name)
         existing = self._gallery.store.get_watchlist(name)
         removed = self._gallery.delete_watchlist(name)
         purpose = existing.purpose if existing and existing.purpose else WATCHLIST_PURPOSE
-        self._audit.record(context, Action.WATCHLIST, "", purpose,
-                           "list deleted" if removed is not None else "no such list",
-                           {"watchlist": name, "memberships_removed": removed or 0})  # fmt: skip
+        self._audit.record(
+            context,
+            Action.WATCHLIST,
+            "",
+            purpose,
+            "list deleted" if removed is not None else "no such list",
+            {"watchlist": name, "memberships_removed": removed or 0},
+        )
         return gallery_pb2.DeleteWatchlistResponse(deleted=removed is not None, memberships_removed=removed or 0)
 
     @rpc_errors
     @audits_refusals(Action.WATCHLIST, WATCHLIST_PURPOSE)
-    def AddMembers(self, request: gallery_pb2.AddMembersRequest, context: grpc.ServicerContext) -> gallery_pb2.AddMembersResponse:  # noqa: E501
+    def AddMembers(
+        self, request: gallery_pb2.AddMembersRequest, context: grpc.ServicerContext
+    ) -> gallery_pb2.AddMembersResponse:
         name = check_watchlist_name(request.watchlist)
         subject_ids = self._subject_ids(request.subject_ids)
         expires_at = future_expiry(request, "expires_at")
@@ -156,14 +180,22 @@ class WatchlistServicer(gallery_pb2_grpc.WatchlistServiceServicer):
         purpose = self._purpose_of(name)
         for membership in memberships:
             expiry = membership.expires_at.isoformat() if membership.expires_at else "never"
-            self._audit.record(context, Action.WATCHLIST, membership.subject_id, purpose, "member added",
-                               {"watchlist": name, "expires_at": expiry})  # fmt: skip
+            self._audit.record(
+                context,
+                Action.WATCHLIST,
+                membership.subject_id,
+                purpose,
+                "member added",
+                {"watchlist": name, "expires_at": expiry},
+            )
         now = datetime.now(UTC)
         return gallery_pb2.AddMembersResponse(memberships=[membership_proto(m, now) for m in memberships])
 
     @rpc_errors
     @audits_refusals(Action.WATCHLIST, WATCHLIST_PURPOSE)
-    def RemoveMembers(self, request: gallery_pb2.RemoveMembersRequest, context: grpc.ServicerContext) -> gallery_pb2.RemoveMembersResponse:  # noqa: E501
+    def RemoveMembers(
+        self, request: gallery_pb2.RemoveMembersRequest, context: grpc.ServicerContext
+    ) -> gallery_pb2.RemoveMembersResponse:
         name = check_watchlist_name(request.watchlist)
         subject_ids = self._subject_ids(request.subject_ids)
         try:
@@ -172,18 +204,26 @@ class WatchlistServicer(gallery_pb2_grpc.WatchlistServiceServicer):
             raise NotFound(str(error)) from None
         purpose = self._purpose_of(name)
         for subject_id in dict.fromkeys(subject_ids):
-            self._audit.record(context, Action.WATCHLIST, subject_id, purpose,
-                               "member removed" if subject_id in removed else "not on the list",
-                               {"watchlist": name})  # fmt: skip
+            self._audit.record(
+                context,
+                Action.WATCHLIST,
+                subject_id,
+                purpose,
+                "member removed" if subject_id in removed else "not on the list",
+                {"watchlist": name},
+            )
         return gallery_pb2.RemoveMembersResponse(removed=len(removed))
 
     @rpc_errors
-    def ListMembers(self, request: gallery_pb2.ListMembersRequest, context: grpc.ServicerContext) -> gallery_pb2.ListMembersResponse:  # noqa: E501
+    def ListMembers(
+        self, request: gallery_pb2.ListMembersRequest, context: grpc.ServicerContext
+    ) -> gallery_pb2.ListMembersResponse:
         name = check_watchlist_name(request.watchlist)
         limit = min(request.page_size or 100, 1000)
         try:
-            records = self._gallery.store.list_members(name, request.include_expired, limit=limit + 1,
-                                                       after=request.page_token or None)  # fmt: skip
+            records = self._gallery.store.list_members(
+                name, request.include_expired, limit=limit + 1, after=request.page_token or None
+            )
         except UnknownWatchlistError as error:
             raise NotFound(str(error)) from None
         now = datetime.now(UTC)

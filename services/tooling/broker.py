@@ -63,17 +63,29 @@ class LocalBroker:
 
     def command(self) -> list[str]:
         url = f"tcp://{self.host}:{self.port}"
-        return [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                "--storage-engine", "memory://tansu/"]  # fmt: skip
+        return [
+            str(tansu_binary()),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
 
     def start(self, timeout: float = 15.0, detach: bool = False, preexec_fn: Callable[[], None] | None = None) -> None:
         """Start the broker and wait until it accepts connections (``preexec_fn`` runs in the child before exec)."""
         if port_open(self.host, self.port):
             raise BrokerError(f"port {self.port} is already in use: is another broker or stack running?")
         self.process = subprocess.Popen(
-            self.command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=detach, preexec_fn=preexec_fn,
-        )  # fmt: skip
+            self.command(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=detach,
+            preexec_fn=preexec_fn,
+        )
         deadline = time.monotonic() + timeout
         while not port_open(self.host, self.port):
             if self.process.poll() is not None:

@@ -36,6 +36,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".g
 
 # -- datasets --------------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Sample:
     """One image of a dataset. ``crowd`` images hold several people: each face becomes an identity of its own, unless
@@ -137,6 +138,7 @@ def _lfw_image(root: Path, name: str, number: int) -> Path:
 
 # -- acquisition -----------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Acquired:
     """A descriptor obtained from a sample; ``sample`` indexes the dataset's samples."""
@@ -169,9 +171,11 @@ class Acquisition:
 
 def best_face(faces: Sequence[Any]) -> int:
     """Index of the face to use when one is expected: the largest box, then the highest detector score."""
+
     def key(i: int) -> tuple[float, float]:
         x1, y1, x2, y2 = (float(v) for v in faces[i].box)
         return (x2 - x1) * (y2 - y1), float(faces[i].score)
+
     return max(range(len(faces)), key=key)
 
 
@@ -201,8 +205,13 @@ def read_rgb(path: Path) -> np.ndarray:
     return decode_image(data)
 
 
-def acquire(samples: Sequence[Sample], pipeline: Any, chips: str = "auto", progress: bool = True,
-            describe: Callable[[Path], str] = str) -> Acquisition:  # fmt: skip
+def acquire(
+    samples: Sequence[Sample],
+    pipeline: Any,
+    chips: str = "auto",
+    progress: bool = True,
+    describe: Callable[[Path], str] = str,
+) -> Acquisition:
     """One descriptor per sample (every face for crowd samples), with a failure or a note for each problem file."""
     from tqdm import tqdm
 
@@ -224,8 +233,9 @@ def acquire(samples: Sequence[Sample], pipeline: Any, chips: str = "auto", progr
         if not faces:
             result.failures.append(Failure(i, sample.path, "no_face", f"{name}: no face found"))
         elif sample.crowd:
-            result.acquired.extend(Acquired(i, sample.crowd_identity(face.box, j), descriptors[j], j)
-                                   for j, face in enumerate(faces))  # fmt: skip
+            result.acquired.extend(
+                Acquired(i, sample.crowd_identity(face.box, j), descriptors[j], j) for j, face in enumerate(faces)
+            )
         else:
             j = best_face(faces)
             if len(faces) > 1:
@@ -235,6 +245,7 @@ def acquire(samples: Sequence[Sample], pipeline: Any, chips: str = "auto", progr
 
 
 # -- comparison scores -----------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Scores:
@@ -250,8 +261,9 @@ class Scores:
         self.impostor = np.asarray(self.impostor, dtype=np.float64)
 
 
-def all_pairs_scores(acquired: Sequence[Acquired], max_impostor_pairs: int = DEFAULT_MAX_IMPOSTOR_PAIRS,
-                     seed: int = 0) -> Scores:  # fmt: skip
+def all_pairs_scores(
+    acquired: Sequence[Acquired], max_impostor_pairs: int = DEFAULT_MAX_IMPOSTOR_PAIRS, seed: int = 0
+) -> Scores:
     """Every pair of descriptors, split by identity. Impostor pairs grow with N^2: beyond ``max_impostor_pairs`` a
     fixed-seed random subset is kept (said in ``impostor_sampled_from``)."""
     if len(acquired) < 2:
@@ -282,6 +294,7 @@ def listed_pairs_scores(acquired: Sequence[Acquired], pairs: Iterable[tuple[int,
 
 
 # -- metrics ---------------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -326,8 +339,10 @@ def equal_error_rate(genuine: np.ndarray, impostor: np.ndarray) -> Estimate:
     note = ""
     resolution = 1.0 / min(len(genuine), len(impostor))
     if fmr[i] == 0 and fnmr[i] == 0:
-        note = (f"no error observed at the crossing: the EER is under about {resolution:.1g} "
-                f"({len(genuine)} genuine, {len(impostor)} impostor pairs)")  # fmt: skip
+        note = (
+            f"no error observed at the crossing: the EER is under about {resolution:.1g} "
+            f"({len(genuine)} genuine, {len(impostor)} impostor pairs)"
+        )
     return Estimate(float((fmr[i] + fnmr[i]) / 2), float(thresholds[i]), note, len(genuine) + len(impostor))
 
 
@@ -345,8 +360,11 @@ def tar_at_far(genuine: np.ndarray, impostor: np.ndarray, far: float) -> Estimat
         return Estimate(None, note=_missing(genuine, impostor))
     needed = min_impostor_pairs(far)
     if len(impostor) < needed:
-        return Estimate(None, note=f"too few impostor pairs to estimate TAR at FAR {far:g}: "
-                                   f"need >= {needed}, have {len(impostor)}", count=len(impostor))  # fmt: skip
+        return Estimate(
+            None,
+            note=f"too few impostor pairs to estimate TAR at FAR {far:g}: need >= {needed}, have {len(impostor)}",
+            count=len(impostor),
+        )
     ordered = np.sort(impostor)
     allowed = int(math.floor(far * len(ordered) + 1e-9))  # impostor pairs that may be accepted
     if allowed >= len(ordered):
@@ -378,9 +396,18 @@ def summary(values: np.ndarray) -> dict[str, Any]:
     if not len(values):
         return {"count": 0}
     q = np.percentile(values, [1, 5, 50, 95, 99])
-    return {"count": int(len(values)), "mean": float(np.mean(values)), "std": float(np.std(values)),
-            "min": float(np.min(values)), "p01": float(q[0]), "p05": float(q[1]), "median": float(q[2]),
-            "p95": float(q[3]), "p99": float(q[4]), "max": float(np.max(values))}  # fmt: skip
+    return {
+        "count": int(len(values)),
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values)),
+        "min": float(np.min(values)),
+        "p01": float(q[0]),
+        "p05": float(q[1]),
+        "median": float(q[2]),
+        "p95": float(q[3]),
+        "p99": float(q[4]),
+        "max": float(np.max(values)),
+    }
 
 
 def _missing(genuine: np.ndarray, impostor: np.ndarray) -> str:
@@ -436,8 +463,14 @@ def build_calibration_table(impostor: np.ndarray, genuine: np.ndarray, provenanc
         matches = int(np.searchsorted(ordered, distance, side="right"))
         measured = matches >= MIN_MEASURED_MATCHES
         fmr = matches / len(ordered) if measured else tail.fmr(float(distance))
-        rows.append({"distance": float(distance), "fmr": fmr, "impostor_matches": matches,
-                     "source": "measured" if measured else "model"})  # fmt: skip
+        rows.append(
+            {
+                "distance": float(distance),
+                "fmr": fmr,
+                "impostor_matches": matches,
+                "source": "measured" if measured else "model",
+            }
+        )
     # Keep the table monotonic: a model value may not exceed the measured value at a larger distance.
     for i in range(len(rows) - 2, -1, -1):
         rows[i]["fmr"] = min(rows[i]["fmr"], rows[i + 1]["fmr"])
@@ -455,11 +488,15 @@ def build_calibration_table(impostor: np.ndarray, genuine: np.ndarray, provenanc
             "resolution": 1.0 / len(impostor),
             "lowest_measured_fmr": measured_floor,
             "rule": f"FMR is measured where at least {MIN_MEASURED_MATCHES} impostor pairs match; below that "
-                    f"(FMR under about {measured_floor:.1g}) it comes from the tail model and is an extrapolation",
+            f"(FMR under about {measured_floor:.1g}) it comes from the tail model and is an extrapolation",
         },
-        "tail_model": {"kind": "normal fitted to the lower tail of the impostor distances (probit regression)",
-                       "mean": tail.mean, "std": tail.std, "fitted_quantiles": list(tail.fitted_quantiles)},
+        "tail_model": {
+            "kind": "normal fitted to the lower tail of the impostor distances (probit regression)",
+            "mean": tail.mean,
+            "std": tail.std,
+            "fitted_quantiles": list(tail.fitted_quantiles),
+        },
         "genuine_summary": summary(np.asarray(genuine, dtype=np.float64)),
         "impostor_summary": summary(ordered),
         "rows": rows,
-    }  # fmt: skip
+    }

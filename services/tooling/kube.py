@@ -88,8 +88,13 @@ class Kube:
     """Connection to one cluster and namespace. ``kubeconfig`` None: $KUBECONFIG or ~/.kube/config, else the pod's
     in-cluster service account. ``namespace`` None: the context's namespace (or the pod's), else "default"."""
 
-    def __init__(self, kubeconfig: Path | None = None, context: str | None = None, namespace: str | None = None,
-                 timeout_s: float = 10.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        kubeconfig: Path | None = None,
+        context: str | None = None,
+        namespace: str | None = None,
+        timeout_s: float = 10.0,
+    ) -> None:
         from kubernetes import client
 
         configuration, default_namespace = _load_configuration(kubeconfig, context)
@@ -109,8 +114,9 @@ class Kube:
         states = [_state(item) for item in found.items]
         releases = sorted({s.release for s in states})
         if len(releases) > 1:
-            raise KubeError(f"namespace {self.namespace} holds several Sightline releases ({', '.join(releases)}): "
-                            "pass --release")  # fmt: skip
+            raise KubeError(
+                f"namespace {self.namespace} holds several Sightline releases ({', '.join(releases)}): pass --release"
+            )
         return {s.service: s for s in sorted(states, key=lambda s: SERVICES.index(s.service))}
 
     def deployment(self, service: str, release: str | None = None) -> DeploymentState:
@@ -129,9 +135,12 @@ class Kube:
         # A merge patch of spec.replicas only: it cannot touch anything else of the Deployment.
         with self._errors(f"scale {name}"):
             patched = self._apps.patch_namespaced_deployment_scale(
-                name, self.namespace, {"spec": {"replicas": replicas}},
-                _content_type="application/merge-patch+json", _request_timeout=self.timeout_s,
-            )  # fmt: skip
+                name,
+                self.namespace,
+                {"spec": {"replicas": replicas}},
+                _content_type="application/merge-patch+json",
+                _request_timeout=self.timeout_s,
+            )
         return int(current.spec.replicas or 0), int(patched.spec.replicas or 0)
 
     @contextlib.contextmanager
@@ -143,8 +152,10 @@ class Kube:
         try:
             yield
         except ApiException as exc:
-            raise KubeError(f"Kubernetes API {self.server} refused to {action} in namespace {self.namespace}: "
-                            f"HTTP {exc.status} {exc.reason}{_api_message(exc.body)}") from None  # fmt: skip
+            raise KubeError(
+                f"Kubernetes API {self.server} refused to {action} in namespace {self.namespace}: "
+                f"HTTP {exc.status} {exc.reason}{_api_message(exc.body)}"
+            ) from None
         except HTTPError as exc:
             reason = _transport_reason(exc)
             raise KubeError(f"cannot reach the Kubernetes API server at {self.server}: {reason}") from None
@@ -158,8 +169,9 @@ def _load_configuration(kubeconfig: Path | None, context: str | None) -> tuple[A
     path = str(kubeconfig) if kubeconfig else os.environ.get("KUBECONFIG") or str(Path("~/.kube/config").expanduser())
     try:
         if kubeconfig or os.environ.get("KUBECONFIG") or Path(path).is_file():
-            config.load_kube_config(config_file=path, context=context, client_configuration=configuration,
-                                    persist_config=False)  # fmt: skip
+            config.load_kube_config(
+                config_file=path, context=context, client_configuration=configuration, persist_config=False
+            )
             return configuration, _context_namespace(path, context)
         if os.environ.get("KUBERNETES_SERVICE_HOST"):
             config.load_incluster_config(client_configuration=configuration)

@@ -44,9 +44,18 @@ from typing import IO, Any, Literal, Self
 
 from sightline.common import auth
 from sightline.common.audit_keys import LOCAL_KEYS_FILE, ensure_keys_file
-from sightline.tooling.broker import BrokerError, LocalBroker, free_port, port_open
 from sightline.common.ports import GRPC_PORTS, LOCAL_BROKER_PORT, METRICS_PORTS, SERVICES
-from sightline.tooling.processes import exit_with_parent, process_start_ticks, pid_alive, signal_if_alive, kill_group, wait_gone, tail, crash_report
+from sightline.tooling.broker import BrokerError, LocalBroker, free_port, port_open
+from sightline.tooling.processes import (
+    crash_report,
+    exit_with_parent,
+    kill_group,
+    pid_alive,
+    process_start_ticks,
+    signal_if_alive,
+    tail,
+    wait_gone,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +137,7 @@ def port_in_use(port: int, host: str = HOST) -> bool:
     if port_open(host, port):
         return True
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(
-            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
-        )  # ignore TIME_WAIT left by a stack just stopped
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ignore TIME_WAIT left by a stack just stopped
         try:
             sock.bind((host, port))
         except OSError:
@@ -196,8 +203,10 @@ def write_tokens(run_dir: Path, extra_principals: Sequence[auth.Principal] = ())
     tokens = StackTokens(auth.new_token(), {name: auth.new_token() for name in auth.SERVICE_CALLER_ROLES})
     principals = [
         auth.Principal(ADMIN_PRINCIPAL, frozenset(auth.Role), auth.hash_token(tokens.admin)),
-        *(auth.Principal(auth.service_principal(name), auth.SERVICE_CALLER_ROLES[name], auth.hash_token(token))
-          for name, token in tokens.services.items()),
+        *(
+            auth.Principal(auth.service_principal(name), auth.SERVICE_CALLER_ROLES[name], auth.hash_token(token))
+            for name, token in tokens.services.items()
+        ),
         *extra_principals,
     ]
     auth.parse_principals(auth.dump_principals(principals), "the local stack's tokens")  # refuses clashes
@@ -309,9 +318,7 @@ def refuse_if_running(run_dir: Path) -> None:
         return
     if state.any_alive() or state.owner_alive():
         port = state.services[next(iter(state.services))].port if state.services else state.broker.port
-        raise StackError(
-            f"{in_use_message(port)} (a stack recorded in {state_path(run_dir)} is still running)"
-        )
+        raise StackError(f"{in_use_message(port)} (a stack recorded in {state_path(run_dir)} is still running)")
     log.info("removing the state file of a stack that no longer runs in %s", run_dir)
     _remove_state(run_dir)
 
@@ -372,9 +379,13 @@ def status(run_dir: Path, health_timeout: float = 1.0) -> StackStatus | None:
         services[name] = ServiceStatus(rec.pid, alive, health, rec.port, rec.metrics_port, address, rec.log)
     broker_alive = state.broker.alive()
     broker = BrokerStatus(
-        state.broker.pid, broker_alive, broker_alive and port_open(HOST, state.broker.port), state.broker.port,
-        f"{HOST}:{state.broker.port}", state.broker.log,
-    )  # fmt: skip
+        state.broker.pid,
+        broker_alive,
+        broker_alive and port_open(HOST, state.broker.port),
+        state.broker.port,
+        f"{HOST}:{state.broker.port}",
+        state.broker.log,
+    )
     return StackStatus(state.run_dir, state.started_at, state.detached, state.phase, broker, services)
 
 
@@ -645,8 +656,9 @@ class LocalStack:
         try:
             states = ensure_topics(KafkaSettings(**self._kafka_settings()))
         except Exception as exc:  # kafka-python raises many types; the user needs the broker's log either way
-            raise StackError(f"could not create the topics on {self.bootstrap_servers}: {exc!r}; see "
-                             f"{self.log_path('broker')}") from exc  # fmt: skip
+            raise StackError(
+                f"could not create the topics on {self.bootstrap_servers}: {exc!r}; see {self.log_path('broker')}"
+            ) from exc
         log.info("topics ready: %s", states)
 
     def _kafka_settings(self) -> dict[str, Any]:
@@ -661,28 +673,37 @@ class LocalStack:
     def _spawn(self, name: str, key: str) -> None:
         with self._open_log(name) as log_file:
             proc = subprocess.Popen(
-                [sys.executable, "-m", f"{self._module_prefix}.{name}"], env=self._service_env(name, key),
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                [sys.executable, "-m", f"{self._module_prefix}.{name}"],
+                env=self._service_env(name, key),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
                 preexec_fn=self._preexec,
-            )  # fmt: skip
+            )
         self._procs[name] = proc
         assert self._state is not None
         self._state.services[name] = ProcessRecord(
-            proc.pid, process_start_ticks(proc.pid), str(self.log_path(name)), self.ports.grpc[name],
+            proc.pid,
+            process_start_ticks(proc.pid),
+            str(self.log_path(name)),
+            self.ports.grpc[name],
             self.ports.metrics[name],
-        )  # fmt: skip
+        )
         log.info("started %s (pid %d) on %s", name, proc.pid, self.addresses[name])
 
     def _service_env(self, name: str, key: str) -> dict[str, str]:
         prefix = f"SIGHTLINE_{name.upper()}_"
         env = {**os.environ, **self._extra_env, "PYTHONUNBUFFERED": "1"}
         env.update({f"SIGHTLINE_KAFKA_{k.upper()}": str(v) for k, v in self._kafka_settings().items()})
-        env.update({
-            f"{prefix}GRPC_HOST": HOST,
-            f"{prefix}GRPC_PORT": str(self.ports.grpc[name]),
-            f"{prefix}METRICS_PORT": str(self.ports.metrics[name]),
-            f"{prefix}LOG_JSON": "true",
-        })  # fmt: skip
+        env.update(
+            {
+                f"{prefix}GRPC_HOST": HOST,
+                f"{prefix}GRPC_PORT": str(self.ports.grpc[name]),
+                f"{prefix}METRICS_PORT": str(self.ports.metrics[name]),
+                f"{prefix}LOG_JSON": "true",
+            }
+        )
         assert self._tokens is not None
         env["SIGHTLINE_AUTH_TOKENS_FILE"] = str(self.run_dir / TOKENS_FILE)
         if name in self._tokens.services:
@@ -713,9 +734,7 @@ class LocalStack:
         pending = list(self.services)
         while pending:
             self._raise_if_exited()
-            pending = [
-                name for name in pending if check_health(self.addresses[name], timeout=1.0) != "SERVING"
-            ]
+            pending = [name for name in pending if check_health(self.addresses[name], timeout=1.0) != "SERVING"]
             if pending and time.monotonic() > deadline:
                 raise StackError(self._not_healthy_message(pending))
             if pending:

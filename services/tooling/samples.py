@@ -24,7 +24,14 @@ import sys
 import tarfile
 from pathlib import Path
 
-from sightline.common.models.convert.fetch import FetchError, pip_download, run_install_step, sha256_file, step, verify_download
+from sightline.common.models.convert.fetch import (
+    FetchError,
+    pip_download,
+    run_install_step,
+    sha256_file,
+    step,
+    verify_download,
+)
 from sightline.common.paths import samples_dir
 
 log = logging.getLogger(__name__)
@@ -32,8 +39,15 @@ log = logging.getLogger(__name__)
 FACE_RECOGNITION_PACKAGE = ("face_recognition", "1.3.0")
 FACE_RECOGNITION_SDIST = "face_recognition-1.3.0.tar.gz"
 FACE_RECOGNITION_SDIST_SHA256 = "5e5efdd1686aa566af0d3cc1313b131e4b197657a8ffd03669e6d3fad92705ec"
-FACE_RECOGNITION_PHOTOS = ("32bit.png", "biden.jpg", "obama.jpg", "obama2.jpg", "obama3.jpg",
-                           "obama_partial_face.jpg", "obama_partial_face2.jpg")
+FACE_RECOGNITION_PHOTOS = (
+    "32bit.png",
+    "biden.jpg",
+    "obama.jpg",
+    "obama2.jpg",
+    "obama3.jpg",
+    "obama_partial_face.jpg",
+    "obama_partial_face2.jpg",
+)
 
 DLIB_SOURCE = "dlib"
 DLIB_SOURCE_VERSION = "19.24+dfsg-1"
@@ -49,6 +63,7 @@ CACHE_DIR = ".cache"
 
 # -- completion markers ----------------------------------------------------------------------------------------------
 
+
 def _is_complete(folder: Path) -> bool:
     """True when a previous run finished this folder and every file it listed is still there."""
     try:
@@ -59,13 +74,13 @@ def _is_complete(folder: Path) -> bool:
 
 
 def _mark_complete(folder: Path, source: str) -> list[str]:
-    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                   if p.is_file() and p.name != COMPLETE_MARKER)
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER)
     (folder / COMPLETE_MARKER).write_text(json.dumps({"source": source, "files": files}, indent=1) + "\n")
     return files
 
 
 # -- face_recognition photos -----------------------------------------------------------------------------------------
+
 
 def fetch_face_recognition_photos(dest: Path, cache: Path) -> Path:
     """The photos from face_recognition's test suite, into ``dest/face_recognition``."""
@@ -74,8 +89,9 @@ def fetch_face_recognition_photos(dest: Path, cache: Path) -> Path:
         step(f"{out}: present")
         return out
     pkg, ver = FACE_RECOGNITION_PACKAGE
-    sdist = pip_download(pkg, ver, cache, sdist=True, expected_name=FACE_RECOGNITION_SDIST,
-                         expected_sha256=FACE_RECOGNITION_SDIST_SHA256)
+    sdist = pip_download(
+        pkg, ver, cache, sdist=True, expected_name=FACE_RECOGNITION_SDIST, expected_sha256=FACE_RECOGNITION_SDIST_SHA256
+    )
     step(f"{out}: extracting tests/test_images/")
     _extract_tree(sdist, {"tests/test_images/": out})
     missing = [n for n in FACE_RECOGNITION_PHOTOS if not (out / n).is_file()]
@@ -87,6 +103,7 @@ def fetch_face_recognition_photos(dest: Path, cache: Path) -> Path:
 
 # -- dlib examples from Debian ---------------------------------------------------------------------------------------
 
+
 def _deb_uri_for_main(suite: str = DEBIAN_SUITE) -> tuple[str, str | None]:
     """The URI (and signing keyring) of the machine's ``deb`` source for ``<suite> main``.
 
@@ -94,8 +111,11 @@ def _deb_uri_for_main(suite: str = DEBIAN_SUITE) -> tuple[str, str | None]:
     own mirror so that a site with a local mirror or proxy keeps using it.
     """
     etc = Path("/etc/apt")
-    candidates = [etc / "sources.list", *sorted((etc / "sources.list.d").glob("*.list")),
-                  *sorted((etc / "sources.list.d").glob("*.sources"))]
+    candidates = [
+        etc / "sources.list",
+        *sorted((etc / "sources.list.d").glob("*.list")),
+        *sorted((etc / "sources.list.d").glob("*.sources")),
+    ]
     for path in candidates:
         try:
             text = path.read_text()
@@ -104,8 +124,10 @@ def _deb_uri_for_main(suite: str = DEBIAN_SUITE) -> tuple[str, str | None]:
         found = _parse_deb822(text, suite) if path.suffix == ".sources" else _parse_one_line(text, suite)
         if found:
             return found
-    raise FetchError(f"no `deb` line for `{suite} main` in /etc/apt/sources.list or /etc/apt/sources.list.d/: "
-                     "add the Debian mirror there (or fetch the dlib source package by hand)")
+    raise FetchError(
+        f"no `deb` line for `{suite} main` in /etc/apt/sources.list or /etc/apt/sources.list.d/: "
+        "add the Debian mirror there (or fetch the dlib source package by hand)"
+    )
 
 
 def _parse_one_line(text: str, suite: str) -> tuple[str, str | None] | None:
@@ -128,8 +150,12 @@ def _parse_deb822(text: str, suite: str) -> tuple[str, str | None] | None:
             fields[key.strip().lower()] = value.strip()
         if fields.get("enabled", "yes").lower() == "no":
             continue
-        if ("deb" in fields.get("types", "").split() and suite in fields.get("suites", "").split()
-                and "main" in fields.get("components", "").split() and fields.get("uris")):
+        if (
+            "deb" in fields.get("types", "").split()
+            and suite in fields.get("suites", "").split()
+            and "main" in fields.get("components", "").split()
+            and fields.get("uris")
+        ):
             return fields["uris"].split()[0], fields.get("signed-by")
     return None
 
@@ -137,12 +163,17 @@ def _parse_deb822(text: str, suite: str) -> tuple[str, str | None] | None:
 def _apt_options(apt_root: Path) -> list[str]:
     """apt options that point every piece of state at ``apt_root`` and nothing at the system configuration."""
     return [
-        "-o", f"Dir::Etc::SourceList={apt_root / 'sources.list'}",
-        "-o", "Dir::Etc::SourceParts=/nonexistent",
-        "-o", f"Dir::State::Lists={apt_root / 'lists'}",
-        "-o", f"Dir::Cache={apt_root / 'cache'}",
+        "-o",
+        f"Dir::Etc::SourceList={apt_root / 'sources.list'}",
+        "-o",
+        "Dir::Etc::SourceParts=/nonexistent",
+        "-o",
+        f"Dir::State::Lists={apt_root / 'lists'}",
+        "-o",
+        f"Dir::Cache={apt_root / 'cache'}",
         # Files land in a root-owned private folder that the _apt sandbox user cannot write to.
-        "-o", "APT::Sandbox::User=root",
+        "-o",
+        "APT::Sandbox::User=root",
         "-q",
     ]
 
@@ -150,8 +181,10 @@ def _apt_options(apt_root: Path) -> list[str]:
 def _run_apt(args: list[str], cwd: Path, what: str) -> str:
     proc = subprocess.run(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
-        raise FetchError(f"{what} failed (exit {proc.returncode}):\n{proc.stdout.strip()}\n"
-                         "apt-get needs root and a reachable Debian mirror; fix that and run the same command again.")
+        raise FetchError(
+            f"{what} failed (exit {proc.returncode}):\n{proc.stdout.strip()}\n"
+            "apt-get needs root and a reachable Debian mirror; fix that and run the same command again."
+        )
     return proc.stdout
 
 
@@ -184,8 +217,11 @@ def download_dlib_source(cache: Path) -> Path:
         found = re.search(rf"^'(\S+)' {re.escape(DLIB_ORIG_TARBALL)} \d+ (SHA256:[0-9a-f]{{64}})", listing, re.M)
         if not found:
             raise FetchError(f"apt-get source --print-uris {wanted} does not list {DLIB_ORIG_TARBALL}:\n{listing}")
-        _run_apt([str(APT_HELPER), *_apt_options(apt_root), "download-file", found[1], str(tarball), found[2]],
-                 apt_root, f"apt-helper download-file {found[1]}")
+        _run_apt(
+            [str(APT_HELPER), *_apt_options(apt_root), "download-file", found[1], str(tarball), found[2]],
+            apt_root,
+            f"apt-helper download-file {found[1]}",
+        )
     else:
         step(f"apt-get source --download-only {wanted}")
         _run_apt([*apt, "source", "--download-only", wanted], apt_root, "apt-get source")
@@ -213,6 +249,7 @@ def fetch_dlib_examples(dest: Path, cache: Path) -> Path:
 
 # -- shared ----------------------------------------------------------------------------------------------------------
 
+
 def _extract_tree(archive: Path, targets: dict[str, Path]) -> None:
     """Extract the files under each ``prefix`` (after the archive's top folder) to ``targets[prefix]``.
 
@@ -231,7 +268,7 @@ def _extract_tree(archive: Path, targets: dict[str, Path]) -> None:
             for prefix, folder in targets.items():
                 if not inner.startswith(prefix):
                     continue
-                rel = Path(inner[len(prefix):])
+                rel = Path(inner[len(prefix) :])
                 if rel.is_absolute() or ".." in rel.parts:
                     raise FetchError(f"unsafe path {info.name!r} in {archive.name}")
                 target = folder / rel
@@ -258,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dest", type=Path, default=None, help=f"default: {samples_dir()}")
     args = parser.parse_args(argv)
     dest = (args.dest or samples_dir()).expanduser()
-    return run_install_step(f"sample photos into {dest}", lambda: fetch_samples(dest),
-                            f"-m sightline.tooling.samples --dest {dest}")
+    return run_install_step(
+        f"sample photos into {dest}", lambda: fetch_samples(dest), f"-m sightline.tooling.samples --dest {dest}"
+    )
 
 
 if __name__ == "__main__":

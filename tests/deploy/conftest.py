@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from deploy_helpers import VARIANTS, Rendered, find_tool, render
 
 _RENDERED: dict[str, Rendered] = {}

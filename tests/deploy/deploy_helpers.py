@@ -52,8 +52,12 @@ TOPICS = {
     "sightline.audit.v1": ("*", (), 365 * DAY_MS),
 }
 # The topic each consumer scales on (its pipeline input; the sessions and erasures topics are side inputs of decision).
-INPUT_TOPIC = {"detection": "sightline.frames.v1", "embedding": "sightline.faces.v1",
-               "matching": "sightline.embeddings.v1", "decision": "sightline.matches.v1"}
+INPUT_TOPIC = {
+    "detection": "sightline.frames.v1",
+    "embedding": "sightline.faces.v1",
+    "matching": "sightline.embeddings.v1",
+    "decision": "sightline.matches.v1",
+}
 PUBLIC_SERVICES = {"capture", "matching", "decision"}  # reached by external clients over gRPC
 # caller -> the services it calls over gRPC (matching: detection and embedding; capture's kiosk sessions: the gallery)
 GRPC_CALLS = {"matching": ("detection", "embedding"), "capture": ("matching",)}
@@ -173,4 +177,3 @@ def retention_settings(values: dict[str, Any] | None = None) -> Any:
 def to_snake(camel: str) -> str:
     """A values key as the settings field it maps to: rawHours -> raw_hours."""
     return re.sub(r"(?<!^)([A-Z])", r"_\1", camel).lower()
-

@@ -93,10 +93,16 @@ SCHEMA_ERROR = "values don't meet the specifications of the schema"
         ["detection.resources.limits=null"],  # limits are required
         ["detection.sources.uris={rtsp://cam/1}"],  # only capture pulls streams
         ["capture.sources.uris={cam-1}"],  # not a URI
-        ["auth.principals[0].principal=alice", "auth.principals[0].roles[0]=reviewer",
-         "auth.principals[0].token=plaintext"],  # tokens never go into values: only their hashes
-        ["auth.principals[0].principal=alice", "auth.principals[0].roles[0]=admin",
-         "auth.principals[0].token_sha256=" + "a" * 64],  # no such role
+        [
+            "auth.principals[0].principal=alice",
+            "auth.principals[0].roles[0]=reviewer",
+            "auth.principals[0].token=plaintext",
+        ],  # tokens never go into values: only their hashes
+        [
+            "auth.principals[0].principal=alice",
+            "auth.principals[0].roles[0]=admin",
+            "auth.principals[0].token_sha256=" + "a" * 64,
+        ],  # no such role
         ["auth.principals[0].principal=alice", "auth.principals[0].roles[0]=reviewer"],  # neither hash nor certificate
     ],
     ids=lambda s: s[0],
@@ -131,13 +137,19 @@ def test_templates_refuse_inconsistent_values(helm: str, sets: list[str], messag
 
 
 def test_postgres_mode_scales_matching(helm: str) -> None:
-    r = render(helm, [], ["matching.database.mode=postgresql", "matching.database.postgresql.existingSecret=db", "matching.replicas=3"])
+    r = render(
+        helm,
+        [],
+        ["matching.database.mode=postgresql", "matching.database.postgresql.existingSecret=db", "matching.replicas=3"],
+    )
     assert r.one("Deployment", f"{RELEASE}-sightline-matching")["spec"]["replicas"] == 3
 
 
 def test_image_registry_and_tag_overrides(helm: str) -> None:
     r = render(helm, [], ["image.registry=registry.example.org/", "image.tag=1.2.3", "detection.image.tag=1.2.4"])
-    images = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["image"] for d in r.kind("Deployment")}
+    images = {
+        d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["image"] for d in r.kind("Deployment")
+    }
     assert images[f"{RELEASE}-sightline-capture"] == "registry.example.org/sightline/capture:1.2.3"
     assert images[f"{RELEASE}-sightline-detection"] == "registry.example.org/sightline/detection:1.2.4"
     default = render(helm, [])
@@ -159,7 +171,8 @@ def ingress_ports_from(policy: dict[str, Any], peer_service: str | None) -> set[
     for rule in policy["spec"].get("ingress", []):
         peers = rule.get("from")
         admits = peers is None or (
-            peer_service is not None and any(list(p) == ["podSelector"] and selects(p["podSelector"], peer_service) for p in peers)
+            peer_service is not None
+            and any(list(p) == ["podSelector"] and selects(p["podSelector"], peer_service) for p in peers)
         )
         if admits:
             ports |= {p["port"] for p in rule["ports"]}
@@ -170,7 +183,9 @@ def egress_ports_to(policy: dict[str, Any], peer_service: str) -> set[int]:
     ports: set[int] = set()
     for rule in policy["spec"].get("egress", []):
         peers = rule.get("to")
-        if peers is not None and any(list(p) == ["podSelector"] and selects(p["podSelector"], peer_service) for p in peers):
+        if peers is not None and any(
+            list(p) == ["podSelector"] and selects(p["podSelector"], peer_service) for p in peers
+        ):
             ports |= {p["port"] for p in rule["ports"]}
     return ports
 
@@ -187,9 +202,14 @@ def test_network_policies_allow_only_the_designed_flows(helm: str) -> None:
         assert (GRPC_PORTS[svc] in ingress_ports_from(p, None)) == (svc in PUBLIC_SERVICES), svc
         for caller in SERVICES:
             expected = svc in GRPC_CALLS.get(caller, ())
-            assert (GRPC_PORTS[svc] in ingress_ports_from(p, caller)) == (expected or svc in PUBLIC_SERVICES), (caller, svc)
+            assert (GRPC_PORTS[svc] in ingress_ports_from(p, caller)) == (expected or svc in PUBLIC_SERVICES), (
+                caller,
+                svc,
+            )
         # Metrics only from the Prometheus peer.
-        metrics_rules = [rule for rule in p["spec"]["ingress"] if METRICS_PORTS[svc] in {x["port"] for x in rule["ports"]}]
+        metrics_rules = [
+            rule for rule in p["spec"]["ingress"] if METRICS_PORTS[svc] in {x["port"] for x in rule["ports"]}
+        ]
         assert len(metrics_rules) == 1 and "namespaceSelector" in metrics_rules[0]["from"][0]
         # Egress: DNS and Kafka for all; matching also to its two peers; nobody else to any pod.
         egress_ports = {x["port"] for rule in p["spec"]["egress"] for x in rule["ports"]}
@@ -364,10 +384,16 @@ def test_tracing_is_off_by_default_and_otlp_reaches_the_collector(helm: str) -> 
     services = {f"{RELEASE}-sightline-{s}" for s in ("capture", "detection", "embedding", "matching", "decision")}
     policies = [p for p in on.kind("NetworkPolicy") if p["metadata"]["name"] in services]
     assert len(policies) == 5
-    assert policies and all(any(port.get("port") == 4317 for rule in p["spec"]["egress"] for port in rule.get("ports", []))
-                            for p in policies)  # fmt: skip
-    assert not any(port.get("port") == 4317 for p in default.kind("NetworkPolicy") for rule in p["spec"].get("egress", [])
-                   for port in rule.get("ports", []))  # fmt: skip
+    assert policies and all(
+        any(port.get("port") == 4317 for rule in p["spec"]["egress"] for port in rule.get("ports", []))
+        for p in policies
+    )
+    assert not any(
+        port.get("port") == 4317
+        for p in default.kind("NetworkPolicy")
+        for rule in p["spec"].get("egress", [])
+        for port in rule.get("ports", [])
+    )
 
 
 def test_decision_keeps_reviews_and_audit_in_postgresql_when_configured(helm: str) -> None:
@@ -404,8 +430,11 @@ def test_sqlite_mode_gives_decision_a_persistent_volume(helm: str) -> None:
 
 
 def test_decision_volume_settings_and_existing_claim(helm: str) -> None:
-    r = render(helm, [], ["decision.sqlite.size=3Gi", "decision.sqlite.storageClass=fast",
-                          "decision.sqlite.keepOnUninstall=false"])  # fmt: skip
+    r = render(
+        helm,
+        [],
+        ["decision.sqlite.size=3Gi", "decision.sqlite.storageClass=fast", "decision.sqlite.keepOnUninstall=false"],
+    )
     claim = r.one("PersistentVolumeClaim", f"{RELEASE}-sightline-decision-data")
     assert claim["spec"]["resources"]["requests"]["storage"] == "3Gi"
     assert claim["spec"]["storageClassName"] == "fast"
@@ -417,8 +446,11 @@ def test_decision_volume_settings_and_existing_claim(helm: str) -> None:
 
 
 def test_postgresql_mode_gives_decision_no_volume(helm: str) -> None:
-    r = render(helm, [], ["matching.database.mode=postgresql", "matching.database.postgresql.existingSecret=db",
-                          "decision.replicas=3"])  # fmt: skip
+    r = render(
+        helm,
+        [],
+        ["matching.database.mode=postgresql", "matching.database.postgresql.existingSecret=db", "decision.replicas=3"],
+    )
     assert not r.kind("PersistentVolumeClaim")
     d = r.one("Deployment", f"{RELEASE}-sightline-decision")
     assert d["spec"]["replicas"] == 3 and d["spec"]["strategy"]["type"] == "RollingUpdate"
@@ -430,8 +462,10 @@ def test_matching_and_decision_share_one_audit_database_in_postgresql_mode(helm:
     """One audit chain: both services get SIGHTLINE_AUDIT_DATABASE_URL from the same Secret key as the gallery."""
     existing = ["matching.database.postgresql.existingSecret=db", "matching.database.postgresql.existingSecretKey=url"]
     inline = ["matching.database.postgresql.dsn=postgresql://sightline@pg:5432/sightline"]
-    for sets, source in ((existing, {"name": "db", "key": "url"}),
-                         (inline, {"name": f"{RELEASE}-sightline-database", "key": "dsn"})):  # fmt: skip
+    for sets, source in (
+        (existing, {"name": "db", "key": "url"}),
+        (inline, {"name": f"{RELEASE}-sightline-database", "key": "dsn"}),
+    ):
         r = render(helm, [], ["matching.database.mode=postgresql", *sets])
         matching, decision = env_values(r, "matching"), env_values(r, "decision")
         assert matching["SIGHTLINE_AUDIT_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == source
@@ -448,16 +482,26 @@ def test_every_service_audits_refusals_in_the_one_chain_in_postgresql_mode(helm:
     pg = render(helm, [], ["matching.database.mode=postgresql", "matching.database.postgresql.existingSecret=db"])
     for svc in SERVICES:
         assert env_values(pg, svc)["SIGHTLINE_AUDIT_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
-            "name": "db", "key": "dsn"}, svc  # fmt: skip
+            "name": "db",
+            "key": "dsn",
+        }, svc
     sqlite = render(helm, [])
     assert [svc for svc in SERVICES if "SIGHTLINE_AUDIT_DATABASE_URL" in env_values(sqlite, svc)] == [
-        "matching", "decision"]
+        "matching",
+        "decision",
+    ]
 
 
 def test_previous_template_keys_come_from_a_secret_only_when_set(helm: str) -> None:
     assert "SIGHTLINE_MATCHING_PREVIOUS_TEMPLATE_KEYS" not in env_values(render(helm, []), "matching")
-    r = render(helm, [], ["matching.templateKey.previousKeys.existingSecret=rotation",
-                          "matching.templateKey.previousKeys.existingSecretKey=old"])  # fmt: skip
+    r = render(
+        helm,
+        [],
+        [
+            "matching.templateKey.previousKeys.existingSecret=rotation",
+            "matching.templateKey.previousKeys.existingSecretKey=old",
+        ],
+    )
     env = env_values(r, "matching")
     ref = env["SIGHTLINE_MATCHING_PREVIOUS_TEMPLATE_KEYS"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "rotation", "key": "old"}
@@ -475,8 +519,10 @@ def test_stream_audit_interval_reaches_matching(helm: str) -> None:
 def test_topic_retention_follows_changed_limits(helm: str, tmp_path: Path) -> None:
     """A site's limits (decimals too) reach the topics as the code would compute them; retentionMs still wins."""
     site = tmp_path / "site.yaml"
-    site.write_text("retention: {rawHours: 0.25, matchesHours: 6, decisionsDays: 2.5, auditDays: 730}\n"
-                    "kafka: {topics: {alerts: {retentionMs: 1000}}}\n")  # fmt: skip
+    site.write_text(
+        "retention: {rawHours: 0.25, matchesHours: 6, decisionsDays: 2.5, auditDays: 730}\n"
+        "kafka: {topics: {alerts: {retentionMs: 1000}}}\n"
+    )
     (cm,) = [c for c in render(helm, [site]).kind("ConfigMap") if c["metadata"]["name"].endswith("-topics")]
     created = {t["name"]: t["retention_ms"] for t in yaml.safe_load(cm["data"]["topics.yaml"])}
     limits = retention_settings({"rawHours": 0.25, "matchesHours": 6, "decisionsDays": 2.5, "auditDays": 730})
@@ -512,8 +558,11 @@ def test_chart_caller_roles_match_the_code() -> None:
 
 
 def test_every_service_reads_the_tokens_file_and_callers_send_their_own_token(helm: str) -> None:
-    values = ["auth.principals[0].principal=alice", "auth.principals[0].roles[0]=reviewer",
-              "auth.principals[0].token_sha256=" + hashlib.sha256(b"alice-token").hexdigest()]  # fmt: skip
+    values = [
+        "auth.principals[0].principal=alice",
+        "auth.principals[0].roles[0]=reviewer",
+        "auth.principals[0].token_sha256=" + hashlib.sha256(b"alice-token").hexdigest(),
+    ]
     r = render(helm, [], values)
     secret = r.one("Secret", f"{RELEASE}-sightline-auth")["data"]
     principals = {p["principal"]: p for p in yaml.safe_load(base64.b64decode(secret["tokens.yaml"]))}
@@ -546,10 +595,14 @@ def test_auth_can_be_turned_off_and_taken_from_an_existing_secret(helm: str) -> 
     assert f"{RELEASE}-sightline-auth" not in existing.names("Secret")
     volumes = existing.one("Deployment", f"{RELEASE}-sightline-decision")["spec"]["template"]["spec"]["volumes"]
     (auth_volume,) = [v for v in volumes if v["name"] == "auth"]
-    assert auth_volume["secret"] == {"secretName": "sightline-tokens",
-                                     "items": [{"key": "principals.yaml", "path": "tokens.yaml"}]}  # fmt: skip
+    assert auth_volume["secret"] == {
+        "secretName": "sightline-tokens",
+        "items": [{"key": "principals.yaml", "path": "tokens.yaml"}],
+    }
     assert env_values(existing, "matching")["SIGHTLINE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
-        "name": "sightline-tokens", "key": "matching-token"}  # fmt: skip
+        "name": "sightline-tokens",
+        "key": "matching-token",
+    }
 
 
 def test_tls_mounts_the_certificate_and_requires_client_certificates(helm: str) -> None:
@@ -568,8 +621,10 @@ def test_tls_mounts_the_certificate_and_requires_client_certificates(helm: str) 
     env = env_values(server_only, "matching")
     assert "SIGHTLINE_TLS_SERVER_CERT_FILE" in env and "SIGHTLINE_TLS_CA_FILE" in env
     assert not {"SIGHTLINE_TLS_CLIENT_CA_FILE", "SIGHTLINE_TLS_CLIENT_CERT_FILE"} & set(env)
-    assert not any(name.startswith("SIGHTLINE_TLS_") and name != "SIGHTLINE_TLS_ALLOW_PLAINTEXT_TOKENS"
-                   for name in env_values(render(helm, []), "matching"))  # fmt: skip
+    assert not any(
+        name.startswith("SIGHTLINE_TLS_") and name != "SIGHTLINE_TLS_ALLOW_PLAINTEXT_TOKENS"
+        for name in env_values(render(helm, []), "matching")
+    )
 
 
 def test_callers_may_send_their_tokens_in_clear_text_only_without_tls(helm: str) -> None:
@@ -588,7 +643,8 @@ def test_callers_may_send_their_tokens_in_clear_text_only_without_tls(helm: str)
 
 
 def test_capture_source_policy_is_deny_by_default_and_reaches_capture_as_it_reads_it(
-        helm: str, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    helm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The chart's env lines are parsed by capture's own settings: nothing is allowed unless the values say so."""
     from sightline.capture.settings import CaptureSettings
 
@@ -600,8 +656,16 @@ def test_capture_source_policy_is_deny_by_default_and_reaches_capture_as_it_read
 
     closed = settings(render(helm, []))
     assert closed.allowed_roots == [] and closed.allowed_schemes == [] and closed.allowed_hosts == []
-    opened = settings(render(helm, [], ["capture.sourcePolicy.allowedRoots={/data/frames}",
-                                        "capture.sourcePolicy.allowedSchemes={rtsp}",
-                                        "capture.sourcePolicy.allowedHosts={10.20.0.0/16}"]))  # fmt: skip
+    opened = settings(
+        render(
+            helm,
+            [],
+            [
+                "capture.sourcePolicy.allowedRoots={/data/frames}",
+                "capture.sourcePolicy.allowedSchemes={rtsp}",
+                "capture.sourcePolicy.allowedHosts={10.20.0.0/16}",
+            ],
+        )
+    )
     assert [str(p) for p in opened.allowed_roots] == ["/data/frames"]
     assert opened.allowed_schemes == ["rtsp"] and opened.allowed_hosts == ["10.20.0.0/16"]

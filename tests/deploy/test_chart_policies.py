@@ -40,7 +40,9 @@ def test_every_container_has_requests_and_limits(rendered: Rendered) -> None:
             res = c.get("resources") or {}
             for part in ("requests", "limits"):
                 for resource in ("cpu", "memory"):
-                    assert res.get(part, {}).get(resource), f"{doc['kind']} {doc['metadata']['name']}/{c['name']}: no {part}.{resource}"
+                    assert res.get(part, {}).get(resource), (
+                        f"{doc['kind']} {doc['metadata']['name']}/{c['name']}: no {part}.{resource}"
+                    )
 
 
 def test_every_container_is_locked_down(rendered: Rendered) -> None:
@@ -100,7 +102,9 @@ def test_images_are_pinned(rendered: Rendered) -> None:
 def test_each_service_selects_exactly_its_deployment(rendered: Rendered) -> None:
     deployments = rendered.kind("Deployment")
     pod_labels = [(d, d["spec"]["template"]["metadata"]["labels"]) for d in deployments]
-    other_pods = [doc["spec"]["template"]["metadata"]["labels"] for doc, _ in workloads(rendered) if doc["kind"] != "Deployment"]
+    other_pods = [
+        doc["spec"]["template"]["metadata"]["labels"] for doc, _ in workloads(rendered) if doc["kind"] != "Deployment"
+    ]
     for s in rendered.kind("Service"):
         selector = s["spec"]["selector"]
         matched = [d for d, labels in pod_labels if selector.items() <= labels.items()]
@@ -128,7 +132,7 @@ def test_default_ports_follow_the_contract(helm: str) -> None:
 
 def test_kafka_settings_reach_every_container(rendered: Rendered) -> None:
     values = rendered.values()["kafka"]
-    for doc, spec in workloads(rendered):
+    for _doc, spec in workloads(rendered):
         for c in containers(spec):
             env = env_of(c)
             assert env["SIGHTLINE_KAFKA_BOOTSTRAP_SERVERS"]["value"] == values["bootstrapServers"]
@@ -180,7 +184,9 @@ def test_secret_references_resolve(rendered: Rendered) -> None:
                 if ref["name"] in rendered_secrets:
                     assert ref["key"] in rendered_secrets[ref["name"]]["data"], f"{ref} has no such key"
                 else:
-                    assert ref["name"] in existing, f"{doc['metadata']['name']}: {ref['name']} is neither rendered nor existing"
+                    assert ref["name"] in existing, (
+                        f"{doc['metadata']['name']}: {ref['name']} is neither rendered nor existing"
+                    )
 
 
 def test_generated_template_key_is_32_bytes(rendered: Rendered) -> None:
@@ -199,7 +205,7 @@ def hook_topics(rendered: Rendered) -> list[dict[str, Any]]:
 def test_hook_creates_every_topic_a_service_uses(rendered: Rendered) -> None:
     values = rendered.values()
     created = {t["name"]: t for t in hook_topics(rendered)}
-    for topic, (producer, consumers, retention) in TOPICS.items():
+    for topic, (producer, consumers, _retention) in TOPICS.items():
         assert topic in created, f"{topic} (produced by {producer}, consumed by {consumers}) is not created"
         explicit = values["kafka"]["topics"][topic.split(".")[1]].get("retentionMs")
         if explicit is not None:
@@ -363,7 +369,9 @@ def test_sqlite_gallery_means_one_matching_replica(rendered: Rendered) -> None:
         assert d["spec"]["replicas"] == 1 and d["spec"]["strategy"]["type"] == "Recreate"
         assert url["value"].startswith("sqlite:////var/lib/sightline/")
         claim = next(v for v in spec["volumes"] if v["name"] == "gallery")["persistentVolumeClaim"]["claimName"]
-        assert claim in rendered.names("PersistentVolumeClaim") or claim == values["database"]["sqlite"]["existingClaim"]
+        assert (
+            claim in rendered.names("PersistentVolumeClaim") or claim == values["database"]["sqlite"]["existingClaim"]
+        )
     else:
         assert "secretKeyRef" in url["valueFrom"]
         assert not rendered.kind("PersistentVolumeClaim")
@@ -371,8 +379,11 @@ def test_sqlite_gallery_means_one_matching_replica(rendered: Rendered) -> None:
 
 def persistent_dirs(spec: dict[str, Any]) -> dict[str, str]:
     """Mount path -> claim name of the first container's PersistentVolumeClaim mounts."""
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
-              for v in spec.get("volumes", []) if "persistentVolumeClaim" in v}  # fmt: skip
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in spec.get("volumes", [])
+        if "persistentVolumeClaim" in v
+    }
     mounts = spec["containers"][0].get("volumeMounts", [])
     return {m["mountPath"]: claims[m["name"]] for m in mounts if m["name"] in claims}
 

@@ -71,7 +71,7 @@ def test_kubernetes_validate_catches_unknown_fields(helm: str, tmp_path: Path) -
     assert result.returncode != 0, "kubernetes-validate accepted an unknown field"
 
 
-# --- CRDs: KEDA ScaledObject/TriggerAuthentication and the Prometheus Operator ServiceMonitor --------------------------
+# --- CRDs: KEDA ScaledObject/TriggerAuthentication and the Prometheus Operator ServiceMonitor -------------------------
 # Subsets of the CRDs' OpenAPI schemas covering the fields the chart may render; unknown fields are rejected, as
 # kubernetes-validate --strict does for core kinds, so a typo cannot slip through.
 
@@ -151,7 +151,10 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                                 "type": "object",
                                 "required": ["name"],
                                 "additionalProperties": False,
-                                "properties": {"name": _NAME, "kind": {"enum": ["TriggerAuthentication", "ClusterTriggerAuthentication"]}},
+                                "properties": {
+                                    "name": _NAME,
+                                    "kind": {"enum": ["TriggerAuthentication", "ClusterTriggerAuthentication"]},
+                                },
                             },
                         },
                     },
@@ -199,8 +202,14 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                             "targetPort": {"type": ["string", "integer"]},
                             "path": _STR,
                             "scheme": {"enum": ["http", "https"]},
-                            "interval": {"type": "string", "pattern": "^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
-                            "scrapeTimeout": {"type": "string", "pattern": "^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
+                            "interval": {
+                                "type": "string",
+                                "pattern": "^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+                            },
+                            "scrapeTimeout": {
+                                "type": "string",
+                                "pattern": "^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+                            },
                             "honorLabels": {"type": "boolean"},
                             "honorTimestamps": {"type": "boolean"},
                             "relabelings": {"type": "array"},

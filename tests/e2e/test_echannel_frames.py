@@ -15,8 +15,8 @@ from sightline.cli.outcomes import collect
 from sightline.common import codec
 from sightline.common.bus import make_producer
 from sightline.common.config import KafkaSettings
-from sightline.tooling.localstack import LocalStack
 from sightline.common.topics import FRAMES
+from sightline.tooling.localstack import LocalStack
 from sightline.v1 import events_pb2, types_pb2
 
 pytestmark = pytest.mark.e2e
@@ -42,11 +42,18 @@ def test_session_frames_carry_liveness_and_verification(tmp_path: Path, dlib_joh
         since = int(time.time() * 1000) - 1000
         producer = make_producer(kafka)
         for seq, chip in enumerate(chips[:10], start=1):
-            ref = types_pb2.FrameRef(frame_id=f"gate-7:s1:{seq}", source_id="gate-7", sequence=seq, session_id="s1",
-                                     claim_subject_id="traveller-1", purpose=types_pb2.PURPOSE_ECHANNEL,
-                                     captured_at=codec.now())  # fmt: skip
-            event = events_pb2.FrameCaptured(frame=ref, image=frame_bytes(chip, (seq % 3) * 7, (seq % 2) * 5),
-                                             media_type="image/jpeg")  # fmt: skip
+            ref = types_pb2.FrameRef(
+                frame_id=f"gate-7:s1:{seq}",
+                source_id="gate-7",
+                sequence=seq,
+                session_id="s1",
+                claim_subject_id="traveller-1",
+                purpose=types_pb2.PURPOSE_ECHANNEL,
+                captured_at=codec.now(),
+            )
+            event = events_pb2.FrameCaptured(
+                frame=ref, image=frame_bytes(chip, (seq % 3) * 7, (seq % 2) * 5), media_type="image/jpeg"
+            )
             producer.send(FRAMES.name, key=b"gate-7", value=event.SerializeToString())
         producer.flush()
         outcomes = collect(kafka, "gate-7", set(range(1, 11)), since, timeout_s=90)

@@ -26,8 +26,8 @@ from e2e.test_echannel_frames import frame_bytes
 from integration.test_document_reading import LINE1, LINE2_BAD_CHECK, render_page
 from sightline.cli.gate import SessionRun, run_session
 from sightline.common.images import encode_jpeg
-from sightline.tooling.localstack import LocalStack, client_token
 from sightline.common.rpc import channel
+from sightline.tooling.localstack import LocalStack, client_token
 from sightline.v1 import detection_pb2, detection_pb2_grpc, gallery_pb2, gallery_pb2_grpc, session_pb2, session_pb2_grpc
 from unit.test_liveness import _geometry, replay_attack
 
@@ -82,8 +82,9 @@ def session(kiosk: KioskStub, frames: list[bytes], gate: str, **claim: object) -
     return run
 
 
-def test_the_genuine_traveller_is_accepted_with_reasons_and_evidence(kiosk: KioskStub, traveller: str,
-                                                                     people: list[list[Path]]) -> None:
+def test_the_genuine_traveller_is_accepted_with_reasons_and_evidence(
+    kiosk: KioskStub, traveller: str, people: list[list[Path]]
+) -> None:
     run = session(kiosk, camera_frames(people[0]), "gate-1", subject_id=traveller)
     outcome = run.outcome
     assert outcome.outcome == ACCEPT, list(outcome.reasons)
@@ -102,23 +103,27 @@ def test_another_person_is_referred_to_an_officer(kiosk: KioskStub, traveller: s
     assert any("does not match the claim" in r for r in run.outcome.reasons), list(run.outcome.reasons)
 
 
-def test_a_replayed_still_photo_is_referred_for_liveness(kiosk: KioskStub, stack: LocalStack, traveller: str,
-                                                         people: list[list[Path]]) -> None:
+def test_a_replayed_still_photo_is_referred_for_liveness(
+    kiosk: KioskStub, stack: LocalStack, traveller: str, people: list[list[Path]]
+) -> None:
     # A print of the claimed traveller's own photo: the face matches, only liveness can tell.
-    photo = cv2.copyMakeBorder(np.asarray(Image.open(people[0][0]).convert("RGB")), 75, 75, 75, 75,
-                               cv2.BORDER_CONSTANT, value=(128, 128, 128))  # fmt: skip
+    photo = cv2.copyMakeBorder(
+        np.asarray(Image.open(people[0][0]).convert("RGB")), 75, 75, 75, 75, cv2.BORDER_CONSTANT, value=(128, 128, 128)
+    )
     detection = detection_pb2_grpc.DetectionServiceStub(channel(stack.addresses["detection"]))
     face = detection.Detect(detection_pb2.DetectRequest(image=encode_jpeg(photo)), timeout=30).faces[0]
-    centre, ied = _geometry(np.array([(p.x, p.y) for p in face.landmarks]),
-                            np.array([(p.x, p.y) for p in face.detector_keypoints]))  # fmt: skip
+    centre, ied = _geometry(
+        np.array([(p.x, p.y) for p in face.landmarks]), np.array([(p.x, p.y) for p in face.detector_keypoints])
+    )
     frames = [encode_jpeg(f) for f in replay_attack(photo, centre, ied, np.random.default_rng(3), 12)]
     run = session(kiosk, frames, "gate-3", subject_id=traveller)
     assert run.outcome.outcome == REFER
     assert any(r.startswith("liveness failed") for r in run.outcome.reasons), list(run.outcome.reasons)
 
 
-def test_a_portrait_claim_is_accepted_and_its_template_deleted_afterwards(kiosk: KioskStub, gallery: GalleryStub,
-                                                                          people: list[list[Path]]) -> None:
+def test_a_portrait_claim_is_accepted_and_its_template_deleted_afterwards(
+    kiosk: KioskStub, gallery: GalleryStub, people: list[list[Path]]
+) -> None:
     run = session(kiosk, camera_frames(people[2]), "gate-4", portrait=frame_bytes(people[2][-1], 0, 0))
     assert run.opened.claim_kind == session_pb2.CLAIM_KIND_PORTRAIT
     assert run.outcome.outcome == ACCEPT, list(run.outcome.reasons)
@@ -144,20 +149,48 @@ def test_a_document_page_with_a_wrong_check_digit_is_refused_saying_why(kiosk: K
     assert "document number check digit is 7, computed 6" in caught.value.details()
 
 
-def test_the_gate_command_prints_one_json_object(stack: LocalStack, traveller: str, people: list[list[Path]],
-                                                 tmp_path: Path) -> None:  # fmt: skip
+def test_the_gate_command_prints_one_json_object(
+    stack: LocalStack, traveller: str, people: list[list[Path]], tmp_path: Path
+) -> None:
     for i, frame in enumerate(camera_frames(people[0])):
         (tmp_path / f"{i:02d}.jpg").write_bytes(frame)
     env = {**os.environ, "SIGHTLINE_TOKEN": client_token(stack.run_dir)}
-    done = subprocess.run([sys.executable, "-m", "sightline.cli.main", "gate", "--subject", traveller, str(tmp_path),
-                           "--gate", "gate-6", "--json", "--capture", stack.addresses["capture"]],
-                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sightline.cli.main",
+            "gate",
+            "--subject",
+            traveller,
+            str(tmp_path),
+            "--gate",
+            "gate-6",
+            "--json",
+            "--capture",
+            stack.addresses["capture"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1, done.stdout
     result = json.loads(lines[0])
-    assert set(result) == {"outcome", "reasons", "elapsed_ms", "session_id", "frames_sent", "frames_verified",
-                           "best_similarity", "liveness_score", "evidence_frame_ids", "policy_version",
-                           "model_version"}  # fmt: skip
+    assert set(result) == {
+        "outcome",
+        "reasons",
+        "elapsed_ms",
+        "session_id",
+        "frames_sent",
+        "frames_verified",
+        "best_similarity",
+        "liveness_score",
+        "evidence_frame_ids",
+        "policy_version",
+        "model_version",
+    }
     assert result["outcome"] == "ACCEPT" and result["elapsed_ms"] > 0 and result["frames_sent"] >= 10
     assert all(f.startswith(f"gate-6:{result['session_id']}:") for f in result["evidence_frame_ids"])

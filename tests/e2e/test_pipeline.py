@@ -22,8 +22,8 @@ from sightline.cli.outcomes import collect
 from sightline.cli.run import ingest
 from sightline.common.bus import make_producer
 from sightline.common.config import KafkaSettings
-from sightline.tooling.localstack import LocalStack
 from sightline.common.topics import FRAMES
+from sightline.tooling.localstack import LocalStack
 
 pytestmark = pytest.mark.e2e
 SOURCE = "e2e-camera"
@@ -36,8 +36,12 @@ def add_hard_frames(frames: Path, expected: list[Expected], photos: Path) -> lis
     (frames / f"{next_seq:03d}-huge.png").write_bytes(huge.getvalue())
     (frames / f"{next_seq + 1:03d}-rgba.png").write_bytes((photos / "32bit.png").read_bytes())
     Image.open(photos / "obama2.jpg").convert("L").save(frames / f"{next_seq + 2:03d}-grey.png")
-    return [*expected, Expected(next_seq, "huge", "broken"), Expected(next_seq + 1, "rgba", "watchlisted"),
-            Expected(next_seq + 2, "grey", "watchlisted")]  # fmt: skip
+    return [
+        *expected,
+        Expected(next_seq, "huge", "broken"),
+        Expected(next_seq + 1, "rgba", "watchlisted"),
+        Expected(next_seq + 2, "grey", "watchlisted"),
+    ]
 
 
 def test_stream_matches_the_same_person_not_strangers_and_dead_letters_bad_frames(
@@ -56,7 +60,9 @@ def test_stream_matches_the_same_person_not_strangers_and_dead_letters_bad_frame
         producer = make_producer(kafka)  # an integrator's malformed event, straight onto the frames topic
         producer.send(FRAMES.name, key=SOURCE.encode(), value=b"\x0a\xff\xff not a FrameCaptured")
         producer.flush()
-        final = ingest(str(frames), source_id=SOURCE, no_pacing=True, address=stack.addresses["capture"], progress=False)
+        final = ingest(
+            str(frames), source_id=SOURCE, no_pacing=True, address=stack.addresses["capture"], progress=False
+        )
         assert final.frames_published == len(expected)
         outcomes = collect(kafka, SOURCE, {e.sequence for e in expected}, since, timeout_s=120)
         assert stack.poll_crashed() == []
@@ -67,7 +73,9 @@ def test_stream_matches_the_same_person_not_strangers_and_dead_letters_bad_frame
     assert reasons[huge] == "image_too_large"
     assert {d.stage for d in outcomes.dead_letters} == {"detection"}
     grey = next(e.sequence for e in expected if e.file == "grey")
-    assert any(d.frame.sequence == grey and d.subject_id == "obama" for d in outcomes.decisions), "flow stopped after bad frames"
+    assert any(d.frame.sequence == grey and d.subject_id == "obama" for d in outcomes.decisions), (
+        "flow stopped after bad frames"
+    )
     for decision in outcomes.decisions:
         assert decision.decision_id and decision.policy_version and list(decision.evidence_frame_ids)
 

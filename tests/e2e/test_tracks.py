@@ -21,11 +21,11 @@ from sightline.cli.outcomes import collect
 from sightline.common import codec
 from sightline.common.bus import make_producer, read_topics
 from sightline.common.config import KafkaSettings
-from sightline.tooling.localstack import LocalStack
 from sightline.common.stage import InputEvent
 from sightline.common.topics import FACES, FRAMES
 from sightline.detection.service import Detection
 from sightline.detection.settings import DetectionSettings
+from sightline.tooling.localstack import LocalStack
 from sightline.v1 import events_pb2, types_pb2
 
 pytestmark = pytest.mark.e2e
@@ -49,11 +49,14 @@ def frame_image(photo: Path, centre: tuple[int, int], side: int) -> bytes:
 
 def camera_frames(photos: Path) -> list[tuple[int, float, bytes]]:
     """(sequence, seconds after the start, JPEG) of the walk-by, then of the second person after a pause."""
-    frames = [(i + 1, 0.2 * i, frame_image(photos / "obama.jpg", (300 + 12 * i, 300), int(260 * 1.1**i)))
-              for i in range(WALK)]  # fmt: skip
+    frames = [
+        (i + 1, 0.2 * i, frame_image(photos / "obama.jpg", (300 + 12 * i, 300), int(260 * 1.1**i))) for i in range(WALK)
+    ]
     start = 0.2 * WALK + DetectionSettings().track_max_age_s + 1.0
-    frames += [(WALK + i + 1, start + 0.2 * i, frame_image(photos / "biden.jpg", (720 - 10 * i, 380), 420))
-               for i in range(PASS)]  # fmt: skip
+    frames += [
+        (WALK + i + 1, start + 0.2 * i, frame_image(photos / "biden.jpg", (720 - 10 * i, 380), 420))
+        for i in range(PASS)
+    ]
     return frames
 
 
@@ -61,8 +64,9 @@ def publish(kafka: KafkaSettings, frames: list[tuple[int, float, bytes]]) -> Non
     producer = make_producer(kafka)
     started = time.time()
     for sequence, offset, image in frames:
-        ref = types_pb2.FrameRef(frame_id=f"{SOURCE}:walk:{sequence}", source_id=SOURCE, sequence=sequence,
-                                 purpose=types_pb2.PURPOSE_CCTV)  # fmt: skip
+        ref = types_pb2.FrameRef(
+            frame_id=f"{SOURCE}:walk:{sequence}", source_id=SOURCE, sequence=sequence, purpose=types_pb2.PURPOSE_CCTV
+        )
         ref.captured_at.FromNanoseconds(int((started + offset) * 1e9))
         event = events_pb2.FrameCaptured(frame=ref, image=image, media_type="image/jpeg")
         producer.send(FRAMES.name, key=SOURCE.encode(), value=event.SerializeToString())
@@ -85,7 +89,9 @@ def test_a_walk_by_is_one_track_searched_on_its_best_faces_with_one_alert(
 ) -> None:
     frames = camera_frames(face_photos)
     sequences = {sequence for sequence, _, _ in frames}
-    with LocalStack(tmp_path / "run", ports="auto", services=("detection", "embedding", "matching", "decision")) as stack:
+    with LocalStack(
+        tmp_path / "run", ports="auto", services=("detection", "embedding", "matching", "decision")
+    ) as stack:
         stack.start(timeout=120)
         kafka = KafkaSettings(bootstrap_servers=stack.bootstrap_servers)
         matching = stack.addresses["matching"]
@@ -135,12 +141,18 @@ def test_detection_tracks_cctv_faces_but_leaves_echannel_frames_untouched(face_p
     image = frame_image(face_photos / "obama.jpg", (400, 330), 400)
 
     def detect(purpose: int, sequence: int) -> events_pb2.FacesDetected:
-        ref = types_pb2.FrameRef(frame_id=f"gate:{sequence}", source_id="gate", sequence=sequence, purpose=purpose,
-                                 session_id="s1" if purpose == types_pb2.PURPOSE_ECHANNEL else "")  # fmt: skip
+        ref = types_pb2.FrameRef(
+            frame_id=f"gate:{sequence}",
+            source_id="gate",
+            sequence=sequence,
+            purpose=purpose,
+            session_id="s1" if purpose == types_pb2.PURPOSE_ECHANNEL else "",
+        )
         ref.captured_at.FromNanoseconds(int((1000.0 + 0.2 * sequence) * 1e9))
         value = events_pb2.FrameCaptured(frame=ref, image=image, media_type="image/jpeg").SerializeToString()
-        (output,) = detection.process_event(InputEvent(key=b"gate", value=value, topic=FRAMES.name, partition=0,
-                                                       offset=sequence))  # fmt: skip
+        (output,) = detection.process_event(
+            InputEvent(key=b"gate", value=value, topic=FRAMES.name, partition=0, offset=sequence)
+        )
         return codec.parse(events_pb2.FacesDetected, output.value)
 
     gate = [detect(types_pb2.PURPOSE_ECHANNEL, s).faces[0] for s in range(1, 5)]

@@ -27,10 +27,10 @@ from sightline.cli.outcomes import Outcomes, collect
 from sightline.common.auth import AUTHORIZATION_KEY, Principal, Role, dump_principals, hash_token, new_token
 from sightline.common.bus import make_producer, read_topics
 from sightline.common.config import KafkaSettings
-from sightline.tooling.localstack import LocalStack
 from sightline.common.rpc import channel
 from sightline.common.topics import ALERTS, FRAMES
 from sightline.detection.settings import DetectionSettings
+from sightline.tooling.localstack import LocalStack
 from sightline.v1 import events_pb2, gallery_pb2, gallery_pb2_grpc, review_pb2, review_pb2_grpc, types_pb2
 
 pytestmark = pytest.mark.e2e
@@ -62,8 +62,9 @@ def portraits(johns: Path, person: str, folder: Path) -> list[Path]:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     run_dir = tmp_path_factory.mktemp("watchlist")
     reviewers = run_dir / "reviewers.yaml"
-    reviewers.write_text(dump_principals(
-        [Principal(name, frozenset({Role.REVIEWER}), hash_token(TOKENS[name])) for name in REVIEWERS]))  # fmt: skip
+    reviewers.write_text(
+        dump_principals([Principal(name, frozenset({Role.REVIEWER}), hash_token(TOKENS[name])) for name in REVIEWERS])
+    )
     env = {"SIGHTLINE_AUTH_TOKENS_FILE": str(reviewers), "SIGHTLINE_MATCHING_STREAM_AUDIT_INTERVAL_S": "1"}
     with LocalStack(run_dir, ports="auto", env=env) as running:
         running.start(timeout=120)
@@ -86,8 +87,9 @@ def walk_by(people: list[Path], first_sequence: int, start: float) -> list[tuple
 def publish(kafka: KafkaSettings, frames: list[tuple[int, float, bytes]]) -> None:
     producer = make_producer(kafka)
     for sequence, at, image in frames:
-        ref = types_pb2.FrameRef(frame_id=f"{CAMERA}:{sequence}", source_id=CAMERA, sequence=sequence,
-                                 purpose=types_pb2.PURPOSE_CCTV)  # fmt: skip
+        ref = types_pb2.FrameRef(
+            frame_id=f"{CAMERA}:{sequence}", source_id=CAMERA, sequence=sequence, purpose=types_pb2.PURPOSE_CCTV
+        )
         ref.captured_at.FromNanoseconds(int(at * 1e9))
         event = events_pb2.FrameCaptured(frame=ref, image=image, media_type="image/jpeg")
         producer.send(FRAMES.name, key=CAMERA.encode(), value=event.SerializeToString())
@@ -106,34 +108,53 @@ def sightline(stack: LocalStack, *args: str) -> subprocess.CompletedProcess[str]
     """The command line against this stack, as its local administrator (the token the stack wrote for the CLI)."""
     env = {**os.environ, "SIGHTLINE_RUN_DIR": str(stack.run_dir)}
     env.pop("SIGHTLINE_TOKEN", None)
-    return subprocess.run([sys.executable, "-m", "sightline.cli.main", *args], capture_output=True, text=True,
-                          timeout=120, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "sightline.cli.main", *args], capture_output=True, text=True, timeout=120, env=env
+    )
 
 
-def review(stub: review_pb2_grpc.ReviewServiceStub, reviewer: str, alert_id: str, action: int,
-           not_this_person: bool = False) -> review_pb2.ReviewedAlert:  # fmt: skip
-    request = review_pb2.ReviewAlertRequest(alert_id=alert_id, action=action, not_this_person=not_this_person,
-                                            comment=f"reviewed by {reviewer}")  # fmt: skip
+def review(
+    stub: review_pb2_grpc.ReviewServiceStub, reviewer: str, alert_id: str, action: int, not_this_person: bool = False
+) -> review_pb2.ReviewedAlert:
+    request = review_pb2.ReviewAlertRequest(
+        alert_id=alert_id, action=action, not_this_person=not_this_person, comment=f"reviewed by {reviewer}"
+    )
     return stub.ReviewAlert(request, metadata=[(AUTHORIZATION_KEY, f"Bearer {TOKENS[reviewer]}")], timeout=30)
 
 
-def test_watchlist_alerts_review_and_erasure(stack: LocalStack, dlib_johns: Path, models_dir: Path,
-                                             tmp_path: Path) -> None:  # fmt: skip
+def test_watchlist_alerts_review_and_erasure(
+    stack: LocalStack, dlib_johns: Path, models_dir: Path, tmp_path: Path
+) -> None:
     matching = stack.addresses["matching"]
     watchlists = gallery_pb2_grpc.WatchlistServiceStub(channel(matching))
     gallery = gallery_pb2_grpc.GalleryServiceStub(channel(matching))
     reviews = review_pb2_grpc.ReviewServiceStub(channel(stack.addresses["decision"]))
 
     # The list, with its purpose, owner and own threshold; two people on it, one enrolled on no list.
-    created = watchlists.CreateWatchlist(gallery_pb2.CreateWatchlistRequest(watchlist=gallery_pb2.Watchlist(
-        name=WATCHLIST, purpose="court-ordered search, case 2026/114", owner="unit-7", target_fmr=1e-3,
-        default_membership_days=30)), timeout=30)  # fmt: skip
+    created = watchlists.CreateWatchlist(
+        gallery_pb2.CreateWatchlistRequest(
+            watchlist=gallery_pb2.Watchlist(
+                name=WATCHLIST,
+                purpose="court-ordered search, case 2026/114",
+                owner="unit-7",
+                target_fmr=1e-3,
+                default_membership_days=30,
+            )
+        ),
+        timeout=30,
+    )
     assert created.threshold_distance > 0 and created.purpose.startswith("court-ordered")
     for person in LISTED:
-        assert enroll(person, portraits(dlib_johns, person, tmp_path), [WATCHLIST], address=matching,
-                      purpose="case 2026/114") == 2  # fmt: skip
+        assert (
+            enroll(
+                person, portraits(dlib_johns, person, tmp_path), [WATCHLIST], address=matching, purpose="case 2026/114"
+            )
+            == 2
+        )
     assert enroll(ON_NO_LIST, portraits(dlib_johns, ON_NO_LIST, tmp_path), [], address=matching) == 2
-    enrolled = {s.subject_id: s.template_count for s in gallery.ListSubjects(gallery_pb2.ListSubjectsRequest()).subjects}
+    enrolled = {
+        s.subject_id: s.template_count for s in gallery.ListSubjects(gallery_pb2.ListSubjectsRequest()).subjects
+    }
     assert enrolled == {LISTED[0]: 2, LISTED[1]: 2, ON_NO_LIST: 2}
 
     # The camera: each person walks by on other photos of them.
@@ -143,8 +164,7 @@ def test_watchlist_alerts_review_and_erasure(stack: LocalStack, dlib_johns: Path
     assert stack.poll_crashed() == []
     tracks = {}
     for index, person in enumerate(order):
-        seen = {f.track_id for s in range(index * WALK + 1, (index + 1) * WALK + 1)
-                for f in outcomes.matches[s].faces}  # fmt: skip
+        seen = {f.track_id for s in range(index * WALK + 1, (index + 1) * WALK + 1) for f in outcomes.matches[s].faces}
         assert len(seen) == 1, (person, seen)  # one track per walk-by
         tracks[person] = seen.pop()
     assert len(set(tracks.values())) == len(order)
@@ -180,8 +200,10 @@ def test_watchlist_alerts_review_and_erasure(stack: LocalStack, dlib_johns: Path
     assert [(f["track_id"], f["reviewer"]) for f in feedback["feedback"]] == [(tracks[LISTED[1]], "bob")]
     # Integrators saw each status change on the alerts topic.
     kafka = KafkaSettings(bootstrap_servers=stack.bootstrap_servers)
-    statuses = [(a.subject_id, a.status) for a in (events_pb2.Alert.FromString(r.value) for r in
-                read_topics(kafka, [ALERTS.name], idle_timeout_s=3.0))]  # fmt: skip
+    statuses = [
+        (a.subject_id, a.status)
+        for a in (events_pb2.Alert.FromString(r.value) for r in read_topics(kafka, [ALERTS.name], idle_timeout_s=3.0))
+    ]
     assert (LISTED[0], events_pb2.ALERT_STATUS_CONFIRMED) in statuses
     assert (LISTED[1], events_pb2.ALERT_STATUS_REJECTED) in statuses
 

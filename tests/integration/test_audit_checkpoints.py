@@ -33,17 +33,34 @@ def cut_tail(db: Path, keep: int) -> None:
 
 
 def verify(url: str, keys: Path, kafka: Any, *extra: str) -> list[str]:
-    return ["audit", "verify", "--database-url", url, "--keys-file", str(keys), "--bootstrap",
-            kafka.bootstrap_servers, "--topic-timeout", "1.5", *extra]  # fmt: skip
+    return [
+        "audit",
+        "verify",
+        "--database-url",
+        url,
+        "--keys-file",
+        str(keys),
+        "--bootstrap",
+        kafka.bootstrap_servers,
+        "--topic-timeout",
+        "1.5",
+        *extra,
+    ]
 
 
-def test_verify_against_topic_catches_a_cut_tail(kafka: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_against_topic_catches_a_cut_tail(
+    kafka: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     keys = tmp_path / "audit.keys"
     keys.write_text(new_entry("k1") + "\n")
     db, publisher = tmp_path / "audit.db", TopicPublisher(kafka)
     url = f"sqlite:///{db}"
-    log = AuditLog.open(url, publish=audit_topic_publisher(publisher), keyring=AuditKeyring.from_file(keys),
-                        checkpoints=AuditCheckpointSettings(checkpoint_every=5, checkpoint_interval_s=3600))  # fmt: skip
+    log = AuditLog.open(
+        url,
+        publish=audit_topic_publisher(publisher),
+        keyring=AuditKeyring.from_file(keys),
+        checkpoints=AuditCheckpointSettings(checkpoint_every=5, checkpoint_interval_s=3600),
+    )
     for i in range(12):
         log.append("reviewer-a", Action.REVIEW, f"alert-{i}", "human-review", "CONFIRMED")
     chain = log.chain_id()
@@ -67,7 +84,9 @@ def test_verify_against_topic_catches_a_cut_tail(kafka: Any, tmp_path: Path, cap
     assert "do NOT match" in out and "records 9..10 were removed from the end" in out
 
 
-def test_verify_without_the_keyring_cannot_check(tmp_path: Path, kafka: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_without_the_keyring_cannot_check(
+    tmp_path: Path, kafka: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     keys = tmp_path / "audit.keys"
     keys.write_text(new_entry("k1") + "\n")
     url = f"sqlite:///{tmp_path / 'audit.db'}"

@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,11 @@ from prometheus_client import REGISTRY
 from sightline.capture.backpressure import LAGGING, PRODUCER_FULL, BrokerUnavailable, ConsumerLag, frames_lag
 from sightline.capture.service import Capture
 from sightline.capture.settings import CaptureSettings
-from sightline.tooling.broker import LocalBroker
 from sightline.common.bus import ensure_topics, make_producer, read_topics
 from sightline.common.config import KafkaSettings
 from sightline.common.lag import consumer_group, group_lags
 from sightline.common.topics import FRAMES
+from sightline.tooling.broker import LocalBroker
 from sightline.v1 import capture_pb2, types_pb2
 
 DETECTION = consumer_group("detection")
@@ -144,7 +145,7 @@ def test_the_lag_is_measured_in_the_background_not_per_frame(kafka: KafkaSetting
     assert len(figures) > 1000 and figures[0] is not None and min(f for f in figures if f is not None) >= FILLER
     assert 2 <= idle <= 7, measurements  # about one per refresh_s over the second, not one per frame
     assert len(measurements) <= idle + 1
-    gaps = [b - a for a, b in zip(measurements, measurements[1:])]
+    gaps = [b - a for a, b in pairwise(measurements)]
     assert min(gaps) >= 0.2
 
 
@@ -154,8 +155,12 @@ def test_a_dead_broker_cannot_grow_the_producers_buffer(tmp_path: Path, photos: 
     kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
     ensure_topics(kafka, [FRAMES])
     limit = 1024 * 1024
-    settings = CaptureSettings(publish_buffer_bytes=limit, publish_timeout_s=0.5, backpressure_refresh_s=0.1,
-                               allowed_roots=[tmp_path.resolve()])  # fmt: skip
+    settings = CaptureSettings(
+        publish_buffer_bytes=limit,
+        publish_timeout_s=0.5,
+        backpressure_refresh_s=0.1,
+        allowed_roots=[tmp_path.resolve()],
+    )
     capture = Capture(settings, kafka)
     try:
         one = tmp_path / "one"

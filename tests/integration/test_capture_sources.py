@@ -12,6 +12,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +22,16 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from sightline.capture import sources
 from sightline.capture.service import Capture, CaptureServicer
 from sightline.capture.settings import CaptureSettings
-from sightline.capture import sources
 from sightline.capture.source_policy import HostRules, SourcePolicy
 from sightline.capture.sources import SourceRefused, SourceUnavailable, open_source, open_vetted, source_id_for
-from sightline.tooling.broker import free_port
 from sightline.common.bus import read_topics
 from sightline.common.config import KafkaSettings
 from sightline.common.rpc import GrpcServer, channel
 from sightline.common.topics import DEADLETTER, FRAMES
+from sightline.tooling.broker import free_port
 from sightline.v1 import capture_pb2, capture_pb2_grpc, events_pb2
 
 SECRET = "hunter2-do-not-leak"
@@ -66,7 +67,7 @@ def test_video_is_sampled_at_the_requested_rate_of_media_time(tmp_path: Path) ->
     assert 9 <= len(sampled) <= 11
     assert all(f.pixels is not None and f.pixels.shape == (48, 64, 3) for f in sampled)
     times = [f.media_time_s for f in sampled]
-    assert all(0.15 < b - a < 0.25 for a, b in zip(times, times[1:]))
+    assert all(0.15 < b - a < 0.25 for a, b in pairwise(times))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file, so an unreadable file cannot be made")
@@ -128,7 +129,7 @@ class _Site(http.server.ThreadingHTTPServer):
         site = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 site.asked.append(self.path)
                 status, headers, body = site.routes.get(self.path, (404, {}, b""))
                 self.send_response(status)
@@ -153,11 +154,13 @@ def test_an_http_stream_cannot_lead_ffmpeg_to_another_server_by_redirect_or_play
     write_video(clip, frames=10, fps=25)
     elsewhere = _Site({"/clip.avi": (200, {"Content-Type": "video/x-msvideo"}, clip.read_bytes())})
     playlist = f"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\n{elsewhere.url('/clip.avi')}\n#EXT-X-ENDLIST\n"
-    allowed = _Site({
-        "/clip.avi": (200, {"Content-Type": "video/x-msvideo"}, clip.read_bytes()),
-        "/redirect": (302, {"Location": elsewhere.url("/clip.avi")}, b""),
-        "/live.m3u8": (200, {"Content-Type": "application/vnd.apple.mpegurl"}, playlist.encode()),
-    })  # fmt: skip
+    allowed = _Site(
+        {
+            "/clip.avi": (200, {"Content-Type": "video/x-msvideo"}, clip.read_bytes()),
+            "/redirect": (302, {"Location": elsewhere.url("/clip.avi")}, b""),
+            "/live.m3u8": (200, {"Content-Type": "application/vnd.apple.mpegurl"}, playlist.encode()),
+        }
+    )
     policy = SourcePolicy(schemes=frozenset({"http"}), hosts=HostRules.parse(["127.0.0.1/32"]))
     try:
         assert list(open_source(allowed.url("/clip.avi"), 1000, policy))  # the allowed server itself: read
@@ -299,8 +302,10 @@ def test_with_no_policy_configured_nothing_is_opened_and_the_message_names_the_s
     capture_for: Any, face_photos: Path
 ) -> None:
     capture = capture_for()  # production defaults
-    for uri, setting in ((str(face_photos / "obama.jpg"), "SIGHTLINE_CAPTURE_ALLOWED_ROOTS"),
-                         ("rtsp://127.0.0.1/stream", "SIGHTLINE_CAPTURE_ALLOWED_SCHEMES")):  # fmt: skip
+    for uri, setting in (
+        (str(face_photos / "obama.jpg"), "SIGHTLINE_CAPTURE_ALLOWED_ROOTS"),
+        ("rtsp://127.0.0.1/stream", "SIGHTLINE_CAPTURE_ALLOWED_SCHEMES"),
+    ):
         with pytest.raises(ValueError, match=setting):
             capture.ingest(capture_pb2.IngestRequest(source_uri=uri))
 
@@ -313,8 +318,10 @@ def source_logs(caplog: pytest.LogCaptureFixture, message: str) -> list[logging.
 
 
 def frames_published() -> float:
-    return REGISTRY.get_sample_value("sightline_events_published_total",
-                                     {"service": "capture", "topic": FRAMES.name}) or 0.0  # fmt: skip
+    return (
+        REGISTRY.get_sample_value("sightline_events_published_total", {"service": "capture", "topic": FRAMES.name})
+        or 0.0
+    )
 
 
 def wait_until(condition: Any, timeout_s: float) -> None:
@@ -328,8 +335,13 @@ def test_a_configured_camera_that_is_down_is_retried_with_backoff_and_never_logg
     capture_for: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     camera = f"rtsp://admin:{SECRET}@127.0.0.1:{free_port('127.0.0.1')}/stream1"
-    capture = capture_for(sources=[camera], allowed_schemes=["rtsp"], allowed_hosts=["127.0.0.1"],
-                          reconnect_delay_s=0.05, reconnect_max_delay_s=0.2)  # fmt: skip
+    capture = capture_for(
+        sources=[camera],
+        allowed_schemes=["rtsp"],
+        allowed_hosts=["127.0.0.1"],
+        reconnect_delay_s=0.05,
+        reconnect_max_delay_s=0.2,
+    )
     stop = threading.Event()
     with caplog.at_level(logging.WARNING, logger="sightline.capture.service"):
         capture.run_configured_sources(stop)
@@ -349,8 +361,13 @@ def test_a_configured_folder_that_appears_later_is_picked_up(
     capture_for: Any, kafka: KafkaSettings, tmp_path: Path, face_photos: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     folder = tmp_path / "late-camera"
-    capture = capture_for(sources=[str(folder)], allowed_roots=[tmp_path], reconnect_delay_s=0.05,
-                          reconnect_max_delay_s=0.1, default_fps=60)  # fmt: skip
+    capture = capture_for(
+        sources=[str(folder)],
+        allowed_roots=[tmp_path],
+        reconnect_delay_s=0.05,
+        reconnect_max_delay_s=0.1,
+        default_fps=60,
+    )
     stop = threading.Event()
     published_before = frames_published()
     with caplog.at_level(logging.WARNING, logger="sightline.capture.service"):
@@ -370,8 +387,12 @@ def test_a_configured_folder_that_appears_later_is_picked_up(
 def test_a_configured_source_the_policy_refuses_is_logged_once_and_not_retried(
     capture_for: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    capture = capture_for(sources=[f"rtsp://admin:{SECRET}@10.1.2.3/gate-cam"], allowed_schemes=["rtsp"],
-                          allowed_hosts=["127.0.0.0/8"], reconnect_delay_s=0.05)  # fmt: skip
+    capture = capture_for(
+        sources=[f"rtsp://admin:{SECRET}@10.1.2.3/gate-cam"],
+        allowed_schemes=["rtsp"],
+        allowed_hosts=["127.0.0.0/8"],
+        reconnect_delay_s=0.05,
+    )
     stop = threading.Event()
     with caplog.at_level(logging.WARNING, logger="sightline.capture.service"):
         capture.run_configured_sources(stop)

@@ -14,11 +14,14 @@ from sightline.v1 import events_pb2, types_pb2
 
 
 def sightline(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sightline.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "sightline.cli.main", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
-def test_faces_json_has_boxes_landmarks_embeddings_and_quality(face_photos: Path, tmp_path: Path, models_dir: Path) -> None:
+def test_faces_json_has_boxes_landmarks_embeddings_and_quality(
+    face_photos: Path, tmp_path: Path, models_dir: Path
+) -> None:
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 nope")
     result = sightline("faces", "--json", str(face_photos / "obama.jpg"), str(face_photos / "32bit.png"), str(broken))
@@ -52,11 +55,31 @@ def test_topics_ensure_is_idempotent_and_reads_overrides(kafka, tmp_path: Path) 
 
 
 def test_watch_prints_new_decisions_readably_and_as_json(kafka) -> None:  # type: ignore[no-untyped-def]
-    decision = events_pb2.Decision(decision_id="d-1", outcome=events_pb2.OUTCOME_MATCH, subject_id="alice",
-                                   similarity=0.8, distance=0.24, reasons=["because"],
-                                   frame=types_pb2.FrameRef(frame_id="cam:1", source_id="cam", sequence=1))  # fmt: skip
-    watcher = subprocess.Popen([sys.executable, "-m", "sightline.cli.main", "watch", "decisions", "--json", "--max", "1",
-                                "--bootstrap", kafka.bootstrap_servers], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    decision = events_pb2.Decision(
+        decision_id="d-1",
+        outcome=events_pb2.OUTCOME_MATCH,
+        subject_id="alice",
+        similarity=0.8,
+        distance=0.24,
+        reasons=["because"],
+        frame=types_pb2.FrameRef(frame_id="cam:1", source_id="cam", sequence=1),
+    )
+    watcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sightline.cli.main",
+            "watch",
+            "decisions",
+            "--json",
+            "--max",
+            "1",
+            "--bootstrap",
+            kafka.bootstrap_servers,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(3)  # the watcher shows only records produced after it started
     producer = make_producer(kafka)
     producer.send(DECISIONS.name, key=b"cam", value=decision.SerializeToString())

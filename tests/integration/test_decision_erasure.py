@@ -11,14 +11,14 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from test_review_flow import alert_events, kafka, match_result, wait_for  # noqa: F401 - kafka: a fixture
 
 from sightline.common.bus import make_producer
 from sightline.common.config import KafkaSettings
-from sightline.tooling.localstack import LocalStack
 from sightline.common.rpc import channel
 from sightline.common.topics import ALERTS, DECISIONS, ERASURES, MATCHES
+from sightline.tooling.localstack import LocalStack
 from sightline.v1 import audit_pb2, audit_pb2_grpc, events_pb2, review_pb2, review_pb2_grpc
-from test_review_flow import alert_events, kafka, match_result, wait_for  # noqa: F401 - kafka: a fixture
 
 ERASED, KEPT = "erased-subject", "kept-subject"
 
@@ -26,8 +26,10 @@ ERASED, KEPT = "erased-subject", "kept-subject"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     run_dir = tmp_path_factory.mktemp("erasure")
-    env = {"SIGHTLINE_DECISION_DATABASE_URL": f"sqlite:///{run_dir / 'decision.db'}",
-           "SIGHTLINE_AUDIT_DATABASE_URL": f"sqlite:///{run_dir / 'audit.db'}"}  # fmt: skip
+    env = {
+        "SIGHTLINE_DECISION_DATABASE_URL": f"sqlite:///{run_dir / 'decision.db'}",
+        "SIGHTLINE_AUDIT_DATABASE_URL": f"sqlite:///{run_dir / 'audit.db'}",
+    }
     with LocalStack(run_dir, ports="auto", services=("decision",), env=env) as running:
         running.start(timeout=120)
         yield running
@@ -43,7 +45,9 @@ def publish(kafka: KafkaSettings, topic: str, key: str, messages: list[object]) 
 
 def raise_alert(kafka: KafkaSettings, source: str, subject: str, captured_at: float) -> None:
     """Two agreeing frames of ``subject`` on the matches topic: the default policy's MATCH, and an alert."""
-    publish(kafka, MATCHES.name, source, [match_result(source, seq, captured_at + seq * 0.2, subject) for seq in (1, 2)])
+    publish(
+        kafka, MATCHES.name, source, [match_result(source, seq, captured_at + seq * 0.2, subject) for seq in (1, 2)]
+    )
 
 
 def notice(subject: str, reference: str) -> events_pb2.SubjectErased:
@@ -55,8 +59,9 @@ def notice(subject: str, reference: str) -> events_pb2.SubjectErased:
 
 def erase_records(audit: audit_pb2_grpc.AuditServiceStub, count: int) -> list[audit_pb2.AuditRecord]:
     """The decision service's ERASE records about the erased subject, once there are ``count`` of them."""
-    request = audit_pb2.ListAuditRecordsRequest(action=audit_pb2.AUDIT_ACTION_ERASE, principal="service:decision",
-                                                subject_id=ERASED, page_size=100)  # fmt: skip
+    request = audit_pb2.ListAuditRecordsRequest(
+        action=audit_pb2.AUDIT_ACTION_ERASE, principal="service:decision", subject_id=ERASED, page_size=100
+    )
     deadline = time.monotonic() + 60
     while len(records := list(audit.ListAuditRecords(request, timeout=10).records)) < count:
         assert time.monotonic() < deadline, f"timed out waiting for {count} ERASE record(s): {records}"
@@ -65,19 +70,28 @@ def erase_records(audit: audit_pb2_grpc.AuditServiceStub, count: int) -> list[au
     return records
 
 
-def test_an_erasure_notice_removes_the_subjects_alerts_reviews_and_feedback(stack: LocalStack,
-                                                                            kafka: KafkaSettings) -> None:  # fmt: skip
+def test_an_erasure_notice_removes_the_subjects_alerts_reviews_and_feedback(
+    stack: LocalStack, kafka: KafkaSettings
+) -> None:
     address = stack.addresses["decision"]
     review = review_pb2_grpc.ReviewServiceStub(channel(address))  # the stack's local-admin: every role
     audit = audit_pb2_grpc.AuditServiceStub(channel(address))
     now = time.time()
     for source, subject in (("cam-x1", ERASED), ("cam-x2", ERASED), ("cam-y", KEPT)):
         raise_alert(kafka, source, subject, now)
-    raised = {source: alert_events(kafka, source, [events_pb2.ALERT_STATUS_PENDING_REVIEW])[0]
-              for source in ("cam-x1", "cam-x2", "cam-y")}  # fmt: skip
-    review.ReviewAlert(review_pb2.ReviewAlertRequest(alert_id=raised["cam-x2"].alert_id,
-                                                     action=review_pb2.REVIEW_ACTION_REJECT, not_this_person=True,
-                                                     comment="lookalike"), timeout=10)  # fmt: skip
+    raised = {
+        source: alert_events(kafka, source, [events_pb2.ALERT_STATUS_PENDING_REVIEW])[0]
+        for source in ("cam-x1", "cam-x2", "cam-y")
+    }
+    review.ReviewAlert(
+        review_pb2.ReviewAlertRequest(
+            alert_id=raised["cam-x2"].alert_id,
+            action=review_pb2.REVIEW_ACTION_REJECT,
+            not_this_person=True,
+            comment="lookalike",
+        ),
+        timeout=10,
+    )
     feedback = review.ListFeedback(review_pb2.ListFeedbackRequest(), timeout=10)
     assert [f.subject_id for f in feedback.feedback] == [ERASED]
 
@@ -85,10 +99,18 @@ def test_an_erasure_notice_removes_the_subjects_alerts_reviews_and_feedback(stac
     publish(kafka, ERASURES.name, ERASED, [erasure])
     (record,) = erase_records(audit, 1)
     assert (record.principal, record.purpose, record.result) == (
-        "service:decision", "right to erasure", "erased: 2 alerts, 1 suppression, 0 sessions")  # fmt: skip
-    assert dict(record.details) | {"erased_at": ""} == {"alerts": "2", "reviews": "1", "suppressions": "1",
-                                                        "sessions": "0", "reference": "DSAR-2026-0117",
-                                                        "erased_at": ""}  # fmt: skip
+        "service:decision",
+        "right to erasure",
+        "erased: 2 alerts, 1 suppression, 0 sessions",
+    )
+    assert dict(record.details) | {"erased_at": ""} == {
+        "alerts": "2",
+        "reviews": "1",
+        "suppressions": "1",
+        "sessions": "0",
+        "reference": "DSAR-2026-0117",
+        "erased_at": "",
+    }
 
     listed = review.ListAlerts(review_pb2.ListAlertsRequest(page_size=100), timeout=10).alerts
     assert [(a.alert.alert_id, a.alert.subject_id) for a in listed] == [(raised["cam-y"].alert_id, KEPT)]
@@ -110,8 +132,12 @@ def test_an_erasure_notice_removes_the_subjects_alerts_reviews_and_feedback(stac
     # decided after them) marks the point by which they were handled.
     raise_alert(kafka, "cam-x3", ERASED, erasure.erased_at.seconds - 10)
     publish(kafka, MATCHES.name, "cam-x3", [match_result("cam-x3", 3, time.time(), KEPT)])
-    seen = wait_for(kafka, DECISIONS.name, events_pb2.Decision.FromString,
-                    lambda seen: any(d.frame.frame_id == "cam-x3:3" for d in seen))
+    seen = wait_for(
+        kafka,
+        DECISIONS.name,
+        events_pb2.Decision.FromString,
+        lambda seen: any(d.frame.frame_id == "cam-x3:3" for d in seen),
+    )
     assert [d.subject_id for d in seen if d.frame.source_id == "cam-x3"] == [KEPT]
     alerts = wait_for(kafka, ALERTS.name, events_pb2.Alert.FromString, lambda seen: True)
     assert not [a for a in alerts if a.source_id == "cam-x3"]

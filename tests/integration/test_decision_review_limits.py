@@ -50,8 +50,14 @@ def decision(tmp_path: Path) -> Iterator[Decision]:
     server.add(ReviewServicer(store, audit, lambda _: None))
     server.add(AuditServicer(audit))
     server.start()
-    alert = events_pb2.Alert(alert_id=ALERT_ID, decision_id="d1", source_id="cam-1", subject_id="obama",
-                             watchlists=["wl"], status=events_pb2.ALERT_STATUS_PENDING_REVIEW)  # fmt: skip
+    alert = events_pb2.Alert(
+        alert_id=ALERT_ID,
+        decision_id="d1",
+        source_id="cam-1",
+        subject_id="obama",
+        watchlists=["wl"],
+        status=events_pb2.ALERT_STATUS_PENDING_REVIEW,
+    )
     alert.raised_at.GetCurrentTime()
     AlertRecorder(store, audit).record(alert)
     ch = channel(f"127.0.0.1:{server.port}", token=TOKEN)
@@ -78,7 +84,11 @@ def test_an_over_long_comment_is_refused_before_the_review_and_audited(decision:
     assert decision.store.get(ALERT_ID).reviews == () and decision.store.get(ALERT_ID).status == "PENDING_REVIEW"
     assert decision.audit.records(action=Action.REVIEW) == []  # the servicer never ran
     (record,) = decision.refusals()
-    assert (record.principal, record.purpose, record.result) == ("officer-1", LIMITS_PURPOSE, "refused: INVALID_ARGUMENT")
+    assert (record.principal, record.purpose, record.result) == (
+        "officer-1",
+        LIMITS_PURPOSE,
+        "refused: INVALID_ARGUMENT",
+    )
     assert record.details["method"] == "/sightline.v1.ReviewService/ReviewAlert"
     assert "nnnn" not in str(record.details)
 
@@ -91,8 +101,11 @@ def test_over_long_ids_and_filters_are_refused_and_audited(decision: Decision) -
     listing = audit_pb2.ListAuditRecordsRequest(subject_id=long_id)
     refused(lambda: decision.audit_api.ListAuditRecords(listing, timeout=10))
     methods = [r.details["method"] for r in decision.refusals()]
-    assert methods == ["/sightline.v1.ReviewService/GetAlert", "/sightline.v1.ReviewService/ReviewAlert",
-                       "/sightline.v1.AuditService/ListAuditRecords"]  # fmt: skip
+    assert methods == [
+        "/sightline.v1.ReviewService/GetAlert",
+        "/sightline.v1.ReviewService/ReviewAlert",
+        "/sightline.v1.AuditService/ListAuditRecords",
+    ]
     assert all(r.purpose == LIMITS_PURPOSE and long_id not in str(r.details) for r in decision.refusals())
 
 

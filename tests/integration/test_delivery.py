@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from sightline.tooling.broker import LocalBroker, free_port, tansu_binary
 from sightline.common.config import KafkaSettings
 from sightline.common.topics import DEADLETTER, DataClass, TopicSpec
+from sightline.tooling.broker import LocalBroker, free_port, tansu_binary
 
 if TYPE_CHECKING:
     from sightline.common.stage import EventProcessor
@@ -98,7 +98,7 @@ class KafkaProxy:
         then the client id as an int16-length string."""
         blocked = self._blocked_client
         (length,) = struct.unpack(">h", body[8:10])
-        return blocked is not None and body[10:10 + max(length, 0)].startswith(blocked)
+        return blocked is not None and body[10 : 10 + max(length, 0)].startswith(blocked)
 
     @staticmethod
     def _responses(upstream: socket.socket, client: socket.socket) -> None:
@@ -143,9 +143,16 @@ class ProxiedBroker(LocalBroker):
         return f"127.0.0.1:{self.proxy.port}"
 
     def command(self) -> list[str]:
-        return [str(tansu_binary()), "broker", "--listener-url", f"tcp://127.0.0.1:{self.port}",
-                "--advertised-listener-url", f"tcp://127.0.0.1:{self.proxy.port}",
-                "--storage-engine", "memory://tansu/"]  # fmt: skip
+        return [
+            str(tansu_binary()),
+            "broker",
+            "--listener-url",
+            f"tcp://127.0.0.1:{self.port}",
+            "--advertised-listener-url",
+            f"tcp://127.0.0.1:{self.proxy.port}",
+            "--storage-engine",
+            "memory://tansu/",
+        ]
 
     def stop(self) -> None:
         super().stop()
@@ -157,7 +164,8 @@ class ProxiedBroker(LocalBroker):
 
 def probe_processor(mode: str) -> EventProcessor:
     """The probe stage's processor: the input's value back on the output topic, after a little work. In "stage" mode
-    (tests/integration/test_stage_batch.py) an input starting "bad" fails, "pair" gives two outputs, "big" one too large."""
+    (tests/integration/test_stage_batch.py) an input starting "bad" fails, "pair" gives two outputs, "big" one too
+    large."""
     from sightline.common.stage import EventProcessor, InputEvent, Output, StageError
 
     limit = KafkaSettings().max_message_bytes
@@ -172,7 +180,10 @@ def probe_processor(mode: str) -> EventProcessor:
             if mode == "stage" and value.startswith(b"bad"):
                 raise StageError("probe_refused", f"the probe refuses {value.decode()}", frame_id=value.decode())
             if mode == "stage" and value.startswith(b"pair"):
-                return [Output(OUTPUT, event.key or b"", value + b"/1"), Output(OUTPUT, event.key or b"", value + b"/2")]
+                return [
+                    Output(OUTPUT, event.key or b"", value + b"/1"),
+                    Output(OUTPUT, event.key or b"", value + b"/2"),
+                ]
             if mode == "sqlite":
                 with sqlite3.connect(database, timeout=0) as conn:  # no busy wait: a held lock fails at once
                     conn.execute("INSERT INTO seen VALUES (?)", (value.decode(),))
@@ -197,10 +208,17 @@ def run_probe(mode: str) -> None:
         telemetry.start_metrics(int(port))
         tracing.setup_tracing("probe")  # and spans of its own, children of the inputs' contexts
     timeout = float(os.environ.get("PROBE_PRODUCER_TIMEOUT_S", "30"))
-    app = faust_app("probe", KafkaSettings(), datadir=tempfile.mkdtemp(prefix="probe-faust-"),
-                    producer_request_timeout=timeout)  # fmt: skip
-    stage = Stage("probe", INPUT, [OUTPUT], probe_processor(mode), max_batch=int(os.environ.get("PROBE_MAX_BATCH", "1")),
-                  batch_wait_s=float(os.environ.get("PROBE_BATCH_WAIT_S", "0")))  # the default backoff  # fmt: skip
+    app = faust_app(
+        "probe", KafkaSettings(), datadir=tempfile.mkdtemp(prefix="probe-faust-"), producer_request_timeout=timeout
+    )
+    stage = Stage(
+        "probe",
+        INPUT,
+        [OUTPUT],
+        probe_processor(mode),
+        max_batch=int(os.environ.get("PROBE_MAX_BATCH", "1")),
+        batch_wait_s=float(os.environ.get("PROBE_BATCH_WAIT_S", "0")),
+    )  # the default backoff
     stage.attach(app)
     worker = faust.Worker(app, loglevel=logging.INFO, override_logging=False, redirect_stdouts=False, quiet=True)
     worker.spinner = None
@@ -222,9 +240,14 @@ def proxied() -> Iterator[ProxiedBroker]:
 
 
 def settings_for(broker: ProxiedBroker, **overrides: object) -> KafkaSettings:
-    return KafkaSettings(bootstrap_servers=broker.bootstrap_servers, session_timeout_ms=2000,
-                         heartbeat_interval_ms=500, fetch_max_wait_ms=25, default_partitions=1,
-                         **overrides)  # type: ignore[arg-type]  # fmt: skip
+    return KafkaSettings(
+        bootstrap_servers=broker.bootstrap_servers,
+        session_timeout_ms=2000,
+        heartbeat_interval_ms=500,
+        fetch_max_wait_ms=25,
+        default_partitions=1,
+        **overrides,
+    )  # type: ignore[arg-type]
 
 
 class Probe:
@@ -236,13 +259,19 @@ class Probe:
         ensure_topics(kafka, [INPUT, OUTPUT, DEADLETTER])
         self.kafka = kafka
         self.producer = make_producer(kafka)
-        variables = {**os.environ, "SIGHTLINE_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-                     "SIGHTLINE_KAFKA_SESSION_TIMEOUT_MS": "2000", "SIGHTLINE_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
-                     "SIGHTLINE_KAFKA_FETCH_MAX_WAIT_MS": "25",
-                     "SIGHTLINE_KAFKA_MAX_MESSAGE_BYTES": str(kafka.max_message_bytes), **env}  # fmt: skip
+        variables = {
+            **os.environ,
+            "SIGHTLINE_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+            "SIGHTLINE_KAFKA_SESSION_TIMEOUT_MS": "2000",
+            "SIGHTLINE_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
+            "SIGHTLINE_KAFKA_FETCH_MAX_WAIT_MS": "25",
+            "SIGHTLINE_KAFKA_MAX_MESSAGE_BYTES": str(kafka.max_message_bytes),
+            **env,
+        }
         self._log = log.open("wb")
-        self.process = subprocess.Popen([sys.executable, __file__, mode], env=variables, stdout=self._log,
-                                        stderr=subprocess.STDOUT)  # fmt: skip
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, mode], env=variables, stdout=self._log, stderr=subprocess.STDOUT
+        )
 
     def send(self, *values: str) -> None:
         for value in values:
@@ -309,7 +338,7 @@ def probe_factory(tmp_path: Path) -> Iterator[Callable[..., Probe]]:
 
 def test_outputs_the_broker_could_not_take_are_sent_again_and_nothing_is_committed_before(
     proxied: ProxiedBroker, probe_factory: Callable[..., Probe]
-) -> None:  # fmt: skip
+) -> None:
     # Produce requests expire after 2 s: with the broker unreachable for longer, every record in flight fails.
     probe = probe_factory(settings_for(proxied), "echo", PROBE_DELAY_S="0.05", PROBE_PRODUCER_TIMEOUT_S="2")
     values = [f"event-{i:03d}" for i in range(40)]
@@ -332,7 +361,7 @@ def test_outputs_the_broker_could_not_take_are_sent_again_and_nothing_is_committ
 
 def test_a_stage_stopped_while_its_outputs_cannot_be_delivered_commits_none_and_its_successor_replays_them(
     proxied: ProxiedBroker, probe_factory: Callable[..., Probe]
-) -> None:  # fmt: skip
+) -> None:
     kafka = settings_for(proxied)
     probe = probe_factory(kafka, "echo", PROBE_PRODUCER_TIMEOUT_S="2")
     values = [f"event-{i:03d}" for i in range(10)]
@@ -351,7 +380,7 @@ def test_a_stage_stopped_while_its_outputs_cannot_be_delivered_commits_none_and_
 
 def test_an_output_too_large_to_send_dead_letters_its_input_and_the_stage_goes_on(
     proxied: ProxiedBroker, probe_factory: Callable[..., Probe]
-) -> None:  # fmt: skip
+) -> None:
     from sightline.v1 import events_pb2
 
     probe = probe_factory(settings_for(proxied, max_message_bytes=1024 * 1024), "oversize")
@@ -384,10 +413,10 @@ def _config_value(request: bytes, name: bytes) -> bytes:
     """The value of a topic config in a CreateTopics request: the string (int16 length, or unsigned varint length
     + 1 in the compact form of v5+) right after the config's name."""
     at = request.index(name) + len(name)
-    if request[at - len(name) - 2:at - len(name)] == struct.pack(">h", len(name)):
-        (length,) = struct.unpack(">h", request[at:at + 2])
-        return request[at + 2:at + 2 + length]
-    return request[at + 1:at + request[at]]
+    if request[at - len(name) - 2 : at - len(name)] == struct.pack(">h", len(name)):
+        (length,) = struct.unpack(">h", request[at : at + 2])
+        return request[at + 2 : at + 2 + length]
+    return request[at + 1 : at + request[at]]
 
 
 if __name__ == "__main__":

@@ -46,9 +46,15 @@ def render_page(portrait: Path, mrz: tuple[str, str] | None) -> np.ndarray:
     draw = ImageDraw.Draw(page)
     label, value = _font(SANS_FONT, 26), _font(SANS_FONT, 34)
     draw.text((60, 40), "PASSPORT        UTOPIA", font=value, fill="black")
-    for i, (name, text) in enumerate([("Surname", "ERIKSSON"), ("Given names", "ANNA MARIA"),
-                                      ("Nationality", "UTOPIAN"), ("Date of birth", "12 AUG 1974"),
-                                      ("Date of expiry", "15 APR 2012")]):
+    for i, (name, text) in enumerate(
+        [
+            ("Surname", "ERIKSSON"),
+            ("Given names", "ANNA MARIA"),
+            ("Nationality", "UTOPIAN"),
+            ("Date of birth", "12 AUG 1974"),
+            ("Date of expiry", "15 APR 2012"),
+        ]
+    ):
         draw.text((540, 140 + i * 100), name, font=label, fill=(90, 90, 90))
         draw.text((540, 172 + i * 100), text, font=value, fill="black")
     if mrz is not None:
@@ -86,8 +92,12 @@ def test_the_specimen_page_gives_the_claim_and_the_portrait(specimen_reading: Do
     mrz = reading.mrz
     assert mrz is not None and mrz.valid
     assert reading.claim == "L898902C3"
-    assert (mrz.surname, mrz.given_names, mrz.issuing_state, mrz.nationality) == ("ERIKSSON", "ANNA MARIA", "UTO",
-                                                                                  "UTO")
+    assert (mrz.surname, mrz.given_names, mrz.issuing_state, mrz.nationality) == (
+        "ERIKSSON",
+        "ANNA MARIA",
+        "UTO",
+        "UTO",
+    )
     assert (mrz.birth_date, mrz.sex, mrz.expiry_date, mrz.optional_data) == ("740812", "F", "120415", "ZE184226B")
     assert (mrz.line1, mrz.line2) == (LINE1, LINE2)
 

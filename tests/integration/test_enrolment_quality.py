@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFilter
 
-from sightline.tooling.localstack import LocalStack
 from sightline.common.rpc import channel
+from sightline.tooling.localstack import LocalStack
 from sightline.v1 import gallery_pb2, gallery_pb2_grpc
 
 
@@ -18,8 +18,9 @@ from sightline.v1 import gallery_pb2, gallery_pb2_grpc
 def gallery(
     tmp_path_factory: pytest.TempPathFactory, models_dir: Path
 ) -> Iterator[gallery_pb2_grpc.GalleryServiceStub]:
-    with LocalStack(tmp_path_factory.mktemp("enrolment"), ports="auto",
-                    services=("detection", "embedding", "matching")) as stack:  # fmt: skip
+    with LocalStack(
+        tmp_path_factory.mktemp("enrolment"), ports="auto", services=("detection", "embedding", "matching")
+    ) as stack:
         stack.start(timeout=120)
         yield gallery_pb2_grpc.GalleryServiceStub(channel(stack.addresses["matching"]))
 

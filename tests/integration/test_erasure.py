@@ -20,12 +20,12 @@ from test_watchlists import TOKEN, Replica, face_services, photo, records, refus
 from sightline.cli.main import main as cli
 from sightline.common.audit import AuditLog, AuditSettings, TopicPublisher
 from sightline.common.bus import read_topics
-from sightline.tooling.localstack import LocalStack
 from sightline.common.topics import ERASURES
 from sightline.matching.erasure import erasure_publisher
 from sightline.matching.gallery import Gallery
 from sightline.matching.store import GalleryStore
 from sightline.matching.templates import TemplateCipher, generate_key
+from sightline.tooling.localstack import LocalStack
 from sightline.v1 import events_pb2, gallery_pb2
 
 __all__ = ["face_services"]  # a fixture, imported for this module's replicas
@@ -47,13 +47,15 @@ def gallery_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def replicas(face_services: LocalStack, gallery_file: Path, audit: AuditLog,
-             kafka: object) -> Iterator[tuple[Replica, Replica]]:  # fmt: skip
+def replicas(
+    face_services: LocalStack, gallery_file: Path, audit: AuditLog, kafka: object
+) -> Iterator[tuple[Replica, Replica]]:
     """Replica A publishes erasure notices to the session broker; replica B has no publisher configured."""
     key, url = generate_key(), f"sqlite:///{gallery_file}"
     publisher = TopicPublisher(kafka)
-    first = start_replica(face_services, url, key, audit, refresh_interval_s=0.2,
-                          notify_erased=erasure_publisher(publisher))  # fmt: skip
+    first = start_replica(
+        face_services, url, key, audit, refresh_interval_s=0.2, notify_erased=erasure_publisher(publisher)
+    )
     second = start_replica(face_services, url, key, audit, refresh_interval_s=0.2)
     yield first, second
     first.stop()
@@ -63,8 +65,10 @@ def replicas(face_services: LocalStack, gallery_file: Path, audit: AuditLog,
 
 def _blobs(gallery_file: Path, subject_id: str) -> list[bytes]:
     with closing(sqlite3.connect(gallery_file)) as conn:
-        return [bytes(row[0]) for row in conn.execute("SELECT ciphertext FROM templates WHERE subject_id = ?",
-                                                      (subject_id,))]  # fmt: skip
+        return [
+            bytes(row[0])
+            for row in conn.execute("SELECT ciphertext FROM templates WHERE subject_id = ?", (subject_id,))
+        ]
 
 
 def _notices(kafka: object, since_ms: int, subject_id: str) -> list[events_pb2.SubjectErased]:
@@ -78,12 +82,22 @@ def _notices(kafka: object, since_ms: int, subject_id: str) -> list[events_pb2.S
 
 
 def test_an_erased_subject_is_gone_from_both_replicas_the_file_and_is_announced(  # type: ignore[no-untyped-def]
-        replicas: tuple[Replica, Replica], face_photos: Path, gallery_file: Path, audit: AuditLog, kafka,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    replicas: tuple[Replica, Replica],
+    face_photos: Path,
+    gallery_file: Path,
+    audit: AuditLog,
+    kafka,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     first, second = replicas
     a, b = first.gallery_stub(), second.gallery_stub()
-    a.Enroll(gallery_pb2.EnrollRequest(subject_id="e-obama", watchlists=["stop", "border"],
-                                       images=[photo(face_photos, "obama.jpg"), photo(face_photos, "obama2.jpg")]))
+    a.Enroll(
+        gallery_pb2.EnrollRequest(
+            subject_id="e-obama",
+            watchlists=["stop", "border"],
+            images=[photo(face_photos, "obama.jpg"), photo(face_photos, "obama2.jpg")],
+        )
+    )
     a.Enroll(gallery_pb2.EnrollRequest(subject_id="e-biden", images=[photo(face_photos, "biden.jpg")]))
     probe = photo(face_photos, "obama3.jpg")
     assert wait_until(lambda: "e-obama" in [c.subject_id for c in search(b, probe)], timeout=5)  # B has it too
@@ -92,15 +106,18 @@ def test_an_erased_subject_is_gone_from_both_replicas_the_file_and_is_announced(
     since_ms = int(time.time() * 1000) - 1000
     start = audit.head()[0]
 
-    assert cli(["erase", "e-obama", "--reference", REFERENCE, "--yes", "--matching", first.address,
-                "--token", TOKEN]) == 0  # fmt: skip
+    assert (
+        cli(["erase", "e-obama", "--reference", REFERENCE, "--yes", "--matching", first.address, "--token", TOKEN]) == 0
+    )
     assert "e-obama: erased (2 template(s); watchlists: border, stop)" in capsys.readouterr().out
 
     assert "e-obama" not in [c.subject_id for c in search(a, probe)]  # this replica: at once
     assert wait_until(lambda: "e-obama" not in [c.subject_id for c in search(b, probe)], timeout=3)  # the other: soon
     for stub in (a, b):
-        assert refused(lambda stub=stub: stub.GetSubject(gallery_pb2.GetSubjectRequest(subject_id="e-obama"))).code() \
+        assert (
+            refused(lambda stub=stub: stub.GetSubject(gallery_pb2.GetSubjectRequest(subject_id="e-obama"))).code()
             == grpc.StatusCode.NOT_FOUND
+        )
         assert "e-obama" not in [s.subject_id for s in stub.ListSubjects(gallery_pb2.ListSubjectsRequest()).subjects]
     assert [c.subject_id for c in search(b, photo(face_photos, "biden.jpg"))][0] == "e-biden"  # nobody else touched
     dump = gallery_file.read_bytes()
@@ -111,9 +128,17 @@ def test_an_erased_subject_is_gone_from_both_replicas_the_file_and_is_announced(
     assert abs(notice.erased_at.ToDatetime(tzinfo=UTC) - datetime.now(UTC)) < timedelta(minutes=1)
     [erased] = records(audit, start, action="ERASE")
     assert (erased.subject_id, erased.purpose, erased.result, erased.principal) == (
-        "e-obama", "erasure-request", "erased", "officer-1")
-    assert erased.details == {"reference": REFERENCE, "templates_removed": "2", "watchlists": "border,stop",
-                              "notice": "published"}
+        "e-obama",
+        "erasure-request",
+        "erased",
+        "officer-1",
+    )
+    assert erased.details == {
+        "reference": REFERENCE,
+        "templates_removed": "2",
+        "watchlists": "border,stop",
+        "notice": "published",
+    }
 
     # Idempotent: erasing again changes nothing, and is audited and announced all the same.
     again = a.EraseSubject(gallery_pb2.EraseSubjectRequest(subject_id="e-obama", reference=REFERENCE))
@@ -124,7 +149,8 @@ def test_an_erased_subject_is_gone_from_both_replicas_the_file_and_is_announced(
 
 
 def test_an_erasure_needs_a_reference_and_says_when_nobody_was_told(  # type: ignore[no-untyped-def]
-        replicas: tuple[Replica, Replica], face_photos: Path, audit: AuditLog, capsys: pytest.CaptureFixture[str]) -> None:
+    replicas: tuple[Replica, Replica], face_photos: Path, audit: AuditLog, capsys: pytest.CaptureFixture[str]
+) -> None:
     first, second = replicas
     start = audit.head()[0]
     error = refused(lambda: first.gallery_stub().EraseSubject(gallery_pb2.EraseSubjectRequest(subject_id="anyone")))
@@ -134,9 +160,14 @@ def test_an_erasure_needs_a_reference_and_says_when_nobody_was_told(  # type: ig
     assert "pass --yes" in capsys.readouterr().err  # no terminal to ask: refuse rather than erase unasked
 
     # Replica B has no erasure publisher: the subject is erased all the same, and the caller is told to retry.
-    second.gallery_stub().Enroll(gallery_pb2.EnrollRequest(subject_id="e-biden2", images=[photo(face_photos, "biden.jpg")]))
-    error = refused(lambda: second.gallery_stub().EraseSubject(
-        gallery_pb2.EraseSubjectRequest(subject_id="e-biden2", reference=REFERENCE)))
+    second.gallery_stub().Enroll(
+        gallery_pb2.EnrollRequest(subject_id="e-biden2", images=[photo(face_photos, "biden.jpg")])
+    )
+    error = refused(
+        lambda: second.gallery_stub().EraseSubject(
+            gallery_pb2.EraseSubjectRequest(subject_id="e-biden2", reference=REFERENCE)
+        )
+    )
     assert error.code() == grpc.StatusCode.UNAVAILABLE and "erase it again" in error.details()
     assert second.gallery.store.get_subject("e-biden2") is None
     trail = records(audit, start, action="ERASE")

@@ -24,8 +24,9 @@ def run(*argv: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def identity_dataset(tmp_path_factory: pytest.TempPathFactory, dlib_johns: Path, face_photos: Path,
-                     dlib_example_faces: Path) -> Path:  # fmt: skip
+def identity_dataset(
+    tmp_path_factory: pytest.TempPathFactory, dlib_johns: Path, face_photos: Path, dlib_example_faces: Path
+) -> Path:
     root = tmp_path_factory.mktemp("identities")
     for person in sorted(p for p in dlib_johns.iterdir() if p.is_dir()):
         shutil.copytree(person, root / person.name)
@@ -42,8 +43,9 @@ def identity_dataset(tmp_path_factory: pytest.TempPathFactory, dlib_johns: Path,
 @pytest.fixture(scope="module")
 def folder_report(identity_dataset: Path, models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     out = tmp_path_factory.mktemp("report")
-    code, stdout, stderr = run("eval", str(identity_dataset), "--out", str(out), "--models-dir", str(models_dir),
-                               "--no-progress")  # fmt: skip
+    code, stdout, stderr = run(
+        "eval", str(identity_dataset), "--out", str(out), "--models-dir", str(models_dir), "--no-progress"
+    )
     return code, stdout, stderr, out
 
 
@@ -79,26 +81,48 @@ def test_eval_writes_real_pngs_and_a_self_contained_html(folder_report: tuple) -
 
 
 def test_eval_on_an_lfw_pairs_file(tmp_path: Path, dlib_johns: Path, face_photos: Path, models_dir: Path) -> None:
-    images = {"Barack_Obama": [face_photos / f for f in ("obama.jpg", "obama2.jpg", "obama3.jpg")],
-              "Joe_Biden": [face_photos / "biden.jpg"],
-              "John_Simm": sorted((dlib_johns / "John_Simm").iterdir())[:2]}  # fmt: skip
+    images = {
+        "Barack_Obama": [face_photos / f for f in ("obama.jpg", "obama2.jpg", "obama3.jpg")],
+        "Joe_Biden": [face_photos / "biden.jpg"],
+        "John_Simm": sorted((dlib_johns / "John_Simm").iterdir())[:2],
+    }
     for name, files in images.items():
         (tmp_path / "lfw" / name).mkdir(parents=True)
         for n, f in enumerate(files, 1):
             shutil.copy(f, tmp_path / "lfw" / name / f"{name}_{n:04d}.jpg")
     pairs = tmp_path / "pairs.txt"
-    pairs.write_text("1\t4\n" "Barack_Obama\t1\t2\n" "Barack_Obama\t2\t3\n" "John_Simm\t1\t2\n"
-                     "Barack_Obama\t1\t9\n"  # no such image: a failure to acquire, and a skipped pair
-                     "Barack_Obama\t1\tJoe_Biden\t1\n" "John_Simm\t1\tJoe_Biden\t1\n"
-                     "Barack_Obama\t3\tJohn_Simm\t2\n")  # fmt: skip
+    pairs.write_text(
+        "1\t4\n"
+        "Barack_Obama\t1\t2\n"
+        "Barack_Obama\t2\t3\n"
+        "John_Simm\t1\t2\n"
+        "Barack_Obama\t1\t9\n"  # no such image: a failure to acquire, and a skipped pair
+        "Barack_Obama\t1\tJoe_Biden\t1\n"
+        "John_Simm\t1\tJoe_Biden\t1\n"
+        "Barack_Obama\t3\tJohn_Simm\t2\n"
+    )
     out = tmp_path / "out"
-    code, stdout, stderr = run("eval", str(pairs), "--images", str(tmp_path / "lfw"), "--out", str(out),
-                               "--models-dir", str(models_dir), "--no-progress")  # fmt: skip
+    code, stdout, stderr = run(
+        "eval",
+        str(pairs),
+        "--images",
+        str(tmp_path / "lfw"),
+        "--out",
+        str(out),
+        "--models-dir",
+        str(models_dir),
+        "--no-progress",
+    )
     assert code == 0, stderr
     report = json.loads((out / "report.json").read_text())
     assert report["dataset"]["format"] == "pairs"
-    assert report["pairs"] == {"genuine": 3, "impostor": 3, "listed": 7, "skipped_after_failure_to_acquire": 1,
-                               "impostor_subsampled_from": None}  # fmt: skip
+    assert report["pairs"] == {
+        "genuine": 3,
+        "impostor": 3,
+        "listed": 7,
+        "skipped_after_failure_to_acquire": 1,
+        "impostor_subsampled_from": None,
+    }
     assert report["acquisition"]["failures"] == 1 and "Barack_Obama_0009.jpg: cannot read the file" in stderr
     assert report["thresholds"][2]["fmr"] == 0.0 and report["thresholds"][2]["fnmr"] == 0.0
     assert report["tar_at_far"][0]["value"] is None  # 3 impostor pairs: far too few, and it says so
@@ -108,35 +132,63 @@ def test_eval_on_an_lfw_pairs_file(tmp_path: Path, dlib_johns: Path, face_photos
 def test_eval_fails_only_when_nothing_could_be_evaluated(tmp_path: Path, models_dir: Path) -> None:
     (tmp_path / "data" / "someone").mkdir(parents=True)
     (tmp_path / "data" / "someone" / "a.jpg").write_bytes(b"")
-    code, _, stderr = run("eval", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
-                          "--models-dir", str(models_dir), "--no-progress")  # fmt: skip
+    code, _, stderr = run(
+        "eval", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--models-dir", str(models_dir), "--no-progress"
+    )
     assert code == 1
     assert "a.jpg: the image is empty" in stderr and "nothing could be evaluated" in stderr
     assert run("eval", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))[0] == 2
 
 
 def test_compare_same_and_different_people(face_photos: Path, models_dir: Path) -> None:
-    code, stdout, _ = run("compare", str(face_photos / "obama.jpg"), str(face_photos / "obama2.jpg"), "--json",
-                          "--models-dir", str(models_dir))  # fmt: skip
+    code, stdout, _ = run(
+        "compare",
+        str(face_photos / "obama.jpg"),
+        str(face_photos / "obama2.jpg"),
+        "--json",
+        "--models-dir",
+        str(models_dir),
+    )
     same = json.loads(stdout)
     assert code == 0 and same["same"] is True and same["distance"] < 0.5
     assert {"distance", "similarity", "fmr", "same"} <= same.keys() and 0 < same["fmr"] < 1e-3
-    code, stdout, _ = run("compare", str(face_photos / "obama.jpg"), str(face_photos / "biden.jpg"), "--json",
-                          "--models-dir", str(models_dir))  # fmt: skip
+    code, stdout, _ = run(
+        "compare",
+        str(face_photos / "obama.jpg"),
+        str(face_photos / "biden.jpg"),
+        "--json",
+        "--models-dir",
+        str(models_dir),
+    )
     different = json.loads(stdout)
     assert code == 0 and different["same"] is False and different["fmr"] > 0.01
 
 
 def test_compare_an_image_without_a_face(face_photos: Path, dlib_example_faces: Path, models_dir: Path) -> None:
-    code, stdout, stderr = run("compare", str(face_photos / "obama.jpg"), str(dlib_example_faces / "dogs.jpg"),
-                               "--json", "--models-dir", str(models_dir))  # fmt: skip
+    code, stdout, stderr = run(
+        "compare",
+        str(face_photos / "obama.jpg"),
+        str(dlib_example_faces / "dogs.jpg"),
+        "--json",
+        "--models-dir",
+        str(models_dir),
+    )
     assert code == 1 and stdout == "" and "dogs.jpg: no face found" in stderr
 
 
-def test_compare_a_group_photo_uses_its_largest_face(face_photos: Path, dlib_example_faces: Path,
-                                                     models_dir: Path) -> None:  # fmt: skip
-    code, stdout, stderr = run("compare", str(dlib_example_faces / "bald_guys.jpg"), str(face_photos / "obama.jpg"),
-                               "--json", "--target-fmr", "1e-3", "--models-dir", str(models_dir))  # fmt: skip
+def test_compare_a_group_photo_uses_its_largest_face(
+    face_photos: Path, dlib_example_faces: Path, models_dir: Path
+) -> None:
+    code, stdout, stderr = run(
+        "compare",
+        str(dlib_example_faces / "bald_guys.jpg"),
+        str(face_photos / "obama.jpg"),
+        "--json",
+        "--target-fmr",
+        "1e-3",
+        "--models-dir",
+        str(models_dir),
+    )
     result = json.loads(stdout)
     group = result["faces"][0]
     assert code == 0 and group["faces"] > 1 and result["same"] is False
@@ -149,8 +201,9 @@ def test_calibrate_regenerates_a_usable_table(identity_dataset: Path, models_dir
     from sightline.common.scores import CalibrationTable
 
     out = tmp_path / "table.json"
-    code, stdout, stderr = run("calibrate", str(identity_dataset), "--out", str(out), "--models-dir", str(models_dir),
-                               "--no-progress")  # fmt: skip
+    code, stdout, stderr = run(
+        "calibrate", str(identity_dataset), "--out", str(out), "--models-dir", str(models_dir), "--no-progress"
+    )
     assert code == 0, stderr
     table = CalibrationTable.load(out)
     assert 0 < table.fmr(0.6) < 0.05 and table.provenance["impostor_pairs"] > 1000

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sightline.tooling.localstack import LocalStack
 from sightline.common.rpc import channel
+from sightline.tooling.localstack import LocalStack
 from sightline.v1 import (
     detection_pb2,
     detection_pb2_grpc,
@@ -55,7 +55,9 @@ def png(image: Image.Image) -> bytes:
 
 
 def test_detect_one_face_with_landmarks_quality_and_chip(detection, face_photos: Path) -> None:  # type: ignore[no-untyped-def]
-    reply = detection.Detect(detection_pb2.DetectRequest(image=(face_photos / "obama.jpg").read_bytes(), include_chips=True))
+    reply = detection.Detect(
+        detection_pb2.DetectRequest(image=(face_photos / "obama.jpg").read_bytes(), include_chips=True)
+    )
     assert len(reply.faces) == 1
     face = reply.faces[0]
     assert 0 < face.box.x1 < face.box.x2 <= reply.width and 0 < face.box.y1 < face.box.y2 <= reply.height
@@ -81,9 +83,13 @@ def test_detect_bad_image_is_invalid_argument(detection, payload: bytes) -> None
 
 
 def test_embed_chips_and_reject_wrong_sizes(detection, embedding, face_photos: Path) -> None:  # type: ignore[no-untyped-def]
-    faces = [detection.Detect(detection_pb2.DetectRequest(image=(face_photos / n).read_bytes(), include_chips=True)).faces[0]
-             for n in ("obama.jpg", "obama2.jpg", "biden.jpg")]  # fmt: skip
-    reply = embedding.Embed(embedding_pb2.EmbedRequest(chips=[embedding_pb2.FaceChip(rgb=f.chip, size=f.chip_size) for f in faces]))
+    faces = [
+        detection.Detect(detection_pb2.DetectRequest(image=(face_photos / n).read_bytes(), include_chips=True)).faces[0]
+        for n in ("obama.jpg", "obama2.jpg", "biden.jpg")
+    ]
+    reply = embedding.Embed(
+        embedding_pb2.EmbedRequest(chips=[embedding_pb2.FaceChip(rgb=f.chip, size=f.chip_size) for f in faces])
+    )
     vectors = np.array([d.vector for d in reply.descriptors])
     assert vectors.shape == (3, 128) and reply.model_name
     same, different = np.linalg.norm(vectors[0] - vectors[1]), np.linalg.norm(vectors[0] - vectors[2])
@@ -95,7 +101,9 @@ def test_embed_chips_and_reject_wrong_sizes(detection, embedding, face_photos: P
 
 def test_gallery_enrol_verify_search_list_delete(gallery, face_photos: Path) -> None:  # type: ignore[no-untyped-def]
     photo = lambda name: (face_photos / name).read_bytes()  # noqa: E731
-    enrolled = gallery.Enroll(gallery_pb2.EnrollRequest(subject_id="obama", images=[photo("obama.jpg")], watchlists=["wl"]))
+    enrolled = gallery.Enroll(
+        gallery_pb2.EnrollRequest(subject_id="obama", images=[photo("obama.jpg")], watchlists=["wl"])
+    )
     assert enrolled.templates_added == 1 and enrolled.results[0].accepted
     gallery.Enroll(gallery_pb2.EnrollRequest(subject_id="biden", images=[photo("biden.jpg")]))
 
@@ -128,14 +136,18 @@ def test_gallery_rejects_bad_requests_clearly(gallery, face_photos: Path) -> Non
     assert [r.reason for r in reply.results][0] == "no face found in the image"
     assert "not a recognised image format" in reply.results[1].reason
     assert "nobody" not in [s.subject_id for s in gallery.ListSubjects(gallery_pb2.ListSubjectsRequest()).subjects]
-    for bad in (gallery_pb2.EnrollRequest(subject_id="", images=[blank]),
-                gallery_pb2.EnrollRequest(subject_id="x y", images=[blank]),
-                gallery_pb2.EnrollRequest(subject_id="ok")):  # fmt: skip
+    for bad in (
+        gallery_pb2.EnrollRequest(subject_id="", images=[blank]),
+        gallery_pb2.EnrollRequest(subject_id="x y", images=[blank]),
+        gallery_pb2.EnrollRequest(subject_id="ok"),
+    ):
         with pytest.raises(grpc.RpcError) as caught:
             gallery.Enroll(bad)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.RpcError) as caught:
-        gallery.Verify(gallery_pb2.VerifyRequest(subject_id="ghost", probe_image=(face_photos / "obama.jpg").read_bytes()))
+        gallery.Verify(
+            gallery_pb2.VerifyRequest(subject_id="ghost", probe_image=(face_photos / "obama.jpg").read_bytes())
+        )
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -145,10 +157,16 @@ def test_every_service_exports_the_shared_metric_names(stack: LocalStack, detect
     detection.Detect(detection_pb2.DetectRequest(image=(face_photos / "obama.jpg").read_bytes()))
     for name, port in stack.metrics_ports.items():
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        for metric in ("sightline_events_processed_total", "sightline_events_deadlettered_total",
-                       "sightline_stage_latency_seconds", "sightline_model_inference_seconds"):  # fmt: skip
+        for metric in (
+            "sightline_events_processed_total",
+            "sightline_events_deadlettered_total",
+            "sightline_stage_latency_seconds",
+            "sightline_model_inference_seconds",
+        ):
             assert f"# TYPE {metric}" in body, f"{name} does not export {metric}"
     detection_metrics = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_ports['detection']}/metrics").read()
-    assert b'sightline_model_inference_seconds_count{model="detector+landmarks",service="detection"}' in detection_metrics
+    assert (
+        b'sightline_model_inference_seconds_count{model="detector+landmarks",service="detection"}' in detection_metrics
+    )
     matching_metrics = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_ports['matching']}/metrics").read()
     assert b"sightline_gallery_templates" in matching_metrics

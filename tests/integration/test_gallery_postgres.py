@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sightline.tooling.localstack import LocalStack
 from sightline.common.rpc import channel
+from sightline.tooling.localstack import LocalStack
 from sightline.v1 import gallery_pb2, gallery_pb2_grpc
 
 pytestmark = pytest.mark.postgres
@@ -22,13 +22,18 @@ def test_gallery_on_postgres_enrols_verifies_and_survives_a_restart(
     with LocalStack(tmp_path / "a", ports="auto", services=services, env=env) as stack:
         stack.start(timeout=120)
         gallery = gallery_pb2_grpc.GalleryServiceStub(channel(stack.addresses["matching"]))
-        reply = gallery.Enroll(gallery_pb2.EnrollRequest(subject_id="obama", images=[(face_photos / "obama.jpg").read_bytes()]))
+        reply = gallery.Enroll(
+            gallery_pb2.EnrollRequest(subject_id="obama", images=[(face_photos / "obama.jpg").read_bytes()])
+        )
         assert reply.templates_added == 1
     # A new stack (new matching process, new template key file in a new run dir would not decrypt: reuse the key).
     key = (tmp_path / "a" / "template.key").read_text().strip()
-    with LocalStack(tmp_path / "b", ports="auto", services=services,
-                    env={**env, "SIGHTLINE_MATCHING_TEMPLATE_KEY": key}) as stack:  # fmt: skip
+    with LocalStack(
+        tmp_path / "b", ports="auto", services=services, env={**env, "SIGHTLINE_MATCHING_TEMPLATE_KEY": key}
+    ) as stack:
         stack.start(timeout=120)
         gallery = gallery_pb2_grpc.GalleryServiceStub(channel(stack.addresses["matching"]))
-        verified = gallery.Verify(gallery_pb2.VerifyRequest(subject_id="obama", probe_image=(face_photos / "obama2.jpg").read_bytes()))
+        verified = gallery.Verify(
+            gallery_pb2.VerifyRequest(subject_id="obama", probe_image=(face_photos / "obama2.jpg").read_bytes())
+        )
         assert verified.verification.verified

@@ -158,7 +158,9 @@ def _dump(url: str) -> bytes:
     return b"\x00".join(parts)
 
 
-def _enrol(store: GalleryStore, subject_id: str, vectors: list[np.ndarray], watchlists: tuple[str, ...] = ()) -> list[int]:
+def _enrol(
+    store: GalleryStore, subject_id: str, vectors: list[np.ndarray], watchlists: tuple[str, ...] = ()
+) -> list[int]:
     store.add_subject(subject_id, display_name=f"Name of {subject_id}", watchlists=watchlists)
     return [store.add_template(subject_id, v, *MODEL, quality=0.5) for v in vectors]
 
@@ -418,7 +420,9 @@ def test_bad_urls(url: str) -> None:
 
 def test_unreachable_postgres_error_hides_password() -> None:
     with pytest.raises(GalleryStoreError, match="cannot connect") as caught:
-        GalleryStore.open("postgresql://sightline:sekret-pw@127.0.0.1:1/gallery?connect_timeout=2", _cipher("k1", KEY_1))
+        GalleryStore.open(
+            "postgresql://sightline:sekret-pw@127.0.0.1:1/gallery?connect_timeout=2", _cipher("k1", KEY_1)
+        )
     assert "sekret-pw" not in str(caught.value)
     assert redact_url("postgres://u:pw@h:5/db?password=pw2") == "postgres://u:***@h:5/db?password=***"
 
@@ -442,14 +446,21 @@ def _schema_1_database(url: str) -> None:
         with backend.transaction(write=True) as cur:
             migrate(cur, backend.dialect, MIGRATIONS[:1], table="schema_version", lock_key=1, what="gallery")
             now = backend.dialect.to_db_time(datetime.now(UTC) - timedelta(days=3))
-            cur.execute("INSERT INTO subjects (subject_id, display_name, created_at) VALUES (?, ?, ?)",
-                        ("old-timer", "Old", now))  # fmt: skip
+            cur.execute(
+                "INSERT INTO subjects (subject_id, display_name, created_at) VALUES (?, ?, ?)",
+                ("old-timer", "Old", now),
+            )
             key_id, blob = _cipher("k1", KEY_1).encrypt(_vectors(40, 1)[0], "old-timer")
-            cur.execute("INSERT INTO templates (subject_id, key_id, ciphertext, model_name, model_version, quality,"
-                        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)", ("old-timer", key_id, blob, *MODEL, 0.5, now))
+            cur.execute(
+                "INSERT INTO templates (subject_id, key_id, ciphertext, model_name, model_version, quality,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                ("old-timer", key_id, blob, *MODEL, 0.5, now),
+            )
             for name in ("border", "staff"):
-                cur.execute("INSERT INTO watchlist_members (subject_id, watchlist, created_at) VALUES (?, ?, ?)",
-                            ("old-timer", name, now))  # fmt: skip
+                cur.execute(
+                    "INSERT INTO watchlist_members (subject_id, watchlist, created_at) VALUES (?, ?, ?)",
+                    ("old-timer", name, now),
+                )
     finally:
         backend.close()
 
@@ -460,7 +471,9 @@ def test_a_schema_1_gallery_upgrades_keeping_its_lists(gallery_url: str, open_st
     assert store.schema_version == 2
     lists = store.list_watchlists()
     assert [(w.name, w.purpose, w.owner, w.target_fmr, w.member_count) for w in lists] == [
-        ("border", "", "", None, 1), ("staff", "", "", None, 1)]  # no purpose yet: `watchlists list` shows it
+        ("border", "", "", None, 1),
+        ("staff", "", "", None, 1),
+    ]  # no purpose yet: `watchlists list` shows it
     assert all(w.created_at < datetime.now(UTC) - timedelta(days=2) for w in lists)
     [record] = store.load_templates()
     assert record.watchlists == ("border", "staff") and np.array_equal(record.vector, _vectors(40, 1)[0])
@@ -469,14 +482,24 @@ def test_a_schema_1_gallery_upgrades_keeping_its_lists(gallery_url: str, open_st
 
 def test_watchlist_create_update_delete(store: GalleryStore) -> None:
     created = store.create_watchlist("stop", "court order 12/2026", "unit-7", 1e-4, 30)
-    assert (created.name, created.purpose, created.owner, created.target_fmr, created.default_membership_days,
-            created.member_count) == ("stop", "court order 12/2026", "unit-7", 1e-4, 30, 0)  # exact, not float32
+    assert (
+        created.name,
+        created.purpose,
+        created.owner,
+        created.target_fmr,
+        created.default_membership_days,
+        created.member_count,
+    ) == ("stop", "court order 12/2026", "unit-7", 1e-4, 30, 0)  # exact, not float32
     with pytest.raises(WatchlistExistsError, match="already exists"):
         store.create_watchlist("stop", "again")
     _enrol(store, "alice", _vectors(41, 1), ("stop",))
     updated = store.update_watchlist("stop", "court order 13/2026", "unit-8", None, 0)
     assert (updated.purpose, updated.owner, updated.target_fmr, updated.member_count) == (
-        "court order 13/2026", "unit-8", None, 1)
+        "court order 13/2026",
+        "unit-8",
+        None,
+        1,
+    )
     assert store.get_watchlist("stop") == updated
     with pytest.raises(UnknownWatchlistError):
         store.update_watchlist("nope", "x", "", None, 0)
@@ -562,8 +585,9 @@ def test_list_members_pages(store: GalleryStore) -> None:
         store.list_members("none")
 
 
-def test_watchlist_changes_move_the_version_and_own_writes_are_told_apart(store: GalleryStore, gallery_url: str,
-                                                                          open_store: Opener) -> None:  # fmt: skip
+def test_watchlist_changes_move_the_version_and_own_writes_are_told_apart(
+    store: GalleryStore, gallery_url: str, open_store: Opener
+) -> None:
     other = open_store(gallery_url)
     store.take_written_versions()
     start = store.version()
@@ -588,8 +612,13 @@ def _assert_no_plaintext(dump: bytes, vectors: list[np.ndarray]) -> None:
         assert vector.astype("<f4").tobytes() not in dump and vector.astype(">f4").tobytes() not in dump
 
 
-def test_keys_rotate_command(gallery_url: str, open_store: Opener, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_keys_rotate_command(
+    gallery_url: str,
+    open_store: Opener,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from sightline.cli.main import main as cli
 
     vectors = _vectors(50, 3)
@@ -600,8 +629,17 @@ def test_keys_rotate_command(gallery_url: str, open_store: Opener, tmp_path: Pat
     _assert_no_plaintext(_dump(gallery_url), vectors)
     (tmp_path / "old.keys").write_text(f"k1:{KEY_1}\n")
     (tmp_path / "k2.key").write_text(KEY_2 + "\n")
-    rotate = ["keys", "rotate", "--database-url", gallery_url, "--new-key-file", str(tmp_path / "k2.key"),
-              "--new-key-id", "k2", "--no-progress"]  # fmt: skip
+    rotate = [
+        "keys",
+        "rotate",
+        "--database-url",
+        gallery_url,
+        "--new-key-file",
+        str(tmp_path / "k2.key"),
+        "--new-key-id",
+        "k2",
+        "--no-progress",
+    ]
 
     assert cli([*rotate, "--old-keys-file", str(tmp_path / "old.keys")]) == 0
     out = capsys.readouterr().out
@@ -621,8 +659,20 @@ def test_keys_rotate_command(gallery_url: str, open_store: Opener, tmp_path: Pat
     assert "re-encrypted 0 template(s)" in capsys.readouterr().out
 
     (tmp_path / "clash.key").write_text(generate_key())
-    assert cli([*rotate[:4], "--new-key-file", str(tmp_path / "clash.key"), "--new-key-id", "k1",
-                "--old-keys-file", str(tmp_path / "old.keys")]) == 2  # fmt: skip
+    assert (
+        cli(
+            [
+                *rotate[:4],
+                "--new-key-file",
+                str(tmp_path / "clash.key"),
+                "--new-key-id",
+                "k1",
+                "--old-keys-file",
+                str(tmp_path / "old.keys"),
+            ]
+        )
+        == 2
+    )
     assert "already in use with other key bytes" in capsys.readouterr().err
 
 

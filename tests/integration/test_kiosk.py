@@ -44,9 +44,9 @@ from sightline.common.auth import (
 )
 from sightline.common.bus import make_producer, read_topics
 from sightline.common.config import KafkaSettings
-from sightline.tooling.localstack import LocalStack
 from sightline.common.rpc import GrpcServer, channel
 from sightline.common.topics import FRAMES, SESSIONS
+from sightline.tooling.localstack import LocalStack
 from sightline.v1 import events_pb2, gallery_pb2, gallery_pb2_grpc, session_pb2, session_pb2_grpc, types_pb2
 
 BUDGET_S, GRACE_S = 30.0, 1.0  # the module's kiosk: long enough that no session expires under a slow test
@@ -62,10 +62,17 @@ CANCELLED = session_pb2.SESSION_OUTCOME_CANCELLED
 def stack(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[LocalStack]:
     # Capture's principal with a token this test knows, added to the stack's own (whose tokens stay private to it).
     tokens = tmp_path_factory.mktemp("tokens") / "capture.yaml"
-    tokens.write_text(dump_principals([Principal(service_principal("capture"), SERVICE_CALLER_ROLES["capture"],
-                                                 hash_token(CAPTURE_TOKEN))]))  # fmt: skip
-    with LocalStack(tmp_path_factory.mktemp("kiosk"), ports="auto", services=("detection", "embedding", "matching"),
-                    env={"SIGHTLINE_AUTH_TOKENS_FILE": str(tokens)}) as running:  # fmt: skip
+    tokens.write_text(
+        dump_principals(
+            [Principal(service_principal("capture"), SERVICE_CALLER_ROLES["capture"], hash_token(CAPTURE_TOKEN))]
+        )
+    )
+    with LocalStack(
+        tmp_path_factory.mktemp("kiosk"),
+        ports="auto",
+        services=("detection", "embedding", "matching"),
+        env={"SIGHTLINE_AUTH_TOKENS_FILE": str(tokens)},
+    ) as running:
         running.start(timeout=120)
         yield running
 
@@ -73,8 +80,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterato
 @pytest.fixture(scope="module")
 def kafka(stack: LocalStack) -> KafkaSettings:
     # 1 MiB, the smallest allowed: a frame too large to publish is then easy to make.
-    return KafkaSettings(bootstrap_servers=stack.bootstrap_servers, fetch_max_wait_ms=25,
-                         max_message_bytes=1024 * 1024)  # fmt: skip
+    return KafkaSettings(bootstrap_servers=stack.bootstrap_servers, fetch_max_wait_ms=25, max_message_bytes=1024 * 1024)
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +112,15 @@ class RunningKiosk:
         self.capture.close()
 
 
-def start_kiosk(stack: LocalStack, kafka: KafkaSettings, budget_s: float = BUDGET_S, grace_s: float = GRACE_S,
-                start: bool = True) -> RunningKiosk:  # fmt: skip
-    settings = CaptureSettings(matching_addr=stack.addresses["matching"], session_budget_s=budget_s,
-                               session_grace_s=grace_s, default_stop_lists=["stop-a"])  # fmt: skip
+def start_kiosk(
+    stack: LocalStack, kafka: KafkaSettings, budget_s: float = BUDGET_S, grace_s: float = GRACE_S, start: bool = True
+) -> RunningKiosk:
+    settings = CaptureSettings(
+        matching_addr=stack.addresses["matching"],
+        session_budget_s=budget_s,
+        session_grace_s=grace_s,
+        default_stop_lists=["stop-a"],
+    )
     capture = Capture(settings, kafka)
     gallery = SessionGallery(settings.matching_addr, settings.gallery_timeout_s, token=CAPTURE_TOKEN)
     kiosk = Kiosk(capture, settings, kafka, gallery)
@@ -187,8 +198,9 @@ def now_ms() -> int:
     return int(time.time() * 1000) - 1000
 
 
-def records(kafka: KafkaSettings, topic: str, since_ms: int, session_id: str, message_type: type[Message],
-            count: int) -> list[tuple[bytes, Any]]:  # fmt: skip
+def records(
+    kafka: KafkaSettings, topic: str, since_ms: int, session_id: str, message_type: type[Message], count: int
+) -> list[tuple[bytes, Any]]:
     """The first ``count`` (key, message) pairs of a session on a topic (read without a consumer group)."""
     found = []
     for record in read_topics(kafka, [topic], since_ms, idle_timeout_s=5):
@@ -260,8 +272,9 @@ def test_a_portrait_without_a_face_is_refused_with_the_gallery_reason(kiosk: Kio
     assert error.details() == "no usable face in the portrait: no face found in the image"
 
 
-def test_a_document_page_with_a_wrong_check_digit_is_refused_with_the_mrz_reason(kiosk: KioskStub,
-                                                                                face_photos: Path) -> None:
+def test_a_document_page_with_a_wrong_check_digit_is_refused_with_the_mrz_reason(
+    kiosk: KioskStub, face_photos: Path
+) -> None:
     page = png_bytes(Image.fromarray(render_page(face_photos / "obama.jpg", (LINE1, LINE2_BAD_CHECK))))
     error = refused(kiosk.OpenSession, session_pb2.OpenSessionRequest(gate_id="gate-1", document_page=page))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -269,8 +282,9 @@ def test_a_document_page_with_a_wrong_check_digit_is_refused_with_the_mrz_reason
     assert "document number check digit is 7, computed 6" in error.details()
 
 
-def test_a_valid_document_page_gives_the_number_and_a_session_template(kiosk: KioskStub, gallery: GalleryStub,
-                                                                     face_photos: Path) -> None:
+def test_a_valid_document_page_gives_the_number_and_a_session_template(
+    kiosk: KioskStub, gallery: GalleryStub, face_photos: Path
+) -> None:
     page = png_bytes(Image.fromarray(render_page(face_photos / "obama.jpg", (LINE1, LINE2))))
     opened = kiosk.OpenSession(session_pb2.OpenSessionRequest(gate_id="gate-2", document_page=page), timeout=60)
     assert opened.claim_kind == session_pb2.CLAIM_KIND_DOCUMENT and opened.document_number == "L898902C3"
@@ -287,8 +301,9 @@ def test_a_portrait_session_announces_itself_publishes_frames_relays_the_outcome
     kiosk: KioskStub, gallery: GalleryStub, kafka: KafkaSettings, person: list[Path]
 ) -> None:
     since = now_ms()
-    opened = kiosk.OpenSession(session_pb2.OpenSessionRequest(gate_id="gate-3", portrait=frame_bytes(person[-1], 0, 0)),
-                               timeout=60)  # fmt: skip
+    opened = kiosk.OpenSession(
+        session_pb2.OpenSessionRequest(gate_id="gate-3", portrait=frame_bytes(person[-1], 0, 0)), timeout=60
+    )
     sid, subject = opened.session_id, opened.claim_subject_id
     assert opened.claim_kind == session_pb2.CLAIM_KIND_PORTRAIT and subject == f"session-{sid}"
     assert subject_exists(gallery, subject)
@@ -298,10 +313,13 @@ def test_a_portrait_session_announces_itself_publishes_frames_relays_the_outcome
     assert [r.frames_sent for r in replies] == [1, 2]
     assert [r.frame_id for r in replies] == [f"gate-3:{sid}:1", f"gate-3:{sid}:2"]
 
-    (key, opened_event), = records(kafka, SESSIONS.name, since, sid, session_pb2.SessionEvent, 1)
+    ((key, opened_event),) = records(kafka, SESSIONS.name, since, sid, session_pb2.SessionEvent, 1)
     assert key == b"gate-3" and opened_event.kind == Kind.KIND_OPENED
     assert (opened_event.gate_id, opened_event.claim_kind, opened_event.claim_subject_id) == (
-        "gate-3", session_pb2.CLAIM_KIND_PORTRAIT, subject)
+        "gate-3",
+        session_pb2.CLAIM_KIND_PORTRAIT,
+        subject,
+    )
     budget = opened_event.deadline.ToNanoseconds() - opened_event.opened_at.ToNanoseconds()
     assert budget == pytest.approx(BUDGET_S * 1e9, abs=1e6)
 
@@ -310,17 +328,35 @@ def test_a_portrait_session_announces_itself_publishes_frames_relays_the_outcome
     for (_, captured), image, reply in zip(frames, sent, replies, strict=True):
         ref = captured.frame
         assert (ref.frame_id, ref.source_id, ref.purpose, ref.claim_subject_id, list(ref.watchlists)) == (
-            reply.frame_id, "gate-3", types_pb2.PURPOSE_ECHANNEL, subject, ["stop-a"])
+            reply.frame_id,
+            "gate-3",
+            types_pb2.PURPOSE_ECHANNEL,
+            subject,
+            ["stop-a"],
+        )
         assert captured.image == image and captured.media_type == "image/jpeg"
 
     # The progress first: a watcher gets it whether it subscribes before the relay hands it over (live) or after
     # (as the latest progress). Once the watcher has it, it is subscribed, so the outcome cannot pass it by.
-    progress = Kind(kind=Kind.KIND_PROGRESS, session_id=sid, gate_id="gate-3",
-                    update=session_pb2.SessionUpdate(session_id=sid, frames_seen=1))  # fmt: skip
-    decided = Kind(kind=Kind.KIND_DECIDED, session_id=sid, gate_id="gate-3",
-                   update=session_pb2.SessionUpdate(session_id=sid, outcome=ACCEPT, reasons=["2 good frames verified"],
-                                                    frames_seen=2, frames_verified=2,
-                                                    evidence_frame_ids=[r.frame_id for r in replies]))  # fmt: skip
+    progress = Kind(
+        kind=Kind.KIND_PROGRESS,
+        session_id=sid,
+        gate_id="gate-3",
+        update=session_pb2.SessionUpdate(session_id=sid, frames_seen=1),
+    )
+    decided = Kind(
+        kind=Kind.KIND_DECIDED,
+        session_id=sid,
+        gate_id="gate-3",
+        update=session_pb2.SessionUpdate(
+            session_id=sid,
+            outcome=ACCEPT,
+            reasons=["2 good frames verified"],
+            frames_seen=2,
+            frames_verified=2,
+            evidence_frame_ids=[r.frame_id for r in replies],
+        ),
+    )
     publish_decision(kafka, "gate-3", progress)
     updates = kiosk.WatchSession(session_pb2.WatchSessionRequest(session_id=sid), timeout=30)
     first = next(updates)
@@ -340,12 +376,15 @@ def test_a_cancelled_session_is_announced_ends_for_its_watchers_and_forgets_the_
     kiosk: KioskStub, gallery: GalleryStub, kafka: KafkaSettings, person: list[Path]
 ) -> None:
     since = now_ms()
-    opened = kiosk.OpenSession(session_pb2.OpenSessionRequest(gate_id="gate-4", portrait=frame_bytes(person[-1], 0, 0),
-                                                              stop_lists=["stop-b"]), timeout=60)  # fmt: skip
+    opened = kiosk.OpenSession(
+        session_pb2.OpenSessionRequest(gate_id="gate-4", portrait=frame_bytes(person[-1], 0, 0), stop_lists=["stop-b"]),
+        timeout=60,
+    )
     updates: list[session_pb2.SessionUpdate] = []
     watcher = watch(kiosk, opened.session_id, updates)  # subscribed before or after the cancellation: the same
-    kiosk.CancelSession(session_pb2.CancelSessionRequest(session_id=opened.session_id, reason="traveller left"),
-                        timeout=10)  # fmt: skip
+    kiosk.CancelSession(
+        session_pb2.CancelSessionRequest(session_id=opened.session_id, reason="traveller left"), timeout=10
+    )
     watcher.join(timeout=10)
     assert [(u.outcome, list(u.reasons)) for u in updates] == [(CANCELLED, ["traveller left"])]
     events = records(kafka, SESSIONS.name, since, opened.session_id, session_pb2.SessionEvent, 2)
@@ -353,8 +392,9 @@ def test_a_cancelled_session_is_announced_ends_for_its_watchers_and_forgets_the_
     assert wait_until_gone(gallery, opened.claim_subject_id)
 
 
-def test_closing_tells_decision_how_many_frames_were_published(kiosk: KioskStub, kafka: KafkaSettings,
-                                                               traveller: str, person: list[Path]) -> None:
+def test_closing_tells_decision_how_many_frames_were_published(
+    kiosk: KioskStub, kafka: KafkaSettings, traveller: str, person: list[Path]
+) -> None:
     since = now_ms()
     request = session_pb2.OpenSessionRequest(gate_id="gate-5", subject_id=traveller, stop_lists=["stop-b", "stop-a"])
     opened = kiosk.OpenSession(request, timeout=10)
@@ -388,18 +428,21 @@ def test_without_a_decision_the_traveller_is_referred_and_decision_told_the_sess
 ) -> None:
     since = now_ms()
     with kiosk_running(stack, kafka, budget_s=0.5, grace_s=0.5) as running:
-        opened = running.stub.OpenSession(session_pb2.OpenSessionRequest(gate_id="gate-6", subject_id=traveller),
-                                          timeout=10)  # fmt: skip
-        updates = list(running.stub.WatchSession(session_pb2.WatchSessionRequest(session_id=opened.session_id),
-                                                 timeout=30))  # fmt: skip
+        opened = running.stub.OpenSession(
+            session_pb2.OpenSessionRequest(gate_id="gate-6", subject_id=traveller), timeout=10
+        )
+        updates = list(
+            running.stub.WatchSession(session_pb2.WatchSessionRequest(session_id=opened.session_id), timeout=30)
+        )
         received_at = time.time()
     assert [u.outcome for u in updates] == [REFER]
     assert updates[0].reasons[0].startswith("the decision did not arrive in time")
     assert received_at >= opened.deadline.ToNanoseconds() / 1e9 + 0.5, "referred before the deadline plus the grace"
     (_, _), (key, cancelled) = records(kafka, SESSIONS.name, since, opened.session_id, session_pb2.SessionEvent, 2)
     assert (key, cancelled.kind, cancelled.update.outcome) == (b"gate-6", Kind.KIND_CANCELLED, CANCELLED)
-    assert list(cancelled.update.reasons) == ["the decision did not arrive in time: the gate referred the traveller "
-                                              "to an officer"]  # fmt: skip
+    assert list(cancelled.update.reasons) == [
+        "the decision did not arrive in time: the gate referred the traveller to an officer"
+    ]
     assert subject_exists(gallery, traveller), "an enrolled traveller's own templates are never touched"
 
 
@@ -424,14 +467,16 @@ def test_a_graceful_stop_cancels_the_open_sessions_and_deletes_their_templates(
 def test_requests_for_unknown_sessions(kiosk: KioskStub) -> None:
     frame = refused(kiosk.SendFrame, session_pb2.SendFrameRequest(session_id="nope", image=b"\xff\xd8\xff"))
     assert frame.code() == grpc.StatusCode.FAILED_PRECONDITION
-    watched = refused(lambda r, timeout: list(kiosk.WatchSession(r, timeout=timeout)),
-                      session_pb2.WatchSessionRequest(session_id="nope"))  # fmt: skip
+    watched = refused(
+        lambda r, timeout: list(kiosk.WatchSession(r, timeout=timeout)),
+        session_pb2.WatchSessionRequest(session_id="nope"),
+    )
     assert watched.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_leftover_session_templates_are_swept_at_start_up(stack: LocalStack, kafka: KafkaSettings,
-                                                          gallery: GalleryStub, capture_gallery: GalleryStub,
-                                                          person: list[Path]) -> None:  # fmt: skip
+def test_leftover_session_templates_are_swept_at_start_up(
+    stack: LocalStack, kafka: KafkaSettings, gallery: GalleryStub, capture_gallery: GalleryStub, person: list[Path]
+) -> None:
     budget_s, grace_s = 1.0, 0.5
     image = frame_bytes(person[-1], 0, 0)
     enrol(capture_gallery, "session-leftover", image)
@@ -452,8 +497,9 @@ def test_leftover_session_templates_are_swept_at_start_up(stack: LocalStack, kaf
 # --- sightline gate ---------------------------------------------------------------------------------------------------
 
 
-def test_the_gate_cancels_its_session_when_a_frame_is_refused(kiosk: KioskStub, kafka: KafkaSettings,
-                                                              traveller: str, person: list[Path]) -> None:
+def test_the_gate_cancels_its_session_when_a_frame_is_refused(
+    kiosk: KioskStub, kafka: KafkaSettings, traveller: str, person: list[Path]
+) -> None:
     since = now_ms()
     frames = [frame_bytes(person[0], 0, 0), b"GIF89a: not a frame"]
     with pytest.raises(grpc.RpcError) as failed:
@@ -465,8 +511,9 @@ def test_the_gate_cancels_its_session_when_a_frame_is_refused(kiosk: KioskStub, 
     assert outcome_of(kiosk, opened.session_id).outcome == CANCELLED
 
 
-def test_the_gate_cancels_its_session_on_ctrl_c(kiosk: KioskStub, kafka: KafkaSettings, traveller: str,
-                                                person: list[Path]) -> None:
+def test_the_gate_cancels_its_session_on_ctrl_c(
+    kiosk: KioskStub, kafka: KafkaSettings, traveller: str, person: list[Path]
+) -> None:
     def frames() -> Iterator[bytes]:
         yield frame_bytes(person[0], 0, 0)
         raise KeyboardInterrupt  # the operator presses Ctrl-C while the frames are sent
@@ -479,16 +526,31 @@ def test_the_gate_cancels_its_session_on_ctrl_c(kiosk: KioskStub, kafka: KafkaSe
     assert outcome_of(kiosk, opened.session_id).outcome == CANCELLED
 
 
-def test_the_gate_reports_a_broken_watch_and_exits_2(stack: LocalStack, kafka: KafkaSettings, traveller: str,
-                                                     person: list[Path], tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_the_gate_reports_a_broken_watch_and_exits_2(
+    stack: LocalStack,
+    kafka: KafkaSettings,
+    traveller: str,
+    person: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     frame = tmp_path / "frame.jpg"
     frame.write_bytes(frame_bytes(person[0], 0, 0))
     since = now_ms()
     codes: list[int] = []
     with kiosk_running(stack, kafka) as running:
-        argv = ["gate", "--subject", traveller, str(frame), "--gate", "gate-9", "--timeout", "60",
-                "--capture", f"127.0.0.1:{running.server.port}"]  # fmt: skip
+        argv = [
+            "gate",
+            "--subject",
+            traveller,
+            str(frame),
+            "--gate",
+            "gate-9",
+            "--timeout",
+            "60",
+            "--capture",
+            f"127.0.0.1:{running.server.port}",
+        ]
         gate = threading.Thread(target=lambda: codes.append(cli(argv)))
         gate.start()
         _, closed = gate_events(kafka, since, "gate-9", 2)  # the frame is sent and the session closed

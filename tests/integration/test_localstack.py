@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from sightline.common.ports import LOCAL_BROKER_PORT, SERVICES
+from sightline.common.rpc import check_health
 from sightline.tooling.broker import port_open
 from sightline.tooling.localstack import LocalStack, StackError, load_state, status
 from sightline.tooling.processes import pid_alive
-from sightline.common.ports import LOCAL_BROKER_PORT, SERVICES
-from sightline.common.rpc import check_health
 
 START_TIMEOUT = 120.0
 
@@ -44,7 +44,7 @@ def _wait_for(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-unty
     return True
 
 
-# --- one shared stack ------------------------------------------------------------------------------------------------
+# --- one shared stack -------------------------------------------------------------------------------------------------
 
 
 def test_all_five_services_are_serving(stack: LocalStack) -> None:
@@ -56,9 +56,7 @@ def test_all_five_services_are_serving(stack: LocalStack) -> None:
 
 def test_state_file_records_pids_ports_and_logs(stack: LocalStack) -> None:
     recorded = json.loads((stack.run_dir / "stack.json").read_text())
-    assert (
-        recorded["phase"] == "running" and not recorded["detached"] and recorded["owner_pid"] == os.getpid()
-    )
+    assert recorded["phase"] == "running" and not recorded["detached"] and recorded["owner_pid"] == os.getpid()
     assert recorded["broker"]["pid"] == stack.pids["broker"]
     for name in SERVICES:
         service = recorded["services"][name]
@@ -115,7 +113,7 @@ def test_stop_leaves_no_process_behind(stack: LocalStack) -> None:
     stack.stop()  # stopping twice is harmless
 
 
-# --- ports -------------------------------------------------------------------------------------------------------------
+# --- ports ------------------------------------------------------------------------------------------------------------
 
 
 def test_taken_port_gives_a_clear_message(tmp_path: Path) -> None:
@@ -135,11 +133,13 @@ def test_taken_port_gives_a_clear_message(tmp_path: Path) -> None:
     assert not (tmp_path / "stack.json").exists()
 
 
-# --- the CLI, as a user runs it ----------------------------------------------------------------------------------------
+# --- the CLI, as a user runs it ---------------------------------------------------------------------------------------
 
 # Ctrl-C is restored explicitly: a shell starting pytest in the background makes its children ignore SIGINT.
-CLI = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); " \
-      "from sightline.cli.main import main; sys.exit(main(sys.argv[1:]))"  # fmt: skip
+CLI = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from sightline.cli.main import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 def sightline(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
@@ -150,10 +150,7 @@ def sightline(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:  # type
 
 def _all_gone(run_dir: Path, recorded: dict) -> bool:  # type: ignore[type-arg]
     processes = [recorded["broker"], *recorded["services"].values()]
-    return (
-        not any(pid_alive(p["pid"], p["start_ticks"]) for p in processes)
-        and not (run_dir / "stack.json").exists()
-    )
+    return not any(pid_alive(p["pid"], p["start_ticks"]) for p in processes) and not (run_dir / "stack.json").exists()
 
 
 def test_cli_detached_up_status_down(tmp_path: Path, models_dir: Path) -> None:
@@ -167,9 +164,7 @@ def test_cli_detached_up_status_down(tmp_path: Path, models_dir: Path) -> None:
         assert shown.returncode == 0, shown.stdout + shown.stderr
         report = json.loads(shown.stdout)
         assert report["healthy"] and report["detached"]
-        assert {name: s["health"] for name, s in report["services"].items()} == dict.fromkeys(
-            SERVICES, "SERVING"
-        )
+        assert {name: s["health"] for name, s in report["services"].items()} == dict.fromkeys(SERVICES, "SERVING")
     finally:
         down = sightline("down", "--run-dir", run_dir)
     assert down.returncode == 0 and "stopped" in down.stdout
@@ -180,8 +175,12 @@ def test_cli_detached_up_status_down(tmp_path: Path, models_dir: Path) -> None:
 
 def test_cli_foreground_up_stops_cleanly_on_ctrl_c(tmp_path: Path, models_dir: Path) -> None:
     run_dir = tmp_path / "run"
-    up = subprocess.Popen([sys.executable, "-c", CLI, "up", "--ports", "auto", "--run-dir", str(run_dir)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    up = subprocess.Popen(
+        [sys.executable, "-c", CLI, "up", "--ports", "auto", "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert up.stdout is not None
         lines = []

@@ -47,8 +47,14 @@ def embedded(upstream: tuple[Detection, Embedding], photos: dict[str, bytes], cl
     """Each photo as a frame of its own source, through detection and embedding: the matches stage's inputs."""
     frames = []
     for sequence, (source, image) in enumerate(photos.items(), 1):
-        ref = types_pb2.FrameRef(frame_id=f"{source}:{sequence}", source_id=source, sequence=sequence,
-                                 captured_at=codec.now(), purpose=types_pb2.PURPOSE_CCTV, claim_subject_id=claim)
+        ref = types_pb2.FrameRef(
+            frame_id=f"{source}:{sequence}",
+            source_id=source,
+            sequence=sequence,
+            captured_at=codec.now(),
+            purpose=types_pb2.PURPOSE_CCTV,
+            claim_subject_id=claim,
+        )
         value = events_pb2.FrameCaptured(frame=ref, image=image, media_type="image/jpeg").SerializeToString()
         frames.append(InputEvent(source.encode(), value, FRAMES.name, 0, sequence))
     detection, embedding = upstream
@@ -68,12 +74,15 @@ def matched(result: list[Output] | BaseException, source: str) -> events_pb2.Mat
 
 
 def test_the_matcher_finds_and_verifies_real_faces_and_a_bad_frame_fails_alone(
-    upstream: tuple[Detection, Embedding], replicas: Callable[..., Gallery], face_photos: Path,  # noqa: F811
-) -> None:  # fmt: skip
+    upstream: tuple[Detection, Embedding],
+    replicas: Callable[..., Gallery],
+    face_photos: Path,
+) -> None:
     gallery = replicas()
     photo = {name: (face_photos / f"{name}.jpg").read_bytes() for name in ("obama", "biden", "obama2")}
-    for event, subject in zip(embedded(upstream, {"enrol-1": photo["obama"], "enrol-2": photo["biden"]}),
-                              ("obama", "biden"), strict=True):  # fmt: skip
+    for event, subject in zip(
+        embedded(upstream, {"enrol-1": photo["obama"], "enrol-2": photo["biden"]}), ("obama", "biden"), strict=True
+    ):
         enrol(gallery, subject, vector_of(event))
     claimed = embedded(upstream, {"cam-1": photo["obama2"], "cam-2": photo["biden"]}, claim="obama")
     short = events_pb2.FacesEmbedded.FromString(claimed[0].value)

@@ -48,11 +48,11 @@ TOKEN = new_token()
 UNREACHABLE = "127.0.0.1:9"  # detection and embedding: a search that gets past the readiness check fails there
 
 
-
 def probe(port: int, *service: str) -> int:
     """The exit code of the container probe, ``python -m sightline.common.healthcheck PORT [SERVICE]``."""
     command = [sys.executable, "-m", "sightline.common.healthcheck", str(port), *service]
     return subprocess.run(command, capture_output=True, timeout=30, check=False).returncode
+
 
 def wait_until(condition: Callable[[], object], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
@@ -107,22 +107,31 @@ def found(gallery: Gallery, vector: np.ndarray) -> list[str]:
 
 
 def embedded(source_id: str, vector: np.ndarray) -> InputEvent:
-    frame = types_pb2.FrameRef(frame_id=f"{source_id[:20]}:1", source_id=source_id, sequence=1,
-                               captured_at=codec.now(), purpose=types_pb2.PURPOSE_CCTV)  # fmt: skip
+    frame = types_pb2.FrameRef(
+        frame_id=f"{source_id[:20]}:1",
+        source_id=source_id,
+        sequence=1,
+        captured_at=codec.now(),
+        purpose=types_pb2.PURPOSE_CCTV,
+    )
     faces = [events_pb2.FaceEmbedding(face_index=0, vector=vector.tolist(), track_id="t0")]
-    return InputEvent(None, events_pb2.FacesEmbedded(frame=frame, faces=faces).SerializeToString(),
-                      "sightline.embeddings.v1", 0, 1)  # fmt: skip
+    return InputEvent(
+        None, events_pb2.FacesEmbedded(frame=frame, faces=faces).SerializeToString(), "sightline.embeddings.v1", 0, 1
+    )
 
 
 def test_a_replica_cut_off_from_its_database_stops_matching_until_it_can_check_again(
-    replicas: Callable[..., Gallery], database: Path, tmp_path: Path,
+    replicas: Callable[..., Gallery],
+    database: Path,
+    tmp_path: Path,
 ) -> None:
     gallery = replicas(refresh_interval_s=0.1, max_staleness_s=0.4)
     alice = vectors(1, seed=1)[0]
     enrol(gallery, "alice", alice)
     audit = AuditLog.open(f"sqlite:///{tmp_path / 'audit.db'}")
-    settings = MatchingSettings(template_key=KEY, database_url=f"sqlite:///{database}",
-                                detection_addr=UNREACHABLE, embedding_addr=UNREACHABLE)  # fmt: skip
+    settings = MatchingSettings(
+        template_key=KEY, database_url=f"sqlite:///{database}", detection_addr=UNREACHABLE, embedding_addr=UNREACHABLE
+    )
     officer = Principal("officer-1", frozenset({Role.OPERATOR}), hash_token(TOKEN))
     server = GrpcServer("127.0.0.1", 0, workers=4, access=AccessPolicy([officer]))
     server.add(GalleryServicer(gallery, FaceClient(UNREACHABLE, UNREACHABLE, 1.0), settings, GalleryAudit(audit)))
@@ -158,7 +167,9 @@ def test_a_replica_cut_off_from_its_database_stops_matching_until_it_can_check_a
 
 
 def test_an_erasure_notice_drops_the_subject_at_once_while_the_database_is_unreachable(
-    replicas: Callable[..., Gallery], database: Path, kafka: object,
+    replicas: Callable[..., Gallery],
+    database: Path,
+    kafka: object,
 ) -> None:
     run = uuid.uuid4().hex[:8]  # the session broker keeps other tests' notices: ids of this run only
     alice, bob = f"alice-{run}", f"bob-{run}"
@@ -187,7 +198,8 @@ def test_an_erasure_notice_drops_the_subject_at_once_while_the_database_is_unrea
 
 
 def test_a_frame_whose_source_id_cannot_be_audited_is_not_searched(
-    replicas: Callable[..., Gallery], tmp_path: Path,
+    replicas: Callable[..., Gallery],
+    tmp_path: Path,
 ) -> None:
     gallery = replicas()
     alice = vectors(1, seed=3)[0]

@@ -29,11 +29,11 @@ import yaml
 from kafka import KafkaConsumer, TopicPartition
 
 from sightline.cli.main import main
-from sightline.tooling.broker import free_port
 from sightline.common.bus import client_options, make_consumer, make_producer, read_topics
-from sightline.tooling.kube import deployment_name
 from sightline.common.lag import service_lags
 from sightline.common.topics import FRAMES, MATCHES
+from sightline.tooling.broker import free_port
+from sightline.tooling.kube import deployment_name
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "sightline"
@@ -95,10 +95,10 @@ class FakeApiServer:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 fake.handle(self, "GET")
 
-            def do_PATCH(self) -> None:  # noqa: N802
+            def do_PATCH(self) -> None:
                 fake.handle(self, "PATCH")
 
             def log_message(self, *args: Any) -> None:
@@ -130,8 +130,12 @@ class FakeApiServer:
 
     def list(self, namespace: str, selector: str) -> dict[str, Any]:
         items = [d for (ns, _), d in self.deployments.items() if ns == namespace and selects(selector, d)]
-        return {"apiVersion": "apps/v1", "kind": "DeploymentList", "metadata": {"resourceVersion": "1"},
-                "items": json.loads(json.dumps(items))}  # fmt: skip
+        return {
+            "apiVersion": "apps/v1",
+            "kind": "DeploymentList",
+            "metadata": {"resourceVersion": "1"},
+            "items": json.loads(json.dumps(items)),
+        }
 
     @staticmethod
     def reply(request: BaseHTTPRequestHandler, code: int, payload: dict[str, Any]) -> None:
@@ -166,24 +170,39 @@ def selects(selector: str, deployment: dict[str, Any]) -> bool:
 
 def scale_object(deployment: dict[str, Any]) -> dict[str, Any]:
     meta = deployment["metadata"]
-    return {"apiVersion": "autoscaling/v1", "kind": "Scale",
-            "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
-            "spec": {"replicas": deployment["spec"].get("replicas", 1)},
-            "status": {"replicas": deployment["status"].get("replicas", 0)}}  # fmt: skip
+    return {
+        "apiVersion": "autoscaling/v1",
+        "kind": "Scale",
+        "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+        "spec": {"replicas": deployment["spec"].get("replicas", 1)},
+        "status": {"replicas": deployment["status"].get("replicas", 0)},
+    }
 
 
 def status_object(code: int, reason: str, message: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": code, "reason": reason,
-            "message": message}  # fmt: skip
+    return {
+        "apiVersion": "v1",
+        "kind": "Status",
+        "status": "Failure",
+        "code": code,
+        "reason": reason,
+        "message": message,
+    }
 
 
 def write_kubeconfig(path: Path, server: str, namespace: str = NAMESPACE) -> Path:
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": server}}],
-        "users": [{"name": "sre", "user": {"token": TOKEN}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "sre", "namespace": namespace}}],
-    }))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "fake",
+                "clusters": [{"name": "fake", "cluster": {"server": server}}],
+                "users": [{"name": "sre", "user": {"token": TOKEN}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "sre", "namespace": namespace}}],
+            }
+        )
+    )
     return path
 
 
@@ -223,8 +242,9 @@ def test_lag_is_high_watermark_minus_committed_despite_the_end_offset_bug(kafka:
     total = before + produced
 
     consumed = 11
-    group = make_consumer(kafka, FRAMES.name, group_id="sightline-detection", enable_auto_commit=False,
-                          auto_offset_reset="earliest")  # fmt: skip
+    group = make_consumer(
+        kafka, FRAMES.name, group_id="sightline-detection", enable_auto_commit=False, auto_offset_reset="earliest"
+    )
     taken, deadline = 0, time.monotonic() + 30
     while taken < consumed and time.monotonic() < deadline:
         taken += sum(len(rs) for rs in group.poll(timeout_ms=500, max_records=consumed - taken).values())
@@ -242,8 +262,9 @@ def test_lag_is_high_watermark_minus_committed_despite_the_end_offset_bug(kafka:
     reader = KafkaConsumer(**client_options(kafka), group_id=None)
     ends = reader.end_offsets([TopicPartition(FRAMES.name, p.partition) for p in lag.partitions])
     reader.close()
-    assert sum(ends.values()) < sum(p.highwater for p in lag.partitions) == total, \
+    assert sum(ends.values()) < sum(p.highwater for p in lag.partitions) == total, (
         "Tansu's end offsets are right now: this test no longer shows that lag avoids them"
+    )
 
 
 def test_lag_of_a_group_without_commits_is_the_whole_topic_and_missing_topics_are_reported(kafka: Any) -> None:
@@ -261,14 +282,25 @@ def test_lag_of_a_group_without_commits_is_the_whole_topic_and_missing_topics_ar
 
 
 def test_chart_naming_is_reproduced(tmp_path: Path) -> None:
-    for release, sets in [("sl", ()), ("sightline-prod", ()), ("x" * 45, ()), ("sl", ("fullnameOverride=face-id",)),
-                          ("sl", ("nameOverride=fr",))]:  # fmt: skip
-        rendered = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d["metadata"]["name"]
-                    for d in render_deployments(release, *sets)}  # fmt: skip
+    for release, sets in [
+        ("sl", ()),
+        ("sightline-prod", ()),
+        ("x" * 45, ()),
+        ("sl", ("fullnameOverride=face-id",)),
+        ("sl", ("nameOverride=fr",)),
+    ]:
+        rendered = {
+            d["metadata"]["labels"]["app.kubernetes.io/component"]: d["metadata"]["name"]
+            for d in render_deployments(release, *sets)
+        }
         overrides = dict(s.split("=", 1) for s in sets)
         for service, name in rendered.items():
-            assert deployment_name(release, service, overrides.get("nameOverride", ""),
-                                   overrides.get("fullnameOverride", "")) == name  # fmt: skip
+            assert (
+                deployment_name(
+                    release, service, overrides.get("nameOverride", ""), overrides.get("fullnameOverride", "")
+                )
+                == name
+            )
 
 
 def test_status_rows_then_scale_changes_the_server_and_the_next_status(
@@ -291,8 +323,13 @@ def test_status_rows_then_scale_changes_the_server_and_the_next_status(
     assert out.strip() == f"sl-sightline-detection (namespace {NAMESPACE}): replicas 1 -> 6"
     assert server.deployment("sl-sightline-detection")["spec"]["replicas"] == 6
     patch = [r for r in server.requests if r[0] == "PATCH"]
-    assert patch == [("PATCH", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/sl-sightline-detection/scale",
-                      "application/merge-patch+json")]  # fmt: skip
+    assert patch == [
+        (
+            "PATCH",
+            f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/sl-sightline-detection/scale",
+            "application/merge-patch+json",
+        )
+    ]
 
     code, out, err = ops(capsys, "status", "--json", *common)
     report = json.loads(out)
@@ -321,8 +358,9 @@ def test_scale_refuses_matching_and_decision_above_one_on_sqlite(
     code, _, err = ops(capsys, "scale", "decision", "2", "--kubeconfig", str(kubeconfig))  # its own SQLite volume
     assert code == 1 and "sl-sightline-decision keeps its database in SQLite" in err
 
-    postgres = render_deployments("sl", "matching.database.mode=postgresql",
-                                  "matching.database.postgresql.existingSecret=gallery-db")  # fmt: skip
+    postgres = render_deployments(
+        "sl", "matching.database.mode=postgresql", "matching.database.postgresql.existingSecret=gallery-db"
+    )
     with FakeApiServer(postgres) as pg_server:
         pg_kubeconfig = write_kubeconfig(tmp_path / "pg-kubeconfig", pg_server.url)
         code, out, err = ops(capsys, "scale", "matching", "3", "--kubeconfig", str(pg_kubeconfig))
@@ -334,8 +372,11 @@ def test_scale_validates_service_and_replicas(
     api: tuple[FakeApiServer, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     _, kubeconfig = api
-    for args, message in [(["gallery", "1"], "invalid choice: 'gallery'"), (["detection", "-1"], "0 or more"),
-                          (["detection", "two"], "not a whole number")]:  # fmt: skip
+    for args, message in [
+        (["gallery", "1"], "invalid choice: 'gallery'"),
+        (["detection", "-1"], "0 or more"),
+        (["detection", "two"], "not a whole number"),
+    ]:
         with pytest.raises(SystemExit) as exit_info:
             main(["ops", "scale", *args, "--kubeconfig", str(kubeconfig)])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
@@ -366,8 +407,9 @@ def test_api_server_down_is_a_clear_error_and_lag_is_still_shown(
     assert detection[1:5] == ["?"] * 4 and detection[5] == FRAMES.name and detection[7].isdigit()
     code, _, err = ops(capsys, "scale", "detection", "2", "--kubeconfig", str(kubeconfig))
     assert code == 1 and "cannot reach the Kubernetes API server" in err
-    code, _, err = ops(capsys, "status", "--kubeconfig", str(tmp_path / "missing"), "--bootstrap",
-                       kafka.bootstrap_servers)  # fmt: skip
+    code, _, err = ops(
+        capsys, "status", "--kubeconfig", str(tmp_path / "missing"), "--bootstrap", kafka.bootstrap_servers
+    )
     assert code == 1 and "cannot load the Kubernetes configuration" in err
 
 
@@ -401,9 +443,23 @@ def test_status_json_end_to_end(api: tuple[FakeApiServer, Path], kafka: Any) -> 
     for i in range(7):
         producer.send(MATCHES.name, key=f"track-{i}".encode(), value=b"m")
     producer.flush()
-    result = subprocess.run([sys.executable, "-m", "sightline.cli.main", "ops", "status", "--json", "--kubeconfig",
-                             str(kubeconfig), "--bootstrap", kafka.bootstrap_servers],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sightline.cli.main",
+            "ops",
+            "status",
+            "--json",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--bootstrap",
+            kafka.bootstrap_servers,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1, result.stderr
     report = json.loads(result.stdout)
     services = {s["service"]: s for s in report["services"]}

@@ -21,11 +21,10 @@ import pytest
 from sightline.common.auth import AUTHORIZATION_KEY, Principal, Role, dump_principals, hash_token, new_token
 from sightline.common.bus import make_producer, read_topics
 from sightline.common.config import KafkaSettings
-from sightline.tooling.localstack import LocalStack
 from sightline.common.rpc import channel
 from sightline.common.topics import ALERTS, AUDIT, DECISIONS, MATCHES
+from sightline.tooling.localstack import LocalStack
 from sightline.v1 import audit_pb2, audit_pb2_grpc, events_pb2, review_pb2, review_pb2_grpc, types_pb2
-
 
 REVIEWERS = ("alice", "bob", "carol")
 TOKENS = {name: new_token() for name in (*REVIEWERS, "dana")}
@@ -35,12 +34,17 @@ TOKENS = {name: new_token() for name in (*REVIEWERS, "dana")}
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     run_dir = tmp_path_factory.mktemp("review")
     tokens_file = run_dir / "reviewers.yaml"
-    tokens_file.write_text(dump_principals(
-        [Principal(name, frozenset({Role.REVIEWER}), hash_token(TOKENS[name])) for name in REVIEWERS]
-        + [Principal("dana", frozenset({Role.AUDITOR}), hash_token(TOKENS["dana"]))]))  # fmt: skip
-    env = {"SIGHTLINE_DECISION_DATABASE_URL": f"sqlite:///{run_dir / 'decision.db'}",
-           "SIGHTLINE_AUDIT_DATABASE_URL": f"sqlite:///{run_dir / 'audit.db'}",
-           "SIGHTLINE_AUTH_TOKENS_FILE": str(tokens_file)}  # fmt: skip
+    tokens_file.write_text(
+        dump_principals(
+            [Principal(name, frozenset({Role.REVIEWER}), hash_token(TOKENS[name])) for name in REVIEWERS]
+            + [Principal("dana", frozenset({Role.AUDITOR}), hash_token(TOKENS["dana"]))]
+        )
+    )
+    env = {
+        "SIGHTLINE_DECISION_DATABASE_URL": f"sqlite:///{run_dir / 'decision.db'}",
+        "SIGHTLINE_AUDIT_DATABASE_URL": f"sqlite:///{run_dir / 'audit.db'}",
+        "SIGHTLINE_AUTH_TOKENS_FILE": str(tokens_file),
+    }
     with LocalStack(run_dir, ports="auto", services=("decision",), env=env) as running:
         running.start(timeout=120)
         yield running
@@ -62,7 +66,9 @@ def database(stack: LocalStack) -> Path:
     return stack.run_dir / "audit.db"
 
 
-def sightline(*args: str, as_: str = "", run_dir: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:  # noqa: E501
+def sightline(
+    *args: str, as_: str = "", run_dir: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """The command line, as the holder of ``as_``'s token ($SIGHTLINE_TOKEN), or with no token at all; ``run_dir``
     is where it looks for a running local stack (its addresses and its own token)."""
     env = {k: v for k, v in os.environ.items() if k not in ("SIGHTLINE_TOKEN", "SIGHTLINE_AUTH_TOKEN")}
@@ -70,14 +76,16 @@ def sightline(*args: str, as_: str = "", run_dir: Path | None = None, timeout: f
         env["SIGHTLINE_TOKEN"] = TOKENS[as_]
     if run_dir is not None:
         env["SIGHTLINE_RUN_DIR"] = str(run_dir)
-    return subprocess.run([sys.executable, "-m", "sightline.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "sightline.cli.main", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def match_result(source: str, seq: int, t: float, subject: str = "obama") -> events_pb2.MatchResult:
     """What matching publishes for one frame: one good-quality face whose best candidate is on a watchlist."""
-    frame = types_pb2.FrameRef(frame_id=f"{source}:{seq}", source_id=source, sequence=seq,
-                               purpose=types_pb2.PURPOSE_CCTV)  # fmt: skip
+    frame = types_pb2.FrameRef(
+        frame_id=f"{source}:{seq}", source_id=source, sequence=seq, purpose=types_pb2.PURPOSE_CCTV
+    )
     frame.captured_at.FromNanoseconds(int(t * 1e9))
     result = events_pb2.MatchResult(frame=frame, model_name="dlib_resnet", model_version="1")
     face = result.faces.add(face_index=0)
@@ -91,13 +99,20 @@ def raise_alert(kafka: KafkaSettings, source: str) -> None:
     producer = make_producer(kafka)
     now = time.time()
     for seq in (1, 2):
-        producer.send(MATCHES.name, key=source.encode(), value=match_result(source, seq, now + seq * 0.2).SerializeToString())
+        producer.send(
+            MATCHES.name, key=source.encode(), value=match_result(source, seq, now + seq * 0.2).SerializeToString()
+        )
     producer.flush(10)
     producer.close()
 
 
-def wait_for(kafka: KafkaSettings, topic: str, parse: Callable[[bytes], Any], done: Callable[[list[Any]], bool],
-             timeout: float = 60.0) -> list[Any]:  # fmt: skip
+def wait_for(
+    kafka: KafkaSettings,
+    topic: str,
+    parse: Callable[[bytes], Any],
+    done: Callable[[list[Any]], bool],
+    timeout: float = 60.0,
+) -> list[Any]:
     """The records of a topic, from the start, once ``done(records)`` holds; fails after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -123,16 +138,18 @@ def as_reviewer(name: str) -> list[tuple[str, str]]:
     return [(AUTHORIZATION_KEY, f"Bearer {TOKENS[name]}")]
 
 
-def test_two_person_review_over_grpc(stack: LocalStack, kafka: KafkaSettings,
-                                     review: review_pb2_grpc.ReviewServiceStub) -> None:  # fmt: skip
+def test_two_person_review_over_grpc(
+    stack: LocalStack, kafka: KafkaSettings, review: review_pb2_grpc.ReviewServiceStub
+) -> None:
     raise_alert(kafka, "gate-cam")
     (raised,) = alert_events(kafka, "gate-cam", [events_pb2.ALERT_STATUS_PENDING_REVIEW])
     assert raised.subject_id == "obama" and list(raised.watchlists) == ["watch"]
 
     stored = review.GetAlert(review_pb2.GetAlertRequest(alert_id=raised.alert_id), timeout=10)
     assert stored.alert.status == events_pb2.ALERT_STATUS_PENDING_REVIEW and stored.confirmations_required == 2
-    confirm = review_pb2.ReviewAlertRequest(alert_id=raised.alert_id, action=review_pb2.REVIEW_ACTION_CONFIRM,
-                                            comment="matches the watchlist photo")  # fmt: skip
+    confirm = review_pb2.ReviewAlertRequest(
+        alert_id=raised.alert_id, action=review_pb2.REVIEW_ACTION_CONFIRM, comment="matches the watchlist photo"
+    )
     first = review.ReviewAlert(confirm, metadata=as_reviewer("alice"), timeout=10)
     assert first.alert.status == events_pb2.ALERT_STATUS_PENDING_REVIEW and first.confirmations == 1
     with pytest.raises(grpc.RpcError) as twice:
@@ -148,15 +165,22 @@ def test_two_person_review_over_grpc(stack: LocalStack, kafka: KafkaSettings,
     assert claimed.value.code() == grpc.StatusCode.UNAUTHENTICATED
     second = review.ReviewAlert(confirm, metadata=as_reviewer("bob"), timeout=10)
     assert second.alert.status == events_pb2.ALERT_STATUS_CONFIRMED
-    assert [(r.reviewer, r.action) for r in second.reviews] == [("alice", review_pb2.REVIEW_ACTION_CONFIRM),
-                                                                ("bob", review_pb2.REVIEW_ACTION_CONFIRM)]  # fmt: skip
+    assert [(r.reviewer, r.action) for r in second.reviews] == [
+        ("alice", review_pb2.REVIEW_ACTION_CONFIRM),
+        ("bob", review_pb2.REVIEW_ACTION_CONFIRM),
+    ]
 
     # Integrators see the alert raised, then confirmed: each status change, on the alerts topic.
-    changes = alert_events(kafka, "gate-cam", [events_pb2.ALERT_STATUS_PENDING_REVIEW, events_pb2.ALERT_STATUS_CONFIRMED])
+    changes = alert_events(
+        kafka, "gate-cam", [events_pb2.ALERT_STATUS_PENDING_REVIEW, events_pb2.ALERT_STATUS_CONFIRMED]
+    )
     assert {a.alert_id for a in changes} == {raised.alert_id}
     with pytest.raises(grpc.RpcError) as closed:
-        review.ReviewAlert(review_pb2.ReviewAlertRequest(alert_id=raised.alert_id, action=review_pb2.REVIEW_ACTION_REJECT),
-                           metadata=as_reviewer("carol"), timeout=10)  # fmt: skip
+        review.ReviewAlert(
+            review_pb2.ReviewAlertRequest(alert_id=raised.alert_id, action=review_pb2.REVIEW_ACTION_REJECT),
+            metadata=as_reviewer("carol"),
+            timeout=10,
+        )
     assert closed.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "closed" in closed.value.details()
 
     # The audit trail: the alert, both reviews (and the refusals), chained; the chain verifies over gRPC too.
@@ -169,8 +193,11 @@ def test_two_person_review_over_grpc(stack: LocalStack, kafka: KafkaSettings,
     assert ("AUDIT_ACTION_REVIEW", "bob", "CONFIRMED") in summary
     assert any(p == "carol" and result.startswith("refused") for _, p, result in summary)
     assert all(r.subject_id == "obama" for r in about if r.action != audit_pb2.AUDIT_ACTION_ACCESS_DENIED)
-    refusals = [(r.principal, r.result, r.details["method"]) for r in records
-                if r.action == audit_pb2.AUDIT_ACTION_ACCESS_DENIED]  # fmt: skip
+    refusals = [
+        (r.principal, r.result, r.details["method"])
+        for r in records
+        if r.action == audit_pb2.AUDIT_ACTION_ACCESS_DENIED
+    ]
     # Two anonymous calls, one kind of refusal within a minute: audited at once, the repeat counted in a record
     # written when the window closes (common/denials.py), so a flood of bad calls cannot flood the chain.
     assert refusals == [("anonymous", "refused: UNAUTHENTICATED", "/sightline.v1.ReviewService/ReviewAlert")]
@@ -181,8 +208,7 @@ def test_two_person_review_over_grpc(stack: LocalStack, kafka: KafkaSettings,
     assert audit.VerifyChain(audit_pb2.VerifyChainRequest(), timeout=10).intact
 
     # Every record also went to the audit topic, in chain order.
-    published = wait_for(kafka, AUDIT.name, audit_pb2.AuditRecord.FromString,
-                         lambda seen: len(seen) >= len(records))  # fmt: skip
+    published = wait_for(kafka, AUDIT.name, audit_pb2.AuditRecord.FromString, lambda seen: len(seen) >= len(records))
     assert [r.hash for r in published[: len(records)]] == [r.hash for r in records]
 
 
@@ -207,8 +233,18 @@ def test_review_and_audit_commands(stack: LocalStack, kafka: KafkaSettings, tmp_
     assert again.returncode == 1 and "FAILED_PRECONDITION" in again.stderr and "already confirmed" in again.stderr
     claimed = sightline("review", "reject", short, "--as", "bob", "--decision", address, as_="alice")
     assert claimed.returncode == 2 and "--as is gone" in claimed.stderr
-    rejected = sightline("review", "reject", short, "--not-this-person", "--comment", "lookalike",
-                         "--decision", address, "--token", TOKENS["bob"])  # fmt: skip
+    rejected = sightline(
+        "review",
+        "reject",
+        short,
+        "--not-this-person",
+        "--comment",
+        "lookalike",
+        "--decision",
+        address,
+        "--token",
+        TOKENS["bob"],
+    )
     assert rejected.returncode == 0, rejected.stderr
     assert "ALERT REJECTED" in rejected.stdout and "not-this-person: lookalike" in rejected.stdout
     shown = sightline("review", "show", short, "--decision", address, as_="carol")
@@ -220,11 +256,17 @@ def test_review_and_audit_commands(stack: LocalStack, kafka: KafkaSettings, tmp_
     producer = make_producer(kafka)
     later = time.time() + 120
     for seq in (3, 4):
-        producer.send(MATCHES.name, key=b"lobby-cam", value=match_result("lobby-cam", seq, later + seq).SerializeToString())
+        producer.send(
+            MATCHES.name, key=b"lobby-cam", value=match_result("lobby-cam", seq, later + seq).SerializeToString()
+        )
     producer.flush(10)
     producer.close()
-    decisions = wait_for(kafka, DECISIONS.name, events_pb2.Decision.FromString,
-                         lambda seen: {d.frame.sequence for d in seen if d.frame.source_id == "lobby-cam"} >= {3, 4})
+    decisions = wait_for(
+        kafka,
+        DECISIONS.name,
+        events_pb2.Decision.FromString,
+        lambda seen: {d.frame.sequence for d in seen if d.frame.source_id == "lobby-cam"} >= {3, 4},
+    )
     suppressed = [d for d in decisions if d.frame.source_id == "lobby-cam" and d.frame.sequence in (3, 4)]
     assert not any(d.alert_id for d in suppressed)
     assert any(d.outcome == events_pb2.OUTCOME_MATCH and "alert suppressed" in d.reasons[-1] for d in suppressed)
@@ -244,8 +286,9 @@ def test_review_and_audit_commands(stack: LocalStack, kafka: KafkaSettings, tmp_
         conn.execute("DROP TRIGGER audit_records_no_update")
         conn.execute("UPDATE audit_records SET principal = 'mallory' WHERE sequence = 2")
     # The keyring stays with the stack: the copy's records are checked against the key they were written with.
-    broken = sightline("audit", "verify", "--database-url", f"sqlite:///{copy}", "--keys-file",
-                       str(stack.run_dir / "audit.keys"))  # fmt: skip
+    broken = sightline(
+        "audit", "verify", "--database-url", f"sqlite:///{copy}", "--keys-file", str(stack.run_dir / "audit.keys")
+    )
     assert broken.returncode == 1 and "BROKEN at record 2" in broken.stdout
     missing = sightline("audit", "verify", "--database-url", f"sqlite:///{tmp_path / 'none.db'}")
     assert missing.returncode == 2 and "no audit log" in missing.stderr

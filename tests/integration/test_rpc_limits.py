@@ -62,8 +62,9 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Running]]:
     """``serve(workers, limits, servicers=[factory(audit)])``: a started server, refusals audited."""
     started: list[Running] = []
 
-    def start(workers: int = 4, limits: ServerLimits | None = None,
-              servicers: tuple[Callable[[AuditLog], Any], ...] = ()) -> Running:  # fmt: skip
+    def start(
+        workers: int = 4, limits: ServerLimits | None = None, servicers: tuple[Callable[[AuditLog], Any], ...] = ()
+    ) -> Running:
         audit = AuditLog.open(f"sqlite:///{tmp_path / f'audit-{len(started)}.db'}")
         denials = DenialAudit(audit)
         officer = Principal(OFFICER, frozenset({Role.ENROLLER, Role.OPERATOR}), hash_token(TOKEN))
@@ -103,7 +104,8 @@ class ReflectionStream:
     def __init__(self, ch: grpc.Channel) -> None:
         self._requests: queue.Queue[reflection_pb2.ServerReflectionRequest | None] = queue.Queue()
         self._responses = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
-            iter(self._requests.get, None), timeout=60)
+            iter(self._requests.get, None), timeout=60
+        )
 
     def send(self) -> None:
         self._requests.put(reflection_pb2.ServerReflectionRequest(list_services=""))
@@ -133,7 +135,9 @@ class WatchStream:
 class HeldIngest(capture_pb2_grpc.CaptureServiceServicer):
     """An authenticated API stream that reports once, then stays open without a message (a paused camera)."""
 
-    def Ingest(self, request: capture_pb2.IngestRequest, context: grpc.ServicerContext) -> Iterator[capture_pb2.IngestResponse]:  # noqa: E501, N802
+    def Ingest(
+        self, request: capture_pb2.IngestRequest, context: grpc.ServicerContext
+    ) -> Iterator[capture_pb2.IngestResponse]:
         yield capture_pb2.IngestResponse(source_id=request.source_id)
         while context.is_active():
             time.sleep(0.05)
@@ -142,7 +146,8 @@ class HeldIngest(capture_pb2_grpc.CaptureServiceServicer):
 class IngestStream:
     def __init__(self, ch: grpc.Channel) -> None:
         self._responses = capture_pb2_grpc.CaptureServiceStub(ch).Ingest(
-            capture_pb2.IngestRequest(source_uri="held", source_id="cam-1"), timeout=60)
+            capture_pb2.IngestRequest(source_uri="held", source_id="cam-1"), timeout=60
+        )
 
     def ask(self) -> object:
         return next(self._responses)
@@ -189,7 +194,8 @@ def timed_check(address: str) -> float:
 
 
 def test_idle_streams_are_held_to_their_pools_and_health_check_answers_within_a_second(
-    serve: Callable[..., Running], streams: Callable[..., Stream],
+    serve: Callable[..., Running],
+    streams: Callable[..., Stream],
 ) -> None:
     # 4 threads: 2 for streams, 1 of those for callers without credentials; 3 health Watch streams (no thread).
     limits = ServerLimits(max_streams=2, max_concurrent_rpcs=64, max_open_streams=1, max_watchers=3)
@@ -215,8 +221,11 @@ def test_idle_streams_are_held_to_their_pools_and_health_check_answers_within_a_
         anonymous.close()
         officer.close()
     methods = {record.details["method"]: record for record in running.refusals()}
-    assert set(methods) == {"/grpc.health.v1.Health/Watch", "/sightline.v1.CaptureService/Ingest",
-                            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"}  # fmt: skip
+    assert set(methods) == {
+        "/grpc.health.v1.Health/Watch",
+        "/sightline.v1.CaptureService/Ingest",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    }
     assert {(r.result, r.purpose) for r in methods.values()} == {("refused: RESOURCE_EXHAUSTED", LIMITS_PURPOSE)}
     assert methods["/sightline.v1.CaptureService/Ingest"].principal == OFFICER
     assert methods["/grpc.health.v1.Health/Watch"].principal == "anonymous"
@@ -238,7 +247,8 @@ def test_a_closed_stream_frees_its_slot(serve: Callable[..., Running], streams: 
 
 
 def test_idle_streams_are_cancelled_and_free_their_slots(
-    serve: Callable[..., Running], streams: Callable[..., Stream],
+    serve: Callable[..., Running],
+    streams: Callable[..., Stream],
 ) -> None:
     limits = ServerLimits(max_streams=1, max_concurrent_rpcs=16, max_watchers=1, stream_idle_s=0.5)
     running = serve(workers=3, limits=limits)
@@ -258,7 +268,8 @@ def test_idle_streams_are_cancelled_and_free_their_slots(
 
 
 def test_calls_beyond_maximum_concurrent_rpcs_are_refused_at_once(
-    serve: Callable[..., Running], streams: Callable[..., Stream],
+    serve: Callable[..., Running],
+    streams: Callable[..., Stream],
 ) -> None:
     # Two calls at once, on two threads: a third call is refused rather than queued behind them.
     running = serve(workers=2, limits=ServerLimits(max_streams=2, max_concurrent_rpcs=2, max_open_streams=2))
@@ -291,47 +302,84 @@ def assert_audited(running: Running, expected: dict[str, str]) -> None:
     """Each refused method has one record naming the caller and the field, and no over-long value is anywhere."""
     records = running.refusals()
     assert {r.details["method"]: r.details["reason"] for r in records} == expected
-    assert {(r.principal, r.result, r.purpose) for r in records} == {(OFFICER, "refused: INVALID_ARGUMENT",
-                                                                     LIMITS_PURPOSE)}  # fmt: skip
+    assert {(r.principal, r.result, r.purpose) for r in records} == {
+        (OFFICER, "refused: INVALID_ARGUMENT", LIMITS_PURPOSE)
+    }
     assert all(SECRET not in str(r) for r in running.audit.records())
 
 
 def test_over_long_fields_never_reach_the_gallery_and_are_audited(
-    serve: Callable[..., Running], tmp_path: Path,
+    serve: Callable[..., Running],
+    tmp_path: Path,
 ) -> None:
-    settings = MatchingSettings(template_key=generate_key(), database_url=f"sqlite:///{tmp_path / 'gallery.db'}",
-                                detection_addr=UNREACHABLE, embedding_addr=UNREACHABLE)  # fmt: skip
+    settings = MatchingSettings(
+        template_key=generate_key(),
+        database_url=f"sqlite:///{tmp_path / 'gallery.db'}",
+        detection_addr=UNREACHABLE,
+        embedding_addr=UNREACHABLE,
+    )
     gallery = open_gallery(settings)
     faces = FaceClient(UNREACHABLE, UNREACHABLE, 1.0)
-    running = serve(servicers=[lambda audit: GalleryServicer(gallery, faces, settings, GalleryAudit(audit)),
-                               lambda audit: WatchlistServicer(gallery, GalleryAudit(audit))])  # fmt: skip
+    running = serve(
+        servicers=[
+            lambda audit: GalleryServicer(gallery, faces, settings, GalleryAudit(audit)),
+            lambda audit: WatchlistServicer(gallery, GalleryAudit(audit)),
+        ]
+    )
     try:
         with channel(running.address, token=TOKEN) as ch:
             galleries, lists = gallery_pb2_grpc.GalleryServiceStub(ch), gallery_pb2_grpc.WatchlistServiceStub(ch)
             long_id = "p-" + SECRET * 200  # 10,002 characters
             for _ in range(3):  # repeats of one kind are counted, not recorded one by one
-                assert_refused_for_length(refused(lambda: galleries.Enroll(
-                    gallery_pb2.EnrollRequest(subject_id=long_id, images=[b"image"]), timeout=10)), "subject_id")
-            assert_refused_for_length(refused(lambda: lists.CreateWatchlist(gallery_pb2.CreateWatchlistRequest(
-                watchlist=gallery_pb2.Watchlist(name="w", purpose=SECRET * 100)), timeout=10)), "watchlist.purpose")
-            assert_refused_for_length(refused(lambda: lists.AddMembers(gallery_pb2.AddMembersRequest(
-                watchlist="w", subject_ids=["p-1"] * 1001), timeout=10)), "subject_ids")
+                assert_refused_for_length(
+                    refused(
+                        lambda: galleries.Enroll(
+                            gallery_pb2.EnrollRequest(subject_id=long_id, images=[b"image"]), timeout=10
+                        )
+                    ),
+                    "subject_id",
+                )
+            assert_refused_for_length(
+                refused(
+                    lambda: lists.CreateWatchlist(
+                        gallery_pb2.CreateWatchlistRequest(
+                            watchlist=gallery_pb2.Watchlist(name="w", purpose=SECRET * 100)
+                        ),
+                        timeout=10,
+                    )
+                ),
+                "watchlist.purpose",
+            )
+            assert_refused_for_length(
+                refused(
+                    lambda: lists.AddMembers(
+                        gallery_pb2.AddMembersRequest(watchlist="w", subject_ids=["p-1"] * 1001), timeout=10
+                    )
+                ),
+                "subject_ids",
+            )
             # Within the limits, the same call reaches the servicer (and fails at the unreachable face services).
-            error = refused(lambda: galleries.Enroll(gallery_pb2.EnrollRequest(subject_id="p-1", images=[b"image"]),
-                                                     timeout=10))  # fmt: skip
+            error = refused(
+                lambda: galleries.Enroll(gallery_pb2.EnrollRequest(subject_id="p-1", images=[b"image"]), timeout=10)
+            )
             assert error.code() == grpc.StatusCode.UNAVAILABLE and "face services" in error.details()
         assert gallery.store.subject_ids() == set() and gallery.store.list_watchlists() == []
-        assert_audited(running, {
-            "/sightline.v1.GalleryService/Enroll": "subject_id: longer than 256 characters",
-            "/sightline.v1.WatchlistService/CreateWatchlist": "watchlist.purpose: longer than 4096 characters",
-            "/sightline.v1.WatchlistService/AddMembers": "subject_ids: more than 1000 entries",
-        })
+        assert_audited(
+            running,
+            {
+                "/sightline.v1.GalleryService/Enroll": "subject_id: longer than 256 characters",
+                "/sightline.v1.WatchlistService/CreateWatchlist": "watchlist.purpose: longer than 4096 characters",
+                "/sightline.v1.WatchlistService/AddMembers": "subject_ids: more than 1000 entries",
+            },
+        )
     finally:
         gallery.close()
 
 
 def test_an_over_long_source_id_is_refused_at_ingest_and_nothing_is_published(
-    serve: Callable[..., Running], kafka: object, face_photos: Path,
+    serve: Callable[..., Running],
+    kafka: object,
+    face_photos: Path,
 ) -> None:
     capture = Capture(CaptureSettings(), kafka)  # type: ignore[arg-type]
     running = serve(servicers=[lambda _: CaptureServicer(capture)])
@@ -340,10 +388,25 @@ def test_an_over_long_source_id_is_refused_at_ingest_and_nothing_is_published(
         with channel(running.address, token=TOKEN) as ch:
             ingest = capture_pb2_grpc.CaptureServiceStub(ch).Ingest
             photo = str(face_photos / "obama.jpg")
-            assert_refused_for_length(refused(lambda: list(ingest(capture_pb2.IngestRequest(
-                source_uri=photo, source_id="cam-" + SECRET * 100), timeout=10))), "source_id")
-            assert_refused_for_length(refused(lambda: list(ingest(capture_pb2.IngestRequest(
-                source_uri=photo + "?" + SECRET * 50, source_id="cam-ok"), timeout=10))), "source_uri")
+            assert_refused_for_length(
+                refused(
+                    lambda: list(
+                        ingest(capture_pb2.IngestRequest(source_uri=photo, source_id="cam-" + SECRET * 100), timeout=10)
+                    )
+                ),
+                "source_id",
+            )
+            assert_refused_for_length(
+                refused(
+                    lambda: list(
+                        ingest(
+                            capture_pb2.IngestRequest(source_uri=photo + "?" + SECRET * 50, source_id="cam-ok"),
+                            timeout=10,
+                        )
+                    )
+                ),
+                "source_uri",
+            )
         published = list(read_topics(kafka, [FRAMES.name], since_ms, idle_timeout_s=1.0))  # type: ignore[arg-type]
         assert not [record for record in published if SECRET.encode() in (record.key or b"") + (record.value or b"")]
         reasons = sorted(r.details["reason"] for r in running.refusals())

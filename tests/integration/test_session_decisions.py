@@ -19,8 +19,8 @@ import pytest
 from sightline.common.audit import AuditLog, AuditRecord
 from sightline.common.bus import make_producer, read_topics
 from sightline.common.config import KafkaSettings
-from sightline.tooling.localstack import LocalStack
 from sightline.common.topics import ALERTS, MATCHES, SESSIONS
+from sightline.tooling.localstack import LocalStack
 from sightline.v1 import events_pb2, session_pb2, types_pb2
 
 Kind = session_pb2.SessionEvent
@@ -71,8 +71,9 @@ class Gate:
         producer.close()
 
     def control(self, kind: int, budget_s: float = 60.0, frames_sent: int = 0, reason: str = "") -> None:
-        event = session_pb2.SessionEvent(kind=kind, session_id=self.session_id, gate_id=self.gate_id,
-                                         claim_subject_id="traveller")  # fmt: skip
+        event = session_pb2.SessionEvent(
+            kind=kind, session_id=self.session_id, gate_id=self.gate_id, claim_subject_id="traveller"
+        )
         now = time.time()
         event.opened_at.FromNanoseconds(int(now * 1e9))
         event.deadline.FromNanoseconds(int((now + budget_s) * 1e9))
@@ -81,26 +82,40 @@ class Gate:
         event.update.reasons.extend([reason] if reason else [])
         self.send(SESSIONS.name, event)
 
-    def frame(self, seq: int, *, liveness: types_pb2.LivenessResult = NOT_YET, verified: bool = True,
-              stop_hit: bool = False) -> None:  # fmt: skip
+    def frame(
+        self, seq: int, *, liveness: types_pb2.LivenessResult = NOT_YET, verified: bool = True, stop_hit: bool = False
+    ) -> None:
         """One frame's match result: the traveller's face verified (or not) against the claim."""
-        frame = types_pb2.FrameRef(frame_id=f"{self.gate_id}:{self.session_id}:{seq}", source_id=self.gate_id,
-                                   sequence=seq, purpose=types_pb2.PURPOSE_ECHANNEL, session_id=self.session_id,
-                                   claim_subject_id="traveller", watchlists=["stop"])  # fmt: skip
+        frame = types_pb2.FrameRef(
+            frame_id=f"{self.gate_id}:{self.session_id}:{seq}",
+            source_id=self.gate_id,
+            sequence=seq,
+            purpose=types_pb2.PURPOSE_ECHANNEL,
+            session_id=self.session_id,
+            claim_subject_id="traveller",
+            watchlists=["stop"],
+        )
         frame.captured_at.GetCurrentTime()
         result = events_pb2.MatchResult(frame=frame, model_name="dlib_resnet_v1", model_version="1")
         face = result.faces.add(face_index=0, box=types_pb2.Box(x1=200, y1=100, x2=400, y2=300), liveness=liveness)
         face.quality.score = 80.0
         distance = 0.35 if verified else 0.8
-        face.verification.CopyFrom(types_pb2.Verification(
-            subject_id="traveller", subject_found=True, verified=verified, distance=distance,
-            similarity=1 - distance / 1.2))  # fmt: skip
+        face.verification.CopyFrom(
+            types_pb2.Verification(
+                subject_id="traveller",
+                subject_found=True,
+                verified=verified,
+                distance=distance,
+                similarity=1 - distance / 1.2,
+            )
+        )
         if stop_hit:
             face.candidates.add(subject_id="wanted", distance=0.3, similarity=0.75, watchlists=["stop"])
         self.send(MATCHES.name, result)
 
-    def events(self, until: int = Kind.KIND_DECIDED, timeout: float = 30.0,
-               frames_seen: int | None = None) -> list[session_pb2.SessionEvent]:  # fmt: skip
+    def events(
+        self, until: int = Kind.KIND_DECIDED, timeout: float = 30.0, frames_seen: int | None = None
+    ) -> list[session_pb2.SessionEvent]:
         """This session's events from decision, once one of kind ``until`` (with ``frames_seen``, if given) is in."""
         seen: list[session_pb2.SessionEvent] = []
 
@@ -108,8 +123,9 @@ class Gate:
             return any(e.kind == until and (frames_seen is None or e.update.frames_seen == frames_seen) for e in seen)
 
         deadline = time.monotonic() + timeout
-        for record in read_topics(self.kafka, [SESSIONS.name], since_ms=self.started_ms,
-                                  stop=lambda: reached() or time.monotonic() > deadline):  # fmt: skip
+        for record in read_topics(
+            self.kafka, [SESSIONS.name], since_ms=self.started_ms, stop=lambda: reached() or time.monotonic() > deadline
+        ):
             event = session_pb2.SessionEvent.FromString(record.value)
             if event.session_id == self.session_id and event.kind in (Kind.KIND_PROGRESS, Kind.KIND_DECIDED):
                 assert record.key == self.gate_id.encode()
@@ -144,7 +160,11 @@ def test_a_live_traveller_matching_the_claim_is_accepted(stack: LocalStack, kafk
     assert outcome.policy_version == "gates-test" and outcome.model_version == "dlib_resnet_v1:1"
     (record,) = audit_records(stack, gate)
     assert (record.principal, record.subject_id, record.purpose, record.result) == (
-        f"gate:{gate.gate_id}", "traveller", "e-channel", "ACCEPT")  # fmt: skip
+        f"gate:{gate.gate_id}",
+        "traveller",
+        "e-channel",
+        "ACCEPT",
+    )
     assert record.details["frames_verified"] == "3" and record.details["liveness"] == "passed"
     assert record.details["best_similarity"] == f"{1 - 0.35 / 1.2:.3f}"
 
@@ -176,8 +196,10 @@ def test_a_stop_list_hit_refers_and_raises_an_alert(stack: LocalStack, kafka: Ka
     outcome = gate.outcome()
     assert outcome.outcome == session_pb2.SESSION_OUTCOME_REFER_TO_OFFICER and outcome.alert_id
     assert outcome.reasons[0].startswith("stop-list hit: wanted on stop")
-    alerts = [events_pb2.Alert.FromString(r.value) for r in read_topics(kafka, [ALERTS.name], since_ms=gate.started_ms,
-                                                                         idle_timeout_s=1.0)]  # fmt: skip
+    alerts = [
+        events_pb2.Alert.FromString(r.value)
+        for r in read_topics(kafka, [ALERTS.name], since_ms=gate.started_ms, idle_timeout_s=1.0)
+    ]
     (alert,) = [a for a in alerts if a.source_id == gate.gate_id]
     assert alert.alert_id == outcome.alert_id and alert.subject_id == "wanted"
     assert alert.status == events_pb2.ALERT_STATUS_PENDING_REVIEW and list(alert.watchlists) == ["stop"]
@@ -207,8 +229,10 @@ def test_frames_outside_the_liveness_window_are_not_accepted(stack: LocalStack, 
     gate.control(Kind.KIND_CLOSED, frames_sent=3)
     outcome = gate.outcome()
     assert outcome.outcome == session_pb2.SESSION_OUTCOME_REFER_TO_OFFICER and outcome.frames_verified == 3
-    assert outcome.reasons[0] == ("session closed: 0 of 3 verified frames, liveness passed (3 more verified outside "
-                                  "frames 20-29, which liveness assessed)")  # fmt: skip
+    assert outcome.reasons[0] == (
+        "session closed: 0 of 3 verified frames, liveness passed (3 more verified outside "
+        "frames 20-29, which liveness assessed)"
+    )
 
 
 def test_a_cancelled_session_ends_with_the_kiosks_reason(stack: LocalStack, kafka: KafkaSettings) -> None:
@@ -224,8 +248,9 @@ def test_a_cancelled_session_ends_with_the_kiosks_reason(stack: LocalStack, kafk
 
 
 @pytest.mark.parametrize("stop", ["restart", "crash"])
-def test_a_session_survives_a_restart_of_the_decision_service(stack: LocalStack, kafka: KafkaSettings,
-                                                               stop: str) -> None:  # fmt: skip
+def test_a_session_survives_a_restart_of_the_decision_service(
+    stack: LocalStack, kafka: KafkaSettings, stop: str
+) -> None:
     gate = Gate(kafka)
     gate.control(Kind.KIND_OPENED)
     gate.frame(1)

@@ -28,7 +28,6 @@ from sightline.common.auth import (
     new_token,
     service_principal,
 )
-from sightline.tooling.localstack import LocalStack
 from sightline.common.rpc import GrpcServer, channel
 from sightline.common.stage import InputEvent
 from sightline.matching.audit_trail import GalleryAudit
@@ -39,6 +38,7 @@ from sightline.matching.service import GalleryServicer, Matcher, open_gallery
 from sightline.matching.settings import MatchingSettings
 from sightline.matching.templates import generate_key
 from sightline.matching.watchlists import WatchlistServicer
+from sightline.tooling.localstack import LocalStack
 from sightline.v1 import events_pb2, gallery_pb2, gallery_pb2_grpc, types_pb2
 
 OFFICER_TOKEN, CAPTURE_TOKEN = new_token(), new_token()
@@ -59,14 +59,19 @@ class Replica:
 @pytest.fixture(scope="module")
 def replica(face_services: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
     folder = tmp_path_factory.mktemp("session-templates")
-    settings = MatchingSettings(template_key=generate_key(), database_url=f"sqlite:///{folder / 'gallery.db'}",
-                                detection_addr=face_services.addresses["detection"],
-                                embedding_addr=face_services.addresses["embedding"])  # fmt: skip
+    settings = MatchingSettings(
+        template_key=generate_key(),
+        database_url=f"sqlite:///{folder / 'gallery.db'}",
+        detection_addr=face_services.addresses["detection"],
+        embedding_addr=face_services.addresses["embedding"],
+    )
     gallery = open_gallery(settings)
     faces = FaceClient(settings.detection_addr, settings.embedding_addr, settings.peer_timeout_s)
     audit = AuditLog.open_configured(settings=AuditSettings(database_url=f"sqlite:///{folder / 'audit.db'}"))
-    principals = [Principal("officer-1", frozenset({Role.ENROLLER, Role.OPERATOR}), hash_token(OFFICER_TOKEN)),
-                  Principal(service_principal("capture"), SERVICE_CALLER_ROLES["capture"], hash_token(CAPTURE_TOKEN))]
+    principals = [
+        Principal("officer-1", frozenset({Role.ENROLLER, Role.OPERATOR}), hash_token(OFFICER_TOKEN)),
+        Principal(service_principal("capture"), SERVICE_CALLER_ROLES["capture"], hash_token(CAPTURE_TOKEN)),
+    ]
     servers = [GrpcServer("127.0.0.1", 0, access=access) for access in (AccessPolicy(principals), None)]
     for server in servers:
         server.add(GalleryServicer(gallery, faces, settings, GalleryAudit(audit)))
@@ -93,11 +98,19 @@ def candidates(galleries: gallery_pb2_grpc.GalleryServiceStub, image: bytes, wat
 def embedded_frame(replica: Replica, image: bytes, claim: str, watchlists: list[str]) -> InputEvent:
     """The embedding stage's event for a gate frame of ``image`` verified against ``claim``."""
     probe = replica.faces.largest_face(image)
-    frame = types_pb2.FrameRef(frame_id="gate-1:s:1", source_id="gate-1", sequence=1, captured_at=codec.now(),
-                               purpose=types_pb2.PURPOSE_ECHANNEL, session_id="3f2a", claim_subject_id=claim,
-                               watchlists=watchlists)  # fmt: skip
-    face = events_pb2.FaceEmbedding(face_index=0, box=probe.face.box, quality=probe.face.quality,
-                                    vector=probe.vector.tolist())  # fmt: skip
+    frame = types_pb2.FrameRef(
+        frame_id="gate-1:s:1",
+        source_id="gate-1",
+        sequence=1,
+        captured_at=codec.now(),
+        purpose=types_pb2.PURPOSE_ECHANNEL,
+        session_id="3f2a",
+        claim_subject_id=claim,
+        watchlists=watchlists,
+    )
+    face = events_pb2.FaceEmbedding(
+        face_index=0, box=probe.face.box, quality=probe.face.quality, vector=probe.vector.tolist()
+    )
     value = events_pb2.FacesEmbedded(frame=frame, faces=[face]).SerializeToString()
     return InputEvent(b"gate-1", value, "sightline.embeddings.v1", 0, 1)
 
@@ -107,9 +120,11 @@ def test_only_capture_may_enrol_a_session_subject(replica: Replica, face_photos:
     with pytest.raises(grpc.RpcError) as refused:
         enrol(replica.galleries(OFFICER_TOKEN), "session-x", image)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert refused.value.details() == ("subject id 'session-x': ids starting with 'session-' are reserved for the "
-                                       "templates of e-channel gate sessions, enrolled by service:capture only; "
-                                       "choose another id")  # fmt: skip
+    assert refused.value.details() == (
+        "subject id 'session-x': ids starting with 'session-' are reserved for the "
+        "templates of e-channel gate sessions, enrolled by service:capture only; "
+        "choose another id"
+    )
     assert replica.gallery.store.get_subject("session-x") is None
     enrol(replica.galleries(CAPTURE_TOKEN), "session-by-capture", image)
     enrol(replica.galleries(), "session-dev-mode", image)  # authentication off: nobody to tell apart
@@ -118,14 +133,16 @@ def test_only_capture_may_enrol_a_session_subject(replica: Replica, face_photos:
         replica.galleries(OFFICER_TOKEN).DeleteSubject(gallery_pb2.DeleteSubjectRequest(subject_id=subject_id))
 
 
-def test_a_session_template_is_verified_one_to_one_but_never_a_search_candidate(replica: Replica,
-                                                                                 face_photos: Path) -> None:
+def test_a_session_template_is_verified_one_to_one_but_never_a_search_candidate(
+    replica: Replica, face_photos: Path
+) -> None:
     officer = replica.galleries(OFFICER_TOKEN)
     enrol(replica.galleries(CAPTURE_TOKEN), SESSION_SUBJECT, (face_photos / "obama.jpg").read_bytes())
     enrol(officer, "obama-enrolled", (face_photos / "obama3.jpg").read_bytes(), "stop-z")
     # Even on a watchlist (an officer may put it there), the session subject stays out of searches.
     gallery_pb2_grpc.WatchlistServiceStub(channel(replica.address, token=OFFICER_TOKEN)).AddMembers(
-        gallery_pb2.AddMembersRequest(watchlist="stop-z", subject_ids=[SESSION_SUBJECT]), timeout=10)
+        gallery_pb2.AddMembersRequest(watchlist="stop-z", subject_ids=[SESSION_SUBJECT]), timeout=10
+    )
     probe = (face_photos / "obama2.jpg").read_bytes()
 
     verified = officer.Verify(gallery_pb2.VerifyRequest(subject_id=SESSION_SUBJECT, probe_image=probe), timeout=60)
@@ -141,7 +158,8 @@ def test_a_session_template_is_verified_one_to_one_but_never_a_search_candidate(
     assert [c.subject_id for c in face.candidates] == ["obama-enrolled"]
     [output] = matcher.process_event(embedded_frame(replica, probe, SESSION_SUBJECT, []))
     assert [c.subject_id for c in events_pb2.MatchResult.FromString(output.value).faces[0].candidates] == [
-        "obama-enrolled"]
+        "obama-enrolled"
+    ]
 
 
 def test_the_index_masks_verify_only_subjects_out_of_every_search() -> None:

@@ -47,14 +47,24 @@ def metric(port: int, name: str) -> float:
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
         text = reply.read().decode()
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == name and sample.labels.get("service") == "probe")  # fmt: skip
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and sample.labels.get("service") == "probe"
+    )
 
 
-def test_a_batch_through_a_real_stage(kafka: KafkaSettings, probe_factory: Callable[..., Probe]) -> None:  # noqa: F811
+def test_a_batch_through_a_real_stage(kafka: KafkaSettings, probe_factory: Callable[..., Probe]) -> None:
     port = free_port()
-    probe = probe_factory(kafka, "stage", PROBE_METRICS_PORT=str(port), PROBE_MAX_BATCH="16",
-                          PROBE_BATCH_WAIT_S="0.5", SIGHTLINE_TRACING_EXPORTER="none")  # fmt: skip
+    probe = probe_factory(
+        kafka,
+        "stage",
+        PROBE_METRICS_PORT=str(port),
+        PROBE_MAX_BATCH="16",
+        PROBE_BATCH_WAIT_S="0.5",
+        SIGHTLINE_TRACING_EXPORTER="none",
+    )
     since_ms = int(time.time() * 1000)
     values = ["one", "bad-two", "pair-three", "big-four", "plain-five", "odd-six", "last-seven"]
     futures = {v: probe.producer.send(INPUT.name, key=b"k", value=v.encode(), headers=headers(v)) for v in values}
@@ -67,14 +77,21 @@ def test_a_batch_through_a_real_stage(kafka: KafkaSettings, probe_factory: Calla
     while len(outputs := records(kafka, OUTPUT.name, since_ms)) < len(expected) and time.monotonic() < deadline:
         assert probe.process.poll() is None, "the probe stage exited"
     assert [r.value.decode() for r in outputs] == expected
-    letters = [r for r in records(kafka, DEADLETTER.name, since_ms)
-               if events_pb2.DeadLetter.FromString(r.value).stage == "probe"]  # fmt: skip
+    letters = [
+        r
+        for r in records(kafka, DEADLETTER.name, since_ms)
+        if events_pb2.DeadLetter.FromString(r.value).stage == "probe"
+    ]
     by_reason = {events_pb2.DeadLetter.FromString(r.value).reason: r for r in letters}
     assert sorted(by_reason) == ["output_too_large", "probe_refused"] and len(letters) == 2
 
     refused = events_pb2.DeadLetter.FromString(by_reason["probe_refused"].value)
     assert (refused.error, refused.frame_id, refused.input_topic, refused.input_key) == (
-        "the probe refuses bad-two", "bad-two", INPUT.name, b"k")  # fmt: skip
+        "the probe refuses bad-two",
+        "bad-two",
+        INPUT.name,
+        b"k",
+    )
     assert (refused.input_partition, refused.input_offset) == (sent["bad-two"].partition, sent["bad-two"].offset)
     assert refused.payload_sha256 == hashlib.sha256(b"bad-two").digest() and refused.payload_size == len(b"bad-two")
     assert refused.payload_withheld and not refused.payload, "not one of Sightline's events: never copied"

@@ -28,23 +28,33 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, Trace
 from sightline.cli.outcomes import collect
 from sightline.cli.run import ingest
 from sightline.common import codec, tracing
-from sightline.tooling.broker import free_port
 from sightline.common.bus import read_topics
 from sightline.common.config import KafkaSettings
-from sightline.tooling.localstack import HOST, LocalStack
 from sightline.common.rpc import channel, check_health
 from sightline.common.topics import DEADLETTER, DECISIONS, EMBEDDINGS, FACES, FRAMES, MATCHES, by_name
+from sightline.tooling.broker import free_port
+from sightline.tooling.localstack import HOST, LocalStack
 from sightline.v1 import gallery_pb2, gallery_pb2_grpc
 
 SOURCE = "trace-camera"
-STAGE_OF_TOPIC = {FRAMES.name: "capture", FACES.name: "detection", EMBEDDINGS.name: "embedding",
-                  MATCHES.name: "matching", DECISIONS.name: "decision"}  # fmt: skip
+STAGE_OF_TOPIC = {
+    FRAMES.name: "capture",
+    FACES.name: "detection",
+    EMBEDDINGS.name: "embedding",
+    MATCHES.name: "matching",
+    DECISIONS.name: "decision",
+}
 PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg")
 
 
 def a_span(trace_state: TraceState | None = None) -> NonRecordingSpan:
-    context = SpanContext(secrets.randbits(128) | 1, secrets.randbits(64) | 1, is_remote=False,
-                          trace_flags=TraceFlags(TraceFlags.SAMPLED), trace_state=trace_state)  # fmt: skip
+    context = SpanContext(
+        secrets.randbits(128) | 1,
+        secrets.randbits(64) | 1,
+        is_remote=False,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+        trace_state=trace_state,
+    )
     return NonRecordingSpan(context)
 
 
@@ -90,8 +100,9 @@ def test_grpc_metadata_round_trip_replaces_a_stale_context() -> None:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[LocalStack]:
     # A long batch window, so that the embedding stage surely embeds several frames in one call.
-    with LocalStack(tmp_path_factory.mktemp("tracing"), ports="auto",
-                    env={"SIGHTLINE_EMBEDDING_BATCH_WAIT_MS": "1500"}) as running:  # fmt: skip
+    with LocalStack(
+        tmp_path_factory.mktemp("tracing"), ports="auto", env={"SIGHTLINE_EMBEDDING_BATCH_WAIT_MS": "1500"}
+    ) as running:
         running.start(timeout=120)
         yield running
 
@@ -137,8 +148,11 @@ def embedded_batches(stack: LocalStack) -> tuple[float, float]:
     """(model calls with at most one chip, all model calls) of the embedding service, from its metrics."""
     port = stack.metrics_ports["embedding"]
     text = urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5).read().decode()
-    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith("sightline_batch_size_")}  # fmt: skip
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("sightline_batch_size_")
+    }
     single = values['sightline_batch_size_bucket{le="1.0",service="embedding"}']
     return single, values['sightline_batch_size_count{service="embedding"}']
 
@@ -192,8 +206,10 @@ def test_a_dead_lettered_frame_is_logged_with_its_trace_id(stack: LocalStack, tr
     (broken,) = [topics for topics in traced_frames.values() if DEADLETTER.name in topics]
     ((trace_id, span_id),) = broken[DEADLETTER.name]
     logged = wait_for_log(stack.log_path("detection"), trace_id)
-    assert any(e["msg"].startswith("bad input") and e["reason"] == "undecodable_image" and e["span_id"] == span_id
-               for e in logged), logged  # fmt: skip
+    assert any(
+        e["msg"].startswith("bad input") and e["reason"] == "undecodable_image" and e["span_id"] == span_id
+        for e in logged
+    ), logged
 
 
 # --- (c) the request path ----------------------------------------------------------------------------------------
@@ -207,8 +223,11 @@ def test_a_gallery_request_is_followed_into_detection_and_embedding(stack: Local
     assert reply.templates_added == 1
 
     calls = {}
-    for service, method in (("matching", "GalleryService/Enroll"), ("detection", "DetectionService/Detect"),
-                            ("embedding", "EmbeddingService/Embed")):  # fmt: skip
+    for service, method in (
+        ("matching", "GalleryService/Enroll"),
+        ("detection", "DetectionService/Detect"),
+        ("embedding", "EmbeddingService/Embed"),
+    ):
         logged = wait_for_log(stack.log_path(service), trace_id)
         (call,) = [e for e in logged if e["msg"] == "rpc" and e["method"] == f"/sightline.v1.{method}"]
         assert call["code"] == "OK"
@@ -220,23 +239,40 @@ def test_a_gallery_request_is_followed_into_detection_and_embedding(stack: Local
 # --- (d) an exporter ---------------------------------------------------------------------------------------------
 
 
-def test_with_the_console_exporter_a_service_starts_serves_and_exports(stack: LocalStack, face_photos: Path,
-                                                                       tmp_path: Path) -> None:  # fmt: skip
+def test_with_the_console_exporter_a_service_starts_serves_and_exports(
+    stack: LocalStack, face_photos: Path, tmp_path: Path
+) -> None:
     port, log_path = free_port(HOST), tmp_path / "capture.log"
-    env = {**os.environ, "SIGHTLINE_TRACING_EXPORTER": "console",
-           "SIGHTLINE_KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap_servers, "SIGHTLINE_CAPTURE_GRPC_HOST": HOST, "SIGHTLINE_CAPTURE_GRPC_PORT": str(port),
-           "SIGHTLINE_CAPTURE_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1",
-           "SIGHTLINE_CAPTURE_ALLOWED_ROOTS": json.dumps([str(face_photos)])}  # fmt: skip
+    env = {
+        **os.environ,
+        "SIGHTLINE_TRACING_EXPORTER": "console",
+        "SIGHTLINE_KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap_servers,
+        "SIGHTLINE_CAPTURE_GRPC_HOST": HOST,
+        "SIGHTLINE_CAPTURE_GRPC_PORT": str(port),
+        "SIGHTLINE_CAPTURE_METRICS_PORT": "0",
+        "PYTHONUNBUFFERED": "1",
+        "SIGHTLINE_CAPTURE_ALLOWED_ROOTS": json.dumps([str(face_photos)]),
+    }
     with log_path.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "sightline.capture"], env=env, stdin=subprocess.DEVNULL,
-                                   stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sightline.capture"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 30
         while check_health(f"{HOST}:{port}") != "SERVING":
             assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.2)
-        final = ingest(str(face_photos / "obama.jpg"), source_id="console-camera", no_pacing=True,
-                       address=f"{HOST}:{port}", progress=False)  # fmt: skip
+        final = ingest(
+            str(face_photos / "obama.jpg"),
+            source_id="console-camera",
+            no_pacing=True,
+            address=f"{HOST}:{port}",
+            progress=False,
+        )
         assert final.frames_published == 1
     finally:
         process.terminate()

@@ -9,7 +9,6 @@ the Kafka clients.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import sqlite3
@@ -18,8 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_delivery import OUTPUT, Probe, ProxiedBroker, settings_for
-from test_delivery import probe_factory, proxied  # noqa: F401 - fixtures
+from test_delivery import OUTPUT, Probe, ProxiedBroker, probe_factory, proxied, settings_for  # noqa: F401 - fixtures
 
 from sightline.common.stage import StageError
 from sightline.common.topics import DEADLETTER
@@ -50,8 +48,11 @@ def locked_error(path: Path) -> sqlite3.OperationalError:
 
 
 def test_a_locked_database_is_waited_out_and_no_input_is_dead_lettered(
-    proxied: ProxiedBroker, probe_factory: Callable[..., Probe], database: Path, tmp_path: Path  # noqa: F811
-) -> None:  # fmt: skip
+    proxied: ProxiedBroker,
+    probe_factory: Callable[..., Probe],
+    database: Path,
+    tmp_path: Path,
+) -> None:
     probe = probe_factory(settings_for(proxied), "sqlite", PROBE_DATABASE=str(database))
     values = [f"row-{i:02d}" for i in range(8)]
     holder = sqlite3.connect(database, isolation_level=None)
@@ -70,8 +71,11 @@ def test_a_locked_database_is_waited_out_and_no_input_is_dead_lettered(
     with sqlite3.connect(database) as conn:
         rows = [row[0] for row in conn.execute("SELECT value FROM seen WHERE value != 'warm-up' ORDER BY rowid")]
     assert rows == values, "each input written once, in order"
-    retries = [json.loads(line) for line in (tmp_path / "probe-0.log").read_text().splitlines()
-               if '"transient failure; retrying"' in line]  # fmt: skip
+    retries = [
+        json.loads(line)
+        for line in (tmp_path / "probe-0.log").read_text().splitlines()
+        if '"transient failure; retrying"' in line
+    ]
     assert retries and retries[0]["error_type"] == "OperationalError" and retries[0]["during"] == "processing"
     assert [r["attempt"] for r in retries][:3] == [1, 2, 3] and all("row-" not in json.dumps(r) for r in retries)
 
@@ -117,7 +121,7 @@ def test_kafka_and_postgres_client_errors_are_classified() -> None:
             raise ProducerSendError(f"Error while sending: {error!r}") from error  # how faust's producer raises
         except ProducerSendError as wrapped:
             assert is_transient(wrapped) is transient, error
-    assert is_transient(asyncio.TimeoutError()) and is_transient(ConnectionResetError())
+    assert is_transient(TimeoutError()) and is_transient(ConnectionResetError())
 
 
 def test_backoff_doubles_up_to_its_ceiling() -> None:

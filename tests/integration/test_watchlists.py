@@ -23,7 +23,6 @@ from sightline.cli.main import main as cli
 from sightline.common import codec, scores
 from sightline.common.audit import Action, AuditLog, AuditSettings
 from sightline.common.auth import AccessPolicy, Principal, Role, hash_token, new_token
-from sightline.tooling.localstack import LocalStack
 from sightline.common.rpc import GrpcServer, channel
 from sightline.common.stage import InputEvent
 from sightline.decision.engine import DecisionEngine
@@ -37,6 +36,7 @@ from sightline.matching.settings import MatchingSettings
 from sightline.matching.stream_audit import StreamSearchAudit
 from sightline.matching.templates import generate_key
 from sightline.matching.watchlists import WatchlistServicer
+from sightline.tooling.localstack import LocalStack
 from sightline.v1 import audit_pb2, events_pb2, gallery_pb2, gallery_pb2_grpc, types_pb2
 
 OFFICER = "officer-1"
@@ -64,12 +64,22 @@ class Replica:
         self.gallery.close()
 
 
-def start_replica(faces: LocalStack, gallery_url: str, key: str, audit: AuditLog, refresh_interval_s: float,
-                  notify_erased: ErasureNotifier | None = None) -> Replica:  # fmt: skip
+def start_replica(
+    faces: LocalStack,
+    gallery_url: str,
+    key: str,
+    audit: AuditLog,
+    refresh_interval_s: float,
+    notify_erased: ErasureNotifier | None = None,
+) -> Replica:
     """A matching replica as main() builds one: gallery, audited GalleryService and WatchlistService, token auth."""
-    settings = MatchingSettings(template_key=key, database_url=gallery_url, refresh_interval_s=refresh_interval_s,
-                                detection_addr=faces.addresses["detection"],
-                                embedding_addr=faces.addresses["embedding"])  # fmt: skip
+    settings = MatchingSettings(
+        template_key=key,
+        database_url=gallery_url,
+        refresh_interval_s=refresh_interval_s,
+        detection_addr=faces.addresses["detection"],
+        embedding_addr=faces.addresses["embedding"],
+    )
     gallery = open_gallery(settings)
     client = FaceClient(settings.detection_addr, settings.embedding_addr, settings.peer_timeout_s)
     trail = GalleryAudit(audit)
@@ -131,15 +141,19 @@ def photo(folder: Path, name: str) -> bytes:
     return (folder / name).read_bytes()
 
 
-def enrol(galleries: gallery_pb2_grpc.GalleryServiceStub, subject_id: str, image: bytes, *watchlists: str,
-          **fields: object) -> gallery_pb2.EnrollResponse:  # fmt: skip
-    reply = galleries.Enroll(gallery_pb2.EnrollRequest(subject_id=subject_id, images=[image], watchlists=watchlists,
-                                                       **fields))  # type: ignore[arg-type]
+def enrol(
+    galleries: gallery_pb2_grpc.GalleryServiceStub, subject_id: str, image: bytes, *watchlists: str, **fields: object
+) -> gallery_pb2.EnrollResponse:
+    reply = galleries.Enroll(
+        gallery_pb2.EnrollRequest(subject_id=subject_id, images=[image], watchlists=watchlists, **fields)
+    )  # type: ignore[arg-type]
     assert reply.templates_added == 1, reply
     return reply
 
 
-def search(galleries: gallery_pb2_grpc.GalleryServiceStub, image: bytes, watchlist: str = "") -> list[types_pb2.MatchCandidate]:  # noqa: E501
+def search(
+    galleries: gallery_pb2_grpc.GalleryServiceStub, image: bytes, watchlist: str = ""
+) -> list[types_pb2.MatchCandidate]:
     return list(galleries.Search(gallery_pb2.SearchRequest(probe_image=image, top_k=5, watchlist=watchlist)).candidates)
 
 
@@ -158,10 +172,19 @@ def refused(call: Callable[[], object]) -> grpc.RpcError:
 
 def test_watchlists_are_created_shown_updated_and_deleted(watchlists, audit: AuditLog) -> None:  # type: ignore[no-untyped-def]
     start = audit.head()[0]
-    created = watchlists.CreateWatchlist(gallery_pb2.CreateWatchlistRequest(watchlist=gallery_pb2.Watchlist(
-        name="stop-list", purpose="court order 7/2026", target_fmr=1e-4, default_membership_days=30)))
+    created = watchlists.CreateWatchlist(
+        gallery_pb2.CreateWatchlistRequest(
+            watchlist=gallery_pb2.Watchlist(
+                name="stop-list", purpose="court order 7/2026", target_fmr=1e-4, default_membership_days=30
+            )
+        )
+    )
     assert (created.name, created.purpose, created.owner, created.default_membership_days) == (
-        "stop-list", "court order 7/2026", OFFICER, 30)  # no owner given: the caller owns it
+        "stop-list",
+        "court order 7/2026",
+        OFFICER,
+        30,
+    )  # no owner given: the caller owns it
     assert created.target_fmr == pytest.approx(1e-4, rel=1e-9)
     assert created.threshold_distance == pytest.approx(scores.distance_for_fmr(1e-4), abs=1e-6)
     again = refused(lambda: watchlists.CreateWatchlist(gallery_pb2.CreateWatchlistRequest(watchlist=created)))
@@ -170,12 +193,18 @@ def test_watchlists_are_created_shown_updated_and_deleted(watchlists, audit: Aud
     created.purpose, created.owner, created.target_fmr = "court order 8/2026", "unit-9", 0
     updated = watchlists.UpdateWatchlist(created)
     assert (updated.purpose, updated.owner, updated.target_fmr, updated.threshold_distance) == (
-        "court order 8/2026", "unit-9", 0, 0)
+        "court order 8/2026",
+        "unit-9",
+        0,
+        0,
+    )
     assert watchlists.GetWatchlist(gallery_pb2.GetWatchlistRequest(name="stop-list")) == updated
     assert "stop-list" in [w.name for w in watchlists.ListWatchlists(gallery_pb2.ListWatchlistsRequest()).watchlists]
 
     deleted = watchlists.DeleteWatchlist(gallery_pb2.DeleteWatchlistRequest(name="stop-list"))
-    assert deleted.deleted and not watchlists.DeleteWatchlist(gallery_pb2.DeleteWatchlistRequest(name="stop-list")).deleted
+    assert (
+        deleted.deleted and not watchlists.DeleteWatchlist(gallery_pb2.DeleteWatchlistRequest(name="stop-list")).deleted
+    )
     gone = refused(lambda: watchlists.GetWatchlist(gallery_pb2.GetWatchlistRequest(name="stop-list")))
     assert gone.code() == grpc.StatusCode.NOT_FOUND
 
@@ -189,15 +218,22 @@ def test_watchlists_are_created_shown_updated_and_deleted(watchlists, audit: Aud
     ]
 
 
-@pytest.mark.parametrize(("watchlist", "says"), [
-    (gallery_pb2.Watchlist(name="no purpose"), "invalid watchlist name"),
-    (gallery_pb2.Watchlist(name="quiet"), "needs a purpose"),
-    (gallery_pb2.Watchlist(name="strict", purpose="p", target_fmr=1e-14), "below the calibration table's range"),
-    (gallery_pb2.Watchlist(name="loose", purpose="p", target_fmr=1.5), "target FMR must be in (0, 1)"),
-    (gallery_pb2.Watchlist(name="forever", purpose="p", default_membership_days=10**6), "at most 36500"),
-])  # fmt: skip
-def test_bad_watchlists_are_refused_with_the_reason_and_audited(watchlists, audit: AuditLog,  # type: ignore[no-untyped-def]
-                                                                watchlist: gallery_pb2.Watchlist, says: str) -> None:
+@pytest.mark.parametrize(
+    ("watchlist", "says"),
+    [
+        (gallery_pb2.Watchlist(name="no purpose"), "invalid watchlist name"),
+        (gallery_pb2.Watchlist(name="quiet"), "needs a purpose"),
+        (gallery_pb2.Watchlist(name="strict", purpose="p", target_fmr=1e-14), "below the calibration table's range"),
+        (gallery_pb2.Watchlist(name="loose", purpose="p", target_fmr=1.5), "target FMR must be in (0, 1)"),
+        (gallery_pb2.Watchlist(name="forever", purpose="p", default_membership_days=10**6), "at most 36500"),
+    ],
+)
+def test_bad_watchlists_are_refused_with_the_reason_and_audited(
+    watchlists,
+    audit: AuditLog,  # type: ignore[no-untyped-def]
+    watchlist: gallery_pb2.Watchlist,
+    says: str,
+) -> None:
     start = audit.head()[0]
     error = refused(lambda: watchlists.CreateWatchlist(gallery_pb2.CreateWatchlistRequest(watchlist=watchlist)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and says in error.details()
@@ -206,13 +242,23 @@ def test_bad_watchlists_are_refused_with_the_reason_and_audited(watchlists, audi
 
 
 def test_memberships_need_an_existing_list_and_enrolled_subjects(watchlists, galleries, face_photos: Path) -> None:  # type: ignore[no-untyped-def]
-    watchlists.CreateWatchlist(gallery_pb2.CreateWatchlistRequest(watchlist=gallery_pb2.Watchlist(name="m-list", purpose="p")))
+    watchlists.CreateWatchlist(
+        gallery_pb2.CreateWatchlistRequest(watchlist=gallery_pb2.Watchlist(name="m-list", purpose="p"))
+    )
     enrol(galleries, "m-subject", photo(face_photos, "obama.jpg"))
     for request, code, says in (
-        (gallery_pb2.AddMembersRequest(watchlist="nope", subject_ids=["m-subject"]), grpc.StatusCode.NOT_FOUND, "create it first"),
-        (gallery_pb2.AddMembersRequest(watchlist="m-list", subject_ids=["m-subject", "ghost"]), grpc.StatusCode.NOT_FOUND, "'ghost' is not enrolled"),
+        (
+            gallery_pb2.AddMembersRequest(watchlist="nope", subject_ids=["m-subject"]),
+            grpc.StatusCode.NOT_FOUND,
+            "create it first",
+        ),
+        (
+            gallery_pb2.AddMembersRequest(watchlist="m-list", subject_ids=["m-subject", "ghost"]),
+            grpc.StatusCode.NOT_FOUND,
+            "'ghost' is not enrolled",
+        ),
         (gallery_pb2.AddMembersRequest(watchlist="m-list"), grpc.StatusCode.INVALID_ARGUMENT, "no subject_ids"),
-    ):  # fmt: skip
+    ):
         error = refused(lambda request=request: watchlists.AddMembers(request))
         assert error.code() == code and says in error.details()
     past = gallery_pb2.AddMembersRequest(watchlist="m-list", subject_ids=["m-subject"])
@@ -221,15 +267,23 @@ def test_memberships_need_an_existing_list_and_enrolled_subjects(watchlists, gal
     assert watchlists.GetWatchlist(gallery_pb2.GetWatchlistRequest(name="m-list")).member_count == 0  # all or nothing
 
     added = watchlists.AddMembers(gallery_pb2.AddMembersRequest(watchlist="m-list", subject_ids=["m-subject"]))
-    assert [(m.subject_id, m.expired, m.HasField("expires_at")) for m in added.memberships] == [("m-subject", False, False)]
-    removed = watchlists.RemoveMembers(gallery_pb2.RemoveMembersRequest(watchlist="m-list", subject_ids=["m-subject", "x"]))
+    assert [(m.subject_id, m.expired, m.HasField("expires_at")) for m in added.memberships] == [
+        ("m-subject", False, False)
+    ]
+    removed = watchlists.RemoveMembers(
+        gallery_pb2.RemoveMembersRequest(watchlist="m-list", subject_ids=["m-subject", "x"])
+    )
     assert removed.removed == 1
 
 
 def test_enrolling_into_an_unknown_list_creates_it_and_candidates_carry_list_thresholds(  # type: ignore[no-untyped-def]
-        watchlists, galleries, face_photos: Path, audit: AuditLog) -> None:
-    watchlists.CreateWatchlist(gallery_pb2.CreateWatchlistRequest(watchlist=gallery_pb2.Watchlist(
-        name="vip", purpose="protection detail", target_fmr=1e-3)))
+    watchlists, galleries, face_photos: Path, audit: AuditLog
+) -> None:
+    watchlists.CreateWatchlist(
+        gallery_pb2.CreateWatchlistRequest(
+            watchlist=gallery_pb2.Watchlist(name="vip", purpose="protection detail", target_fmr=1e-3)
+        )
+    )
     start = audit.head()[0]
     enrol(galleries, "t-obama", photo(face_photos, "obama.jpg"), "vip", "brand-new", purpose="case 41")
 
@@ -237,7 +291,11 @@ def test_enrolling_into_an_unknown_list_creates_it_and_candidates_carry_list_thr
     assert (fresh.purpose, fresh.owner, fresh.member_count) == ("", OFFICER, 1)  # `watchlists list` shows it needs one
     [enrolled] = records(audit, start)
     assert (enrolled.action, enrolled.subject_id, enrolled.purpose, enrolled.principal) == (
-        "ENROL", "t-obama", "case 41", OFFICER)
+        "ENROL",
+        "t-obama",
+        "case 41",
+        OFFICER,
+    )
     assert enrolled.details["watchlists"] == "brand-new,vip" and enrolled.details["watchlists_created"] == "brand-new"
     assert enrolled.details["templates_added"] == "1"
 
@@ -248,8 +306,9 @@ def test_enrolling_into_an_unknown_list_creates_it_and_candidates_carry_list_thr
 
 
 def test_a_membership_stops_matching_at_its_expiry_by_itself(watchlists, galleries, face_photos: Path) -> None:  # type: ignore[no-untyped-def]
-    watchlists.CreateWatchlist(gallery_pb2.CreateWatchlistRequest(watchlist=gallery_pb2.Watchlist(
-        name="visitors", purpose="day passes")))
+    watchlists.CreateWatchlist(
+        gallery_pb2.CreateWatchlistRequest(watchlist=gallery_pb2.Watchlist(name="visitors", purpose="day passes"))
+    )
     enrol(galleries, "x-biden", photo(face_photos, "biden.jpg"))
     request = gallery_pb2.AddMembersRequest(watchlist="visitors", subject_ids=["x-biden"])
     expires_at = datetime.now(UTC) + timedelta(seconds=2)
@@ -263,7 +322,9 @@ def test_a_membership_stops_matching_at_its_expiry_by_itself(watchlists, galleri
     assert datetime.now(UTC) >= expires_at - timedelta(milliseconds=100)  # not before its time
 
     [unfiltered, *_] = search(galleries, probe)
-    assert unfiltered.subject_id == "x-biden" and "visitors" not in unfiltered.watchlists  # still enrolled, off the list
+    assert (
+        unfiltered.subject_id == "x-biden" and "visitors" not in unfiltered.watchlists
+    )  # still enrolled, off the list
     assert watchlists.GetWatchlist(gallery_pb2.GetWatchlistRequest(name="visitors")).member_count == 0
     listed = watchlists.ListMembers(gallery_pb2.ListMembersRequest(watchlist="visitors", include_expired=True))
     assert [(m.subject_id, m.expired) for m in listed.memberships] == [("x-biden", True)]
@@ -278,8 +339,11 @@ def test_a_membership_stops_matching_at_its_expiry_by_itself(watchlists, galleri
 
 def test_the_decision_engine_applies_a_lists_gallery_threshold_first(watchlists, galleries, face_photos: Path) -> None:  # type: ignore[no-untyped-def]
     lenient = scores.distance_for_fmr(1e-2)
-    watchlists.CreateWatchlist(gallery_pb2.CreateWatchlistRequest(watchlist=gallery_pb2.Watchlist(
-        name="lenient", purpose="missing persons", target_fmr=1e-2)))
+    watchlists.CreateWatchlist(
+        gallery_pb2.CreateWatchlistRequest(
+            watchlist=gallery_pb2.Watchlist(name="lenient", purpose="missing persons", target_fmr=1e-2)
+        )
+    )
     enrol(galleries, "d-obama", photo(face_photos, "obama.jpg"), "lenient")
     [candidate, *_] = search(galleries, photo(face_photos, "obama3.jpg"), "lenient")
     strict = scores.distance_for_fmr(1e-9)
@@ -290,8 +354,9 @@ def test_the_decision_engine_applies_a_lists_gallery_threshold_first(watchlists,
 
     def decide(found: types_pb2.MatchCandidate) -> events_pb2.Decision:
         frame = types_pb2.FrameRef(frame_id="f-1", source_id="cam-d", captured_at=codec.now())
-        result = events_pb2.MatchResult(frame=frame, faces=[events_pb2.FaceMatch(
-            quality=types_pb2.FaceQuality(score=90), candidates=[found])])
+        result = events_pb2.MatchResult(
+            frame=frame, faces=[events_pb2.FaceMatch(quality=types_pb2.FaceQuality(score=90), candidates=[found])]
+        )
         return DecisionEngine(policy).decide(result)[0][0]
 
     decided = decide(candidate)
@@ -306,14 +371,22 @@ def test_the_decision_engine_applies_a_lists_gallery_threshold_first(watchlists,
 # -- the gallery's audit trail ---------------------------------------------------------------------------------
 
 
-def test_gallery_calls_are_audited_with_the_callers_principal(galleries, face_photos: Path, audit: AuditLog,  # type: ignore[no-untyped-def]
-                                                             audit_url: str, replica: Replica) -> None:
+def test_gallery_calls_are_audited_with_the_callers_principal(
+    galleries,
+    face_photos: Path,
+    audit: AuditLog,  # type: ignore[no-untyped-def]
+    audit_url: str,
+    replica: Replica,
+) -> None:
     start = audit.head()[0]
     enrol(galleries, "a-obama", photo(face_photos, "obama.jpg"), "audit-list")
     galleries.Verify(gallery_pb2.VerifyRequest(subject_id="a-obama", probe_image=photo(face_photos, "obama2.jpg")))
     galleries.Search(gallery_pb2.SearchRequest(probe_image=photo(face_photos, "obama3.jpg"), watchlist="audit-list"))
-    error = refused(lambda: galleries.Verify(gallery_pb2.VerifyRequest(subject_id="ghost",
-                                                                      probe_image=photo(face_photos, "obama.jpg"))))
+    error = refused(
+        lambda: galleries.Verify(
+            gallery_pb2.VerifyRequest(subject_id="ghost", probe_image=photo(face_photos, "obama.jpg"))
+        )
+    )
     assert error.code() == grpc.StatusCode.NOT_FOUND
     error = refused(lambda: galleries.Enroll(gallery_pb2.EnrollRequest(subject_id="bad id", images=[b"x"])))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -326,33 +399,66 @@ def test_gallery_calls_are_audited_with_the_callers_principal(galleries, face_ph
         ("VERIFY", "a-obama", "verified"),
         ("SEARCH", "a-obama", "ok"),  # the best candidate within threshold
         ("VERIFY", "ghost", "not found: subject 'ghost' is not enrolled"),
-        ("ENROL", "bad id", "refused: invalid subject id 'bad id': use 1-128 letters, digits and . _ : @ - "
-                            "(starting with a letter or digit)"),
+        (
+            "ENROL",
+            "bad id",
+            "refused: invalid subject id 'bad id': use 1-128 letters, digits and . _ : @ - "
+            "(starting with a letter or digit)",
+        ),
         ("DELETE", "a-obama", "deleted"),
     ]
     assert {r.principal for r in trail} == {OFFICER}
-    assert [r.purpose for r in trail] == ["enrolment", "gallery-verification", "gallery-search",
-                                          "gallery-verification", "enrolment", "gallery-deletion"]
+    assert [r.purpose for r in trail] == [
+        "enrolment",
+        "gallery-verification",
+        "gallery-search",
+        "gallery-verification",
+        "enrolment",
+        "gallery-deletion",
+    ]
     assert float(trail[1].details["distance"]) < float(trail[1].details["threshold"])
     assert trail[2].details["watchlist"] == "audit-list" and trail[2].details["candidate_ids"] == "a-obama"
     assert trail[5].details == {"templates_removed": "1", "watchlists": "audit-list"}
     assert audit.verify().intact
-    dump = Path(audit_url[len("sqlite:///"):]).read_bytes()
+    dump = Path(audit_url[len("sqlite:///") :]).read_bytes()
     assert vector.tobytes() not in dump and vector.astype(np.float64).tobytes() not in dump  # no descriptor, ever
 
 
-def test_stream_searches_are_audited_per_source_and_interval(replica: Replica, galleries, face_photos: Path,  # type: ignore[no-untyped-def]
-                                                            audit: AuditLog) -> None:
+def test_stream_searches_are_audited_per_source_and_interval(
+    replica: Replica,
+    galleries,
+    face_photos: Path,  # type: ignore[no-untyped-def]
+    audit: AuditLog,
+) -> None:
     enrol(galleries, "s-biden", photo(face_photos, "biden.jpg"), "stream-list")
     probes = [replica.faces.largest_face(photo(face_photos, name)) for name in ("biden.jpg", "obama.jpg")]
 
     def event(source: str, sequence: int, watchlists: list[str]) -> InputEvent:
-        frame = types_pb2.FrameRef(frame_id=f"{source}:{sequence}", source_id=source, sequence=sequence,
-                                   captured_at=codec.now(), purpose=types_pb2.PURPOSE_CCTV, watchlists=watchlists)
-        faces = [events_pb2.FaceEmbedding(face_index=i, box=p.face.box, quality=p.face.quality, vector=p.vector.tolist(),
-                                          track_id=f"{source}/t{i}") for i, p in enumerate(probes)]  # fmt: skip
-        return InputEvent(None, events_pb2.FacesEmbedded(frame=frame, faces=faces).SerializeToString(),
-                          "sightline.embeddings.v1", 0, sequence)  # fmt: skip
+        frame = types_pb2.FrameRef(
+            frame_id=f"{source}:{sequence}",
+            source_id=source,
+            sequence=sequence,
+            captured_at=codec.now(),
+            purpose=types_pb2.PURPOSE_CCTV,
+            watchlists=watchlists,
+        )
+        faces = [
+            events_pb2.FaceEmbedding(
+                face_index=i,
+                box=p.face.box,
+                quality=p.face.quality,
+                vector=p.vector.tolist(),
+                track_id=f"{source}/t{i}",
+            )
+            for i, p in enumerate(probes)
+        ]
+        return InputEvent(
+            None,
+            events_pb2.FacesEmbedded(frame=frame, faces=faces).SerializeToString(),
+            "sightline.embeddings.v1",
+            0,
+            sequence,
+        )
 
     start = audit.head()[0]
     stream_audit = StreamSearchAudit(audit, interval_s=3600)  # flushed by hand here; the timer has its own test
@@ -368,12 +474,22 @@ def test_stream_searches_are_audited_per_source_and_interval(replica: Replica, g
         matcher.process_event(event("cam-b", 2, ["stream-list"]))
     finally:
         stream_audit.close()  # shutdown writes what is left
-    by_source = [(r.details["source_id"], r.details["frames"], r.details["faces_searched"],
-                  r.details["watchlists_searched"], r.principal, r.purpose)
-                 for r in records(audit, start, action="STREAM_SEARCH")]  # fmt: skip
-    assert by_source == [("cam-a", "2", "4", "*", "service:matching", "cctv-watchlist"),
-                         ("cam-b", "1", "2", "stream-list", "service:matching", "cctv-watchlist"),
-                         ("cam-b", "1", "2", "stream-list", "service:matching", "cctv-watchlist")]
+    by_source = [
+        (
+            r.details["source_id"],
+            r.details["frames"],
+            r.details["faces_searched"],
+            r.details["watchlists_searched"],
+            r.principal,
+            r.purpose,
+        )
+        for r in records(audit, start, action="STREAM_SEARCH")
+    ]
+    assert by_source == [
+        ("cam-a", "2", "4", "*", "service:matching", "cctv-watchlist"),
+        ("cam-b", "1", "2", "stream-list", "service:matching", "cctv-watchlist"),
+        ("cam-b", "1", "2", "stream-list", "service:matching", "cctv-watchlist"),
+    ]
     within = [int(r.details["candidates_within_threshold"]) for r in records(audit, start, action="STREAM_SEARCH")]
     assert within[0] >= 2 and within[1] == within[2] == 1  # biden within threshold on each frame; on cam-b only him
 
@@ -404,7 +520,11 @@ def test_the_stream_audit_timer_writes_without_a_call(audit: AuditLog) -> None:
     finally:
         stream_audit.close()
     [record] = records(audit, start, action="STREAM_SEARCH")
-    assert (record.details["source_id"], record.details["frames"], record.details["faces_searched"]) == ("cam-t", "1", "1")
+    assert (record.details["source_id"], record.details["frames"], record.details["faces_searched"]) == (
+        "cam-t",
+        "1",
+        "1",
+    )
 
 
 def test_a_watchlist_record_goes_to_the_topic_with_its_own_action(audit: AuditLog) -> None:
@@ -416,8 +536,13 @@ def test_a_watchlist_record_goes_to_the_topic_with_its_own_action(audit: AuditLo
 # -- the command line --------------------------------------------------------------------------------------------
 
 
-def test_the_watchlists_command(replica: Replica, galleries, face_photos: Path, capsys: pytest.CaptureFixture[str],  # type: ignore[no-untyped-def]
-                                audit: AuditLog) -> None:
+def test_the_watchlists_command(
+    replica: Replica,
+    galleries,
+    face_photos: Path,
+    capsys: pytest.CaptureFixture[str],  # type: ignore[no-untyped-def]
+    audit: AuditLog,
+) -> None:
     where = ["--matching", replica.address, "--token", TOKEN]
 
     def run(*args: str) -> tuple[int, str]:
@@ -425,11 +550,31 @@ def test_the_watchlists_command(replica: Replica, galleries, face_photos: Path, 
         captured = capsys.readouterr()
         return code, captured.out + captured.err
 
-    code, out = run("watchlists", "create", "cli-list", "--purpose", "border alerts", "--owner", "unit-3",
-                    "--target-fmr", "1e-3", "--default-days", "7")
+    code, out = run(
+        "watchlists",
+        "create",
+        "cli-list",
+        "--purpose",
+        "border alerts",
+        "--owner",
+        "unit-3",
+        "--target-fmr",
+        "1e-3",
+        "--default-days",
+        "7",
+    )
     assert code == 0 and "target FMR 0.001" in out and "7 days" in out
-    code, out = run("enroll", "c-obama", str(face_photos / "obama.jpg"), "--watchlist", "cli-auto", "--purpose", "case 9",
-                    "--days", "3")
+    code, out = run(
+        "enroll",
+        "c-obama",
+        str(face_photos / "obama.jpg"),
+        "--watchlist",
+        "cli-auto",
+        "--purpose",
+        "case 9",
+        "--days",
+        "3",
+    )
     assert code == 0 and "1 template(s) added on cli-auto" in out
     code, out = run("watchlists", "list")
     lines = {line.split()[0]: line for line in out.splitlines()[1:]}

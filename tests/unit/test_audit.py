@@ -86,8 +86,12 @@ def raw(store_url: str, statement: str, params: tuple[Any, ...] = ()) -> list[An
 
 def drop_append_only_triggers(store_url: str) -> None:
     if store_url.startswith("sqlite:///"):
-        for name in ("audit_records_no_update", "audit_records_no_delete", "audit_chain_head_forward",
-                     "audit_chain_head_no_delete"):  # fmt: skip
+        for name in (
+            "audit_records_no_update",
+            "audit_records_no_delete",
+            "audit_chain_head_forward",
+            "audit_chain_head_no_delete",
+        ):
             raw(store_url, f"DROP TRIGGER {name}")
     else:
         raw(store_url, "DROP TRIGGER audit_records_append_only ON audit_records")
@@ -108,8 +112,10 @@ class Forger:
 
     def rows(self) -> list[dict[str, Any]]:
         names = [n.strip() for n in _ROW.split(",")]
-        return [dict(zip(names, row, strict=True)) for row in
-                raw(self.url, f"SELECT {_ROW} FROM audit_records ORDER BY sequence")]  # fmt: skip
+        return [
+            dict(zip(names, row, strict=True))
+            for row in raw(self.url, f"SELECT {_ROW} FROM audit_records ORDER BY sequence")
+        ]
 
     def rewrite(self, rows: list[dict[str, Any]]) -> None:
         """Store ``rows`` as the whole chain: renumbered 1.., every hash recomputed, the head at the last one."""
@@ -119,14 +125,18 @@ class Forger:
         for number, row in enumerate(rows, start=1):
             row = {**row, "sequence": number, "prev_hash": prev}
             row["hash"] = prev = self.sha256(row)
-            raw(self.url, f"INSERT INTO audit_records ({_ROW}) VALUES ({', '.join('?' * 12)})",
-                tuple(row[name.strip()] for name in _ROW.split(",")))  # fmt: skip
+            raw(
+                self.url,
+                f"INSERT INTO audit_records ({_ROW}) VALUES ({', '.join('?' * 12)})",
+                tuple(row[name.strip()] for name in _ROW.split(",")),
+            )
         raw(self.url, "UPDATE audit_chain_head SET sequence = ?, hash = ? WHERE id = 1", (len(rows), prev))
 
     @staticmethod
     def sha256(row: dict[str, Any]) -> str:
-        document = {key: row[key] for key in ("sequence", "at", "principal", "action", "subject_id", "purpose",
-                                              "result")}  # fmt: skip
+        document = {
+            key: row[key] for key in ("sequence", "at", "principal", "action", "subject_id", "purpose", "result")
+        }
         document["details"] = json.loads(row["details"])
         canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         return hashlib.sha256(row["prev_hash"].encode("ascii") + b"\n" + canonical).hexdigest()
@@ -171,8 +181,17 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
 
 
 def fill(audit: AuditLog, count: int) -> list[AuditRecord]:
-    return [audit.append(f"officer-{i % 2}", Action.SEARCH, f"subject-{i}", "cctv-watchlist", "ok",
-                         {"candidates": i, "watchlist": "wl"}) for i in range(count)]  # fmt: skip
+    return [
+        audit.append(
+            f"officer-{i % 2}",
+            Action.SEARCH,
+            f"subject-{i}",
+            "cctv-watchlist",
+            "ok",
+            {"candidates": i, "watchlist": "wl"},
+        )
+        for i in range(count)
+    ]
 
 
 # -- appending and verifying -------------------------------------------------------------------------------------
@@ -209,8 +228,8 @@ def test_an_edited_record_is_found_by_its_sequence(store_url: str, audit: AuditL
 
 
 def test_a_forger_who_recomputes_every_hash_is_caught_by_the_macs(
-        store_url: str, audit: AuditLog, key_entry: str, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    store_url: str, audit: AuditLog, key_entry: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A reviewer's name changed and an ERASE record deleted, the rest renumbered, every hash recomputed: the
     SHA-256 chain is perfect again (the old verify said intact), but without the key the MACs cannot follow."""
     from sightline.cli.main import main
@@ -233,7 +252,8 @@ def test_a_forger_who_recomputes_every_hash_is_caught_by_the_macs(
 
 
 def test_a_forger_who_deletes_a_record_and_recomputes_is_caught_at_the_first_moved_one(
-        store_url: str, audit: AuditLog) -> None:  # fmt: skip
+    store_url: str, audit: AuditLog
+) -> None:
     fill(audit, 3)
     audit.append("service:matching", Action.ERASE, "subject-7", "erasure-request", "ok")
     fill(audit, 3)
@@ -266,28 +286,43 @@ def test_a_forged_mac_with_another_key_is_caught(store_url: str, audit: AuditLog
     from sightline.common.audit import canonical_bytes, mac_bytes, parse_time
 
     row = forger.rows()[1]
-    canonical = canonical_bytes(2, parse_time(row["at"]), row["principal"], row["action"], row["subject_id"],
-                                row["purpose"], row["result"], json.loads(row["details"]))  # fmt: skip
-    raw(store_url, "UPDATE audit_records SET mac = ? WHERE sequence = 2",
-        (theirs.mac("k1", mac_bytes("k1", row["prev_hash"], canonical)),))  # fmt: skip
+    canonical = canonical_bytes(
+        2,
+        parse_time(row["at"]),
+        row["principal"],
+        row["action"],
+        row["subject_id"],
+        row["purpose"],
+        row["result"],
+        json.loads(row["details"]),
+    )
+    raw(
+        store_url,
+        "UPDATE audit_records SET mac = ? WHERE sequence = 2",
+        (theirs.mac("k1", mac_bytes("k1", row["prev_hash"], canonical)),),
+    )
     report = audit.verify()
     assert report.first_broken_sequence == 2 and "MAC" in report.reason
 
 
 def test_an_edit_with_one_recomputed_hash_fails_its_mac_and_undoing_it_restores_the_chain(
-        store_url: str, audit: AuditLog) -> None:  # fmt: skip
+    store_url: str, audit: AuditLog
+) -> None:
     records = fill(audit, 4)
     forger = Forger(store_url)
     rows = forger.rows()
     rows[1]["principal"] = "someone-else"
     drop_append_only_triggers(store_url)
-    raw(store_url, "UPDATE audit_records SET principal = ?, hash = ? WHERE sequence = 2",
-        ("someone-else", forger.sha256(rows[1])))  # fmt: skip
+    raw(
+        store_url,
+        "UPDATE audit_records SET principal = ?, hash = ? WHERE sequence = 2",
+        ("someone-else", forger.sha256(rows[1])),
+    )
     report = audit.verify()  # its hash is right again; its MAC is not (and record 3 still links to the old hash)
     assert report.first_broken_sequence == 2 and "MAC" in report.reason
     raw(store_url, "UPDATE audit_records SET principal = 'officer-1', hash = ? WHERE sequence = 2", (records[1].hash,))
     assert audit.verify().intact
-    raw(store_url, "UPDATE audit_records SET details = '{\"candidates\":\"9\",\"watchlist\":\"wl\"}' WHERE sequence = 4")
+    raw(store_url, 'UPDATE audit_records SET details = \'{"candidates":"9","watchlist":"wl"}\' WHERE sequence = 4')
     assert audit.verify().first_broken_sequence == 4
 
 
@@ -312,10 +347,12 @@ def test_truncating_the_tail_is_found_through_the_chain_head(store_url: str, aud
 
 def test_the_database_refuses_update_and_delete(store_url: str, audit: AuditLog) -> None:
     fill(audit, 2)
-    for statement in ("UPDATE audit_records SET result = 'x' WHERE sequence = 1",
-                      "DELETE FROM audit_records WHERE sequence = 2",
-                      "UPDATE audit_chain_head SET sequence = 1 WHERE id = 1",
-                      "DELETE FROM audit_chain_head"):  # fmt: skip
+    for statement in (
+        "UPDATE audit_records SET result = 'x' WHERE sequence = 1",
+        "DELETE FROM audit_records WHERE sequence = 2",
+        "UPDATE audit_chain_head SET sequence = 1 WHERE id = 1",
+        "DELETE FROM audit_chain_head",
+    ):
         with pytest.raises(Exception, match="append-only|only moves one record forward"):
             raw(store_url, statement)
     if not store_url.startswith("sqlite"):
@@ -348,7 +385,8 @@ def test_concurrent_writers_share_one_chain(store_url: str, open_log: Callable[.
 
 
 def test_verifying_a_live_log_while_another_replica_appends_is_intact(
-        store_url: str, open_log: Callable[..., AuditLog]) -> None:  # fmt: skip
+    store_url: str, open_log: Callable[..., AuditLog]
+) -> None:
     writer, reader = open_log(store_url), open_log(store_url)
     fill(writer, 20)
     stop, reports = threading.Event(), []
@@ -377,9 +415,12 @@ def test_verifying_a_live_log_while_another_replica_appends_is_intact(
 def test_a_record_planted_beyond_the_chain_head_is_found(store_url: str, audit: AuditLog) -> None:
     records = fill(audit, 3)
     drop_append_only_triggers(store_url)
-    raw(store_url, "INSERT INTO audit_records (sequence, at, principal, action, subject_id, purpose, result, details,"
-                   f" prev_hash, hash) VALUES (4, '2026-01-01T00:00:00.000000Z', 'x', 'ERASE', '', '', 'ok', '{{}}',"
-                   f" '{records[-1].hash}', '{'b' * 64}')")  # fmt: skip
+    raw(
+        store_url,
+        "INSERT INTO audit_records (sequence, at, principal, action, subject_id, purpose, result, details,"
+        f" prev_hash, hash) VALUES (4, '2026-01-01T00:00:00.000000Z', 'x', 'ERASE', '', '', 'ok', '{{}}',"
+        f" '{records[-1].hash}', '{'b' * 64}')",
+    )
     report = audit.verify()
     assert not report.intact and report.first_broken_sequence == 4 and "beyond the chain head" in report.reason
 
@@ -399,7 +440,8 @@ def test_face_data_and_unknown_actions_are_refused(audit: AuditLog) -> None:
 
 
 def test_each_record_is_published_and_a_failing_publisher_loses_nothing(
-        store_url: str, open_log: Callable[..., AuditLog]) -> None:  # fmt: skip
+    store_url: str, open_log: Callable[..., AuditLog]
+) -> None:
     seen: list[AuditRecord] = []
     log = open_log(store_url, publish=seen.append)
     record = log.append("p", Action.ERASE, "s1", "erasure-request", "ok", {"templates": 3})
@@ -436,7 +478,8 @@ def test_every_action_has_its_number_on_the_audit_topic() -> None:
 
 
 def test_rotation_signs_new_records_with_the_new_key_and_old_ones_verify_with_theirs(
-        store_url: str, open_log: Callable[..., AuditLog]) -> None:  # fmt: skip
+    store_url: str, open_log: Callable[..., AuditLog]
+) -> None:
     k1, k2 = new_entry("k1"), new_entry("k2")
     before = open_log(store_url, keyring=AuditKeyring.parse(k1))
     fill(before, 3)
@@ -448,7 +491,9 @@ def test_rotation_signs_new_records_with_the_new_key_and_old_ones_verify_with_th
     assert open_log(store_url, keyring=explicit).verify().intact
 
 
-def test_a_record_under_an_unknown_key_id_fails_naming_the_id(store_url: str, open_log: Callable[..., AuditLog]) -> None:
+def test_a_record_under_an_unknown_key_id_fails_naming_the_id(
+    store_url: str, open_log: Callable[..., AuditLog]
+) -> None:
     k1, k2 = new_entry("k1"), new_entry("k2")
     fill(open_log(store_url, keyring=AuditKeyring.parse(f"{k1}\n{k2}")), 2)
     fill(open_log(store_url, keyring=AuditKeyring.parse(f"{k1}\n{k2}", active_key_id="k1")), 1)
@@ -460,13 +505,21 @@ def test_a_record_under_an_unknown_key_id_fails_naming_the_id(store_url: str, op
 @pytest.fixture()
 def no_key_settings(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """No audit keyring configured in the environment (as on a laptop, or a production pod missing its secret)."""
-    for name in ("SIGHTLINE_AUDIT_KEYS", "SIGHTLINE_AUDIT_KEYS_FILE", "SIGHTLINE_AUDIT_KEY_ID",
-                 "SIGHTLINE_AUDIT_REQUIRE_KEYS", "SIGHTLINE_SECRETS_DIR", "SIGHTLINE_CONFIG_FILE"):  # fmt: skip
+    for name in (
+        "SIGHTLINE_AUDIT_KEYS",
+        "SIGHTLINE_AUDIT_KEYS_FILE",
+        "SIGHTLINE_AUDIT_KEY_ID",
+        "SIGHTLINE_AUDIT_REQUIRE_KEYS",
+        "SIGHTLINE_SECRETS_DIR",
+        "SIGHTLINE_CONFIG_FILE",
+    ):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
 
-def test_the_keyring_comes_from_a_secret_never_the_database(tmp_path: Path, no_key_settings: pytest.MonkeyPatch) -> None:
+def test_the_keyring_comes_from_a_secret_never_the_database(
+    tmp_path: Path, no_key_settings: pytest.MonkeyPatch
+) -> None:
     old, new = new_entry("old"), new_entry("new")
     (tmp_path / "keys").write_text(f"{old}\n# rotated 2026-01\n{new}\n")
     no_key_settings.setenv("SIGHTLINE_AUDIT_KEYS_FILE", str(tmp_path / "keys"))
@@ -484,7 +537,8 @@ def test_the_keyring_comes_from_a_secret_never_the_database(tmp_path: Path, no_k
 
 
 def test_production_refuses_to_open_the_audit_log_without_a_keyring(
-        tmp_path: Path, no_key_settings: pytest.MonkeyPatch) -> None:  # fmt: skip
+    tmp_path: Path, no_key_settings: pytest.MonkeyPatch
+) -> None:
     """A shared (PostgreSQL) log never gets a made-up key: a replica with its own key would sign records no auditor
     can check. The refusal comes before any connection (there is no server at this address)."""
     settings = AuditSettings(database_url="postgresql://sightline@127.0.0.1:9/audit")
@@ -497,7 +551,8 @@ def test_production_refuses_to_open_the_audit_log_without_a_keyring(
 
 
 def test_a_local_sqlite_log_makes_its_keyring_in_its_folder_once_and_says_so(
-        tmp_path: Path, no_key_settings: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    tmp_path: Path, no_key_settings: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     url = f"sqlite:///{tmp_path / 'state' / 'audit.db'}"
     keys = tmp_path / "state" / "audit.keys"
     with pytest.raises(AuditKeyError, match="cannot read the audit keyring"):
@@ -507,8 +562,10 @@ def test_a_local_sqlite_log_makes_its_keyring_in_its_folder_once_and_says_so(
         with AuditLog.open(url) as writer:  # a service of the local stack: made once, 0600, then reused
             record = writer.append("p", Action.ENROL, "s1")
     assert keys.stat().st_mode & 0o777 == 0o600
-    assert any("created a local audit keyring" in r.getMessage() and "local runs only" in r.getMessage()
-               for r in caplog.records)  # fmt: skip
+    assert any(
+        "created a local audit keyring" in r.getMessage() and "local runs only" in r.getMessage()
+        for r in caplog.records
+    )
     entry = keys.read_text().splitlines()[-1]
     assert entry.split(":", 1)[1] not in caplog.text  # the path is logged, never the key
     assert record.key_id == AuditKeyring.from_file(keys).active_key_id
@@ -545,7 +602,8 @@ def test_keyring_errors_never_show_key_material() -> None:
 
 
 def test_truncating_the_tail_is_invisible_to_the_chain_but_not_to_the_checkpoints(
-        store_url: str, open_log: Callable[..., AuditLog], keyring: AuditKeyring) -> None:  # fmt: skip
+    store_url: str, open_log: Callable[..., AuditLog], keyring: AuditKeyring
+) -> None:
     sink = ListSink()
     writer = open_log(store_url, publish=sink, checkpoints=AuditCheckpointSettings(checkpoint_every=4))
     fill(writer, 10)
@@ -561,7 +619,8 @@ def test_truncating_the_tail_is_invisible_to_the_chain_but_not_to_the_checkpoint
 
 
 def test_a_rewritten_chain_or_a_forged_checkpoint_does_not_match(
-        store_url: str, open_log: Callable[..., AuditLog], keyring: AuditKeyring) -> None:  # fmt: skip
+    store_url: str, open_log: Callable[..., AuditLog], keyring: AuditKeyring
+) -> None:
     sink = ListSink()
     writer = open_log(store_url, publish=sink, checkpoints=AuditCheckpointSettings(checkpoint_every=3))
     fill(writer, 7)
@@ -583,11 +642,13 @@ def test_a_rewritten_chain_or_a_forged_checkpoint_does_not_match(
     assert "no checkpoint of this chain" in check_against(auditor, keyring, other_chain).reason
 
 
-def test_checkpoints_follow_the_count_the_clock_and_close(store_url: str, open_log: Callable[..., AuditLog],
-                                                          keyring: AuditKeyring) -> None:  # fmt: skip
+def test_checkpoints_follow_the_count_the_clock_and_close(
+    store_url: str, open_log: Callable[..., AuditLog], keyring: AuditKeyring
+) -> None:
     sink = ListSink()
-    writer = open_log(store_url, publish=sink,
-                      checkpoints=AuditCheckpointSettings(checkpoint_every=1000, checkpoint_interval_s=0.2))
+    writer = open_log(
+        store_url, publish=sink, checkpoints=AuditCheckpointSettings(checkpoint_every=1000, checkpoint_interval_s=0.2)
+    )
     fill(writer, 2)
     deadline = time.monotonic() + 5
     while not sink.checkpoints and time.monotonic() < deadline:
@@ -618,11 +679,23 @@ def write_old_chain(store_url: str, count: int) -> None:
         backend.close()
     prev = GENESIS_HASH
     for sequence in range(1, count + 1):
-        row = {"sequence": sequence, "at": "2026-01-01T00:00:00.000000Z", "principal": "officer", "action": "SEARCH",
-               "subject_id": "", "purpose": "cctv-watchlist", "result": "ok", "details": "{}", "prev_hash": prev}
+        row = {
+            "sequence": sequence,
+            "at": "2026-01-01T00:00:00.000000Z",
+            "principal": "officer",
+            "action": "SEARCH",
+            "subject_id": "",
+            "purpose": "cctv-watchlist",
+            "result": "ok",
+            "details": "{}",
+            "prev_hash": prev,
+        }
         row["hash"] = prev = Forger.sha256(row)
-        raw(store_url, f"INSERT INTO audit_records ({_ROW[:-len(', key_id, mac')]}) VALUES ({', '.join('?' * 10)})",
-            tuple(row.values()))  # fmt: skip
+        raw(
+            store_url,
+            f"INSERT INTO audit_records ({_ROW[: -len(', key_id, mac')]}) VALUES ({', '.join('?' * 10)})",
+            tuple(row.values()),
+        )
         raw(store_url, "UPDATE audit_chain_head SET sequence = ?, hash = ? WHERE id = 1", (sequence, prev))
 
 
@@ -641,8 +714,9 @@ def test_an_old_log_is_never_called_intact_in_silence(store_url: str, open_log: 
     assert raw(store_url, "SELECT version FROM audit_schema_version") == [(1,)]  # not upgraded by reading
 
 
-def test_verify_on_the_command_line_names_the_legacy_records(tmp_path: Path, keyring: AuditKeyring,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_verify_on_the_command_line_names_the_legacy_records(
+    tmp_path: Path, keyring: AuditKeyring, capsys: pytest.CaptureFixture[str]
+) -> None:
     from sightline.cli.main import main
 
     url = f"sqlite:///{tmp_path / 'audit.db'}"
@@ -660,7 +734,8 @@ def test_verify_on_the_command_line_names_the_legacy_records(tmp_path: Path, key
 
 
 def test_an_old_chain_is_migrated_and_its_records_are_vouched_for_by_the_first_signed_one(
-        store_url: str, open_log: Callable[..., AuditLog]) -> None:  # fmt: skip
+    store_url: str, open_log: Callable[..., AuditLog]
+) -> None:
     write_old_chain(store_url, 3)
     upgraded = open_log(store_url)  # a writer migrates: ADD COLUMN key_id, mac
     report = upgraded.verify()
@@ -686,7 +761,8 @@ def test_an_old_chain_is_migrated_and_its_records_are_vouched_for_by_the_first_s
 
 
 def test_a_mac_stripped_inside_the_legacy_range_after_a_signed_record_is_caught(
-        store_url: str, audit: AuditLog) -> None:  # fmt: skip
+    store_url: str, audit: AuditLog
+) -> None:
     """Legacy records only ever come first: a generous --legacy-until does not let a forger strip later MACs."""
     fill(audit, 4)
     forger = Forger(store_url)
@@ -706,7 +782,8 @@ def suggested_boundaries(*messages: str) -> set[int]:
 
 
 def test_a_chain_stripped_of_every_mac_and_rewritten_is_refused_and_never_suggested_a_way_through(
-        store_url: str, open_log: Callable[..., AuditLog], caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    store_url: str, open_log: Callable[..., AuditLog], caplog: pytest.LogCaptureFixture
+) -> None:
     """A forger (database, no key) strips every MAC of an upgraded chain and rewrites it, boundary detail and all:
     the writers refuse to append, verify fails, and no message suggests a legacy_until above the recorded one."""
     write_old_chain(store_url, 3)
@@ -734,7 +811,8 @@ def test_a_chain_stripped_of_every_mac_and_rewritten_is_refused_and_never_sugges
 
 
 def test_a_chain_that_never_was_legacy_stripped_of_its_macs_is_refused(
-        store_url: str, open_log: Callable[..., AuditLog]) -> None:  # fmt: skip
+    store_url: str, open_log: Callable[..., AuditLog]
+) -> None:
     fill(open_log(store_url), 4)
     forger = Forger(store_url)
     rows = forger.rows()
@@ -749,7 +827,8 @@ def test_a_chain_that_never_was_legacy_stripped_of_its_macs_is_refused(
 
 
 def test_an_upgraded_chain_not_yet_appended_to_opens_only_within_the_configured_legacy_until(
-        store_url: str, open_log: Callable[..., AuditLog]) -> None:  # fmt: skip
+    store_url: str, open_log: Callable[..., AuditLog]
+) -> None:
     """The upgrading writer stopped before appending: a later writer is no longer upgrading, so only the operator's
     SIGHTLINE_AUDIT_LEGACY_UNTIL (the number the upgrade logged) lets it take over and record the boundary."""
     write_old_chain(store_url, 3)
@@ -794,10 +873,12 @@ class FlakySink(ListSink):
 
 
 def test_a_checkpoint_that_fails_to_send_is_retried_until_the_broker_answers_and_on_close(
-        store_url: str, open_log: Callable[..., AuditLog], keyring: AuditKeyring) -> None:  # fmt: skip
+    store_url: str, open_log: Callable[..., AuditLog], keyring: AuditKeyring
+) -> None:
     sink = FlakySink(failures=3)
-    writer = open_log(store_url, publish=sink,
-                      checkpoints=AuditCheckpointSettings(checkpoint_every=2, checkpoint_interval_s=3600))
+    writer = open_log(
+        store_url, publish=sink, checkpoints=AuditCheckpointSettings(checkpoint_every=2, checkpoint_interval_s=3600)
+    )
     fill(writer, 4)  # checkpoints due at 2 and 4, while the broker is down
     wait_for(lambda: any(c.sequence == 4 for c, _ in sink.checkpoints))
     assert sink.attempts >= 4 and sink.failures == 0
@@ -814,13 +895,20 @@ def test_a_checkpoint_that_fails_to_send_is_retried_until_the_broker_answers_and
 
 
 def test_close_gives_up_on_a_broker_that_stays_down_within_its_bound_and_says_so(
-        keyring: AuditKeyring, caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    keyring: AuditKeyring, caplog: pytest.LogCaptureFixture
+) -> None:
     from sightline.common.audit_checkpoints import Checkpointer
     from sightline.common.transient import Backoff
 
     sink = FlakySink(failures=10**6)
-    checkpointer = Checkpointer(keyring, sink, lambda: "c" * 64, AuditCheckpointSettings(checkpoint_every=1000),
-                                backoff=Backoff(0.01, 0.05), close_timeout_s=0.3)  # fmt: skip
+    checkpointer = Checkpointer(
+        keyring,
+        sink,
+        lambda: "c" * 64,
+        AuditCheckpointSettings(checkpoint_every=1000),
+        backoff=Backoff(0.01, 0.05),
+        close_timeout_s=0.3,
+    )
     checkpointer.appended(1, "a" * 64)
     started = time.monotonic()
     with caplog.at_level("ERROR", logger="sightline.common.audit_checkpoints"):

@@ -1,6 +1,7 @@
 """Access control without a network: token hashing, the tokens file, the role table against the generated protos,
-the servicers against the services they implement (names from the descriptors), the admission decisions, the settings, which token a client sends and where it may go in clear text, and the files
-and environment the local stack gives its services."""
+the servicers against the services they implement (names from the descriptors), the admission decisions, the
+settings, which token a client sends and where it may go in clear text, and the files and environment the local stack
+gives its services."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import argparse
 import hashlib
 import importlib
 import io
+import logging
 import os
 import pkgutil
-import logging
 import stat
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -22,10 +23,10 @@ import sightline.v1
 from sightline.cli import auth as auth_command
 from sightline.cli import endpoints
 from sightline.common import auth, rpc, runtime
-from sightline.tooling import localstack
 from sightline.common.audit import principal_of
 from sightline.common.auth import AccessDenied, AccessPolicy, AuthSettings, Caller, Principal, Role
 from sightline.common.tls import PlaintextTokenError, TlsSettings, is_local_address
+from sightline.tooling import localstack
 from sightline.v1 import capture_pb2_grpc, detection_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,9 +42,13 @@ def principal(name: str, *roles: Role, token: str = "", cn: str = "") -> Princip
 
 @pytest.fixture()
 def policy() -> AccessPolicy:
-    return AccessPolicy([principal("erin", Role.ENROLLER, token="erin-token"),
-                         principal("rita", Role.REVIEWER, token="rita-token"),
-                         principal("gate-3", Role.OPERATOR, cn="gate-3.kiosks.example")])  # fmt: skip
+    return AccessPolicy(
+        [
+            principal("erin", Role.ENROLLER, token="erin-token"),
+            principal("rita", Role.REVIEWER, token="rita-token"),
+            principal("gate-3", Role.OPERATOR, cn="gate-3.kiosks.example"),
+        ]
+    )
 
 
 def bearer(token: str) -> str:
@@ -73,10 +78,13 @@ def test_tokens_file_round_trip_and_errors() -> None:
         ("- {principal: alice, roles: [reviewer], token_sha256: abc}", "64 hex characters"),
         ("- {principal: alice, roles: [reviewer]}", "give token_sha256, client_cert_cn, or both"),
         (f"- {{principal: 'al ice', roles: [reviewer], token_sha256: {digest}}}", "must be 1-128 letters"),
-        (f"- {{principal: a, roles: [reviewer], token_sha256: {digest}}}\n"
-         f"- {{principal: b, roles: [auditor], token_sha256: {digest}}}", "a and b have the same token"),
+        (
+            f"- {{principal: a, roles: [reviewer], token_sha256: {digest}}}\n"
+            f"- {{principal: b, roles: [auditor], token_sha256: {digest}}}",
+            "a and b have the same token",
+        ),
         ("- [unclosed", "not valid YAML"),
-    ):  # fmt: skip
+    ):
         with pytest.raises(auth.TokensFileError, match=message):
             auth.parse_principals(text, "tokens.yaml")
 
@@ -110,7 +118,9 @@ def test_roles_follow_the_duties() -> None:
     assert roles[REVIEW] == {Role.REVIEWER}
     assert roles[AUDIT] == roles["/sightline.v1.AuditService/VerifyChain"] == {Role.AUDITOR}
     assert roles["/sightline.v1.DetectionService/Detect"] == {Role.OPERATOR}
-    assert auth.is_open("/grpc.health.v1.Health/Check") and auth.is_open("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")  # noqa: E501
+    assert auth.is_open("/grpc.health.v1.Health/Check") and auth.is_open(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    )
     assert not auth.is_open(ENROL)
 
 
@@ -154,8 +164,11 @@ def test_every_service_has_a_servicer_named_and_registered_from_the_generated_co
         assert service.register.__name__ == f"add_{service.full_name.rsplit('.', 1)[-1]}Servicer_to_server"
         # Subclassing the generated base gives every RPC a stub answering UNIMPLEMENTED: the servicer must override
         # them all itself.
-        stubs = [m.name for m in services[service.full_name].methods  # type: ignore[attr-defined]
-                 if getattr(cls, m.name).__module__.startswith("sightline.v1.")]  # fmt: skip
+        stubs = [
+            m.name
+            for m in services[service.full_name].methods  # type: ignore[attr-defined]
+            if getattr(cls, m.name).__module__.startswith("sightline.v1.")
+        ]
         assert stubs == [], f"{path} leaves {stubs} unimplemented"
     assert set(implemented) == set(services)
     assert "sightline.v1.GalleryService" in implemented and "sightline.v1.AuditService" in implemented
@@ -196,8 +209,12 @@ def test_the_right_role_is_admitted_as_its_principal(policy: AccessPolicy) -> No
 
 
 def test_missing_or_unknown_credentials_are_unauthenticated(policy: AccessPolicy) -> None:
-    cases = ((None, "needs credentials"), (bearer("guess"), "not known here"),
-             ("Basic ZXJpbjp4", "must be 'Bearer <token>'"), ("Bearer", "'Bearer <token>'"))  # fmt: skip
+    cases = (
+        (None, "needs credentials"),
+        (bearer("guess"), "not known here"),
+        ("Basic ZXJpbjp4", "must be 'Bearer <token>'"),
+        ("Bearer", "'Bearer <token>'"),
+    )
     for authorization, message in cases:
         denial = refused(policy, ENROL, authorization)
         assert denial.code == "UNAUTHENTICATED" and denial.principal == "" and message in denial.reason
@@ -208,7 +225,8 @@ def test_a_missing_role_is_permission_denied_and_says_which(policy: AccessPolicy
     assert denial.code == "PERMISSION_DENIED" and denial.principal == "erin"
     assert "needs the role reviewer" in denial.reason and "(has enroller)" in denial.reason
     assert refused(policy, "/sightline.v1.GalleryService/Nope", bearer("erin-token")).reason.endswith(
-        "is not in the role table, so nobody may call it")
+        "is not in the role table, so nobody may call it"
+    )
 
 
 def test_a_verified_client_certificate_names_its_principal(policy: AccessPolicy) -> None:
@@ -250,7 +268,12 @@ def test_principal_of_names_the_admitted_caller() -> None:
 
 
 def test_settings_turn_authentication_on_with_a_tokens_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in ("SIGHTLINE_AUTH_TOKENS_FILE", "SIGHTLINE_AUTH_REQUIRED", "SIGHTLINE_AUTH_TOKEN", "SIGHTLINE_CONFIG_FILE"):
+    for name in (
+        "SIGHTLINE_AUTH_TOKENS_FILE",
+        "SIGHTLINE_AUTH_REQUIRED",
+        "SIGHTLINE_AUTH_TOKEN",
+        "SIGHTLINE_CONFIG_FILE",
+    ):
         monkeypatch.delenv(name, raising=False)
     assert not AuthSettings().enforced and AccessPolicy.from_settings() is None
     path = tmp_path / "tokens.yaml"
@@ -292,8 +315,9 @@ def test_the_process_token_is_read_once_per_environment(monkeypatch: pytest.Monk
     assert auth.outgoing_token("10.0.0.1:1") == "rotated"  # a changed environment is read anew
 
 
-def test_invalid_auth_settings_mean_no_process_token_not_a_crash(monkeypatch: pytest.MonkeyPatch,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+def test_invalid_auth_settings_mean_no_process_token_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     for name in ("SIGHTLINE_AUTH_TOKENS_FILE", "SIGHTLINE_CONFIG_FILE"):
         monkeypatch.delenv(name, raising=False)
     # A server-side setting that makes AuthSettings invalid must not break a command that only makes a channel.
@@ -313,12 +337,31 @@ def test_invalid_auth_settings_mean_no_process_token_not_a_crash(monkeypatch: py
 
 
 def test_loopback_targets_are_told_from_the_others() -> None:
-    local = ["127.0.0.1:50054", "127.8.9.10:1", "localhost:50054", "LOCALHOST", "[::1]:50054", "::1",
-             "dns:///localhost:50054", "dns://8.8.8.8/127.0.0.1:1", "ipv4:127.0.0.1:1,127.0.0.2:2", "ipv6:[::1]:1",
-             "[::ffff:127.0.0.1]:1", "unix:/run/sightline.sock", "unix:///run/sightline.sock"]  # fmt: skip
-    remote = ["10.1.2.3:50054", "sightline-matching:50054", "matching.sightline.svc.cluster.local:50054",
-              "localhost.example.org:1", "[2001:db8::1]:1", "dns:///sightline-detection:50052",
-              "ipv4:127.0.0.1:1,10.0.0.1:2", "0.0.0.0:50054"]  # fmt: skip
+    local = [
+        "127.0.0.1:50054",
+        "127.8.9.10:1",
+        "localhost:50054",
+        "LOCALHOST",
+        "[::1]:50054",
+        "::1",
+        "dns:///localhost:50054",
+        "dns://8.8.8.8/127.0.0.1:1",
+        "ipv4:127.0.0.1:1,127.0.0.2:2",
+        "ipv6:[::1]:1",
+        "[::ffff:127.0.0.1]:1",
+        "unix:/run/sightline.sock",
+        "unix:///run/sightline.sock",
+    ]
+    remote = [
+        "10.1.2.3:50054",
+        "sightline-matching:50054",
+        "matching.sightline.svc.cluster.local:50054",
+        "localhost.example.org:1",
+        "[2001:db8::1]:1",
+        "dns:///sightline-detection:50052",
+        "ipv4:127.0.0.1:1,10.0.0.1:2",
+        "0.0.0.0:50054",
+    ]
     assert [t for t in local if not is_local_address(t)] == []
     assert [t for t in remote if is_local_address(t)] == []
 
@@ -348,13 +391,18 @@ def test_a_token_is_not_sent_in_clear_text_to_another_machine(monkeypatch: pytes
 
 
 def test_the_cli_says_why_it_will_not_send_a_token_in_clear_text(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("SIGHTLINE_TLS_CA_FILE", "SIGHTLINE_TLS_CLIENT_CERT_FILE", "SIGHTLINE_TLS_ALLOW_PLAINTEXT_TOKENS",
-                 "SIGHTLINE_CONFIG_FILE"):  # fmt: skip
+    for name in (
+        "SIGHTLINE_TLS_CA_FILE",
+        "SIGHTLINE_TLS_CLIENT_CERT_FILE",
+        "SIGHTLINE_TLS_ALLOW_PLAINTEXT_TOKENS",
+        "SIGHTLINE_CONFIG_FILE",
+    ):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(SystemExit) as stopped:
         endpoints.connect("decision", "decision.example.org:50055", token="alice-token")
-    assert str(stopped.value).startswith("error: refusing to send a bearer token in clear text to "
-                                         "decision.example.org:50055")  # fmt: skip
+    assert str(stopped.value).startswith(
+        "error: refusing to send a bearer token in clear text to decision.example.org:50055"
+    )
 
 
 # -- the local stack's files and the CLI ----------------------------------------------------------------------------
@@ -377,7 +425,9 @@ def test_the_local_stack_writes_private_tokens(tmp_path: Path) -> None:
     assert localstack.write_tokens(tmp_path).admin != tokens.admin  # fresh on every start
 
 
-def test_the_local_stack_gives_every_service_the_one_audit_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_local_stack_gives_every_service_the_one_audit_chain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("SIGHTLINE_AUDIT_DATABASE_URL", raising=False)
     stack = localstack.LocalStack(tmp_path, ports="auto")
     stack._tokens = localstack.write_tokens(stack.run_dir)  # as start() does, without starting anything

@@ -64,8 +64,15 @@ def annotated_faces(folder: Path, xml_name: str) -> list[tuple[str, np.ndarray]]
     """(image file, [N, 4] boxes x1, y1, x2, y2) from one of dlib's imglab XML files."""
     out = []
     for image in ET.parse(folder / xml_name).getroot().iter("image"):
-        boxes = [(int(b.get("left")), int(b.get("top")), int(b.get("left")) + int(b.get("width")),
-                  int(b.get("top")) + int(b.get("height"))) for b in image.iter("box")]
+        boxes = [
+            (
+                int(b.get("left")),
+                int(b.get("top")),
+                int(b.get("left")) + int(b.get("width")),
+                int(b.get("top")) + int(b.get("height")),
+            )
+            for b in image.iter("box")
+        ]
         out.append((image.get("file"), np.array(boxes, dtype=float)))
     return out
 
@@ -127,18 +134,21 @@ def test_padding_side_does_not_matter(detector: FaceDetector, face_photos: Path)
     image = load_rgb(face_photos / "obama.jpg")
     h, w = image.shape[:2]
     wide = np.zeros((h, h + 200, 3), np.uint8)
-    wide[:, 100:100 + w] = image
+    wide[:, 100 : 100 + w] = image
     a, b = detector.detect(image)[0], detector.detect(wide)[0]
     assert np.abs(np.array(b.box) - np.array(a.box) - [100, 0, 100, 0]).max() < 0.05 * a.width
 
 
-@pytest.mark.parametrize("bad", [
-    np.zeros((10, 10, 4), np.uint8),  # RGBA
-    np.zeros((10, 10), np.uint8),  # grayscale
-    np.zeros((10, 10, 1), np.uint8),
-    np.zeros((10, 10, 3), np.float32),
-    np.zeros((10, 10, 3), np.uint16),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((10, 10, 4), np.uint8),  # RGBA
+        np.zeros((10, 10), np.uint8),  # grayscale
+        np.zeros((10, 10, 1), np.uint8),
+        np.zeros((10, 10, 3), np.float32),
+        np.zeros((10, 10, 3), np.uint16),
+    ],
+)
 def test_rejects_anything_but_hxwx3_uint8(detector: FaceDetector, bad: np.ndarray) -> None:
     with pytest.raises(ValueError):
         detector.detect(bad)
@@ -152,8 +162,9 @@ def test_rgba_photo_works_after_caller_converts(detector: FaceDetector, face_pho
     assert len(detector.detect(np.ascontiguousarray(rgba[..., :3]))) == 1
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 3), (0, 0, 3), (0, 5, 3), (1, 7000, 3), (6000, 1, 3), (3, 2, 3),
-                                   (6000, 8000, 3)])
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 3), (0, 0, 3), (0, 5, 3), (1, 7000, 3), (6000, 1, 3), (3, 2, 3), (6000, 8000, 3)]
+)
 def test_any_size_does_not_crash(detector: FaceDetector, shape: tuple[int, int, int]) -> None:
     faces = detector.detect(np.full(shape, 127, np.uint8))
     assert faces == []
@@ -162,8 +173,9 @@ def test_any_size_does_not_crash(detector: FaceDetector, shape: tuple[int, int, 
 def test_huge_photo_finds_the_face(detector: FaceDetector, face_photos: Path) -> None:
     image = load_rgb(face_photos / "obama.jpg")
     canvas = np.zeros((6000, 8000, 3), np.uint8)
-    canvas[2000:2000 + image.shape[0] * 2, 3000:3000 + image.shape[1] * 2] = np.repeat(
-        np.repeat(image, 2, axis=0), 2, axis=1)
+    canvas[2000 : 2000 + image.shape[0] * 2, 3000 : 3000 + image.shape[1] * 2] = np.repeat(
+        np.repeat(image, 2, axis=0), 2, axis=1
+    )
     faces = detector.detect(canvas)
     assert len(faces) == 1
     expected = np.array(detector.detect(image)[0].box) * 2 + [3000, 2000, 3000, 2000]

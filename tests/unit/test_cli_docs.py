@@ -10,7 +10,9 @@ from sightline.cli.main import build_parser, main
 
 def test_configuration_reference_is_up_to_date() -> None:
     committed = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
-    assert committed == render_docs(), "docs/configuration.md is stale: run `sightline config docs > docs/configuration.md`"
+    assert committed == render_docs(), (
+        "docs/configuration.md is stale: run `sightline config docs > docs/configuration.md`"
+    )
 
 
 def test_every_setting_is_documented() -> None:

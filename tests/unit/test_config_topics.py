@@ -88,4 +88,5 @@ def test_every_topic_carries_a_generated_message() -> None:
     elsewhere = {t.event for t in ALL_TOPICS if t.event not in events_pb2.DESCRIPTOR.message_types_by_name}
     assert elsewhere == {"SessionEvent", "AuditRecord"}
     assert "SessionEvent is defined with the kiosk API (session.proto), AuditRecord with the audit API" in (
-        EVENTS_PROTO.read_text())
+        EVENTS_PROTO.read_text()
+    )

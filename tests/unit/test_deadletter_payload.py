@@ -39,8 +39,17 @@ def test_every_accepted_image_format_is_recognised(fmt: str) -> None:
     assert looks_like_image(encoded(fmt))
 
 
-@pytest.mark.parametrize("data", [b"", b"BM is how this text starts", b"%PDF-1.7\n", b"#!/bin/sh\nrm -rf /\n",
-                                  b"RIFF\x00\x00\x00\x00WAVEfmt ", b"\x00" * 64])  # fmt: skip
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"BM is how this text starts",
+        b"%PDF-1.7\n",
+        b"#!/bin/sh\nrm -rf /\n",
+        b"RIFF\x00\x00\x00\x00WAVEfmt ",
+        b"\x00" * 64,
+    ],
+)
 def test_other_content_is_not_an_image(data: bytes) -> None:
     assert not looks_like_image(data)
 
@@ -51,7 +60,11 @@ def test_a_frame_that_is_not_an_image_is_described_never_copied() -> None:
     assert letter.payload_withheld and letter.payload == b"" and not letter.payload_truncated
     assert letter.payload_sha256 == hashlib.sha256(payload).digest() and letter.payload_size == len(payload)
     assert (letter.reason, letter.frame_id, letter.input_partition, letter.input_offset) == (
-        "undecodable_image", "cam:1", 2, 41)  # fmt: skip
+        "undecodable_image",
+        "cam:1",
+        2,
+        41,
+    )
 
 
 def test_a_damaged_photo_is_copied_with_its_hash(face_photos: Path) -> None:
@@ -84,13 +97,15 @@ def test_what_is_not_the_topics_event_is_withheld(face_photos: Path) -> None:
 
 
 def test_no_payload_no_hash() -> None:
-    letter = source_dead_letter("capture", StageError("unreadable_frame", "gone"), source="rtsp://cam/1", key=b"cam",
-                                sequence=3)  # fmt: skip
+    letter = source_dead_letter(
+        "capture", StageError("unreadable_frame", "gone"), source="rtsp://cam/1", key=b"cam", sequence=3
+    )
     assert not letter.payload_withheld and not letter.payload_sha256 and letter.payload_size == 0
 
 
-def test_the_detection_stage_dead_letters_a_non_image_frame_without_its_bytes(models_dir: Path,
-                                                                              face_photos: Path) -> None:  # fmt: skip
+def test_the_detection_stage_dead_letters_a_non_image_frame_without_its_bytes(
+    models_dir: Path, face_photos: Path
+) -> None:
     from sightline.detection.service import Detection
     from sightline.detection.settings import DetectionSettings
 
@@ -98,8 +113,10 @@ def test_the_detection_stage_dead_letters_a_non_image_frame_without_its_bytes(mo
     garbage = frame(b"<html>definitely not a photo</html>")
     damaged = frame((face_photos / "obama.jpg").read_bytes()[:5000])
     results = detection.process([item(garbage), item(damaged)])
-    letters = [dead_letter_record("detection", item(value), error)  # type: ignore[arg-type]
-               for value, error in zip((garbage, damaged), results, strict=True)]  # fmt: skip
+    letters = [
+        dead_letter_record("detection", item(value), error)  # type: ignore[arg-type]
+        for value, error in zip((garbage, damaged), results, strict=True)
+    ]
     assert [letter.reason for letter in letters] == ["undecodable_image", "truncated_image"]
     assert letters[0].payload_withheld and not letters[0].payload
     assert letters[1].payload == damaged, "a damaged JPEG is still a JPEG: copied, so it can be looked at"

@@ -13,19 +13,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from test_decision_engine import match_result
 
 from sightline.common.audit import Action, AuditLog
 from sightline.common.sqlstore import BackendStore
 from sightline.common.stage import InputEvent, Output
-from sightline.common.transient import is_transient
 from sightline.common.topics import ALERTS, DECISIONS
+from sightline.common.transient import is_transient
+from sightline.decision import service as decision
 from sightline.decision.engine import DecisionEngine
 from sightline.decision.policy import Policy
 from sightline.decision.review.recorder import AlertRecorder
 from sightline.decision.review.store import ReviewStore
-from sightline.decision import service as decision
 from sightline.v1 import events_pb2
-from test_decision_engine import match_result
 
 POLICY = Policy(min_agreeing_frames=2, alert_cooldown_seconds=60)
 
@@ -83,8 +83,7 @@ def write_locked(store: BackendStore, path: Path) -> Iterator[None]:
         holder.close()
 
 
-def test_an_alert_the_locked_review_store_cannot_take_is_raised_by_the_retry(tmp_path: Path,
-                                                                             audit: AuditLog) -> None:  # fmt: skip
+def test_an_alert_the_locked_review_store_cannot_take_is_raised_by_the_retry(tmp_path: Path, audit: AuditLog) -> None:
     with ReviewStore.open(f"sqlite:///{tmp_path / 'review.db'}") as reviews:
         run = Decider(reviews, audit)
         run(match_result(1, 100.0, track="cam/t1"), 1)  # one searched face of the track: pending
@@ -113,8 +112,9 @@ def test_a_failed_store_of_an_untracked_alert_starts_no_cool_down(tmp_path: Path
         assert [a.alert.alert_id for a in reviews.list_alerts()] == [alert.alert_id]
 
 
-def test_an_alert_stored_while_the_audit_log_was_locked_is_audited_by_the_retry(tmp_path: Path,
-                                                                                reviews: ReviewStore) -> None:  # fmt: skip
+def test_an_alert_stored_while_the_audit_log_was_locked_is_audited_by_the_retry(
+    tmp_path: Path, reviews: ReviewStore
+) -> None:
     with AuditLog.open(f"sqlite:///{tmp_path / 'audit.db'}") as audit:
         run = Decider(reviews, audit)
         run(match_result(1, 100.0, track="cam/t1"), 1)
@@ -147,8 +147,9 @@ def kill_review_connections(postgres_url: str) -> None:
 
 
 @pytest.mark.postgres
-def test_an_alert_whose_store_fails_is_raised_when_its_frame_is_retried(pg_schema_url: str, postgres_url: str,
-                                                                        audit: AuditLog) -> None:  # fmt: skip
+def test_an_alert_whose_store_fails_is_raised_when_its_frame_is_retried(
+    pg_schema_url: str, postgres_url: str, audit: AuditLog
+) -> None:
     import psycopg
 
     with ReviewStore.open(pg_schema_url) as reviews:
@@ -168,8 +169,9 @@ def test_an_alert_whose_store_fails_is_raised_when_its_frame_is_retried(pg_schem
 
 
 @pytest.mark.postgres
-def test_an_untracked_alert_whose_store_fails_starts_no_cool_down(pg_schema_url: str, postgres_url: str,
-                                                                   audit: AuditLog) -> None:  # fmt: skip
+def test_an_untracked_alert_whose_store_fails_starts_no_cool_down(
+    pg_schema_url: str, postgres_url: str, audit: AuditLog
+) -> None:
     import psycopg
 
     with ReviewStore.open(pg_schema_url) as reviews:
@@ -183,8 +185,9 @@ def test_an_untracked_alert_whose_store_fails_starts_no_cool_down(pg_schema_url:
         assert reviews.get(alert.alert_id).alert.subject_id == "alice"
 
 
-def test_a_replay_after_a_restart_maps_a_tracks_frames_to_the_stored_alert(reviews: ReviewStore,
-                                                                          audit: AuditLog) -> None:  # fmt: skip
+def test_a_replay_after_a_restart_maps_a_tracks_frames_to_the_stored_alert(
+    reviews: ReviewStore, audit: AuditLog
+) -> None:
     run = Decider(reviews, audit)
     run(match_result(1, 100.0, track="cam/t1"), 1)
     (alert,) = alerts_in(run(match_result(2, 100.5, track="cam/t1"), 2))

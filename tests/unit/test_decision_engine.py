@@ -13,9 +13,18 @@ from sightline.decision.review.store import ReviewStore
 from sightline.v1 import events_pb2, types_pb2
 
 
-def match_result(seq: int, t: float, subject: str = "alice", distance: float = 0.3, quality: float = 80.0,
-                 source: str = "cam", watchlists: tuple[str, ...] = ("wl",), claim: str = "",
-                 verified_distance: float | None = None, track: str = "") -> events_pb2.MatchResult:  # fmt: skip
+def match_result(
+    seq: int,
+    t: float,
+    subject: str = "alice",
+    distance: float = 0.3,
+    quality: float = 80.0,
+    source: str = "cam",
+    watchlists: tuple[str, ...] = ("wl",),
+    claim: str = "",
+    verified_distance: float | None = None,
+    track: str = "",
+) -> events_pb2.MatchResult:
     frame = types_pb2.FrameRef(frame_id=f"{source}:{seq}", source_id=source, sequence=seq, claim_subject_id=claim)
     frame.captured_at.FromNanoseconds(int(t * 1e9))
     result = events_pb2.MatchResult(frame=frame, model_name="m", model_version="1")
@@ -25,8 +34,9 @@ def match_result(seq: int, t: float, subject: str = "alice", distance: float = 0
         face.candidates.add(subject_id=subject, distance=distance, similarity=1 - distance / 1.2, watchlists=watchlists)
     if claim:
         found = verified_distance is not None
-        face.verification.CopyFrom(types_pb2.Verification(subject_id=claim, subject_found=found,
-                                                          distance=verified_distance or 0.0))  # fmt: skip
+        face.verification.CopyFrom(
+            types_pb2.Verification(subject_id=claim, subject_found=found, distance=verified_distance or 0.0)
+        )
     return result
 
 
@@ -140,8 +150,9 @@ def test_watchlists_set_their_own_thresholds_by_target_fmr() -> None:
 
 def test_a_not_this_person_suppression_stops_alerts_for_that_subject_on_that_source() -> None:
     suppressions = {("cam", "alice")}
-    engine = DecisionEngine(Policy(min_agreeing_frames=1),
-                            suppressed=lambda source, subject, track: (source, subject) in suppressions)  # fmt: skip
+    engine = DecisionEngine(
+        Policy(min_agreeing_frames=1), suppressed=lambda source, subject, track: (source, subject) in suppressions
+    )
     decisions, alerts = engine.decide(match_result(1, 1.0))
     assert outcome_names(decisions) == ["OUTCOME_MATCH"] and alerts == []
     assert "alert suppressed" in decisions[0].reasons[-1]
@@ -157,7 +168,8 @@ def test_reasons_mark_a_false_match_rate_below_what_the_table_measured() -> None
 
 
 def test_a_gate_frame_gets_its_decision_but_no_alert_and_leaves_no_cool_down() -> None:
-    """A stop-list hit at a gate is alerted by its session (decision/echannel/engine.py); the per-frame decision names none."""
+    """A stop-list hit at a gate is alerted by its session (decision/echannel/engine.py); the per-frame decision
+    names none."""
     engine = DecisionEngine(Policy(min_agreeing_frames=1, alert_cooldown_seconds=60))
     gate = match_result(1, 100.0, source="gate-1")
     gate.frame.purpose = types_pb2.PURPOSE_ECHANNEL

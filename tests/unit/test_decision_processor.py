@@ -24,16 +24,20 @@ from sightline.v1 import events_pb2
 
 
 def test_each_match_result_gives_its_decisions_and_alerts_and_a_bad_one_fails_alone(
-    reviews: ReviewStore, audit: AuditLog,  # noqa: F811
-) -> None:  # fmt: skip
+    reviews: ReviewStore,
+    audit: AuditLog,
+) -> None:
     engine = DecisionEngine(Policy(min_agreeing_frames=1), alerts=AlertRecorder(reviews, audit))
     reviews.erase_subject("bob")  # after every frame below was seen
     no_face = match_result(3, 100.2, source="cam-c")
     del no_face.faces[:]
-    events = [event_of(match_result(1, 100.0, source="cam-a"), 1),
-              InputEvent(b"cam-x", b"\xff\xfe not a match result", MATCHES.name, 0, 2),
-              event_of(match_result(2, 100.1, subject="bob", source="cam-b"), 3), event_of(no_face, 4),
-              event_of(match_result(4, 100.3, subject="", source="cam-d", claim="bob", verified_distance=0.2), 5)]
+    events = [
+        event_of(match_result(1, 100.0, source="cam-a"), 1),
+        InputEvent(b"cam-x", b"\xff\xfe not a match result", MATCHES.name, 0, 2),
+        event_of(match_result(2, 100.1, subject="bob", source="cam-b"), 3),
+        event_of(no_face, 4),
+        event_of(match_result(4, 100.3, subject="", source="cam-d", claim="bob", verified_distance=0.2), 5),
+    ]
 
     results = Decider(engine, erased=reviews.erased_since).process(events)
 
@@ -42,8 +46,11 @@ def test_each_match_result_gives_its_decisions_and_alerts_and_a_bad_one_fails_al
     assert not isinstance(first, BaseException), first
     assert [(o.topic, o.key) for o in first] == [(DECISIONS, b"cam-a"), (ALERTS, b"cam-a")]
     decision, alert = events_pb2.Decision.FromString(first[0].value), events_pb2.Alert.FromString(first[1].value)
-    assert (decision.outcome, decision.subject_id, decision.alert_id) == (events_pb2.OUTCOME_MATCH, "alice",
-                                                                          alert.alert_id)  # fmt: skip
+    assert (decision.outcome, decision.subject_id, decision.alert_id) == (
+        events_pb2.OUTCOME_MATCH,
+        "alice",
+        alert.alert_id,
+    )
     assert [stored.alert.alert_id for stored in reviews.list_alerts()] == [alert.alert_id], "stored for review"
     assert len(audit.records(action=Action.ALERT)) == 1
     assert isinstance(results[1], codec.MalformedEvent)

@@ -3,12 +3,13 @@ follows matching's threshold, so the tests set distance and ``verified`` indepen
 
 from __future__ import annotations
 
+from test_decision_engine import match_result
+from test_sessions import LIVE, make_engine, opened, result, run
+
 from sightline.common.scores import distance_for_fmr
 from sightline.decision.engine import DecisionEngine
 from sightline.decision.policy import Policy
 from sightline.v1 import events_pb2, session_pb2
-from test_decision_engine import match_result
-from test_sessions import LIVE, make_engine, opened, result, run
 
 STRICT = {"match_target_fmr": 1e-4}  # the operator tightened the threshold to ~0.48
 BETWEEN = 0.52  # within matching's default threshold (0.6), beyond the strict policy's

@@ -26,8 +26,14 @@ def detection(models_dir: Path) -> Detection:
 
 
 def frame_event(image: bytes, source: str, sequence: int, purpose: int = types_pb2.PURPOSE_CCTV) -> InputEvent:
-    ref = types_pb2.FrameRef(frame_id=f"{source}:{sequence}", source_id=source, sequence=sequence, purpose=purpose,
-                             captured_at=codec.now(), session_id="s1" if purpose == types_pb2.PURPOSE_ECHANNEL else "")
+    ref = types_pb2.FrameRef(
+        frame_id=f"{source}:{sequence}",
+        source_id=source,
+        sequence=sequence,
+        purpose=purpose,
+        captured_at=codec.now(),
+        session_id="s1" if purpose == types_pb2.PURPOSE_ECHANNEL else "",
+    )
     value = events_pb2.FrameCaptured(frame=ref, image=image, media_type="image/jpeg").SerializeToString()
     return InputEvent(key=source.encode(), value=value, topic=FRAMES.name, partition=0, offset=sequence)
 
@@ -45,12 +51,17 @@ def faces_of(result: list[Output] | BaseException, source: str) -> events_pb2.Fa
     return events_pb2.FacesDetected.FromString(output.value)
 
 
-def test_a_batch_of_frames_gives_one_result_each_and_a_bad_frame_fails_alone(detection: Detection,
-                                                                            face_photos: Path) -> None:  # fmt: skip
+def test_a_batch_of_frames_gives_one_result_each_and_a_bad_frame_fails_alone(
+    detection: Detection, face_photos: Path
+) -> None:
     obama = (face_photos / "obama.jpg").read_bytes()
-    events = [frame_event(obama, "cam-a", 1), frame_event(b"<html>not a photo</html>", "cam-a", 2),
-              frame_event(blank_jpeg(), "cam-b", 1), InputEvent(b"cam-c", b"\xff\xfe", FRAMES.name, 0, 9),
-              frame_event((face_photos / "biden.jpg").read_bytes(), "gate-1", 1, types_pb2.PURPOSE_ECHANNEL)]
+    events = [
+        frame_event(obama, "cam-a", 1),
+        frame_event(b"<html>not a photo</html>", "cam-a", 2),
+        frame_event(blank_jpeg(), "cam-b", 1),
+        InputEvent(b"cam-c", b"\xff\xfe", FRAMES.name, 0, 9),
+        frame_event((face_photos / "biden.jpg").read_bytes(), "gate-1", 1, types_pb2.PURPOSE_ECHANNEL),
+    ]
 
     results = detection.process(events)
 

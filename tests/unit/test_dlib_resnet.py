@@ -61,8 +61,9 @@ def test_descriptors_match_dlib(onnx_model: Path, dlib_faces: tuple[list[str], n
     assert np.abs(descriptors - reference).max() < MAX_ABS_DIFF
 
 
-def test_same_person_is_closer_than_threshold(onnx_model: Path,
-                                              dlib_faces: tuple[list[str], np.ndarray, np.ndarray]) -> None:
+def test_same_person_is_closer_than_threshold(
+    onnx_model: Path, dlib_faces: tuple[list[str], np.ndarray, np.ndarray]
+) -> None:
     names, chips, _ = dlib_faces
     descriptors = FaceEmbedder(onnx_model).embed(chips)
     first = {name: descriptors[names.index(name)] for name in ("obama.jpg", "obama2.jpg", "biden.jpg")}
@@ -71,8 +72,9 @@ def test_same_person_is_closer_than_threshold(onnx_model: Path,
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_batch_equals_one_by_one(onnx_model: Path, dlib_faces: tuple[list[str], np.ndarray, np.ndarray],
-                                 threads: int) -> None:
+def test_batch_equals_one_by_one(
+    onnx_model: Path, dlib_faces: tuple[list[str], np.ndarray, np.ndarray], threads: int
+) -> None:
     _, chips, _ = dlib_faces
     embedder = FaceEmbedder(onnx_model, threads=threads)
     batch = embedder.embed(chips)

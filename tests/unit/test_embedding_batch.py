@@ -32,8 +32,10 @@ def detected(photo: Path, frame_id: str) -> events_pb2.FacesDetected:
     """What detection publishes for a photo: every face with its chip."""
     faces = FaceAnalyzer().analyze(decode_image(photo.read_bytes()))
     assert faces, photo
-    return events_pb2.FacesDetected(frame=types_pb2.FrameRef(frame_id=frame_id, source_id="cam"),
-                                    faces=[face_to_proto(face, include_chip=True) for face in faces])  # fmt: skip
+    return events_pb2.FacesDetected(
+        frame=types_pb2.FrameRef(frame_id=frame_id, source_id="cam"),
+        faces=[face_to_proto(face, include_chip=True) for face in faces],
+    )
 
 
 def event(value: bytes, offset: int) -> InputEvent:
@@ -49,7 +51,7 @@ def vectors(result: list[Output] | BaseException) -> np.ndarray:
 
 def test_a_bad_event_in_a_batch_fails_alone_and_the_others_get_their_descriptors(
     embedding: Embedding, face_photos: Path
-) -> None:  # fmt: skip
+) -> None:
     obama, biden = detected(face_photos / "obama.jpg", "f1"), detected(face_photos / "biden.jpg", "f2")
     wrong_size = events_pb2.FacesDetected()
     wrong_size.CopyFrom(obama)
@@ -58,8 +60,13 @@ def test_a_bad_event_in_a_batch_fails_alone_and_the_others_get_their_descriptors
     short = events_pb2.FacesDetected()
     short.CopyFrom(biden)
     short.faces[0].chip = short.faces[0].chip[:-7]
-    batch = [obama.SerializeToString(), wrong_size.SerializeToString(), biden.SerializeToString(),
-             b"\xff\xfenot a protobuf at all", short.SerializeToString()]  # fmt: skip
+    batch = [
+        obama.SerializeToString(),
+        wrong_size.SerializeToString(),
+        biden.SerializeToString(),
+        b"\xff\xfenot a protobuf at all",
+        short.SerializeToString(),
+    ]
 
     results = embedding.process([event(value, i) for i, value in enumerate(batch)])
 

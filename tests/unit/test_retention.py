@@ -40,7 +40,10 @@ def test_purge_schedule_runs_every_job_with_its_cutoff_and_survives_a_failing_on
         raise RuntimeError("database unavailable")
 
     now = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
-    schedule = PurgeSchedule("decision", {"alerts": (timedelta(days=30), purge_alerts),
-                                          "sessions": (timedelta(hours=24), broken)}, interval_s=60)  # fmt: skip
+    schedule = PurgeSchedule(
+        "decision",
+        {"alerts": (timedelta(days=30), purge_alerts), "sessions": (timedelta(hours=24), broken)},
+        interval_s=60,
+    )
     assert schedule.run_once(now) == {"alerts": 3}
     assert seen["alerts"] == now - timedelta(days=30)

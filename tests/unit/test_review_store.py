@@ -17,17 +17,17 @@ import pytest
 from sightline.common.audit import AuditLog
 from sightline.common.rpc import InvalidInput, NotFound
 from sightline.common.sqlstore import open_backend
+from sightline.decision.review.recorder import AlertRecorder
+from sightline.decision.review.servicer import ReviewServicer
 from sightline.decision.review.store import (
+    _PG_MIGRATION_LOCK,
     ERASURE_GRACE,
     MIGRATIONS,
     ErasedSubjectAlert,
     ReviewErasure,
     ReviewRefused,
     ReviewStore,
-    _PG_MIGRATION_LOCK,
 )
-from sightline.decision.review.recorder import AlertRecorder
-from sightline.decision.review.servicer import ReviewServicer
 from sightline.v1 import events_pb2, review_pb2
 
 
@@ -46,9 +46,18 @@ def audit(store_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[AuditLog]
 
 
 def alert(alert_id: str = "a1b2c3d4e5f6a7b8", source: str = "cam-1", subject: str = "obama") -> events_pb2.Alert:
-    made = events_pb2.Alert(alert_id=alert_id, decision_id="d1", source_id=source, subject_id=subject,
-                            watchlists=["wl"], distance=0.35, similarity=0.71, evidence_frame_ids=["f1", "f2"],
-                            status=events_pb2.ALERT_STATUS_PENDING_REVIEW, policy_version="p1")  # fmt: skip
+    made = events_pb2.Alert(
+        alert_id=alert_id,
+        decision_id="d1",
+        source_id=source,
+        subject_id=subject,
+        watchlists=["wl"],
+        distance=0.35,
+        similarity=0.71,
+        evidence_frame_ids=["f1", "f2"],
+        status=events_pb2.ALERT_STATUS_PENDING_REVIEW,
+        policy_version="p1",
+    )
     made.raised_at.GetCurrentTime()
     return made
 
@@ -65,8 +74,10 @@ def test_two_person_rule(store: ReviewStore) -> None:
         store.review("a1b2c3d4e5f6a7b8", "alice", "CONFIRM")
     second, changed = store.review("a1b2c3d4e5f6a7b8", "bob", "CONFIRM")
     assert changed and second.status == "CONFIRMED" and second.confirmations == 2
-    assert [(r.reviewer, r.action, r.comment) for r in second.reviews] == [("alice", "CONFIRM", "it is him"),
-                                                                          ("bob", "CONFIRM", "")]  # fmt: skip
+    assert [(r.reviewer, r.action, r.comment) for r in second.reviews] == [
+        ("alice", "CONFIRM", "it is him"),
+        ("bob", "CONFIRM", ""),
+    ]
     assert second.alert.status == events_pb2.ALERT_STATUS_CONFIRMED
     assert second.alert.similarity == pytest.approx(0.71) and list(second.alert.evidence_frame_ids) == ["f1", "f2"]
 
@@ -85,9 +96,11 @@ def test_confirmations_count_people_not_spellings(store: ReviewStore) -> None:
     store.record_alert(alert())
     with store._tx(write=True) as cur:  # what an earlier version let through: 'Alice' after 'alice'
         for name in ("alice", "Alice"):
-            cur.execute("INSERT INTO alert_reviews (alert_id, reviewer, action, comment, not_this_person, at)"
-                        " VALUES (?, ?, 'CONFIRM', '', 0, ?)",
-                        ("a1b2c3d4e5f6a7b8", name, store._backend.dialect.to_db_time(datetime.now(UTC))))  # fmt: skip
+            cur.execute(
+                "INSERT INTO alert_reviews (alert_id, reviewer, action, comment, not_this_person, at)"
+                " VALUES (?, ?, 'CONFIRM', '', 0, ?)",
+                ("a1b2c3d4e5f6a7b8", name, store._backend.dialect.to_db_time(datetime.now(UTC))),
+            )
     assert store.get("a1b2c3d4e5f6a7b8").confirmations == 1
     confirmed, changed = store.review("a1b2c3d4e5f6a7b8", "bob", "CONFIRM")
     assert changed and confirmed.status == "CONFIRMED"
@@ -121,7 +134,12 @@ def test_not_this_person_is_stored_and_suppresses_that_subject_on_that_source(st
     assert not store.suppressed("cam-1", "obama", at=datetime.now(UTC) + timedelta(seconds=601))  # expired
     (feedback,) = store.feedback()
     assert (feedback.alert_id, feedback.source_id, feedback.subject_id, feedback.reviewer, feedback.comment) == (
-        "a1b2c3d4e5f6a7b8", "cam-1", "obama", "alice", "lookalike")  # fmt: skip
+        "a1b2c3d4e5f6a7b8",
+        "cam-1",
+        "obama",
+        "alice",
+        "lookalike",
+    )
     assert store.feedback(since=datetime.now(UTC) + timedelta(seconds=5)) == []
 
 
@@ -143,17 +161,26 @@ def test_recording_is_idempotent_and_a_replay_never_resets_a_review(store: Revie
     assert not created and replayed.status == "REJECTED"
 
 
-def test_alerts_stored_before_the_upgrade_count_as_audited_and_keep_the_cool_down(store_url: str,
-                                                                                  audit: AuditLog) -> None:  # fmt: skip
+def test_alerts_stored_before_the_upgrade_count_as_audited_and_keep_the_cool_down(
+    store_url: str, audit: AuditLog
+) -> None:
     """A database of the version before alerts remembered their audit record and evidence time (migration 3)."""
     older = ReviewStore(open_backend(store_url, what="review"))
     older._migrated(MIGRATIONS[:2], "review_schema_version", _PG_MIGRATION_LOCK, "review")
     raised = alert()
     with older._tx(write=True) as cur:  # as the previous version stored it (its ALERT record written with it)
-        cur.execute("INSERT INTO review_alerts (alert_id, source_id, subject_id, status, published_status, alert,"
-                    " raised_at, updated_at) VALUES (?, ?, ?, 'PENDING_REVIEW', 'PENDING_REVIEW', ?, ?, ?)",
-                    (raised.alert_id, raised.source_id, raised.subject_id, raised.SerializeToString(),
-                     older._now(), older._now()))  # fmt: skip
+        cur.execute(
+            "INSERT INTO review_alerts (alert_id, source_id, subject_id, status, published_status, alert,"
+            " raised_at, updated_at) VALUES (?, ?, ?, 'PENDING_REVIEW', 'PENDING_REVIEW', ?, ?, ?)",
+            (
+                raised.alert_id,
+                raised.source_id,
+                raised.subject_id,
+                raised.SerializeToString(),
+                older._now(),
+                older._now(),
+            ),
+        )
     older.close()
     with ReviewStore.open(store_url) as upgraded:
         assert upgraded.get(raised.alert_id).audited
@@ -203,8 +230,9 @@ def test_erasing_a_subject_deletes_its_alerts_reviews_and_feedback_in_every_stat
     assert store.get("dd" * 8).reviews[0].reviewer == "carol"  # the other subject's alert, untouched
 
 
-def test_an_alert_in_flight_at_the_erasure_is_refused_and_a_replayed_notice_erases_nothing(store: ReviewStore,
-                                                                                         audit: AuditLog) -> None:  # fmt: skip
+def test_an_alert_in_flight_at_the_erasure_is_refused_and_a_replayed_notice_erases_nothing(
+    store: ReviewStore, audit: AuditLog
+) -> None:
     erased_at = datetime.now(UTC)
     store.record_alert(alert("aa" * 8))
     assert store.erase_subject("obama", erased_at).alerts == 1
@@ -304,12 +332,19 @@ def test_servicer_publishes_status_changes_and_audits_every_action(store: Review
         servicer.ReviewAlert(confirm, FakeContext(None))
     assert anonymous.value.code == grpc.StatusCode.UNAUTHENTICATED
     second = servicer.ReviewAlert(confirm, FakeContext("bob"))
-    assert second.alert.status == events_pb2.ALERT_STATUS_CONFIRMED and [r.reviewer for r in second.reviews] == ["alice", "bob"]
+    assert second.alert.status == events_pb2.ALERT_STATUS_CONFIRMED and [r.reviewer for r in second.reviews] == [
+        "alice",
+        "bob",
+    ]
     assert [(a.alert_id, a.status) for a in published] == [("a1b2c3d4e5f6a7b8", events_pb2.ALERT_STATUS_CONFIRMED)]
     trail = [(r.principal, r.action, r.result) for r in audit.records()]
-    assert trail == [("service:decision", "ALERT", "PENDING_REVIEW"), ("alice", "REVIEW", "PENDING_REVIEW"),
-                     ("alice", "REVIEW", trail[2][2]), ("anonymous", "ACCESS_DENIED", "refused: no principal"),
-                     ("bob", "REVIEW", "CONFIRMED")]  # fmt: skip
+    assert trail == [
+        ("service:decision", "ALERT", "PENDING_REVIEW"),
+        ("alice", "REVIEW", "PENDING_REVIEW"),
+        ("alice", "REVIEW", trail[2][2]),
+        ("anonymous", "ACCESS_DENIED", "refused: no principal"),
+        ("bob", "REVIEW", "CONFIRMED"),
+    ]
     assert trail[2][2].startswith("refused: alice has already confirmed")
     assert audit.verify().intact
 
@@ -325,8 +360,9 @@ def test_a_status_change_that_could_not_be_published_stays_in_the_outbox(store: 
 
     servicer = ReviewServicer(store, audit, publish, principal=admitted_principal)
     store.record_alert(alert())
-    reply = servicer.ReviewAlert(review_request(review_pb2.REVIEW_ACTION_REJECT, not_this_person=True),
-                                 FakeContext("alice"))  # fmt: skip
+    reply = servicer.ReviewAlert(
+        review_request(review_pb2.REVIEW_ACTION_REJECT, not_this_person=True), FakeContext("alice")
+    )
     assert reply.alert.status == events_pb2.ALERT_STATUS_REJECTED and published == []
     assert [a.alert.alert_id for a in store.unpublished()] == ["a1b2c3d4e5f6a7b8"]
     broker_up = True
@@ -339,7 +375,9 @@ def test_servicer_lists_and_gets(store: ReviewStore, audit: AuditLog) -> None:
     for i in range(3):
         store.record_alert(alert(f"{i:x}" * 6 + "0000", subject=f"s{i}"))
     page = servicer.ListAlerts(review_pb2.ListAlertsRequest(page_size=2), FakeContext(None))
-    rest = servicer.ListAlerts(review_pb2.ListAlertsRequest(page_size=2, page_token=page.next_page_token), FakeContext(None))
+    rest = servicer.ListAlerts(
+        review_pb2.ListAlertsRequest(page_size=2, page_token=page.next_page_token), FakeContext(None)
+    )
     assert [a.alert.subject_id for a in page.alerts] + [a.alert.subject_id for a in rest.alerts] == ["s0", "s1", "s2"]
     got = servicer.GetAlert(review_pb2.GetAlertRequest(alert_id="222222"), FakeContext(None))
     assert got.alert.subject_id == "s2" and got.confirmations_required == 2
@@ -350,20 +388,31 @@ def test_servicer_lists_and_gets(store: ReviewStore, audit: AuditLog) -> None:
 
 def test_feedback_report_counts_false_alerts_per_subject_and_source(store: ReviewStore, audit: AuditLog) -> None:
     servicer = ReviewServicer(store, audit, lambda _: None, principal=admitted_principal)
-    for alert_id, source, subject in (("aa" * 8, "cam-1", "obama"), ("bb" * 8, "cam-1", "obama"),
-                                      ("cc" * 8, "cam-2", "biden"), ("dd" * 8, "cam-2", "obama")):  # fmt: skip
+    for alert_id, source, subject in (
+        ("aa" * 8, "cam-1", "obama"),
+        ("bb" * 8, "cam-1", "obama"),
+        ("cc" * 8, "cam-2", "biden"),
+        ("dd" * 8, "cam-2", "obama"),
+    ):
         made = alert(alert_id, source, subject)
         made.track_id = f"{source}/t{alert_id[:2]}"
         store.record_alert(made)
     for alert_id in ("aa" * 8, "bb" * 8, "cc" * 8):
-        servicer.ReviewAlert(review_request(review_pb2.REVIEW_ACTION_REJECT, not_this_person=True, alert_id=alert_id),
-                             FakeContext("alice"))  # fmt: skip
+        servicer.ReviewAlert(
+            review_request(review_pb2.REVIEW_ACTION_REJECT, not_this_person=True, alert_id=alert_id),
+            FakeContext("alice"),
+        )
     servicer.ReviewAlert(review_request(review_pb2.REVIEW_ACTION_REJECT, alert_id="dd" * 8), FakeContext("bob"))
     report = servicer.ListFeedback(review_pb2.ListFeedbackRequest(), FakeContext(None))
-    assert [(c.subject_id, c.source_id, c.rejections) for c in report.counts] == [("obama", "cam-1", 2),
-                                                                                  ("biden", "cam-2", 1)]  # fmt: skip
+    assert [(c.subject_id, c.source_id, c.rejections) for c in report.counts] == [
+        ("obama", "cam-1", 2),
+        ("biden", "cam-2", 1),
+    ]
     assert [(f.alert_id, f.track_id, f.reviewer) for f in report.feedback] == [
-        ("aa" * 8, "cam-1/taa", "alice"), ("bb" * 8, "cam-1/tbb", "alice"), ("cc" * 8, "cam-2/tcc", "alice")]
+        ("aa" * 8, "cam-1/taa", "alice"),
+        ("bb" * 8, "cam-1/tbb", "alice"),
+        ("cc" * 8, "cam-2/tcc", "alice"),
+    ]
     assert all(f.HasField("suppresses_until") for f in report.feedback)  # the fixture's store suppresses for 600 s
     later = review_pb2.ListFeedbackRequest()
     later.since.FromDatetime(datetime.now(UTC) + timedelta(minutes=1))

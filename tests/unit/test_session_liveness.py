@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
+from test_sessions import Clock, make_engine, opened
 
 from sightline.common.images import decode_image
-from sightline.detection.liveness import LivenessSettings
 from sightline.common.models.pipeline import AnalyzedFace, FaceAnalyzer
 from sightline.common.models.registry import model_files
+from sightline.detection.liveness import LivenessSettings
 from sightline.detection.session_liveness import SessionLiveness, traveller
 from sightline.v1 import events_pb2, session_pb2, types_pb2
-from test_sessions import Clock, make_engine, opened
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,9 @@ def live_frames(dlib_johns: Path, blur: float = 0.0) -> list[np.ndarray]:
     return [on_canvas(chip, (i % 3) * 7, (i % 2) * 5, blur) for i, chip in enumerate(sorted(person.glob("*.jpg"))[:8])]
 
 
-def feed(liveness: SessionLiveness, analyzer: FaceAnalyzer, session: str,
-         frames: list[np.ndarray]) -> list[tuple[AnalyzedFace, types_pb2.LivenessResult]]:  # fmt: skip
+def feed(
+    liveness: SessionLiveness, analyzer: FaceAnalyzer, session: str, frames: list[np.ndarray]
+) -> list[tuple[AnalyzedFace, types_pb2.LivenessResult]]:
     """Each frame's traveller face and the verdict detection attaches to it (frame sequences from 1)."""
     results = []
     for i, rgb in enumerate(frames):
@@ -51,15 +52,18 @@ def verdicts(fed: list[tuple[AnalyzedFace, types_pb2.LivenessResult]]) -> list[t
     return [verdict for _, verdict in fed]
 
 
-def test_verdicts_come_once_enough_frames_are_in_and_follow_the_evidence(analyzer: FaceAnalyzer, dlib_johns: Path,
-                                                                        face_photos: Path) -> None:  # fmt: skip
+def test_verdicts_come_once_enough_frames_are_in_and_follow_the_evidence(
+    analyzer: FaceAnalyzer, dlib_johns: Path, face_photos: Path
+) -> None:
     liveness = SessionLiveness(LivenessSettings(min_frames=6))
     still = [decode_image((face_photos / "obama.jpg").read_bytes())] * 8
 
     live_results = verdicts(feed(liveness, analyzer, "real", live_frames(dlib_johns)))
     still_results = verdicts(feed(liveness, analyzer, "still", still))
 
-    assert [r.assessed for r in live_results[:5]] == [False] * 5 and "need 6 frames, have 1" in live_results[0].reasons[0]
+    assert [r.assessed for r in live_results[:5]] == [False] * 5 and "need 6 frames, have 1" in live_results[0].reasons[
+        0
+    ]
     assert live_results[-1].assessed and live_results[-1].passed, list(live_results[-1].reasons)
     assert still_results[-1].assessed and not still_results[-1].passed
     assert any("motion" in reason for reason in still_results[-1].reasons)
@@ -73,15 +77,22 @@ def test_verdicts_come_once_enough_frames_are_in_and_follow_the_evidence(analyze
 def gate_result(seq: int, face: AnalyzedFace, verdict: types_pb2.LivenessResult) -> events_pb2.MatchResult:
     """What matching would put on the topic for this frame: detection's face and verdict, and a face verified against
     the claim (the photo shown is of the claimed person)."""
-    frame = types_pb2.FrameRef(frame_id=f"gate-1:s1:{seq}", source_id="gate-1", sequence=seq, session_id="s1",
-                               claim_subject_id="traveller", purpose=types_pb2.PURPOSE_ECHANNEL)  # fmt: skip
+    frame = types_pb2.FrameRef(
+        frame_id=f"gate-1:s1:{seq}",
+        source_id="gate-1",
+        sequence=seq,
+        session_id="s1",
+        claim_subject_id="traveller",
+        purpose=types_pb2.PURPOSE_ECHANNEL,
+    )
     frame.captured_at.FromNanoseconds(int((100 + seq * 0.1) * 1e9))
     result = events_pb2.MatchResult(frame=frame, model_name="dlib_resnet_v1", model_version="1")
     x1, y1, x2, y2 = (float(v) for v in face.box)
     match = result.faces.add(face_index=0, box=types_pb2.Box(x1=x1, y1=y1, x2=x2, y2=y2), liveness=verdict)
     match.quality.score = face.quality.score
-    match.verification.CopyFrom(types_pb2.Verification(subject_id="traveller", subject_found=True, verified=True,
-                                                      distance=0.35, similarity=0.7))  # fmt: skip
+    match.verification.CopyFrom(
+        types_pb2.Verification(subject_id="traveller", subject_found=True, verified=True, distance=0.35, similarity=0.7)
+    )
     return result
 
 
@@ -102,7 +113,8 @@ def decide(fed: list[tuple[AnalyzedFace, types_pb2.LivenessResult]]) -> session_
 
 @pytest.mark.parametrize("liveness_min_quality", [40.0, 0.0])
 def test_a_live_blurry_face_cannot_earn_the_verdict_for_a_photo_shown_after_it(
-        analyzer: FaceAnalyzer, dlib_johns: Path, face_photos: Path, liveness_min_quality: float) -> None:  # fmt: skip
+    analyzer: FaceAnalyzer, dlib_johns: Path, face_photos: Path, liveness_min_quality: float
+) -> None:
     """The attack: a live face too blurry to verify (quality < 40) for the liveness frames, then a good photo of the
     claimed person. With detection's quality bar (40) the blurry faces do not count, and the photo fails liveness;
     with no bar at all (0, as before), the verdict passes on the blurry frames, but the photo's frames lie outside

@@ -15,22 +15,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from test_sessions import LIVE, Clock, result
 
 from sightline.common import codec, limits
 from sightline.common.audit import AuditLog
 from sightline.common.stage import InputEvent, Output
 from sightline.common.topics import ALERTS, DECISIONS, SESSIONS
+from sightline.decision.echannel.desk import SessionDesk
+from sightline.decision.echannel.engine import SessionEngine
+from sightline.decision.echannel.store import SessionStore
 from sightline.decision.engine import DecisionEngine
 from sightline.decision.erasure import Eraser
 from sightline.decision.policy import EChannelPolicy, Policy
 from sightline.decision.review.recorder import AlertRecorder
 from sightline.decision.review.store import ReviewStore
 from sightline.decision.service import Decider
-from sightline.decision.echannel.desk import SessionDesk
-from sightline.decision.echannel.store import SessionStore
-from sightline.decision.echannel.engine import SessionEngine
 from sightline.v1 import events_pb2, session_pb2, types_pb2
-from test_sessions import LIVE, Clock, result
 
 Kind = session_pb2.SessionEvent
 
@@ -73,8 +73,16 @@ class Desk:
         self.store, self.audit = SessionStore.open(self.url), AuditLog.open(self.url)
         self.reviews = ReviewStore.open(self.url)
         engine = SessionEngine(Policy(version="policy-test", echannel=EChannelPolicy(min_verified_frames=2)))
-        self.desk = SessionDesk(engine, self.store, AlertRecorder(self.reviews, self.audit), self.audit, self.publisher,
-                                self.hold_seconds, self.hold_max, monotonic=self.monotonic)  # fmt: skip
+        self.desk = SessionDesk(
+            engine,
+            self.store,
+            AlertRecorder(self.reviews, self.audit),
+            self.audit,
+            self.publisher,
+            self.hold_seconds,
+            self.hold_max,
+            monotonic=self.monotonic,
+        )
 
     def flush(self) -> None:
         """What the announcer thread would do next: publish what the desk queued."""
@@ -100,8 +108,9 @@ def desk(tmp_path: Path) -> Iterator[Desk]:
     made.close()
 
 
-def opened(session_id: str = "s1", deadline: float | None = None,
-           kind: int = Kind.KIND_OPENED) -> session_pb2.SessionEvent:  # fmt: skip
+def opened(
+    session_id: str = "s1", deadline: float | None = None, kind: int = Kind.KIND_OPENED
+) -> session_pb2.SessionEvent:
     event = session_pb2.SessionEvent(kind=kind, session_id=session_id, gate_id="gate-1", claim_subject_id="traveller")
     now = time.time()
     event.opened_at.FromNanoseconds(int(now * 1e9))
@@ -137,8 +146,12 @@ def test_an_accepted_session_is_announced_once_and_audited_once(desk: Desk) -> N
     assert list(decided.evidence_frame_ids) == ["gate-1:s:1", "gate-1:s:2"] and decided.reasons
     assert all(key == b"gate-1" for topic, key, _ in desk.publisher.sent if topic == SESSIONS.name)
     (record,) = desk.session_audit()
-    assert (record.principal, record.action, record.subject_id, record.result) == ("gate:gate-1", "VERIFY",
-                                                                                   "traveller", "ACCEPT")  # fmt: skip
+    assert (record.principal, record.action, record.subject_id, record.result) == (
+        "gate:gate-1",
+        "VERIFY",
+        "traveller",
+        "ACCEPT",
+    )
     assert record.details["frames_verified"] == "2" and record.details["liveness"] == "passed"
     assert record.details["policy_version"] == "policy-test" and record.details["session_id"] == "s1"
 

@@ -7,25 +7,24 @@ Each test runs on a SQLite file and, marked ``postgres``, on PostgreSQL (a schem
 from __future__ import annotations
 
 import base64
-import secrets
-
 import json
+import secrets
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-
-from sightline.common.audit import AuditLog
-from sightline.common.sqlstore import open_backend
-from sightline.decision.review.store import ERASURE_GRACE, ReviewStore
-from sightline.decision.echannel.store import _PG_MIGRATION_LOCK, MIGRATIONS, SessionStore, SessionStoreError
-from sightline.decision.echannel.engine import SessionEngine, SessionState
-from sightline.v1 import session_pb2
 from test_session_stage import Desk, echannel
 from test_session_stage import opened as opened_event
 from test_sessions import LIVE, make_engine, opened, result
+
+from sightline.common.audit import AuditLog
+from sightline.common.sqlstore import open_backend
+from sightline.decision.echannel.engine import SessionEngine, SessionState
+from sightline.decision.echannel.store import _PG_MIGRATION_LOCK, MIGRATIONS, SessionStore, SessionStoreError
+from sightline.decision.review.store import ERASURE_GRACE, ReviewStore
+from sightline.v1 import session_pb2
 
 
 @pytest.fixture()
@@ -75,8 +74,9 @@ def test_unannounced_outcomes_are_found_until_audited_and_published(store: Sessi
     assert store.unannounced() == []
 
 
-def test_purge_removes_only_announced_decided_sessions_past_retention(store: SessionStore,
-                                                                      engine: SessionEngine) -> None:  # fmt: skip
+def test_purge_removes_only_announced_decided_sessions_past_retention(
+    store: SessionStore, engine: SessionEngine
+) -> None:
     announced, unannounced, still_open = opened(engine, "a"), opened(engine, "b"), opened(engine, "c")
     for state in (announced, unannounced):
         engine.cancel(state)
@@ -89,8 +89,9 @@ def test_purge_removes_only_announced_decided_sessions_past_retention(store: Ses
     assert store.get("a") is None and store.get("b") is not None and [s.session_id for s in store.load_open()] == ["c"]
 
 
-def test_sessions_share_the_decision_database_with_reviews_and_audit(store_url: str, engine: SessionEngine,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_sessions_share_the_decision_database_with_reviews_and_audit(
+    store_url: str, engine: SessionEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A shared (PostgreSQL) audit log opens only with a configured keyring, as in production.
     monkeypatch.setenv("SIGHTLINE_AUDIT_KEYS", f"session-test:{base64.b64encode(secrets.token_bytes(32)).decode()}")
     with ReviewStore.open(store_url), AuditLog.open(store_url), SessionStore.open(store_url) as sessions:
@@ -142,16 +143,20 @@ def test_an_erased_subjects_session_is_never_saved_again(store: SessionStore, en
     assert store.save(claiming(engine, "c", "obama", at=erased_at.timestamp() - 30))
 
 
-def test_sessions_stored_before_the_erasure_migration_are_found_by_their_claim(store_url: str,
-                                                                               engine: SessionEngine) -> None:  # fmt: skip
-    old = SessionStore(open_backend(store_url))._migrated(MIGRATIONS[:1], "echannel_session_schema_version",
-                                                           _PG_MIGRATION_LOCK, "session")  # fmt: skip
+def test_sessions_stored_before_the_erasure_migration_are_found_by_their_claim(
+    store_url: str, engine: SessionEngine
+) -> None:
+    old = SessionStore(open_backend(store_url))._migrated(
+        MIGRATIONS[:1], "echannel_session_schema_version", _PG_MIGRATION_LOCK, "session"
+    )
     state = claiming(engine, "a", "obama")
     with old, old._tx(write=True) as cur:  # a row as version 1 wrote it
         at = old._backend.dialect.to_db_time(datetime.now(UTC))
-        cur.execute("INSERT INTO echannel_sessions (session_id, gate_id, state, opened_at, deadline, updated_at,"
-                    " decided, audited, published) VALUES (?, ?, ?, ?, ?, ?, 0, 0, 0)",
-                    ("a", "gate-1", json.dumps(state.to_dict()), at, at, at))  # fmt: skip
+        cur.execute(
+            "INSERT INTO echannel_sessions (session_id, gate_id, state, opened_at, deadline, updated_at,"
+            " decided, audited, published) VALUES (?, ?, ?, ?, ?, ?, 0, 0, 0)",
+            ("a", "gate-1", json.dumps(state.to_dict()), at, at, at),
+        )
     with SessionStore.open(store_url) as upgraded:
         assert upgraded.erase_subject("obama") == 1 and upgraded.get("a") is None
 

@@ -12,15 +12,22 @@ from typing import Any
 import pytest
 
 from sightline.common.scores import distance_for_fmr
-from sightline.decision.policy import EChannelPolicy, Policy
 from sightline.decision.echannel.engine import SessionEngine, SessionState, VerifiedFrame
+from sightline.decision.policy import EChannelPolicy, Policy
 from sightline.v1 import events_pb2, session_pb2, types_pb2
 
 PENDING = types_pb2.LivenessResult(assessed=False, frames=1, reasons=["need 6 frames, have 1"])
 # Verdicts as detection gives them: assessed on the session's first six good frames, sequences 1 to 6.
 LIVE = types_pb2.LivenessResult(assessed=True, passed=True, score=0.8, frames=6, first_sequence=1, last_sequence=6)
-SPOOF = types_pb2.LivenessResult(assessed=True, passed=False, score=0.1, frames=6, first_sequence=1, last_sequence=6,
-                                 reasons=["texture_non_planarity 0.0016 < 0.0040: the face moves as a flat picture"])
+SPOOF = types_pb2.LivenessResult(
+    assessed=True,
+    passed=False,
+    score=0.1,
+    frames=6,
+    first_sequence=1,
+    last_sequence=6,
+    reasons=["texture_non_planarity 0.0016 < 0.0040: the face moves as a flat picture"],
+)
 
 
 class Clock:
@@ -40,10 +47,19 @@ def make_engine(clock: Clock | None = None, thresholds: dict[str, Any] | None = 
     return SessionEngine(Policy(version="policy-test", echannel=echannel, **(thresholds or {})), clock or Clock())
 
 
-def result(seq: int, *, liveness: types_pb2.LivenessResult = PENDING, verified: bool = True, quality: float = 80.0,
-           distance: float = 0.35, stop_hit: bool = False, bystander: bool = False) -> events_pb2.MatchResult:  # fmt: skip
-    frame = types_pb2.FrameRef(frame_id=f"gate-1:s:{seq}", source_id="gate-1", sequence=seq, session_id="s1",
-                               claim_subject_id="traveller")  # fmt: skip
+def result(
+    seq: int,
+    *,
+    liveness: types_pb2.LivenessResult = PENDING,
+    verified: bool = True,
+    quality: float = 80.0,
+    distance: float = 0.35,
+    stop_hit: bool = False,
+    bystander: bool = False,
+) -> events_pb2.MatchResult:
+    frame = types_pb2.FrameRef(
+        frame_id=f"gate-1:s:{seq}", source_id="gate-1", sequence=seq, session_id="s1", claim_subject_id="traveller"
+    )
     frame.captured_at.FromNanoseconds(int((100 + seq * 0.1) * 1e9))
     out = events_pb2.MatchResult(frame=frame, model_name="dlib_resnet_v1", model_version="1")
     if bystander:  # a small face in the background, wanted, who is not the traveller
@@ -51,16 +67,24 @@ def result(seq: int, *, liveness: types_pb2.LivenessResult = PENDING, verified: 
         far.candidates.add(subject_id="wanted", distance=0.3, watchlists=["stop"])
     face = out.faces.add(face_index=0, box=types_pb2.Box(x1=200, y1=100, x2=400, y2=300), liveness=liveness)
     face.quality.score = quality
-    face.verification.CopyFrom(types_pb2.Verification(subject_id="traveller", subject_found=True, verified=verified,
-                                                      distance=distance, similarity=1 - distance / 1.2))  # fmt: skip
+    face.verification.CopyFrom(
+        types_pb2.Verification(
+            subject_id="traveller",
+            subject_found=True,
+            verified=verified,
+            distance=distance,
+            similarity=1 - distance / 1.2,
+        )
+    )
     if stop_hit:
         face.candidates.add(subject_id="wanted", distance=0.3, similarity=0.75, watchlists=["stop"])
     return out
 
 
 def opened(engine: SessionEngine, session_id: str = "s1", at: float = 100.0) -> SessionState:
-    event = session_pb2.SessionEvent(kind=session_pb2.SessionEvent.KIND_OPENED, session_id=session_id,
-                                     gate_id="gate-1", claim_subject_id="traveller")  # fmt: skip
+    event = session_pb2.SessionEvent(
+        kind=session_pb2.SessionEvent.KIND_OPENED, session_id=session_id, gate_id="gate-1", claim_subject_id="traveller"
+    )
     event.opened_at.FromNanoseconds(int(at * 1e9))
     return engine.open(event)
 
@@ -128,7 +152,9 @@ def test_repeated_low_quality_is_referred_and_low_quality_frames_are_not_evidenc
 def test_stop_list_hit_on_the_traveller_refers_and_raises_an_alert(engine: SessionEngine) -> None:
     state = opened(engine)
     update = run(engine, state, [result(1, stop_hit=True)])
-    assert update.outcome == session_pb2.SESSION_OUTCOME_REFER_TO_OFFICER and "stop-list hit: wanted" in update.reasons[0]
+    assert (
+        update.outcome == session_pb2.SESSION_OUTCOME_REFER_TO_OFFICER and "stop-list hit: wanted" in update.reasons[0]
+    )
     alert = engine.stop_list_alert(state, ["stop"])
     assert alert is not None and alert.subject_id == "wanted" and alert.status == events_pb2.ALERT_STATUS_PENDING_REVIEW
 
@@ -210,8 +236,9 @@ def test_a_cancelled_session_ends_without_a_decision_and_keeps_its_reason(engine
     assert later.outcome == session_pb2.SESSION_OUTCOME_CANCELLED and list(later.reasons) == ["traveller left the gate"]
 
 
-def test_a_decided_sessions_update_keeps_its_reasons_evidence_and_elapsed_time(engine: SessionEngine,
-                                                                               clock: Clock) -> None:  # fmt: skip
+def test_a_decided_sessions_update_keeps_its_reasons_evidence_and_elapsed_time(
+    engine: SessionEngine, clock: Clock
+) -> None:
     state = opened(engine)
     clock.now = 100.35  # the first frame was captured at 100.1
     decided = run(engine, state, [result(1, stop_hit=True)])
@@ -244,8 +271,9 @@ def test_a_stop_list_with_its_own_threshold_in_the_gallery_uses_it(engine: Sessi
     assert state.stop_list_hit == ("wanted", pytest.approx(0.3), "gate-1:s:2")
 
 
-def test_frames_shown_after_the_liveness_window_cannot_be_accepted_on_its_verdict(engine: SessionEngine,
-                                                                                  clock: Clock) -> None:  # fmt: skip
+def test_frames_shown_after_the_liveness_window_cannot_be_accepted_on_its_verdict(
+    engine: SessionEngine, clock: Clock
+) -> None:
     """The verdict rests on frames 1-6 (say a live face too blurry to verify, had detection counted it); frames 7 and
     8 carry that verdict, good and verified (say a photo of the claimed person): they cannot accept on it."""
     state = opened(engine)
@@ -256,8 +284,10 @@ def test_frames_shown_after_the_liveness_window_cannot_be_accepted_on_its_verdic
     clock.now = 105.0
     timed_out = engine.tick(state, clock.now)
     assert timed_out is not None and timed_out.outcome == session_pb2.SESSION_OUTCOME_REFER_TO_OFFICER
-    assert timed_out.reasons[0] == ("time-out after 5 s: 0 of 2 verified frames, liveness passed (2 more verified "
-                                    "outside frames 1-6, which liveness assessed)")  # fmt: skip
+    assert timed_out.reasons[0] == (
+        "time-out after 5 s: 0 of 2 verified frames, liveness passed (2 more verified "
+        "outside frames 1-6, which liveness assessed)"
+    )
 
 
 def test_good_verified_frames_inside_the_liveness_window_are_accepted(engine: SessionEngine) -> None:
@@ -270,8 +300,9 @@ def test_an_impostor_then_a_photo_of_the_claimed_person_is_referred(engine: Sess
     """A live impostor's good frames are in the liveness window too, and fail verification: referred before the photo
     of the claimed person is shown."""
     state = opened(engine)
-    impostor = [result(i, verified=False, distance=0.8) for i in range(1, 6)] + [result(6, verified=False,
-                                                                                         distance=0.8, liveness=LIVE)]
+    impostor = [result(i, verified=False, distance=0.8) for i in range(1, 6)] + [
+        result(6, verified=False, distance=0.8, liveness=LIVE)
+    ]
     photo = [result(seq, liveness=LIVE) for seq in (7, 8, 9)]
     update = run(engine, state, impostor + photo)
     assert update.outcome == session_pb2.SESSION_OUTCOME_REFER_TO_OFFICER and update.frames_seen == 2

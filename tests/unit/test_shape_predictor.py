@@ -65,11 +65,12 @@ def photos_with_boxes(face_photos: Path, dlib_example_faces: Path) -> list[tuple
     return out
 
 
-def _assert_matches_dlib(predictor: ShapePredictor, dlib_predictor: object, image: np.ndarray,
-                         boxes: np.ndarray, what: str) -> None:  # fmt: skip
+def _assert_matches_dlib(
+    predictor: ShapePredictor, dlib_predictor: object, image: np.ndarray, boxes: np.ndarray, what: str
+) -> None:
     ours = predictor.predict(image, boxes)
     assert ours.shape == (len(boxes), 5, 2) and ours.dtype == np.float32
-    for box, points in zip(boxes, ours):
+    for box, points in zip(boxes, ours, strict=True):
         expected = _dlib_points(dlib_predictor(image, _as_rect(box)))
         diff = float(np.abs(points - expected).max())
         assert diff < MAX_LANDMARK_DIFF, f"{what} box {box}: landmarks differ from dlib by {diff} px"

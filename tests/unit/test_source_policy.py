@@ -12,9 +12,18 @@ import pytest
 
 from sightline.capture.settings import CaptureSettings
 from sightline.capture.source_policy import (
-    DEFAULT_MAX_VIDEO_BYTES, HostRules, Source, SourceKind, SourcePolicy, SourceRefused, SourceUnavailable,
-    ffmpeg_capture_options, looks_like_video, parse_host_entry, redact,
-)  # fmt: skip
+    DEFAULT_MAX_VIDEO_BYTES,
+    HostRules,
+    Source,
+    SourceKind,
+    SourcePolicy,
+    SourceRefused,
+    SourceUnavailable,
+    ffmpeg_capture_options,
+    looks_like_video,
+    parse_host_entry,
+    redact,
+)
 from sightline.tooling.localstack import local_capture_policy
 
 SECRET = "s3cr3t-pw"
@@ -22,8 +31,9 @@ JPEG = b"\xff\xd8\xff\xe0" + bytes(60)
 
 
 def policy(*roots: Path, schemes: tuple[str, ...] = (), hosts: tuple[str, ...] = (), **limits: int) -> SourcePolicy:
-    return SourcePolicy(roots=tuple(r.resolve() for r in roots), schemes=frozenset(schemes),
-                        hosts=HostRules.parse(hosts), **limits)  # fmt: skip
+    return SourcePolicy(
+        roots=tuple(r.resolve() for r in roots), schemes=frozenset(schemes), hosts=HostRules.parse(hosts), **limits
+    )
 
 
 # --- files -------------------------------------------------------------------------------------------------------
@@ -45,8 +55,13 @@ def test_paths_are_resolved_before_the_root_check_so_dots_and_symlinks_cannot_es
     (root / "link.jpg").symlink_to(outside / "key.jpg")
     (root / "folder").symlink_to(outside, target_is_directory=True)
     allowed = policy(root)
-    for escape in (f"{root}/../outside/key.jpg", str(root / "link.jpg"), str(root / "folder"),
-                   str(root / "folder" / "key.jpg"), str(outside / "key.jpg")):  # fmt: skip
+    for escape in (
+        f"{root}/../outside/key.jpg",
+        str(root / "link.jpg"),
+        str(root / "folder"),
+        str(root / "folder" / "key.jpg"),
+        str(outside / "key.jpg"),
+    ):
         with pytest.raises(SourceRefused, match="outside the folders"):
             allowed.vet(escape)
     (root / "sub").mkdir()
@@ -82,8 +97,12 @@ def test_system_files_devices_and_fifos_are_never_sources_even_under_the_root_fo
 
 def test_only_image_and_video_files_are_sources(tmp_path: Path) -> None:
     allowed = policy(tmp_path)
-    for name, kind in (("a.JPG", SourceKind.IMAGE), ("b.webp", SourceKind.IMAGE), ("c.mkv", SourceKind.VIDEO),
-                       ("d.mp4", SourceKind.VIDEO)):  # fmt: skip
+    for name, kind in (
+        ("a.JPG", SourceKind.IMAGE),
+        ("b.webp", SourceKind.IMAGE),
+        ("c.mkv", SourceKind.VIDEO),
+        ("d.mp4", SourceKind.VIDEO),
+    ):
         (tmp_path / name).write_bytes(JPEG)
         assert allowed.vet(str(tmp_path / name)).kind is kind
     for name in ("creds.txt", "server.key", "tokens.yaml", "noext"):
@@ -121,8 +140,13 @@ def test_video_containers_are_recognised_by_their_first_bytes() -> None:
     assert looks_like_video(b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81")
     assert looks_like_video(b"\x00\x00\x01\xba" + bytes(20))
     assert looks_like_video((b"\x47" + bytes(187)) * 2)
-    for fake in (b"#EXTM3U\n#EXT-X-VERSION:3\n", b"ffconcat version 1.0\nfile '/etc/passwd'\n", b"GET / HTTP/1.1",
-                 b"\x47not a transport stream", b""):  # fmt: skip
+    for fake in (
+        b"#EXTM3U\n#EXT-X-VERSION:3\n",
+        b"ffconcat version 1.0\nfile '/etc/passwd'\n",
+        b"GET / HTTP/1.1",
+        b"\x47not a transport stream",
+        b"",
+    ):
         assert not looks_like_video(fake)
 
 
@@ -140,8 +164,12 @@ def test_by_default_no_network_source_is_opened(tmp_path: Path) -> None:
 
 def test_a_host_must_be_inside_an_allowed_network_and_the_refusal_keeps_credentials_out() -> None:
     loopback = policy(schemes=("rtsp", "http", "rtsps"), hosts=("127.0.0.0/8",))
-    for uri in (f"rtsp://user:{SECRET}@10.1.2.3/x", f"rtsp://user:{SECRET}@[::ffff:10.1.2.3]/x",
-                f"http://169.254.169.254/latest/meta-data/?token={SECRET}", f"rtsp://user:{SECRET}@[::1]/x"):  # fmt: skip
+    for uri in (
+        f"rtsp://user:{SECRET}@10.1.2.3/x",
+        f"rtsp://user:{SECRET}@[::ffff:10.1.2.3]/x",
+        f"http://169.254.169.254/latest/meta-data/?token={SECRET}",
+        f"rtsp://user:{SECRET}@[::1]/x",
+    ):
         with pytest.raises(SourceRefused, match="not in an allowed network") as refused:
             loopback.vet(uri)
         assert SECRET not in str(refused.value) and "user" not in str(refused.value)
@@ -154,8 +182,10 @@ def test_a_name_is_resolved_checked_and_pinned_to_the_address_that_was_checked()
     loopback = policy(schemes=("rtsp",), hosts=("127.0.0.1", "::1"))
     source = loopback.vet(f"rtsp://admin:{SECRET}@localhost:8554/live?ch=1")
     assert source.kind is SourceKind.STREAM and source.live
-    assert source.target in (f"rtsp://admin:{SECRET}@127.0.0.1:8554/live?ch=1",
-                             f"rtsp://admin:{SECRET}@[::1]:8554/live?ch=1")  # fmt: skip
+    assert source.target in (
+        f"rtsp://admin:{SECRET}@127.0.0.1:8554/live?ch=1",
+        f"rtsp://admin:{SECRET}@[::1]:8554/live?ch=1",
+    )
     assert source.display == "rtsp://***@localhost:8554/live?***"
     named = policy(schemes=("rtsps",), hosts=("localhost", "*.cams.example"))
     assert named.vet("rtsps://localhost/x").target == "rtsps://localhost/x"  # listed by name: opened by name
@@ -192,8 +222,13 @@ def test_the_local_stack_allows_the_callers_folders_and_private_networks_only(tm
     assert local.vet(str(tmp_path / "a.jpg")).kind is SourceKind.IMAGE
     assert local.vet("rtsp://192.168.1.20/stream").kind is SourceKind.STREAM
     assert settings["allowed_schemes"] == ["rtsp", "rtsps"]  # no http(s): a web server can serve FFmpeg anything
-    for refused in ("/etc/hostname", "rtsp://169.254.169.254/x", "http://8.8.8.8/x", "http://192.168.1.20/x",
-                    "https://127.0.0.1/x"):  # fmt: skip
+    for refused in (
+        "/etc/hostname",
+        "rtsp://169.254.169.254/x",
+        "http://8.8.8.8/x",
+        "http://192.168.1.20/x",
+        "https://127.0.0.1/x",
+    ):
         with pytest.raises(SourceRefused):
             local.vet(refused)
     assert "/" not in settings["allowed_roots"]
@@ -209,10 +244,14 @@ def test_ffmpeg_is_bounded_per_scheme_after_its_first_connection() -> None:
 
     containers = "mov,matroska,avi,mpeg,mpegvideo,mpegts"
     assert options(SourceKind.VIDEO, "/data/clip.mp4") == {"protocol_whitelist": "file", "format_whitelist": containers}
-    assert options(SourceKind.STREAM, "rtsp://u:p@10.0.0.5/s") == {"protocol_whitelist": "rtsp,rtp,udp,tcp",
-                                                                  "rtsp_flags": "prefer_tcp"}  # fmt: skip
-    assert options(SourceKind.STREAM, "RTSPS://cam/s") == {"protocol_whitelist": "rtsp,rtsps,tls,tcp",
-                                                         "rtsp_flags": "prefer_tcp"}  # fmt: skip
+    assert options(SourceKind.STREAM, "rtsp://u:p@10.0.0.5/s") == {
+        "protocol_whitelist": "rtsp,rtp,udp,tcp",
+        "rtsp_flags": "prefer_tcp",
+    }
+    assert options(SourceKind.STREAM, "RTSPS://cam/s") == {
+        "protocol_whitelist": "rtsp,rtsps,tls,tcp",
+        "rtsp_flags": "prefer_tcp",
+    }
     for scheme, protocols in (("http", "http,tcp"), ("https", "https,tls,tcp")):
         http = options(SourceKind.STREAM, f"{scheme}://10.0.0.5/video")
         assert http["protocol_whitelist"] == protocols and http["max_redirects"] == "0"

@@ -54,8 +54,10 @@ def event(value: bytes, offset: int, topic: str = FACES.name, span: trace.Span |
 
 def test_an_event_processor_isolates_each_failure_keeps_the_order_and_makes_each_span_current() -> None:
     spans = [TRACER.start_span(f"event-{i}") for i in range(4)]
-    events = [event(value, i, span=span) for i, (value, span) in enumerate(zip((b"one", b"bad-two", b"bug-three",
-                                                                                b"four"), spans, strict=True))]  # fmt: skip
+    events = [
+        event(value, i, span=span)
+        for i, (value, span) in enumerate(zip((b"one", b"bad-two", b"bug-three", b"four"), spans, strict=True))
+    ]
     recorder = Recorder()
 
     results = recorder.process(events)
@@ -71,10 +73,18 @@ def test_an_event_processor_isolates_each_failure_keeps_the_order_and_makes_each
 def test_a_dead_letter_names_the_stage_the_reason_the_error_and_the_input() -> None:
     payload = events_pb2.FacesDetected(frame=types_pb2.FrameRef(frame_id="cam:7")).SerializeToString()
     letter = dead_letter_record("embedding", event(payload, 41), StageError("bad_chip", "chip too short", "cam:7"))
-    assert (letter.stage, letter.reason, letter.error, letter.frame_id) == ("embedding", "bad_chip", "chip too short",
-                                                                           "cam:7")  # fmt: skip
-    assert (letter.input_topic, letter.input_partition, letter.input_offset, letter.input_key) == (FACES.name, 3, 41,
-                                                                                                   b"cam")  # fmt: skip
+    assert (letter.stage, letter.reason, letter.error, letter.frame_id) == (
+        "embedding",
+        "bad_chip",
+        "chip too short",
+        "cam:7",
+    )
+    assert (letter.input_topic, letter.input_partition, letter.input_offset, letter.input_key) == (
+        FACES.name,
+        3,
+        41,
+        b"cam",
+    )
     assert letter.payload_sha256 == hashlib.sha256(payload).digest() and letter.payload_size == len(payload)
     assert letter.payload == payload and not letter.payload_withheld, "the topic's own event: copied"
     assert abs(codec.seconds_since(letter.failed_at)) < 60
@@ -92,12 +102,27 @@ def test_a_dead_letter_names_the_stage_the_reason_the_error_and_the_input() -> N
 def test_a_dead_letter_of_a_capture_source_has_the_same_fields_and_refers_to_the_source() -> None:
     error = StageError("frame_too_large", "upload.jpg is too large")
     digest = hashlib.sha256(b"the file").digest()
-    letter = source_dead_letter("capture", error, source="folder:/srv/uploads", key=b"cam", sequence=12,
-                                frame_id="cam:run:12", withheld=(8, digest))  # fmt: skip
+    letter = source_dead_letter(
+        "capture",
+        error,
+        source="folder:/srv/uploads",
+        key=b"cam",
+        sequence=12,
+        frame_id="cam:run:12",
+        withheld=(8, digest),
+    )
     assert (letter.input_topic, letter.input_partition, letter.input_offset, letter.input_key) == (
-        "folder:/srv/uploads", -1, 12, b"cam")  # fmt: skip
-    assert (letter.stage, letter.reason, letter.error, letter.frame_id) == ("capture", "frame_too_large",
-                                                                           "upload.jpg is too large", "cam:run:12")  # fmt: skip
+        "folder:/srv/uploads",
+        -1,
+        12,
+        b"cam",
+    )
+    assert (letter.stage, letter.reason, letter.error, letter.frame_id) == (
+        "capture",
+        "frame_too_large",
+        "upload.jpg is too large",
+        "cam:run:12",
+    )
     assert letter.payload_withheld and letter.payload == b"" and not letter.payload_truncated
     assert (letter.payload_size, letter.payload_sha256) == (8, digest)
 
@@ -105,8 +130,12 @@ def test_a_dead_letter_of_a_capture_source_has_the_same_fields_and_refers_to_the
     record = dead_letter_record("capture", InputEvent(b"cam", None, "folder:/srv/uploads", -1, 12), error)
     for letter_ in (letter, record):
         letter_.ClearField("failed_at")
-    record.frame_id, record.payload_size, record.payload_sha256, record.payload_withheld = ("cam:run:12", 8, digest,
-                                                                                          True)  # fmt: skip
+    record.frame_id, record.payload_size, record.payload_sha256, record.payload_withheld = (
+        "cam:run:12",
+        8,
+        digest,
+        True,
+    )
     assert record == letter
 
 
@@ -115,7 +144,9 @@ def test_the_capture_time_header_is_epoch_milliseconds_and_only_a_well_formed_on
     name, value = captured_at_header(stamp)
     assert name == CAPTURED_AT_HEADER == "sightline-captured-at"
     assert value.isdigit() and int(value) == stamp.ToMilliseconds()
-    assert captured_at([("traceparent", b"00-ab-cd-01"), (name, value)]) == pytest.approx(codec.seconds(stamp), abs=1e-3)
+    assert captured_at([("traceparent", b"00-ab-cd-01"), (name, value)]) == pytest.approx(
+        codec.seconds(stamp), abs=1e-3
+    )
     assert captured_at([(name, b"1700000000000"), (name, b"1")]) == 1_700_000_000.0  # the first one counts
     for garbage in (b"", b"soon", b"-5", b"1.5", b"9" * 17, "1700000000000"):
         assert captured_at([(name, garbage)]) is None, garbage  # type: ignore[list-item]

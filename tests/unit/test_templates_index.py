@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import os
 import threading
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -212,7 +213,7 @@ def test_single_probe_returns_one_list_and_one_candidate_per_subject() -> None:
     assert [c.subject_id for c in found] == ["near", "far", "farther"]
     assert found[0].template_id == 1
     assert found[0].watchlists == ("w",) and found[2].watchlists == ()
-    assert all(a.distance <= b.distance for a, b in zip(found, found[1:]))
+    assert all(a.distance <= b.distance for a, b in pairwise(found))
 
 
 def test_subject_with_many_templates_counts_once() -> None:
@@ -304,7 +305,10 @@ def test_replace_watchlists_sets_every_subjects_lists_at_once() -> None:
     assert index.search(vectors["c"], top_k=3, watchlists=["old"]) == [[]]
     assert sorted(c.subject_id for c in index.search(vectors["a"], top_k=3, watchlists=["vip"])[0]) == ["a", "b"]
     assert {c.subject_id: c.watchlists for c in index.search(vectors["c"], top_k=3)[0]} == {
-        "a": ("stop", "vip"), "b": ("vip",), "c": ()}
+        "a": ("stop", "vip"),
+        "b": ("vip",),
+        "c": (),
+    }
     index.add(10, "d", _vector(rng), ("new",))  # later additions still work on the replaced lists
     assert [c.subject_id for c in index.search(vectors["a"], top_k=3, watchlists=["new"])[0]] == ["d"]
 

@@ -10,9 +10,15 @@ from sightline.detection.tracker import BestFaces, FaceTracker, Track, iou
 
 def face(x: float, y: float, size: float = 80.0) -> tuple[np.ndarray, np.ndarray]:
     box = np.array([x, y, x + size, y + size])
-    points = np.array([[x + 0.3 * size, y + 0.4 * size], [x + 0.4 * size, y + 0.4 * size],
-                       [x + 0.7 * size, y + 0.4 * size], [x + 0.6 * size, y + 0.4 * size],
-                       [x + 0.5 * size, y + 0.65 * size]])  # fmt: skip
+    points = np.array(
+        [
+            [x + 0.3 * size, y + 0.4 * size],
+            [x + 0.4 * size, y + 0.4 * size],
+            [x + 0.7 * size, y + 0.4 * size],
+            [x + 0.6 * size, y + 0.4 * size],
+            [x + 0.5 * size, y + 0.65 * size],
+        ]
+    )
     return box, points
 
 
@@ -111,8 +117,8 @@ def test_faces_under_the_minimum_quality_are_never_searched_and_do_not_count() -
 def test_the_selection_is_kept_per_track() -> None:
     rule = BestFaces(min_quality=10, first_faces=1, margin=10, max_faces=2)
     tracker = FaceTracker()
-    left, right = tracker.tracks_of("cam", 0.0, *zip(face(100, 200), face(400, 200)))
+    left, right = tracker.tracks_of("cam", 0.0, *zip(face(100, 200), face(400, 200), strict=True))
     assert [rule.select(left, 50), rule.select(right, 50)] == [None, None]
-    left_again, right_again = tracker.tracks_of("cam", 0.1, *zip(face(102, 200), face(402, 200)))
+    left_again, right_again = tracker.tracks_of("cam", 0.1, *zip(face(102, 200), face(402, 200), strict=True))
     assert left_again is left and right_again is right
     assert [rule.select(left_again, 55), rule.select(right_again, 70)] == ["not_better", None]

@@ -43,8 +43,9 @@ class SessionGallery:
             self._stub.GetSubject(gallery_pb2.GetSubjectRequest(subject_id=subject_id), timeout=self._timeout)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise InvalidInput(f"subject {subject_id!r} is not enrolled: a subject claim needs an enrolled "
-                                   "traveller") from None  # fmt: skip
+                raise InvalidInput(
+                    f"subject {subject_id!r} is not enrolled: a subject claim needs an enrolled traveller"
+                ) from None
             raise self._error(exc) from None
 
     def enroll_portrait(self, subject_id: str, image: bytes, session_id: str) -> None:
@@ -94,8 +95,10 @@ class SessionGallery:
         if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidInput(exc.details())
         if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-            return Unavailable(f"the gallery (matching at {self._address}) refused capture's call: {exc.details()} "
-                               "(capture's token needs the enroller role for session templates)")  # fmt: skip
+            return Unavailable(
+                f"the gallery (matching at {self._address}) refused capture's call: {exc.details()} "
+                "(capture's token needs the enroller role for session templates)"
+            )
         return Unavailable(f"gallery (matching at {self._address}): {exc.code().name}: {exc.details()}")
 
 

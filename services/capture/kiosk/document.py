@@ -85,12 +85,15 @@ def ocr_engine() -> Any:
             try:
                 from rapidocr_onnxruntime import RapidOCR
             except ImportError as exc:  # pragma: no cover - depends on the install
-                raise RuntimeError("rapidocr-onnxruntime is not installed: pip install --no-deps "
-                                   "rapidocr-onnxruntime==1.4.4 (see docs/mrz.md)") from exc
+                raise RuntimeError(
+                    "rapidocr-onnxruntime is not installed: pip install --no-deps "
+                    "rapidocr-onnxruntime==1.4.4 (see docs/mrz.md)"
+                ) from exc
             started = time.perf_counter()
             # One thread: services share two cores, and parallel intra-op threads fight the other sessions.
-            _ocr_engine = RapidOCR(intra_op_num_threads=1, inter_op_num_threads=1,
-                                   det_limit_type="max", det_limit_side_len=DET_MAX_SIDE)
+            _ocr_engine = RapidOCR(
+                intra_op_num_threads=1, inter_op_num_threads=1, det_limit_type="max", det_limit_side_len=DET_MAX_SIDE
+            )
             log.info("OCR engine loaded in %.2f s", time.perf_counter() - started)
         return _ocr_engine
 
@@ -110,6 +113,7 @@ def face_detector() -> Any:
 # --------------------------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------------------------
+
 
 def read_document(image_rgb: np.ndarray) -> DocumentReading:
     """Read the MRZ and find the portrait of a passport data page (HxWx3 uint8 RGB, upright)."""
@@ -137,8 +141,12 @@ def _read_mrz(reading: DocumentReading) -> None:
     reading.ocr_lines = lines
     if pair is None:
         if any(looks_like_mrz(line) for line in lines):
-            _fail(reading, MRZ_UNREADABLE, "a machine readable zone was seen but its two 44-character lines "
-                                           "could not be read: " + " | ".join(l for l in lines if looks_like_mrz(l)))
+            _fail(
+                reading,
+                MRZ_UNREADABLE,
+                "a machine readable zone was seen but its two 44-character lines "
+                "could not be read: " + " | ".join(line for line in lines if looks_like_mrz(line)),
+            )
         else:
             _fail(reading, NO_MRZ, "no machine readable zone found on the page")
         return

@@ -68,8 +68,9 @@ def media_type_of(image: bytes) -> str:
 
 def check_gate_id(gate_id: str) -> str:
     if not _GATE_ID.match(gate_id):
-        raise InvalidInput(f"invalid gate id {gate_id[:40]!r}: use 1-64 letters, digits and . _ - (starting with a "
-                           "letter or digit)")  # fmt: skip
+        raise InvalidInput(
+            f"invalid gate id {gate_id[:40]!r}: use 1-64 letters, digits and . _ - (starting with a letter or digit)"
+        )
     return gate_id
 
 
@@ -94,8 +95,9 @@ def _left(deadline: float) -> float:
 class Kiosk:
     """Sessions of the gates connected to this capture replica: claims, frames, control events and outcomes."""
 
-    def __init__(self, capture: Capture, settings: CaptureSettings, kafka: KafkaSettings,
-                 gallery: SessionGallery | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, capture: Capture, settings: CaptureSettings, kafka: KafkaSettings, gallery: SessionGallery | None = None
+    ) -> None:
         self._capture = capture
         self._settings = settings
         self._kafka = kafka
@@ -112,8 +114,10 @@ class Kiosk:
 
     def start(self) -> None:
         """Start relaying decision's session events to watchers, and the expiry and clean-up rounds, until closed."""
-        self._threads = [threading.Thread(target=self._relay, daemon=True, name="session-relay"),
-                         threading.Thread(target=self._housekeeping, daemon=True, name="session-housekeeping")]
+        self._threads = [
+            threading.Thread(target=self._relay, daemon=True, name="session-relay"),
+            threading.Thread(target=self._housekeeping, daemon=True, name="session-housekeeping"),
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -141,8 +145,9 @@ class Kiosk:
         for thread in self._threads:
             thread.join(timeout=max(_left(deadline), 0.5))
         if left:
-            log.warning("session templates not deleted at shutdown; the next start-up sweep deletes them",
-                        extra={"count": left})  # fmt: skip
+            log.warning(
+                "session templates not deleted at shutdown; the next start-up sweep deletes them", extra={"count": left}
+            )
         log.info("kiosk sessions closed", extra={"cancelled": cancelled})
 
     # Requests ------------------------------------------------------------------------------------------------------
@@ -153,8 +158,9 @@ class Kiosk:
         session_id = uuid.uuid4().hex
         claim = resolve_claim(request, session_id, self.gallery)
         opened_at = time.time()
-        session = GateSession(session_id, gate_id, claim, stop_lists, opened_at,
-                              opened_at + self._settings.session_budget_s)  # fmt: skip
+        session = GateSession(
+            session_id, gate_id, claim, stop_lists, opened_at, opened_at + self._settings.session_budget_s
+        )
         try:
             self.book.add(session)
         except TooManySessions:
@@ -163,14 +169,25 @@ class Kiosk:
         try:
             self._announce(session, Event.KIND_OPENED)
         except Unavailable:
-            self._end(session_id, Update(session_id=session_id, outcome=session_pb2.SESSION_OUTCOME_CANCELLED,
-                                         reasons=["the session could not be announced to decision"]))  # fmt: skip
+            self._end(
+                session_id,
+                Update(
+                    session_id=session_id,
+                    outcome=session_pb2.SESSION_OUTCOME_CANCELLED,
+                    reasons=["the session could not be announced to decision"],
+                ),
+            )
             raise
-        log.info("session opened", extra={"session_id": session_id, "gate_id": gate_id,
-                                           "claim_kind": session_pb2.ClaimKind.Name(claim.kind)})  # fmt: skip
-        response = session_pb2.OpenSessionResponse(session_id=session_id, claim_kind=claim.kind,
-                                                   claim_subject_id=claim.subject_id,
-                                                   document_number=claim.document_number)  # fmt: skip
+        log.info(
+            "session opened",
+            extra={"session_id": session_id, "gate_id": gate_id, "claim_kind": session_pb2.ClaimKind.Name(claim.kind)},
+        )
+        response = session_pb2.OpenSessionResponse(
+            session_id=session_id,
+            claim_kind=claim.kind,
+            claim_subject_id=claim.subject_id,
+            document_number=claim.document_number,
+        )
         response.deadline.FromNanoseconds(int(session.deadline * 1e9))
         return response
 
@@ -195,18 +212,24 @@ class Kiosk:
     @staticmethod
     def _frame_ref(session: GateSession, sequence: int) -> types_pb2.FrameRef:
         return types_pb2.FrameRef(
-            frame_id=f"{session.gate_id}:{session.session_id}:{sequence}", source_id=session.gate_id,
-            sequence=sequence, captured_at=codec.now(), purpose=types_pb2.PURPOSE_ECHANNEL,
-            session_id=session.session_id, claim_subject_id=session.claim.subject_id, watchlists=session.stop_lists,
-        )  # fmt: skip
+            frame_id=f"{session.gate_id}:{session.session_id}:{sequence}",
+            source_id=session.gate_id,
+            sequence=sequence,
+            captured_at=codec.now(),
+            purpose=types_pb2.PURPOSE_ECHANNEL,
+            session_id=session.session_id,
+            claim_subject_id=session.claim.subject_id,
+            watchlists=session.stop_lists,
+        )
 
     def close_session(self, request: session_pb2.CloseSessionRequest) -> None:
         """No more frames: decision decides with what it has (the frame count tells it how many to wait for)."""
         # A frame still being published (a SendFrame racing this call) is waited for: it must be counted.
         session = self.book.close(request.session_id, wait_s=2 * self._settings.publish_timeout_s)
         if not session.ended:
-            self._announce(session, Event.KIND_CLOSED, Update(session_id=session.session_id,
-                                                              frames_seen=session.frames_sent))  # fmt: skip
+            self._announce(
+                session, Event.KIND_CLOSED, Update(session_id=session.session_id, frames_seen=session.frames_sent)
+            )
 
     def cancel(self, request: session_pb2.CancelSessionRequest) -> None:
         session = self.book.close(request.session_id)
@@ -224,8 +247,9 @@ class Kiosk:
         session, updates = self.book.subscribe(session_id)
         return self._stream(session, updates, active)
 
-    def _stream(self, session: GateSession, updates: queue.SimpleQueue,
-                active: Callable[[], bool]) -> Iterator[session_pb2.SessionUpdate]:  # fmt: skip
+    def _stream(
+        self, session: GateSession, updates: queue.SimpleQueue, active: Callable[[], bool]
+    ) -> Iterator[session_pb2.SessionUpdate]:
         try:
             while active():
                 try:
@@ -240,18 +264,29 @@ class Kiosk:
 
     # Session events ------------------------------------------------------------------------------------------------
 
-    def _send_event(self, session: GateSession, kind: int,
-                    update: session_pb2.SessionUpdate | None = None) -> FutureRecordMetadata:  # fmt: skip
+    def _send_event(
+        self, session: GateSession, kind: int, update: session_pb2.SessionUpdate | None = None
+    ) -> FutureRecordMetadata:
         """Hand a control event to the producer (sessions topic, keyed by gate id); Unavailable when it refuses it."""
-        event = Event(kind=kind, session_id=session.session_id, gate_id=session.gate_id, claim_kind=session.claim.kind,
-                      claim_subject_id=session.claim.subject_id, at=codec.now())  # fmt: skip
+        event = Event(
+            kind=kind,
+            session_id=session.session_id,
+            gate_id=session.gate_id,
+            claim_kind=session.claim.kind,
+            claim_subject_id=session.claim.subject_id,
+            at=codec.now(),
+        )
         event.opened_at.FromNanoseconds(int(session.opened_at * 1e9))
         event.deadline.FromNanoseconds(int(session.deadline * 1e9))
         if update is not None:
             event.update.CopyFrom(update)
         try:
-            return self._capture.producer.send(SESSIONS.name, key=session.gate_id.encode(),
-                                               value=event.SerializeToString(), headers=tracing.kafka_headers())
+            return self._capture.producer.send(
+                SESSIONS.name,
+                key=session.gate_id.encode(),
+                value=event.SerializeToString(),
+                headers=tracing.kafka_headers(),
+            )
         except KafkaError as exc:
             raise Unavailable(f"the broker did not take the session event: {exc!r}") from None
 
@@ -265,8 +300,12 @@ class Kiosk:
 
     @staticmethod
     def _cancellation(session: GateSession, reason: str) -> session_pb2.SessionUpdate:
-        return Update(session_id=session.session_id, outcome=session_pb2.SESSION_OUTCOME_CANCELLED, reasons=[reason],
-                      frames_seen=session.frames_sent)  # fmt: skip
+        return Update(
+            session_id=session.session_id,
+            outcome=session_pb2.SESSION_OUTCOME_CANCELLED,
+            reasons=[reason],
+            frames_seen=session.frames_sent,
+        )
 
     def _relay(self) -> None:
         """Hand decision's PROGRESS and DECIDED events to the watchers of this replica's sessions.
@@ -300,8 +339,14 @@ class Kiosk:
         session = self.book.finish(session_id, outcome)
         if session is None:
             return None  # another replica's session, or already ended (cancelled, expired) before decision's outcome
-        log.info("session ended", extra={"session_id": session_id, "gate_id": session.gate_id,
-                                          "outcome": session_pb2.SessionOutcome.Name(outcome.outcome)})  # fmt: skip
+        log.info(
+            "session ended",
+            extra={
+                "session_id": session_id,
+                "gate_id": session.gate_id,
+                "outcome": session_pb2.SessionOutcome.Name(outcome.outcome),
+            },
+        )
         self._delete_template(session.claim)
         return session
 
@@ -328,8 +373,10 @@ class Kiosk:
             except KafkaError:
                 unannounced += 1
         if unannounced:
-            log.warning("cancellations not announced at shutdown; decision times those sessions out",
-                        extra={"count": unannounced})  # fmt: skip
+            log.warning(
+                "cancellations not announced at shutdown; decision times those sessions out",
+                extra={"count": unannounced},
+            )
         return len(ended)
 
     # Expiry and clean-up -------------------------------------------------------------------------------------------
@@ -345,7 +392,7 @@ class Kiosk:
                     swept = self._sweep_orphans(now)
                     next_orphan_sweep = now + (self._settings.orphan_sweep_interval_s if swept else 5.0)
                     self._retry_deletions()
-            except Exception:  # noqa: BLE001 - one failed round must not end expiry for good
+            except Exception:
                 log.exception("session housekeeping failed")
 
     def _expire(self, now: float) -> None:
@@ -354,8 +401,11 @@ class Kiosk:
         Decision would otherwise decide them later (decision down or far behind) and audit an acceptance the gate
         never acted on. The events are not waited for: the next expiry must not wait on the broker.
         """
-        expired = [session for session in self.book.overdue(now, self._settings.session_grace_s)
-                   if self._end(session.session_id, self._late_outcome(session)) is not None]  # fmt: skip
+        expired = [
+            session
+            for session in self.book.overdue(now, self._settings.session_grace_s)
+            if self._end(session.session_id, self._late_outcome(session)) is not None
+        ]
         for session in expired:
             reason = f"{LATE_REASON}: the gate referred the traveller to an officer"
             try:
@@ -372,8 +422,10 @@ class Kiosk:
             outcome.CopyFrom(session.progress)
         outcome.session_id = session.session_id
         outcome.outcome = session_pb2.SESSION_OUTCOME_REFER_TO_OFFICER
-        outcome.reasons[:] = [f"{LATE_REASON}: no outcome {self._settings.session_grace_s:g} s after the session's "
-                              "deadline (is the decision service running and keeping up?)"]  # fmt: skip
+        outcome.reasons[:] = [
+            f"{LATE_REASON}: no outcome {self._settings.session_grace_s:g} s after the session's "
+            "deadline (is the decision service running and keeping up?)"
+        ]
         return outcome
 
     def _delete_template(self, claim: Claim) -> None:
@@ -397,8 +449,9 @@ class Kiosk:
         try:
             self.gallery.delete(subject_id)
         except (Unavailable, InvalidInput) as exc:
-            log.warning("session template not deleted yet; will retry", extra={"subject_id": subject_id,
-                                                                               "error": str(exc)})  # fmt: skip
+            log.warning(
+                "session template not deleted yet; will retry", extra={"subject_id": subject_id, "error": str(exc)}
+            )
             with self._deletion_lock:
                 self._undeleted.add(subject_id)
             return

@@ -41,9 +41,20 @@ _WEIGHTS = (7, 3, 1)
 _LETTER_TO_DIGIT = {"O": "0", "Q": "0", "D": "0", "I": "1", "B": "8", "S": "5", "Z": "2", "G": "6"}
 _DIGIT_TO_LETTER = {"0": "O", "1": "I", "8": "B", "5": "S", "2": "Z", "6": "G"}
 _ALTERNATIVES: dict[str, tuple[str, ...]] = {
-    "0": ("O", "Q", "D"), "O": ("0",), "Q": ("0",), "D": ("0",),
-    "1": ("I",), "I": ("1",), "8": ("B",), "B": ("8",), "5": ("S",), "S": ("5",),
-    "2": ("Z",), "Z": ("2",), "6": ("G",), "G": ("6",),
+    "0": ("O", "Q", "D"),
+    "O": ("0",),
+    "Q": ("0",),
+    "D": ("0",),
+    "1": ("I",),
+    "I": ("1",),
+    "8": ("B",),
+    "B": ("8",),
+    "5": ("S",),
+    "S": ("5",),
+    "2": ("Z",),
+    "Z": ("2",),
+    "6": ("G",),
+    "G": ("6",),
 }
 # The search stops at this many substitutions in one field: beyond it nearly anything passes a mod-10 check.
 _MAX_SUBSTITUTIONS = 2
@@ -134,6 +145,7 @@ def _to_date(yymmdd: str, pivot: int) -> date | None:
 # Parsing
 # --------------------------------------------------------------------------------------------------------------------
 
+
 def parse_td3(line1: str, line2: str) -> MrzResult:
     """Parse and validate a TD3 MRZ, repairing OCR look-alikes where the check digits make it unambiguous."""
     result = MrzResult(line1=line1, line2=line2)
@@ -173,22 +185,30 @@ def _check_shape(line: str, what: str, result: MrzResult) -> bool:
 
 def _force_alphabets(l1: list[str], l2: list[str], repairs: list[str]) -> None:
     """Fix look-alikes in fields whose alphabet leaves a single possibility (no check digit needed)."""
-    letter_fields = [(l1, _DOC_CODE, "document code"), (l1, _ISSUER, "issuing state"), (l1, _NAME, "name"),
-                     (l2, _NATIONALITY, "nationality")]
+    letter_fields = [
+        (l1, _DOC_CODE, "document code"),
+        (l1, _ISSUER, "issuing state"),
+        (l1, _NAME, "name"),
+        (l2, _NATIONALITY, "nationality"),
+    ]
     for chars, (start, end), name in letter_fields:
         _replace(chars, range(start, end), _DIGIT_TO_LETTER, name, repairs)
     digit_positions = [(_BIRTH, "birth date"), (_EXPIRY, "expiry date")]
     for (start, end), name in digit_positions:
         _replace(l2, range(start, end), _LETTER_TO_DIGIT, name, repairs)
-    for position, name in ((_DOC_CHECK, "document number check digit"), (_BIRTH_CHECK, "birth date check digit"),
-                           (_EXPIRY_CHECK, "expiry date check digit"),
-                           (_OPTIONAL_CHECK, "optional data check digit"),
-                           (_COMPOSITE_CHECK, "composite check digit")):
+    for position, name in (
+        (_DOC_CHECK, "document number check digit"),
+        (_BIRTH_CHECK, "birth date check digit"),
+        (_EXPIRY_CHECK, "expiry date check digit"),
+        (_OPTIONAL_CHECK, "optional data check digit"),
+        (_COMPOSITE_CHECK, "composite check digit"),
+    ):
         _replace(l2, [position], _LETTER_TO_DIGIT, name, repairs)
 
 
-def _replace(chars: list[str], positions: Iterable[int], mapping: dict[str, str], name: str,
-             repairs: list[str]) -> None:
+def _replace(
+    chars: list[str], positions: Iterable[int], mapping: dict[str, str], name: str, repairs: list[str]
+) -> None:
     for i in positions:
         if chars[i] in mapping:
             repairs.append(f"{name}: {chars[i]!r} read as {mapping[chars[i]]!r} (position {i + 1})")
@@ -198,8 +218,10 @@ def _replace(chars: list[str], positions: Iterable[int], mapping: dict[str, str]
 def _search_alphanumeric(l2: list[str], repairs: list[str]) -> list[str]:
     """Repair the document number and optional data against their own check digits; returns ambiguity errors."""
     errors: list[str] = []
-    for (start, end), check_pos, name in ((_DOC_NUMBER, _DOC_CHECK, "document number"),
-                                          (_OPTIONAL, _OPTIONAL_CHECK, "optional data")):
+    for (start, end), check_pos, name in (
+        (_DOC_NUMBER, _DOC_CHECK, "document number"),
+        (_OPTIONAL, _OPTIONAL_CHECK, "optional data"),
+    ):
         value, check = "".join(l2[start:end]), l2[check_pos]
         if not check.isdigit() and not (check == FILLER and name == "optional data"):
             continue  # the check digit itself is unreadable: reported by the check-digit pass
@@ -213,8 +235,10 @@ def _search_alphanumeric(l2: list[str], repairs: list[str]) -> list[str]:
                     repairs.append(f"{name}: {old!r} read as {new!r} (position {start + i + 1})")
             l2[start:end] = list(repaired)
         elif len(candidates) > 1:
-            errors.append(f"{name} {value!r} fails its check digit and could be repaired "
-                          f"{len(candidates)} ways ({', '.join(sorted(candidates))}): refused as ambiguous")
+            errors.append(
+                f"{name} {value!r} fails its check digit and could be repaired "
+                f"{len(candidates)} ways ({', '.join(sorted(candidates))}): refused as ambiguous"
+            )
     return errors
 
 
@@ -274,11 +298,13 @@ def _check_digit_errors(l2: Sequence[str]) -> list[str]:
     """One clear reason per failing check digit: what is printed and what the data gives."""
     line = "".join(l2)
     composite_data = line[0:10] + line[13:20] + line[21:43]
-    checks = (("document number", line[slice(*_DOC_NUMBER)], line[_DOC_CHECK]),
-              ("birth date", line[slice(*_BIRTH)], line[_BIRTH_CHECK]),
-              ("expiry date", line[slice(*_EXPIRY)], line[_EXPIRY_CHECK]),
-              ("optional data", line[slice(*_OPTIONAL)], line[_OPTIONAL_CHECK]),
-              ("composite", composite_data, line[_COMPOSITE_CHECK]))
+    checks = (
+        ("document number", line[slice(*_DOC_NUMBER)], line[_DOC_CHECK]),
+        ("birth date", line[slice(*_BIRTH)], line[_BIRTH_CHECK]),
+        ("expiry date", line[slice(*_EXPIRY)], line[_EXPIRY_CHECK]),
+        ("optional data", line[slice(*_OPTIONAL)], line[_OPTIONAL_CHECK]),
+        ("composite", composite_data, line[_COMPOSITE_CHECK]),
+    )
     errors = []
     for name, data, printed in checks:
         if _field_check_ok(data, printed):
@@ -381,8 +407,9 @@ def _fit_line2(text: str, line1: str) -> str | None:
         return text
     # Wrong length: OCR miscounted a filler run. Try every way of growing or shrinking filler runs to 44 and keep
     # the result only if exactly one variant passes every check digit.
-    passing = {candidate for candidate in _filler_variants(text, LINE_LENGTH - len(text))
-               if parse_td3(line1, candidate).valid}
+    passing = {
+        candidate for candidate in _filler_variants(text, LINE_LENGTH - len(text)) if parse_td3(line1, candidate).valid
+    }
     return passing.pop() if len(passing) == 1 else None
 
 
@@ -396,7 +423,7 @@ def _filler_variants(text: str, delta: int) -> set[str]:
                 if delta > 0 and (char == FILLER or (i > 0 and variant[i - 1] == FILLER)):
                     grown.add(variant[:i] + FILLER + variant[i:])
                 elif delta < 0 and char == FILLER:
-                    grown.add(variant[:i] + variant[i + 1:])
+                    grown.add(variant[:i] + variant[i + 1 :])
             if delta > 0 and variant.endswith(FILLER):
                 grown.add(variant + FILLER)
         variants = grown

@@ -47,15 +47,17 @@ class KioskServicer(session_pb2_grpc.KioskServiceServicer):
 
     @rpc_errors
     @_kiosk_errors
-    def CloseSession(self, request: session_pb2.CloseSessionRequest,
-                     context: Context) -> session_pb2.CloseSessionResponse:  # fmt: skip
+    def CloseSession(
+        self, request: session_pb2.CloseSessionRequest, context: Context
+    ) -> session_pb2.CloseSessionResponse:
         self._kiosk.close_session(request)
         return session_pb2.CloseSessionResponse()
 
     @rpc_errors
     @_kiosk_errors
-    def CancelSession(self, request: session_pb2.CancelSessionRequest,
-                      context: Context) -> session_pb2.CancelSessionResponse:  # fmt: skip
+    def CancelSession(
+        self, request: session_pb2.CancelSessionRequest, context: Context
+    ) -> session_pb2.CancelSessionResponse:
         self._kiosk.cancel(request)
         return session_pb2.CancelSessionResponse()
 

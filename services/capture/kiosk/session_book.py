@@ -154,6 +154,7 @@ class SessionBook:
     def _get(self, session_id: str) -> GateSession:
         session = self._sessions.get(session_id)
         if session is None:
-            raise NotFound(f"session {session_id!r} is unknown on this capture replica (ended long ago, or opened "
-                           "on another one)")  # fmt: skip
+            raise NotFound(
+                f"session {session_id!r} is unknown on this capture replica (ended long ago, or opened on another one)"
+            )
         return session

@@ -99,7 +99,7 @@ def _letterbox(image: np.ndarray) -> tuple[np.ndarray, _Letterbox]:
     scale_y *= new_h / mid_h
     off_x, off_y = (INPUT_SIZE - new_w) // 2, (INPUT_SIZE - new_h) // 2
     canvas = np.zeros((INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
-    canvas[off_y:off_y + new_h, off_x:off_x + new_w] = image
+    canvas[off_y : off_y + new_h, off_x : off_x + new_w] = image
     tensor = canvas.transpose(2, 0, 1)[None].astype(np.float32)
     tensor *= 1.0 / 127.5
     tensor -= 1.0
@@ -119,8 +119,9 @@ def _iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
-def weighted_nms(boxes: np.ndarray, keypoints: np.ndarray, scores: np.ndarray,
-                 iou_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def weighted_nms(
+    boxes: np.ndarray, keypoints: np.ndarray, scores: np.ndarray, iou_threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MediaPipe's weighted non-maximum suppression.
 
     Take the best remaining candidate; every remaining candidate overlapping it by IoU > ``iou_threshold`` (itself
@@ -151,8 +152,9 @@ class FaceDetector:
     (onnxruntime sessions are thread-safe, but keep one detector per worker for predictable latency).
     """
 
-    def __init__(self, onnx_path: Path, score_threshold: float = 0.5, iou_threshold: float = 0.3,
-                 threads: int = 1) -> None:
+    def __init__(
+        self, onnx_path: Path, score_threshold: float = 0.5, iou_threshold: float = 0.3, threads: int = 1
+    ) -> None:
         if not 0.0 < score_threshold < 1.0:
             raise ValueError(f"score_threshold must be in (0, 1), got {score_threshold}")
         if not 0.0 <= iou_threshold <= 1.0:
@@ -193,8 +195,10 @@ class FaceDetector:
         boxes, keypoints, scores = weighted_nms(boxes[valid], keypoints[valid], scores[valid], self.iou_threshold)
         boxes = letterbox.to_original(boxes.reshape(-1, 2, 2)).reshape(-1, 4)
         keypoints = letterbox.to_original(keypoints).astype(np.float32)
-        return [_detection(box, kps, score) for box, kps, score in
-                zip(boxes.tolist(), keypoints, scores.tolist(), strict=True)]
+        return [
+            _detection(box, kps, score)
+            for box, kps, score in zip(boxes.tolist(), keypoints, scores.tolist(), strict=True)
+        ]
 
     @staticmethod
     def _decode(regressors: np.ndarray, anchors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -215,7 +219,9 @@ def _check_image(image: np.ndarray) -> None:
     if not isinstance(image, np.ndarray):
         raise ValueError(f"expected a numpy array, got {type(image).__name__}")
     if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an HxWx3 RGB image, got shape {image.shape}: convert RGBA or grayscale to RGB "
-                         "first (e.g. cv2.cvtColor(img, cv2.COLOR_RGBA2RGB))")
+        raise ValueError(
+            f"expected an HxWx3 RGB image, got shape {image.shape}: convert RGBA or grayscale to RGB "
+            "first (e.g. cv2.cvtColor(img, cv2.COLOR_RGBA2RGB))"
+        )
     if image.dtype != np.uint8:
         raise ValueError(f"expected uint8 pixels, got {image.dtype}")

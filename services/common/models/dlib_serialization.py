@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 

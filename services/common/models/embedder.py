@@ -30,9 +30,12 @@ class FaceEmbedder:
 
     def _check_signature(self, onnx_path: Path) -> None:
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
-        if ([i.name for i in inputs] != [INPUT_NAME] or inputs[0].type != "tensor(uint8)"
-                or list(inputs[0].shape[1:]) != list(_CHIP_SHAPE)
-                or [o.name for o in outputs] != [OUTPUT_NAME]):
+        if (
+            [i.name for i in inputs] != [INPUT_NAME]
+            or inputs[0].type != "tensor(uint8)"
+            or list(inputs[0].shape[1:]) != list(_CHIP_SHAPE)
+            or [o.name for o in outputs] != [OUTPUT_NAME]
+        ):
             raise ValueError(f"{onnx_path} is not a dlib ResNet descriptor model built by dlib_resnet")
 
     @property

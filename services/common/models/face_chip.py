@@ -88,12 +88,12 @@ def _rotate(center: np.ndarray, p: np.ndarray, angle: float) -> np.ndarray:
 
 def _rotated_corners(rect: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-left, top-right and bottom-left corners of ``rect`` rotated by ``angle`` about its centre."""
-    l, t, r, b = rect
-    center = np.array([(l + r) / 2.0, (t + b) / 2.0])
+    left, top, right, bottom = rect
+    center = np.array([(left + right) / 2.0, (top + bottom) / 2.0])
     return (
-        _rotate(center, np.array([l, t]), angle),
-        _rotate(center, np.array([r, t]), angle),
-        _rotate(center, np.array([l, b]), angle),
+        _rotate(center, np.array([left, top]), angle),
+        _rotate(center, np.array([right, top]), angle),
+        _rotate(center, np.array([left, bottom]), angle),
     )
 
 
@@ -187,12 +187,12 @@ def _sample_bilinear(image: np.ndarray, affine: np.ndarray, size: int) -> np.nda
 def _copy_rect(image: np.ndarray, rect: np.ndarray, size: int) -> np.ndarray:
     """dlib's basic_extract_image_chip: a plain copy of an integer rectangle, zero where it leaves the image."""
     h, w = image.shape[:2]
-    l, t = (int(math.floor(v + 0.5)) for v in rect[:2])
+    left, top = (int(math.floor(v + 0.5)) for v in rect[:2])
     chip = np.zeros((size, size, 3), np.uint8)
-    y0, x0 = max(t, 0), max(l, 0)
-    y1, x1 = min(t + size, h), min(l + size, w)
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + size, h), min(left + size, w)
     if y1 > y0 and x1 > x0:
-        chip[y0 - t : y1 - t, x0 - l : x1 - l] = image[y0:y1, x0:x1]
+        chip[y0 - top : y1 - top, x0 - left : x1 - left] = image[y0:y1, x0:x1]
     return chip
 
 

@@ -16,7 +16,9 @@ def open_session(path: Path, threads: int = 1, what: str = "model") -> ort.Infer
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{what} not found: {path} (run `make setup` or python -m sightline.common.models.convert.fetch)")
+        raise FileNotFoundError(
+            f"{what} not found: {path} (run `make setup` or python -m sightline.common.models.convert.fetch)"
+        )
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

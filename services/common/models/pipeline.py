@@ -56,10 +56,14 @@ class FaceAnalyzer:
         size = (rgb.shape[1], rgb.shape[0])
         return [
             AnalyzedFace(
-                index=i, box=np.array(d.box, dtype=np.float32), score=float(d.score), keypoints=d.keypoints,
-                landmarks=points[i], chip=chips[i],
+                index=i,
+                box=np.array(d.box, dtype=np.float32),
+                score=float(d.score),
+                keypoints=d.keypoints,
+                landmarks=points[i],
+                chip=chips[i],
                 quality=quality.measure(np.array(d.box), d.score, points[i], d.keypoints, chips[i], size),
-            )  # fmt: skip
+            )
             for i, d in enumerate(detections)
         ]
 

@@ -212,8 +212,17 @@ def chip_measures(chip_rgb: np.ndarray, mask: np.ndarray | None = None) -> tuple
 
 # Exponent of each factor in the unified score: 1 lets a factor pull the score down in full, 0.5 halves its effect
 # (in log terms). Contrast gets 0.5 because it largely repeats exposure.
-WEIGHTS = {"inter_eye_px": 1.0, "sharpness": 1.0, "exposure": 1.0, "contrast": 0.5, "yaw": 1.0, "pitch": 1.0,
-           "roll": 1.0, "detector_score": 1.0, "in_frame": 1.0}  # fmt: skip
+WEIGHTS = {
+    "inter_eye_px": 1.0,
+    "sharpness": 1.0,
+    "exposure": 1.0,
+    "contrast": 0.5,
+    "yaw": 1.0,
+    "pitch": 1.0,
+    "roll": 1.0,
+    "detector_score": 1.0,
+    "in_frame": 1.0,
+}
 
 
 def factors(c: dict[str, float], clipped: float = 0.0) -> dict[str, float]:
@@ -255,7 +264,12 @@ def _ramp(value: float, low: float, high: float) -> float:
 
 
 def measure(
-    box: np.ndarray, score: float, landmarks5: np.ndarray, keypoints6: np.ndarray, chip: np.ndarray, size: tuple[int, int]
+    box: np.ndarray,
+    score: float,
+    landmarks5: np.ndarray,
+    keypoints6: np.ndarray,
+    chip: np.ndarray,
+    size: tuple[int, int],
 ) -> Quality:
     """All quality components of one face in an image of ``size`` (width, height).
 
@@ -269,8 +283,13 @@ def measure(
     sharpness, brightness, contrast, clipped = chip_measures(chip, mask)
     components = {
         "inter_eye_px": float(np.hypot(*(left_eye - right_eye))),
-        "yaw": yaw, "pitch": pitch, "roll": roll,
-        "sharpness": sharpness, "brightness": brightness, "contrast": contrast,
-        "detector_score": float(score), "in_frame": in_frame,
-    }  # fmt: skip
+        "yaw": yaw,
+        "pitch": pitch,
+        "roll": roll,
+        "sharpness": sharpness,
+        "brightness": brightness,
+        "contrast": contrast,
+        "detector_score": float(score),
+        "in_frame": in_frame,
+    }
     return Quality(**components, score=unified_score(components, clipped))

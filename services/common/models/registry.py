@@ -44,5 +44,6 @@ def model_files(models_dir: Path | None = None) -> ModelFiles:
     if missing:
         log.debug("missing model files in %s: %s", root, missing)
         raise ModelsMissingError(
-            f"face models not found in {root}: run `make setup` (or python -m sightline.common.models.convert.fetch)")
+            f"face models not found in {root}: run `make setup` (or python -m sightline.common.models.convert.fetch)"
+        )
     return files

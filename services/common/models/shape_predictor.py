@@ -202,9 +202,7 @@ class ShapePredictor:
         points = np.floor(points) if not subpixel else points - 0.5
         return points.transpose(0, 2, 1).astype(np.float32)
 
-    def _feature_pixels(
-        self, level: _Level, shape: np.ndarray, origin: np.ndarray, extent: np.ndarray
-    ) -> np.ndarray:
+    def _feature_pixels(self, level: _Level, shape: np.ndarray, origin: np.ndarray, extent: np.ndarray) -> np.ndarray:
         """Integer image positions [K, 2, F] of the level's feature pixels, placed relative to the current shapes."""
         k = len(shape)
         # dlib casts the fitted similarity to float32

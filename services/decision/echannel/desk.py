@@ -55,9 +55,9 @@ from sightline.common.audit import Action, AuditLog
 from sightline.common.codec import outcome_name
 from sightline.common.stage import EventProcessor, InputEvent, Output, Stage
 from sightline.common.topics import ALERTS, SESSIONS
-from sightline.decision.review.recorder import AlertRecorder
-from sightline.decision.echannel.store import SessionStore
 from sightline.decision.echannel.engine import SessionEngine, SessionState, forget_stop_list_hit
+from sightline.decision.echannel.store import SessionStore
+from sightline.decision.review.recorder import AlertRecorder
 from sightline.v1 import events_pb2, session_pb2, types_pb2
 
 log = logging.getLogger(__name__)
@@ -112,9 +112,17 @@ class _Outcome:
 class SessionDesk:
     """Runs the session engine over the live topics: persists, times out, announces; thread-safe."""
 
-    def __init__(self, engine: SessionEngine, store: SessionStore, recorder: AlertRecorder, audit: AuditLog,
-                 publisher: Publisher, hold_seconds: float = 2.0, hold_max: int = 1000,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self,
+        engine: SessionEngine,
+        store: SessionStore,
+        recorder: AlertRecorder,
+        audit: AuditLog,
+        publisher: Publisher,
+        hold_seconds: float = 2.0,
+        hold_max: int = 1000,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         """``monotonic``: the clock of how long results are held and when announcements are retried (deadlines
         follow the engine's wall clock)."""
         self.engine = engine
@@ -177,7 +185,7 @@ class SessionDesk:
         while not self._stop.wait(tick_seconds):
             try:
                 self.tick(self.engine.clock())
-            except Exception:  # noqa: BLE001 - the timer must outlive a database hiccup; the next tick retries
+            except Exception:
                 log.exception("session tick failed")
 
     def _run_announcer(self) -> None:
@@ -201,8 +209,10 @@ class SessionDesk:
                 return
             state = self._open_session(event.session_id)
             if state is None:
-                log.info("session event for a session not open here: ignored",
-                         extra={"session_id": event.session_id, "kind": Kind.Name(event.kind)})  # fmt: skip
+                log.info(
+                    "session event for a session not open here: ignored",
+                    extra={"session_id": event.session_id, "kind": Kind.Name(event.kind)},
+                )
             elif event.kind == session_pb2.SessionEvent.KIND_CLOSED:
                 at = codec.seconds(event.at) if event.HasField("at") else self.engine.clock()
                 self._changed(state, self.engine.request_close(state, at, event.update.frames_seen))
@@ -240,7 +250,7 @@ class SessionDesk:
             for state in list(self._open.values()):
                 try:  # one session that cannot be saved must not hold up the time-outs of the others
                     self._tick_one(state, now)
-                except Exception:  # noqa: BLE001 - logged; the next tick tries this session again
+                except Exception:
                     log.exception("session tick failed", extra={"session_id": state.session_id})
             self._expire_held()
         self._queue_retries()
@@ -305,9 +315,15 @@ class SessionDesk:
             self._queue(_Progress(state.session_id, state.gate_id, event.SerializeToString()))
             return
         self._remember_decided(state.session_id)
-        log.info("session decided", extra={"session_id": state.session_id, "gate_id": state.gate_id,
-                                           "outcome": outcome_name(state.outcome),
-                                           "frames_seen": state.frames_seen})  # fmt: skip
+        log.info(
+            "session decided",
+            extra={
+                "session_id": state.session_id,
+                "gate_id": state.gate_id,
+                "outcome": outcome_name(state.outcome),
+                "frames_seen": state.frames_seen,
+            },
+        )
         self._queue(_Outcome(state.session_id, state, update))
 
     def _remember_decided(self, session_id: str) -> None:
@@ -382,9 +398,10 @@ class SessionDesk:
                 self.store.mark_audited(state.session_id)
             self._publish(self._event(state, session_pb2.SessionEvent.KIND_DECIDED, update), wait=True)
             self.store.mark_published(state.session_id)
-        except Exception:  # noqa: BLE001 - the outcome is stored; announcing it is retried, never lost
-            log.warning("session outcome not announced yet; will retry", exc_info=True,
-                        extra={"session_id": item.session_id})  # fmt: skip
+        except Exception:
+            log.warning(
+                "session outcome not announced yet; will retry", exc_info=True, extra={"session_id": item.session_id}
+            )
             with self._queued:
                 self._unannounced[item.session_id] = self._monotonic() + ANNOUNCE_RETRY_SECONDS
 
@@ -392,21 +409,34 @@ class SessionDesk:
         """The session's one audit record: scores and ids, never images or descriptors."""
         liveness = ("passed" if state.liveness_passed else "failed") if state.liveness_assessed else "not assessed"
         details: dict[str, Any] = {
-            "session_id": state.session_id, "gate_id": state.gate_id, "frames_seen": update.frames_seen,
-            "frames_verified": update.frames_verified, "best_similarity": f"{update.best_similarity:.3f}",
-            "best_quality": f"{update.best_quality:.0f}", "liveness": liveness,
-            "liveness_score": f"{update.liveness_score:.2f}", "policy_version": update.policy_version,
-            "model_version": update.model_version, "elapsed_ms": f"{update.elapsed_ms:.0f}",
-            "alert_id": update.alert_id or None, "reasons": "; ".join(update.reasons)[:MAX_AUDIT_REASONS_CHARS],
-        }  # fmt: skip
-        self.audit.append(f"gate:{state.gate_id}", Action.VERIFY, state.claim_subject_id, AUDIT_PURPOSE,
-                          outcome_name(state.outcome), details)  # fmt: skip
+            "session_id": state.session_id,
+            "gate_id": state.gate_id,
+            "frames_seen": update.frames_seen,
+            "frames_verified": update.frames_verified,
+            "best_similarity": f"{update.best_similarity:.3f}",
+            "best_quality": f"{update.best_quality:.0f}",
+            "liveness": liveness,
+            "liveness_score": f"{update.liveness_score:.2f}",
+            "policy_version": update.policy_version,
+            "model_version": update.model_version,
+            "elapsed_ms": f"{update.elapsed_ms:.0f}",
+            "alert_id": update.alert_id or None,
+            "reasons": "; ".join(update.reasons)[:MAX_AUDIT_REASONS_CHARS],
+        }
+        self.audit.append(
+            f"gate:{state.gate_id}",
+            Action.VERIFY,
+            state.claim_subject_id,
+            AUDIT_PURPOSE,
+            outcome_name(state.outcome),
+            details,
+        )
 
     def _publish_progress(self, item: _Progress) -> None:
         try:  # progress is informative: a lost one is superseded by the next, or by the outcome
             self.publisher.send(SESSIONS.name, item.gate_id.encode(), item.event, wait=False)
             telemetry.EVENTS_PUBLISHED.labels(SESSION_STAGE, SESSIONS.name).inc()
-        except Exception:  # noqa: BLE001 - e.g. the broker unreachable while the producer is made
+        except Exception:
             log.warning("session progress not published", exc_info=True, extra={"session_id": item.session_id})
 
     def _publish(self, event: session_pb2.SessionEvent, wait: bool) -> None:
@@ -415,8 +445,13 @@ class SessionDesk:
 
     @staticmethod
     def _event(state: SessionState, kind: int, update: session_pb2.SessionUpdate) -> session_pb2.SessionEvent:
-        event = session_pb2.SessionEvent(kind=kind, session_id=state.session_id, gate_id=state.gate_id,
-                                         claim_subject_id=state.claim_subject_id, update=update)  # fmt: skip
+        event = session_pb2.SessionEvent(
+            kind=kind,
+            session_id=state.session_id,
+            gate_id=state.gate_id,
+            claim_subject_id=state.claim_subject_id,
+            update=update,
+        )
         event.opened_at.FromNanoseconds(int(state.opened_at * 1e9))
         event.deadline.FromNanoseconds(int(state.deadline * 1e9))
         event.at.CopyFrom(codec.now())
@@ -439,8 +474,10 @@ class SessionDesk:
         for session_id, items in list(self._held.items()):
             kept = [item for item in items if item.held_at > oldest]
             if len(kept) < len(items):
-                log.info("results of a session that was never opened here dropped",
-                         extra={"session_id": session_id, "results": len(items) - len(kept)})  # fmt: skip
+                log.info(
+                    "results of a session that was never opened here dropped",
+                    extra={"session_id": session_id, "results": len(items) - len(kept)},
+                )
                 self._held_count -= len(items) - len(kept)
                 if kept:
                     self._held[session_id] = kept

@@ -135,8 +135,10 @@ class SessionEngine:
             except (OverflowError, OSError, ValueError):
                 raise codec.MalformedEvent(f"session time {stamp!r} is out of range") from None
         if deadline - opened > self.rules.max_deadline_seconds:
-            raise codec.MalformedEvent(f"session deadline {deadline - opened:.0f} s after its opening (at most "
-                                       f"{self.rules.max_deadline_seconds:g} s, echannel.max_deadline_seconds)")  # fmt: skip
+            raise codec.MalformedEvent(
+                f"session deadline {deadline - opened:.0f} s after its opening (at most "
+                f"{self.rules.max_deadline_seconds:g} s, echannel.max_deadline_seconds)"
+            )
 
     def on_result(self, state: SessionState, result: events_pb2.MatchResult) -> session_pb2.SessionUpdate:
         """Fold one frame's match result into the session; the update carries an outcome once one is reached.
@@ -166,16 +168,20 @@ class SessionEngine:
             candidate, threshold = hit
             state.stop_list_hit = (candidate.subject_id, candidate.distance, frame.frame_id)
             state.stop_lists = list(candidate.watchlists)
-            return self._refer(state, f"{STOP_LIST_REASON}{candidate.subject_id} on {', '.join(candidate.watchlists)} "
-                                      f"(distance {candidate.distance:.3f} <= {threshold})")  # fmt: skip
+            return self._refer(
+                state,
+                f"{STOP_LIST_REASON}{candidate.subject_id} on {', '.join(candidate.watchlists)} "
+                f"(distance {candidate.distance:.3f} <= {threshold})",
+            )
         reasons = self._fold_liveness(state, face.liveness)
         if reasons:
             return reasons
         if face.quality.score < self.rules.min_quality:
             state.low_quality += 1
             if state.low_quality >= self.rules.max_low_quality_frames:
-                return self._refer(state, f"repeated low quality: {state.low_quality} frames under "
-                                          f"{self.rules.min_quality:.0f}")  # fmt: skip
+                return self._refer(
+                    state, f"repeated low quality: {state.low_quality} frames under {self.rules.min_quality:.0f}"
+                )
             return []
         return self._fold_verification(state, frame, face)
 
@@ -200,19 +206,25 @@ class SessionEngine:
             return self._refer(state, "liveness failed: " + "; ".join(verdict.reasons))
         return []
 
-    def _fold_verification(self, state: SessionState, frame: types_pb2.FrameRef, face: events_pb2.FaceMatch) -> list[str]:  # noqa: E501
+    def _fold_verification(
+        self, state: SessionState, frame: types_pb2.FrameRef, face: events_pb2.FaceMatch
+    ) -> list[str]:
         verification = face.verification
         if not verification.subject_found:
             return self._refer(state, f"the claimed subject {state.claim_subject_id!r} is not enrolled")
         if self.policy.verifies(verification):  # the policy's 1:1 threshold, not matching's ``verified``
-            state.verified.append(VerifiedFrame(frame.frame_id, verification.similarity, face.quality.score,
-                                                frame.sequence))  # fmt: skip
+            state.verified.append(
+                VerifiedFrame(frame.frame_id, verification.similarity, face.quality.score, frame.sequence)
+            )
             return []
         state.mismatches.append(frame.frame_id)
         if len(state.mismatches) >= self.rules.max_mismatch_frames:
-            return self._refer(state, f"face does not match the claim on {len(state.mismatches)} good frames "
-                                      f"(last distance {verification.distance:.3f} > "
-                                      f"{self.policy.describe_threshold()})")  # fmt: skip
+            return self._refer(
+                state,
+                f"face does not match the claim on {len(state.mismatches)} good frames "
+                f"(last distance {verification.distance:.3f} > "
+                f"{self.policy.describe_threshold()})",
+            )
         return []
 
     def _accepting(self, state: SessionState) -> list[VerifiedFrame]:
@@ -230,8 +242,9 @@ class SessionEngine:
         if len(accepting) < needed:
             return []
         state.outcome = session_pb2.SESSION_OUTCOME_ACCEPT
-        liveness = (f"liveness passed (score {state.liveness_score:.2f})" if state.liveness_passed
-                    else "liveness not required")  # fmt: skip
+        liveness = (
+            f"liveness passed (score {state.liveness_score:.2f})" if state.liveness_passed else "liveness not required"
+        )
         return [f"{len(accepting)} good frames verified against the claim ({needed} needed)", liveness]
 
     def _time_out(self, state: SessionState, now: float) -> list[str]:
@@ -262,8 +275,11 @@ class SessionEngine:
         if state.decided:
             return self.update(state, [])
         now = self.clock() if now is None else now
-        reasons = (self._time_out(state, now) or self._try_to_decide(state)
-                   or self._refer(state, self._shortfall(state, "session closed")))  # fmt: skip
+        reasons = (
+            self._time_out(state, now)
+            or self._try_to_decide(state)
+            or self._refer(state, self._shortfall(state, "session closed"))
+        )
         return self.update(state, reasons)
 
     def cancel(self, state: SessionState, reason: str = "") -> session_pb2.SessionUpdate:
@@ -308,11 +324,17 @@ class SessionEngine:
         subject_id, distance, frame_id = state.stop_list_hit
         watchlists = state.stop_lists if watchlists is None else watchlists
         return events_pb2.Alert(
-            alert_id=stable_id(state.gate_id, subject_id, frame_id), source_id=state.gate_id, subject_id=subject_id,
-            watchlists=list(watchlists), distance=distance, similarity=similarity(distance),
-            evidence_frame_ids=[frame_id], status=events_pb2.ALERT_STATUS_PENDING_REVIEW, raised_at=codec.now(),
+            alert_id=stable_id(state.gate_id, subject_id, frame_id),
+            source_id=state.gate_id,
+            subject_id=subject_id,
+            watchlists=list(watchlists),
+            distance=distance,
+            similarity=similarity(distance),
+            evidence_frame_ids=[frame_id],
+            status=events_pb2.ALERT_STATUS_PENDING_REVIEW,
+            raised_at=codec.now(),
             policy_version=self.policy_version,
-        )  # fmt: skip
+        )
 
     @staticmethod
     def _refer(state: SessionState, reason: str) -> list[str]:
@@ -326,13 +348,18 @@ class SessionEngine:
             state.reasons, state.decided_at = list(reasons), self.clock()
         shown = state.reasons if state.decided else list(reasons)
         update = session_pb2.SessionUpdate(
-            session_id=state.session_id, outcome=state.outcome, reasons=shown, frames_seen=state.frames_seen,
-            frames_verified=len(state.verified), evidence_frame_ids=self._evidence(state),
+            session_id=state.session_id,
+            outcome=state.outcome,
+            reasons=shown,
+            frames_seen=state.frames_seen,
+            frames_verified=len(state.verified),
+            evidence_frame_ids=self._evidence(state),
             best_similarity=max((v.similarity for v in state.verified), default=0.0),
             best_quality=max((v.quality for v in state.verified), default=0.0),
-            liveness_score=state.liveness_score, model_version=state.model_version,
+            liveness_score=state.liveness_score,
+            model_version=state.model_version,
             policy_version=self.policy_version,
-        )  # fmt: skip
+        )
         if state.decided_at is not None and state.first_frame_at is not None:
             update.elapsed_ms = (state.decided_at - state.first_frame_at) * 1000
         return update

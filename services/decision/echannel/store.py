@@ -27,8 +27,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sightline.common.sqlstore import BackendStore, Cursor, Migration, StoreError, open_backend
-from sightline.decision.review.store import ERASURE_GRACE, note_erasure
 from sightline.decision.echannel.engine import SessionState, forget_stop_list_hit
+from sightline.decision.review.store import ERASURE_GRACE, note_erasure
 
 _PG_MIGRATION_LOCK = 0x5365_7373  # "Sess"; the same for every replica migrating the session table
 _COLUMNS = "state, audited, published"
@@ -54,10 +54,13 @@ MIGRATIONS: list[Migration] = [
             "CREATE TABLE echannel_erasures (subject_id {key} PRIMARY KEY, erased_at {timestamp} NOT NULL)",
         ),
         by_dialect={  # the claims of the sessions stored before, from their state
-            "sqlite": ("UPDATE echannel_sessions"
-                       " SET claim_subject_id = COALESCE(json_extract(state, '$.claim_subject_id'), '')",),
-            "postgresql": ("UPDATE echannel_sessions"
-                           " SET claim_subject_id = COALESCE(state::json ->> 'claim_subject_id', '')",),
+            "sqlite": (
+                "UPDATE echannel_sessions"
+                " SET claim_subject_id = COALESCE(json_extract(state, '$.claim_subject_id'), '')",
+            ),
+            "postgresql": (
+                "UPDATE echannel_sessions SET claim_subject_id = COALESCE(state::json ->> 'claim_subject_id', '')",
+            ),
         },
     ),
     Migration(
@@ -68,10 +71,13 @@ MIGRATIONS: list[Migration] = [
             "CREATE INDEX echannel_sessions_stop_idx ON echannel_sessions (stop_subject_id)",
         ),
         by_dialect={  # the hits of the sessions stored before, from their state
-            "sqlite": ("UPDATE echannel_sessions"
-                       " SET stop_subject_id = COALESCE(json_extract(state, '$.stop_list_hit[0]'), '')",),
-            "postgresql": ("UPDATE echannel_sessions"
-                           " SET stop_subject_id = COALESCE(state::json -> 'stop_list_hit' ->> 0, '')",),
+            "sqlite": (
+                "UPDATE echannel_sessions"
+                " SET stop_subject_id = COALESCE(json_extract(state, '$.stop_list_hit[0]'), '')",
+            ),
+            "postgresql": (
+                "UPDATE echannel_sessions SET stop_subject_id = COALESCE(state::json -> 'stop_list_hit' ->> 0, '')",
+            ),
         },
     ),
 ]
@@ -116,9 +122,18 @@ class SessionStore(BackendStore):
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0) ON CONFLICT (session_id) DO UPDATE"
                 " SET state = excluded.state, stop_subject_id = excluded.stop_subject_id,"
                 " updated_at = excluded.updated_at, decided = excluded.decided WHERE echannel_sessions.decided = 0",
-                (state.session_id, state.gate_id, state.claim_subject_id, _stop_subject(state), _json(state),
-                 to_db(_utc(state.opened_at)), to_db(_utc(state.deadline)), self._now(), int(state.decided)),
-            )  # fmt: skip
+                (
+                    state.session_id,
+                    state.gate_id,
+                    state.claim_subject_id,
+                    _stop_subject(state),
+                    _json(state),
+                    to_db(_utc(state.opened_at)),
+                    to_db(_utc(state.deadline)),
+                    self._now(),
+                    int(state.decided),
+                ),
+            )
             return cur.rowcount == 1
 
     def mark_audited(self, session_id: str) -> None:
@@ -129,22 +144,26 @@ class SessionStore(BackendStore):
 
     def get(self, session_id: str) -> StoredSession | None:
         with self._tx(write=False) as cur:
-            row = cur.execute(f"SELECT {_COLUMNS} FROM echannel_sessions WHERE session_id = ?",
-                              (session_id,)).fetchone()  # fmt: skip
+            row = cur.execute(
+                f"SELECT {_COLUMNS} FROM echannel_sessions WHERE session_id = ?", (session_id,)
+            ).fetchone()
         return _stored(row) if row is not None else None
 
     def load_open(self) -> list[SessionState]:
         """Every undecided session, oldest first: what a restarted service resumes (and times out if it must)."""
         with self._tx(write=False) as cur:
-            rows = cur.execute(f"SELECT {_COLUMNS} FROM echannel_sessions WHERE decided = 0"
-                               " ORDER BY opened_at").fetchall()  # fmt: skip
+            rows = cur.execute(
+                f"SELECT {_COLUMNS} FROM echannel_sessions WHERE decided = 0 ORDER BY opened_at"
+            ).fetchall()
         return [_stored(row).state for row in rows]
 
     def unannounced(self) -> list[StoredSession]:
         """Decided sessions whose audit record or KIND_DECIDED event may be missing (the service stopped between)."""
         with self._tx(write=False) as cur:
-            rows = cur.execute(f"SELECT {_COLUMNS} FROM echannel_sessions WHERE decided = 1"
-                               " AND (audited = 0 OR published = 0) ORDER BY updated_at").fetchall()  # fmt: skip
+            rows = cur.execute(
+                f"SELECT {_COLUMNS} FROM echannel_sessions WHERE decided = 1"
+                " AND (audited = 0 OR published = 0) ORDER BY updated_at"
+            ).fetchall()
         return [_stored(row) for row in rows]
 
     def purge_decided(self, older_than: datetime) -> int:
@@ -152,8 +171,10 @@ class SessionStore(BackendStore):
         older than that go too: the sessions topic no longer holds an event from before such an erasure."""
         before = self._backend.dialect.to_db_time(older_than.astimezone(UTC))
         with self._tx(write=True) as cur:
-            cur.execute("DELETE FROM echannel_sessions WHERE decided = 1 AND audited = 1 AND published = 1"
-                        " AND updated_at < ?", (before,))  # fmt: skip
+            cur.execute(
+                "DELETE FROM echannel_sessions WHERE decided = 1 AND audited = 1 AND published = 1 AND updated_at < ?",
+                (before,),
+            )
             purged = cur.rowcount
             cur.execute("DELETE FROM echannel_erasures WHERE erased_at < ?", (before,))
             return purged
@@ -177,13 +198,16 @@ class SessionStore(BackendStore):
     def _forget_stop_list_hits(self, cur: Cursor, subject_id: str) -> None:
         """Remove the subject from the stop-list hits of other travellers' sessions (``forget_stop_list_hit``); the
         sessions themselves stay, they are the other travellers'."""
-        rows = cur.execute("SELECT session_id, state FROM echannel_sessions WHERE stop_subject_id = ?",
-                           (subject_id,)).fetchall()  # fmt: skip
+        rows = cur.execute(
+            "SELECT session_id, state FROM echannel_sessions WHERE stop_subject_id = ?", (subject_id,)
+        ).fetchall()
         for session_id, text in rows:
             state = SessionState.from_dict(json.loads(text))
             forget_stop_list_hit(state)
-            cur.execute("UPDATE echannel_sessions SET state = ?, stop_subject_id = '' WHERE session_id = ?",
-                        (_json(state), session_id))  # fmt: skip
+            cur.execute(
+                "UPDATE echannel_sessions SET state = ?, stop_subject_id = '' WHERE session_id = ?",
+                (_json(state), session_id),
+            )
 
     def _erased_after(self, cur: Cursor, subject_id: str, opened_at: datetime) -> bool:
         """Whether the subject was erased after a session claiming it opened (or up to ERASURE_GRACE before)."""

@@ -33,8 +33,9 @@ class AlertRecorder:
         self._store = store
         self._audit = audit
 
-    def record(self, alert: events_pb2.Alert, purpose: str = ALERT_PURPOSE,
-               seen_at: datetime | None = None) -> events_pb2.Alert | None:  # fmt: skip
+    def record(
+        self, alert: events_pb2.Alert, purpose: str = ALERT_PURPOSE, seen_at: datetime | None = None
+    ) -> events_pb2.Alert | None:
         """The alert to publish: the new one, or on a replay the stored one with its current status; None when its
         subject was erased after ``seen_at`` (when its evidence was captured): nothing is stored, audited or to be
         published. ``purpose``: what the search that raised it was for, as audited (a camera's watchlists by
@@ -46,11 +47,21 @@ class AlertRecorder:
             return None
         if not stored.audited:
             raised = stored.alert
-            self._audit.append(SYSTEM_PRINCIPAL, Action.ALERT, raised.subject_id, purpose, PENDING,
-                               {"alert_id": raised.alert_id, "source_id": raised.source_id,
-                                "watchlists": ",".join(raised.watchlists), "policy_version": raised.policy_version,
-                                "similarity": f"{raised.similarity:.3f}",
-                                "evidence_frames": len(raised.evidence_frame_ids)})  # fmt: skip
+            self._audit.append(
+                SYSTEM_PRINCIPAL,
+                Action.ALERT,
+                raised.subject_id,
+                purpose,
+                PENDING,
+                {
+                    "alert_id": raised.alert_id,
+                    "source_id": raised.source_id,
+                    "watchlists": ",".join(raised.watchlists),
+                    "policy_version": raised.policy_version,
+                    "similarity": f"{raised.similarity:.3f}",
+                    "evidence_frames": len(raised.evidence_frame_ids),
+                },
+            )
             self._store.mark_audited(raised.alert_id)
         return stored.alert
 

@@ -19,7 +19,14 @@ from sightline.common.audit import ANONYMOUS, Action, AuditLog, principal_of
 from sightline.common.rpc import InvalidInput, NotFound
 from sightline.common.topics import ALERTS
 from sightline.decision.review.store import (
-    CONFIRM, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, REJECT, ReviewRefused, ReviewStore, StoredAlert, status_name,
+    CONFIRM,
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    REJECT,
+    ReviewRefused,
+    ReviewStore,
+    StoredAlert,
+    status_name,
 )
 from sightline.v1 import events_pb2, review_pb2, review_pb2_grpc
 
@@ -33,14 +40,19 @@ _ACTIONS = {review_pb2.REVIEW_ACTION_CONFIRM: CONFIRM, review_pb2.REVIEW_ACTION_
 class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
     """``sightline.v1.ReviewService``: list, show and review alerts; publishes status changes and audits reviews."""
 
-    def __init__(self, store: ReviewStore, audit: AuditLog, publish_alert: Callable[[events_pb2.Alert], None],
-                 principal: Callable[[grpc.ServicerContext], str] = principal_of) -> None:  # fmt: skip
+    def __init__(
+        self,
+        store: ReviewStore,
+        audit: AuditLog,
+        publish_alert: Callable[[events_pb2.Alert], None],
+        principal: Callable[[grpc.ServicerContext], str] = principal_of,
+    ) -> None:
         self._store = store
         self._audit = audit
         self._publish_alert = publish_alert
         self._principal = principal
 
-    def ListAlerts(self, request: review_pb2.ListAlertsRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
+    def ListAlerts(self, request: review_pb2.ListAlertsRequest, context: grpc.ServicerContext) -> Any:
         try:
             after = int(request.page_token or 0)
         except ValueError:
@@ -53,11 +65,11 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
             reply.next_page_token = str(alerts[-1].sequence)
         return reply
 
-    def GetAlert(self, request: review_pb2.GetAlertRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
+    def GetAlert(self, request: review_pb2.GetAlertRequest, context: grpc.ServicerContext) -> Any:
         with _status_errors(context):
             return self._store.get(request.alert_id).to_proto()
 
-    def ListFeedback(self, request: review_pb2.ListFeedbackRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
+    def ListFeedback(self, request: review_pb2.ListFeedbackRequest, context: grpc.ServicerContext) -> Any:
         since = request.since.ToDatetime(UTC) if request.HasField("since") else None
         feedback = self._store.feedback(since)
         reply = review_pb2.ListFeedbackResponse(feedback=[f.to_proto() for f in feedback])
@@ -66,16 +78,23 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
             reply.counts.add(subject_id=subject_id, source_id=source_id, rejections=rejections)
         return reply
 
-    def ReviewAlert(self, request: review_pb2.ReviewAlertRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
+    def ReviewAlert(self, request: review_pb2.ReviewAlertRequest, context: grpc.ServicerContext) -> Any:
         reviewer = self._principal(context)
         if not reviewer:
-            self._audit.append(ANONYMOUS, Action.ACCESS_DENIED, "", REVIEW_PURPOSE, "refused: no principal",
-                               {"alert_id": request.alert_id[:64], "method": "ReviewAlert"})  # fmt: skip
+            self._audit.append(
+                ANONYMOUS,
+                Action.ACCESS_DENIED,
+                "",
+                REVIEW_PURPOSE,
+                "refused: no principal",
+                {"alert_id": request.alert_id[:64], "method": "ReviewAlert"},
+            )
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "reviewing needs an authenticated reviewer")
         action = _ACTIONS.get(request.action, "")
         with _status_errors(context, on_error=lambda error: self._audit_refused(reviewer, request, action, error)):
-            after, changed = self._store.review(request.alert_id, reviewer, action, request.comment,
-                                                request.not_this_person)  # fmt: skip
+            after, changed = self._store.review(
+                request.alert_id, reviewer, action, request.comment, request.not_this_person
+            )
         self._audit_review(reviewer, request, action, after, after.status)
         if changed:
             self.flush_outbox()
@@ -87,26 +106,34 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
         for stored in self._store.unpublished():
             try:
                 self._publish_alert(stored.alert)
-            except Exception:  # noqa: BLE001 - stays in the outbox; the next review or restart tries again
-                log.warning("could not publish an alert status change; will retry", exc_info=True,
-                            extra={"alert_id": stored.alert.alert_id, "status": stored.status})  # fmt: skip
+            except Exception:
+                log.warning(
+                    "could not publish an alert status change; will retry",
+                    exc_info=True,
+                    extra={"alert_id": stored.alert.alert_id, "status": stored.status},
+                )
                 break
             self._store.mark_published(stored.alert.alert_id, stored.status)
             published += 1
         return published
 
-    def _audit_refused(self, reviewer: str, request: review_pb2.ReviewAlertRequest, action: str,
-                       error: Exception) -> None:  # fmt: skip
+    def _audit_refused(
+        self, reviewer: str, request: review_pb2.ReviewAlertRequest, action: str, error: Exception
+    ) -> None:
         try:
             current: StoredAlert | None = self._store.get(request.alert_id)  # names the subject, when there is one
         except (NotFound, InvalidInput):
             current = None
         self._audit_review(reviewer, request, action, current, f"refused: {error}")
 
-    def _audit_review(self, reviewer: str, request: review_pb2.ReviewAlertRequest, action: str,
-                      after: StoredAlert | None, result: str) -> None:  # fmt: skip
-        details: dict[str, Any] = {"alert_id": after.alert.alert_id if after else request.alert_id[:64],
-                                   "action": action or "UNSPECIFIED", "not_this_person": request.not_this_person}
+    def _audit_review(
+        self, reviewer: str, request: review_pb2.ReviewAlertRequest, action: str, after: StoredAlert | None, result: str
+    ) -> None:
+        details: dict[str, Any] = {
+            "alert_id": after.alert.alert_id if after else request.alert_id[:64],
+            "action": action or "UNSPECIFIED",
+            "not_this_person": request.not_this_person,
+        }
         if after is not None:
             details.update(source_id=after.alert.source_id, confirmations=after.confirmations)
         subject = after.alert.subject_id if after else ""
@@ -114,10 +141,15 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
 
 
 @contextmanager
-def _status_errors(context: grpc.ServicerContext, on_error: Callable[[Exception], None] | None = None) -> Iterator[None]:
+def _status_errors(
+    context: grpc.ServicerContext, on_error: Callable[[Exception], None] | None = None
+) -> Iterator[None]:
     """Map the store's errors to gRPC statuses with their message; ``on_error`` sees the error first (to audit it)."""
-    codes = ((InvalidInput, grpc.StatusCode.INVALID_ARGUMENT), (NotFound, grpc.StatusCode.NOT_FOUND),
-             (ReviewRefused, grpc.StatusCode.FAILED_PRECONDITION))  # fmt: skip
+    codes = (
+        (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+        (NotFound, grpc.StatusCode.NOT_FOUND),
+        (ReviewRefused, grpc.StatusCode.FAILED_PRECONDITION),
+    )
     try:
         yield
     except (InvalidInput, NotFound, ReviewRefused) as error:
@@ -129,6 +161,7 @@ def _status_errors(context: grpc.ServicerContext, on_error: Callable[[Exception]
 
 def alert_publisher(publisher: Any) -> Callable[[events_pb2.Alert], None]:
     """Publish an alert's new status to ``sightline.alerts.v1``, keyed by source id, waiting for the broker."""
+
     def publish(alert: events_pb2.Alert) -> None:
         publisher.send(ALERTS.name, alert.source_id.encode(), alert.SerializeToString(), wait=True)
 

@@ -108,11 +108,16 @@ class StoredAlert:
         return len(confirmers(self.reviews))
 
     def to_proto(self) -> review_pb2.ReviewedAlert:
-        reply = review_pb2.ReviewedAlert(alert=self.alert, confirmations=self.confirmations,
-                                         confirmations_required=CONFIRMATIONS_REQUIRED)  # fmt: skip
+        reply = review_pb2.ReviewedAlert(
+            alert=self.alert, confirmations=self.confirmations, confirmations_required=CONFIRMATIONS_REQUIRED
+        )
         for r in self.reviews:
-            review = reply.reviews.add(reviewer=r.reviewer, action=review_pb2.ReviewAction.Value(f"REVIEW_ACTION_{r.action}"),
-                                       comment=r.comment, not_this_person=r.not_this_person)  # fmt: skip
+            review = reply.reviews.add(
+                reviewer=r.reviewer,
+                action=review_pb2.ReviewAction.Value(f"REVIEW_ACTION_{r.action}"),
+                comment=r.comment,
+                not_this_person=r.not_this_person,
+            )
             review.at.FromDatetime(r.at)
         return reply
 
@@ -131,8 +136,14 @@ class Feedback:
     expires_at: datetime | None
 
     def to_proto(self) -> review_pb2.Feedback:
-        made = review_pb2.Feedback(alert_id=self.alert_id, source_id=self.source_id, track_id=self.track_id,
-                                   subject_id=self.subject_id, reviewer=self.reviewer, comment=self.comment)  # fmt: skip
+        made = review_pb2.Feedback(
+            alert_id=self.alert_id,
+            source_id=self.source_id,
+            track_id=self.track_id,
+            subject_id=self.subject_id,
+            reviewer=self.reviewer,
+            comment=self.comment,
+        )
         made.at.FromDatetime(self.at)
         if self.expires_at is not None:
             made.suppresses_until.FromDatetime(self.expires_at)
@@ -211,8 +222,10 @@ class ReviewStore(BackendStore):
     @classmethod
     def open(cls, url: str, suppression_seconds: float = 3600.0) -> ReviewStore:
         """The review store at ``url``, creating or upgrading its tables. ``suppression_seconds`` <= 0: for good."""
-        store = cls(open_backend(url, what="review", application_name="sightline-decision", error=ReviewStoreError),
-                    suppression_seconds)  # fmt: skip
+        store = cls(
+            open_backend(url, what="review", application_name="sightline-decision", error=ReviewStoreError),
+            suppression_seconds,
+        )
         return store._migrated(MIGRATIONS, "review_schema_version", _PG_MIGRATION_LOCK, "review")
 
     # -- writes --------------------------------------------------------------------------------------------------
@@ -233,23 +246,40 @@ class ReviewStore(BackendStore):
         raised = alert.raised_at.ToDatetime(UTC) if alert.HasField("raised_at") else datetime.now(UTC)
         with self._tx(write=True) as cur:
             if self._erased_after(cur, alert.subject_id, seen_at or raised):
-                raise ErasedSubjectAlert(f"alert {alert.alert_id} not stored: its subject was erased after its "
-                                         "evidence was seen")  # fmt: skip
+                raise ErasedSubjectAlert(
+                    f"alert {alert.alert_id} not stored: its subject was erased after its evidence was seen"
+                )
             to_db = self._backend.dialect.to_db_time
             cur.execute(
                 "INSERT INTO review_alerts (alert_id, source_id, subject_id, status, published_status, alert,"
                 " raised_at, updated_at, seen_at, audited) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
                 " ON CONFLICT (alert_id) DO NOTHING",
-                (alert.alert_id, alert.source_id, alert.subject_id, PENDING, PENDING, stored.SerializeToString(),
-                 to_db(raised), now, to_db(seen_at or raised)),
-            )  # fmt: skip
+                (
+                    alert.alert_id,
+                    alert.source_id,
+                    alert.subject_id,
+                    PENDING,
+                    PENDING,
+                    stored.SerializeToString(),
+                    to_db(raised),
+                    now,
+                    to_db(seen_at or raised),
+                ),
+            )
             created = cur.rowcount == 1
             found = self._load(cur, alert.alert_id)
         assert found is not None  # inserted or already there, in the same transaction
         return found, created
 
-    def review(self, alert_id: str, reviewer: str, action: str, comment: str = "",
-               not_this_person: bool = False, track_id: str = "") -> tuple[StoredAlert, bool]:  # fmt: skip
+    def review(
+        self,
+        alert_id: str,
+        reviewer: str,
+        action: str,
+        comment: str = "",
+        not_this_person: bool = False,
+        track_id: str = "",
+    ) -> tuple[StoredAlert, bool]:
         """Apply one reviewer's action; returns (the alert after it, whether its status changed).
 
         Raises NotFound (unknown alert), InvalidInput (bad arguments), ReviewRefused (closed alert, or a reviewer
@@ -259,8 +289,9 @@ class ReviewStore(BackendStore):
         now = datetime.now(UTC)
         with self._tx(write=True) as cur:
             alert_id = self._resolve(cur, alert_id)
-            row = cur.execute("SELECT status FROM review_alerts WHERE alert_id = ?" + self._backend.dialect.for_update,
-                              (alert_id,)).fetchone()  # fmt: skip
+            row = cur.execute(
+                "SELECT status FROM review_alerts WHERE alert_id = ?" + self._backend.dialect.for_update, (alert_id,)
+            ).fetchone()
             current = self._load(cur, alert_id)
             assert row is not None and current is not None
             new_status = _next_status(current, reviewer, action)
@@ -270,8 +301,10 @@ class ReviewStore(BackendStore):
                 (alert_id, reviewer, action, comment, int(not_this_person), self._backend.dialect.to_db_time(now)),
             )
             if new_status != current.status:
-                cur.execute("UPDATE review_alerts SET status = ?, updated_at = ? WHERE alert_id = ?",
-                            (new_status, self._backend.dialect.to_db_time(now), alert_id))  # fmt: skip
+                cur.execute(
+                    "UPDATE review_alerts SET status = ?, updated_at = ? WHERE alert_id = ?",
+                    (new_status, self._backend.dialect.to_db_time(now), alert_id),
+                )
             if not_this_person:
                 self._suppress(cur, current.alert, track_id, reviewer, comment, now)
             after = self._load(cur, alert_id)
@@ -286,8 +319,10 @@ class ReviewStore(BackendStore):
     def mark_published(self, alert_id: str, status: str) -> None:
         """The alert with this status has reached the alerts topic (the outbox entry is done)."""
         with self._tx(write=True) as cur:
-            cur.execute("UPDATE review_alerts SET published_status = ? WHERE alert_id = ? AND status = ?",
-                        (status, alert_id, status))  # fmt: skip
+            cur.execute(
+                "UPDATE review_alerts SET published_status = ? WHERE alert_id = ? AND status = ?",
+                (status, alert_id, status),
+            )
 
     def purge(self, raised_before: datetime) -> int:
         """Delete alerts raised before the cut-off, whatever their status, with their reviews, and the "not this
@@ -300,8 +335,10 @@ class ReviewStore(BackendStore):
             old = "SELECT alert_id FROM review_alerts WHERE raised_at < ?"
             cur.execute(f"DELETE FROM alert_reviews WHERE alert_id IN ({old})", (cutoff,))
             deleted = cur.execute("DELETE FROM review_alerts WHERE raised_at < ?", (cutoff,)).rowcount
-            cur.execute("DELETE FROM review_suppressions WHERE created_at < ? AND expires_at IS NOT NULL"
-                        " AND expires_at < ?", (cutoff, now))  # fmt: skip
+            cur.execute(
+                "DELETE FROM review_suppressions WHERE created_at < ? AND expires_at IS NOT NULL AND expires_at < ?",
+                (cutoff, now),
+            )
             cur.execute("DELETE FROM review_erasures WHERE erased_at < ?", (cutoff,))
         return deleted
 
@@ -332,23 +369,29 @@ class ReviewStore(BackendStore):
         assert found is not None
         return found
 
-    def list_alerts(self, status: str | None = None, limit: int = DEFAULT_PAGE_SIZE, after: int = 0) -> list[StoredAlert]:
+    def list_alerts(
+        self, status: str | None = None, limit: int = DEFAULT_PAGE_SIZE, after: int = 0
+    ) -> list[StoredAlert]:
         """Alerts in the order they were raised (oldest first) after the sequence ``after``, optionally one status."""
         conditions, params = ["seq > ?"], [int(after)]
         if status:
             conditions.append("status = ?")
             params.append(status)
         with self._tx(write=False) as cur:
-            ids = cur.execute(f"SELECT alert_id FROM review_alerts WHERE {' AND '.join(conditions)} ORDER BY seq"
-                              " LIMIT ?", [*params, max(1, min(int(limit), MAX_PAGE_SIZE))]).fetchall()  # fmt: skip
+            ids = cur.execute(
+                f"SELECT alert_id FROM review_alerts WHERE {' AND '.join(conditions)} ORDER BY seq LIMIT ?",
+                [*params, max(1, min(int(limit), MAX_PAGE_SIZE))],
+            ).fetchall()
             found = [self._load(cur, alert_id) for (alert_id,) in ids]
         return [a for a in found if a is not None]
 
     def unpublished(self, limit: int = 100) -> list[StoredAlert]:
         """Alerts whose current status has not reached the alerts topic yet (the outbox)."""
         with self._tx(write=False) as cur:
-            ids = cur.execute("SELECT alert_id FROM review_alerts WHERE published_status <> status ORDER BY seq LIMIT ?",
-                              (int(limit),)).fetchall()  # fmt: skip
+            ids = cur.execute(
+                "SELECT alert_id FROM review_alerts WHERE published_status <> status ORDER BY seq LIMIT ?",
+                (int(limit),),
+            ).fetchall()
             found = [self._load(cur, alert_id) for (alert_id,) in ids]
         return [a for a in found if a is not None]
 
@@ -360,20 +403,25 @@ class ReviewStore(BackendStore):
         """
         at = at or datetime.now(UTC)
         with self._tx(write=False) as cur:
-            rows = cur.execute("SELECT track_id, expires_at FROM review_suppressions WHERE source_id = ?"
-                               " AND subject_id = ?", (source_id, subject_id)).fetchall()  # fmt: skip
+            rows = cur.execute(
+                "SELECT track_id, expires_at FROM review_suppressions WHERE source_id = ? AND subject_id = ?",
+                (source_id, subject_id),
+            ).fetchall()
         dialect = self._backend.dialect
         return any(
             track in ("", track_id) and (expires is None or dialect.from_db_time(expires) > at)
             for track, expires in rows
-        )  # fmt: skip
+        )
 
     def last_alert(self, source_id: str, subject_id: str) -> tuple[events_pb2.Alert, datetime] | None:
         """The last alert recorded for the subject on the source, with when its evidence was seen (its raising time
         for an alert stored before that was kept): what the engine's cool-down needs after a restart."""
         with self._tx(write=False) as cur:
-            row = cur.execute("SELECT alert, COALESCE(seen_at, raised_at) FROM review_alerts WHERE source_id = ?"
-                              " AND subject_id = ? ORDER BY seq DESC LIMIT 1", (source_id, subject_id)).fetchone()  # fmt: skip
+            row = cur.execute(
+                "SELECT alert, COALESCE(seen_at, raised_at) FROM review_alerts WHERE source_id = ?"
+                " AND subject_id = ? ORDER BY seq DESC LIMIT 1",
+                (source_id, subject_id),
+            ).fetchone()
         if row is None:
             return None
         return events_pb2.Alert.FromString(bytes(row[0])), self._backend.dialect.from_db_time(row[1])
@@ -391,11 +439,16 @@ class ReviewStore(BackendStore):
         if since is not None:
             where, params = " WHERE created_at >= ?", [self._backend.dialect.to_db_time(since)]
         with self._tx(write=False) as cur:
-            rows = cur.execute("SELECT alert_id, source_id, track_id, subject_id, reviewer, comment, created_at,"
-                               f" expires_at FROM review_suppressions{where} ORDER BY id", params).fetchall()  # fmt: skip
+            rows = cur.execute(
+                "SELECT alert_id, source_id, track_id, subject_id, reviewer, comment, created_at,"
+                f" expires_at FROM review_suppressions{where} ORDER BY id",
+                params,
+            ).fetchall()
         t = self._backend.dialect.from_db_time
-        return [Feedback(a, s, tr, sub, r, c, t(at), t(exp) if exp is not None else None)
-                for a, s, tr, sub, r, c, at, exp in rows]  # fmt: skip
+        return [
+            Feedback(a, s, tr, sub, r, c, t(at), t(exp) if exp is not None else None)
+            for a, s, tr, sub, r, c, at, exp in rows
+        ]
 
     # -- internals -----------------------------------------------------------------------------------------------
 
@@ -410,8 +463,9 @@ class ReviewStore(BackendStore):
             return alert_id
         if _ALERT_ID_PREFIX.fullmatch(alert_id or ""):
             # Only hex characters reach LIKE, so the prefix cannot carry a wildcard.
-            rows = cur.execute("SELECT alert_id FROM review_alerts WHERE alert_id LIKE ? ORDER BY alert_id LIMIT 2",
-                               (alert_id + "%",)).fetchall()  # fmt: skip
+            rows = cur.execute(
+                "SELECT alert_id FROM review_alerts WHERE alert_id LIKE ? ORDER BY alert_id LIMIT 2", (alert_id + "%",)
+            ).fetchall()
             if len(rows) == 1:
                 return str(rows[0][0])
             if len(rows) > 1:
@@ -419,8 +473,9 @@ class ReviewStore(BackendStore):
         raise NotFound(f"no alert with id {alert_id!r}")
 
     def _load(self, cur: Cursor, alert_id: str) -> StoredAlert | None:
-        row = cur.execute("SELECT seq, status, alert, audited FROM review_alerts WHERE alert_id = ?",
-                          (alert_id,)).fetchone()  # fmt: skip
+        row = cur.execute(
+            "SELECT seq, status, alert, audited FROM review_alerts WHERE alert_id = ?", (alert_id,)
+        ).fetchone()
         if row is None:
             return None
         seq, status, blob, audited = row
@@ -432,21 +487,31 @@ class ReviewStore(BackendStore):
             Review(reviewer, action, comment, bool(not_this_person), t(at))
             for reviewer, action, comment, not_this_person, at in cur.execute(
                 "SELECT reviewer, action, comment, not_this_person, at FROM alert_reviews WHERE alert_id = ?"
-                " ORDER BY id", (alert_id,)).fetchall()
-        )  # fmt: skip
+                " ORDER BY id",
+                (alert_id,),
+            ).fetchall()
+        )
         return StoredAlert(alert, reviews, int(seq), bool(audited))
 
-    def _suppress(self, cur: Cursor, alert: events_pb2.Alert, track_id: str, reviewer: str, comment: str,
-                  now: datetime) -> None:  # fmt: skip
+    def _suppress(
+        self, cur: Cursor, alert: events_pb2.Alert, track_id: str, reviewer: str, comment: str, now: datetime
+    ) -> None:
         to_db = self._backend.dialect.to_db_time
         expires = to_db(now + self._suppression) if self._suppression is not None else None
         cur.execute(
             "INSERT INTO review_suppressions (source_id, track_id, subject_id, alert_id, reviewer, comment,"
             " created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (alert.source_id, track_id or alert.track_id, alert.subject_id, alert.alert_id, reviewer, comment,
-             to_db(now), expires),
+            (
+                alert.source_id,
+                track_id or alert.track_id,
+                alert.subject_id,
+                alert.alert_id,
+                reviewer,
+                comment,
+                to_db(now),
+                expires,
+            ),
         )
-
 
 
 def note_erasure(cur: Cursor, dialect: Any, table: str, subject_id: str, erased_at: datetime | None) -> bool:
@@ -454,12 +519,16 @@ def note_erasure(cur: Cursor, dialect: Any, table: str, subject_id: str, erased_
     for a notice not newer than the last one applied there (a replay: it must delete nothing more). The row is
     locked, so concurrent replicas apply one notice once."""
     at = (erased_at or datetime.now(UTC)).astimezone(UTC)
-    known = cur.execute(f"SELECT erased_at FROM {table} WHERE subject_id = ?" + dialect.for_update,
-                        (subject_id,)).fetchone()  # fmt: skip
+    known = cur.execute(
+        f"SELECT erased_at FROM {table} WHERE subject_id = ?" + dialect.for_update, (subject_id,)
+    ).fetchone()
     if known is not None and dialect.from_db_time(known[0]) >= at:
         return False
-    cur.execute(f"INSERT INTO {table} (subject_id, erased_at) VALUES (?, ?) ON CONFLICT (subject_id)"
-                " DO UPDATE SET erased_at = excluded.erased_at", (subject_id, dialect.to_db_time(at)))  # fmt: skip
+    cur.execute(
+        f"INSERT INTO {table} (subject_id, erased_at) VALUES (?, ?) ON CONFLICT (subject_id)"
+        " DO UPDATE SET erased_at = excluded.erased_at",
+        (subject_id, dialect.to_db_time(at)),
+    )
     return True
 
 
@@ -485,6 +554,8 @@ def _next_status(current: StoredAlert, reviewer: str, action: str) -> str:
         return REJECTED
     confirmed, identity = confirmers(current.reviews), reviewer_identity(reviewer)
     if identity in confirmed:
-        raise ReviewRefused(f"{reviewer} has already confirmed alert {alert_id}; the two-person rule needs a "
-                            "confirmation by a second, different reviewer")  # fmt: skip
+        raise ReviewRefused(
+            f"{reviewer} has already confirmed alert {alert_id}; the two-person rule needs a "
+            "confirmation by a second, different reviewer"
+        )
     return CONFIRMED if len(confirmed | {identity}) >= CONFIRMATIONS_REQUIRED else PENDING

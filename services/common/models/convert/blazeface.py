@@ -77,12 +77,13 @@ def probe_stats(onnx_path: Path) -> tuple[float, float, float, float]:
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types for a bad file
+    except Exception as exc:
         raise BlazefaceVerificationError(f"{onnx_path} cannot be loaded by onnxruntime: {exc}") from exc
     inputs = session.get_inputs()
     if len(inputs) != 1 or tuple(inputs[0].shape) != INPUT_SHAPE:
-        raise BlazefaceVerificationError(f"{onnx_path}: expected one input of shape {INPUT_SHAPE}, "
-                                         f"got {[(i.name, i.shape) for i in inputs]}")
+        raise BlazefaceVerificationError(
+            f"{onnx_path}: expected one input of shape {INPUT_SHAPE}, got {[(i.name, i.shape) for i in inputs]}"
+        )
     outputs = session.run(None, {inputs[0].name: probe_input()})
     by_shape = {tuple(o.shape): o.astype(np.float64) for o in outputs}
     if set(by_shape) != {REGRESSORS_SHAPE, CLASSIFIER_SHAPE}:
@@ -98,10 +99,15 @@ def verify_blazeface(onnx_path: Path) -> None:
         raise BlazefaceVerificationError(f"{onnx_path} does not exist")
     got = probe_stats(onnx_path)
     names = ("sum(regressors)", "sum(|regressors|)", "sum(logits)", "max(logit)")
-    bad = [f"{name}={g:.6g} (expected {e:.6g})" for name, g, e in zip(names, got, EXPECTED_STATS, strict=True)
-           if not np.isclose(g, e, rtol=RELATIVE_TOLERANCE, atol=RELATIVE_TOLERANCE * max(1.0, abs(e)))]
+    bad = [
+        f"{name}={g:.6g} (expected {e:.6g})"
+        for name, g, e in zip(names, got, EXPECTED_STATS, strict=True)
+        if not np.isclose(g, e, rtol=RELATIVE_TOLERANCE, atol=RELATIVE_TOLERANCE * max(1.0, abs(e)))
+    ]
     if bad:
-        raise BlazefaceVerificationError(f"{onnx_path} is not the expected BlazeFace full-range model: "
-                                         + "; ".join(bad)
-                                         + ". Rebuild it with `python -m sightline.common.models.convert.fetch --force`.")
+        raise BlazefaceVerificationError(
+            f"{onnx_path} is not the expected BlazeFace full-range model: "
+            + "; ".join(bad)
+            + ". Rebuild it with `python -m sightline.common.models.convert.fetch --force`."
+        )
     log.debug("verified %s: %s", onnx_path, got)

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from sightline.common.models.descriptor_spec import CHIP_SIZE, DESCRIPTOR_SIZE, INPUT_NAME, OUTPUT_NAME
+from sightline.common.models.descriptor_spec import DESCRIPTOR_SIZE, INPUT_NAME, OUTPUT_NAME
 from sightline.common.models.dlib_serialization import DlibDeserializer, DlibSerializationError
 
 logger = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ def _pad_to(g: _GraphBuilder, x: str, shape: tuple[int, int, int], target: tuple
     """Zero-pad channels and the bottom/right border, as dlib's add_prev does."""
     if shape == target:
         return x
-    extra = [t - s for s, t in zip(shape, target)]
+    extra = [t - s for s, t in zip(shape, target, strict=True)]
     pads = np.array([0, 0, 0, 0, 0, *extra], dtype=np.int64)
     return g.op("Pad", [x, g.const("pads", pads)], mode="constant")
 
@@ -250,18 +250,15 @@ def build_onnx_model(net: DlibResnet) -> onnx.ModelProto:
     x = g.op("Mul", [x, g.const("input_scale", np.array(1.0 / 256.0, dtype=np.float32))])
     shape = (3, *net.input_size)
     tags: dict[int, tuple[str, tuple[int, int, int]]] = {}
-    for (kind, tag_id), layer in zip(arch, net.layers):
+    for (kind, tag_id), layer in zip(arch, net.layers, strict=True):
         a, w = layer.attrs, layer.weights
         if kind == "tag":
             tags[tag_id] = (x, shape)
         elif kind == "skip":
             x, shape = tags[tag_id]
         elif kind == "con":
-            x = g.op("Conv", [x, g.const("conv_w", w["weight"]), g.const("conv_b", w["bias"])],
-                     kernel_shape=[a["nr"], a["nc"]], strides=[a["stride_y"], a["stride_x"]],
-                     pads=[a["pad_y"], a["pad_x"], a["pad_y"], a["pad_x"]])
-            shape = (a["filters"], _pool_out(shape[1], a["nr"], a["stride_y"], a["pad_y"]),
-                     _pool_out(shape[2], a["nc"], a["stride_x"], a["pad_x"]))
+            conv_inputs = [x, g.const("conv_w", w["weight"]), g.const("conv_b", w["bias"])]
+            x, shape = g.op("Conv", conv_inputs, **_window(a)), _windowed(shape, a, a["filters"])
         elif kind == "affine":
             # The alias shapes broadcast correctly in both of dlib's modes:
             # (1,k,1,1) per channel, (1,k,nr,nc) per element.
@@ -274,10 +271,7 @@ def build_onnx_model(net: DlibResnet) -> onnx.ModelProto:
             x, shape = g.op(op, [x]), (shape[0], 1, 1)
         elif kind in ("max_pool", "avg_pool"):
             op = "MaxPool" if kind == "max_pool" else "AveragePool"
-            x = g.op(op, [x], kernel_shape=[a["nr"], a["nc"]], strides=[a["stride_y"], a["stride_x"]],
-                     pads=[a["pad_y"], a["pad_x"], a["pad_y"], a["pad_x"]])
-            shape = (shape[0], _pool_out(shape[1], a["nr"], a["stride_y"], a["pad_y"]),
-                     _pool_out(shape[2], a["nc"], a["stride_x"], a["pad_x"]))
+            x, shape = g.op(op, [x], **_window(a)), _windowed(shape, a, shape[0])
         elif kind == "add_prev":
             other, other_shape = tags[tag_id]
             target = _covering(shape, other_shape)
@@ -288,15 +282,40 @@ def build_onnx_model(net: DlibResnet) -> onnx.ModelProto:
             x = g.op("MatMul", [x, g.const("fc_w", w["weight"])])
             if "bias" in w:
                 x = g.op("Add", [x, g.const("fc_b", w["bias"])])
+    return _model(g, net)
+
+
+def _window(a: dict[str, int]) -> dict[str, list[int]]:
+    """The ONNX attributes of a dlib convolution or pooling window."""
+    return {
+        "kernel_shape": [a["nr"], a["nc"]],
+        "strides": [a["stride_y"], a["stride_x"]],
+        "pads": [a["pad_y"], a["pad_x"], a["pad_y"], a["pad_x"]],
+    }
+
+
+def _windowed(shape: tuple[int, int, int], a: dict[str, int], channels: int) -> tuple[int, int, int]:
+    """The (channels, rows, columns) a window layer gives from ``shape``."""
+    rows = _pool_out(shape[1], a["nr"], a["stride_y"], a["pad_y"])
+    return channels, rows, _pool_out(shape[2], a["nc"], a["stride_x"], a["pad_x"])
+
+
+def _model(g: _GraphBuilder, net: DlibResnet) -> onnx.ModelProto:
+    """The checked ONNX model of the graph built (its last node's output named as the embedder expects)."""
     g.nodes[-1].output[0] = OUTPUT_NAME
     graph = helper.make_graph(
-        g.nodes, "dlib_face_recognition_resnet_model_v1",
+        g.nodes,
+        "dlib_face_recognition_resnet_model_v1",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, ["N", *net.input_size, 3])],
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", DESCRIPTOR_SIZE])],
         initializer=g.inits,
     )
-    model = helper.make_model(graph, producer_name=PRODUCER_NAME, producer_version=PRODUCER_VERSION,
-                              opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
+    model = helper.make_model(
+        graph,
+        producer_name=PRODUCER_NAME,
+        producer_version=PRODUCER_VERSION,
+        opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
+    )
     model.ir_version = ONNX_IR_VERSION
     onnx.checker.check_model(model)
     return model

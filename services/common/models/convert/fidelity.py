@@ -33,7 +33,9 @@ def nearest_detection(hog_box: Sequence[float], detections: Sequence[Any]) -> An
     return best
 
 
-def descriptor_distances(images: Iterable[Path], sources_dir: Path, models_dir: Path | None = None) -> tuple[list[float], int]:
+def descriptor_distances(
+    images: Iterable[Path], sources_dir: Path, models_dir: Path | None = None
+) -> tuple[list[float], int]:
     """Per face found by both pipelines, the L2 distance between the descriptors; and how many HOG faces there were."""
     import dlib
 
