@@ -131,7 +131,8 @@ def grpc_service(servicer: Any) -> GrpcService:
     """The service a servicer (or servicer class) implements, found from the generated ``<Name>Servicer`` base class
     in its MRO: the full name from the ``*_pb2`` module's descriptor, the registration from ``*_pb2_grpc``.
 
-    TypeError when it subclasses no generated servicer, or several (one object serves one service).
+    TypeError when it subclasses no generated servicer, or several (one object serves one service), or leaves an
+    RPC of its service to the generated base (which would answer UNIMPLEMENTED instead of failing at start-up).
     """
     cls = servicer if isinstance(servicer, type) else type(servicer)
     bases = [
@@ -154,6 +155,9 @@ def grpc_service(servicer: Any) -> GrpcService:
     register = getattr(generated, f"add_{base.__name__}_to_server", None)
     if descriptor is None or register is None:
         raise TypeError(f"{base.__module__}.{base.__name__} is not the servicer of a service in {messages.__name__}")
+    missing = [m.name for m in descriptor.methods if getattr(cls, m.name, None) is getattr(base, m.name, None)]
+    if missing:
+        raise TypeError(f"{cls.__qualname__} does not implement {', '.join(missing)} of {descriptor.full_name}")
     return GrpcService(descriptor.full_name, register)
 
 
@@ -208,10 +212,11 @@ class GrpcServer:
         if self.port == 0:
             raise OSError(f"cannot bind gRPC server to {host}:{port}")
 
-    def add(self, servicer: Any) -> None:
+    def add(self, servicer: Any, service: GrpcService | None = None) -> None:
         """Register a servicer (a subclass of its generated ``<Name>Servicer``, see ``grpc_service``), e.g.
-        ``add(GalleryServicer(...))``; it is named in health and reflection by its service's full name."""
-        service = grpc_service(servicer)
+        ``add(GalleryServicer(...))``; it is named in health and reflection by its service's full name. ``service``:
+        what ``grpc_service`` already found for it, if the caller has it."""
+        service = service or grpc_service(servicer)
         service.register(servicer, self._server)
         self._names.append(service.full_name)
 

@@ -82,7 +82,7 @@ def run_service(
         limits=server_limits(settings),
     )
     for servicer in servicers:
-        server.add(servicer.impl)
+        server.add(servicer.impl, servicer.service)
     log.info("starting", extra={"grpc_port": settings.grpc_port, "metrics_port": settings.metrics_port})
     try:
         if stages:

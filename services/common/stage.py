@@ -140,8 +140,8 @@ def captured_at(headers: Iterable[tuple[str, bytes]]) -> float | None:
 def _captured_at_value(headers: Iterable[tuple[str, bytes]]) -> bytes | None:
     """The first ``CAPTURED_AT_HEADER`` value, when it is one (digits, not too many): only such a value is copied on."""
     value = next((value for key, value in headers if key == CAPTURED_AT_HEADER), None)
-    if isinstance(value, bytes) and 0 < len(value) <= _MAX_CAPTURED_AT_DIGITS and value.isdigit():
-        return value
+    if isinstance(value, bytes) and 0 < len(value) <= _MAX_CAPTURED_AT_DIGITS and value.isdigit() and int(value):
+        return value  # 0 is an unset capture time, not one of 1970
     return None
 
 

@@ -41,7 +41,7 @@ STAGE_LATENCY = Histogram(
 )
 END_TO_END_LATENCY = Histogram(
     "sightline_capture_to_stage_seconds",
-    "Time from frame capture to the end of this stage.",
+    "Time from frame capture until the broker acknowledged this stage's outputs for it.",
     ["service"],
     buckets=_LATENCY_BUCKETS,
 )

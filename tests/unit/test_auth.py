@@ -92,15 +92,23 @@ def test_tokens_file_round_trip_and_errors() -> None:
 # -- the role table ---------------------------------------------------------------------------------------------------
 
 
-def generated_methods() -> set[str]:
-    """Every RPC of every service in the generated sightline.v1 modules."""
-    methods = set()
+def generated_services() -> dict[str, object]:
+    """Every service of the generated sightline.v1 modules, by full name: its descriptor."""
+    services = {}
     for module in pkgutil.iter_modules(sightline.v1.__path__):
         if module.name.endswith("_pb2"):
             descriptor = importlib.import_module(f"sightline.v1.{module.name}").DESCRIPTOR
-            for service in descriptor.services_by_name.values():
-                methods |= {f"/{service.full_name}/{method.name}" for method in service.methods}
-    return methods
+            services |= {service.full_name: service for service in descriptor.services_by_name.values()}
+    return services
+
+
+def generated_methods() -> set[str]:
+    """Every RPC of every service in the generated sightline.v1 modules."""
+    return {
+        f"/{name}/{method.name}"
+        for name, service in generated_services().items()
+        for method in service.methods  # type: ignore[attr-defined]
+    }
 
 
 def test_every_rpc_has_roles_and_every_entry_is_an_rpc() -> None:
@@ -143,16 +151,6 @@ SERVICERS = (  # every servicer the services' main() register
 )
 
 
-def generated_services() -> dict[str, object]:
-    """Every service of the generated sightline.v1 modules, by full name: its descriptor."""
-    services = {}
-    for module in pkgutil.iter_modules(sightline.v1.__path__):
-        if module.name.endswith("_pb2"):
-            descriptor = importlib.import_module(f"sightline.v1.{module.name}").DESCRIPTOR
-            services |= {service.full_name: service for service in descriptor.services_by_name.values()}
-    return services
-
-
 def test_every_service_has_a_servicer_named_and_registered_from_the_generated_code() -> None:
     services = generated_services()
     implemented = {}
@@ -176,7 +174,8 @@ def test_every_service_has_a_servicer_named_and_registered_from_the_generated_co
 
 def test_a_servicer_is_named_by_its_one_generated_base_class() -> None:
     class Echo(capture_pb2_grpc.CaptureServiceServicer):
-        pass
+        def Ingest(self, request: object, context: object) -> object:
+            return request
 
     servicer = runtime.Servicer.of(Echo())
     assert servicer.service.full_name == "sightline.v1.CaptureService"
@@ -191,6 +190,12 @@ def test_a_servicer_is_named_by_its_one_generated_base_class() -> None:
     for cls in (Plain, Both):
         with pytest.raises(TypeError, match="exactly one generated sightline.v1"):
             runtime.Servicer.of(cls())
+
+    class Incomplete(capture_pb2_grpc.CaptureServiceServicer):
+        pass  # Ingest left to the generated base, which would answer UNIMPLEMENTED: refused at start-up instead
+
+    with pytest.raises(TypeError, match="does not implement Ingest of sightline.v1.CaptureService"):
+        runtime.Servicer.of(Incomplete())
 
 
 # -- admission ----------------------------------------------------------------------------------------------------

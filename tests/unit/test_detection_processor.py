@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from sightline.common import codec
-from sightline.common.models.pipeline import CHIP_SIZE
+from sightline.common.models.descriptor_spec import CHIP_SIZE
 from sightline.common.stage import InputEvent, Output, StageError
 from sightline.common.topics import FACES, FRAMES
 from sightline.detection.service import Detection
