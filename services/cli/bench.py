@@ -5,7 +5,7 @@
 decision as separate processes over the broker. Prints ``raw_fps``, ``pipeline_fps``, ``ratio`` (b/a), and the
 capture-to-decision latency measured in a second, paced pass at half the measured pipeline rate (so that it shows the
 pipeline's own latency, not the length of a queue). ``landmarks`` and ``fidelity`` check the face models;
-``gates`` simulates e-channel gates (bench_gates.py).
+``gates`` simulates e-channel gates (bench_gates.py); ``detection`` measures face detection (bench_detection.py).
 """
 
 from __future__ import annotations
@@ -55,6 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gates.add_argument("--json", action="store_true", help="print one JSON object")
     gates.add_argument("--timeout", type=float, default=300.0, help="longest wait for a private stack to start")
     gates.set_defaults(func=cmd_gates)
+    from sightline.cli import bench_detection  # `detection`: its options and cmd_detection live in bench_detection.py
+
+    bench_detection.register(kinds)
+    from sightline.cli import bench_sizes  # `sizes`: recognition by face width, its options in bench_sizes.py
+
+    bench_sizes.register(kinds)
 
 
 def bench_frames(count: int) -> list[Path]:

@@ -63,17 +63,22 @@ class Detection(EventProcessor):
         self._lock = threading.Lock()
         self._tracking_lock = threading.Lock()
 
-    def analyze(self, image: bytes, max_faces: int) -> tuple[np.ndarray, list[AnalyzedFace]]:
+    def analyze(
+        self, image: bytes, max_faces: int, min_face_px: float | None = None
+    ) -> tuple[np.ndarray, list[AnalyzedFace]]:
+        """The decoded image and its faces; ``min_face_px``: the smallest face width looked for (None: portraits)."""
         rgb = decode_image(image, self.settings.max_image_pixels)
         with self._lock, telemetry.timed(telemetry.INFERENCE_SECONDS, service=SERVICE, model="detector+landmarks"):
-            faces = self.analyzer.analyze(rgb, max_faces or self.settings.max_faces)
+            faces = self.analyzer.analyze(rgb, max_faces or self.settings.max_faces, min_face_px)
         return rgb, faces
 
     def process_event(self, event: InputEvent) -> list[Output]:
         """A frame's faces, in one ``FacesDetected``; a frame whose image cannot be decoded is dead-lettered."""
         frame = codec.parse(events_pb2.FrameCaptured, event.value)
+        cctv = frame.frame.purpose != types_pb2.PURPOSE_ECHANNEL  # gates see travellers at arm's length
+        min_face_px = self.settings.min_face_px(frame.frame.source_id) if cctv else None
         try:
-            rgb, faces = self.analyze(frame.image, self.settings.max_faces)
+            rgb, faces = self.analyze(frame.image, self.settings.max_faces, min_face_px)
         except ImageError as exc:
             raise StageError(exc.reason, str(exc), frame.frame.frame_id) from None
         ref = types_pb2.FrameRef()

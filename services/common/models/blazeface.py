@@ -6,6 +6,12 @@ box centre x, y, width, height and six keypoints (x, y), in pixels of the 192 in
 from the anchor centre. Overlapping candidates are merged by MediaPipe's weighted non-maximum suppression (a
 score-weighted average of every box that overlaps the best one), which steadies boxes and keypoints.
 
+Small faces: the whole frame letterboxed into 192x192 only finds faces at least about a tenth of the frame wide (128
+px in a 1080p frame). ``detect(image, min_face_px=...)`` adds a fine pass: the graph takes any input size (our
+conversion, convert/blazeface.py), so the frame, scaled so that a face of ``min_face_px`` is ``FINE_FACE_PX`` wide,
+is scanned in one call at that scale; its faces and the whole-frame pass's are merged by the same weighted NMS. The
+cost grows with the pixels scanned (about 4 ms per 192x192 on one core): a region of interest limits it.
+
 Produce the ONNX file with ``python -m sightline.common.models.convert.fetch``; this module needs only numpy, OpenCV and
 onnxruntime.
 """
@@ -30,6 +36,19 @@ NUM_KEYPOINTS = 6
 KEYPOINT_NAMES = ("right_eye", "left_eye", "nose_tip", "mouth", "right_ear_tragion", "left_ear_tragion")
 # Logits are clipped before the sigmoid as MediaPipe does, so that float32 exp() cannot overflow.
 _LOGIT_CLIP = 80.0
+# In the fine pass, a face of ``min_face_px`` is scaled to this many input pixels: the full-range model finds faces of
+# about 20-60 input pixels best when it scans a larger input (docs/cctv.md, `sightline bench detection`).
+FINE_FACE_PX = 20.0
+# Each finer pass sees faces of about 1x-2.5x its smallest well: passes are this factor apart down to the whole frame.
+PASS_RATIO = 2.5
+# With finer passes, a face is kept when the detector finds it again in a crop this many face widths wide around it:
+# clutter a large scan takes for a face (a clock, a hand, a patterned wall) rarely survives, real faces do
+# (`sightline bench detection`: false detections per face-free 1080p frame 1.0 -> 0.0 at the same recall).
+CONFIRM_CONTEXT = 3.0
+# The crop is letterboxed to this size for the re-check: the face is then about 43 input pixels wide, where the model
+# finds faces well, at less than half a 192x192 pass's cost (96 lets clutter through, 160 costs more for nothing).
+CONFIRM_SIZE = 128
+_FINE_MULTIPLE = 32  # the graph's input height and width must be multiples of its total stride
 
 
 @dataclass(frozen=True)
@@ -55,11 +74,48 @@ class Detection:
         return self.box[3] - self.box[1]
 
 
+_Candidates = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes [N, 4], keypoints [N, 6, 2], scores [N]
+
+
 def _anchor_centres() -> np.ndarray:
     """[2304, 2] anchor centres (x, y) in input pixels, row-major over the 48x48 grid like the model's outputs."""
-    centres = (np.arange(GRID, dtype=np.float32) + 0.5) * STRIDE
-    xs, ys = np.meshgrid(centres, centres)
+    return _grid_anchors(INPUT_SIZE, INPUT_SIZE)
+
+
+def _grid_anchors(height: int, width: int) -> np.ndarray:
+    """Anchor centres (x, y) of an input of any size: one per STRIDE x STRIDE cell, row-major like the outputs."""
+    xs, ys = np.meshgrid(
+        (np.arange(width // STRIDE, dtype=np.float32) + 0.5) * STRIDE,
+        (np.arange(height // STRIDE, dtype=np.float32) + 0.5) * STRIDE,
+    )
     return np.stack([xs.ravel(), ys.ravel()], axis=1)
+
+
+def _pass_scales(height: int, width: int, min_face_px: float | None) -> list[float]:
+    """The scales of the passes beside the whole-frame one that find faces down to ``min_face_px``: the finest maps
+    that width to FINE_FACE_PX, each next one is PASS_RATIO coarser, until the whole-frame pass takes over."""
+    if not min_face_px or min_face_px <= 0:
+        return []
+    coarse = INPUT_SIZE / max(height, width)
+    scales = []
+    scale = min(1.0, FINE_FACE_PX / min_face_px)
+    while scale > coarse * PASS_RATIO / 2:
+        scales.append(scale)
+        scale /= PASS_RATIO
+    return scales
+
+
+def _scaled(image: np.ndarray, scale: float) -> tuple[np.ndarray, None, _Letterbox]:
+    """The image resized by about ``scale`` to multiples of 32 pixels (the graph's stride), as the model's NCHW input,
+    no anchors (those of its own grid) and the per-axis mapping back to the original."""
+    height, width = image.shape[:2]
+    new_h = max(_FINE_MULTIPLE, round(height * scale / _FINE_MULTIPLE) * _FINE_MULTIPLE)
+    new_w = max(_FINE_MULTIPLE, round(width * scale / _FINE_MULTIPLE) * _FINE_MULTIPLE)
+    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    tensor = resized.transpose(2, 0, 1)[None].astype(np.float32)
+    tensor *= 1.0 / 127.5
+    tensor -= 1.0
+    return tensor, None, _Letterbox(new_w / width, new_h / height, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -79,16 +135,17 @@ class _Letterbox:
         return out
 
 
-def _letterbox(image: np.ndarray) -> tuple[np.ndarray, _Letterbox]:
-    """Resize into a black 192x192 canvas keeping the aspect ratio; returns the NCHW float input and the mapping."""
+def _letterbox(image: np.ndarray, size: int = INPUT_SIZE) -> tuple[np.ndarray, _Letterbox]:
+    """Resize into a black ``size`` x ``size`` canvas (192 by default) keeping the aspect ratio; returns the NCHW
+    float input and the mapping."""
     h, w = image.shape[:2]
-    factor = INPUT_SIZE / max(h, w)
+    factor = size / max(h, w)
     new_w, new_h = max(1, round(w * factor)), max(1, round(h * factor))
     scale = 1.0
     # Halve by 2x2 averaging while the image is at least twice the target, then finish with one bilinear step that
     # shrinks by less than 2 (so it barely aliases). OpenCV's 2x2 area path is ~10x faster than a fractional
     # INTER_AREA: 0.15 ms instead of 1.2 ms for a 640 px frame.
-    while max(image.shape[:2]) >= 2 * INPUT_SIZE and min(image.shape[:2]) >= 2:
+    while max(image.shape[:2]) >= 2 * size and min(image.shape[:2]) >= 2:
         image = cv2.resize(image, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
         scale *= 0.5  # OpenCV maps x -> x * fx exactly when fx is given, whatever the rounding of the size
     scale_x = scale_y = scale
@@ -97,8 +154,8 @@ def _letterbox(image: np.ndarray) -> tuple[np.ndarray, _Letterbox]:
         image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     scale_x *= new_w / mid_w
     scale_y *= new_h / mid_h
-    off_x, off_y = (INPUT_SIZE - new_w) // 2, (INPUT_SIZE - new_h) // 2
-    canvas = np.zeros((INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
+    off_x, off_y = (size - new_w) // 2, (size - new_h) // 2
+    canvas = np.zeros((size, size, 3), dtype=np.uint8)
     canvas[off_y : off_y + new_h, off_x : off_x + new_w] = image
     tensor = canvas.transpose(2, 0, 1)[None].astype(np.float32)
     tensor *= 1.0 / 127.5
@@ -165,6 +222,7 @@ class FaceDetector:
         # Compare logits instead of probabilities: no sigmoid on the 2304 candidates that are discarded anyway.
         self._logit_threshold = float(np.log(score_threshold / (1.0 - score_threshold)))
         self._anchors = _anchor_centres()
+        self._confirm_anchors = _grid_anchors(CONFIRM_SIZE, CONFIRM_SIZE)
         self._session = open_session(self.onnx_path, threads, "BlazeFace model")
         self._input_name = self._session.get_inputs()[0].name
         outputs = self._session.get_outputs()
@@ -172,8 +230,12 @@ class FaceDetector:
         self._reg_index = next(i for i, o in enumerate(outputs) if o.shape[-1] == 4 + 2 * NUM_KEYPOINTS)
         self._cls_index = next(i for i, o in enumerate(outputs) if o.shape[-1] == 1)
 
-    def detect(self, image_rgb: np.ndarray) -> list[Detection]:
+    def detect(self, image_rgb: np.ndarray, min_face_px: float | None = None) -> list[Detection]:
         """Faces in an HxWx3 uint8 RGB image of any size, sorted by score, highest first.
+
+        ``min_face_px``: the smallest face width (image pixels) to look for. None: the whole-frame pass only (faces
+        about a tenth of the image wide or more, as in portraits and at gates); otherwise a fine pass is added when
+        the whole-frame pass cannot see faces that small.
 
         RGBA and grayscale images must be converted by the caller (a ValueError says so), because a silent guess at
         channel order is a classic source of quietly worse recognition.
@@ -183,22 +245,57 @@ class FaceDetector:
         if height == 0 or width == 0:
             return []
         tensor, letterbox = _letterbox(image_rgb)
+        whole = self._candidates(tensor, self._anchors, letterbox)
+        finer = [self._candidates(*_scaled(image_rgb, scale)) for scale in _pass_scales(height, width, min_face_px)]
+        # A scan for small faces also re-checks the whole-frame pass's faces: in a wide CCTV frame its false ones are
+        # as much clutter as the finer passes'. Portraits and gates (no finer pass) are detected as they always were.
+        candidates = [self._confirmed(image_rgb, [whole, *finer])] if finer else [whole]
+        boxes, keypoints, scores = (np.concatenate(parts) for parts in zip(*candidates, strict=True))
+        if scores.size == 0:
+            return []
+        boxes, keypoints, scores = weighted_nms(boxes, keypoints, scores, self.iou_threshold)
+        return [
+            _detection(box, kps, score)
+            for box, kps, score in zip(boxes.tolist(), keypoints.astype(np.float32), scores.tolist(), strict=True)
+        ]
+
+    def _confirmed(self, image: np.ndarray, passes: list[_Candidates]) -> _Candidates:
+        """The faces of the passes, merged, that the detector finds again around themselves (CONFIRM_CONTEXT)."""
+        boxes, keypoints, scores = (np.concatenate(parts) for parts in zip(*passes, strict=True))
+        if scores.size == 0:
+            return boxes, keypoints, scores
+        boxes, keypoints, scores = weighted_nms(boxes, keypoints, scores, self.iou_threshold)
+        keep = np.array([self._found_again(image, box) for box in boxes], dtype=bool)
+        return boxes[keep], keypoints[keep], scores[keep]
+
+    def _found_again(self, image: np.ndarray, box: np.ndarray) -> bool:
+        """Whether a face is detected, centred within half its width of ``box``'s centre, in a crop around it."""
+        side = max(box[2] - box[0], box[3] - box[1])
+        centre = (box[:2] + box[2:]) / 2
+        x1, y1 = np.maximum(centre - CONFIRM_CONTEXT * side / 2, 0).astype(int)
+        x2, y2 = np.minimum(centre + CONFIRM_CONTEXT * side / 2, (image.shape[1], image.shape[0])).astype(int)
+        if x2 <= x1 or y2 <= y1:
+            return False
+        crop = np.ascontiguousarray(image[y1:y2, x1:x2])
+        tensor, letterbox = _letterbox(crop, CONFIRM_SIZE)
+        found, _, _ = self._candidates(tensor, self._confirm_anchors, letterbox)
+        centres = (found[:, :2] + found[:, 2:]) / 2 + (x1, y1)
+        return bool(np.any(np.all(np.abs(centres - centre) < side / 2, axis=1)))
+
+    def _candidates(self, tensor: np.ndarray, anchors: np.ndarray | None, mapping: _Letterbox) -> _Candidates:
+        """The candidate boxes [N, 4], keypoints [N, 6, 2] and scores [N] of one pass, in original-image pixels
+        (``anchors`` None: the grid of the tensor's own size)."""
+        if anchors is None:
+            anchors = _grid_anchors(*tensor.shape[2:])
         outputs = self._session.run(None, {self._input_name: tensor})
         regressors = outputs[self._reg_index].reshape(-1, 4 + 2 * NUM_KEYPOINTS)
         logits = outputs[self._cls_index].reshape(-1)
         keep = np.flatnonzero(logits >= self._logit_threshold)
-        if keep.size == 0:
-            return []
-        boxes, keypoints = self._decode(regressors[keep], self._anchors[keep])
+        boxes, keypoints = self._decode(regressors[keep], anchors[keep])
         scores = 1.0 / (1.0 + np.exp(-np.clip(logits[keep], -_LOGIT_CLIP, _LOGIT_CLIP)))
         valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        boxes, keypoints, scores = weighted_nms(boxes[valid], keypoints[valid], scores[valid], self.iou_threshold)
-        boxes = letterbox.to_original(boxes.reshape(-1, 2, 2)).reshape(-1, 4)
-        keypoints = letterbox.to_original(keypoints).astype(np.float32)
-        return [
-            _detection(box, kps, score)
-            for box, kps, score in zip(boxes.tolist(), keypoints, scores.tolist(), strict=True)
-        ]
+        boxes = mapping.to_original(boxes[valid].reshape(-1, 2, 2)).reshape(-1, 4)
+        return boxes, mapping.to_original(keypoints[valid]), scores[valid]
 
     @staticmethod
     def _decode(regressors: np.ndarray, anchors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

