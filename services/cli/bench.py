@@ -5,7 +5,8 @@
 decision as separate processes over the broker. Prints ``raw_fps``, ``pipeline_fps``, ``ratio`` (b/a), and the
 capture-to-decision latency measured in a second, paced pass at half the measured pipeline rate (so that it shows the
 pipeline's own latency, not the length of a queue). ``landmarks`` and ``fidelity`` check the face models;
-``gates`` simulates e-channel gates (bench_gates.py); ``detection`` measures face detection (bench_detection.py).
+``gates`` simulates e-channel gates (bench_gates.py); ``detection`` measures face detection (bench_detection.py);
+``sizes`` measures recognition by face size (bench_sizes.py).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from sightline.common.stage import EventProcessor, InputEvent, Output, Stage, St
 from sightline.common.topics import FACES, FRAMES
 from sightline.detection.session_liveness import SessionLiveness, traveller
 from sightline.detection.settings import DetectionSettings
-from sightline.detection.tracker import BestFaces, FaceTracker
+from sightline.detection.tracker import BestFaces, FaceTracker, Track
 from sightline.v1 import detection_pb2, detection_pb2_grpc, events_pb2, types_pb2
 
 SERVICE = "detection"
@@ -103,13 +103,22 @@ class Detection(EventProcessor):
                 ref.source_id, at, [f.box for f in faces], [f.landmarks for f in faces], size=(ref.height, ref.width)
             )
             for face, track in zip(faces, tracks, strict=True):
-                skipped = None if self.settings.search_every_face else self.best_faces.select(track, face.quality.score)
+                skipped = self._not_searched(track, face)
                 if skipped:
                     telemetry.FACES_NOT_SEARCHED.labels(SERVICE, skipped).inc()
                 proto = face_to_proto(face, include_chip=skipped is None)
                 proto.track_id = track.track_id
                 protos.append(proto)
         return protos
+
+    def _not_searched(self, track: Track, face: AnalyzedFace) -> str | None:
+        """Why a CCTV face is not searched (the FACES_NOT_SEARCHED reason), or None to search it. A face too small to
+        recognise is tracked but never searched, even with search_every_face: it takes no search of its track."""
+        if face.quality.inter_eye_px < self.settings.search_min_inter_eye_px:
+            return "too_small"
+        if self.settings.search_every_face:
+            return None
+        return self.best_faces.select(track, face.quality.score)
 
     def _assess_liveness(
         self, ref: types_pb2.FrameRef, faces: list[AnalyzedFace], detected: events_pb2.FacesDetected

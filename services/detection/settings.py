@@ -81,10 +81,17 @@ class DetectionSettings(ServiceSettings):
         description="Per camera (source id): its own smallest face width, overriding cctv_min_face_px, e.g. "
         '{"lobby": 64, "street-3": 32} (as JSON in the environment variable).',
     )
+    search_min_inter_eye_px: float = Field(
+        15.0,
+        ge=0,
+        description="A CCTV face whose eyes are fewer pixels apart is tracked but not searched: too small to "
+        "recognise reliably. 15 px is a face about 40 px wide, one step above the smallest width at which "
+        "`sightline bench sizes` still finds no loss of recognition (docs/cctv.md); 0: no floor.",
+    )
     search_every_face: bool = Field(
         False,
-        description="Search every CCTV face (tracks are still set), for benchmarks and evaluations that need a "
-        "decision per face; costs a search per face and frame.",
+        description="Search every CCTV face large enough to search (search_min_inter_eye_px; tracks are still set), "
+        "for benchmarks and evaluations that need a decision per face; costs a search per face and frame.",
     )
 
     def min_face_px(self, source_id: str) -> float | None:

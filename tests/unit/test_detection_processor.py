@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -83,3 +84,23 @@ def test_a_batch_of_frames_gives_one_result_each_and_a_bad_frame_fails_alone(
     (gate_face,) = faces_of(results[4], "gate-1").faces
     assert not gate_face.track_id and gate_face.chip_size == CHIP_SIZE, "e-channel faces: untracked, all searched"
     assert gate_face.liveness.frames == 1, "the traveller's face carries the session's liveness so far"
+
+
+def test_a_face_too_small_to_recognise_is_tracked_but_not_searched(models_dir: Path, face_photos: Path) -> None:
+    """Faces of 30 px (eyes ~11 px apart, under search_min_inter_eye_px) are followed on their track and never sent
+    for a search; faces of 64 px in the same kind of frame are (the first face of their track)."""
+    from test_small_faces import with_faces  # the same real face, shrunk into a 1080p frame
+
+    settings = DetectionSettings(models_dir=models_dir, camera_min_face_px={"street": 24, "plaza": 24})
+    detection = Detection(settings)
+    obama = np.asarray(Image.open(face_photos / "obama.jpg").convert("RGB"))
+    for source, width, searched in (("street", 30, False), ("plaza", 64, True)):
+        frame, boxes = with_faces(obama, width, seed=3)
+        out = io.BytesIO()
+        Image.fromarray(frame).save(out, "JPEG", quality=95)
+        detected = faces_of(detection.process([frame_event(out.getvalue(), source, 1)])[0], source)
+        assert len(detected.faces) >= len(boxes)
+        assert all(face.track_id for face in detected.faces)
+        assert all(bool(face.chip) == searched for face in detected.faces), (width, [f.quality for f in detected.faces])
+        eyes = [face.quality.inter_eye_px for face in detected.faces]
+        assert all((eye >= settings.search_min_inter_eye_px) == searched for eye in eyes), eyes
