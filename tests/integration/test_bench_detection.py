@@ -36,6 +36,10 @@ def test_bench_detection_prints_the_figures_and_finds_large_faces(capsys: pytest
     photos = result["dlib_testing_photos"]
     assert photos["photos"] == 5 and photos["faces"] == 25
     assert 0.0 <= photos["sightline"]["recall"] <= 1.0
+    crowd = result["crowd_1080p"]
+    assert crowd["faces"] == 40 and crowd["found"] >= 0.8 * crowd["faces"]  # a crowd at 56 px: most are found
+    assert crowd["max_faces_default"] >= crowd["faces"]  # and all of them are kept
+    assert crowd["total_ms"] == pytest.approx(crowd["analyze_ms"] + crowd["embed_ms"], abs=0.2)
     goal = result["goal"]
     for name in ("recall_faces_40px_and_wider", "false_per_face_free_frame", "ms_per_1080p_frame_median"):
         assert isinstance(goal[name]["met"], bool)
