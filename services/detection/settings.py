@@ -78,7 +78,7 @@ class DetectionSettings(ServiceSettings):
         40.0,
         ge=0,
         description="Smallest face width (pixels of the frame) looked for in CCTV frames; 0: portrait-sized faces only "
-        "(one whole-frame pass). Smaller costs more: on one core about 110 ms per 1080p frame at 40, 165 ms at 32 "
+        "(one whole-frame pass). Smaller costs more: on one core about 105 ms per 1080p frame at 40, 160 ms at 32 "
         "(docs/cctv.md). E-channel frames and the Detect API always look for portrait-sized faces only.",
     )
     camera_min_face_px: dict[str, float] = Field(

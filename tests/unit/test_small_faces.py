@@ -8,7 +8,6 @@ like frame made of gradients, noise and blocks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -58,12 +57,9 @@ def with_faces(photo: np.ndarray, width: int, seed: int) -> tuple[np.ndarray, li
     return frame, boxes
 
 
-def found(detections: list, box: tuple[float, ...]) -> bool:
-    """A detection whose centre lies in the face box."""
-    return any(
-        box[0] <= (d.box[0] + d.box[2]) / 2 <= box[2] and box[1] <= (d.box[1] + d.box[3]) / 2 <= box[3]
-        for d in detections
-    )
+def found(boxes: list, box: tuple[float, ...]) -> bool:
+    """A detected box (x1, y1, x2, y2) whose centre lies in the face box."""
+    return any(box[0] <= (b[0] + b[2]) / 2 <= box[2] and box[1] <= (b[1] + b[3]) / 2 <= box[3] for b in boxes)
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +71,9 @@ def obama(face_photos: Path) -> np.ndarray:
 def test_small_faces_are_found_with_min_face_px_only(detector: FaceDetector, obama: np.ndarray, width: int) -> None:
     frame, boxes = with_faces(obama, width, seed=width)
     whole_frame = detector.detect(frame)  # the frame letterboxed to 192 px: faces of 4-6 px, mostly unseen
-    assert sum(found(whole_frame, box) for box in boxes) <= (0 if width < 64 else 2)
+    assert sum(found([d.box for d in whole_frame], box) for box in boxes) <= (0 if width < 64 else 2)
     detections = detector.detect(frame, min_face_px=32)
-    assert all(found(detections, box) for box in boxes)
+    assert all(found([d.box for d in detections], box) for box in boxes)
     assert len(detections) <= len(boxes) + 1  # at most one spurious box in a frame of blocks and noise
     for box in boxes:
         best = min(detections, key=lambda d: abs((d.box[0] + d.box[2]) / 2 - (box[0] + box[2]) / 2))
@@ -92,20 +88,13 @@ def test_a_face_free_frame_stays_empty(detector: FaceDetector) -> None:
 def test_small_faces_go_through_landmarks_chips_and_quality(obama: np.ndarray) -> None:
     frame, boxes = with_faces(obama, 48, seed=7)
     faces = FaceAnalyzer(model_files()).analyze(frame, min_face_px=32)
-    on_faces = [face for face in faces if any(found([FaceBox(tuple(face.box))], box) for box in boxes)]
+    on_faces = [face for face in faces if any(found([face.box], box) for box in boxes)]
     assert len(on_faces) == len(boxes)
     for face in on_faces:
         assert face.chip.shape == (150, 150, 3)
         assert 10 < face.quality.inter_eye_px < 30  # about 0.4 of the face width: what searching small faces needs
         x1, y1, x2, y2 = face.box
         assert np.all((face.landmarks[:, 0] >= x1 - 5) & (face.landmarks[:, 0] <= x2 + 5))
-
-
-@dataclass(frozen=True)
-class FaceBox:
-    """The box of an AnalyzedFace, shaped like a Detection for found()."""
-
-    box: tuple[float, ...]
 
 
 def test_passes_follow_the_smallest_face() -> None:
