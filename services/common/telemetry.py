@@ -61,6 +61,12 @@ FRAMES_DROPPED = Counter(
     "CCTV frames capture did not publish (backpressure), by source and reason.",
     ["service", "source", "reason"],
 )
+SCANNED_SHARE = Histogram(
+    "sightline_detection_scanned_share",
+    "Share of each CCTV frame the detector's finest pass scanned (focused scanning, docs/cctv.md): 1 is a full scan.",
+    ["service"],
+    buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0),
+)
 FACES_NOT_SEARCHED = Counter(
     "sightline_faces_not_searched_total",
     "CCTV faces detected but not searched (best-quality selection per track).",

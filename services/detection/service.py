@@ -25,6 +25,7 @@ from sightline.common.rpc import InvalidInput, rpc_errors
 from sightline.common.runtime import Servicer, run_service
 from sightline.common.stage import EventProcessor, InputEvent, Output, Stage, StageError
 from sightline.common.topics import FACES, FRAMES
+from sightline.detection.scan_plan import PORTRAIT, ScanAreas, ScanPlanner
 from sightline.detection.session_liveness import SessionLiveness, traveller
 from sightline.detection.settings import DetectionSettings
 from sightline.detection.tracker import BestFaces, FaceTracker, Track
@@ -56,6 +57,7 @@ class Detection(EventProcessor):
         self.tracker = FaceTracker(
             settings.track_min_iou, settings.track_min_landmark_similarity, settings.track_max_age_s
         )
+        self.scan_planner = ScanPlanner(settings.cctv_motion_level)
         self.best_faces = BestFaces(
             settings.search_min_quality, settings.search_first_faces, settings.search_margin, settings.search_max_faces
         )
@@ -63,24 +65,26 @@ class Detection(EventProcessor):
         self._lock = threading.Lock()
         self._tracking_lock = threading.Lock()
 
-    def analyze(
-        self, image: bytes, max_faces: int, min_face_px: float | None = None
-    ) -> tuple[np.ndarray, list[AnalyzedFace]]:
-        """The decoded image and its faces; ``min_face_px``: the smallest face width looked for (None: portraits)."""
+    def analyze(self, image: bytes, max_faces: int) -> tuple[np.ndarray, list[AnalyzedFace]]:
+        """The decoded image and its faces, looked for at portrait size (the Detect API)."""
         rgb = decode_image(image, self.settings.max_image_pixels)
+        return rgb, self._faces(rgb, max_faces, PORTRAIT)
+
+    def _faces(self, rgb: np.ndarray, max_faces: int, areas: ScanAreas) -> list[AnalyzedFace]:
         with self._lock, telemetry.timed(telemetry.INFERENCE_SECONDS, service=SERVICE, model="detector+landmarks"):
-            faces = self.analyzer.analyze(rgb, max_faces or self.settings.max_faces, min_face_px)
-        return rgb, faces
+            return self.analyzer.analyze(
+                rgb, max_faces or self.settings.max_faces, areas.min_face_px, areas.roi, areas.focus
+            )
 
     def process_event(self, event: InputEvent) -> list[Output]:
         """A frame's faces, in one ``FacesDetected``; a frame whose image cannot be decoded is dead-lettered."""
         frame = codec.parse(events_pb2.FrameCaptured, event.value)
-        cctv = frame.frame.purpose != types_pb2.PURPOSE_ECHANNEL  # gates see travellers at arm's length
-        min_face_px = self.settings.min_face_px(frame.frame.source_id) if cctv else None
         try:
-            rgb, faces = self.analyze(frame.image, self.settings.max_faces, min_face_px)
+            rgb = decode_image(frame.image, self.settings.max_image_pixels)
         except ImageError as exc:
             raise StageError(exc.reason, str(exc), frame.frame.frame_id) from None
+        cctv = frame.frame.purpose != types_pb2.PURPOSE_ECHANNEL  # gates see travellers at arm's length
+        faces = self._faces(rgb, self.settings.max_faces, self._scan_areas(frame.frame, rgb) if cctv else PORTRAIT)
         ref = types_pb2.FrameRef()
         ref.CopyFrom(frame.frame)
         ref.height, ref.width = rgb.shape[:2]
@@ -93,6 +97,14 @@ class Detection(EventProcessor):
         )
         self._assess_liveness(ref, faces, detected)
         return [Output(FACES, ref.source_id.encode(), detected.SerializeToString())]
+
+    def _scan_areas(self, ref: types_pb2.FrameRef, rgb: np.ndarray) -> ScanAreas:
+        """Where to look in a CCTV frame: the camera's scan plan for it (scan_plan.py)."""
+        with self._tracking_lock:
+            expected = self.tracker.expected_boxes(ref.source_id, codec.seconds(ref.captured_at))
+            areas = self.scan_planner.areas(ref.source_id, self.settings.camera_scan(ref.source_id), rgb, expected)
+        telemetry.SCANNED_SHARE.labels(SERVICE).observe(areas.scanned_share(rgb.shape[1], rgb.shape[0]))
+        return areas
 
     def _track(self, ref: types_pb2.FrameRef, faces: list[AnalyzedFace]) -> list[types_pb2.DetectedFace]:
         """CCTV faces with their track ids; only those worth a search keep their chip (docs/cctv.md)."""

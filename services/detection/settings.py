@@ -2,15 +2,49 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Annotated, ClassVar
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from sightline.common.config import ServiceSettings
 from sightline.common.images import DEFAULT_MAX_PIXELS
 from sightline.common.ports import GRPC_PORTS, METRICS_PORTS
 from sightline.detection.liveness import LivenessSettings
+
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class CameraScanOverrides(BaseModel):
+    """One camera's own scan settings (DetectionSettings.cameras); None: the service's cctv_ setting."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_face_px: float | None = Field(None, ge=0, description="Smallest face width looked for; 0: portraits only.")
+    roi: list[tuple[Fraction, Fraction, Fraction, Fraction]] | None = Field(
+        None, min_length=1, description="Regions of interest [x1, y1, x2, y2], fractions of the frame."
+    )
+    tile_px: int | None = Field(None, ge=0, description="Focused-scanning tile size; 0: the whole frame each time.")
+
+    @field_validator("roi")
+    @classmethod
+    def _not_empty(
+        cls, roi: list[tuple[float, float, float, float]] | None
+    ) -> list[tuple[float, float, float, float]] | None:
+        for x1, y1, x2, y2 in roi or ():
+            if x2 <= x1 or y2 <= y1:
+                raise ValueError(f"a region of interest needs x2 > x1 and y2 > y1, got {[x1, y1, x2, y2]}")
+        return roi
+
+
+@dataclass(frozen=True)
+class CameraScan:
+    """How one camera's CCTV frames are scanned, resolved (DetectionSettings.camera_scan)."""
+
+    min_face_px: float
+    roi: list[tuple[float, float, float, float]] | None
+    tile_px: int
 
 
 class DetectionSettings(ServiceSettings):
@@ -81,10 +115,27 @@ class DetectionSettings(ServiceSettings):
         "(one whole-frame pass). Smaller costs more: on one core about 105 ms per 1080p frame at 40, 160 ms at 32 "
         "(docs/cctv.md). E-channel frames and the Detect API always look for portrait-sized faces only.",
     )
-    camera_min_face_px: dict[str, float] = Field(
+    cctv_tile_px: int = Field(
+        480,
+        ge=0,
+        description="Focused scanning (detection/scan_plan.py): after a camera's first frame, the fine passes "
+        "scan only where the picture changed, around the tracks, and one tile about this many pixels square in "
+        "turn (a 4x3 grid at 1080p: all of the frame every 12 frames). 0: the whole frame every frame, about three "
+        "times the cost (docs/cctv.md, `sightline bench detection`).",
+    )
+    cctv_motion_level: int = Field(
+        12,
+        ge=1,
+        le=255,
+        description="Grey levels a pixel of a frame's eighth-size thumbnail must change by to count as motion for "
+        "focused scanning: above JPEG and sensor noise.",
+    )
+    cameras: dict[str, CameraScanOverrides] = Field(
         default_factory=dict,
-        description="Per camera (source id): its own smallest face width, overriding cctv_min_face_px, e.g. "
-        '{"lobby": 64, "street-3": 32} (as JSON in the environment variable).',
+        description="Per camera (source id): its own scan settings, each falling back to the cctv_ one, e.g. "
+        '{"street-3": {"min_face_px": 32}, "lobby": {"min_face_px": 64, "roi": [[0, 0.3, 1, 1]], "tile_px": 0}} '
+        "(JSON in the environment variable). roi: rectangles [x1, y1, x2, y2] as fractions of the frame; faces "
+        "centred outside all of them are ignored (a poster, a screen, a neighbour's window).",
     )
     search_min_inter_eye_px: float = Field(
         15.0,
@@ -99,10 +150,14 @@ class DetectionSettings(ServiceSettings):
         "for benchmarks and evaluations that need a decision per face; costs a search per face and frame.",
     )
 
-    def min_face_px(self, source_id: str) -> float | None:
-        """The smallest face width looked for in a CCTV frame of this camera; None: portrait-sized faces only."""
-        width = self.camera_min_face_px.get(source_id, self.cctv_min_face_px)
-        return width or None
+    def camera_scan(self, source_id: str) -> CameraScan:
+        """How CCTV frames of this camera are scanned: its overrides over the cctv_ defaults."""
+        own = self.cameras.get(source_id) or CameraScanOverrides()
+        return CameraScan(
+            min_face_px=self.cctv_min_face_px if own.min_face_px is None else own.min_face_px,
+            roi=own.roi,
+            tile_px=self.cctv_tile_px if own.tile_px is None else own.tile_px,
+        )
 
     @model_validator(mode="after")
     def _first_faces_within_the_limit(self) -> DetectionSettings:

@@ -112,6 +112,13 @@ class FaceTracker:
             track or self._start(camera, state, boxes[face], landmarks[face], at) for face, track in enumerate(found)
         ]
 
+    def expected_boxes(self, camera: str, at: float) -> list[np.ndarray]:
+        """Where the camera's live tracks expect their faces at ``at``: the scan plan looks closely there."""
+        state = self._cameras.get(camera)
+        if state is None:
+            return []
+        return [track.predicted(at)[0] for track in state.tracks if at - track.last_seen <= self.max_age_s]
+
     def _candidate_pairs(
         self, tracks: list[Track], boxes: Sequence[np.ndarray], landmarks: Sequence[np.ndarray], at: float
     ) -> list[tuple[float, int, int]]:

@@ -328,6 +328,44 @@ def _soft_mask(crop_w: int, crop_h: int, face: Box) -> np.ndarray:
     return np.asarray(mask[:, :, None], np.float32)
 
 
+@dataclass(frozen=True)
+class Look:
+    """How one pasted face looks: mirrored or not, and re-lit (pixel * gain + bias) to vary against the scene."""
+
+    mirror: bool = False
+    gain: float = 1.0
+    bias: float = 0.0
+
+
+def face_patch(library: FaceLibrary, source: SourceFace, face_px: float, look: Look) -> tuple[np.ndarray, Box] | None:
+    """The source face with its head and shoulders, scaled so that its face box is ``face_px`` wide, as float RGB,
+    and the face box within the patch; None when the scale leaves nothing."""
+    cx1, cy1, cx2, cy2 = source.crop
+    patch = library.photos[source.photo][cy1:cy2, cx1:cx2]
+    bx1, by1, bx2, by2 = (source.box[0] - cx1, source.box[1] - cy1, source.box[2] - cx1, source.box[3] - cy1)
+    scale = face_px / (bx2 - bx1)
+    new_w, new_h = max(1, round(patch.shape[1] * scale)), max(1, round(patch.shape[0] * scale))
+    if new_w < 2 or new_h < 2:
+        return None
+    sx, sy = new_w / patch.shape[1], new_h / patch.shape[0]
+    if look.mirror:
+        patch = patch[:, ::-1]
+        bx1, bx2 = patch.shape[1] - bx2, patch.shape[1] - bx1
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    resized = cv2.resize(patch, (new_w, new_h), interpolation=interpolation).astype(np.float32)
+    return resized * look.gain + look.bias, (bx1 * sx, by1 * sy, bx2 * sx, by2 * sy)
+
+
+def blend(image: np.ndarray, patch: np.ndarray, face: Box, x: int, y: int) -> Box:
+    """Blend ``patch`` into the float ``image`` with its top-left corner at (x, y), with a soft edge around ``face``
+    (its face box in patch pixels); returns the face box in image pixels. The patch must fit in the image."""
+    new_h, new_w = patch.shape[:2]
+    alpha = _soft_mask(new_w, new_h, face)
+    region = image[y : y + new_h, x : x + new_w]
+    region[:] = region * (1.0 - alpha) + patch * alpha
+    return (x + face[0], y + face[1], x + face[2], y + face[3])
+
+
 def _paste_faces(
     rng: np.random.Generator, library: FaceLibrary, image: np.ndarray, face_px: int, count: int
 ) -> list[Box]:
@@ -336,21 +374,14 @@ def _paste_faces(
     truth: list[Box] = []
     for _ in range(count):
         source = library.faces[int(rng.integers(len(library.faces)))]
-        cx1, cy1, cx2, cy2 = source.crop
-        patch = library.photos[source.photo][cy1:cy2, cx1:cx2]
-        bx1, by1, bx2, by2 = (source.box[0] - cx1, source.box[1] - cy1, source.box[2] - cx1, source.box[3] - cy1)
-        scale = face_px / (bx2 - bx1)
-        new_w, new_h = max(1, round(patch.shape[1] * scale)), max(1, round(patch.shape[0] * scale))
-        sx, sy = new_w / patch.shape[1], new_h / patch.shape[0]
+        mirror = bool(rng.random() < 0.5)
+        made = face_patch(library, source, face_px, Look(mirror, rng.uniform(0.75, 1.15), rng.uniform(-15, 15)))
+        if made is None:
+            continue
+        patch, face = made
+        new_h, new_w = patch.shape[:2]
         if new_w >= width or new_h >= height:
             continue
-        if rng.random() < 0.5:
-            patch = patch[:, ::-1]
-            bx1, bx2 = patch.shape[1] - bx2, patch.shape[1] - bx1
-        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-        resized = cv2.resize(patch, (new_w, new_h), interpolation=interpolation).astype(np.float32)
-        resized = resized * rng.uniform(0.75, 1.15) + rng.uniform(-15, 15)  # re-lit to vary against the scene
-        face = (bx1 * sx, by1 * sy, bx2 * sx, by2 * sy)
         for _ in range(PLACEMENT_TRIES):
             x, y = int(rng.integers(0, width - new_w + 1)), int(rng.integers(0, height - new_h + 1))
             rect = (x, y, x + new_w, y + new_h)
@@ -358,11 +389,8 @@ def _paste_faces(
                 break
         else:
             continue  # the frame is full at this size
-        alpha = _soft_mask(new_w, new_h, face)
-        region = image[y : y + new_h, x : x + new_w]
-        region[:] = region * (1.0 - alpha) + resized * alpha
         taken.append(rect)
-        truth.append((x + face[0], y + face[1], x + face[2], y + face[3]))
+        truth.append(blend(image, patch, face, x, y))
     return truth
 
 

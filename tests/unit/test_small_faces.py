@@ -18,7 +18,6 @@ from PIL import Image
 from sightline.common.models.blazeface import FaceDetector, _pass_scales
 from sightline.common.models.pipeline import FaceAnalyzer
 from sightline.common.models.registry import model_files
-from sightline.detection.settings import DetectionSettings
 
 # The face box dlib's HOG detector gives on obama.jpg (left, top, right, bottom; test_blazeface.py): 268 px wide.
 OBAMA_BOX = (349, 142, 617, 409)
@@ -102,10 +101,3 @@ def test_passes_follow_the_smallest_face() -> None:
     assert _pass_scales(*FRAME, 200) == []  # the whole-frame pass sees faces that large
     assert _pass_scales(*FRAME, 40) == [0.5, 0.2]
     assert _pass_scales(2160, 3840, 32) == [0.625, 0.25, 0.1]  # 4K: one more pass between
-
-
-def test_each_camera_may_set_its_own_smallest_face() -> None:
-    settings = DetectionSettings(cctv_min_face_px=40, camera_min_face_px={"lobby": 64, "portraits": 0})
-    assert settings.min_face_px("street-1") == 40
-    assert settings.min_face_px("lobby") == 64
-    assert settings.min_face_px("portraits") is None

@@ -10,7 +10,12 @@ Small faces: the whole frame letterboxed into 192x192 only finds faces at least 
 px in a 1080p frame). ``detect(image, min_face_px=...)`` adds a fine pass: the graph takes any input size (our
 conversion, convert/blazeface.py), so the frame, scaled so that a face of ``min_face_px`` is ``FINE_FACE_PX`` wide,
 is scanned in one call at that scale; its faces and the whole-frame pass's are merged by the same weighted NMS. The
-cost grows with the pixels scanned (about 4 ms per 192x192 on one core): a region of interest limits it.
+cost grows with the pixels scanned (about 3 ms per 192x192 on one core, 61 ms for a 1080p frame's finest pass at
+``min_face_px`` 40), so two kinds of region limit it: ``roi``, the only parts of the frame where faces count (every
+pass is cropped to it, faces centred outside are dropped), and ``focus``, where the costly passes (inputs larger than
+FOCUSED_PASS_PIXELS) run this frame: the detection service's scan plan puts there what moves, the tracks and one tile
+of the frame in turn (detection/scan_plan.py). Each region is scanned with a margin of half the largest face its pass
+finds, so a face centred in a region is whole in its crop.
 
 Produce the ONNX file with ``python -m sightline.common.models.convert.fetch``; this module needs only numpy, OpenCV and
 onnxruntime.
@@ -19,13 +24,16 @@ onnxruntime.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from sightline.common.models import regions
 from sightline.common.models.onnx_session import open_session
+from sightline.common.models.regions import Rect
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +57,14 @@ CONFIRM_CONTEXT = 3.0
 # finds faces well, at less than half a 192x192 pass's cost (96 lets clutter through, 160 costs more for nothing).
 CONFIRM_SIZE = 128
 _FINE_MULTIPLE = 32  # the graph's input height and width must be multiples of its total stride
+# The widest face, in input pixels, that a fine pass finds well (FINE_FACE_PX x PASS_RATIO, rounded up): a region is
+# scanned with half of it (in frame pixels) as margin.
+_PASS_MAX_FACE_PX = 60.0
+_CROP_MULTIPLE = 32  # input pixels: the side of a region's crop is grown to a multiple of this
+# Passes whose input for the whole frame is larger than this (one 192x192 input) run only in ``focus`` regions when the
+# caller gives them: at 1080p and min_face_px 40 the 960x544 pass (61 ms) and the 384x224 one (8 ms), while the
+# whole-frame pass (3 ms) scans the whole region of interest every frame (`sightline bench detection`, video block).
+FOCUSED_PASS_PIXELS = INPUT_SIZE * INPUT_SIZE
 
 
 @dataclass(frozen=True)
@@ -105,27 +121,51 @@ def _pass_scales(height: int, width: int, min_face_px: float | None) -> list[flo
     return scales
 
 
-def _scaled(image: np.ndarray, scale: float) -> tuple[np.ndarray, None, _Letterbox]:
-    """The image resized by about ``scale`` to multiples of 32 pixels (the graph's stride), as the model's NCHW input,
-    no anchors (those of its own grid) and the per-axis mapping back to the original."""
-    height, width = image.shape[:2]
-    new_h = max(_FINE_MULTIPLE, round(height * scale / _FINE_MULTIPLE) * _FINE_MULTIPLE)
-    new_w = max(_FINE_MULTIPLE, round(width * scale / _FINE_MULTIPLE) * _FINE_MULTIPLE)
-    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+class _Pyramid:
+    """An image and its halvings by 2x2 averaging, made when first asked for: every pass of one frame starts from
+    the level just above its own scale and finishes with one bilinear step that shrinks by less than 2 (so it barely
+    aliases). OpenCV's 2x2 area path is ~10x faster than a fractional INTER_AREA (0.15 ms instead of 1.2 ms for a
+    640 px frame), and the passes share the halvings."""
+
+    def __init__(self, image: np.ndarray) -> None:
+        self.levels = [image]
+
+    def level(self, scale: float) -> tuple[np.ndarray, float]:
+        """The smallest level at least ``scale`` of the original's size, and its scale (a power of 1/2)."""
+        index = 0
+        while 0.5 ** (index + 1) >= scale and min(self.levels[index].shape[:2]) >= 2:
+            index += 1
+            if index == len(self.levels):
+                # OpenCV maps x -> x * fx exactly when fx is given, whatever the rounding of the size.
+                self.levels.append(cv2.resize(self.levels[-1], None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA))
+        return self.levels[index], 0.5**index
+
+
+def _scaled(pyramid: _Pyramid, rect: Rect, scale: float) -> tuple[np.ndarray, None, _Letterbox]:
+    """The ``rect`` of the image resized by about ``scale`` to multiples of 32 pixels (the graph's stride), as the
+    model's NCHW input, no anchors (those of its own grid) and the mapping back to the original image."""
+    image, level_scale = pyramid.level(scale)
+    x1, y1 = int(rect[0] * level_scale), int(rect[1] * level_scale)
+    x2 = max(x1 + 1, min(image.shape[1], int(np.ceil(rect[2] * level_scale))))
+    y2 = max(y1 + 1, min(image.shape[0], int(np.ceil(rect[3] * level_scale))))
+    new_h = max(_FINE_MULTIPLE, round((y2 - y1) / level_scale * scale / _FINE_MULTIPLE) * _FINE_MULTIPLE)
+    new_w = max(_FINE_MULTIPLE, round((x2 - x1) / level_scale * scale / _FINE_MULTIPLE) * _FINE_MULTIPLE)
+    resized = cv2.resize(image[y1:y2, x1:x2], (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     tensor = resized.transpose(2, 0, 1)[None].astype(np.float32)
     tensor *= 1.0 / 127.5
     tensor -= 1.0
-    return tensor, None, _Letterbox(new_w / width, new_h / height, 0, 0)
+    step_x, step_y = new_w / (x2 - x1), new_h / (y2 - y1)
+    return tensor, None, _Letterbox(step_x * level_scale, step_y * level_scale, -x1 * step_x, -y1 * step_y)
 
 
 @dataclass(frozen=True)
 class _Letterbox:
-    """How the original image sits inside the 192x192 input: scale per axis and top-left offset."""
+    """How the original image sits inside the model's input: scale per axis and top-left offset (input pixels)."""
 
     scale_x: float
     scale_y: float
-    offset_x: int
-    offset_y: int
+    offset_x: float
+    offset_y: float
 
     def to_original(self, points: np.ndarray) -> np.ndarray:
         """Map [..., 2] input-pixel coordinates back to original-image pixels."""
@@ -135,25 +175,20 @@ class _Letterbox:
         return out
 
 
-def _letterbox(image: np.ndarray, size: int = INPUT_SIZE) -> tuple[np.ndarray, _Letterbox]:
+def _letterbox(image: np.ndarray | _Pyramid, size: int = INPUT_SIZE) -> tuple[np.ndarray, _Letterbox]:
     """Resize into a black ``size`` x ``size`` canvas (192 by default) keeping the aspect ratio; returns the NCHW
     float input and the mapping."""
-    h, w = image.shape[:2]
+    pyramid = image if isinstance(image, _Pyramid) else _Pyramid(image)
+    h, w = pyramid.levels[0].shape[:2]
     factor = size / max(h, w)
     new_w, new_h = max(1, round(w * factor)), max(1, round(h * factor))
-    scale = 1.0
-    # Halve by 2x2 averaging while the image is at least twice the target, then finish with one bilinear step that
-    # shrinks by less than 2 (so it barely aliases). OpenCV's 2x2 area path is ~10x faster than a fractional
-    # INTER_AREA: 0.15 ms instead of 1.2 ms for a 640 px frame.
+    image, scale = pyramid.levels[0], 1.0
     while max(image.shape[:2]) >= 2 * size and min(image.shape[:2]) >= 2:
-        image = cv2.resize(image, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
-        scale *= 0.5  # OpenCV maps x -> x * fx exactly when fx is given, whatever the rounding of the size
-    scale_x = scale_y = scale
+        image, scale = pyramid.level(scale / 2)
     mid_h, mid_w = image.shape[:2]
     if (new_w, new_h) != (mid_w, mid_h):
         image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    scale_x *= new_w / mid_w
-    scale_y *= new_h / mid_h
+    scale_x, scale_y = scale * new_w / mid_w, scale * new_h / mid_h
     off_x, off_y = (size - new_w) // 2, (size - new_h) // 2
     canvas = np.zeros((size, size, 3), dtype=np.uint8)
     canvas[off_y : off_y + new_h, off_x : off_x + new_w] = image
@@ -161,6 +196,37 @@ def _letterbox(image: np.ndarray, size: int = INPUT_SIZE) -> tuple[np.ndarray, _
     tensor *= 1.0 / 127.5
     tensor -= 1.0
     return tensor, _Letterbox(scale_x, scale_y, off_x, off_y)
+
+
+_EMPTY: _Candidates = (
+    np.zeros((0, 4), np.float32),
+    np.zeros((0, NUM_KEYPOINTS, 2), np.float32),
+    np.zeros(0, np.float32),
+)
+
+
+def _pass_regions(
+    scale: float, height: int, width: int, roi: Sequence[Rect] | None, focus: Sequence[Rect] | None
+) -> list[Rect]:
+    """The crops one pass at ``scale`` scans: the region of interest (whole frame by default), for a costly pass only
+    where it meets ``focus``, each grown by half the largest face the pass finds, clipped and merged."""
+    areas: list[Rect] = list(roi) if roi is not None else [(0, 0, width, height)]
+    if focus is not None and scale * scale * height * width > FOCUSED_PASS_PIXELS:
+        areas = regions.intersections(areas, focus)
+    margin = _PASS_MAX_FACE_PX / scale / 2
+    grown = (regions.clip(regions.grown(area, margin), width, height) for area in areas)
+    crops = regions.merged(rect for rect in grown if rect is not None)
+    if roi is None and focus is None:
+        return crops  # the whole frame, as it is
+    # onnxruntime prepares each new input shape once (3-10 ms): crops sized to multiples of _CROP_MULTIPLE input
+    # pixels keep the shapes few, so that after a while every one of them has been seen.
+    return [regions.fitted(rect, width, height, _CROP_MULTIPLE / scale) for rect in crops]
+
+
+def _centred_within(candidates: _Candidates, roi: Sequence[Rect]) -> _Candidates:
+    boxes, keypoints, scores = candidates
+    keep = regions.centres_within(boxes, roi)
+    return boxes[keep], keypoints[keep], scores[keep]
 
 
 def _iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -230,12 +296,19 @@ class FaceDetector:
         self._reg_index = next(i for i, o in enumerate(outputs) if o.shape[-1] == 4 + 2 * NUM_KEYPOINTS)
         self._cls_index = next(i for i, o in enumerate(outputs) if o.shape[-1] == 1)
 
-    def detect(self, image_rgb: np.ndarray, min_face_px: float | None = None) -> list[Detection]:
+    def detect(
+        self,
+        image_rgb: np.ndarray,
+        min_face_px: float | None = None,
+        roi: Sequence[Rect] | None = None,
+        focus: Sequence[Rect] | None = None,
+    ) -> list[Detection]:
         """Faces in an HxWx3 uint8 RGB image of any size, sorted by score, highest first.
 
         ``min_face_px``: the smallest face width (image pixels) to look for. None: the whole-frame pass only (faces
         about a tenth of the image wide or more, as in portraits and at gates); otherwise a fine pass is added when
-        the whole-frame pass cannot see faces that small.
+        the whole-frame pass cannot see faces that small. ``roi``: regions (pixels) outside which no face counts;
+        ``focus``: regions to which the costly fine passes are limited this time (None: everywhere).
 
         RGBA and grayscale images must be converted by the caller (a ValueError says so), because a silent guess at
         channel order is a classic source of quietly worse recognition.
@@ -244,9 +317,15 @@ class FaceDetector:
         height, width = image_rgb.shape[:2]
         if height == 0 or width == 0:
             return []
-        tensor, letterbox = _letterbox(image_rgb)
+        pyramid = _Pyramid(image_rgb)
+        tensor, letterbox = _letterbox(pyramid)
         whole = self._candidates(tensor, self._anchors, letterbox)
-        finer = [self._candidates(*_scaled(image_rgb, scale)) for scale in _pass_scales(height, width, min_face_px)]
+        finer = [
+            self._region_pass(pyramid, scale, _pass_regions(scale, height, width, roi, focus))
+            for scale in _pass_scales(height, width, min_face_px)
+        ]
+        if roi is not None:
+            whole, *finer = (_centred_within(part, roi) for part in (whole, *finer))
         # A scan for small faces also re-checks the whole-frame pass's faces: in a wide CCTV frame its false ones are
         # as much clutter as the finer passes'. Portraits and gates (no finer pass) are detected as they always were.
         candidates = [self._confirmed(image_rgb, [whole, *finer])] if finer else [whole]
@@ -258,6 +337,12 @@ class FaceDetector:
             _detection(box, kps, score)
             for box, kps, score in zip(boxes.tolist(), keypoints.astype(np.float32), scores.tolist(), strict=True)
         ]
+
+    def _region_pass(self, pyramid: _Pyramid, scale: float, rects: Sequence[Rect]) -> _Candidates:
+        """One pass at ``scale`` over each region, candidates in pixels of the whole image."""
+        parts = [_EMPTY, *(self._candidates(*_scaled(pyramid, rect, scale)) for rect in rects)]
+        boxes, keypoints, scores = (np.concatenate(part) for part in zip(*parts, strict=True))
+        return boxes.astype(np.float32), keypoints.astype(np.float32), scores
 
     def _confirmed(self, image: np.ndarray, passes: list[_Candidates]) -> _Candidates:
         """The faces of the passes, merged, that the detector finds again around themselves (CONFIRM_CONTEXT)."""

@@ -7,6 +7,7 @@ Keeping the chain here means the services and the tools cannot drift apart.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from sightline.common.models.blazeface import FaceDetector
 from sightline.common.models.descriptor_spec import CHIP_PADDING, CHIP_SIZE, DESCRIPTOR_SIZE
 from sightline.common.models.embedder import FaceEmbedder
 from sightline.common.models.face_chip import extract_face_chips, landmark_box_from_detection
+from sightline.common.models.regions import Rect
 from sightline.common.models.registry import ModelFiles, model_files
 from sightline.common.models.shape_predictor import ShapePredictor
 
@@ -43,12 +45,20 @@ class FaceAnalyzer:
         self.landmarks = ShapePredictor.from_npz(files.landmarks)
         self.model_name = "blazeface_full_range+dlib_5pt"
 
-    def analyze(self, rgb: np.ndarray, max_faces: int = 0, min_face_px: float | None = None) -> list[AnalyzedFace]:
+    def analyze(
+        self,
+        rgb: np.ndarray,
+        max_faces: int = 0,
+        min_face_px: float | None = None,
+        roi: Sequence[Rect] | None = None,
+        focus: Sequence[Rect] | None = None,
+    ) -> list[AnalyzedFace]:
         """All faces in an RGB image, best detector score first (at most ``max_faces`` when it is not 0).
 
-        ``min_face_px``: the smallest face width to look for (``FaceDetector.detect``); None for portraits and gates.
+        ``min_face_px``: the smallest face width to look for, None for portraits and gates; ``roi`` and ``focus``:
+        where to look (``FaceDetector.detect``).
         """
-        detections = self.detector.detect(rgb, min_face_px)
+        detections = self.detector.detect(rgb, min_face_px, roi, focus)
         if max_faces:
             detections = detections[:max_faces]
         if not detections:
