@@ -176,7 +176,7 @@ class Capture:
         self.backpressure.admit(ref)  # before encoding: a dropped frame costs nothing
         with _frame_span(ref):
             try:
-                image, media_type = self._encode(raw)
+                image, media_type = self._encode(raw, ref.purpose)
             except (ImageError, StageError) as exc:
                 self._dead_letter(ref, origin, raw, exc)
                 return False
@@ -200,12 +200,15 @@ class Capture:
             raise
         future.add_both(lambda _outcome: self.backpressure.release(len(value)))
 
-    def _encode(self, raw: RawFrame) -> tuple[bytes, str]:
+    def _encode(self, raw: RawFrame, purpose: int = types_pb2.PURPOSE_UNSPECIFIED) -> tuple[bytes, str]:
+        """The frame's bytes and media type: a file's own, or decoded pixels as JPEG at the purpose's quality."""
         if raw.error:
             raise StageError(raw.reason, raw.error)
         if raw.pixels is not None:
             pixels = downscale_to(raw.pixels, self.settings.max_frame_side)
-            return encode_jpeg(pixels, self.settings.jpeg_quality), "image/jpeg"
+            echannel = purpose == types_pb2.PURPOSE_ECHANNEL  # a 1:1 check on few frames: the higher quality
+            quality = self.settings.echannel_jpeg_quality if echannel else self.settings.jpeg_quality
+            return encode_jpeg(pixels, quality), "image/jpeg"
         assert raw.encoded is not None
         if len(raw.encoded) > self._max_bytes:
             raise StageError(

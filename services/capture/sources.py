@@ -2,9 +2,11 @@
 
 A source yields ``RawFrame``s: either the file's own encoded bytes (image files are passed through untouched, so
 detection sees exactly what the camera or the document reader produced, EXIF included) or decoded pixels (video), plus
-the frame's media time. Every source is vetted by the source policy first (source_policy.py), and opening is eager:
-a source that cannot be opened raises SourceError from ``open_source`` itself, before any frame is read, so the caller
-can refuse it at once.
+the frame's media time. A video file is sampled at the requested rate of its media time without decoding every
+frame when the rate is low: frames between samples are only grabbed, or only its keyframes are decoded, or each sample
+is sought (see "Videos and streams" below); a live stream is sampled on wall-clock time. Every source is vetted by the
+source policy first (source_policy.py), and opening is eager: a source that cannot be opened raises SourceError from
+``open_source`` itself, before any frame is read, so the caller can refuse it at once.
 
 In a folder, a file that cannot be used is yielded as a failed frame, so the caller can dead-letter it and go on with
 the next one. Such a frame never carries the file's bytes: a file that is not an image (by suffix) is not even read,
@@ -19,7 +21,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,6 +219,24 @@ def _too_large(name: str, media_time_s: float, size: int, limit: int) -> RawFram
 
 # Videos and streams -----------------------------------------------------------------------------------------------
 
+# Sampling a video file at a low rate (docs/cctv.md, `sightline bench video`). The first keyframe intervals are
+# measured while every frame is decoded, then one of three ways is chosen for the rest of the file:
+# - grab: frames between samples are only grabbed (FFmpeg decodes them, the next frame needs them, but they are not
+#   converted to BGR nor copied out: a quarter to a third less CPU than reading them);
+# - keyframes: once the period spans 2 keyframe intervals, the file is reopened with FFmpeg decoding its intra frames
+#   only (OpenCV's ``avdiscard`` capture option, FFmpeg's skip_frame): P and B frames are not decoded at all, and each
+#   sample is the first keyframe at or after its due time, with its own timestamp. Its cost grows with the keyframes
+#   passed, so
+# - seek: once the period spans 5 intervals, OpenCV's seek (CAP_PROP_POS_MSEC) to each due time: a fixed cost (it
+#   decodes from the keyframe before the target less 16 frames), about that of 5 keyframes.
+KEYFRAME_INTERVALS_MEASURED = 2  # intervals between the first intra frames measured before the choice
+KEYFRAMES_ONLY_MIN_INTERVALS = 2.0  # keyframes only from this many of the longest interval per period (samples then
+# stay within half a period of their due times)...
+SEEK_MIN_INTERVALS = 5.0  # ...and a seek per sample from this many (measured crossover, `sightline bench video`),
+SEEK_MIN_FRAMES = 32  # if the period spans this many frames too: a seek decodes 16 frames at least (intra-only files)
+KEYFRAMES_ONLY_OPTION = "avdiscard;nonintra"  # every intra picture (open-GOP I frames too), nothing else decoded
+_INTRA = ord("I")  # CAP_PROP_FRAME_TYPE of an intra-coded picture
+
 
 def _video_file(source: Source, fps: float, policy: SourcePolicy, timeout_s: float) -> Iterator[RawFrame]:
     """A video file, checked on the open file (regular, size, container signature) and read by FFmpeg through that
@@ -248,15 +268,22 @@ def _closing(frames: Iterator[RawFrame], file: BinaryIO) -> Iterator[RawFrame]:
 
 
 def _video(source: Source, target: str, fps: float, timeout_s: float) -> Iterator[RawFrame]:
-    # FFmpeg only: no other backend (image sequences, GStreamer pipelines) may interpret the string.
-    timeout_ms = int(timeout_s * 1000)
-    params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
-    with _ffmpeg_options(ffmpeg_capture_options(source)):
-        capture = cv2.VideoCapture(target, cv2.CAP_FFMPEG, params)
-    if not capture.isOpened():
-        capture.release()
-        raise SourceUnavailable(f"cannot open video source {source.display!r}")
-    return _video_frames(capture, fps, source.live)
+    def open_capture(keyframes_only: bool = False) -> cv2.VideoCapture:
+        # FFmpeg only: no other backend (image sequences, GStreamer pipelines) may interpret the string.
+        timeout_ms = int(timeout_s * 1000)
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
+        options = ffmpeg_capture_options(source) + (f"|{KEYFRAMES_ONLY_OPTION}" if keyframes_only else "")
+        with _ffmpeg_options(options):
+            capture = cv2.VideoCapture(target, cv2.CAP_FFMPEG, params)
+        if not capture.isOpened():
+            capture.release()
+            raise SourceUnavailable(f"cannot open video source {source.display!r}")
+        return capture
+
+    capture = open_capture()
+    if source.live:
+        return _live_frames(capture, fps)
+    return _file_frames(capture, open_capture, fps)  # only a file is reopened: a stream's address is not resolved twice
 
 
 @contextmanager
@@ -275,21 +302,108 @@ def _ffmpeg_options(options: str) -> Iterator[None]:
                 os.environ[FFMPEG_OPTIONS_VARIABLE] = previous
 
 
-def _video_frames(capture: cv2.VideoCapture, fps: float, live: bool) -> Iterator[RawFrame]:
-    period = 1.0 / fps if fps > 0 else 0.0
-    next_time = 0.0
+class _Sampler:
+    """Which frames to keep: the first at or after each due time, due times ``1/fps`` apart on a grid, so the rate is
+    ``fps`` on average whatever the source's own rate. After a gap of a period or more the grid restarts at the frame
+    taken (no burst to catch up)."""
+
+    def __init__(self, fps: float) -> None:
+        self.period = 1.0 / fps if fps > 0 else 0.0
+        self.due = 0.0
+
+    def take(self, media_time: float) -> bool:
+        if media_time + 1e-6 < self.due:
+            return False
+        self.due += self.period
+        if self.due <= media_time:
+            self.due = media_time + self.period
+        return True
+
+    def late(self, media_time: float) -> bool:
+        """True when a frame this late means a whole sample was passed by."""
+        return self.period > 0 and media_time >= self.due + self.period
+
+
+def _live_frames(capture: cv2.VideoCapture, fps: float) -> Iterator[RawFrame]:
+    """A stream's frames at ``fps`` of wall-clock time since it was opened (its own timestamps may start anywhere,
+    restart or jump); every frame is decoded, since a live stream cannot skip ahead."""
+    sampler = _Sampler(fps)
     started = time.monotonic()
     position = 0
     try:
-        while True:
-            ok, bgr = capture.read()
-            if not ok:
-                return
-            media_time = (time.monotonic() - started) if live else capture.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+        while capture.grab():
             position += 1
-            if media_time + 1e-6 < next_time:
-                continue  # sampling: skip frames between the ones we keep
-            next_time = media_time + period
-            yield RawFrame(f"frame-{position}", media_time, pixels=cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+            media_time = time.monotonic() - started
+            if sampler.take(media_time):
+                frame = _retrieved(capture, f"frame-{position}", media_time)
+                if frame is None:
+                    return
+                yield frame
     finally:
         capture.release()
+
+
+def _file_frames(
+    capture: cv2.VideoCapture, reopen: Callable[[bool], cv2.VideoCapture], fps: float
+) -> Iterator[RawFrame]:
+    """A file's frames at ``fps`` of its media time, each with its own timestamp: frames between samples grabbed,
+    keyframes only (``reopen(True)``) or a seek to each sample, by how many keyframe intervals a period spans."""
+    sampler = _Sampler(fps)
+    nominal_fps = capture.get(cv2.CAP_PROP_FPS)
+    keyframes: list[float] = []  # times of the first intra frames, while the way is not chosen
+    way = ""  # "grab", "keyframes" or "seek" once chosen
+    try:
+        while capture.grab():
+            media_time = capture.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+            if not way:
+                if capture.get(cv2.CAP_PROP_FRAME_TYPE) == _INTRA:
+                    keyframes.append(media_time)
+                if len(keyframes) > KEYFRAME_INTERVALS_MEASURED:
+                    way = _sampling_way(keyframes, sampler.period, nominal_fps)
+                    if way == "keyframes":  # from the file's start: the keyframes passed cost little, none is due
+                        capture.release()
+                        capture = reopen(True)
+                        continue
+                    if way == "seek":
+                        capture.set(cv2.CAP_PROP_POS_MSEC, sampler.due * 1000.0)
+                        continue
+            elif way == "keyframes" and sampler.late(media_time):
+                # Keyframes sparser than they began: back to the missed due time (one seek), every frame decoded
+                # from there to the end of the file.
+                capture.release()
+                capture = reopen(False)
+                capture.set(cv2.CAP_PROP_POS_MSEC, sampler.due * 1000.0)
+                way = "grab"
+                continue
+            if sampler.take(media_time):
+                frame = _retrieved(capture, _frame_name(media_time, nominal_fps), media_time)
+                if frame is None:
+                    return
+                yield frame
+                if way == "seek":  # a seek that fails leaves the capture where it is: frames are grabbed on
+                    capture.set(cv2.CAP_PROP_POS_MSEC, sampler.due * 1000.0)
+    finally:
+        capture.release()
+
+
+def _sampling_way(keyframe_times: list[float], period: float, nominal_fps: float) -> str:
+    """How to sample the rest of a file ("grab", "keyframes" or "seek", see the constants above), from the longest
+    interval between its first keyframes."""
+    longest = max(b - a for a, b in zip(keyframe_times, keyframe_times[1:], strict=False))
+    frame_s = 1.0 / nominal_fps if nominal_fps > 0 else longest
+    if period >= SEEK_MIN_INTERVALS * longest and period >= SEEK_MIN_FRAMES * frame_s:
+        return "seek"
+    if longest > 1.5 * frame_s and period >= KEYFRAMES_ONLY_MIN_INTERVALS * longest:
+        return "keyframes"  # (an intra-only file, MJPEG say, decodes every frame either way)
+    return "grab"
+
+
+def _retrieved(capture: cv2.VideoCapture, name: str, media_time: float) -> RawFrame | None:
+    """The grabbed frame, converted and copied out (None if it cannot be: the video ends there, as with a read)."""
+    ok, bgr = capture.retrieve()
+    return RawFrame(name, media_time, pixels=cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)) if ok else None
+
+
+def _frame_name(media_time: float, nominal_fps: float) -> str:
+    """``frame-N``: the frame's position in the file at its nominal rate (counted from 1)."""
+    return f"frame-{round(media_time * nominal_fps) + 1}" if nominal_fps > 0 else f"frame-at-{media_time:.3f}s"
