@@ -124,7 +124,7 @@ class SearchIndex:
     def replace_all(self, records: Iterable[IndexRecord]) -> None:
         """Replaces the whole content, e.g. after loading the gallery or noticing it changed elsewhere."""
         records = list(records)
-        vectors = self._check_vectors(np.stack([r.vector for r in records]) if records else None)
+        vectors = checked_vectors(self._dim, np.stack([r.vector for r in records]) if records else None)
         with self._lock:
             # Headroom, so the first enrolments after a load do not copy the whole matrix to grow it.
             self._reset(capacity=max(len(records) + len(records) // 4, _INITIAL_CAPACITY))
@@ -137,7 +137,7 @@ class SearchIndex:
 
         Returns False, changing nothing, when the template id is already present, so replayed events are harmless.
         """
-        row = self._check_vectors(vector)
+        row = checked_vectors(self._dim, vector)
         if row.shape[0] != 1:
             raise ValueError(f"a template is one vector of shape ({self._dim},), got {np.shape(vector)}")
         with self._lock:
@@ -215,7 +215,7 @@ class SearchIndex:
         """
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
-        probes = self._check_vectors(probe)
+        probes = checked_vectors(self._dim, probe)
         view = self._view(frozenset(watchlists))
         rows = np.arange(view.n) if view.row_mask is None else np.flatnonzero(view.row_mask)
         if rows.size == 0:
@@ -233,7 +233,7 @@ class SearchIndex:
 
     def verify(self, probe: np.ndarray, subject_id: str) -> float | None:
         """Smallest distance from the probe to the subject's templates; None if the subject has none."""
-        vector = self._check_vectors(probe)
+        vector = checked_vectors(self._dim, probe)
         if len(vector) != 1:
             raise ValueError("verify takes a single probe vector")
         with self._lock:  # the subject's few rows are read under the lock: a verify-only row may be zeroed in place
@@ -358,18 +358,6 @@ class SearchIndex:
             self._masks.popitem(last=False)
         return mask
 
-    def _check_vectors(self, probe: np.ndarray | None) -> np.ndarray:
-        if probe is None:
-            return np.empty((0, self._dim), dtype=np.float32)
-        array = np.asarray(probe, dtype=np.float32)
-        if array.ndim == 1:
-            array = array[None, :]
-        if array.ndim != 2 or array.shape[1] != self._dim:
-            raise ValueError(f"expected vectors of shape ({self._dim},) or (K, {self._dim}), got {np.shape(probe)}")
-        if not np.all(np.isfinite(array)):
-            raise ValueError("vector holds NaN or infinite values")
-        return array
-
     @staticmethod
     def _candidates(view: _View, vector: np.ndarray, rows: np.ndarray, top_k: int) -> list[Candidate]:
         # Exact distances for the few rows kept: the expansion above loses a little float32 precision.
@@ -392,3 +380,17 @@ class SearchIndex:
             if len(candidates) == top_k:
                 break
         return candidates
+
+
+def checked_vectors(dim: int, probe: np.ndarray | None) -> np.ndarray:
+    """``probe`` as a float32 [K, dim] array (one vector or several), or a ValueError saying what is wrong."""
+    if probe is None:
+        return np.empty((0, dim), dtype=np.float32)
+    array = np.asarray(probe, dtype=np.float32)
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2 or array.shape[1] != dim:
+        raise ValueError(f"expected vectors of shape ({dim},) or (K, {dim}), got {np.shape(probe)}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError("vector holds NaN or infinite values")
+    return array
