@@ -7,6 +7,8 @@ capture-to-decision latency measured in a second, paced pass at half the measure
 pipeline's own latency, not the length of a queue). ``landmarks`` and ``fidelity`` check the face models;
 ``gates`` simulates e-channel gates (bench_gates.py); ``detection`` measures face detection (bench_detection.py);
 ``sizes`` measures recognition by face size (bench_sizes.py).
+``video`` measures 1080p H.264 decoding at sampled rates, old vs new, and JPEG by quality (bench_video.py).
+``search`` measures 1:N search at gallery scale, the ANN index against exact search (bench_search.py).
 """
 
 from __future__ import annotations
@@ -62,6 +64,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from sightline.cli import bench_sizes  # `sizes`: recognition by face width, its options in bench_sizes.py
 
     bench_sizes.register(kinds)
+    from sightline.cli import bench_search  # `search`: 1:N search at scale, its options in bench_search.py
+
+    bench_search.register(kinds)
+    from sightline.cli import bench_video  # `video`: decoding at sampled rates and JPEG quality, in bench_video.py
+
+    bench_video.register(kinds)
 
 
 def bench_frames(count: int) -> list[Path]:

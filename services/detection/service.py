@@ -55,7 +55,10 @@ class Detection(EventProcessor):
         self.analyzer = FaceAnalyzer(threads=settings.inference_threads, score_threshold=settings.score_threshold)
         self.session_liveness = SessionLiveness(settings.liveness)
         self.tracker = FaceTracker(
-            settings.track_min_iou, settings.track_min_landmark_similarity, settings.track_max_age_s
+            settings.track_min_iou,
+            settings.track_min_landmark_similarity,
+            settings.track_max_age_s,
+            max_speed=settings.track_max_speed,
         )
         self.scan_planner = ScanPlanner(settings.cctv_motion_level)
         self.best_faces = BestFaces(

@@ -88,6 +88,13 @@ class DetectionSettings(ServiceSettings):
         gt=0,
         description="A track not seen for this long (capture time) ends; the person's next face starts a new track.",
     )
+    track_max_speed: float = Field(
+        12.0,
+        gt=0,
+        description="The fastest a face moves across the picture, in face widths per second (12: about 2 m/s, a "
+        "brisk walk): a face of about a track's size within that reach since the track was last seen continues it "
+        "when boxes and landmarks no longer overlap (small faces at 5 frames per second).",
+    )
     search_min_quality: float = Field(
         10.0,
         ge=0,

@@ -3,7 +3,10 @@
 A simple, explainable tracker: each track predicts where its face is now (constant velocity since its last two
 sightings); each new face is matched to a live track of the same camera by overlap (IoU) with that prediction (or
 with where the face was last seen: walkers stop), falling back to landmark proximity (within two face widths) when a
-fast walker's boxes barely overlap; matches are made greedily, best first, one face per track. A track that has not
+fast walker's boxes barely overlap, and last to distance: a face of about the track's size within the reach of a
+walking person since the track was last seen (``max_speed``; a small face crossing a street camera's view at 5
+frames per second moves one or two face widths between frames); matches are made greedily, best first, one face per
+track. A track that has not
 been seen for ``max_age_s`` (capture time) ends, and so do all tracks of a camera whose frame size changes (boxes
 are in pixels of the frame: another stream profile, or a folder of unrelated photos, is another view). Frames of one
 camera are keyed by camera id, so they all reach the same detection replica in order; the tracks live in its memory.
@@ -70,10 +73,15 @@ class FaceTracker:
         min_landmark_similarity: float = 0.6,
         max_age_s: float = 2.0,
         max_cameras: int = 10_000,
+        max_speed: float = 12.0,
     ) -> None:
+        """``max_speed``: the fastest a face moves across the picture, in face widths per second (12: about 2 m/s for
+        a 16 cm face, a brisk walk), which bounds how far a track's next face can be when boxes and landmarks no
+        longer overlap: a walker crossing the view at 5 frames per second moves 1-2 face widths between frames."""
         self.min_iou = min_iou
         self.min_landmark_similarity = min_landmark_similarity
         self.max_age_s = max_age_s
+        self.max_speed = max_speed
         self.max_cameras = max_cameras
         self._cameras: dict[str, _Camera] = {}
 
@@ -136,7 +144,21 @@ class FaceTracker:
                 near = max(landmark_similarity(points, place_points, place_box) for place_box, place_points in places)
                 if near >= self.min_landmark_similarity:
                     pairs.append((near, face, index))
+                    continue
+                within = self._within_reach(tracks[index], box, at)
+                if within > 0:
+                    pairs.append((within * self.min_landmark_similarity, face, index))  # the weakest evidence
         return sorted(pairs, reverse=True)
+
+    def _within_reach(self, track: Track, box: np.ndarray, at: float) -> float:
+        """1 at the track's last place, falling to 0 at the farthest its person can have walked since (``max_speed``
+        face widths per second), for a face of about the track's size; 0 beyond that or for another size."""
+        width, track_width = float(box[2] - box[0]), float(track.box[2] - track.box[0])
+        if not 0.67 <= width / max(track_width, 1.0) <= 1.5:
+            return 0.0
+        reach = self.max_speed * track_width * max(0.0, at - track.last_seen)
+        shift = float(np.linalg.norm((box[:2] + box[2:]) / 2 - (track.box[:2] + track.box[2:]) / 2))
+        return max(0.0, 1.0 - shift / reach) if reach > 0 else 0.0
 
     @staticmethod
     def _continue(track: Track, box: np.ndarray, points: np.ndarray, at: float) -> Track:

@@ -91,7 +91,9 @@ def test_a_face_too_small_to_recognise_is_tracked_but_not_searched(models_dir: P
     for a search; faces of 64 px in the same kind of frame are (the first face of their track)."""
     from test_small_faces import with_faces  # the same real face, shrunk into a 1080p frame
 
-    settings = DetectionSettings(models_dir=models_dir, cameras={"street": {"min_face_px": 24}, "plaza": {"min_face_px": 24}})
+    settings = DetectionSettings(
+        models_dir=models_dir, cameras={"street": {"min_face_px": 24}, "plaza": {"min_face_px": 24}}
+    )
     detection = Detection(settings)
     obama = np.asarray(Image.open(face_photos / "obama.jpg").convert("RGB"))
     for source, width, searched in (("street", 30, False), ("plaza", 64, True)):

@@ -122,3 +122,13 @@ def test_the_selection_is_kept_per_track() -> None:
     left_again, right_again = tracker.tracks_of("cam", 0.1, *zip(face(102, 200), face(402, 200), strict=True))
     assert left_again is left and right_again is right
     assert [rule.select(left_again, 55), rule.select(right_again, 70)] == ["not_better", None]
+
+
+def test_a_small_face_crossing_the_view_at_5_fps_keeps_its_track() -> None:
+    """A 50 px face walking 1.4 m/s across a street camera's view moves about 1.6 face widths between frames at 5
+    fps: no overlap and no landmark proximity, but within reach of a walking person, and the size is kept."""
+    tracker = FaceTracker()
+    walker = {frame(tracker, i * 0.2, face(100 + 80 * i, 300, size=50))[0] for i in range(8)}
+    assert len(walker) == 1, walker
+    assert frame(tracker, 1.6, face(740, 300, size=50), face(300, 700, size=50))[1] not in walker  # out of reach
+    assert frame(tracker, 1.8, face(820, 300, size=120))[0] not in walker  # far too large to be the same face
