@@ -274,6 +274,7 @@ DASHBOARD_METRICS = {
     "sightline_gallery_subjects",
     "sightline_frames_dropped_total",
     "sightline_faces_not_searched_total",
+    "sightline_detection_scanned_share",
     "sightline_records_purged_total",
 }
 
