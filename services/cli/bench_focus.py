@@ -28,7 +28,7 @@ STILL_WIDTH = 48.0
 PEOPLE_BUCKETS = ((0, 1), (2, 3), (4, 5))  # people in view, for the cost by crowd size
 
 
-def walkers_for(library: Any, seed: int) -> list[Any]:
+def walkers_for(library: Any, seed: int, frames: int = VIDEO_FRAMES) -> list[Any]:
     """The walkers of one background: MOVING_WALKERS crossing at random times, STILL_PEOPLE standing all along."""
     from sightline.tooling.scenes import Look
     from sightline.tooling.walkers import Walker
@@ -37,8 +37,8 @@ def walkers_for(library: Any, seed: int) -> list[Any]:
     out = []
     for i in range(MOVING_WALKERS):
         face = library.faces[int(rng.integers(len(library.faces)))]
-        first = int(rng.integers(0, VIDEO_FRAMES // 2))
-        last = min(VIDEO_FRAMES - 1, first + int(rng.integers(20, 50)))
+        first = int(rng.integers(0, max(1, frames // 2)))
+        last = min(frames - 1, first + int(rng.integers(20, 50)))
         y = float(rng.uniform(150, 900))
         x0, x1 = float(rng.uniform(100, 600)), float(rng.uniform(1300, 1800))
         if rng.random() < 0.5:
@@ -49,11 +49,11 @@ def walkers_for(library: Any, seed: int) -> list[Any]:
     for i in range(STILL_PEOPLE):
         face = library.faces[int(rng.integers(len(library.faces)))]
         place = (float(rng.uniform(200, 1700)), float(rng.uniform(200, 900)))
-        out.append(Walker(f"still-{i}", face, 0, VIDEO_FRAMES - 1, place, place, (STILL_WIDTH, STILL_WIDTH)))
+        out.append(Walker(f"still-{i}", face, 0, frames - 1, place, place, (STILL_WIDTH, STILL_WIDTH)))
     return out
 
 
-def run_video(library: Any, seed: int) -> dict[str, Any]:
+def run_video(library: Any, seed: int, frames: int = VIDEO_FRAMES) -> dict[str, Any]:
     """The figures of the block, focused (the service's default) beside full scans of the same frames."""
     from sightline.cli.bench_detection import match
     from sightline.common.models.blazeface import FaceDetector
@@ -64,13 +64,13 @@ def run_video(library: Any, seed: int) -> dict[str, Any]:
     settings = DetectionSettings()
     detector = FaceDetector(model_files().detector, threads=1)
     videos = [
-        list(video(library, walkers_for(library, seed + bg), VIDEO_FRAMES, background=bg, seed=seed))
+        list(video(library, walkers_for(library, seed + bg, frames), frames, background=bg, seed=seed))
         for bg in range(BACKGROUNDS)
     ]
     focused = settings.camera_scan("bench")
     full = type(focused)(focused.min_face_px, focused.roi, 0)
     out: dict[str, Any] = {
-        "frames": BACKGROUNDS * VIDEO_FRAMES,
+        "frames": BACKGROUNDS * frames,
         "fps": VIDEO_FPS,
         "walkers_per_video": MOVING_WALKERS,
         "still_people_per_video": STILL_PEOPLE,
