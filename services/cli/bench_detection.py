@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from sightline.cli.bench_focus import VIDEO_FRAMES
+from sightline.cli.bench_focus import VIDEO_FRAMES, run_video
 
 Box = tuple[float, float, float, float]
 Detect = Callable[[np.ndarray], list[Box]]
@@ -326,7 +326,6 @@ def bench_detection(
     """The figures of ``sightline bench detection`` as one JSON-ready dict."""
     from tqdm import tqdm
 
-    from sightline.cli.bench_focus import run_video
     from sightline.tooling.scenes import FACES_PER_FRAME, FRAME_SIZES, FaceLibrary
 
     single_thread()

@@ -7,7 +7,7 @@ frame, is returned. Changes too small to be a person (a few thumbnail pixels) ar
 camera, a frame of another size, or a change over most of the picture (lights, a camera that moved) returns None:
 nothing can be ruled out, look everywhere.
 
-Costs about 1.5 ms per 1080p frame on one core, against 61 ms for the detector's finest pass over the whole frame.
+Costs about 2 ms per 1080p frame on one core, against 61 ms for the detector's finest pass over the whole frame.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ the same from one frame to the next, so each frame gets the finest passes only w
 
 - where the picture changed since the camera's previous frame (motion.py): people walking in, turning, coming closer;
 - around the faces the camera's tracks expect (tracker.py), so a person who stops is still seen;
-- one tile of the frame in turn (``tile_px`` square, a 3x2 grid at 1080p), so that a face that was there from the
-  start, or that moves too little to register, is found within one round of the tiles (six frames).
+- one tile of the frame in turn (``tile_px`` square, a 4x3 grid at 1080p by default), so that a face that was there
+  from the start, or that moves too little to register, is found within one round of the tiles (12 frames).
 
 The cheaper coarse passes and the whole-frame pass still scan the whole region of interest every frame, and a frame
 with no usable previous one (the camera's first, another frame size, a change over most of the picture) is scanned
@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -42,7 +42,8 @@ class ScanAreas:
     focus: list[Rect] | None  # None: the fine passes scan all of the region of interest
 
     def scanned_share(self, width: int, height: int) -> float:
-        """The share of a ``width`` x ``height`` frame the finest pass scans (before its margins)."""
+        """The share of a ``width`` x ``height`` frame the finest pass scans (before its margins; where two regions
+        overlap without being merged the overlap counts twice, so this may read a little high)."""
         everywhere = self.roi if self.roi is not None else [(0, 0, width, height)]
         scanned = everywhere if self.focus is None else regions.intersections(everywhere, self.focus)
         return min(1.0, regions.area(regions.merged(scanned)) / max(1, width * height))
@@ -55,7 +56,6 @@ PORTRAIT = ScanAreas(None, None, None)  # portraits and gates: the whole-frame p
 class _CameraState:
     thumbnail: np.ndarray | None = None
     frames: int = 0
-    tiles: list[Rect] = field(default_factory=list)
 
 
 class ScanPlanner:
@@ -78,9 +78,9 @@ class ScanPlanner:
         state.thumbnail = thumbnail
         state.frames += 1
         if changed is None:
-            state.tiles = _tiles(width, height, scan.tile_px)
             return ScanAreas(scan.min_face_px, roi, None)
-        tile = state.tiles[state.frames % len(state.tiles)]
+        tiles = _tiles(width, height, scan.tile_px)
+        tile = tiles[state.frames % len(tiles)]
         tracked = [regions.grown(box, TRACK_MARGIN_WIDTHS * float(box[2] - box[0])) for box in expected]
         focus = [*changed, tile, *(rect for box in tracked if (rect := regions.clip(box, width, height)))]
         return ScanAreas(scan.min_face_px, roi, focus)

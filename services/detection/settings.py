@@ -119,7 +119,8 @@ class DetectionSettings(ServiceSettings):
         40.0,
         ge=0,
         description="Smallest face width (pixels of the frame) looked for in CCTV frames; 0: portrait-sized faces only "
-        "(one whole-frame pass). Smaller costs more: on one core about 105 ms per 1080p frame at 40, 160 ms at 32 "
+        "(one whole-frame pass). Smaller costs more: on one core a full scan of a 1080p frame takes about 105 ms at "
+        "40, 160 ms at 32; a camera's stream with focused scanning (cctv_tile_px) about 40-50 ms per frame at 40 "
         "(docs/cctv.md). E-channel frames and the Detect API always look for portrait-sized faces only.",
     )
     cctv_tile_px: int = Field(

@@ -6,10 +6,10 @@ with where the face was last seen: walkers stop), falling back to landmark proxi
 fast walker's boxes barely overlap, and last to distance: a face of about the track's size within the reach of a
 walking person since the track was last seen (``max_speed``; a small face crossing a street camera's view at 5
 frames per second moves one or two face widths between frames); matches are made greedily, best first, one face per
-track. A track that has not
-been seen for ``max_age_s`` (capture time) ends, and so do all tracks of a camera whose frame size changes (boxes
-are in pixels of the frame: another stream profile, or a folder of unrelated photos, is another view). Frames of one
-camera are keyed by camera id, so they all reach the same detection replica in order; the tracks live in its memory.
+track. A track that has not been seen for ``max_age_s`` (capture time) ends, and so do all tracks of a camera whose
+frame size changes (boxes are in pixels of the frame: another stream profile, or a folder of unrelated photos, is
+another view). Frames of one camera are keyed by camera id, so they all reach the same detection replica in order;
+the tracks live in its memory.
 
 A track's id is the camera id and the capture time of its first face, in milliseconds (``cam-3/t1718000000123``): it
 is unique without any counter to persist, and a replay of the same frames gives the same ids.
@@ -108,7 +108,7 @@ class FaceTracker:
         state = self._camera(camera)
         if size is not None and state.size != size:
             state.tracks, state.size = [], size
-        state.tracks = [t for t in state.tracks if at - t.last_seen <= self.max_age_s]
+        state.tracks = self._live(state.tracks, at)
         pairs = self._candidate_pairs(state.tracks, boxes, landmarks, at)
         found: list[Track | None] = [None] * len(boxes)
         taken: set[int] = set()
@@ -125,7 +125,10 @@ class FaceTracker:
         state = self._cameras.get(camera)
         if state is None:
             return []
-        return [track.predicted(at)[0] for track in state.tracks if at - track.last_seen <= self.max_age_s]
+        return [track.predicted(at)[0] for track in self._live(state.tracks, at)]
+
+    def _live(self, tracks: list[Track], at: float) -> list[Track]:
+        return [track for track in tracks if at - track.last_seen <= self.max_age_s]
 
     def _candidate_pairs(
         self, tracks: list[Track], boxes: Sequence[np.ndarray], landmarks: Sequence[np.ndarray], at: float

@@ -3,12 +3,10 @@ on real faces shrunk into 1080p frames and on synthetic walkers (sightline.tooli
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from pydantic import ValidationError
-from test_small_faces import found, street, with_faces  # the same real face, shrunk into a 1080p street frame
+from test_small_faces import detector, found, obama, street, with_faces  # noqa: F401 (detector, obama: fixtures)
 
 from sightline.common.models import regions
 from sightline.common.models.blazeface import FaceDetector
@@ -21,18 +19,6 @@ from sightline.tooling.walkers import Walker, faces_of, video
 
 WIDTH, HEIGHT = 1920, 1080
 STREET = CameraScan(min_face_px=40, roi=None, tile_px=480)
-
-
-@pytest.fixture(scope="module")
-def detector(models_dir: Path) -> FaceDetector:
-    return FaceDetector(models_dir / "blazeface_full_range.onnx")
-
-
-@pytest.fixture(scope="module")
-def obama(face_photos: Path) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(face_photos / "obama.jpg").convert("RGB"))
 
 
 @pytest.fixture(scope="module")

@@ -342,7 +342,7 @@ class FaceDetector:
         """One pass at ``scale`` over each region, candidates in pixels of the whole image."""
         parts = [_EMPTY, *(self._candidates(*_scaled(pyramid, rect, scale)) for rect in rects)]
         boxes, keypoints, scores = (np.concatenate(part) for part in zip(*parts, strict=True))
-        return boxes.astype(np.float32), keypoints.astype(np.float32), scores
+        return boxes, keypoints, scores
 
     def _confirmed(self, image: np.ndarray, passes: list[_Candidates]) -> _Candidates:
         """The faces of the passes, merged, that the detector finds again around themselves (CONFIRM_CONTEXT)."""
