@@ -120,7 +120,7 @@ class DetectionSettings(ServiceSettings):
         ge=0,
         description="Smallest face width (pixels of the frame) looked for in CCTV frames; 0: portrait-sized faces only "
         "(one whole-frame pass). Smaller costs more: on one core a full scan of a 1080p frame takes about 105 ms at "
-        "40, 160 ms at 32; a camera's stream with focused scanning (cctv_tile_px) about 40-50 ms per frame at 40 "
+        "40, 160 ms at 32; a camera's stream with focused scanning (cctv_tile_px) about 40-55 ms per frame at 40 "
         "(docs/cctv.md). E-channel frames and the Detect API always look for portrait-sized faces only.",
     )
     cctv_tile_px: int = Field(
@@ -128,7 +128,7 @@ class DetectionSettings(ServiceSettings):
         ge=0,
         description="Focused scanning (detection/scan_plan.py): after a camera's first frame, the fine passes "
         "scan only where the picture changed, around the tracks, and one tile about this many pixels square in "
-        "turn (a 4x3 grid at 1080p: all of the frame every 12 frames). 0: the whole frame every frame, about three "
+        "turn (a 4x3 grid at 1080p: all of the frame every 12 frames). 0: the whole frame every frame, two to three "
         "times the cost (docs/cctv.md, `sightline bench detection`).",
     )
     cctv_motion_level: int = Field(
