@@ -7,10 +7,18 @@ STAMP := $(VENV)/.installed
 GEN := build/gen/sightline/v1
 PROTOS := $(wildcard protos/sightline/v1/*.proto)
 PYTEST_ARGS ?=
+# The contract tools (npm, never global): buf and the AsyncAPI parser, in build/tools/contract (tools/contract/).
+CONTRACT_TOOLS := build/tools/contract
+CONTRACT_STAMP := $(CONTRACT_TOOLS)/.installed
+BUF := $(CONTRACT_TOOLS)/node_modules/.bin/buf
+# buf breaking compares protos/ with the last release's: the commit protos/BASELINE names (bump it at each release).
+HASH := \#
+PROTO_BASELINE := $(shell grep -v '^$(HASH)' protos/BASELINE)
+BASELINE_DIR := build/contract/baseline-$(PROTO_BASELINE)
 
-.PHONY: setup install protos models samples tools demo lint test test-fast bench clean
+.PHONY: setup install protos models samples tools demo lint lint-protos test test-fast bench clean
 
-## setup: virtualenv, dependencies, generated code, face models, sample photos, helm
+## setup: virtualenv, dependencies, generated code, face models, sample photos, helm, hadolint, buf, AsyncAPI parser
 setup: install protos models samples tools
 
 install: $(STAMP)
@@ -35,19 +43,38 @@ models: install protos
 samples: install
 	$(PY) -m sightline.tooling.samples
 
-tools: build/tools/helm build/tools/hadolint
+tools: build/tools/helm build/tools/hadolint $(CONTRACT_STAMP)
 build/tools/helm build/tools/hadolint &: tools/install-helm.sh
 	PYTHON=$(PY) bash tools/install-helm.sh build/tools
+
+# npm ci installs exactly the lock file's versions; --ignore-scripts: buf needs no install script, and none of the
+# other packages' scripts (one is a usage reporter) may run.
+$(CONTRACT_STAMP): tools/contract/package.json tools/contract/package-lock.json tools/contract/validate-asyncapi.mjs
+	@command -v npm >/dev/null || { echo "npm (Node.js 18 or newer) is needed for buf and the AsyncAPI parser" >&2; exit 1; }
+	mkdir -p $(CONTRACT_TOOLS)
+	cp $^ $(CONTRACT_TOOLS)/
+	cd $(CONTRACT_TOOLS) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
+
+$(BASELINE_DIR)/protos/buf.yaml: protos/BASELINE
+	rm -rf $(BASELINE_DIR) && mkdir -p $(BASELINE_DIR)
+	git archive --format=tar -o $(BASELINE_DIR)/protos.tar $(PROTO_BASELINE) protos  # needs the commit in the history
+	tar -x -f $(BASELINE_DIR)/protos.tar -C $(BASELINE_DIR) && rm $(BASELINE_DIR)/protos.tar
 
 ## demo: the main job on the embedded default (local broker, SQLite)
 demo: setup
 	$(BIN)/sightline demo
 
-## lint: ruff (lint rules and formatting) on services/ and tests/, mypy --strict on services/common
-lint: install protos
+## lint: ruff (lint rules and formatting) on services/ and tests/, mypy --strict on services/common, buf on protos/
+lint: install protos lint-protos
 	$(BIN)/ruff check services tests
 	$(BIN)/ruff format --check services tests
 	$(BIN)/mypy
+
+## lint-protos: buf lint, and buf breaking against the last release's protos (protos/BASELINE)
+lint-protos: $(CONTRACT_STAMP) $(BASELINE_DIR)/protos/buf.yaml
+	$(BUF) lint protos
+	$(BUF) breaking protos --against $(BASELINE_DIR)/protos
 
 ## test: lint, then every test, including the slow and PostgreSQL ones (skipped, with a message, if no server is
 ## reachable)

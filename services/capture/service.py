@@ -49,6 +49,9 @@ from sightline.v1 import capture_pb2, capture_pb2_grpc, events_pb2, types_pb2
 
 SERVICE = "capture"
 PROGRESS_EVERY_S = 0.25
+# The sampling rates a request may ask for: one frame every 1000 s of media time at the slowest (slower would pace a
+# folder's frames days apart, holding the call), 1000 per second at the fastest (above any camera's rate).
+MIN_FPS, MAX_FPS = 0.001, 1000.0
 log = logging.getLogger(__name__)
 
 
@@ -68,6 +71,8 @@ class Capture:
         if not request.source_uri:
             raise InvalidInput("source_uri is empty")
         fps = request.fps or self.settings.default_fps
+        if not MIN_FPS <= fps <= MAX_FPS:  # also NaN; a tiny rate would pace a folder's frames days apart
+            raise InvalidInput(f"fps must be from {MIN_FPS} to {MAX_FPS:g} (0: the service's default), not {fps:g}")
         try:
             source, frames = self.open(request.source_uri, fps)
         except SourceRefused as exc:

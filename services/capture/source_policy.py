@@ -178,6 +178,8 @@ class SourcePolicy:
 
     def vet(self, uri: str) -> Source:
         """The source ``uri`` names, checked against the policy. Raises SourceRefused or SourceUnavailable."""
+        if "\x00" in uri:  # no path or URL has one; the operating system refuses it with a ValueError, not an OSError
+            raise SourceRefused("source names a NUL character: not a file or URL")
         if "://" in uri:
             return self._vet_url(uri)
         return self._vet_path(uri)

@@ -20,6 +20,8 @@ Printed as one JSON object:
   distance.
 - ``watchlists``: the same for searches restricted to a watchlist of 10% of the subjects (the ANN index's filtered
   search) and one of 0.5% (exact over the allowed rows).
+- ``replica``: a matching replica started from an encrypted snapshot of the ANN index plus the change log, and
+  the time until it sees another replica's enrolments and deletions (:mod:`sightline.cli.bench_replica`).
 - ``goal``: issue #13's targets at 1M; ``planned_10m``: memory and shards for 10M templates, computed from these
   figures (see its ``assumptions``).
 
@@ -45,7 +47,13 @@ from typing import Any
 
 import numpy as np
 
-GOALS = {"recall_at_1_min": 0.99, "single_probe_p99_ms_max": 5.0, "bytes_per_template_max": 1024}
+GOALS = {
+    "recall_at_1_min": 0.99,
+    "single_probe_p99_ms_max": 5.0,
+    "bytes_per_template_max": 1024,
+    "ready_from_snapshot_s_max": 15.0,
+    "enrol_to_searchable_ms_max": 1000.0,
+}
 PLANNED_TEMPLATES = 10_000_000
 BURST = 100  # probes per batched call: a camera burst
 ENROL_REPEATS = 50
@@ -420,6 +428,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     single_thread()
     import faiss
 
+    from sightline.cli.bench_replica import FOLLOW_REPEATS, replica_figures
     from sightline.common import scores
     from sightline.tooling import gallery_synth
 
@@ -433,6 +442,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     progress("dump and load of the ANN index...")
     ann.update(snapshot_figures(ann_index))
     ann["enrol_to_searchable"] = enrol_to_searchable(ann_index, data, rng)
+    progress("a replica started from an encrypted snapshot, following another's writes...")
+    replica = replica_figures(ann_index, int(data.template_ids.max()), data.model.non_mated_probes(FOLLOW_REPEATS, rng))
     exact_index = None
     exact: dict[str, Any] | None = None
     if not args.no_exact:
@@ -476,12 +487,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         "ann": ann,
         "exact": exact,
         "watchlists": watchlists,
+        "replica": replica,
         "goal": {
             **GOALS,
             "met": {
                 "recall_at_1": ann.get("recall_at_1_mated", 0.0) >= GOALS["recall_at_1_min"],
                 "single_probe_p99": ann["single_probe_p99_ms"] <= GOALS["single_probe_p99_ms_max"],
                 "bytes_per_template": per_template <= GOALS["bytes_per_template_max"],
+                "ready_from_snapshot": replica["ready_from_snapshot_s"]["wall"] <= GOALS["ready_from_snapshot_s_max"],
+                "enrol_to_searchable": 0
+                <= replica["enrol_to_searchable"]["max_ms"]
+                <= GOALS["enrol_to_searchable_ms_max"],
             },
         },
         "planned_10m": planned(ann, args.gallery, args.replica_gib),

@@ -13,6 +13,7 @@ SETTINGS_CLASSES = (
     ("Kafka (all services)", "sightline.common.config", "KafkaSettings"),
     ("Scores (matching and decision)", "sightline.common.scores", "ScoreSettings"),
     ("Tracing (all services)", "sightline.common.tracing", "TracingSettings"),
+    ("CloudEvents headers (all services)", "sightline.common.cloudevents", "CloudEventsSettings"),
     ("Retention (all services)", "sightline.common.retention", "RetentionSettings"),
     ("Access control (all services)", "sightline.common.auth", "AuthSettings"),
     ("TLS (all services)", "sightline.common.tls", "TlsSettings"),

@@ -30,7 +30,8 @@ def grpc_address(service: str, explicit: str | None = None) -> str:
     if explicit:
         return explicit
     stack = _running_stack()
-    record = stack.services.get(service) if stack else None
+    # A sharded matching runs as matching-0, matching-1...: its gallery API is on any of them.
+    record = stack.services.get(service) or stack.services.get(f"{service}-0") if stack else None
     return f"{HOST}:{record.port if record else GRPC_PORTS[service]}"
 
 

@@ -108,9 +108,9 @@ def _interrupt_on(*signals: signal.Signals) -> None:
 
 def _print_ready(stack: LocalStack) -> None:
     print(f"  {'broker':<10} {stack.bootstrap_servers:<16} kafka")
-    for name, address in stack.addresses.items():
-        print(f"  {name:<10} {address:<16} metrics http://127.0.0.1:{stack.metrics_ports[name]}/metrics")
-    print(f"all {len(stack.addresses)} services are SERVING", flush=True)
+    for name, address in stack.process_addresses.items():  # every matching shard, when there are shards
+        print(f"  {name:<10} {address:<16} metrics http://127.0.0.1:{stack.ports.metrics[name]}/metrics")
+    print(f"all {len(stack.process_addresses)} services are SERVING", flush=True)
 
 
 def _supervise(stack: LocalStack, exit_on_crash: bool) -> int:

@@ -37,7 +37,7 @@ import yaml
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from sightline.common.config import SightlineSettings
+from sightline.common.config import SightlineSettings, parse_yaml
 from sightline.v1 import (
     audit_pb2,
     capture_pb2,
@@ -46,6 +46,7 @@ from sightline.v1 import (
     gallery_pb2,
     review_pb2,
     session_pb2,
+    shard_pb2,
 )
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,8 @@ _TABLE: dict[str, dict[str, frozenset[Role]]] = {
     },
     _service(detection_pb2, "DetectionService"): {"Detect": _OPERATE},
     _service(embedding_pb2, "EmbeddingService"): {"Embed": _OPERATE},
+    # Matching's shards call each other; ShardServicer further admits only matching's own principal.
+    _service(shard_pb2, "ShardService"): {"SearchShard": _OPERATE, "VerifyShard": _OPERATE, "SyncSubjects": _OPERATE},
 }
 
 METHOD_ROLES: Mapping[str, frozenset[Role]] = {
@@ -200,9 +203,9 @@ class TokensFileError(ValueError):
 def parse_principals(text: str, where: str = "tokens file") -> list[Principal]:
     """The entries of a tokens file's text, validated (names, roles, hashes; no token or certificate twice)."""
     try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise TokensFileError(f"{where}: not valid YAML: {error}") from None
+        document = parse_yaml(text, where)
+    except ValueError as error:
+        raise TokensFileError(str(error)) from None
     if document is None:
         return []
     if not isinstance(document, list):
@@ -230,28 +233,37 @@ def _principal(entry: Any, where: str) -> Principal:
     unknown = set(entry) - {"principal", "roles", "token_sha256", "client_cert_cn"}
     if unknown:
         raise TokensFileError(
-            f"{where}: unknown keys {sorted(unknown)}; a plaintext token never goes in this file, "
-            "only its token_sha256 (`sightline auth hash-token`)"
+            f"{where}: unknown keys {sorted(str(key)[:40] for key in unknown)}; a plaintext token never goes in this "
+            "file, only its token_sha256 (`sightline auth hash-token`)"
         )
-    name = str(entry.get("principal") or "")
-    if not _PRINCIPAL_NAME.match(name):
+    name = _scalar_text(entry.get("principal"))
+    if not _PRINCIPAL_NAME.fullmatch(name):
         raise TokensFileError(f"{where}: principal {name[:40]!r} must be 1-128 letters, digits and . _ : @ + -")
     roles = entry.get("roles") or []
     if isinstance(roles, str) or not isinstance(roles, list) or not roles:
         raise TokensFileError(f"{where} ({name}): roles must be a non-empty list of {', '.join(r.value for r in Role)}")
     try:
-        granted = frozenset(Role(str(role).lower()) for role in roles)
+        granted = frozenset(Role(_scalar_text(role).lower()) for role in roles)
     except ValueError:
+        shown = ", ".join(repr(_scalar_text(role)[:20]) for role in roles[:8])
         raise TokensFileError(
-            f"{where} ({name}): unknown role in {roles}; roles are {', '.join(r.value for r in Role)}"
+            f"{where} ({name}): unknown role in [{shown}]; roles are {', '.join(r.value for r in Role)}"
         ) from None
-    digest = str(entry.get("token_sha256") or "").lower()
-    if digest and not _SHA256_HEX.match(digest):
+    digest = _scalar_text(entry.get("token_sha256")).lower()
+    if digest and not _SHA256_HEX.fullmatch(digest):
         raise TokensFileError(f"{where} ({name}): token_sha256 must be 64 hex characters (the SHA-256 of the token)")
-    common_name = str(entry.get("client_cert_cn") or "")
+    common_name = _scalar_text(entry.get("client_cert_cn"))
     if not digest and not common_name:
         raise TokensFileError(f"{where} ({name}): give token_sha256, client_cert_cn, or both")
     return Principal(name, granted, digest, common_name)
+
+
+def _scalar_text(value: Any) -> str:
+    """A YAML scalar as text ("" for none, false or 0); a list or mapping is not a name, and is never turned into one
+    (its text could be any size: an alias bomb's is billions of characters)."""
+    if not value or isinstance(value, list | dict):
+        return ""
+    return str(value)
 
 
 def _refuse_duplicates(principals: Sequence[Principal], where: str) -> None:

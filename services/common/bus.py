@@ -1,4 +1,5 @@
-"""Kafka plumbing with kafka-python: client settings, topic creation, a plain producer, topic readers.
+"""Kafka plumbing with kafka-python: client settings, topic creation, a producer (records with CloudEvents headers),
+topic readers.
 
 kafka-python serves where a plain client fits (capture's producer, topic administration, tailing topics from the CLI);
 faust-streaming runs the stream processors (``streams.py``). Both take their connection from one ``KafkaSettings``.
@@ -8,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
+from kafka.producer.future import FutureRecordMetadata
 
+from sightline.common.cloudevents import with_event_headers
 from sightline.common.config import KafkaSettings
 from sightline.common.topics import TopicSpec
 
@@ -36,8 +39,28 @@ def client_options(settings: KafkaSettings) -> dict[str, Any]:
     return options
 
 
+class EventProducer(KafkaProducer):
+    """A KafkaProducer whose records on Sightline's topics carry their CloudEvents attributes (cloudevents.py)."""
+
+    def send(
+        self,
+        topic: str,
+        value: object = None,
+        key: object = None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+    ) -> FutureRecordMetadata:
+        if isinstance(value, bytes):  # Sightline publishes serialised events; anything else is passed on as it is
+            headers = with_event_headers(topic, value, headers)
+        return super().send(
+            topic, value=value, key=key, headers=headers, partition=partition, timestamp_ms=timestamp_ms
+        )
+
+
 def make_producer(settings: KafkaSettings, **overrides: Any) -> KafkaProducer:
-    """A producer that waits for every in-sync replica's acknowledgement and can carry full frames.
+    """A producer that waits for every in-sync replica's acknowledgement and can carry full frames; every record it
+    sends on a Sightline topic carries the event's CloudEvents attributes (``EventProducer``).
 
     ``acks="all"``: a record acknowledged by the leader alone is lost if the leader fails before a follower has it;
     whoever sends must still wait for each record's future (or ``flush()`` and check them) before counting it sent.
@@ -50,7 +73,7 @@ def make_producer(settings: KafkaSettings, **overrides: Any) -> KafkaProducer:
         "retries": 5,
         **overrides,
     }
-    return KafkaProducer(**options)
+    return EventProducer(**options)
 
 
 def make_consumer(settings: KafkaSettings, *topics: str, **overrides: Any) -> KafkaConsumer:

@@ -1,15 +1,20 @@
 """Conversions between protobuf events and the numpy values the models work with.
 
 Kept in one place so that every service builds and reads events the same way (box and landmark layout, chip bytes,
-timestamps) and a malformed event fails the same way everywhere: ``MalformedEvent``.
+timestamps) and a malformed event fails the same way everywhere: ``MalformedEvent``. That includes an event that
+parses but carries a timestamp outside ``google.protobuf.Timestamp``'s range (years 1 to 9999): protobuf itself
+accepts any seconds and nanos on the wire, and converting such a value to a date (decision's erasure check, the
+CloudEvents ``ce_time`` of every record a stage sends on) would otherwise fail far from where it came in.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import TypeVar, cast
 
 import numpy as np
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -17,6 +22,10 @@ from sightline.common.topics import TopicSpec
 from sightline.v1 import events_pb2, types_pb2
 
 M = TypeVar("M", bound=Message)
+
+# google.protobuf.Timestamp's valid range (timestamp.proto): 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
+TIMESTAMP_MIN_SECONDS, TIMESTAMP_MAX_SECONDS = -62_135_596_800, 253_402_300_799
+_TIMESTAMP = Timestamp.DESCRIPTOR.full_name
 
 
 class MalformedEvent(ValueError):
@@ -34,7 +43,61 @@ def parse(message_type: type[M], data: bytes | None) -> M:
         message.ParseFromString(data)
     except DecodeError as exc:
         raise MalformedEvent(f"payload is not a valid {message_type.__name__}: {exc}") from None
+    invalid = invalid_timestamp(message)
+    if invalid is not None:
+        raise MalformedEvent(f"payload is not a valid {message_type.__name__}: {invalid}")
     return message
+
+
+def invalid_timestamp(message: Message, path: str = "") -> str | None:
+    """Where a message holds a timestamp outside the valid range, and what it holds; None when every one is valid.
+
+    Only the fields whose type can hold a timestamp are read, so a frame's image or a face's chip is never copied.
+    """
+    for field in _timestamp_fields(message.DESCRIPTOR):
+        if not field.is_repeated and not message.HasField(field.name):
+            continue
+        value = getattr(message, field.name)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            items = list(value.values())  # a map of messages (a map of scalars holds no timestamp)
+        else:
+            items = list(value) if field.is_repeated else [value]
+        name = f"{path}{field.name}"
+        for item in items:
+            found = _timestamp_error(item, name) if item.DESCRIPTOR.full_name == _TIMESTAMP else None
+            found = found or invalid_timestamp(item, f"{name}.")
+            if found:
+                return found
+    return None
+
+
+def _timestamp_error(stamp: Timestamp, name: str) -> str | None:
+    if TIMESTAMP_MIN_SECONDS <= stamp.seconds <= TIMESTAMP_MAX_SECONDS and 0 <= stamp.nanos <= 999_999_999:
+        return None
+    return f"{name} is not a valid timestamp (seconds {stamp.seconds}, nanos {stamp.nanos})"
+
+
+@functools.cache
+def _timestamp_fields(descriptor: Descriptor) -> tuple[FieldDescriptor, ...]:
+    """The fields of a message type that are, or hold somewhere inside them, a Timestamp."""
+    return tuple(
+        field
+        for field in descriptor.fields
+        if field.message_type is not None and _holds_timestamp(field.message_type, frozenset({descriptor.full_name}))
+    )
+
+
+def _holds_timestamp(descriptor: Descriptor, visiting: frozenset[str]) -> bool:
+    """Whether a message type is a Timestamp or has one somewhere inside it (a recursive type is walked once)."""
+    if descriptor.full_name == _TIMESTAMP:
+        return True
+    inside = visiting | {descriptor.full_name}
+    return any(
+        field.message_type is not None
+        and field.message_type.full_name not in inside
+        and _holds_timestamp(field.message_type, inside)
+        for field in descriptor.fields
+    )
 
 
 def now() -> Timestamp:

@@ -5,6 +5,11 @@ files in ``$SIGHTLINE_SECRETS_DIR`` (one file per field, named like its environm
 ``SIGHTLINE_MATCHING_TEMPLATE_KEY``, as Kubernetes mounts a Secret's keys), the
 section of the YAML file named by ``$SIGHTLINE_CONFIG_FILE``, and the documented defaults. Values are validated when
 a service starts, so a typo fails fast with the field's name instead of misbehaving later.
+
+Every YAML file Sightline reads (this one, the decision policy, the tokens file) goes through ``parse_yaml``, so a
+broken file fails the same way everywhere: a ``ValueError`` naming the file, never a parser's own exception, a
+recursion error from a file nested thousands deep, or minutes spent on an alias bomb (a few lines whose anchors expand
+to millions of values).
 """
 
 from __future__ import annotations
@@ -20,6 +25,40 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SecretsS
 
 from sightline.common import paths
 
+# A YAML document with more values than this (counting every alias where it is used) is refused: real configuration
+# has hundreds.
+MAX_YAML_VALUES = 100_000
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """The YAML document in ``text`` (safe_load); ValueError naming ``where`` when it is not YAML, nests too deep to
+    read, or expands (through aliases) to more than MAX_YAML_VALUES values."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{where}: not valid YAML: {error}") from None
+    except RecursionError:
+        raise ValueError(f"{where}: nested too deeply to read") from None
+    if _exceeds(document, MAX_YAML_VALUES):
+        raise ValueError(f"{where}: more than {MAX_YAML_VALUES} values once its aliases are expanded")
+    return document
+
+
+def _exceeds(document: Any, limit: int) -> bool:
+    """Whether the document holds more than ``limit`` values; stops counting there (an alias bomb is never walked)."""
+    pending, count = [document], 0
+    while pending:
+        value = pending.pop()
+        count += 1
+        if count > limit:
+            return True
+        if isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return False
+
 
 class _YamlSection(PydanticBaseSettingsSource):
     """Reads one section of the YAML file named by ``$SIGHTLINE_CONFIG_FILE``."""
@@ -33,10 +72,20 @@ class _YamlSection(PydanticBaseSettingsSource):
         path = os.environ.get("SIGHTLINE_CONFIG_FILE")
         if not path or not section:
             return {}
-        document = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as error:
+            raise ValueError(f"cannot read SIGHTLINE_CONFIG_FILE {path}: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"SIGHTLINE_CONFIG_FILE {path} is not UTF-8 text") from None
+        document = parse_yaml(text, path) or {}
         if not isinstance(document, dict):
             raise ValueError(f"{path}: expected a mapping of sections at the top level")
-        return dict(document.get(section) or {})
+        values = document.get(section) or {}
+        # Settings are keyword arguments: a list, a number or a key that is not a name cannot be one.
+        if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
+            raise ValueError(f"{path}: section {section!r} must be a mapping of setting names to values")
+        return dict(values)
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return self._values.get(field_name), field_name, False

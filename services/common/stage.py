@@ -22,7 +22,8 @@ do the same way:
   inputs are files and streams rather than records, dead-letters with ``source_dead_letter``: the same record, the
   source's redacted name in place of a topic.
 - Each input event is processed in its own span, a child of the context in the input record's headers (see
-  tracing.py); every record sent for that event, outputs and dead letters alike, carries that span's context.
+  tracing.py); every record sent for that event, outputs and dead letters alike, carries that span's context, and
+  the CloudEvents attributes of the event it carries (cloudevents.py: a replayed input's outputs have the same ids).
 - End-to-end latency: capture puts each frame's capture time on its record, in the ``sightline-captured-at`` header
   (``CAPTURED_AT_HEADER``: epoch milliseconds, as ASCII digits). Every stage copies that header, beside the trace
   context, onto every record it sends for the input, so it travels frames -> faces -> embeddings -> matches ->
@@ -48,7 +49,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from sightline.common import codec, telemetry, tracing, transient
+from sightline.common import cloudevents, codec, telemetry, tracing, transient
 from sightline.common.topics import ALL_TOPICS, DEADLETTER, FRAMES, TopicSpec
 from sightline.common.transient import Backoff
 from sightline.v1 import events_pb2
@@ -322,7 +323,7 @@ class Stage:
         headers = _headers(item)
         if isinstance(result, BaseException):
             return [self._dead_letter(item, result, headers)]
-        records = [_Record(output.topic.name, output.key, output.value, headers) for output in result]
+        records = [_record(output.topic.name, output.key, output.value, headers) for output in result]
         for record in records:
             size = _record_size(record)
             if size > self._max_record_bytes:
@@ -442,7 +443,7 @@ class Stage:
                     "bad input sent to the dead-letter topic",
                     extra={"reason": record.reason, "detail": record.error, "offset": item.offset},
                 )
-        return _Record(DEADLETTER.name, item.key or b"", record.SerializeToString(), headers, dead_letter=True)
+        return _record(DEADLETTER.name, item.key or b"", record.SerializeToString(), headers, dead_letter=True)
 
 
 def _headers(item: InputEvent) -> tracing.KafkaHeaders:
@@ -452,6 +453,11 @@ def _headers(item: InputEvent) -> tracing.KafkaHeaders:
     if value is not None:
         headers.append((CAPTURED_AT_HEADER, value))
     return headers
+
+
+def _record(topic: str, key: bytes, value: bytes, headers: tracing.KafkaHeaders, dead_letter: bool = False) -> _Record:
+    """A record to send: the input's headers, then the event's own CloudEvents attributes (cloudevents.py)."""
+    return _Record(topic, key, value, cloudevents.with_event_headers(topic, value, headers), dead_letter)
 
 
 def _is_transient_failure(result: list[Output] | BaseException) -> bool:

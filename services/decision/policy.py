@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from sightline.common.config import parse_yaml
 from sightline.common.scores import DEFAULT_MAX_DISTANCE, distance_for_fmr, format_fmr
 from sightline.v1 import types_pb2
 
@@ -178,9 +178,11 @@ def load_policy(path: Path | None) -> Policy:
     if path is None:
         return Policy()
     try:
-        document = yaml.safe_load(Path(path).read_text())
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ValueError(f"policy file {path} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"policy file {path} is not valid YAML: {exc}") from None
-    return Policy.model_validate(document or {})
+    except OSError as exc:
+        raise ValueError(f"policy file {path} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"policy file {path} is not UTF-8 text") from None
+    return Policy.model_validate(parse_yaml(text, f"policy file {path}") or {})

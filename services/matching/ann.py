@@ -1,8 +1,9 @@
 """Approximate 1:N search for large galleries: an IVF index (faiss) shortlists, float32 vectors re-rank exactly.
 
 ``AnnIndex`` has the public interface of ``index.SearchIndex`` (``replace_all``, ``add``, ``replace_watchlists``,
-``remove_subject``, ``subject_ids``, ``size``, ``stats``, ``subject_count``, ``search``, ``verify``), so the gallery
-can hold either; ``make_index`` picks exact search below ``AnnSettings.exact_below`` templates. Why faiss IVF and not
+``remove_subject``, ``subject_ids``, ``size``, ``stats``, ``subject_count``, ``search``, ``verify``), the exact index
+it is measured against; the gallery holds an ``AnnIndex``, which itself searches exactly below
+``AnnSettings.exact_below`` templates. Why faiss IVF and not
 HNSW (faiss's or usearch's): measured in docs/benchmarks.md; in short, at 1M templates on one core it reaches the
 same recall in a fraction of the memory and build time, and it deletes entries for real.
 
@@ -66,7 +67,6 @@ from sightline.matching.index import (
     Candidate,
     IndexRecord,
     IndexStats,
-    SearchIndex,
     checked_vectors,
 )
 
@@ -86,7 +86,7 @@ _WIDEN = 4
 class AnnSettings:
     """How ``AnnIndex`` searches; the defaults are the ones measured in docs/benchmarks.md."""
 
-    exact_below: int = DEFAULT_EXACT_BELOW  # fewer searchable templates: no IVF, exact search (and make_index's line)
+    exact_below: int = DEFAULT_EXACT_BELOW  # fewer searchable templates: no IVF, exact search
     lists: int = 0  # IVF lists; 0: a power of two near 4 sqrt(n) when trained
     probes: int = 0  # lists scanned per probe; 0: lists / 32, at least 32 (or all lists, when fewer)
     shortlist: int = 32  # rows re-ranked exactly per probe (at least top_k x the most templates of one subject)
@@ -106,19 +106,6 @@ def auto_lists(templates: int) -> int:
 
 def auto_probes(lists: int) -> int:
     return min(lists, max(32, lists // 32))
-
-
-def make_index(
-    expected_size: int,
-    settings: AnnSettings | None = None,
-    verify_only: Callable[[str], bool] = is_session_subject,
-) -> SearchIndex | AnnIndex:
-    """Exact search (``SearchIndex``) for a gallery expected to stay under ``settings.exact_below`` templates, the ANN
-    index otherwise (which itself searches exactly until it holds that many)."""
-    settings = settings or AnnSettings()
-    if expected_size < settings.exact_below:
-        return SearchIndex(verify_only=verify_only, mask_cache_size=settings.mask_cache_size)
-    return AnnIndex(settings=settings, verify_only=verify_only)
 
 
 # -- locks -------------------------------------------------------------------------------------------------------------
@@ -272,6 +259,15 @@ class _TemplateIds:
             return True
         i = int(np.searchsorted(self._sorted, tid))
         return i < len(self._sorted) and self._sorted[i] == tid and tid_of_slot[self._slots[i]] == tid
+
+    def slot_of(self, tid: int, tid_of_slot: np.ndarray) -> int | None:
+        """The slot holding the template, or None (a recent addition is looked for among the slots)."""
+        i = int(np.searchsorted(self._sorted, tid))
+        if i < len(self._sorted) and self._sorted[i] == tid and tid_of_slot[self._slots[i]] == tid:
+            return int(self._slots[i])
+        if tid in self._recent:
+            return int(np.flatnonzero(tid_of_slot == tid)[0])
+        return None
 
     def added(self, tid: int, tid_of_slot: np.ndarray) -> None:
         self._recent.add(tid)
@@ -678,6 +674,13 @@ class AnnIndex:
         with self._mutex:
             return set(self._s.code_of)
 
+    def subjects_of_templates(self, template_ids: Iterable[int]) -> set[str]:
+        """The subjects holding any of these templates (the others are not in the index)."""
+        with self._mutex:
+            state = self._s
+            slots = [state.tids.slot_of(int(tid), state.tid) for tid in template_ids]
+            return {str(state.subject_of[int(state.code[slot])]) for slot in slots if slot is not None}
+
     @property
     def size(self) -> int:
         """Number of templates."""
@@ -999,7 +1002,7 @@ def _write_state(state: _State, settings: AnnSettings, stream: BinaryIO) -> int:
     stream.write(_MAGIC + struct.pack("<Q", len(encoded)) + encoded)
     written = len(_MAGIC) + 8 + len(encoded)
     for _, array in arrays:
-        data = memoryview(np.ascontiguousarray(array)).cast("B")
+        data = _bytes_of(np.ascontiguousarray(array))
         stream.write(data)
         written += len(data)
     return written
@@ -1024,12 +1027,12 @@ def _read_state(stream: BinaryIO) -> tuple[_State, AnnSettings]:
                 raise ValueError(f"ANN index dump: array {name} has an unexpected type or shape")
         else:
             array = np.empty(spec["shape"], dtype=dtype)
-        _read_into(stream, memoryview(array).cast("B"))
+        _read_into(stream, _bytes_of(array))
         arrays[name] = array
     state.used = used
     text, ends = arrays["subject_text"].tobytes().decode("utf-8"), arrays["subject_ends"].tolist()
     counts = state.count[:codes].tolist()
-    starts = [0, *ends[:-1]]
+    starts = [0, *ends[:-1]] if ends else []
     state.subject_of = [text[a:b] if n else None for a, b, n in zip(starts, ends, counts, strict=True)]
     state.code_of = {s: c for c, s in enumerate(state.subject_of) if s is not None}
     state.free_codes = [c for c, n in enumerate(counts) if not n]
@@ -1046,6 +1049,11 @@ def _read_state(stream: BinaryIO) -> tuple[_State, AnnSettings]:
         state.trained_on, state.probes = int(header["trained_on"]), int(header["probes"])
     saved = replace(AnnSettings(), **header["settings"])
     return state, saved
+
+
+def _bytes_of(array: np.ndarray) -> memoryview:
+    """A byte view of a contiguous array, empty ones included (``memoryview.cast`` refuses a zero in the shape)."""
+    return memoryview(array.reshape(-1).view(np.uint8))
 
 
 def _read_into(stream: BinaryIO, view: memoryview) -> None:

@@ -1,11 +1,23 @@
 """The gallery as the matching service sees it: the encrypted store, the in-memory index, and how they stay in step.
 
-Writes go to the store first and then to this replica's index; other replicas notice the store's version change
-within ``refresh_interval_s`` and reload (an erasure or a deletion included). Searches only ever touch the index.
+Writes go to the store, which logs the subjects each write touched under a new version (the change log); every
+replica, the writing one included, applies the log to its index (``follower.py``): it reads those subjects again,
+decrypting only their templates. Replicas read the log every ``refresh_interval_s`` (0.5 s by default), so an
+enrolment, deletion, erasure or membership change made anywhere reaches every replica's searches within about that
+long, and nothing is reloaded whole. Searches only ever touch the index.
 
-Memberships that expire change nothing in the database, so no version moves: the refresher also wakes up at the
-next expiry (``GalleryStore.memberships().next_expiry``) and re-reads the memberships alone, so an expired membership
-stops matching at its expiry time on every replica without anyone calling anything.
+A replica starts from the newest encrypted snapshot of its index (``snapshots.py``) plus the log since; without one
+(or when the log no longer reaches back to it, or it cannot be read) it loads and decrypts everything, and writes a
+snapshot soon after (``snapshot_writer.py``). The index is ``AnnIndex``: exact below ``AnnSettings.exact_below``
+templates, an IVF shortlist re-ranked exactly above.
+
+With shards (``shards.py``) a replica holds only the subjects of its shard; searches go to every shard and are
+merged before any threshold, a 1:1 verification goes to the subject's shard, and a write to a subject of another
+shard asks that shard to catch up at once, so that a returned Enroll is visible there.
+
+Memberships that expire change nothing in the database, so the log does not say so: the refresher also wakes up at
+the next expiry (``GalleryStore.next_expiry``) and reads again the lists of the subjects whose membership expired,
+so an expired membership stops matching at its expiry time on every replica without anyone calling anything.
 
 A replica matches only while it is in step with the database (``readiness.py``): an erasure notice
 (``erasure_listener.py``) drops the subject from the index at once and holds matching until a check of the database
@@ -24,14 +36,19 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
 from sightline.common import scores, telemetry
 from sightline.common.transient import Backoff
-from sightline.matching.index import DEFAULT_MASK_CACHE_SIZE, Candidate, SearchIndex
+from sightline.matching.ann import AnnIndex, AnnSettings
+from sightline.matching.follower import IndexFollower
+from sightline.matching.index import Candidate
 from sightline.matching.readiness import Readiness
+from sightline.matching.shards import RemoteShards, merge, shard_of
+from sightline.matching.snapshot_writer import SnapshotWriter
+from sightline.matching.snapshots import SnapshotError, SnapshotStore
 from sightline.matching.store import (
     GalleryStore,
     MembershipRecord,
@@ -44,6 +61,7 @@ log = logging.getLogger(__name__)
 SERVICE = "matching"
 DEFAULT_MAX_STALENESS_S = 10.0
 _RETRY_FIRST_S = 0.1  # first retry of a failed check; doubled up to refresh_interval_s
+_EXPIRY_MARGIN = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -56,87 +74,184 @@ class EnrolResult:
 def watchlist_threshold(record: WatchlistRecord) -> float | None:
     """The distance a list's target FMR converts to with the calibration table; None when it sets none (or the
     table cannot answer it any more, e.g. after a calibration change: the decision policy's threshold then applies)."""
-    if record.target_fmr is None:
+    return _threshold(record.name, record.target_fmr)
+
+
+def _threshold(name: str, target_fmr: float | None) -> float | None:
+    if target_fmr is None:
         return None
     try:
-        return scores.distance_for_fmr(record.target_fmr)
+        return scores.distance_for_fmr(target_fmr)
     except scores.CalibrationError as error:
-        log.warning(
-            "watchlist %r: its target FMR has no threshold (%s); the policy's threshold applies", record.name, error
-        )
+        log.warning("watchlist %r: its target FMR has no threshold (%s); the policy's threshold applies", name, error)
         return None
+
+
+@dataclass(frozen=True)
+class SnapshotPolicy:
+    """Where and how often the index is snapshotted (``MatchingSettings.snapshot_*``)."""
+
+    snapshots: SnapshotStore
+    interval_s: float
+    after_removal_s: float
+    change_log_days: float
 
 
 class Gallery:
+    """One replica's gallery: writes through the store, searches and verifications on its index (see above)."""
+
     def __init__(
         self,
         store: GalleryStore,
         max_distance: float,
-        refresh_interval_s: float = 2.0,
+        refresh_interval_s: float = 0.5,
         max_staleness_s: float = DEFAULT_MAX_STALENESS_S,
-        mask_cache_size: int = DEFAULT_MASK_CACHE_SIZE,
+        *,
+        index_settings: AnnSettings | None = None,
+        snapshots: SnapshotPolicy | None = None,
+        shard: int = 0,
+        shards: int = 1,
+        remote: RemoteShards | None = None,
     ) -> None:
         self.store = store
-        self.index = SearchIndex(mask_cache_size=mask_cache_size)
         self.readiness = Readiness(stale_after_s=refresh_interval_s + max_staleness_s)
         self.max_distance = max_distance
+        self.shard, self.shards = shard, shards
+        self._remote = remote
+        self._index_settings = index_settings or AnnSettings()
+        self._follower = IndexFollower(store, self.owns)
+        self.index = AnnIndex(settings=self._index_settings)
         self._version = -1
         self._thresholds: dict[str, float] = {}
         self._next_expiry: float | None = None  # epoch seconds of the next membership expiry
+        self._expired_through = datetime.now(UTC)  # expiries up to here are applied to the index
         self._write_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()  # set when the refresher must re-plan its sleep (an earlier expiry, stop)
-        self._interval = refresh_interval_s
+        self.refresh_interval_s = refresh_interval_s
         self._failures = 0  # consecutive failed checks, for the retry backoff
+        self._policy = snapshots
+        self._snapshot_writer: SnapshotWriter | None = None
+        self._started_from: int | None = None  # the version of the snapshot this replica started from
         try:
             with self._write_lock:
-                self.reload()
+                self._start()
         except BaseException:
             self.readiness.close()
             raise
+        if snapshots is not None:
+            self._snapshot_writer = SnapshotWriter(
+                snapshots.snapshots,
+                self._snapshot_source,
+                snapshots.interval_s,
+                snapshots.after_removal_s,
+                after_write=self._prune_change_log,
+            )
+            if self._started_from is None:
+                self._snapshot_writer.changed(now=True)
         self._refresher = threading.Thread(target=self._refresh_loop, name="gallery-refresh", daemon=True)
         self._refresher.start()
 
+    def owns(self, subject_id: str) -> bool:
+        """Whether this replica's shard holds the subject."""
+        return self.shards == 1 or shard_of(subject_id, self.shards) == self.shard
+
     # -- staying in step ---------------------------------------------------------------------------------------
 
-    def reload(self) -> None:
-        """Everything again from the store: templates (decrypted), memberships, list thresholds. Hold the write lock."""
-        version = self.store.version()
-        self.store.take_written_versions()  # anything written so far is covered by this load
+    def _start(self) -> None:
+        """From the newest snapshot plus the log since, else everything from the store. Hold the write lock."""
+        self._started_from = self._from_snapshot()
+        if self._started_from is None:
+            self.reload()
+        log.info(
+            "gallery ready",
+            extra={
+                "templates": self.index.size,
+                "from_snapshot_version": self._started_from,
+                "version": self._version,
+                "shard": self.shard,
+                "shards": self.shards,
+            },
+        )
+
+    def _from_snapshot(self) -> int | None:
+        """Loads the newest snapshot and the changes since; the snapshot's version, or None when there is none to
+        use (none written, unreadable, or older than the change log reaches)."""
+        if self._policy is None:
+            return None
+        snapshots = self._policy.snapshots
+        try:
+            info = snapshots.newest()
+            if info is None:
+                return None
+            index = snapshots.load(info, settings=self._index_settings)
+        except SnapshotError as error:
+            log.warning("gallery snapshot not used: %s; loading the gallery from the database", error)
+            return None
+        caught = self._follower.catch_up(index, info.version)
+        if caught is None:
+            log.warning("gallery snapshot not used: the change log no longer reaches back to its version")
+            return None
         now = datetime.now(UTC)
-        self.index.replace_all(self.store.load_templates(at=now))
-        self._load_lists(self.store.memberships(at=now).next_expiry)
-        self._version = version
+        # Memberships may have expired since the snapshot; a margin covers clock skew between replicas.
+        self._follower.expire(index, info.created_at - _EXPIRY_MARGIN, now)
+        self.index = index
+        self._expired_through = now
+        self._version = caught.version
+        self._load_lists()
+        self.readiness.checked()
+        self._report_size()
+        return info.version
+
+    def reload(self) -> None:
+        """Everything again from the store: this shard's templates (decrypted), memberships, list thresholds. Hold
+        the write lock."""
+        now = datetime.now(UTC)
+        self._version = self._follower.load_all(self.index, at=now)
+        self._expired_through = now
+        self._load_lists()
         self.readiness.checked()
         self._report_size()
 
-    def _reload_memberships(self) -> None:
-        """Memberships and list thresholds only: what an expiry or a list change needs. Hold the write lock."""
-        state = self.store.memberships()
-        self.index.replace_watchlists(state.watchlists)
-        self._load_lists(state.next_expiry)
+    def _catch_up(self) -> None:
+        """Applies the change log since this replica's version (a full reload when it cannot). Hold the write lock."""
+        caught = self._follower.catch_up(self.index, self._version)
+        if caught is None:
+            log.warning("the gallery change log does not reach back to this replica's version: reloading")
+            self.reload()
+            if self._snapshot_writer is not None:
+                self._snapshot_writer.changed(now=True)
+            return
+        if caught.version == self._version:
+            return
+        self._version = caught.version
+        if caught.lists_changed or caught.subjects:
+            self._load_lists()
+        self._report_size()
+        if self._snapshot_writer is not None:
+            self._snapshot_writer.changed(removal=caught.removed > 0)
 
-    def _forget_removed(self) -> set[str]:
-        """Drop from the index the subjects deleted or erased elsewhere, and re-read memberships: ids only, nothing
-        decrypted, so they stop matching here even when the full reload that follows fails (e.g. a template key this
-        replica does not hold yet). Returns the enrolled subject ids. Hold the write lock."""
-        enrolled = self.store.subject_ids()
-        for subject_id in self.index.subject_ids() - enrolled:
-            self.index.remove_subject(subject_id)
-        self._reload_memberships()
-        return enrolled
+    def sync_subjects(self, subject_ids: Sequence[str]) -> None:
+        """Another shard wrote these subjects: catch up now rather than at the next read of the log."""
+        del subject_ids  # the log names them, with anything else written meanwhile
+        with self._write_lock:
+            self._catch_up()
 
     def erased(self, subject_id: str) -> None:
         """An erasure notice: the subject leaves the index now, without the database (which may be unreachable), and
         the replica stops matching until the next check of the database, right away, confirms the erasure."""
-        self.readiness.erasure_pending(subject_id)  # first: a reload already running may put the subject back
+        self.readiness.erasure_pending(subject_id)  # first: a catch-up already running may put the subject back
         self.index.remove_subject(subject_id)
         self._report_size()
+        if self._snapshot_writer is not None:
+            self._snapshot_writer.changed(removal=True)
         self._wake.set()
 
-    def _load_lists(self, next_expiry: datetime | None) -> None:
-        thresholds = {record.name: watchlist_threshold(record) for record in self.store.list_watchlists()}
+    def _load_lists(self) -> None:
+        """List thresholds and the next membership expiry: a few rows, read again after any change."""
+        thresholds = {name: _threshold(name, fmr) for name, fmr in self.store.watchlist_targets().items()}
         self._thresholds = {name: distance for name, distance in thresholds.items() if distance is not None}
+        next_expiry = self.store.next_expiry(self._expired_through)
         previous = self._next_expiry
         self._next_expiry = next_expiry.timestamp() if next_expiry is not None else None
         if self._next_expiry is not None and (previous is None or self._next_expiry < previous):
@@ -156,40 +271,62 @@ class Gallery:
                 log.warning("gallery check failed; will retry", exc_info=True, extra={"failures": self._failures})
 
     def _check(self) -> None:
-        """One check of the database: confirm pending erasures, catch up with changes made elsewhere, expire lists."""
+        """One check of the database: catch up with the change log, confirm pending erasures, expire memberships."""
         pending = self.readiness.pending_erasures()
         with self._write_lock:
-            version = self.store.version()
-            behind = version != self._version
-            enrolled = self._forget_removed() if behind or pending else None
-            # The erased subjects are gone from the index and the database says what else was removed: in step.
+            self._catch_up()
+            # An erased id may have been enrolled again since: the database, not the notice, has the last word.
+            self._follower.apply(self.index, pending)
             self.readiness.erasures_confirmed(pending)
             self.readiness.checked()
-            if behind or (enrolled is not None and not enrolled.isdisjoint(pending)):
-                self.reload()  # an erased id enrolled again since: the database, not the notice, has the last word
-                log.info("gallery reloaded after a change elsewhere", extra={"templates": self.index.size})
-            elif self._next_expiry is not None and time.time() >= self._next_expiry:
-                self._reload_memberships()
-                log.info("watchlist memberships reloaded: one expired")
+            if self._next_expiry is not None and time.time() >= self._next_expiry:
+                now = datetime.now(UTC)
+                expired = self._follower.expire(self.index, self._expired_through, now)
+                self._expired_through = now
+                self._load_lists()
+                log.info("watchlist memberships expired", extra={"subjects": expired})
 
     def _until_next_check(self) -> float:
         if self._failures:
-            return Backoff(_RETRY_FIRST_S, self._interval).delay(self._failures)
+            return Backoff(_RETRY_FIRST_S, self.refresh_interval_s).delay(self._failures)
         if self._next_expiry is None:
-            return self._interval
-        return max(0.0, min(self._interval, self._next_expiry - time.time()))
+            return self.refresh_interval_s
+        return max(0.0, min(self.refresh_interval_s, self._next_expiry - time.time()))
 
-    def _written(self) -> None:
-        """After this replica's own writes: skip the next reload unless another replica wrote in between."""
-        versions = self.store.take_written_versions()
-        if versions == list(range(self._version + 1, self._version + 1 + len(versions))):
-            self._version += len(versions)
-        # Otherwise leave the version behind: the refresher sees the difference and reloads everything.
+    def _written(self, subject_ids: Sequence[str] = ()) -> None:
+        """After this replica's own write: apply it here now, and have the shards that own ``subject_ids`` do the
+        same (outside the lock: two shards syncing each other must not wait on each other's lock).
+
+        The write is committed by then, so a failure here is logged, not raised (a caller retrying a write that
+        succeeded would enrol its templates twice): this replica's refresher, or the owner's, catches up within
+        ``refresh_interval_s``."""
+        try:
+            with self._write_lock:
+                self._catch_up()
+            others = [subject_id for subject_id in subject_ids if not self.owns(subject_id)]
+            if others and self._remote is not None:
+                self._remote.sync(others)
+        except Exception:
+            log.warning("a gallery write is stored but not yet applied; the change log will bring it", exc_info=True)
+
+    def _snapshot_source(self) -> tuple[AnnIndex, int]:
+        with self._write_lock:  # the index holds at least every change up to this version (maybe some after)
+            return self.index, self._version
+
+    def _prune_change_log(self) -> None:
+        assert self._policy is not None
+        pruned = self.store.prune_changes(datetime.now(UTC) - timedelta(days=self._policy.change_log_days))
+        if pruned:
+            log.info("gallery change log pruned", extra={"rows": pruned})
 
     def close(self) -> None:
         self._stop.set()
         self._wake.set()
         self._refresher.join(timeout=5)
+        if self._snapshot_writer is not None:
+            self._snapshot_writer.close()
+        if self._remote is not None:
+            self._remote.close()
         self.readiness.close()
         self.store.close()
 
@@ -207,24 +344,17 @@ class Gallery:
         owner: str = "",
     ) -> EnrolResult:
         """Stores the subject, its new templates and its memberships; ``owner`` owns any list created on the way."""
-        with self._write_lock:
-            enrolment = self.store.enrol_subject(subject_id, display_name, list(watchlists), expires_at, owner)
-            for vector, quality in zip(vectors, qualities, strict=True):
-                template_id = self.store.add_template(subject_id, vector, model[0], model[1], quality)
-                self.index.add(template_id, subject_id, vector)
-            self._reload_memberships()
-            self._written()
-        self._report_size()
+        enrolment = self.store.enrol_subject(subject_id, display_name, list(watchlists), expires_at, owner)
+        for vector, quality in zip(vectors, qualities, strict=True):
+            self.store.add_template(subject_id, vector, model[0], model[1], quality)
+        self._written([subject_id])
         return EnrolResult(len(vectors), enrolment.created, enrolment.watchlists_created)
 
     def remove(self, subject_id: str) -> SubjectRemoval:
-        """Deletes (or erases) the subject with its templates and memberships, here and, through the version, on
+        """Deletes (or erases) the subject with its templates and memberships, here and, through the change log, on
         every other replica."""
-        with self._write_lock:
-            removal = self.store.remove_subject(subject_id)
-            self.index.remove_subject(subject_id)
-            self._written()
-        self._report_size()
+        removal = self.store.remove_subject(subject_id)
+        self._written([subject_id])
         return removal
 
     # -- watchlists --------------------------------------------------------------------------------------------
@@ -232,42 +362,32 @@ class Gallery:
     def create_watchlist(
         self, name: str, purpose: str, owner: str, target_fmr: float | None, default_membership_days: int
     ) -> WatchlistRecord:
-        with self._write_lock:
-            record = self.store.create_watchlist(name, purpose, owner, target_fmr, default_membership_days)
-            self._reload_memberships()
-            self._written()
+        record = self.store.create_watchlist(name, purpose, owner, target_fmr, default_membership_days)
+        self._written()
         return record
 
     def update_watchlist(
         self, name: str, purpose: str, owner: str, target_fmr: float | None, default_membership_days: int
     ) -> WatchlistRecord:
-        with self._write_lock:
-            record = self.store.update_watchlist(name, purpose, owner, target_fmr, default_membership_days)
-            self._reload_memberships()
-            self._written()
+        record = self.store.update_watchlist(name, purpose, owner, target_fmr, default_membership_days)
+        self._written()
         return record
 
     def delete_watchlist(self, name: str) -> int | None:
-        with self._write_lock:
-            removed = self.store.delete_watchlist(name)
-            self._reload_memberships()
-            self._written()
+        removed = self.store.delete_watchlist(name)
+        self._written()  # other shards drop the memberships at their next read of the log
         return removed
 
     def add_members(
         self, watchlist: str, subject_ids: Sequence[str], expires_at: datetime | None = None
     ) -> list[MembershipRecord]:
-        with self._write_lock:
-            memberships = self.store.add_members(watchlist, subject_ids, expires_at)
-            self._reload_memberships()
-            self._written()
+        memberships = self.store.add_members(watchlist, subject_ids, expires_at)
+        self._written(subject_ids)
         return memberships
 
     def remove_members(self, watchlist: str, subject_ids: Sequence[str]) -> list[str]:
-        with self._write_lock:
-            removed = self.store.remove_members(watchlist, subject_ids)
-            self._reload_memberships()
-            self._written()
+        removed = self.store.remove_members(watchlist, subject_ids)
+        self._written(removed)
         return removed
 
     # -- matching ----------------------------------------------------------------------------------------------
@@ -275,10 +395,17 @@ class Gallery:
     def search(
         self, vectors: np.ndarray, top_k: int, watchlists: Sequence[str] = ()
     ) -> list[list[types_pb2.MatchCandidate]]:
-        self.readiness.require()  # never match on an index that may still hold erased subjects
-        results = self.index.search(vectors, top_k=top_k, watchlists=list(watchlists))
+        """The ``top_k`` nearest subjects per probe over every shard, merged before any threshold applies."""
+        results = self.local_search(vectors, top_k, watchlists)
+        if self._remote is not None:
+            results = merge([results, *self._remote.search(vectors, top_k, watchlists)], top_k)
         thresholds = self._thresholds  # one snapshot for the whole batch
         return [[_candidate(c, thresholds) for c in candidates] for candidates in results]
+
+    def local_search(self, vectors: np.ndarray, top_k: int, watchlists: Sequence[str] = ()) -> list[list[Candidate]]:
+        """This shard's part of a search."""
+        self.readiness.require()  # never match on an index that may still hold erased subjects
+        return self.index.search(vectors, top_k=top_k, watchlists=list(watchlists))
 
     def within_threshold(self, candidate: types_pb2.MatchCandidate) -> bool:
         """Whether a candidate is within matching's own threshold: the most lenient of its lists' own thresholds,
@@ -287,8 +414,10 @@ class Gallery:
         return candidate.distance <= limit
 
     def verify(self, vector: np.ndarray, subject_id: str) -> types_pb2.Verification:
-        self.readiness.require()
-        distance = self.index.verify(vector, subject_id)
+        if self.owns(subject_id) or self._remote is None:
+            distance = self.local_verify(vector, subject_id)
+        else:
+            distance = self._remote.verify(subject_id, vector)
         if distance is None:
             return types_pb2.Verification(subject_id=subject_id, subject_found=False, verified=False)
         return types_pb2.Verification(
@@ -299,6 +428,11 @@ class Gallery:
             subject_found=True,
             fmr=scores.fmr(distance),
         )
+
+    def local_verify(self, vector: np.ndarray, subject_id: str) -> float | None:
+        """The subject's distance on this shard (None: not here)."""
+        self.readiness.require()
+        return self.index.verify(vector, subject_id)
 
     def _report_size(self) -> None:
         telemetry.GALLERY_TEMPLATES.labels(SERVICE).set(self.index.size)

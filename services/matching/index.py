@@ -1,11 +1,12 @@
-"""In-memory exact search over the decrypted gallery: 1:N search and 1:1 verification by Euclidean distance.
+"""Exact in-memory search: 1:N search and 1:1 verification by Euclidean distance, and the types every index shares.
 
-The gallery is small enough (tens of thousands of 128-d templates) for exact search: one matrix product per batch of
-probes and one ``argpartition``. Results hold one candidate per subject (its best template), because an operator
-reviews people, not templates. To get the top k subjects without grouping rows by subject, the search takes the
-``k * T`` nearest rows, where T is the largest number of templates any subject has: among them are at least k
-distinct subjects, and every subject's nearest row ranks before the k-th subject's, so keeping the first row of each
-subject is exact.
+``SearchIndex`` is the reference the gallery's ``ann.AnnIndex`` is measured and tested against (``sightline bench
+search``, tests/unit/test_ann_index.py); ``Candidate``, ``IndexRecord``, ``IndexStats`` and ``checked_vectors`` are
+shared with it. Exact search is one matrix product per batch of probes and one ``argpartition``. Results hold one
+candidate per subject (its best template), because an operator reviews people, not templates. To get the top k
+subjects without grouping rows by subject, the search takes the ``k * T`` nearest rows, where T is the largest number
+of templates any subject has: among them are at least k distinct subjects, and every subject's nearest row ranks
+before the k-th subject's, so keeping the first row of each subject is exact.
 
 Concurrency: mutations take an ``RLock``. A search copies a handful of references under the lock (a ``_View``) and
 computes outside it, so searches run concurrently with each other (numpy releases the GIL in the matrix product) and

@@ -5,7 +5,9 @@ Stream path: consumes ``sightline.embeddings.v1`` and publishes one ``MatchResul
 leaves nothing behind once the short-retention topics expire. Stream searches are audited in aggregate
 (``stream_audit.py``). Request path: ``GalleryService`` (enrol, delete, erase, list, verify, search), which calls
 detection and embedding over gRPC, and ``WatchlistService`` (``watchlists.py``); every call that touches a person's
-data is audited (``audit_trail.py``) in the audit chain matching shares with decision.
+data is audited (``audit_trail.py``) in the audit chain matching shares with decision. With a sharded gallery
+(``shards.py``) every replica also serves ``ShardService``, through which the other shards' replicas search and verify
+on its shard.
 
 Every replica also reads the erasure notices (``erasure_listener.py``) and matches only while in step with the
 gallery database (``readiness.py``): otherwise searches are UNAVAILABLE, stream frames fail with ``GalleryUnavailable``
@@ -29,11 +31,13 @@ from sightline.common.audit import (
     principal_of,
 )
 from sightline.common.config import KafkaSettings
+from sightline.common.denials import DenialAudit
 from sightline.common.models.descriptor_spec import DESCRIPTOR_SIZE
 from sightline.common.rpc import InvalidInput, NotFound, rpc_errors
 from sightline.common.runtime import Servicer, run_service
 from sightline.common.stage import EventProcessor, InputEvent, Output, Stage
 from sightline.common.topics import EMBEDDINGS, MATCHES
+from sightline.matching.ann import AnnSettings
 from sightline.matching.audit_trail import (
     DELETE_PURPOSE,
     ENROL_PURPOSE,
@@ -48,7 +52,7 @@ from sightline.matching.audit_trail import (
 from sightline.matching.enrolment import quality_failures, rejection_reason
 from sightline.matching.erasure import ErasureNotifier, erasure_notice, erasure_publisher
 from sightline.matching.erasure_listener import ErasureListener
-from sightline.matching.gallery import Gallery
+from sightline.matching.gallery import Gallery, SnapshotPolicy
 from sightline.matching.names import (
     check_enrolled_subject_id,
     check_reference,
@@ -57,6 +61,8 @@ from sightline.matching.names import (
 )
 from sightline.matching.peers import FaceClient, PeerUnavailable
 from sightline.matching.settings import MatchingSettings
+from sightline.matching.shards import RemoteShards, ShardServicer
+from sightline.matching.snapshots import SnapshotStore
 from sightline.matching.store import GalleryStore, SubjectRecord
 from sightline.matching.stream_audit import StreamSearchAudit
 from sightline.matching.templates import TemplateCipher
@@ -369,12 +375,34 @@ def open_gallery(settings: MatchingSettings) -> Gallery:
     old_keys = settings.previous_template_keys.get_secret_value() if settings.previous_template_keys else ""
     cipher = TemplateCipher.from_base64(settings.template_key.get_secret_value(), settings.template_key_id, old_keys)
     store = GalleryStore.open(settings.database_url.get_secret_value(), cipher)
-    return Gallery(
-        store,
-        settings.match_max_distance,
-        settings.refresh_interval_s,
-        max_staleness_s=settings.max_staleness_s,
-        mask_cache_size=settings.mask_cache_size,
+    # With shards, the other shards' replicas answer this one's searches and verifications (shards.py).
+    remote = RemoteShards.from_settings(settings) if settings.shards > 1 else None
+    try:
+        return Gallery(
+            store,
+            settings.match_max_distance,
+            settings.refresh_interval_s,
+            max_staleness_s=settings.max_staleness_s,
+            index_settings=AnnSettings(exact_below=settings.exact_below, mask_cache_size=settings.mask_cache_size),
+            snapshots=snapshot_policy(settings, store),
+            shard=settings.shard,
+            shards=settings.shards,
+            remote=remote,
+        )
+    except BaseException:
+        if remote is not None:
+            remote.close()
+        raise
+
+
+def snapshot_policy(settings: MatchingSettings, store: GalleryStore) -> SnapshotPolicy | None:
+    if not settings.snapshots:
+        return None
+    return SnapshotPolicy(
+        SnapshotStore(settings.snapshot_root() / store.gallery_id, store.cipher, settings.shard, settings.shards),
+        settings.snapshot_interval_s,
+        settings.snapshot_after_removal_s,
+        settings.change_log_days,
     )
 
 
@@ -390,12 +418,18 @@ def main() -> None:
         Servicer.of(GalleryServicer(gallery, faces, settings, trail, erasure_publisher(publisher))),
         Servicer.of(WatchlistServicer(gallery, trail)),
     ]
+    # Refused callers of ShardService are audited like the server's own refusals (repeats aggregated).
+    shard_denials = DenialAudit(audit) if settings.shards > 1 else None
+    if shard_denials is not None:
+        servicers.append(Servicer.of(ShardServicer(gallery, settings.shard, settings.shards, shard_denials)))
     stage = Stage(SERVICE, EMBEDDINGS, [MATCHES], Matcher(gallery, settings.top_k, stream_audit))
     erasures = ErasureListener(kafka, gallery.erased).start()  # every replica hears every erasure notice
 
     def close() -> None:
         erasures.close()
         stream_audit.close()  # the last stream-search records, before the log closes
+        if shard_denials is not None:
+            shard_denials.close()
         gallery.close()
         publisher.close()
         audit.close()

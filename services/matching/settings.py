@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 from pydantic import Field, SecretStr, model_validator
@@ -45,7 +46,10 @@ class MatchingSettings(ServiceSettings):
     top_k: int = Field(5, ge=1, le=100, description="1:N candidates reported per face.")
     peer_timeout_s: float = Field(10.0, gt=0, description="Deadline of calls to detection and embedding.")
     refresh_interval_s: float = Field(
-        2.0, gt=0, description="How often the search index checks the database for changes made by other replicas."
+        0.5,
+        gt=0,
+        description="How often the search index reads the gallery's change log for changes made by other replicas "
+        "(enrolments, deletions, erasures, memberships): they reach this replica's searches within about this long.",
     )
     max_staleness_s: float = Field(
         10.0,
@@ -60,6 +64,53 @@ class MatchingSettings(ServiceSettings):
         ge=1,
         description="Watchlist masks the search index keeps (least recently used dropped first); each "
         "takes one byte per template.",
+    )
+    exact_below: int = Field(
+        20_000,
+        ge=0,
+        description="Below this many searchable templates every search is exact; from it on an IVF index shortlists "
+        "and the shortlist is re-ranked exactly (docs/benchmarks.md, 'Search').",
+    )
+    snapshots: bool = Field(
+        True,
+        description="Keep encrypted index snapshots: a replica starts from the newest one plus the change log since, "
+        "instead of decrypting the whole gallery.",
+    )
+    snapshot_dir: Path | None = Field(
+        None,
+        description="Where snapshots are kept, in a folder per gallery database. Unset: beside a SQLite gallery "
+        "(<its folder>/gallery-snapshots), else <run dir>/gallery-snapshots. In Kubernetes, a volume of the pod.",
+    )
+    snapshot_interval_s: float = Field(
+        300.0,
+        gt=0,
+        description="A new snapshot is written this long after the gallery last changed since the previous one; "
+        "after a deletion or erasure within snapshot_after_removal_s, and older snapshots are then deleted.",
+    )
+    snapshot_after_removal_s: float = Field(
+        30.0,
+        gt=0,
+        description="How soon after a deletion or erasure a fresh snapshot replaces the ones that still hold the "
+        "removed templates (encrypted): the longest an erased template outlives its erasure on disk.",
+    )
+    change_log_days: float = Field(
+        7.0,
+        gt=0,
+        description="The gallery's change log keeps this many days (pruned after each snapshot); a replica whose "
+        "snapshot is older than that loads the whole gallery instead.",
+    )
+    shards: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="How many shards the gallery is split into by subject (a stable hash of the subject id); every "
+        "search is sent to every shard and the results merged before any threshold applies.",
+    )
+    shard: int = Field(0, ge=0, description="The shard this replica holds, 0 to shards - 1.")
+    shard_addresses: list[str] = Field(
+        default_factory=list,
+        description='gRPC addresses of the shards in shard order (a JSON list, e.g. \'["matching-0:50054", '
+        "\"matching-1:50054\"]'), this replica's own entry included; required when shards > 1.",
     )
     max_enroll_images: int = Field(20, ge=1, description="Most images accepted by one Enroll call.")
     stream_audit_interval_s: float = Field(
@@ -93,6 +144,26 @@ class MatchingSettings(ServiceSettings):
     enroll_min_in_frame: float = Field(
         0.9, ge=0, le=1, description="Least share of the face inside the image (0-1); 0 disables."
     )
+
+    def snapshot_root(self) -> Path:
+        """``snapshot_dir``, or its default for the configured database."""
+        if self.snapshot_dir is not None:
+            return self.snapshot_dir
+        url = self.database_url.get_secret_value()
+        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+            return Path(url.removeprefix("sqlite:///")).expanduser().resolve().parent / "gallery-snapshots"
+        return paths.run_dir() / "gallery-snapshots"
+
+    @model_validator(mode="after")
+    def _shards_addressed(self) -> MatchingSettings:
+        if self.shard >= self.shards:
+            raise ValueError(f"shard {self.shard} is not one of the {self.shards} shards (0 to {self.shards - 1})")
+        if self.shards > 1 and len(self.shard_addresses) != self.shards:
+            raise ValueError(
+                f"shards is {self.shards}: shard_addresses must list {self.shards} addresses, "
+                f"got {len(self.shard_addresses)}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _threshold_from_target_fmr(self) -> MatchingSettings:

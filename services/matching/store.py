@@ -2,14 +2,17 @@
 PostgreSQL.
 
 SQLite (``sqlite:///gallery.db``) serves a single node or a laptop; PostgreSQL (``postgresql://user@host:5432/db``)
-lets several matching replicas share one gallery. Each replica keeps its own in-memory ``SearchIndex`` and polls
-``version()``, a counter every enrolment, deletion and watchlist change bumps in the same transaction, to see that
-another replica changed the gallery.
+lets several matching replicas share one gallery. Each replica keeps its own in-memory index and follows the change
+log: every enrolment, deletion and watchlist change bumps ``version()`` and logs, in the same transaction, the
+subjects it touched (``gallery_changes``), so a replica reads again just those subjects (``changes_since``,
+``templates_of``) instead of reloading the gallery. The log is pruned by age (``prune_changes``); a replica older
+than what is left reloads whole.
 
 A watchlist (``watchlists`` table) has a purpose, an owner, optionally its own threshold as a target false match rate,
 and a default membership duration. A membership may expire (``expires_at``): from then on it is left out of every
 read that feeds matching (``load_templates``, ``memberships``, subject listings) without anything being written, so
-``next_expiry`` tells a replica when to look again. Expired memberships stay listable until removed.
+``next_expiry`` tells a replica when to look again and ``expired_between`` which subjects to read again. Expired
+memberships stay listable until removed.
 
 Templates are stored only as ciphertext (see ``templates.py``); this module decrypts them for ``load_templates``
 and never logs them. The schema is created and upgraded on open from ``MIGRATIONS``, a list later changes append
@@ -20,8 +23,7 @@ every store (``common/sqlstore.py``).
 from __future__ import annotations
 
 import logging
-import threading
-from collections import deque
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -47,8 +49,6 @@ MAX_ID_LENGTH = 256
 MAX_TEXT_LENGTH = 1000  # purpose and owner of a watchlist
 # Any constant will do: it only has to be the same for every replica migrating the same database.
 _PG_MIGRATION_LOCK = 0x5167_6C6C
-# Enough for any burst of local writes between two checks; an overflow only costs one extra reload.
-_WRITTEN_VERSIONS_KEPT = 10_000
 
 
 class GalleryStoreError(StoreError):
@@ -145,6 +145,21 @@ class MembershipState:
     next_expiry: datetime | None
 
 
+@dataclass(frozen=True)
+class GalleryChanges:
+    """What the change log says happened after a version: the subjects to read again, and whether lists changed.
+
+    ``complete`` is False when the log no longer reaches back to that version (pruned, or written before the log
+    existed): the reader must load everything instead."""
+
+    since: int
+    until: int  # the last version covered (== since: nothing new)
+    subject_ids: frozenset[str]
+    lists_changed: bool
+    complete: bool
+    removed_templates: frozenset[int] = frozenset()  # templates of subjects removed (deleted or erased)
+
+
 # Append only; never edit a released migration. Statements use {pk}, {bytes}, {key}, {timestamp}, {bigint}.
 MIGRATIONS: list[Migration] = [
     Migration(
@@ -181,6 +196,20 @@ MIGRATIONS: list[Migration] = [
             " SELECT watchlist, MIN(created_at) FROM watchlist_members GROUP BY watchlist",
         ),
     ),
+    Migration(
+        3,
+        "gallery change log: the subjects each version touched, for replicas to follow without reloading",
+        (
+            # A row names a subject that changed, or (subject_id NULL) lists the templates of a removed subject, whose
+            # id is kept nowhere once it is gone (erasure), or neither: a change of the lists themselves.
+            "CREATE TABLE gallery_changes (version {bigint} NOT NULL, subject_id {key}, removed_templates TEXT,"
+            " created_at {timestamp} NOT NULL)",
+            "CREATE INDEX gallery_changes_version_idx ON gallery_changes (version)",
+            "CREATE INDEX gallery_changes_created_idx ON gallery_changes (created_at)",
+            # Set once, on first use (``gallery_id``): tells this gallery's snapshots apart from any other's.
+            "ALTER TABLE gallery_state ADD COLUMN gallery_id TEXT",
+        ),
+    ),
 ]
 
 
@@ -200,8 +229,6 @@ class GalleryStore(BackendStore):
     def __init__(self, backend: _Backend, cipher: TemplateCipher) -> None:
         super().__init__(backend)
         self._cipher = cipher
-        self._written_versions: deque[int] = deque(maxlen=_WRITTEN_VERSIONS_KEPT)
-        self._written_lock = threading.Lock()
 
     @classmethod
     def open(cls, url: str, cipher: TemplateCipher) -> GalleryStore:
@@ -214,6 +241,15 @@ class GalleryStore(BackendStore):
     @property
     def cipher(self) -> TemplateCipher:
         return self._cipher
+
+    @property
+    def gallery_id(self) -> str:
+        """A random id this database got when first used: what binds index snapshots to it."""
+        with self._tx(write=True) as cur:
+            cur.execute(
+                "UPDATE gallery_state SET gallery_id = ? WHERE id = 1 AND gallery_id IS NULL", (uuid.uuid4().hex,)
+            )
+            return str(cur.execute("SELECT gallery_id FROM gallery_state WHERE id = 1").fetchone()[0])
 
     @property
     def description(self) -> str:
@@ -277,7 +313,7 @@ class GalleryStore(BackendStore):
             for name in names:
                 changed = self._put_member(cur, name, subject_id, expires_at, now) or changed
             if changed or lists_created:
-                self._bump_version(cur)
+                self._bump_version(cur, [subject_id])
         return Enrolment(created, lists_created)
 
     def add_template(
@@ -293,7 +329,7 @@ class GalleryStore(BackendStore):
                 " created_at) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (subject_id, key_id, blob, model_name, model_version, float(quality), self._now()),
             ).fetchone()
-            self._bump_version(cur)
+            self._bump_version(cur, [subject_id])
         return int(row[0])
 
     def delete_subject(self, subject_id: str) -> int:
@@ -312,10 +348,17 @@ class GalleryStore(BackendStore):
                 ).fetchall()
             )
             # Explicit deletes rather than relying on ON DELETE CASCADE, which SQLite only honours per connection.
+            template_ids = [
+                int(row[0])
+                for row in cur.execute("SELECT id FROM templates WHERE subject_id = ?", (subject_id,)).fetchall()
+            ]
             removed = cur.execute("DELETE FROM templates WHERE subject_id = ?", (subject_id,)).rowcount
             cur.execute("DELETE FROM watchlist_members WHERE subject_id = ?", (subject_id,))
             cur.execute("DELETE FROM subjects WHERE subject_id = ?", (subject_id,))
-            self._bump_version(cur)
+            # The log forgets the id too (secure_delete overwrites it in SQLite); replicas find the subject in their
+            # index by its templates.
+            cur.execute("UPDATE gallery_changes SET subject_id = NULL WHERE subject_id = ?", (subject_id,))
+            self._bump_version(cur, removed_templates=template_ids)
         logger.info("deleted a subject, %d templates and %d memberships", removed, len(watchlists))
         return SubjectRemoval(True, removed, watchlists)
 
@@ -391,9 +434,15 @@ class GalleryStore(BackendStore):
         with self._tx(write=True) as cur:
             if not self._watchlist_exists(cur, name):
                 return None
+            members = [
+                row[0]
+                for row in cur.execute(
+                    "SELECT subject_id FROM watchlist_members WHERE watchlist = ?", (name,)
+                ).fetchall()
+            ]
             removed = cur.execute("DELETE FROM watchlist_members WHERE watchlist = ?", (name,)).rowcount
             cur.execute("DELETE FROM watchlists WHERE name = ?", (name,))
-            self._bump_version(cur)
+            self._bump_version(cur, members)
         return removed
 
     def add_members(
@@ -413,11 +462,11 @@ class GalleryStore(BackendStore):
             missing = [subject_id for subject_id in ids if subject_id not in known]
             if missing:
                 raise UnknownSubjectError(missing[0])
-            changed = False
-            for subject_id in ids:
-                changed = self._put_member(cur, watchlist, subject_id, expires_at, now) or changed
+            changed = [
+                subject_id for subject_id in ids if self._put_member(cur, watchlist, subject_id, expires_at, now)
+            ]
             if changed:
-                self._bump_version(cur)
+                self._bump_version(cur, changed)
             return self._members(cur, watchlist, ids)
 
     def remove_members(self, watchlist: str, subject_ids: Sequence[str]) -> list[str]:
@@ -433,7 +482,7 @@ class GalleryStore(BackendStore):
                 if cur.rowcount == 1:
                     removed.append(subject_id)
             if removed:
-                self._bump_version(cur)
+                self._bump_version(cur, removed)
         return removed
 
     # -- reads ---------------------------------------------------------------------------------------------------
@@ -473,10 +522,15 @@ class GalleryStore(BackendStore):
         return found[0] if found else None
 
     def load_templates(
-        self, model_name: str | None = None, model_version: str | None = None, at: datetime | None = None
+        self,
+        model_name: str | None = None,
+        model_version: str | None = None,
+        at: datetime | None = None,
+        subjects: Callable[[str], bool] | None = None,
     ) -> list[TemplateRecord]:
         """Every template, decrypted, ordered by id, with the subject's memberships current ``at`` (default now);
-        optionally only those of one model (name and/or version)."""
+        optionally only those of one model (name and/or version), and only of the subjects ``subjects`` accepts
+        (the others are not decrypted: a shard's load)."""
         conditions, params = [], []
         for column, value in (("model_name", model_name), ("model_version", model_version)):
             if value is not None:
@@ -491,7 +545,85 @@ class GalleryStore(BackendStore):
                 params,
             ).fetchall()
             members = self._current_memberships(cur, None, at or _utcnow())
+        if subjects is not None:
+            rows = [row for row in rows if subjects(row[1])]
         # Decrypt outside the lock so a big gallery load does not stall other calls.
+        return self._records(rows, members)
+
+    def templates_of(self, subject_ids: Sequence[str]) -> list[TemplateRecord]:
+        """The templates of these subjects, decrypted, with their current memberships; none for a subject that is
+        not enrolled (or has no template)."""
+        rows: list[tuple[Any, ...]] = []
+        members: dict[str, tuple[str, ...]] = {}
+        with self._tx(write=False) as cur:
+            for chunk in _chunks(list(dict.fromkeys(subject_ids))):
+                rows.extend(
+                    cur.execute(
+                        "SELECT id, subject_id, key_id, ciphertext, model_name, model_version, quality FROM templates"
+                        f" WHERE subject_id IN ({', '.join('?' * len(chunk))}) ORDER BY id",
+                        chunk,
+                    ).fetchall()
+                )
+                members.update(self._current_memberships(cur, chunk, _utcnow()))
+        return self._records(rows, members)
+
+    def current_watchlists(self, subject_ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        """The unexpired lists of each of these subjects (a subject on none is left out)."""
+        found: dict[str, tuple[str, ...]] = {}
+        with self._tx(write=False) as cur:
+            for chunk in _chunks(list(dict.fromkeys(subject_ids))):
+                found.update(self._current_memberships(cur, chunk, _utcnow()))
+        return found
+
+    def expired_between(self, since: datetime, until: datetime) -> set[str]:
+        """Subjects with a membership that expired after ``since`` and at or before ``until``."""
+        with self._tx(write=False) as cur:
+            rows = cur.execute(
+                "SELECT DISTINCT subject_id FROM watchlist_members WHERE expires_at > ? AND expires_at <= ?",
+                (self._db_time(since), self._db_time(until)),
+            ).fetchall()
+        return {str(row[0]) for row in rows}
+
+    def next_expiry(self, after: datetime | None = None) -> datetime | None:
+        """When the next membership expires after ``after`` (default now); None when none will."""
+        with self._tx(write=False) as cur:
+            row = cur.execute(
+                "SELECT MIN(expires_at) FROM watchlist_members WHERE expires_at > ?",
+                (self._db_time(after or _utcnow()),),
+            ).fetchone()
+        return self._from_db_time(row[0]) if row and row[0] is not None else None
+
+    def changes_since(self, version: int, limit: int = 10_000) -> GalleryChanges:
+        """What the change log holds after ``version``, for at most ``limit`` versions (call again to go on)."""
+        with self._tx(write=False) as cur:
+            current = int(cur.execute("SELECT version FROM gallery_state WHERE id = 1").fetchone()[0])
+            rows = cur.execute(
+                "SELECT version, subject_id, removed_templates FROM gallery_changes"
+                " WHERE version > ? AND version <= ? ORDER BY version",
+                (version, version + limit),
+            ).fetchall()
+        until = min(current, version + limit)
+        versions = {int(row[0]) for row in rows}
+        # Each write logs at least one row; a version past the database's is from another (or a restored) gallery.
+        complete = version <= current and versions == set(range(version + 1, until + 1))
+        return GalleryChanges(
+            since=version,
+            until=until if complete else version,
+            subject_ids=frozenset(str(row[1]) for row in rows if row[1] is not None),
+            lists_changed=any(row[1] is None and row[2] is None for row in rows),
+            complete=complete,
+            removed_templates=frozenset(int(t) for row in rows if row[2] for t in str(row[2]).split(",")),
+        )
+
+    def prune_changes(self, before: datetime) -> int:
+        """Deletes the change log's rows written before ``before``; returns how many. A replica whose version is
+        older than what is left loads everything again."""
+        with self._tx(write=True) as cur:
+            return int(
+                cur.execute("DELETE FROM gallery_changes WHERE created_at < ?", (self._db_time(before),)).rowcount
+            )
+
+    def _records(self, rows: Sequence[tuple[Any, ...]], members: dict[str, tuple[str, ...]]) -> list[TemplateRecord]:
         return [
             TemplateRecord(
                 template_id=int(template_id),
@@ -520,6 +652,12 @@ class GalleryStore(BackendStore):
         with self._tx(write=False) as cur:
             found = self._watchlists(cur, name)
         return found[0] if found else None
+
+    def watchlist_targets(self) -> dict[str, float | None]:
+        """Each list's target FMR (None: it sets none): what matching needs of the lists, without counting members."""
+        with self._tx(write=False) as cur:
+            rows = cur.execute("SELECT name, target_fmr FROM watchlists").fetchall()
+        return {str(name): None if fmr is None else float(fmr) for name, fmr in rows}
 
     def list_watchlists(self) -> list[WatchlistRecord]:
         """Every list, by name."""
@@ -561,23 +699,25 @@ class GalleryStore(BackendStore):
         with self._tx(write=False) as cur:
             return int(cur.execute("SELECT version FROM gallery_state WHERE id = 1").fetchone()[0])
 
-    def take_written_versions(self) -> list[int]:
-        """The versions this store's own writes produced since the last call, oldest first.
-
-        A replica that finds them contiguous after the version it last loaded knows no other replica wrote in
-        between, so it may skip reloading; any gap means another replica changed the gallery.
-        """
-        with self._written_lock:
-            versions = list(self._written_versions)
-            self._written_versions.clear()
-        return versions
-
     # -- internals -----------------------------------------------------------------------------------------------
 
-    def _bump_version(self, cur: _Cursor) -> None:
+    def _bump_version(
+        self, cur: _Cursor, subject_ids: Sequence[str] = (), removed_templates: Sequence[int] | None = None
+    ) -> None:
+        """One new version, logged with the subjects it touched, or the templates of a subject it removed (one row
+        of neither when it touched no subject). The row lock on gallery_state orders writers, so versions commit in
+        order and the log has no holes."""
         row = cur.execute("UPDATE gallery_state SET version = version + 1 WHERE id = 1 RETURNING version").fetchone()
-        with self._written_lock:
-            self._written_versions.append(int(row[0]))
+        version, now = int(row[0]), self._now()
+        rows: list[tuple[int, str | None, str | None, Any]] = [
+            (version, subject_id, None, now) for subject_id in dict.fromkeys(subject_ids)
+        ]
+        if removed_templates is not None:
+            rows.append((version, None, ",".join(str(t) for t in removed_templates), now))
+        cur.executemany(
+            "INSERT INTO gallery_changes (version, subject_id, removed_templates, created_at) VALUES (?, ?, ?, ?)",
+            rows or [(version, None, None, now)],
+        )
 
     def _db_time(self, value: datetime) -> Any:
         # Always UTC: SQLite compares the stored text, which orders correctly only within one offset.
@@ -718,6 +858,11 @@ class GalleryStore(BackendStore):
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _chunks(items: list[str], size: int = 500) -> list[list[str]]:
+    """Slices small enough for SQLite's bound-parameter limit."""
+    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 def _watchlist_fields(

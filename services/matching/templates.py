@@ -20,7 +20,9 @@ from collections.abc import Mapping
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sightline.common.keyring import KEY_BYTES, KEY_ID, decode_base64_key, parse_key_entries
 from sightline.common.models.descriptor_spec import DESCRIPTOR_SIZE
@@ -32,6 +34,8 @@ FORMAT_V1 = b"\x01"
 # Domain-separates our AAD from any other use of the same key, and versions the binding itself.
 _AAD_PREFIX = b"sightline/template/v1\x00"
 _VECTOR_DTYPE = np.dtype("<f4")
+# Separates keys derived for other uses (``derive_key``) from each other and from the template key itself.
+_DERIVE_PREFIX = b"sightline/derived-from-template-key/v1\x00"
 
 
 class TemplateKeyError(ValueError):
@@ -71,6 +75,7 @@ class TemplateCipher:
                 f"active key id {active_key_id!r} is not among the configured key ids ({', '.join(keys)})"
             )
         self._aead = {key_id: AESGCM(bytes(key)) for key_id, key in keys.items()}
+        self._keys = {key_id: bytes(key) for key_id, key in keys.items()}  # for derive_key only
         self._active_key_id = active_key_id
         self._dim = dim
 
@@ -97,6 +102,18 @@ class TemplateCipher:
 
     def has_key(self, key_id: str) -> bool:
         return key_id in self._aead
+
+    def derive_key(self, key_id: str, purpose: bytes) -> bytes:
+        """A 256-bit key for another use of template key ``key_id`` (HKDF-SHA256 with ``purpose`` as its info), so
+        data sealed with it is readable exactly as long as that template key is configured: retiring the key
+        retires the data too. Each use names its own ``purpose`` (e.g. ``b"sightline/gallery-snapshot/v1"``)."""
+        key = self._keys.get(key_id)
+        if key is None:
+            raise UnknownKeyError(key_id, self.key_ids)
+        if not purpose:
+            raise ValueError("derive_key needs a non-empty purpose")
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=len(key), salt=None, info=_DERIVE_PREFIX + purpose)
+        return hkdf.derive(key)
 
     def encrypt(self, vector: np.ndarray, subject_id: str) -> tuple[str, bytes]:
         """Returns ``(key_id, blob)`` for the vector, bound to ``subject_id``."""

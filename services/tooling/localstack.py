@@ -17,6 +17,11 @@ configured (``SIGHTLINE_AUTH_TOKENS_FILE``).
 ``local-admin``'s token is written to ``<run dir>/client-token`` (0600) for the CLI, and this process's own channels
 to the stack's addresses use it too, so the demo, the CLI and tests work without handling tokens.
 
+The gallery may be split into shards (``shards``, default ``SIGHTLINE_MATCHING_SHARDS``, else 1): matching then runs
+as one process per shard, ``matching-0`` .. ``matching-<N-1>``, each on its own ports (``default`` ports: shard ``i``
+listens on the matching ports plus ``100 * i``) and told its shard and every shard's address; all share the one
+gallery database. With one shard the process is ``matching``, as without shards.
+
 Capture's source policy (capture/source_policy.py) refuses every file and URL unless configured: the local stack lets
 it read image and video files under the folders its caller names (by default the user's home, the temporary folder
 and the folder the stack starts from) and the sample photos, and pull streams from loopback and private networks.
@@ -93,29 +98,59 @@ def in_use_message(port: int) -> str:
 # --- ports -------------------------------------------------------------------------------------------------------
 
 
+SHARD_PORT_STEP = 100  # default ports of matching shard i: the matching ports plus i * this
+
+
+def process_names(services: Sequence[str], shards: int) -> tuple[str, ...]:
+    """The processes of a stack in pipeline order: each service, and matching as matching-0 .. matching-<N-1> when
+    the gallery has several shards."""
+    names: list[str] = []
+    for service in services:
+        if service == "matching" and shards > 1:
+            names.extend(f"matching-{shard}" for shard in range(shards))
+        else:
+            names.append(service)
+    return tuple(names)
+
+
+def service_of(process: str) -> str:
+    """The service a process runs: ``matching-1`` runs matching."""
+    return process.rsplit("-", 1)[0] if process.startswith("matching-") else process
+
+
+def shard_of_process(process: str) -> int:
+    """The shard a matching process holds (0 for an unsharded one)."""
+    return int(process.rsplit("-", 1)[1]) if process.startswith("matching-") else 0
+
+
 @dataclass(frozen=True)
 class PortPlan:
+    """The broker's port and each process's gRPC and metrics ports, by process name (``process_names``)."""
+
     broker: int
     grpc: dict[str, int]
     metrics: dict[str, int]
 
     @classmethod
-    def make(cls, mode: PortMode) -> PortPlan:
+    def make(cls, mode: PortMode, processes: Sequence[str] = SERVICES) -> PortPlan:
         if mode == "default":
-            return cls(LOCAL_BROKER_PORT, dict(GRPC_PORTS), dict(METRICS_PORTS))
+            offsets = {name: SHARD_PORT_STEP * shard_of_process(name) for name in processes}
+            grpc = {name: GRPC_PORTS[service_of(name)] + offsets[name] for name in processes}
+            metrics = {name: METRICS_PORTS[service_of(name)] + offsets[name] for name in processes}
+            return cls(LOCAL_BROKER_PORT, grpc, metrics)
         if mode == "auto":
-            ports = _distinct_free_ports(1 + 2 * len(SERVICES))
-            grpc = dict(zip(SERVICES, ports[1 : 1 + len(SERVICES)], strict=True))
-            metrics = dict(zip(SERVICES, ports[1 + len(SERVICES) :], strict=True))
+            ports = _distinct_free_ports(1 + 2 * len(processes))
+            grpc = dict(zip(processes, ports[1 : 1 + len(processes)], strict=True))
+            metrics = dict(zip(processes, ports[1 + len(processes) :], strict=True))
             return cls(ports[0], grpc, metrics)
         raise ValueError(f"ports must be 'default' or 'auto', not {mode!r}")
 
-    def needed(self, services: tuple[str, ...]) -> list[int]:
-        """The ports the given services and the broker will listen on, broker first."""
+    def needed(self, processes: tuple[str, ...]) -> list[int]:
+        """The ports the given processes and the broker will listen on, broker first."""
         return [
             self.broker,
-            *(self.grpc[s] for s in services),
-            *(self.metrics[s] for s in services if self.metrics[s]),
+            *(self.grpc[p] for p in processes),
+            *(self.metrics[p] for p in processes if self.metrics[p]),
         ]
 
 
@@ -466,6 +501,24 @@ def local_capture_policy(roots: Sequence[Path] | None = None) -> dict[str, str]:
 
 # --- the stack -----------------------------------------------------------------------------------------------------
 
+SHARDS_ENV = "SIGHTLINE_MATCHING_SHARDS"
+MAX_SHARDS = 64  # MatchingSettings.shards
+
+
+def _shard_count(shards: int | None, env: dict[str, str]) -> int:
+    """The stack's shard count: the argument, else SIGHTLINE_MATCHING_SHARDS (``env`` first), else 1."""
+    if shards is None:
+        text = (env.get(SHARDS_ENV) or os.environ.get(SHARDS_ENV) or "1").strip()
+        try:
+            shards = int(text)
+        except ValueError:
+            raise StackError(
+                f"{SHARDS_ENV} must be a whole number of shards, 1 to {MAX_SHARDS}; got {text!r}"
+            ) from None
+    if not 1 <= shards <= MAX_SHARDS:
+        raise StackError(f"the gallery takes 1 to {MAX_SHARDS} shards, not {shards}")
+    return shards
+
 
 class LocalStack:
     """The broker and the services as child processes.
@@ -480,6 +533,10 @@ class LocalStack:
     ``capture_roots`` are the folders capture may read files from (with the sample photos); None: the user's own
     folders (``local_capture_roots``). Capture's source policy is set only where neither the caller's environment
     nor ``env`` sets it (``SIGHTLINE_CAPTURE_ALLOWED_*``).
+
+    ``shards``: how many shards the gallery is split into (1 to 64); None: ``SIGHTLINE_MATCHING_SHARDS`` from ``env``
+    or the environment, else 1. ``addresses`` and ``metrics_ports`` name services (matching: shard 0's process,
+    which serves the whole gallery API); ``processes``, ``process_addresses`` and ``pids`` name processes.
     """
 
     def __init__(
@@ -491,6 +548,7 @@ class LocalStack:
         env: dict[str, str] | None = None,
         *,
         capture_roots: Sequence[Path] | None = None,
+        shards: int | None = None,
         module_prefix: str | None = None,  # internal: see _MODULE_PREFIX
     ) -> None:
         unknown = [s for s in services if s not in SERVICES]
@@ -501,8 +559,10 @@ class LocalStack:
         self.log_dir = self.run_dir / "logs"
         self.services = tuple(s for s in SERVICES if s in services)  # always in pipeline order
         self.policy_file = Path(policy_file).expanduser().resolve() if policy_file else None
-        self.ports = PortPlan.make(ports)
         self._extra_env = dict(env or {})
+        self.shards = _shard_count(shards, self._extra_env)
+        self.processes = process_names(self.services, self.shards)
+        self.ports = PortPlan.make(ports, self.processes)
         self._capture_roots = capture_roots
         self._module_prefix = module_prefix or _MODULE_PREFIX
         self._broker: LocalBroker | None = None
@@ -514,11 +574,25 @@ class LocalStack:
 
     @property
     def addresses(self) -> dict[str, str]:
-        return {s: f"{HOST}:{self.ports.grpc[s]}" for s in self.services}
+        """Each service's gRPC address; matching's is its first shard's (every shard serves the gallery API)."""
+        return {s: f"{HOST}:{self.ports.grpc[self._first_process(s)]}" for s in self.services}
 
     @property
     def metrics_ports(self) -> dict[str, int]:
-        return {s: self.ports.metrics[s] for s in self.services}
+        return {s: self.ports.metrics[self._first_process(s)] for s in self.services}
+
+    @property
+    def process_addresses(self) -> dict[str, str]:
+        """Each process's gRPC address: the services', every matching shard's included."""
+        return {p: f"{HOST}:{self.ports.grpc[p]}" for p in self.processes}
+
+    @property
+    def shard_addresses(self) -> list[str]:
+        """The matching shards' addresses in shard order (SIGHTLINE_MATCHING_SHARD_ADDRESSES); [] without shards."""
+        return [address for p, address in self.process_addresses.items() if p.startswith("matching-")]
+
+    def _first_process(self, service: str) -> str:
+        return next(p for p in self.processes if service_of(p) == service)
 
     @property
     def bootstrap_servers(self) -> str:
@@ -553,19 +627,19 @@ class LocalStack:
         refuse_if_running(self.run_dir)
         if self.policy_file and not self.policy_file.is_file():
             raise StackError(f"policy file {self.policy_file} not found")
-        check_ports_free(self.ports.needed(self.services))
+        check_ports_free(self.ports.needed(self.processes))
         key = template_key(self.run_dir) if "matching" in self.services else ""
         # Made before any service starts, so none of them logs the creation in plain text before its JSON logs, and a
         # stack whose audit log is a configured PostgreSQL database still has a keyring.
         ensure_keys_file(self.run_dir / LOCAL_KEYS_FILE, f"sqlite:///{self.run_dir / AUDIT_DB}")
         self._tokens = write_tokens(self.run_dir, self._configured_principals())
-        auth.remember_stack_token(self.addresses.values(), self._tokens.admin)
+        auth.remember_stack_token(self.process_addresses.values(), self._tokens.admin)
         try:
             # A foreground stack dies with its owner (test, demo, `sightline up`); a detached one outlives it.
             self._preexec = None if detach else exit_with_parent
             self._start_broker(detach)
             self._ensure_topics()
-            for name in self.services:
+            for name in self.processes:
                 self._spawn(name, key)
             self._save_state("starting")
             self._wait_healthy(deadline)
@@ -576,14 +650,19 @@ class LocalStack:
         log.info("local stack is up in %s: pids %s", self.run_dir, self.pids)
 
     def restart(self, name: str, timeout: float = 60.0) -> None:
-        """Start one service again (stopping it first if it runs), as Kubernetes restarts a crashed pod."""
-        proc = self._procs.get(name)
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=SERVICE_STOP_TIMEOUT)
-        self._spawn(name, template_key(self.run_dir) if name == "matching" else "")
-        self._save_state("running")
-        self._wait_healthy(time.monotonic() + timeout)
+        """Start one process again (stopping it first if it runs), as Kubernetes restarts a crashed pod. ``name`` is
+        a process (``matching-1``) or a service: a sharded matching restarts every shard, one after the other."""
+        names = [name] if name in self.processes else [p for p in self.processes if service_of(p) == name]
+        if not names:
+            raise ValueError(f"no process {name!r} in this stack; it runs {', '.join(self.processes)}")
+        for process in names:
+            proc = self._procs.get(process)
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=SERVICE_STOP_TIMEOUT)
+            self._spawn(process, template_key(self.run_dir) if service_of(process) == "matching" else "")
+            self._save_state("running")
+            self._wait_healthy(time.monotonic() + timeout, [process])
 
     def stop(self, timeout: float = SERVICE_STOP_TIMEOUT) -> None:
         """Stop the services (SIGTERM, newest stage first), kill those still running after ``timeout``, then the
@@ -603,7 +682,7 @@ class LocalStack:
         if self._broker is not None:
             self._broker.stop()
         if self._tokens is not None:
-            auth.forget_stack_token(self.addresses.values())
+            auth.forget_stack_token(self.process_addresses.values())
             (self.run_dir / CLIENT_TOKEN_FILE).unlink(missing_ok=True)
             self._tokens = None
         if self._state is not None:
@@ -673,7 +752,7 @@ class LocalStack:
     def _spawn(self, name: str, key: str) -> None:
         with self._open_log(name) as log_file:
             proc = subprocess.Popen(
-                [sys.executable, "-m", f"{self._module_prefix}.{name}"],
+                [sys.executable, "-m", f"{self._module_prefix}.{service_of(name)}"],
                 env=self._service_env(name, key),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
@@ -690,17 +769,18 @@ class LocalStack:
             self.ports.grpc[name],
             self.ports.metrics[name],
         )
-        log.info("started %s (pid %d) on %s", name, proc.pid, self.addresses[name])
+        log.info("started %s (pid %d) on %s", name, proc.pid, self.process_addresses[name])
 
-    def _service_env(self, name: str, key: str) -> dict[str, str]:
+    def _service_env(self, process: str, key: str) -> dict[str, str]:
+        name = service_of(process)
         prefix = f"SIGHTLINE_{name.upper()}_"
         env = {**os.environ, **self._extra_env, "PYTHONUNBUFFERED": "1"}
         env.update({f"SIGHTLINE_KAFKA_{k.upper()}": str(v) for k, v in self._kafka_settings().items()})
         env.update(
             {
                 f"{prefix}GRPC_HOST": HOST,
-                f"{prefix}GRPC_PORT": str(self.ports.grpc[name]),
-                f"{prefix}METRICS_PORT": str(self.ports.metrics[name]),
+                f"{prefix}GRPC_PORT": str(self.ports.grpc[process]),
+                f"{prefix}METRICS_PORT": str(self.ports.metrics[process]),
                 f"{prefix}LOG_JSON": "true",
             }
         )
@@ -714,12 +794,16 @@ class LocalStack:
             env.setdefault("SIGHTLINE_MATCHING_TEMPLATE_KEY", key)
             env["SIGHTLINE_MATCHING_DETECTION_ADDR"] = f"{HOST}:{self.ports.grpc['detection']}"
             env["SIGHTLINE_MATCHING_EMBEDDING_ADDR"] = f"{HOST}:{self.ports.grpc['embedding']}"
+            if self.shards > 1:  # one shard of the gallery; the others are the sibling processes
+                env["SIGHTLINE_MATCHING_SHARDS"] = str(self.shards)
+                env["SIGHTLINE_MATCHING_SHARD"] = str(shard_of_process(process))
+                env["SIGHTLINE_MATCHING_SHARD_ADDRESSES"] = json.dumps(self.shard_addresses)
         # One chain for the stack: matching's and decision's records, and every service's refused calls.
         env.setdefault("SIGHTLINE_AUDIT_DATABASE_URL", f"sqlite:///{self.run_dir / AUDIT_DB}")
         if "SIGHTLINE_AUDIT_KEYS" not in env:
             env.setdefault("SIGHTLINE_AUDIT_KEYS_FILE", str(self.run_dir / LOCAL_KEYS_FILE))
         if name == "capture":
-            env.setdefault("SIGHTLINE_CAPTURE_MATCHING_ADDR", f"{HOST}:{self.ports.grpc['matching']}")  # kiosk sessions
+            env.setdefault("SIGHTLINE_CAPTURE_MATCHING_ADDR", self.addresses["matching"])  # kiosk sessions
             for variable, value in local_capture_policy(self._capture_roots).items():
                 env.setdefault(variable, value)
         if name == "decision":
@@ -728,13 +812,14 @@ class LocalStack:
             env["SIGHTLINE_DECISION_POLICY_FILE"] = str(self.policy_file)
         return env
 
-    def _wait_healthy(self, deadline: float) -> None:
+    def _wait_healthy(self, deadline: float, processes: Sequence[str] | None = None) -> None:
         from sightline.common.rpc import check_health
 
-        pending = list(self.services)
+        addresses = self.process_addresses
+        pending = list(self.processes if processes is None else processes)
         while pending:
             self._raise_if_exited()
-            pending = [name for name in pending if check_health(self.addresses[name], timeout=1.0) != "SERVING"]
+            pending = [name for name in pending if check_health(addresses[name], timeout=1.0) != "SERVING"]
             if pending and time.monotonic() > deadline:
                 raise StackError(self._not_healthy_message(pending))
             if pending:
@@ -747,7 +832,7 @@ class LocalStack:
     def _not_healthy_message(self, pending: list[str]) -> str:
         parts = [f"not SERVING in time: {', '.join(pending)}"]
         for name in pending:
-            parts.append(f"{name} ({self.addresses[name]}), last log lines:")
+            parts.append(f"{name} ({self.process_addresses[name]}), last log lines:")
             parts.extend(f"  {line}" for line in tail(self.log_path(name), 5))
         parts.append(f"logs: {self.log_dir}")
         return "\n".join(parts)

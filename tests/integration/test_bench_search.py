@@ -21,7 +21,7 @@ def test_bench_search_prints_sane_figures(face_photos: Path, dlib_johns: Path, d
 
     assert result["gallery"] == result["subjects"] == 20_000 and result["threads"] == 1
     assert result["probes"] == {"mated": 300, "non_mated": 300}
-    assert {"ann", "exact", "watchlists", "goal", "planned_10m", "distribution", "threshold_fmr_1e-3"} <= set(result)
+    assert {"ann", "exact", "watchlists", "replica", "goal", "planned_10m", "distribution"} <= set(result)
     # The synthetic distances follow the real ones (medians are fitted; the 1e-3 points are not, yet agree).
     fit = result["distribution"]
     assert fit["genuine"]["model"]["p50"] == pytest.approx(fit["genuine"]["real"]["p50"], abs=0.01)
@@ -52,4 +52,18 @@ def test_bench_search_prints_sane_figures(face_photos: Path, dlib_johns: Path, d
     planned = result["planned_10m"]
     assert planned["templates"] == 10_000_000 and planned["shards"] >= 1
     assert planned["total_gib"] == pytest.approx(planned["bytes_per_template"] * 1e7 / 2**30, rel=0.01)
-    assert set(result["goal"]["met"]) == {"recall_at_1", "single_probe_p99", "bytes_per_template"}
+    assert set(result["goal"]["met"]) == {
+        "recall_at_1",
+        "single_probe_p99",
+        "bytes_per_template",
+        "ready_from_snapshot",
+        "enrol_to_searchable",
+    }
+
+    # A replica started from the encrypted snapshot holds the whole index and follows another replica's writes.
+    replica = result["replica"]
+    assert replica["started_from_snapshot"] and replica["templates"] == 20_000
+    assert 300 < replica["snapshot_bytes_per_template"] < 2048
+    assert 0 < replica["ready_from_snapshot_s"]["wall"] and 0 < replica["ready_from_snapshot_s"]["cpu"]
+    for follow in (replica["enrol_to_searchable"], replica["removal_to_gone"]):
+        assert follow["never"] == 0 and 0 < follow["p50_ms"] <= follow["p99_ms"] <= follow["max_ms"]

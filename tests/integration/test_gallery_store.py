@@ -25,6 +25,8 @@ import pytest
 from psycopg import sql
 
 from sightline.matching.store import (
+    MIGRATIONS,
+    GalleryChanges,
     GalleryStore,
     GalleryStoreError,
     SubjectRemoval,
@@ -356,7 +358,7 @@ def test_template_ids_are_not_reused_after_delete(store: GalleryStore) -> None:
 def test_schema_is_versioned(gallery_url: str, open_store: Opener) -> None:
     open_store(gallery_url).close()
     open_store(gallery_url).close()  # reopening applies nothing twice
-    assert _raw(gallery_url, "SELECT version FROM schema_version ORDER BY version") == [(1,), (2,)]
+    assert _raw(gallery_url, "SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,)]
     _raw(gallery_url, "INSERT INTO schema_version (version, description, applied_at) VALUES (999, 'future', 'now')")
     with pytest.raises(GalleryStoreError, match="newer than this build"):
         open_store(gallery_url)
@@ -439,7 +441,6 @@ def test_postgres_scheme_alias(postgres_url: str, open_store: Opener) -> None:
 def _schema_1_database(url: str) -> None:
     """A gallery as the first release left it (migration 1 only), with a subject, a template and two lists."""
     from sightline.common.sqlstore import migrate, open_backend
-    from sightline.matching.store import MIGRATIONS
 
     backend = open_backend(url)
     try:
@@ -468,7 +469,7 @@ def _schema_1_database(url: str) -> None:
 def test_a_schema_1_gallery_upgrades_keeping_its_lists(gallery_url: str, open_store: Opener) -> None:
     _schema_1_database(gallery_url)
     store = open_store(gallery_url)
-    assert store.schema_version == 2
+    assert store.schema_version == len(MIGRATIONS)
     lists = store.list_watchlists()
     assert [(w.name, w.purpose, w.owner, w.target_fmr, w.member_count) for w in lists] == [
         ("border", "", "", None, 1),
@@ -585,23 +586,40 @@ def test_list_members_pages(store: GalleryStore) -> None:
         store.list_members("none")
 
 
-def test_watchlist_changes_move_the_version_and_own_writes_are_told_apart(
+def test_the_change_log_names_every_subject_each_version_touched(
     store: GalleryStore, gallery_url: str, open_store: Opener
 ) -> None:
     other = open_store(gallery_url)
-    store.take_written_versions()
     start = store.version()
     store.create_watchlist("a", "p")
     store.add_subject("alice")
     store.add_members("a", ["alice"])
     store.add_members("a", ["alice"])  # nothing changes: no version
+    other.add_subject("bob")  # another replica's write is in the same log
     store.update_watchlist("a", "q", "", 1e-3, 0)
+    changes = store.changes_since(start)
+    assert changes.complete and changes.until == start + 5 == store.version()
+    assert changes.subject_ids == {"alice", "bob"} and changes.lists_changed
     store.remove_members("a", ["alice"])
-    store.delete_watchlist("a")
-    assert store.take_written_versions() == list(range(start + 1, start + 7))
-    other.add_subject("bob")  # another replica's write leaves a gap in this store's own versions
-    store.add_subject("carol")
-    assert store.take_written_versions() == [start + 8]
+    assert store.changes_since(start + 5) == GalleryChanges(start + 5, start + 6, frozenset({"alice"}), False, True)
+    store.add_members("a", ["alice"])
+    store.delete_watchlist("a")  # its members are named: their memberships changed
+    assert store.changes_since(start + 7).subject_ids == {"alice"}
+    paged = store.changes_since(start, limit=2)
+    assert paged.until == start + 2 and paged.subject_ids == {"alice"}
+    assert store.changes_since(store.version()).until == store.version()
+
+
+def test_a_pruned_change_log_says_it_is_incomplete(store: GalleryStore) -> None:
+    store.add_subject("alice")
+    version = store.version()
+    store.add_subject("bob")
+    assert store.prune_changes(datetime.now(UTC) + timedelta(seconds=1)) >= 2
+    changes = store.changes_since(version)
+    assert not changes.complete and changes.until == version
+    store.add_subject("carol")  # a new version after the gap: still incomplete from the old version...
+    assert not store.changes_since(version).complete
+    assert store.changes_since(version + 1).complete  # ...but complete from the version before carol
 
 
 # -- key rotation through `sightline keys rotate` ----------------------------------------------------------------
@@ -682,3 +700,12 @@ def test_rotate_keys_reports_progress(store: GalleryStore) -> None:
     assert store.rotate_keys(_cipher("k2", KEY_2), progress=lambda done, total: seen.append((done, total))) == 4
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert store.template_key_counts() == {"k2": 4}
+
+
+def test_a_removed_subject_leaves_the_change_log_by_its_templates_only(gallery_url: str, store: GalleryStore) -> None:
+    start = store.version()
+    template_ids = _enrol(store, "e-erased", _vectors(21, 2))
+    store.remove_subject("e-erased")
+    changes = store.changes_since(start)
+    assert changes.removed_templates == set(template_ids) and "e-erased" not in changes.subject_ids
+    assert _raw(gallery_url, "SELECT COUNT(*) FROM gallery_changes WHERE subject_id = 'e-erased'") == [(0,)]

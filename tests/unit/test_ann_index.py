@@ -1,4 +1,4 @@
-"""``matching.ann.AnnIndex`` against exact search: same candidates, masks, removal at once, snapshots, make_index.
+"""``matching.ann.AnnIndex`` against exact search: same candidates, masks, removal at once, snapshots.
 
 Galleries are small random ones (the benchmark, ``sightline bench search``, measures recall at scale). Each behaviour
 is checked in three configurations: untrained (below ``exact_below``: every search exact), trained with an
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from sightline.matching.ann import AnnIndex, AnnSettings, auto_lists, auto_probes, make_index
+from sightline.matching.ann import AnnIndex, AnnSettings
 from sightline.matching.index import Candidate, SearchIndex
 
 DIM = 128
@@ -275,15 +275,6 @@ def test_dump_and_load_round_trip(settings: AnnSettings, tmp_path: object) -> No
         AnnIndex.load(io.BytesIO(stream.getvalue()[: written - 100]))
     with pytest.raises(ValueError, match="not a Sightline ANN index dump"):
         AnnIndex.load(io.BytesIO(b"something else entirely"))
-
-
-def test_make_index_uses_exact_search_below_the_threshold() -> None:
-    settings = AnnSettings(exact_below=1000)
-    assert isinstance(make_index(999, settings), SearchIndex)
-    assert isinstance(make_index(1000, settings), AnnIndex)
-    assert isinstance(make_index(5), SearchIndex) and isinstance(make_index(10**6), AnnIndex)
-    assert [auto_lists(n) for n in (10, 100, 20_000, 100_000, 1_000_000)] == [16, 32, 512, 1024, 4096]
-    assert [auto_probes(n) for n in (16, 64, 512, 4096)] == [16, 32, 32, 128]
 
 
 def test_trains_once_large_enough_and_retraining_keeps_concurrent_changes() -> None:

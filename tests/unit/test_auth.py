@@ -148,6 +148,7 @@ SERVICERS = (  # every servicer the services' main() register
     "sightline.capture.kiosk.servicer.KioskServicer",
     "sightline.detection.service.DetectionServicer",
     "sightline.embedding.service.EmbeddingServicer",
+    "sightline.matching.shards.ShardServicer",
 )
 
 

@@ -152,6 +152,54 @@ its database with them, and `sightline topics ensure` without --from-file create
 {{ include "sightline.fullname" .root }}-{{ .service }}
 {{- end }}
 
+{{/*
+Gallery shards (matching.shards, SIGHTLINE_MATCHING_SHARDS). A service's instances: its shards' numbers separated by
+spaces ("0 1 2") for matching with shards > 1, else "" (one instance, named and labelled as without shards). Range
+over them with splitList " ". Call with (dict "root" $ "service" "matching").
+*/}}
+{{- define "sightline.shards" -}}
+{{- $v := index .root.Values .service }}
+{{- if and (eq .service "matching") (gt (int $v.shards) 1) }}
+{{- range $i, $_ := until (int $v.shards) }}{{ if $i }} {{ end }}{{ $i }}{{ end }}
+{{- end }}
+{{- end }}
+
+{{/* One instance's name: the service's, with "-<shard>" for a shard. Call with (dict "root" $ "service" S "shard" N). */}}
+{{- define "sightline.instanceName" -}}
+{{ include "sightline.serviceName" . }}{{ with .shard }}-{{ . }}{{ end }}
+{{- end }}
+
+{{/*
+Selector labels of one instance: the component's, plus sightline/shard for a shard, so that each shard's Deployment,
+Service, PodDisruptionBudget and autoscaler reach that shard's pods only. Call with (dict "root" $ "component" C
+"shard" N); shard "" is the component as without shards.
+*/}}
+{{- define "sightline.instanceSelectorLabels" -}}
+{{ include "sightline.selectorLabels" . }}
+{{- with .shard }}
+sightline/shard: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* All labels of one instance's resources. Call with (dict "root" $ "component" C "shard" N). */}}
+{{- define "sightline.instanceLabels" -}}
+{{ include "sightline.componentLabels" . }}
+{{- with .shard }}
+sightline/shard: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* SIGHTLINE_MATCHING_SHARD_ADDRESSES: every shard's own Service, in shard order, as a JSON list. */}}
+{{- define "sightline.shardAddresses" -}}
+{{- $root := . }}
+{{- $addresses := list }}
+{{- range $shard := splitList " " (include "sightline.shards" (dict "root" $root "service" "matching")) }}
+{{- $name := include "sightline.instanceName" (dict "root" $root "service" "matching" "shard" $shard) }}
+{{- $addresses = append $addresses (printf "%s:%v" $name $root.Values.matching.grpcPort) }}
+{{- end }}
+{{- toJson $addresses }}
+{{- end }}
+
 {{- define "sightline.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -533,6 +581,9 @@ names the value to change.
 {{- if gt (int $d.replicas) 1 }}
 {{- fail "decision.replicas > 1 needs matching.database.mode=postgresql: in SQLite mode decision keeps its database on a ReadWriteOnce volume, which allows exactly one decision replica" }}
 {{- end }}
+{{- end }}
+{{- if and $m.enabled (gt (int $m.shards) 1) (eq $m.database.mode "sqlite") }}
+{{- fail "matching.shards > 1 needs matching.database.mode=postgresql: every shard's replicas read and write the one gallery database, and the SQLite gallery is a file on one pod's volume" }}
 {{- end }}
 {{- if and $m.enabled (eq $m.database.mode "postgresql") (not $m.database.postgresql.existingSecret) (not $m.database.postgresql.dsn) }}
 {{- fail "matching.database.mode=postgresql: set matching.database.postgresql.existingSecret or matching.database.postgresql.dsn" }}

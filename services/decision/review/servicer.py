@@ -10,7 +10,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 REVIEW_PURPOSE = "human-review"  # what a review action is for, as audited
 
+_MAX_SEQUENCE = 2**63 - 1  # the largest integer SQLite and PostgreSQL (BIGINT) store
 _ACTIONS = {review_pb2.REVIEW_ACTION_CONFIRM: CONFIRM, review_pb2.REVIEW_ACTION_REJECT: REJECT}
 
 
@@ -53,13 +54,9 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
         self._principal = principal
 
     def ListAlerts(self, request: review_pb2.ListAlertsRequest, context: grpc.ServicerContext) -> Any:
-        try:
-            after = int(request.page_token or 0)
-        except ValueError:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad page_token {request.page_token!r}")
-        limit = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        status = status_name(request.status) if request.status else None
-        alerts = self._store.list_alerts(status, limit, after)
+        with _status_errors(context):
+            after, limit, status = _alert_page(request)
+            alerts = self._store.list_alerts(status, limit, after)
         reply = review_pb2.ListAlertsResponse(alerts=[a.to_proto() for a in alerts])
         if len(alerts) == limit:
             reply.next_page_token = str(alerts[-1].sequence)
@@ -70,7 +67,8 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
             return self._store.get(request.alert_id).to_proto()
 
     def ListFeedback(self, request: review_pb2.ListFeedbackRequest, context: grpc.ServicerContext) -> Any:
-        since = request.since.ToDatetime(UTC) if request.HasField("since") else None
+        with _status_errors(context):
+            since = _since(request)
         feedback = self._store.feedback(since)
         reply = review_pb2.ListFeedbackResponse(feedback=[f.to_proto() for f in feedback])
         counts = Counter((f.subject_id, f.source_id) for f in feedback)
@@ -138,6 +136,31 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
             details.update(source_id=after.alert.source_id, confirmations=after.confirmations)
         subject = after.alert.subject_id if after else ""
         self._audit.append(reviewer, Action.REVIEW, subject, REVIEW_PURPOSE, result[:500], details)
+
+
+def _alert_page(request: review_pb2.ListAlertsRequest) -> tuple[int, int, str | None]:
+    """(after, limit, status) of a ListAlerts page; InvalidInput for a token, size or status no page can have."""
+    try:
+        after = int(request.page_token or 0)
+    except ValueError:
+        raise InvalidInput(f"bad page_token {request.page_token[:40]!r}") from None
+    if not 0 <= after <= _MAX_SEQUENCE:  # a token is an alert's sequence: what the store's integers can hold
+        raise InvalidInput(f"bad page_token {request.page_token[:40]!r}")
+    if request.page_size < 0:  # not a size at all: refused, not quietly read as 1
+        raise InvalidInput(f"page_size must not be negative (got {request.page_size})")
+    if request.status and request.status not in events_pb2.AlertStatus.values():
+        raise InvalidInput(f"unknown alert status {request.status}")
+    status = status_name(request.status) if request.status else None
+    return after, min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE), status
+
+
+def _since(request: review_pb2.ListFeedbackRequest) -> datetime | None:
+    if not request.HasField("since"):
+        return None
+    try:
+        return request.since.ToDatetime(UTC)
+    except ValueError as error:  # seconds or nanos outside what a timestamp can be
+        raise InvalidInput(f"since is not a valid timestamp: {error}") from None
 
 
 @contextmanager
