@@ -85,7 +85,7 @@ def _started(url: str, cipher: TemplateCipher, snapshots: SnapshotStore) -> tupl
         0.6,
         MatchingSettings.model_fields["refresh_interval_s"].default,
         index_settings=AnnSettings(),
-        snapshots=SnapshotPolicy(snapshots, _LONG_S, _LONG_S),
+        snapshots=SnapshotPolicy(snapshots, _LONG_S, _LONG_S, change_log_days=7.0),
     )
     return replica, {"wall": round(time.perf_counter() - wall, 2), "cpu": round(time.thread_time() - cpu, 2)}
 

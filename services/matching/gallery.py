@@ -396,9 +396,14 @@ class Gallery:
         self, vectors: np.ndarray, top_k: int, watchlists: Sequence[str] = ()
     ) -> list[list[types_pb2.MatchCandidate]]:
         """The ``top_k`` nearest subjects per probe over every shard, merged before any threshold applies."""
-        results = self.local_search(vectors, top_k, watchlists)
-        if self._remote is not None:
-            results = merge([results, *self._remote.search(vectors, top_k, watchlists)], top_k)
+        if self._remote is None:
+            results = self.local_search(vectors, top_k, watchlists)
+        else:  # this shard searches while the others do
+
+            def local() -> list[list[Candidate]]:
+                return self.local_search(vectors, top_k, watchlists)
+
+            results = merge(self._remote.search(vectors, top_k, watchlists, local=local), top_k)
         thresholds = self._thresholds  # one snapshot for the whole batch
         return [[_candidate(c, thresholds) for c in candidates] for candidates in results]
 

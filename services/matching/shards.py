@@ -168,13 +168,20 @@ class RemoteShards:
     def owner(self, subject_id: str) -> int:
         return shard_of(subject_id, self.shards)
 
-    def search(self, vectors: np.ndarray, top_k: int, watchlists: Sequence[str] = ()) -> list[list[list[Candidate]]]:
-        """Each other shard's per-probe top-k lists, in shard order (``merge`` them with this shard's own).
-        ShardUnavailable when any shard does not answer: never a partial result."""
+    def search(
+        self,
+        vectors: np.ndarray,
+        top_k: int,
+        watchlists: Sequence[str] = (),
+        local: Callable[[], list[list[Candidate]]] | None = None,
+    ) -> list[list[list[Candidate]]]:
+        """Each other shard's per-probe top-k lists, in shard order (``merge`` them with this shard's own), after
+        ``local()``'s own lists when given: it runs while the other shards search. ShardUnavailable when any shard
+        does not answer: never a partial result."""
         probes = pack(vectors)
         count = len(probes.vectors) // (probes.dim * _FLOAT32_LE.itemsize)
         if count == 0:
-            return [[] for _ in self.others]
+            return [*([] if local is None else [local()]), *([] for _ in self.others)]
         calls = {
             (s, 0): self._stubs[s].SearchShard.future(
                 shard_pb2.SearchShardRequest(
@@ -184,8 +191,8 @@ class RemoteShards:
             )
             for s in self.others
         }
+        results = [] if local is None else [local()]
         responses = self._gather(calls, "search")
-        results = []
         for s in self.others:
             found = responses[(s, 0)].results
             if len(found) != count:

@@ -1,7 +1,7 @@
 """Replicas follow the gallery's change log: what one replica writes reaches another's searches without a reload, a
 replica starts from an encrypted snapshot plus the changes since, and falls back to a full load when it must.
 
-Real SQLite files, real encrypted snapshots on disk, real templates (encrypted at rest) and the real ANN index; the
+Real SQLite files and a real PostgreSQL database, real encrypted snapshots on disk, real templates (encrypted at rest) and the real ANN index; the
 replicas are Gallery objects in this process, as each matching process holds one.
 """
 
@@ -43,13 +43,20 @@ def cipher() -> TemplateCipher:
     return TemplateCipher.from_base64(KEY, "k1")
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'gallery.db'}"
+    return str(request.getfixturevalue("pg_schema_url"))
+
+
 @pytest.fixture()
-def replicas(tmp_path: Path, cipher: TemplateCipher) -> Iterator[Callable[..., Gallery]]:
+def replicas(tmp_path: Path, cipher: TemplateCipher, database_url: str) -> Iterator[Callable[..., Gallery]]:
     """``replica(snapshots=False, **gallery_kwargs)``: a Gallery on the shared database (and snapshot directory)."""
     opened: list[Gallery] = []
 
     def replica(snapshots: bool = False, **kwargs: object) -> Gallery:
-        store = GalleryStore.open(f"sqlite:///{tmp_path / 'gallery.db'}", cipher)
+        store = GalleryStore.open(database_url, cipher)
         policy = SnapshotPolicy(SnapshotStore(tmp_path / "snapshots", cipher), 0.2, 0.1, 7.0) if snapshots else None
         kwargs.setdefault("index_settings", AnnSettings(exact_below=200))
         opened.append(Gallery(store, 0.6, 0.05, snapshots=policy, **kwargs))  # type: ignore[arg-type]
