@@ -87,7 +87,8 @@ def candidates(state: State, vector: np.ndarray, slots: np.ndarray, top_k: int, 
             own = np.sqrt(np.sum((state.vectors[others] - vector) ** 2, axis=1))
             if float(own.min()) < distance:
                 best[code] = (float(own.min()), int(others[int(own.argmin())]))
-    ranked = sorted(best.items(), key=lambda item: item[1][0])
+    # Ties by subject id, as shards.merge breaks them: a sharded gallery then gives exactly the same candidates.
+    ranked = sorted(best.items(), key=lambda item: (item[1][0], state.subject_of[item[0]] or ""))
     found: list[Candidate] = []
     for code, (distance, slot) in ranked:
         subject = state.subject_of[code]
