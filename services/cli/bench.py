@@ -70,6 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from sightline.cli import bench_video  # `video`: decoding at sampled rates and JPEG quality, in bench_video.py
 
     bench_video.register(kinds)
+    from sightline.cli import bench_chaos  # `chaos`: every service SIGKILLed while frames stream, in bench_chaos.py
+
+    bench_chaos.register(kinds)
 
 
 def bench_frames(count: int) -> list[Path]:

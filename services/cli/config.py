@@ -20,6 +20,7 @@ SETTINGS_CLASSES = (
     ("Audit (every service)", "sightline.common.audit", "AuditSettings"),
     ("Audit keys (every service that writes audit)", "sightline.common.audit_keys", "AuditKeySettings"),
     ("Audit checkpoints (matching and decision)", "sightline.common.audit_checkpoints", "AuditCheckpointSettings"),
+    ("Local stack supervision (sightline up)", "sightline.tooling.supervisor", "RestartSettings"),
     ("capture", "sightline.capture.settings", "CaptureSettings"),
     ("detection", "sightline.detection.settings", "DetectionSettings"),
     ("embedding", "sightline.embedding.settings", "EmbeddingSettings"),

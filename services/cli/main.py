@@ -13,7 +13,7 @@ import sys
 import warnings
 
 COMMAND_MODULES = (
-    "sightline.cli.stack",  # up, down, status
+    "sightline.cli.stack",  # up, down, status, restart
     "sightline.cli.topics",  # topics ensure
     "sightline.cli.gallery",  # enroll
     "sightline.cli.watchlists",  # watchlists create, list, show, update, delete, add, remove, members

@@ -6,9 +6,15 @@ by environment variables) and waits until each answers SERVING on its gRPC healt
 stdout and stderr to ``<run dir>/logs/<name>.log``, so all logs are in one place.
 
 A state file, ``<run dir>/stack.json``, records pids, ports and log paths, so that a later command (``sightline
-status``, ``sightline down``) can find a stack started by another process, including one left running in the
-background. Pids are stored with the kernel's start time of the process, so a recycled pid is never mistaken for
-(or signalled as) one of ours.
+status``, ``sightline down``, ``sightline restart``) can find a stack started by another process, including one left
+running in the background. Pids are stored with the kernel's start time of the process, so a recycled pid is never
+mistaken for (or signalled as) one of ours. Each process's record also keeps how often it was restarted, how the
+process before it ended, and, while it waits to be started again, when that will be.
+
+Restarting crashed services is the supervisor's job (``supervisor.py``): the process that owns the stack (``sightline
+up``, in the foreground or in the background behind ``--detach``, or a benchmark) runs one, and records it in the
+state file. This module gives it the means: ``poll_crashed``, ``note_exit``, ``respawn`` and ``replace``, all safe to
+call from the supervisor's thread while another thread uses the stack.
 
 Every start makes fresh bearer tokens (see docs/security.md): ``<run dir>/tokens.yaml`` (0600) lets in
 ``local-admin`` (every role) and one ``service:<name>`` principal per service that calls another (matching calls
@@ -40,6 +46,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -180,6 +187,16 @@ def port_in_use(port: int, host: str = HOST) -> bool:
     return False
 
 
+def open_log(path: Path, fresh: bool = True) -> IO[bytes]:
+    """A log file to write: ``fresh`` starts it anew, keeping the previous one as <name>.1 for a post-mortem;
+    otherwise it is appended to."""
+    if not fresh:
+        return path.open("ab")
+    if path.exists() and path.stat().st_size:
+        os.replace(path, path.with_name(path.name + ".1"))
+    return path.open("wb")
+
+
 def check_ports_free(ports: list[int]) -> None:
     for port in ports:
         if port_in_use(port):
@@ -280,6 +297,12 @@ class ProcessRecord:
     log: str
     port: int  # the broker's Kafka port, or a service's gRPC port
     metrics_port: int | None = None
+    started_at: float | None = None  # epoch seconds
+    restarts: int = 0  # times this process was started again, after a crash or on request
+    last_exit_code: int | None = None  # how the process before this one ended (negative: killed by that signal)
+    last_exit_at: float | None = None  # epoch seconds
+    restart_at: float | None = None  # set while the process is down and due to be started again (epoch seconds)
+    backoff_s: float | None = None  # the wait the supervisor chose before the last restart after a crash
 
     def alive(self) -> bool:
         return pid_alive(self.pid, self.start_ticks)
@@ -298,6 +321,7 @@ class StackState:
     broker: ProcessRecord
     services: dict[str, ProcessRecord] = field(default_factory=dict)
     version: int = STATE_VERSION
+    supervised: bool = False  # the owner restarts crashed services and serves restart requests (supervisor.py)
 
     def processes(self) -> list[tuple[str, ProcessRecord]]:
         return [("broker", self.broker), *self.services.items()]
@@ -365,11 +389,17 @@ def refuse_if_running(run_dir: Path) -> None:
 class ServiceStatus:
     pid: int
     alive: bool
-    health: str  # SERVING, NOT_SERVING, UNREACHABLE..., or STOPPED when the process is gone
+    # SERVING, NOT_SERVING, UNREACHABLE...; BACKOFF when the process is gone and the supervisor will start it again,
+    # STOPPED when it is gone for good
+    health: str
     grpc_port: int
     metrics_port: int | None
     address: str
     log: str
+    restarts: int = 0
+    last_exit_code: int | None = None
+    last_exit_at: float | None = None
+    restart_in_s: float | None = None  # with BACKOFF: seconds until the supervisor starts it again
 
 
 @dataclass
@@ -383,6 +413,14 @@ class BrokerStatus:
 
 
 @dataclass
+class SupervisorStatus:
+    """The process that owns the stack and restarts its crashed services."""
+
+    pid: int
+    alive: bool
+
+
+@dataclass
 class StackStatus:
     run_dir: str
     started_at: float
@@ -390,6 +428,7 @@ class StackStatus:
     phase: str
     broker: BrokerStatus
     services: dict[str, ServiceStatus]
+    supervisor: SupervisorStatus | None = None  # None: nothing restarts a crashed service
 
     @property
     def healthy(self) -> bool:
@@ -404,14 +443,8 @@ def status(run_dir: Path, health_timeout: float = 1.0) -> StackStatus | None:
     state = load_state(run_dir)
     if state is None:
         return None
-    from sightline.common.rpc import check_health  # grpc is heavy; only status needs it here
-
-    services: dict[str, ServiceStatus] = {}
-    for name, rec in state.services.items():
-        alive = rec.alive()
-        address = f"{HOST}:{rec.port}"
-        health = check_health(address, timeout=health_timeout) if alive else "STOPPED"
-        services[name] = ServiceStatus(rec.pid, alive, health, rec.port, rec.metrics_port, address, rec.log)
+    supervised = state.supervised and state.owner_alive()
+    services = {name: _service_status(rec, supervised, health_timeout) for name, rec in state.services.items()}
     broker_alive = state.broker.alive()
     broker = BrokerStatus(
         state.broker.pid,
@@ -421,7 +454,35 @@ def status(run_dir: Path, health_timeout: float = 1.0) -> StackStatus | None:
         f"{HOST}:{state.broker.port}",
         state.broker.log,
     )
-    return StackStatus(state.run_dir, state.started_at, state.detached, state.phase, broker, services)
+    supervisor = None
+    if state.supervised and state.owner_pid is not None:
+        supervisor = SupervisorStatus(state.owner_pid, state.owner_alive())
+    return StackStatus(state.run_dir, state.started_at, state.detached, state.phase, broker, services, supervisor)
+
+
+def _service_status(rec: ProcessRecord, supervised: bool, health_timeout: float) -> ServiceStatus:
+    from sightline.common.rpc import check_health  # grpc is heavy; only status needs it here
+
+    alive = rec.alive()
+    address = f"{HOST}:{rec.port}"
+    restart_in = max(0.0, rec.restart_at - time.time()) if rec.restart_at is not None and supervised else None
+    if alive:
+        health = check_health(address, timeout=health_timeout)
+    else:
+        health = "BACKOFF" if restart_in is not None else "STOPPED"
+    return ServiceStatus(
+        rec.pid,
+        alive,
+        health,
+        rec.port,
+        rec.metrics_port,
+        address,
+        rec.log,
+        rec.restarts,
+        rec.last_exit_code,
+        rec.last_exit_at,
+        None if restart_in is None else round(restart_in, 1),
+    )
 
 
 # --- stopping a stack this process did not start -------------------------------------------------------------------
@@ -435,7 +496,8 @@ def stop_detached(run_dir: Path, timeout: float = SERVICE_STOP_TIMEOUT) -> bool:
     if not state.any_alive() and not state.owner_alive():
         _remove_state(run_dir)
         return False
-    if not state.detached and state.owner_alive() and _stop_via_owner(state, timeout):
+    # A foreground stack's owner, or a detached one's supervisor, stops it in order; else its records are stopped.
+    if (not state.detached or state.supervised) and state.owner_alive() and _stop_via_owner(state, timeout):
         _remove_state(run_dir)
         return True
     _stop_records(state, timeout)
@@ -444,9 +506,10 @@ def stop_detached(run_dir: Path, timeout: float = SERVICE_STOP_TIMEOUT) -> bool:
 
 
 def _stop_via_owner(state: StackState, timeout: float) -> bool:
-    """Ask the foreground `sightline up` to stop its stack, so it shuts down in order and exits cleanly."""
+    """Ask the owner (the foreground or background `sightline up`) to stop its stack, so it shuts down in order and
+    exits cleanly."""
     assert state.owner_pid is not None
-    log.info("asking the foreground stack process (pid %d) to stop it", state.owner_pid)
+    log.info("asking the stack's owner process (pid %d) to stop it", state.owner_pid)
     signal_if_alive(state.owner_pid, state.owner_start_ticks, signal.SIGTERM)
     owner = [(state.owner_pid, state.owner_start_ticks)]
     return wait_gone(owner, timeout + BROKER_STOP_TIMEOUT + 5) and not state.any_alive()
@@ -569,6 +632,11 @@ class LocalStack:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._state: StackState | None = None
         self._tokens: StackTokens | None = None
+        # Held while a process is spawned, replaced or stopped and while the state is written: a supervisor's thread
+        # and the caller's may both do so.
+        self._lock = threading.RLock()
+        self._stopping = False
+        self._before_stop: list[Callable[[], None]] = []
 
     # Addresses --------------------------------------------------------------------------------------------------
 
@@ -650,23 +718,111 @@ class LocalStack:
         log.info("local stack is up in %s: pids %s", self.run_dir, self.pids)
 
     def restart(self, name: str, timeout: float = 60.0) -> None:
-        """Start one process again (stopping it first if it runs), as Kubernetes restarts a crashed pod. ``name`` is
-        a process (``matching-1``) or a service: a sharded matching restarts every shard, one after the other."""
+        """Start one process again (stopping it first if it runs), as Kubernetes restarts a crashed pod, and wait
+        until it is SERVING. ``name`` is a process (``matching-1``) or a service: a sharded matching restarts every
+        shard, one after the other."""
+        for process in self.processes_of(name):
+            self.replace(process)
+            self._wait_healthy(time.monotonic() + timeout, [process])
+
+    def processes_of(self, name: str) -> list[str]:
+        """The processes a name stands for: itself (``matching-1``), or every process of a service, in order."""
         names = [name] if name in self.processes else [p for p in self.processes if service_of(p) == name]
         if not names:
             raise ValueError(f"no process {name!r} in this stack; it runs {', '.join(self.processes)}")
-        for process in names:
-            proc = self._procs.get(process)
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                proc.wait(timeout=SERVICE_STOP_TIMEOUT)
-            self._spawn(process, template_key(self.run_dir) if service_of(process) == "matching" else "")
+        return names
+
+    # Supervision (supervisor.py) ---------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """Started and not being stopped: a supervisor may restart processes."""
+        return self._state is not None and not self._stopping
+
+    def mark_supervised(self) -> None:
+        """Record that this process supervises the stack: it owns it (``sightline down`` asks it to stop the stack,
+        also a detached one) and ``sightline restart`` may ask it to restart a process."""
+        with self._lock:
+            if self._state is None:
+                raise StackError("the stack is not started")
+            self._state.supervised = True
+            self._state.owner_pid = os.getpid()
+            self._state.owner_start_ticks = process_start_ticks(os.getpid())
+            _write_state(self.run_dir, self._state)
+
+    def before_stop(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` first when the stack is stopped (a supervisor halts there, before anything is stopped)."""
+        self._before_stop.append(hook)
+
+    def record(self, name: str) -> ProcessRecord:
+        """The state file's record of a service process."""
+        with self._lock:
+            if self._state is None or name not in self._state.services:
+                raise KeyError(name)
+            return self._state.services[name]
+
+    def note_exit(
+        self, name: str, returncode: int, restart_at: float | None = None, backoff_s: float | None = None
+    ) -> None:
+        """Record how a service process ended and, when it will be started again, when (epoch seconds)."""
+        with self._lock:
+            if self._state is None or name not in self._state.services:
+                return
+            record = self._state.services[name]
+            record.last_exit_code, record.last_exit_at = returncode, time.time()
+            record.restart_at = restart_at
+            if backoff_s is not None:
+                record.backoff_s = backoff_s
+            _write_state(self.run_dir, self._state)
+
+    def respawn(self, name: str) -> bool:
+        """Start a service process that has exited again, without waiting for it to be healthy; False when the
+        stack is stopping (or the process still runs)."""
+        with self._lock:
+            proc = self._procs.get(name)
+            if not self.running or (proc is not None and proc.poll() is None):
+                return False
+            self._spawn(name, self._key_for(name))
             self._save_state("running")
-            self._wait_healthy(time.monotonic() + timeout, [process])
+            return True
+
+    def replace(self, name: str) -> bool:
+        """Stop a service process if it runs (SIGTERM, killed after SERVICE_STOP_TIMEOUT) and start it again, without
+        waiting for it to be healthy; False when the stack is stopping."""
+        with self._lock:
+            if not self.running:
+                return False
+            proc = self._procs.get(name)
+            if proc is not None:
+                if proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=SERVICE_STOP_TIMEOUT)
+                    except subprocess.TimeoutExpired:
+                        kill_group(proc.pid, None)
+                        proc.wait()
+                self.note_exit(name, proc.returncode)
+            self._spawn(name, self._key_for(name))
+            self._save_state("running")
+            return True
+
+    def _key_for(self, process: str) -> str:
+        return template_key(self.run_dir) if service_of(process) == "matching" else ""
 
     def stop(self, timeout: float = SERVICE_STOP_TIMEOUT) -> None:
         """Stop the services (SIGTERM, newest stage first), kill those still running after ``timeout``, then the
         broker. Safe to call more than once."""
+        self._stopping = True  # from now on nothing is restarted
+        try:
+            for hook in self._before_stop:
+                hook()
+            with self._lock:
+                self._stop_all(timeout)
+        finally:
+            self._before_stop = []
+            self._stopping = False  # a stack may be started again after stop()
+
+    def _stop_all(self, timeout: float) -> None:
         running = [(n, p) for n, p in reversed(self._procs.items()) if p.poll() is None]
         for name, proc in running:
             log.info("stopping %s (pid %d)", name, proc.pid)
@@ -691,7 +847,8 @@ class LocalStack:
 
     def poll_crashed(self) -> list[tuple[str, int]]:
         """The processes (services, and "broker") that have exited, with their return codes."""
-        crashed = [(name, rc) for name, proc in self._procs.items() if (rc := proc.poll()) is not None]
+        with self._lock:
+            crashed = [(name, rc) for name, proc in self._procs.items() if (rc := proc.poll()) is not None]
         if self._broker and self._broker.process and (rc := self._broker.process.poll()) is not None:
             crashed.insert(0, ("broker", rc))
         return crashed
@@ -750,7 +907,8 @@ class LocalStack:
         }
 
     def _spawn(self, name: str, key: str) -> None:
-        with self._open_log(name) as log_file:
+        previous = self._state.services.get(name) if self._state is not None else None
+        with self._open_log(name, fresh=previous is None) as log_file:
             proc = subprocess.Popen(
                 [sys.executable, "-m", f"{self._module_prefix}.{service_of(name)}"],
                 env=self._service_env(name, key),
@@ -762,13 +920,19 @@ class LocalStack:
             )
         self._procs[name] = proc
         assert self._state is not None
-        self._state.services[name] = ProcessRecord(
+        record = ProcessRecord(
             proc.pid,
             process_start_ticks(proc.pid),
             str(self.log_path(name)),
             self.ports.grpc[name],
             self.ports.metrics[name],
+            started_at=time.time(),
         )
+        if previous is not None:  # started again: the count and how the one before ended carry over
+            record.restarts = previous.restarts + 1
+            record.last_exit_code, record.last_exit_at = previous.last_exit_code, previous.last_exit_at
+            record.backoff_s = previous.backoff_s
+        self._state.services[name] = record
         log.info("started %s (pid %d) on %s", name, proc.pid, self.process_addresses[name])
 
     def _service_env(self, process: str, key: str) -> dict[str, str]:
@@ -849,12 +1013,10 @@ class LocalStack:
         except auth.TokensFileError as error:
             raise StackError(str(error)) from None
 
-    def _open_log(self, name: str) -> IO[bytes]:
-        """A fresh log for this run; the previous run's log is kept as <name>.log.1 for a post-mortem."""
-        path = self.log_path(name)
-        if path.exists() and path.stat().st_size:
-            os.replace(path, path.with_name(path.name + ".1"))
-        return path.open("wb")
+    def _open_log(self, name: str, fresh: bool = True) -> IO[bytes]:
+        """The process's log: a fresh one for each run of the stack, appended to when the process is restarted within
+        a run, so the lines before a crash stay just above the restart's."""
+        return open_log(self.log_path(name), fresh=fresh)
 
     def _new_state(self, detach: bool) -> StackState:
         assert self._broker is not None and self._broker.process is not None
@@ -865,6 +1027,7 @@ class LocalStack:
         return StackState(str(self.run_dir), time.time(), detach, owner, owner_ticks, "starting", broker)
 
     def _save_state(self, phase: Literal["starting", "running"]) -> None:
-        assert self._state is not None
-        self._state.phase = phase
-        _write_state(self.run_dir, self._state)
+        with self._lock:
+            assert self._state is not None
+            self._state.phase = phase
+            _write_state(self.run_dir, self._state)

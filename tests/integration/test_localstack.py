@@ -169,6 +169,7 @@ def test_cli_detached_up_status_down(tmp_path: Path, models_dir: Path) -> None:
         down = sightline("down", "--run-dir", run_dir)
     assert down.returncode == 0 and "stopped" in down.stdout
     assert _all_gone(tmp_path / "run", recorded)
+    assert recorded["supervised"] and not pid_alive(recorded["owner_pid"], recorded["owner_start_ticks"])
     assert sightline("status", "--run-dir", run_dir).returncode != 0
     assert "no local stack is running" in sightline("down", "--run-dir", run_dir).stdout
 
