@@ -11,12 +11,14 @@ PYTEST_ARGS ?=
 CONTRACT_TOOLS := build/tools/contract
 CONTRACT_STAMP := $(CONTRACT_TOOLS)/.installed
 BUF := $(CONTRACT_TOOLS)/node_modules/.bin/buf
-# buf breaking compares protos/ with the last release's: the commit protos/BASELINE names (bump it at each release).
+# buf breaking compares protos/ with the last release's: the image protos/baseline.binpb (checked in, so no git
+# history is needed), built from the commit protos/BASELINE names; at each release bump that ref and run
+# `make proto-baseline`.
 HASH := \#
 PROTO_BASELINE := $(shell grep -v '^$(HASH)' protos/BASELINE)
 BASELINE_DIR := build/contract/baseline-$(PROTO_BASELINE)
 
-.PHONY: setup install protos models samples tools demo lint lint-protos test test-fast bench clean
+.PHONY: setup install protos models samples tools demo lint lint-protos proto-baseline test test-fast bench clean
 
 ## setup: virtualenv, dependencies, generated code, face models, sample photos, helm, hadolint, buf, AsyncAPI parser
 setup: install protos models samples tools
@@ -71,10 +73,14 @@ lint: install protos lint-protos
 	$(BIN)/ruff format --check services tests
 	$(BIN)/mypy
 
-## lint-protos: buf lint, and buf breaking against the last release's protos (protos/BASELINE)
-lint-protos: $(CONTRACT_STAMP) $(BASELINE_DIR)/protos/buf.yaml
+## lint-protos: buf lint, and buf breaking against the last release's protos (protos/baseline.binpb)
+lint-protos: $(CONTRACT_STAMP)
 	$(BUF) lint protos
-	$(BUF) breaking protos --against $(BASELINE_DIR)/protos
+	$(BUF) breaking protos --against protos/baseline.binpb
+
+## proto-baseline: rebuild protos/baseline.binpb from the commit protos/BASELINE names (at a release)
+proto-baseline: $(CONTRACT_STAMP) $(BASELINE_DIR)/protos/buf.yaml
+	$(BUF) build $(BASELINE_DIR)/protos -o protos/baseline.binpb
 
 ## test: lint, then every test, including the slow and PostgreSQL ones (skipped, with a message, if no server is
 ## reachable)

@@ -1,6 +1,8 @@
 """Where the contract tools are and what they compare against: buf and the AsyncAPI validator installed by
 ``make tools`` (npm, into build/tools/contract, from tools/contract/package.json), and the protos of the last
-release (the commit protos/BASELINE names), for ``buf breaking``.
+release, for ``buf breaking``: the buf image protos/baseline.binpb, built from the commit protos/BASELINE names by
+``make proto-baseline`` at each release. The image is checked in, so the check needs no git history (a shallow clone
+passes it too).
 
 The Makefile's ``lint-protos`` target runs the same checks; tests/unit/test_buf.py and test_asyncapi.py use these
 paths so that a missing install fails with the command that makes it.
@@ -19,6 +21,7 @@ TOOLS = REPO / "build" / "tools" / "contract"
 BUF = TOOLS / "node_modules" / ".bin" / "buf"
 ASYNCAPI_VALIDATOR = TOOLS / "validate-asyncapi.mjs"
 BASELINE_FILE = PROTOS / "BASELINE"
+BASELINE_IMAGE = PROTOS / "baseline.binpb"
 
 
 class ContractToolsMissing(RuntimeError):
@@ -39,7 +42,7 @@ def baseline_ref() -> str:
 
 
 def export_baseline(dest: Path, ref: str | None = None) -> Path:
-    """Write the baseline commit's protos/ folder under ``dest``; returns the exported protos folder.
+    """Write the baseline commit's protos/ folder under ``dest`` (for ``make proto-baseline``); returns it.
 
     ``git archive`` reads the commit from the repository's history: a shallow clone without it fails here, saying so.
     """
