@@ -67,10 +67,11 @@ $(BASELINE_DIR)/protos/buf.yaml: protos/BASELINE
 demo: setup
 	$(BIN)/sightline demo
 
-## lint: ruff (lint rules and formatting) on services/ and tests/, mypy --strict on services/common, buf on protos/
+## lint: ruff (lint rules and formatting) on services/, tests/ and examples/, mypy --strict on services/common and
+## services/sdk, buf on protos/
 lint: install protos lint-protos
-	$(BIN)/ruff check services tests
-	$(BIN)/ruff format --check services tests
+	$(BIN)/ruff check services tests examples
+	$(BIN)/ruff format --check services tests examples
 	$(BIN)/mypy
 
 ## lint-protos: buf lint, and buf breaking against the last release's protos (protos/baseline.binpb)

@@ -21,6 +21,8 @@ SETTINGS_CLASSES = (
     ("Audit keys (every service that writes audit)", "sightline.common.audit_keys", "AuditKeySettings"),
     ("Audit checkpoints (matching and decision)", "sightline.common.audit_checkpoints", "AuditCheckpointSettings"),
     ("Local stack supervision (sightline up)", "sightline.tooling.supervisor", "RestartSettings"),
+    ("SDK client", "sightline.sdk.settings", "ClientSettings"),
+    ("SDK subscriber", "sightline.sdk.settings", "SubscriberSettings"),
     ("capture", "sightline.capture.settings", "CaptureSettings"),
     ("detection", "sightline.detection.settings", "DetectionSettings"),
     ("embedding", "sightline.embedding.settings", "EmbeddingSettings"),

@@ -8,31 +8,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from sightline.sdk.jsonformat import message_to_dict
 from sightline.v1 import events_pb2
-
-_BULKY = {"image", "chip", "payload", "vector"}
 
 
 def to_dict(message: Message) -> dict[str, Any]:
-    data = MessageToDict(message, preserving_proto_field_name=True)
-    return _elide(data)
-
-
-def _elide(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: (_size_of(v) if k in _BULKY else _elide(v)) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_elide(v) for v in data]
-    return data
-
-
-def _size_of(value: Any) -> str:
-    if isinstance(value, list):
-        return f"<{len(value)} values>"
-    return f"<{len(value) * 3 // 4} bytes>"
+    """The protobuf JSON mapping, bulky biometric fields as their size (the SDK's rendering, so both agree)."""
+    return message_to_dict(message, elide_biometrics=True)
 
 
 def to_json(message: Message) -> str:

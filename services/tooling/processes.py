@@ -11,10 +11,12 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 LOG_TAIL_LINES = 20
 PR_SET_PDEATHSIG = 1
 
+_prctl: Any
 try:  # looked up here, in the parent: the child between fork and exec must not load libraries (locks)
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):  # not Linux
