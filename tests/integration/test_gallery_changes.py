@@ -1,8 +1,8 @@
 """Replicas follow the gallery's change log: what one replica writes reaches another's searches without a reload, a
 replica starts from an encrypted snapshot plus the changes since, and falls back to a full load when it must.
 
-Real SQLite files and a real PostgreSQL database, real encrypted snapshots on disk, real templates (encrypted at rest) and the real ANN index; the
-replicas are Gallery objects in this process, as each matching process holds one.
+Real SQLite files and a real PostgreSQL database, real encrypted snapshots on disk, real templates (encrypted at rest)
+and the real ANN index; the replicas are Gallery objects in this process, as each matching process holds one.
 """
 
 from __future__ import annotations
