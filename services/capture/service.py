@@ -52,6 +52,7 @@ PROGRESS_EVERY_S = 0.25
 # The sampling rates a request may ask for: one frame every 1000 s of media time at the slowest (slower would pace a
 # folder's frames days apart, holding the call), 1000 per second at the fastest (above any camera's rate).
 MIN_FPS, MAX_FPS = 0.001, 1000.0
+PACING_CHECK_S = 0.5  # while pacing a file source, how often to check that the caller is still there
 log = logging.getLogger(__name__)
 
 
@@ -105,7 +106,8 @@ class Capture:
         for raw in frames:
             if not active() or (request.max_frames and progress.frames_read >= request.max_frames):
                 break
-            self._pace(request, source, raw, started, fps)
+            if not self._pace(request, source, raw, started, fps, active):
+                break
             progress.frames_read += 1
             ref = self._frame_ref(request, source_id, run, progress.frames_read)
             try:
@@ -148,15 +150,24 @@ class Capture:
             )
 
     def _pace(
-        self, request: capture_pb2.IngestRequest, source: Source, raw: RawFrame, started: float, fps: float
-    ) -> None:
-        """Publish folder and file frames at the sampling rate (live streams pace themselves)."""
+        self,
+        request: capture_pb2.IngestRequest,
+        source: Source,
+        raw: RawFrame,
+        started: float,
+        fps: float,
+        active: Callable[[], bool],
+    ) -> bool:
+        """Publish folder and file frames at the sampling rate (live streams pace themselves). False when the call
+        ended while waiting: a caller that gave up must not hold a worker thread until the frame is due."""
         if request.no_pacing or source.live:
-            return
+            return True
         due = started + (raw.media_time_s if raw.pixels is not None else raw.media_time_s / fps)
-        delay = due - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
+        while (delay := due - time.monotonic()) > 0:
+            if not active():
+                return False
+            time.sleep(min(delay, PACING_CHECK_S))
+        return True
 
     @staticmethod
     def _frame_ref(request: capture_pb2.IngestRequest, source_id: str, run: str, sequence: int) -> types_pb2.FrameRef:

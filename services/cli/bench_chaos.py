@@ -473,7 +473,6 @@ def report(
             **sessions,
             "frames": gate_account,
         },
-        "no_face_record_for_integrators": _no_face_record(),
         "streamed_s": round(streamed_s, 1),
         "drained_s": round(drained_s, 1),
         "wall_s": round(wall_s, 1),
@@ -501,14 +500,3 @@ def _wrong_subject(run: Run) -> int:
             continue
         wrong += decision.subject_id != run.shown.get((frame.source_id, frame.sequence))
     return wrong
-
-
-def _no_face_record() -> str:
-    """Where a frame with no face to decide on gets its terminal record today."""
-    from sightline.v1 import events_pb2
-
-    if "OUTCOME_NO_FACE" in events_pb2.Outcome.keys():
-        return "a Decision with outcome NO_FACE on sightline.decisions.v1"
-    return (
-        "only its MatchResult without faces on sightline.matches.v1 (decision's input): nothing on the decisions topic"
-    )

@@ -10,6 +10,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from sightline.common import codec
 from sightline.sdk.jsonformat import message_to_dict
 from sightline.v1 import events_pb2
 
@@ -35,7 +36,9 @@ def one_line(message: Message) -> str:
 
 
 def _decision_line(d: events_pb2.Decision) -> str:
-    outcome = events_pb2.Outcome.Name(d.outcome).removeprefix("OUTCOME_")
+    outcome = codec.enum_label(events_pb2.Outcome, d.outcome, "OUTCOME_")
+    if d.outcome == events_pb2.OUTCOME_NO_FACE:
+        return f"{outcome:<11} source={d.frame.source_id} frame={d.frame.sequence} | {'; '.join(d.reasons)}"
     who = f" subject={d.subject_id}" if d.subject_id else ""
     alert = f" alert={d.alert_id[:12]}" if d.alert_id else ""
     return (
@@ -45,7 +48,7 @@ def _decision_line(d: events_pb2.Decision) -> str:
 
 
 def _alert_line(a: events_pb2.Alert) -> str:
-    status = events_pb2.AlertStatus.Name(a.status).removeprefix("ALERT_STATUS_")
+    status = codec.enum_label(events_pb2.AlertStatus, a.status, "ALERT_STATUS_")
     return (
         f"ALERT {status} subject={a.subject_id} watchlists={','.join(a.watchlists)} source={a.source_id} "
         f"similarity={a.similarity:.3f} frames={len(a.evidence_frame_ids)} id={a.alert_id[:12]}"

@@ -57,7 +57,16 @@ from sightline.common.audit_checkpoints import (
 from sightline.common.audit_keys import AuditKeyError, AuditKeyring
 from sightline.common.auth import current_caller
 from sightline.common.config import SightlineSettings
-from sightline.common.sqlstore import Backend, BackendStore, Cursor, Migration, StoreError, open_backend
+from sightline.common.rpc import InvalidInput, rpc_errors
+from sightline.common.sqlstore import (
+    MAX_DB_INTEGER,
+    Backend,
+    BackendStore,
+    Cursor,
+    Migration,
+    StoreError,
+    open_backend,
+)
 from sightline.v1 import audit_pb2_grpc
 
 if TYPE_CHECKING:
@@ -952,12 +961,17 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     def __init__(self, audit: AuditLog) -> None:
         self._audit = audit
 
+    @rpc_errors
     def ListAuditRecords(self, request: Any, context: grpc.ServicerContext) -> Any:
         from sightline.v1 import audit_pb2
 
         action = ""
         if request.action:
+            if request.action not in audit_pb2.AuditAction.values():
+                raise InvalidInput(f"unknown audit action {request.action}")
             action = audit_pb2.AuditAction.Name(request.action).removeprefix("AUDIT_ACTION_")
+        if request.after_sequence > MAX_DB_INTEGER:
+            raise InvalidInput(f"after_sequence {request.after_sequence} is past any record's sequence")
         limit = min(request.page_size or 100, 1000)
         records = self._audit.records(
             request.after_sequence, limit, action or None, request.principal or None, request.subject_id or None

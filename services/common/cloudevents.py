@@ -121,7 +121,7 @@ def _frame_time(event: events_pb2.FrameCaptured) -> Timestamp | None:
 
 
 def _alert_id(event: events_pb2.Alert) -> str:
-    status = events_pb2.AlertStatus.Name(event.status).removeprefix("ALERT_STATUS_")
+    status = codec.enum_label(events_pb2.AlertStatus, event.status, "ALERT_STATUS_")
     return f"{event.alert_id}:{status}" if event.alert_id else ""
 
 
@@ -132,7 +132,7 @@ def _alert_time(event: events_pb2.Alert) -> Timestamp | None:
 
 
 def _session_kind(event: session_pb2.SessionEvent) -> str:
-    return session_pb2.SessionEvent.Kind.Name(event.kind).removeprefix("KIND_")
+    return codec.enum_label(session_pb2.SessionEvent.Kind, event.kind, "KIND_")
 
 
 def _session_id(event: session_pb2.SessionEvent) -> str:

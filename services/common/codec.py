@@ -15,6 +15,7 @@ from typing import TypeVar, cast
 
 import numpy as np
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -133,12 +134,33 @@ def chip_from_bytes(data: bytes, size: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8).reshape(size, size, 3)
 
 
+def enum_label(enum: EnumTypeWrapper, value: int, prefix: str) -> str:
+    """A protobuf enum value's name without its prefix (``AlertStatus`` 2 with ``"ALERT_STATUS_"``: ``CONFIRMED``);
+    ``UNKNOWN_<value>`` for a value the enum does not define, which a newer producer or a hostile one can send (the
+    wire carries any integer) and which must not crash whoever names it."""
+    try:
+        return enum.Name(value).removeprefix(prefix)
+    except ValueError:
+        return f"UNKNOWN_{value}"
+
+
+def enum_value(enum: EnumTypeWrapper, name: str, prefix: str) -> int:
+    """An enum value from its name, with or without the prefix, in any case (``"confirmed"``,
+    ``"ALERT_STATUS_CONFIRMED"``); ValueError naming the enum's values for a name it does not define."""
+    wanted = name.strip().upper()
+    try:
+        return enum.Value(wanted if wanted.startswith(prefix) else f"{prefix}{wanted}")
+    except ValueError:
+        known = ", ".join(n.removeprefix(prefix) for n in enum.keys())
+        raise ValueError(f"unknown {enum.DESCRIPTOR.name} {name!r}: one of {known}") from None
+
+
 def outcome_name(outcome: int) -> str:
     """An e-channel session's outcome as logs, audit records and the CLI name it: ``ACCEPT``, ``REFER_TO_OFFICER``,
     ``CANCELLED`` (``UNSPECIFIED`` while undecided)."""
     from sightline.v1 import session_pb2
 
-    return session_pb2.SessionOutcome.Name(outcome).removeprefix("SESSION_OUTCOME_")
+    return enum_label(session_pb2.SessionOutcome, outcome, "SESSION_OUTCOME_")
 
 
 def event_class(topic: TopicSpec) -> type[Message]:

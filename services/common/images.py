@@ -94,7 +94,8 @@ def _check_size(size: tuple[int, int], max_pixels: int) -> None:
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        wide = np.asarray(image, dtype=np.float64)
+        # Mode I is signed 32-bit: negative values are black (cast to uint8 they would be undefined, not dark).
+        wide = np.clip(np.asarray(image, dtype=np.float64), 0.0, None)
         scaled = (wide / max(float(wide.max()), 1.0) * 255.0).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(scaled[:, :, None], 3, axis=2))
     if image.mode != "RGB":

@@ -37,9 +37,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
@@ -299,8 +300,13 @@ def _wrapped(
     handler: grpc.RpcMethodHandler[Any, Any],
     unary: Callable[[Behavior], Behavior],
     streaming: Callable[[Behavior], Behavior],
+    *,
+    raw_requests: bool = False,
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """The handler with its behaviour wrapped: by ``unary`` when it returns one response, ``streaming`` otherwise."""
+    """The handler with its behaviour wrapped: by ``unary`` when it returns one response, ``streaming`` otherwise.
+    ``raw_requests``: the behaviour gets each request's bytes, to parse itself (grpcio gives no deserializer's error
+    to the servicer: it answers INTERNAL)."""
+    deserializer = None if raw_requests else handler.request_deserializer
     kinds = (
         ("unary_unary", grpc.unary_unary_rpc_method_handler, unary),
         ("unary_stream", grpc.unary_stream_rpc_method_handler, streaming),
@@ -310,7 +316,7 @@ def _wrapped(
     for attribute, make, wrap in kinds:
         behavior = getattr(handler, attribute)
         if behavior is not None:
-            return make(wrap(behavior), handler.request_deserializer, handler.response_serializer)
+            return make(wrap(behavior), deserializer, handler.response_serializer)
     raise ValueError("a gRPC method handler without a behaviour")
 
 
@@ -488,7 +494,7 @@ class _ServerAuth(grpc.ServerInterceptor):
 
 def _refuse(
     denial: auth.Denial, context: grpc.ServicerContext, on_denied: Callable[[auth.Denial], None] | None
-) -> None:
+) -> NoReturn:
     """Log the refusal, report it to ``on_denied`` and end the call with its status; raises (``context.abort``)."""
     log.warning(
         "call refused",
@@ -550,8 +556,10 @@ class _ClientToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
 
 
 class _FieldLimits(grpc.ServerInterceptor):
-    """Refuses a request over the field limits of ``limits.py`` with INVALID_ARGUMENT naming the field, after reporting
-    the refusal; health and reflection are not checked (their requests are the protocol's own).
+    """Parses each request itself and refuses one that does not parse, or is over the field limits of ``limits.py``,
+    with INVALID_ARGUMENT naming the field, after reporting the refusal; health and reflection are not checked (their
+    requests are the protocol's own). Left to grpcio, a request that does not parse is answered INTERNAL, which tells
+    the caller the server failed, not that the request was wrong.
 
     Inside ``_ServerAuth``, so that a refusal names the caller it admitted, and outside ``_StreamLimits``, so that a
     refused request never takes a stream slot. Like the access decision, the check runs in the handler, on a worker
@@ -565,26 +573,36 @@ class _FieldLimits(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None or auth.is_open(details.method):
             return handler
-        check = functools.partial(self._checked, method=details.method, streaming=handler.request_streaming)
-        return _wrapped(handler, check, check)
+        parse: Callable[[bytes], Any] = handler.request_deserializer or (lambda data: data)
+        check = functools.partial(
+            self._checked, method=details.method, streaming=handler.request_streaming, parse=parse
+        )
+        return _wrapped(handler, check, check, raw_requests=True)
 
-    def _checked(self, behavior: Behavior, method: str, streaming: bool) -> Behavior:
+    def _checked(self, behavior: Behavior, method: str, streaming: bool, parse: Callable[[bytes], Any]) -> Behavior:
         def checked(request: Any, context: grpc.ServicerContext) -> Any:
             if streaming:
-                return behavior(self._checked_requests(request, method, context), context)
-            self._check(request, method, context)
-            return behavior(request, context)
+                return behavior(self._checked_requests(request, method, context, parse), context)
+            return behavior(self._check(request, method, context, parse), context)
 
         return checked
 
-    def _checked_requests(self, requests: Iterator[Any], method: str, context: grpc.ServicerContext) -> Iterator[Any]:
+    def _checked_requests(
+        self, requests: Iterator[bytes], method: str, context: grpc.ServicerContext, parse: Callable[[bytes], Any]
+    ) -> Iterator[Any]:
         for request in requests:
-            self._check(request, method, context)
-            yield request
+            yield self._check(request, method, context, parse)
 
-    def _check(self, request: Any, method: str, context: grpc.ServicerContext) -> None:
-        if (reason := limits.violation(request)) is not None:
-            _refuse(_denial("INVALID_ARGUMENT", method, reason, context), context, self._on_denied)
+    def _check(self, data: bytes, method: str, context: grpc.ServicerContext, parse: Callable[[bytes], Any]) -> Any:
+        """The request parsed from ``data``; refuses the call when it does not parse or is over a field limit."""
+        try:
+            request = parse(data)
+        except DecodeError as error:
+            unparsed = f"the request is not a valid message of this method: {error}"
+            _refuse(_denial("INVALID_ARGUMENT", method, unparsed, context), context, self._on_denied)
+        if (over := limits.violation(request)) is not None:
+            _refuse(_denial("INVALID_ARGUMENT", method, over, context), context, self._on_denied)
+        return request
 
 
 class _StreamLimits(grpc.ServerInterceptor):

@@ -52,6 +52,9 @@ class Dialect:
         return parsed.astimezone(UTC)
 
 
+# The largest integer both SQLite and PostgreSQL (BIGINT) store: the limit of a sequence a caller may page after.
+MAX_DB_INTEGER = 2**63 - 1
+
 SQLITE = Dialect(
     name="sqlite",
     placeholder="?",

@@ -26,6 +26,7 @@ once, by its session (echannel/engine.py), so their decisions name no alert and 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,6 +95,14 @@ def _fmr_text(distance: float) -> str:
     return f"FMR at this score {format_fmr(fmr(distance))}{note}"
 
 
+def _check_scores(result: events_pb2.MatchResult) -> None:
+    for face in result.faces:
+        scores = [c.distance for c in face.candidates] + [c.similarity for c in face.candidates]
+        scores += [face.verification.distance, face.verification.similarity, face.quality.score]
+        if not all(math.isfinite(score) for score in scores):
+            raise codec.MalformedEvent(f"face {face.face_index} has a score that is not a finite number")
+
+
 def stable_id(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
 
@@ -117,6 +126,11 @@ class DecisionEngine:
         self._none_stored: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def decide(self, result: events_pb2.MatchResult) -> tuple[list[events_pb2.Decision], list[events_pb2.Alert]]:
+        """The decisions of a frame's faces and the alerts they raise. MalformedEvent for a result whose scores are
+        not numbers (matching never writes one; another producer on the topic might)."""
+        _check_scores(result)
+        if not result.faces:
+            return [self._no_face(result)], []
         decisions, alerts = [], []
         for face in result.faces:
             decision, alert = self._decide_face(result, face)
@@ -124,6 +138,19 @@ class DecisionEngine:
             if alert is not None:
                 alerts.append(alert)
         return decisions, alerts
+
+    def _no_face(self, result: events_pb2.MatchResult) -> events_pb2.Decision:
+        """The terminal record of a frame with no face to decide on: what integrators count frames by."""
+        return events_pb2.Decision(
+            decision_id=stable_id(result.frame.frame_id, "no-face", self.policy.version),
+            frame=result.frame,
+            outcome=events_pb2.OUTCOME_NO_FACE,
+            reasons=["no face to decide on in this frame (none found, or none on its tracks worth a search)"],
+            evidence_frame_ids=[result.frame.frame_id],
+            policy_version=self.policy.version,
+            model_version=f"{result.model_name}:{result.model_version}",
+            decided_at=codec.now(),
+        )
 
     def _decide_face(
         self, result: events_pb2.MatchResult, face: events_pb2.FaceMatch

@@ -100,9 +100,7 @@ class Matcher(EventProcessor):
         )
         within_threshold = 0
         if embedded.faces:
-            vectors = np.array([list(face.vector) for face in embedded.faces], dtype=np.float32)
-            if vectors.shape[1] != DESCRIPTOR_SIZE:
-                raise codec.MalformedEvent(f"descriptors have {vectors.shape[1]} values, expected {DESCRIPTOR_SIZE}")
+            vectors = _descriptors(embedded)
             candidates = self.gallery.search(vectors, self.top_k, frame.watchlists)
             for face, vector, found in zip(embedded.faces, vectors, candidates, strict=True):
                 match = result.faces.add(
@@ -123,6 +121,20 @@ class Matcher(EventProcessor):
             self.stream_audit.count(frame, len(embedded.faces), within_threshold, verifications)
         result.matched_at.CopyFrom(codec.now())
         return [Output(MATCHES, frame.source_id.encode(), result.SerializeToString())]
+
+
+def _descriptors(embedded: events_pb2.FacesEmbedded) -> np.ndarray:
+    """The faces' descriptors as one float32 matrix; MalformedEvent for a descriptor of the wrong length or with a
+    value that is not a finite number (NaN would compare as no distance at all and reach decision as one)."""
+    for face in embedded.faces:
+        if len(face.vector) != DESCRIPTOR_SIZE:
+            raise codec.MalformedEvent(
+                f"face {face.face_index}'s descriptor has {len(face.vector)} values, expected {DESCRIPTOR_SIZE}"
+            )
+    vectors = np.array([face.vector for face in embedded.faces], dtype=np.float32)
+    if not np.isfinite(vectors).all():
+        raise codec.MalformedEvent("a descriptor holds a value that is not a finite number")
+    return vectors
 
 
 def subject_proto(record: SubjectRecord) -> gallery_pb2.Subject:

@@ -61,7 +61,10 @@ def future_expiry(message: object, field: str) -> datetime | None:
     """The timestamp ``field`` of a request as an aware datetime, None when unset; INVALID_ARGUMENT if not ahead."""
     if not message.HasField(field):  # type: ignore[attr-defined]
         return None
-    at = getattr(message, field).ToDatetime(tzinfo=UTC)
+    try:
+        at = getattr(message, field).ToDatetime(tzinfo=UTC)
+    except ValueError as error:  # seconds or nanos outside what a timestamp can be
+        raise InvalidInput(f"{field} is not a valid timestamp: {error}") from None
     if at <= datetime.now(UTC):
         raise InvalidInput(f"{field} {at.isoformat()} is not in the future")
     return at

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import cast
 
+from sightline.common.codec import enum_value
 from sightline.sdk.connection import Connection
 from sightline.v1 import audit_pb2, audit_pb2_grpc
 
@@ -21,9 +22,7 @@ def audit_action(action: AuditAction | str | None) -> AuditAction:
     if action is None:
         return audit_pb2.AUDIT_ACTION_UNSPECIFIED
     if isinstance(action, str):
-        name = action.upper()
-        value = audit_pb2.AuditAction.Value(name if name.startswith("AUDIT_ACTION_") else f"AUDIT_ACTION_{name}")
-        return cast(AuditAction, value)
+        return cast(AuditAction, enum_value(audit_pb2.AuditAction, action, "AUDIT_ACTION_"))
     return action
 
 

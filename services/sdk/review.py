@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import cast
 
+from sightline.common.codec import enum_value
 from sightline.sdk.connection import Connection
 from sightline.sdk.inputs import timestamp
 from sightline.v1 import events_pb2, review_pb2, review_pb2_grpc
@@ -25,9 +26,7 @@ def alert_status(status: AlertStatus | str | None) -> AlertStatus:
     if status is None:
         return events_pb2.ALERT_STATUS_UNSPECIFIED
     if isinstance(status, str):
-        name = status.upper()
-        value = events_pb2.AlertStatus.Value(name if name.startswith("ALERT_STATUS_") else f"ALERT_STATUS_{name}")
-        return cast(AlertStatus, value)
+        return cast(AlertStatus, enum_value(events_pb2.AlertStatus, status, "ALERT_STATUS_"))
     return status
 
 

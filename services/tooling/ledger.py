@@ -3,9 +3,8 @@
 A frame's terminal outcome is one of:
 
 - **decided**: one ``Decision`` (decisions topic) per face of its ``MatchResult``, the faces that were searched;
-- **no face**: its ``MatchResult`` has no face (none found, or on a CCTV track none worth a search). Decision
-  publishes nothing for such a frame, so this record is on ``sightline.matches.v1`` only, the topic decision
-  consumes: integrators, who read the decisions topic, do not see it;
+- **no face**: its ``MatchResult`` has no face (none found, or on a CCTV track none worth a search), and decision
+  published its one ``Decision`` with outcome NO_FACE, the record integrators count such a frame by;
 - **dead letter**: a ``DeadLetter`` naming the frame, from any stage.
 
 Delivery is at least once: after a kill, a stage processes again what it had not committed, so any record may come
@@ -30,6 +29,8 @@ from sightline.common.topics import ALERTS, DEADLETTER, DECISIONS, FRAMES, MATCH
 from sightline.v1 import events_pb2, session_pb2
 
 TOPICS = (FRAMES, MATCHES, DECISIONS, ALERTS, DEADLETTER, SESSIONS)
+# Where a frame's NO_FACE decision is kept among its faces' decisions (face indexes are never negative).
+NO_FACE_KEY = -1
 
 
 @dataclass(frozen=True)
@@ -174,8 +175,8 @@ class Ledger:
         elif isinstance(message, events_pb2.DeadLetter):
             self.dead_letters.append(DeadLetterSeen(message.frame_id, message.stage, message.reason))
         elif isinstance(message, session_pb2.SessionEvent):
-            kind = session_pb2.SessionEvent.Kind.Name(message.kind).removeprefix("KIND_")
-            outcome = session_pb2.SessionOutcome.Name(message.update.outcome).removeprefix("SESSION_OUTCOME_")
+            kind = codec.enum_label(session_pb2.SessionEvent.Kind, message.kind, "KIND_")
+            outcome = codec.outcome_name(message.update.outcome)
             reason = message.update.reasons[0] if message.update.reasons else ""
             self.sessions.append(
                 SessionSeen(message.session_id, message.gate_id, kind, outcome, message.update.alert_id, reason)
@@ -215,17 +216,15 @@ class Ledger:
                 frame_id
                 for frame_id in frame_ids
                 if frame_id not in dead
-                and (
-                    frame_id not in self.matches
-                    or not _faces_of(self.matches[frame_id]) <= set(decided.get(frame_id, {}))
-                )
+                and (frame_id not in self.matches or not _terminal(self.matches[frame_id], decided.get(frame_id, {})))
             }
 
     def _decided_faces(self) -> dict[str, dict[int, set[str]]]:
         """frame id -> face index -> the distinct decision ids for it."""
         faces: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
         for decision_id, copies in self.decisions.items():
-            faces[copies[0].frame_id][copies[0].face_index].add(decision_id)
+            face = NO_FACE_KEY if copies[0].outcome == "NO_FACE" else copies[0].face_index
+            faces[copies[0].frame_id][face].add(decision_id)
         return faces
 
 
@@ -237,13 +236,20 @@ def _decision(message: events_pb2.Decision) -> DecisionSeen:
         message.frame.frame_id,
         message.frame.source_id,
         message.face_index,
-        events_pb2.Outcome.Name(message.outcome).removeprefix("OUTCOME_"),
+        codec.enum_label(events_pb2.Outcome, message.outcome, "OUTCOME_"),
         message.subject_id,
         message.alert_id,
         message.track_id,
         message.frame.purpose == types_pb2.PURPOSE_ECHANNEL,
         tuple(message.reasons),
     )
+
+
+def _terminal(copies: list[tuple[int, ...]], decided: dict[int, set[str]]) -> bool:
+    """Whether decision finished with a frame whose match results are ``copies``: a decision for every face any copy
+    searched, or, when none searched a face, the frame's NO_FACE decision."""
+    searched = _faces_of(copies)
+    return searched <= set(decided) if searched else NO_FACE_KEY in decided
 
 
 def _faces_of(copies: list[tuple[int, ...]]) -> set[int]:
@@ -272,7 +278,7 @@ def frame_account(ledger: Ledger, frame_ids: set[str]) -> dict[str, Any]:
         searched = _faces_of(copies)
         if len(set(copies)) > 1:
             differing += 1
-        if outcomes == 0 or not searched <= set(faces):
+        if outcomes == 0 or (copies and not _terminal(copies, faces)):
             lost.append(frame_id)
             continue
         if outcomes > 1 or any(len(ids) > 1 for ids in faces.values()):

@@ -55,7 +55,12 @@ def test_each_match_result_gives_its_decisions_and_alerts_and_a_bad_one_fails_al
     assert len(audit.records(action=Action.ALERT)) == 1
     assert isinstance(results[1], codec.MalformedEvent)
     erased: list[Output] = []
-    for result in results[2:]:
+    for result in (results[2], results[4]):
         assert not isinstance(result, BaseException), result
         erased += result
-    assert erased == [], "no decision about an erased subject (matched or claimed), none for a frame without faces"
+    assert erased == [], "no decision about an erased subject (matched or claimed)"
+    faceless = results[3]
+    assert not isinstance(faceless, BaseException), faceless
+    assert [(o.topic, o.key) for o in faceless] == [(DECISIONS, b"cam-c")], "a frame without faces: its one record"
+    record = events_pb2.Decision.FromString(faceless[0].value)
+    assert (record.outcome, record.subject_id, record.frame.frame_id) == (events_pb2.OUTCOME_NO_FACE, "", "cam-c:3")

@@ -211,7 +211,7 @@ class SessionDesk:
             if state is None:
                 log.info(
                     "session event for a session not open here: ignored",
-                    extra={"session_id": event.session_id, "kind": Kind.Name(event.kind)},
+                    extra={"session_id": event.session_id, "kind": codec.enum_label(Kind, event.kind, "")},
                 )
             elif event.kind == session_pb2.SessionEvent.KIND_CLOSED:
                 at = codec.seconds(event.at) if event.HasField("at") else self.engine.clock()

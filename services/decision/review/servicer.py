@@ -17,6 +17,7 @@ import grpc
 
 from sightline.common.audit import ANONYMOUS, Action, AuditLog, principal_of
 from sightline.common.rpc import InvalidInput, NotFound
+from sightline.common.sqlstore import MAX_DB_INTEGER
 from sightline.common.topics import ALERTS
 from sightline.decision.review.store import (
     CONFIRM,
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 
 REVIEW_PURPOSE = "human-review"  # what a review action is for, as audited
 
-_MAX_SEQUENCE = 2**63 - 1  # the largest integer SQLite and PostgreSQL (BIGINT) store
 _ACTIONS = {review_pb2.REVIEW_ACTION_CONFIRM: CONFIRM, review_pb2.REVIEW_ACTION_REJECT: REJECT}
 
 
@@ -139,15 +139,13 @@ class ReviewServicer(review_pb2_grpc.ReviewServiceServicer):
 
 
 def _alert_page(request: review_pb2.ListAlertsRequest) -> tuple[int, int, str | None]:
-    """(after, limit, status) of a ListAlerts page; InvalidInput for a token, size or status no page can have."""
+    """(after, limit, status) of a ListAlerts page; InvalidInput for a token or a status no page can have."""
     try:
         after = int(request.page_token or 0)
     except ValueError:
         raise InvalidInput(f"bad page_token {request.page_token[:40]!r}") from None
-    if not 0 <= after <= _MAX_SEQUENCE:  # a token is an alert's sequence: what the store's integers can hold
+    if not 0 <= after <= MAX_DB_INTEGER:  # a token is an alert's sequence: what the store's integers can hold
         raise InvalidInput(f"bad page_token {request.page_token[:40]!r}")
-    if request.page_size < 0:  # not a size at all: refused, not quietly read as 1
-        raise InvalidInput(f"page_size must not be negative (got {request.page_size})")
     if request.status and request.status not in events_pb2.AlertStatus.values():
         raise InvalidInput(f"unknown alert status {request.status}")
     status = status_name(request.status) if request.status else None

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sightline.common import limits
+from sightline.common import codec, limits
 from sightline.common.rpc import InvalidInput, NotFound
 from sightline.common.sqlstore import Backend, BackendStore, Cursor, Migration, StoreError, open_backend
 from sightline.v1 import events_pb2, review_pb2
@@ -162,11 +162,11 @@ def confirmers(reviews: tuple[Review, ...]) -> set[str]:
 
 
 def status_name(status: int) -> str:
-    return events_pb2.AlertStatus.Name(status).removeprefix("ALERT_STATUS_")
+    return codec.enum_label(events_pb2.AlertStatus, status, "ALERT_STATUS_")
 
 
 def status_value(name: str) -> int:
-    return events_pb2.AlertStatus.Value(f"ALERT_STATUS_{name}")
+    return codec.enum_value(events_pb2.AlertStatus, name, "ALERT_STATUS_")
 
 
 MIGRATIONS: list[Migration] = [
@@ -455,7 +455,12 @@ class ReviewStore(BackendStore):
     def _erased_after(self, cur: Cursor, subject_id: str, seen_at: datetime) -> bool:
         """Whether the subject was erased after ``seen_at`` (or up to ERASURE_GRACE before it)."""
         row = cur.execute("SELECT erased_at FROM review_erasures WHERE subject_id = ?", (subject_id,)).fetchone()
-        return row is not None and self._backend.dialect.from_db_time(row[0]) + ERASURE_GRACE >= seen_at
+        if row is None:
+            return False
+        erased_at = self._backend.dialect.from_db_time(row[0])
+        # Compared without adding the grace to a date that may be the last one there is (an erasure notice may say
+        # 9999-12-31): erased_at + grace >= seen_at, rearranged so that neither side can overflow.
+        return erased_at >= seen_at or seen_at - erased_at <= ERASURE_GRACE
 
     def _resolve(self, cur: Cursor, alert_id: str) -> str:
         """The full id of an alert named by its id or an unambiguous hex prefix (the CLI shows 12 characters)."""
