@@ -372,8 +372,8 @@ def main() -> None:
     capture = Capture(settings, kafka)
     stop = threading.Event()
     capture.run_configured_sources(stop)
-    kiosk = Kiosk(capture, settings, kafka)
-    kiosk.start()
+    kiosk = Kiosk(capture, settings, kafka)  # opens the gate session store (database_url)
+    kiosk.start()  # resumes the store's open sessions
     servicers = [
         Servicer.of(CaptureServicer(capture)),
         Servicer.of(KioskServicer(kiosk)),
@@ -381,7 +381,7 @@ def main() -> None:
 
     def close() -> None:
         stop.set()
-        kiosk.close()  # cancels the open sessions and deletes their templates: before the producer closes
+        kiosk.close()  # open sessions stay in the store; queued template deletions finish: before the producer closes
         capture.close()
         if audit is not None:
             audit.close()

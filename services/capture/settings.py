@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from sightline.capture.source_policy import DEFAULT_MAX_VIDEO_BYTES, parse_host_entry
+from sightline.common import paths
 from sightline.common.config import ServiceSettings
 from sightline.common.ports import GRPC_PORTS, METRICS_PORTS
 
@@ -118,23 +119,37 @@ class CaptureSettings(ServiceSettings):
         description="Watchlists every traveller's face is searched against (JSON list). An OpenSession's stop_lists "
         "are added to them, never replace them; empty: every watchlist (a session's own lists then change nothing).",
     )
+    database_url: SecretStr = Field(
+        default_factory=lambda: SecretStr(paths.default_sqlite_url("capture-sessions.db")),
+        description="The gate sessions store (open sessions and recently ended ones: claim ids, times, frame "
+        "counters, outcomes; never an image): sqlite:///PATH (default <run dir>/capture-sessions.db) or "
+        "postgresql://USER@HOST/DB. Replicas sharing it serve each other's sessions, and a restart resumes them; "
+        "share it (PostgreSQL) for more than one replica.",
+    )
     max_sessions: int = Field(
-        10000, ge=1, description="Open sessions kept in memory; OpenSession is refused (RESOURCE_EXHAUSTED) beyond it."
+        10000,
+        ge=1,
+        description="Open sessions in the store, all replicas together; OpenSession is refused (RESOURCE_EXHAUSTED) "
+        "beyond it.",
     )
     ended_session_retention_s: float = Field(
-        60.0, ge=0, description="How long an ended session's outcome is kept for a kiosk that starts watching late."
+        60.0,
+        ge=0,
+        description="How long an ended session's outcome is kept in the store for a kiosk that starts watching late.",
     )
     shutdown_timeout_s: float = Field(
         10.0,
         gt=0,
-        description="On a graceful stop, longest spent cancelling the open sessions (CANCELLED announced to decision) "
-        "and deleting their session-scoped templates; templates left are deleted by the next start-up's sweep.",
+        description="On a graceful stop, longest spent finishing the deletions of session-scoped templates already "
+        "queued (those left are deleted by the next start-up's sweep). Open sessions are not cancelled: they stay in "
+        "the store for another replica, or this one restarted.",
     )
     orphan_sweep_interval_s: float = Field(
         600.0,
         gt=0,
-        description="How often session-scoped templates left behind (capture restarted mid-session) are deleted; "
-        "also done at start-up. Only those older than the budget plus the grace are touched.",
+        description="How often session-scoped templates left behind (a replica stopped before it deleted one) are "
+        "deleted; also done at start-up. Only those older than the budget plus the grace, and of no open session, "
+        "are touched.",
     )
 
     # Backpressure (capture/backpressure.py, docs/cctv.md): CCTV frames are dropped, counted, rather than queued.

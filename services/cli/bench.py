@@ -73,6 +73,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from sightline.cli import bench_chaos  # `chaos`: every service SIGKILLed while frames stream, in bench_chaos.py
 
     bench_chaos.register(kinds)
+    from sightline.cli import bench_soak  # `soak`: minutes at a steady share of capacity, in bench_soak.py
+
+    bench_soak.register(kinds)
+    from sightline.cli import bench_outage  # `outage`: the broker away and back, in bench_outage.py
+
+    bench_outage.register(kinds)
 
 
 def bench_frames(count: int) -> list[Path]:

@@ -1,7 +1,8 @@
 """Collects what the pipeline concluded about a run of frames: match results, decisions, alerts and dead letters.
 
 The demo, the benchmark and the end-to-end tests all need to know when every frame of a run has gone through:
-a frame is done when its match result has arrived with one decision per face, or when it was dead-lettered.
+a frame is done when its match result has arrived with one decision per face (a frame without faces: its one NO_FACE
+decision), or when it was dead-lettered.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Outcomes:
             decided[decision.frame.sequence] = decided.get(decision.frame.sequence, 0) + 1
         dead = self.dead_sequences()
         return all(
-            seq in dead or (seq in self.matches and decided.get(seq, 0) >= len(self.matches[seq].faces))
+            seq in dead or (seq in self.matches and decided.get(seq, 0) >= max(len(self.matches[seq].faces), 1))
             for seq in sequences
         )
 

@@ -17,6 +17,8 @@ store, see ``sqlstore.py``) and are protected twice:
 
 Appends are serialised per chain: one lock per process around one connection, and in the database the chain-head row
 is read ``FOR UPDATE`` on PostgreSQL (``BEGIN IMMEDIATE`` on SQLite), so several replicas may append to one chain.
+An append may carry an idempotency key, under which the log appends at most one record (matching's audit outbox
+relays each gallery write's record under its outbox id, ``matching/audit_outbox.py``).
 There is one chain for the whole system: matching (gallery and watchlist actions, stream searches, erasures) and
 decision (alerts, reviews) append to the same log, at ``SIGHTLINE_AUDIT_DATABASE_URL`` (``AuditSettings``, opened
 by ``AuditLog.open_configured``). Every service audits the calls its access control refuses there too; capture,
@@ -319,6 +321,16 @@ MIGRATIONS: list[Migration] = [
             "ALTER TABLE audit_records ADD COLUMN mac TEXT NOT NULL DEFAULT ''",
         ),
     ),
+    # Not covered by the hash: a lookup key only (the writer puts what it must prove in the details). NULL for every
+    # record appended without one, which a UNIQUE index allows any number of.
+    Migration(
+        3,
+        "idempotent appends: a writer's stable id for a record, appended at most once",
+        (
+            "ALTER TABLE audit_records ADD COLUMN idempotency_key TEXT",
+            "CREATE UNIQUE INDEX audit_records_idempotency_idx ON audit_records (idempotency_key)",
+        ),
+    ),
 ]
 
 _COLUMNS = "sequence, at, principal, action, subject_id, purpose, result, details, prev_hash, hash, key_id, mac"
@@ -421,8 +433,13 @@ class AuditLog(BackendStore):
         purpose: str = "",
         result: str = "ok",
         details: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> AuditRecord:
-        """Append one record (its sequence and hash are assigned here) and hand it to the publisher."""
+        """Append one record (its sequence and hash are assigned here) and hand it to the publisher.
+
+        ``idempotency_key``: the writer's stable id for this record (an outbox row's, say). A record already appended
+        under it is returned instead, and nothing is appended or published: a writer that crashed after appending
+        and before noting it did may simply append again."""
         action = Action(action)  # an unknown action is a programming error: ValueError
         fields = (
             _check_field("principal", principal, required=True),
@@ -433,8 +450,12 @@ class AuditLog(BackendStore):
         cleaned = clean_details(details)
         if LEGACY_DETAIL in cleaned:
             raise ValueError(f"audit detail {LEGACY_DETAIL!r} is reserved: the log records the legacy boundary itself")
+        if idempotency_key is not None:
+            _check_field("idempotency key", idempotency_key, required=True)
         with self._tx(write=True) as cur:
-            record = self._append(cur, action.value, *fields, cleaned)
+            record, appended = self._append(cur, action.value, *fields, cleaned, idempotency_key)
+        if not appended:
+            return record
         self._legacy_boundary = None  # recorded (or another writer appended first): only the first record says it
         if self._checkpointer is not None:
             self._checkpointer.appended(record.sequence, record.hash)
@@ -551,11 +572,19 @@ class AuditLog(BackendStore):
         purpose: str,
         result: str,
         details: dict[str, str],
-    ) -> AuditRecord:
+        idempotency_key: str | None = None,
+    ) -> tuple[AuditRecord, bool]:
+        """The record appended, and True; or, for a key already appended, that record and False."""
         # The head row, locked: appends from every thread, process and replica take their turn here.
         sequence, prev_hash = cur.execute(
             "SELECT sequence, hash FROM audit_chain_head WHERE id = 1" + self._backend.dialect.for_update
         ).fetchone()
+        if idempotency_key is not None:  # looked up under the head's lock: two writers of one key take turns
+            row = cur.execute(
+                f"SELECT {_COLUMNS} FROM audit_records WHERE idempotency_key = ?", (idempotency_key,)
+            ).fetchone()
+            if row is not None:
+                return _record(row), False
         if self._legacy_boundary is not None and int(sequence) == self._legacy_boundary:
             details = {**details, LEGACY_DETAIL: str(self._legacy_boundary)}  # the first MAC'd record vouches for it
         sequence, at = int(sequence) + 1, datetime.now(UTC)  # the time is taken in turn, so it never goes back
@@ -578,7 +607,7 @@ class AuditLog(BackendStore):
             mac,
         )
         cur.execute(
-            f"INSERT INTO audit_records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO audit_records ({_COLUMNS}, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 sequence,
                 format_time(at),
@@ -592,10 +621,11 @@ class AuditLog(BackendStore):
                 digest,
                 key_id,
                 mac,
+                idempotency_key,
             ),
         )
         cur.execute("UPDATE audit_chain_head SET sequence = ?, hash = ? WHERE id = 1", (sequence, digest))
-        return record
+        return record, True
 
     def _all_rows(self, batch: int) -> Iterator[tuple[Any, ...]]:
         """Every row in sequence order, a page at a time, so a long chain is verified in bounded memory."""

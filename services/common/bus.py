@@ -64,6 +64,13 @@ def make_producer(settings: KafkaSettings, **overrides: Any) -> KafkaProducer:
 
     ``acks="all"``: a record acknowledged by the leader alone is lost if the leader fails before a follower has it;
     whoever sends must still wait for each record's future (or ``flush()`` and check them) before counting it sent.
+
+    Not idempotent (kafka-python 3 makes a producer idempotent by default): an idempotent producer whose broker lost
+    its producer state (the embedded broker after a restart; a cluster that expired the producer id) fails its
+    InitProducerId for good and aborts every batch from then on, so capture would accept frames that never arrive
+    (``sightline bench outage``). Delivery is at least once with stable ids, so a record a retry sends twice is
+    deduplicated by its id downstream; one request in flight per connection keeps a retry from reordering a
+    camera's frames, which the tracker reads in order.
     """
     options = {
         **client_options(settings),
@@ -71,6 +78,8 @@ def make_producer(settings: KafkaSettings, **overrides: Any) -> KafkaProducer:
         "linger_ms": 2,
         "max_request_size": settings.max_message_bytes,
         "retries": 5,
+        "enable_idempotence": False,
+        "max_in_flight_requests_per_connection": 1,
         **overrides,
     }
     return EventProducer(**options)

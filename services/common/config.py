@@ -147,6 +147,13 @@ class KafkaSettings(SightlineSettings):
     max_message_bytes: int = Field(
         16 * 1024 * 1024, ge=1024 * 1024, description="Largest event a producer may send (frames are the largest)."
     )
+    stall_exit_s: float = Field(
+        90.0,
+        ge=0,
+        description="A stream service exits (to be restarted by its supervisor or Kubernetes) when its consumer "
+        "group has committed nothing for this long while records wait on its input topic: a consumer that lost its "
+        "group to a broker outage may never rejoin (common/stall.py). 0: never.",
+    )
     default_partitions: int = Field(4, ge=1, description="Partitions of each topic when created by Sightline.")
     replication_factor: int = Field(1, ge=1, description="Replication factor of topics created by Sightline.")
 

@@ -29,6 +29,7 @@ from sightline.common.denials import DenialAudit
 from sightline.common.rpc import GrpcServer, GrpcService, grpc_service
 from sightline.common.serverlimits import ServerLimits
 from sightline.common.stage import Stage
+from sightline.common.stall import StallWatchdog
 from sightline.common.tls import TlsSettings, server_credentials
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ def _run_with_faust(
         _start(server, on_serving)
 
     app.task(_serving)  # faust's decorator, called plainly: it is untyped, and would make _serving untyped too
+    watchdog = StallWatchdog(name, kafka, kafka.stall_exit_s).start() if kafka.stall_exit_s else None
 
     worker = faust.Worker(
         app, loglevel=logging.getLogger().level, override_logging=False, redirect_stdouts=False, quiet=True
@@ -150,6 +152,8 @@ def _run_with_faust(
     except SystemExit:
         pass
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         shutil.rmtree(datadir, ignore_errors=True)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +57,16 @@ INFERENCE_SECONDS = Histogram(
 )
 GALLERY_TEMPLATES = Gauge("sightline_gallery_templates", "Templates in the in-memory search index.", ["service"])
 GALLERY_SUBJECTS = Gauge("sightline_gallery_subjects", "Enrolled subjects.", ["service"])
+AUDIT_OUTBOX_RECORDS = Gauge(
+    "sightline_audit_outbox_records",
+    "Audit records of gallery writes waiting in the gallery's outbox for the audit log (matching/audit_outbox.py).",
+    ["service"],
+)
+AUDIT_OUTBOX_OLDEST = Gauge(
+    "sightline_audit_outbox_oldest_seconds",
+    "Age of the oldest audit record waiting in the outbox (0 when none): how long the audit log has been unwritable.",
+    ["service"],
+)
 FRAMES_DROPPED = Counter(
     "sightline_frames_dropped_total",
     "CCTV frames capture did not publish (backpressure), by source and reason.",
@@ -100,9 +111,48 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+CLIENT_LIBRARIES = ("kafka", "aiokafka", "faust", "mode", "grpc")
+
+
+class RepeatFilter(logging.Filter):
+    """Lets the first of a run of the same message from a client library through, then at most one every
+    ``window_s``, which says how many were held back (``repeated``). While the broker is away, aiokafka logs every
+    reconnect attempt, some 75 lines a second per service: they would bury the lines that matter and fill the log
+    store. Messages are the same when their logger, level and format string are (the arguments may differ)."""
+
+    MAX_KEYS = 1000  # format strings are few; a bound all the same
+
+    def __init__(self, prefixes: tuple[str, ...] = CLIENT_LIBRARIES, window_s: float = 10.0) -> None:
+        super().__init__()
+        self._prefixes = prefixes
+        self._window_s = window_s
+        self._runs: dict[tuple[str, int, str], list[float]] = {}  # key -> [window start, held back]
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self._prefixes):
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        now = time.monotonic()
+        with self._lock:
+            run = self._runs.get(key)
+            if run is not None and now - run[0] < self._window_s:
+                run[1] += 1
+                return False
+            if run is None and len(self._runs) >= self.MAX_KEYS:
+                self._runs.clear()
+            held_back = int(run[1]) if run is not None else 0
+            self._runs[key] = [now, 0]
+        if held_back:
+            record.repeated = held_back  # a JSON field: how many like it since the last one shown
+        return True
+
+
 def configure_logging(service: str, level: str = "INFO", json_lines: bool = True) -> None:
-    """Route every logger to stderr in the chosen format; quiet the chatty client libraries."""
+    """Route every logger to stderr in the chosen format; quiet the chatty client libraries (WARNING and up, each
+    repeated message at most once every 10 s)."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RepeatFilter())
     if json_lines:
         handler.setFormatter(JsonFormatter(service))
     else:
@@ -110,7 +160,7 @@ def configure_logging(service: str, level: str = "INFO", json_lines: bool = True
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("kafka", "aiokafka", "faust", "mode", "grpc"):
+    for noisy in CLIENT_LIBRARIES:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 

@@ -83,20 +83,47 @@ class Decider(EventProcessor):
 def _published(
     decisions: list[events_pb2.Decision], frame: types_pb2.FrameRef, erased: Erased
 ) -> list[events_pb2.Decision]:
-    """The decisions that name no subject erased since the frame was seen (its match or its claim): right to erasure
-    means nothing more is said about the subject once the notice is applied, however late a result arrives."""
+    """The decisions, those naming a subject erased since the frame was seen (its match or its claim) withheld: right
+    to erasure means nothing more is said about the subject once the notice is applied, however late a result
+    arrives. A withheld decision is replaced by a WITHHELD record that says only that, so the frame stays
+    accounted for."""
     seen_at = frame.captured_at.ToDatetime(UTC) if frame.HasField("captured_at") else datetime.now(UTC)
     gone = {
         name for name in {frame.claim_subject_id, *(d.subject_id for d in decisions)} - {""} if erased(name, seen_at)
     }
     if not gone:
         return decisions
-    kept = [d for d in decisions if d.subject_id not in gone and frame.claim_subject_id not in gone]
+    claim_gone = frame.claim_subject_id in gone
+    published = [_withheld(d) if claim_gone or d.subject_id in gone else d for d in decisions]
     log.info(
         "decisions naming an erased subject withheld",
-        extra={"frame_id": frame.frame_id, "withheld": len(decisions) - len(kept)},
+        extra={
+            "frame_id": frame.frame_id,
+            "withheld": sum(d.outcome == events_pb2.OUTCOME_WITHHELD for d in published),
+        },
     )
-    return kept
+    return published
+
+
+WITHHELD = events_pb2.OUTCOME_WITHHELD
+
+
+def _withheld(decision: events_pb2.Decision) -> events_pb2.Decision:
+    """The record that stands for a withheld decision: its id, frame (without the claim) and face, nothing more."""
+    frame = types_pb2.FrameRef()
+    frame.CopyFrom(decision.frame)
+    frame.ClearField("claim_subject_id")
+    frame.ClearField("watchlists")
+    return events_pb2.Decision(
+        decision_id=decision.decision_id,
+        frame=frame,
+        face_index=decision.face_index,
+        outcome=events_pb2.OUTCOME_WITHHELD,
+        reasons=["withheld: it concerned a subject erased since the frame was seen"],
+        policy_version=decision.policy_version,
+        model_version=decision.model_version,
+        decided_at=decision.decided_at,
+    )
 
 
 def _fold_into_session(sessions: SessionDesk, result: events_pb2.MatchResult) -> None:

@@ -5,18 +5,29 @@ watchlist change appends one record to the system's one audit chain (``common/au
 ``audits_refusals`` records the INVALID_ARGUMENT and NOT_FOUND outcomes before ``rpc_errors`` turns them into a
 status. Details hold ids, counts and scores, never images or descriptors. Reads of lists and subjects are not
 audited; stream searches are, in aggregate (``stream_audit.py``).
+
+The records of the calls that write (Enroll, DeleteSubject, EraseSubject, every watchlist change) are ``entry``s
+committed with the write in the gallery's audit outbox (``audit_outbox.py``), so a write is never left unaudited and
+goes on while the audit log cannot be written. Those of searches, verifications and refusals, which write nothing,
+are appended directly (``record``): while the audit log cannot be written such a call is UNAVAILABLE, never answered
+unaudited.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
 from sightline.common.audit import ANONYMOUS, Action, AuditLog, principal_of
-from sightline.common.rpc import InvalidInput, NotFound
+from sightline.common.rpc import InvalidInput, NotFound, Unavailable
+from sightline.common.transient import is_transient
+from sightline.matching.audit_outbox import AuditEntry, AuditOutboxRelay, OutboxPolicy
+
+if TYPE_CHECKING:
+    from sightline.matching.gallery import Gallery
 
 SERVICE_PRINCIPAL = "service:matching"
 MAX_AUDITED_ID = 128
@@ -36,14 +47,45 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class GalleryAudit:
-    """Appends the matching service's records to the audit log, naming the caller of each gRPC call."""
+    """The matching service's records, naming the caller of each gRPC call: appended to the audit log (``record``), or
+    made for a write to commit with it (``entry``) and relayed by the gallery's outbox (``outbox_of``, ``outbox``:
+    how the relay runs)."""
 
-    def __init__(self, log: AuditLog, principal: Callable[[grpc.ServicerContext], str] = principal_of) -> None:
+    def __init__(
+        self,
+        log: AuditLog,
+        principal: Callable[[grpc.ServicerContext], str] = principal_of,
+        outbox: OutboxPolicy | None = None,
+    ) -> None:
         self.log = log
         self._principal = principal
+        self._outbox = outbox
 
     def caller(self, context: grpc.ServicerContext) -> str:
         return self._principal(context) or ANONYMOUS
+
+    def outbox_of(self, gallery: Gallery) -> AuditOutboxRelay:
+        """The relay of the gallery's outbox to this log, started with the first servicer that asks."""
+        return gallery.audit_outbox(self.log, self._outbox)
+
+    def entry(
+        self,
+        context: grpc.ServicerContext,
+        action: Action,
+        subject_id: str = "",
+        purpose: str = "",
+        result: str = "ok",
+        details: Mapping[str, Any] | None = None,
+    ) -> AuditEntry:
+        """A record for the outbox, shortened as ``record`` shortens it."""
+        return AuditEntry(
+            self.caller(context),
+            action,
+            subject_id[:MAX_AUDITED_ID],
+            purpose[:MAX_PURPOSE_CHARS],
+            result[:MAX_RESULT_CHARS],
+            details or {},
+        )
 
     def record(
         self,
@@ -54,14 +96,20 @@ class GalleryAudit:
         result: str = "ok",
         details: Mapping[str, Any] | None = None,
     ) -> None:
-        self.log.append(
-            self.caller(context),
-            action,
-            subject_id[:MAX_AUDITED_ID],
-            purpose[:MAX_PURPOSE_CHARS],
-            result[:MAX_RESULT_CHARS],
-            details,
-        )
+        """Appends the record now; Unavailable (the call fails, to be retried) when the audit log cannot be written."""
+        try:
+            self.log.append(
+                self.caller(context),
+                action,
+                subject_id[:MAX_AUDITED_ID],
+                purpose[:MAX_PURPOSE_CHARS],
+                result[:MAX_RESULT_CHARS],
+                details,
+            )
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            raise Unavailable(f"the audit log cannot be written now ({error}); nothing was done unaudited") from error
 
 
 def joined_names(names: Iterable[str]) -> str:

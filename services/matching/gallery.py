@@ -25,6 +25,10 @@ confirms it, and a replica that cannot reach the database for ``refresh_interval
 (searches and verifications raise ``GalleryUnavailable``) until a check succeeds again. Failed checks are retried with
 backoff, starting at ``_RETRY_FIRST_S`` and at most ``refresh_interval_s`` apart.
 
+Writes are audited through the gallery database's audit outbox (``audit_outbox.py``): each write method takes an
+``audit`` hook whose records commit with the write, and then waits briefly for this replica's relay to append them
+to the audit log (``audit_outbox``: one relay per gallery, stopped when it closes).
+
 Each candidate carries the distance thresholds of those of its (current) watchlists that set a target false match
 rate in the gallery (``MatchCandidate.watchlist_thresholds``), for the decision service to apply.
 """
@@ -41,8 +45,10 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 
 from sightline.common import scores, telemetry
+from sightline.common.audit import AuditLog
 from sightline.common.transient import Backoff
 from sightline.matching.ann import AnnIndex, AnnSettings
+from sightline.matching.audit_outbox import AuditEntry, AuditOutboxRelay, OutboxPolicy
 from sightline.matching.follower import IndexFollower
 from sightline.matching.index import Candidate
 from sightline.matching.readiness import Readiness
@@ -50,6 +56,8 @@ from sightline.matching.shards import RemoteShards, merge, shard_of
 from sightline.matching.snapshot_writer import SnapshotWriter
 from sightline.matching.snapshots import SnapshotError, SnapshotStore
 from sightline.matching.store import (
+    AuditHook,
+    Enrolment,
     GalleryStore,
     MembershipRecord,
     SubjectRemoval,
@@ -133,6 +141,8 @@ class Gallery:
         self._policy = snapshots
         self._snapshot_writer: SnapshotWriter | None = None
         self._started_from: int | None = None  # the version of the snapshot this replica started from
+        self._relay: AuditOutboxRelay | None = None
+        self._relay_lock = threading.Lock()
         try:
             with self._write_lock:
                 self._start()
@@ -293,9 +303,10 @@ class Gallery:
             return self.refresh_interval_s
         return max(0.0, min(self.refresh_interval_s, self._next_expiry - time.time()))
 
-    def _written(self, subject_ids: Sequence[str] = ()) -> None:
+    def _written(self, subject_ids: Sequence[str] = (), audited: bool = False) -> None:
         """After this replica's own write: apply it here now, and have the shards that own ``subject_ids`` do the
-        same (outside the lock: two shards syncing each other must not wait on each other's lock).
+        same (outside the lock: two shards syncing each other must not wait on each other's lock); when it was
+        ``audited``, wait for its records to reach the audit log.
 
         The write is committed by then, so a failure here is logged, not raised (a caller retrying a write that
         succeeded would enrol its templates twice): this replica's refresher, or the owner's, catches up within
@@ -308,6 +319,15 @@ class Gallery:
                 self._remote.sync(others)
         except Exception:
             log.warning("a gallery write is stored but not yet applied; the change log will bring it", exc_info=True)
+        if audited:
+            self._audited()
+
+    def _audited(self) -> None:
+        """Waits (briefly, and not at all while the audit log cannot be written) for the relay to append the records
+        just committed; they are safe in the outbox either way."""
+        relay = self._relay
+        if relay is not None and not relay.wait():
+            log.info("audit records of a gallery write wait in the outbox", extra={"failing": relay.failing})
 
     def _snapshot_source(self) -> tuple[AnnIndex, int]:
         with self._write_lock:  # the index holds at least every change up to this version (maybe some after)
@@ -319,7 +339,19 @@ class Gallery:
         if pruned:
             log.info("gallery change log pruned", extra={"rows": pruned})
 
+    def audit_outbox(self, audit: AuditLog, policy: OutboxPolicy | None = None) -> AuditOutboxRelay:
+        """The relay of this gallery's audit outbox to ``audit``, started on first call (it drains what an earlier
+        run left at once); every servicer of the gallery shares it."""
+        with self._relay_lock:
+            if self._relay is None:
+                self._relay = AuditOutboxRelay(self.store, audit, policy).start()
+            elif self._relay.audit is not audit:
+                raise ValueError("this gallery's audit outbox already relays to another audit log")
+            return self._relay
+
     def close(self) -> None:
+        if self._relay is not None:
+            self._relay.close()  # a last pass, while the store is still open
         self._stop.set()
         self._wake.set()
         self._refresher.join(timeout=5)
@@ -342,52 +374,78 @@ class Gallery:
         qualities: Sequence[float],
         expires_at: datetime | None = None,
         owner: str = "",
+        audit: AuditHook[Enrolment] | None = None,
     ) -> EnrolResult:
-        """Stores the subject, its new templates and its memberships; ``owner`` owns any list created on the way."""
-        enrolment = self.store.enrol_subject(subject_id, display_name, list(watchlists), expires_at, owner)
-        for vector, quality in zip(vectors, qualities, strict=True):
-            self.store.add_template(subject_id, vector, model[0], model[1], quality)
-        self._written([subject_id])
-        return EnrolResult(len(vectors), enrolment.created, enrolment.watchlists_created)
+        """Stores the subject, its new templates and its memberships, in one transaction with ``audit``'s records;
+        ``owner`` owns any list created on the way."""
+        templates = list(zip(vectors, qualities, strict=True))
+        enrolment = self.store.enrol_subject(
+            subject_id, display_name, list(watchlists), expires_at, owner, templates, model, audit
+        )
+        self._written([subject_id], audited=audit is not None)
+        return EnrolResult(enrolment.templates_added, enrolment.created, enrolment.watchlists_created)
 
-    def remove(self, subject_id: str) -> SubjectRemoval:
+    def remove(self, subject_id: str, audit: AuditHook[SubjectRemoval] | None = None) -> SubjectRemoval:
         """Deletes (or erases) the subject with its templates and memberships, here and, through the change log, on
         every other replica."""
-        removal = self.store.remove_subject(subject_id)
-        self._written([subject_id])
+        removal = self.store.remove_subject(subject_id, audit)
+        self._written([subject_id], audited=audit is not None)
         return removal
+
+    def record_audit(self, entries: list[AuditEntry]) -> None:
+        """Audit records of a call that wrote nothing, through the outbox like those of the writes."""
+        self.store.record_audit(entries)
+        self._audited()
 
     # -- watchlists --------------------------------------------------------------------------------------------
 
     def create_watchlist(
-        self, name: str, purpose: str, owner: str, target_fmr: float | None, default_membership_days: int
+        self,
+        name: str,
+        purpose: str,
+        owner: str,
+        target_fmr: float | None,
+        default_membership_days: int,
+        audit: AuditHook[WatchlistRecord] | None = None,
     ) -> WatchlistRecord:
-        record = self.store.create_watchlist(name, purpose, owner, target_fmr, default_membership_days)
-        self._written()
+        record = self.store.create_watchlist(name, purpose, owner, target_fmr, default_membership_days, audit)
+        self._written(audited=audit is not None)
         return record
 
     def update_watchlist(
-        self, name: str, purpose: str, owner: str, target_fmr: float | None, default_membership_days: int
+        self,
+        name: str,
+        purpose: str,
+        owner: str,
+        target_fmr: float | None,
+        default_membership_days: int,
+        audit: AuditHook[WatchlistRecord] | None = None,
     ) -> WatchlistRecord:
-        record = self.store.update_watchlist(name, purpose, owner, target_fmr, default_membership_days)
-        self._written()
+        record = self.store.update_watchlist(name, purpose, owner, target_fmr, default_membership_days, audit)
+        self._written(audited=audit is not None)
         return record
 
-    def delete_watchlist(self, name: str) -> int | None:
-        removed = self.store.delete_watchlist(name)
-        self._written()  # other shards drop the memberships at their next read of the log
+    def delete_watchlist(self, name: str, audit: AuditHook[int | None] | None = None) -> int | None:
+        removed = self.store.delete_watchlist(name, audit)
+        self._written(audited=audit is not None)  # other shards drop the memberships at their next read of the log
         return removed
 
     def add_members(
-        self, watchlist: str, subject_ids: Sequence[str], expires_at: datetime | None = None
+        self,
+        watchlist: str,
+        subject_ids: Sequence[str],
+        expires_at: datetime | None = None,
+        audit: AuditHook[list[MembershipRecord]] | None = None,
     ) -> list[MembershipRecord]:
-        memberships = self.store.add_members(watchlist, subject_ids, expires_at)
-        self._written(subject_ids)
+        memberships = self.store.add_members(watchlist, subject_ids, expires_at, audit)
+        self._written(subject_ids, audited=audit is not None)
         return memberships
 
-    def remove_members(self, watchlist: str, subject_ids: Sequence[str]) -> list[str]:
-        removed = self.store.remove_members(watchlist, subject_ids)
-        self._written(removed)
+    def remove_members(
+        self, watchlist: str, subject_ids: Sequence[str], audit: AuditHook[list[str]] | None = None
+    ) -> list[str]:
+        removed = self.store.remove_members(watchlist, subject_ids, audit)
+        self._written(removed, audited=audit is not None)
         return removed
 
     # -- matching ----------------------------------------------------------------------------------------------

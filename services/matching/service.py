@@ -5,7 +5,8 @@ Stream path: consumes ``sightline.embeddings.v1`` and publishes one ``MatchResul
 leaves nothing behind once the short-retention topics expire. Stream searches are audited in aggregate
 (``stream_audit.py``). Request path: ``GalleryService`` (enrol, delete, erase, list, verify, search), which calls
 detection and embedding over gRPC, and ``WatchlistService`` (``watchlists.py``); every call that touches a person's
-data is audited (``audit_trail.py``) in the audit chain matching shares with decision. With a sharded gallery
+data is audited (``audit_trail.py``) in the audit chain matching shares with decision, a write's records through the
+gallery's audit outbox, committed with the write (``audit_outbox.py``). With a sharded gallery
 (``shards.py``) every replica also serves ``ShardService``, through which the other shards' replicas search and verify
 on its shard.
 
@@ -38,6 +39,7 @@ from sightline.common.runtime import Servicer, run_service
 from sightline.common.stage import EventProcessor, InputEvent, Output, Stage
 from sightline.common.topics import EMBEDDINGS, MATCHES
 from sightline.matching.ann import AnnSettings
+from sightline.matching.audit_outbox import AuditEntry, OutboxPolicy
 from sightline.matching.audit_trail import (
     DELETE_PURPOSE,
     ENROL_PURPOSE,
@@ -63,7 +65,7 @@ from sightline.matching.peers import FaceClient, PeerUnavailable
 from sightline.matching.settings import MatchingSettings
 from sightline.matching.shards import RemoteShards, ShardServicer
 from sightline.matching.snapshots import SnapshotStore
-from sightline.matching.store import GalleryStore, SubjectRecord
+from sightline.matching.store import Enrolment, GalleryStore, SubjectRecord, SubjectRemoval
 from sightline.matching.stream_audit import StreamSearchAudit
 from sightline.matching.templates import TemplateCipher
 from sightline.matching.watchlists import WatchlistServicer, future_expiry
@@ -162,6 +164,7 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         self._settings = settings
         self._audit = audit
         self._notify_erased = notify_erased
+        audit.outbox_of(gallery)  # the relay of the write records, running from now on
 
     @rpc_errors
     @audits_refusals(Action.ENROL, ENROL_PURPOSE)
@@ -187,31 +190,32 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
             "watchlists": joined_names(watchlists),
             "membership_expires_at": expires_at.isoformat() if expires_at else "",
         }
-        if vectors:
-            enrolled = self._gallery.enroll(
-                subject_id,
-                request.display_name,
-                watchlists,
-                vectors,
-                model,
-                qualities,
-                expires_at,
-                owner=self._audit.caller(context),
-            )
-            response.templates_added = enrolled.templates_added
-            details.update(
-                templates_added=enrolled.templates_added,
-                subject_created=enrolled.subject_created,
-                watchlists_created=joined_names(enrolled.watchlists_created),
-            )
-        self._audit.record(
-            context,
-            Action.ENROL,
+        purpose = request.purpose.strip() or ENROL_PURPOSE
+        if not vectors:
+            result = "rejected: no usable image"
+            self._gallery.record_audit([self._audit.entry(context, Action.ENROL, subject_id, purpose, result, details)])
+            return response
+
+        def audited(enrolment: Enrolment) -> list[AuditEntry]:
+            enrolled = {
+                "templates_added": enrolment.templates_added,
+                "subject_created": enrolment.created,
+                "watchlists_created": joined_names(enrolment.watchlists_created),
+            }
+            return [self._audit.entry(context, Action.ENROL, subject_id, purpose, "ok", {**details, **enrolled})]
+
+        enrolled = self._gallery.enroll(
             subject_id,
-            request.purpose.strip() or ENROL_PURPOSE,
-            "ok" if vectors else "rejected: no usable image",
-            details,
+            request.display_name,
+            watchlists,
+            vectors,
+            model,
+            qualities,
+            expires_at,
+            owner=self._audit.caller(context),
+            audit=audited,
         )
+        response.templates_added = enrolled.templates_added
         return response
 
     def _templates(
@@ -246,15 +250,13 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
         self, request: gallery_pb2.DeleteSubjectRequest, context: grpc.ServicerContext
     ) -> gallery_pb2.DeleteSubjectResponse:
         subject_id = check_subject_id(request.subject_id)
-        removal = self._gallery.remove(subject_id)
-        self._audit.record(
-            context,
-            Action.DELETE,
-            subject_id,
-            DELETE_PURPOSE,
-            "deleted" if removal.existed else "not enrolled",
-            {"templates_removed": removal.templates_removed, "watchlists": joined_names(removal.watchlists)},
-        )
+
+        def audited(removal: SubjectRemoval) -> list[AuditEntry]:
+            details = {"templates_removed": removal.templates_removed, "watchlists": joined_names(removal.watchlists)}
+            result = "deleted" if removal.existed else "not enrolled"
+            return [self._audit.entry(context, Action.DELETE, subject_id, DELETE_PURPOSE, result, details)]
+
+        removal = self._gallery.remove(subject_id, audited)
         return gallery_pb2.DeleteSubjectResponse(deleted=removal.existed, templates_removed=removal.templates_removed)
 
     @rpc_errors
@@ -264,23 +266,23 @@ class GalleryServicer(gallery_pb2_grpc.GalleryServiceServicer):
     ) -> gallery_pb2.EraseSubjectResponse:
         subject_id = check_subject_id(request.subject_id)
         reference = check_reference(request.reference)
-        removal = self._gallery.remove(subject_id)
-        notice = erasure_notice(subject_id, reference, removal)
-        unpublished = self._publish_erasure(notice)
-        notice_state = f"not published: {unpublished}"[:500] if unpublished else "published"
-        self._audit.record(
-            context,
-            Action.ERASE,
-            subject_id,
-            ERASE_PURPOSE,
-            "erased" if removal.existed else "nothing enrolled",
-            {
+
+        def audited(removal: SubjectRemoval) -> list[AuditEntry]:
+            details = {
                 "reference": reference,
                 "templates_removed": removal.templates_removed,
                 "watchlists": joined_names(removal.watchlists),
-                "notice": notice_state,
-            },
-        )
+            }
+            result = "erased" if removal.existed else "nothing enrolled"
+            return [self._audit.entry(context, Action.ERASE, subject_id, ERASE_PURPOSE, result, details)]
+
+        removal = self._gallery.remove(subject_id, audited)
+        # The notice goes out once the erasure has committed (a replica checks the database on it), so whether it
+        # did is a record of its own, after the erasure's.
+        unpublished = self._publish_erasure(erasure_notice(subject_id, reference, removal))
+        notice = f"notice not published: {unpublished}" if unpublished else "notice published"
+        told = self._audit.entry(context, Action.ERASE, subject_id, ERASE_PURPOSE, notice, {"reference": reference})
+        self._gallery.record_audit([told])
         if unpublished:
             context.abort(
                 grpc.StatusCode.UNAVAILABLE,
@@ -407,6 +409,14 @@ def open_gallery(settings: MatchingSettings) -> Gallery:
         raise
 
 
+def outbox_policy(settings: MatchingSettings) -> OutboxPolicy:
+    return OutboxPolicy(
+        poll_s=settings.audit_outbox_poll_s,
+        retry_max_s=settings.audit_outbox_retry_max_s,
+        wait_s=settings.audit_outbox_wait_s,
+    )
+
+
 def snapshot_policy(settings: MatchingSettings, store: GalleryStore) -> SnapshotPolicy | None:
     if not settings.snapshots:
         return None
@@ -423,7 +433,7 @@ def main() -> None:
     gallery = open_gallery(settings)
     publisher = TopicPublisher(kafka)
     audit = AuditLog.open_configured(publish=audit_topic_publisher(publisher))
-    trail = GalleryAudit(audit)
+    trail = GalleryAudit(audit, outbox=outbox_policy(settings))
     stream_audit = StreamSearchAudit(audit, settings.stream_audit_interval_s)
     faces = FaceClient(settings.detection_addr, settings.embedding_addr, settings.peer_timeout_s)
     servicers = [
@@ -442,7 +452,7 @@ def main() -> None:
         stream_audit.close()  # the last stream-search records, before the log closes
         if shard_denials is not None:
             shard_denials.close()
-        gallery.close()
+        gallery.close()  # its audit outbox's last pass first, while the audit log is open
         publisher.close()
         audit.close()
 

@@ -119,6 +119,26 @@ class MatchingSettings(ServiceSettings):
         description="Stream searches are audited in aggregate: one STREAM_SEARCH record per source per "
         "this many seconds (and one at shutdown).",
     )
+    # The audit outbox (audit_outbox.py): a write's audit records commit with it in the gallery database.
+    audit_outbox_wait_s: float = Field(
+        5.0,
+        ge=0,
+        description="How long a gallery write call (enrol, delete, erase, watchlist change) waits for its audit "
+        "records to reach the audit log; none while the audit log cannot be written: the call succeeds, its records "
+        "wait in the gallery's audit outbox.",
+    )
+    audit_outbox_poll_s: float = Field(
+        1.0,
+        gt=0,
+        description="How often the audit outbox relay looks for records left by another replica or a crash (it also "
+        "runs after every write, and at start).",
+    )
+    audit_outbox_retry_max_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest wait between the relay's attempts while the audit log cannot be written (from 0.1 s, "
+        "doubling).",
+    )
     # Enrolment quality gate (docs/quality.md): an image failing any of these is rejected, naming every failure.
     enroll_min_quality: float = Field(
         40.0, ge=0, le=100, description="Least unified quality score (0-100) of an enrolment image; 0 disables."

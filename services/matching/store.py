@@ -14,6 +14,10 @@ read that feeds matching (``load_templates``, ``memberships``, subject listings)
 ``next_expiry`` tells a replica when to look again and ``expired_between`` which subjects to read again. Expired
 memberships stay listable until removed.
 
+Every write method takes an ``audit`` hook: the audit records of the write (``AuditEntry``), made from its result
+and put in the audit outbox in the same transaction (``audit_outbox.py``), so that a write and its records commit or
+roll back together; ``record_audit`` puts records of a call that wrote nothing.
+
 Templates are stored only as ciphertext (see ``templates.py``); this module decrypts them for ``load_templates``
 and never logs them. The schema is created and upgraded on open from ``MIGRATIONS``, a list later changes append
 to. The SQL is written once, with ``?`` placeholders and ``{type}`` names filled in by the dialect shim shared by
@@ -27,7 +31,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -40,6 +44,8 @@ from sightline.common.sqlstore import (
     redact_url,  # noqa: F401 - part of this module's API (tests, callers)
 )
 from sightline.common.sqlstore import Cursor as _Cursor
+from sightline.matching import audit_outbox
+from sightline.matching.audit_outbox import AuditEntry, OutboxState
 from sightline.matching.templates import TemplateCipher, TemplateDecryptionError, UnknownKeyError
 
 logger = logging.getLogger(__name__)
@@ -49,6 +55,9 @@ MAX_ID_LENGTH = 256
 MAX_TEXT_LENGTH = 1000  # purpose and owner of a watchlist
 # Any constant will do: it only has to be the same for every replica migrating the same database.
 _PG_MIGRATION_LOCK = 0x5167_6C6C
+
+R = TypeVar("R")
+AuditHook = Callable[[R], Sequence[AuditEntry]]  # a write's result -> its audit records, committed with it
 
 
 class GalleryStoreError(StoreError):
@@ -126,6 +135,7 @@ class Enrolment:
 
     created: bool  # the subject is new
     watchlists_created: tuple[str, ...]  # lists that did not exist and were created for this enrolment
+    templates_added: int = 0
 
 
 @dataclass(frozen=True)
@@ -210,6 +220,11 @@ MIGRATIONS: list[Migration] = [
             "ALTER TABLE gallery_state ADD COLUMN gallery_id TEXT",
         ),
     ),
+    Migration(
+        4,
+        "audit outbox: the audit records of each write, committed with it, until relayed to the audit log",
+        audit_outbox.MIGRATION_STATEMENTS,
+    ),
 ]
 
 
@@ -285,16 +300,22 @@ class GalleryStore(BackendStore):
         watchlists: Sequence[str] = (),
         expires_at: datetime | None = None,
         owner: str = "",
+        templates: Sequence[tuple[np.ndarray, float]] = (),
+        model: tuple[str, str] = ("", ""),
+        audit: AuditHook[Enrolment] | None = None,
     ) -> Enrolment:
-        """Enrols the subject if new and puts it on ``watchlists``, as ``add_members`` does.
+        """Enrols the subject if new, puts it on ``watchlists`` as ``add_members`` does, and stores ``templates``
+        ((descriptor, quality) of ``model``: name, version), all in one transaction.
 
-        Idempotent. A non-empty ``display_name`` replaces the stored one. A watchlist that does not exist is created
-        on the way (no purpose yet, ``owner`` as its owner): enrolling is how most lists come to exist.
+        Idempotent but for the templates. A non-empty ``display_name`` replaces the stored one. A watchlist that does
+        not exist is created on the way (no purpose yet, ``owner`` as its owner): enrolling is how most lists come to
+        exist.
         """
         _check_id("subject id", subject_id)
         names = sorted(set(watchlists))
         for name in names:
             _check_id("watchlist name", name)
+        blobs = [(*self._cipher.encrypt(vector, subject_id), quality) for vector, quality in templates]  # no lock
         now = _utcnow()
         with self._tx(write=True) as cur:
             cur.execute(
@@ -312,9 +333,13 @@ class GalleryStore(BackendStore):
             lists_created = tuple(name for name in names if self._create_watchlist_if_missing(cur, name, owner, now))
             for name in names:
                 changed = self._put_member(cur, name, subject_id, expires_at, now) or changed
-            if changed or lists_created:
+            for key_id, blob, quality in blobs:
+                self._insert_template(cur, subject_id, key_id, blob, model, quality)
+            if changed or lists_created or blobs:
                 self._bump_version(cur, [subject_id])
-        return Enrolment(created, lists_created)
+            enrolment = Enrolment(created, lists_created, len(blobs))
+            self._audited(cur, audit, enrolment)
+        return enrolment
 
     def add_template(
         self, subject_id: str, vector: np.ndarray, model_name: str, model_version: str, quality: float = 0.0
@@ -324,23 +349,21 @@ class GalleryStore(BackendStore):
         with self._tx(write=True) as cur:
             if cur.execute("SELECT 1 FROM subjects WHERE subject_id = ?", (subject_id,)).fetchone() is None:
                 raise UnknownSubjectError(subject_id)
-            row = cur.execute(
-                "INSERT INTO templates (subject_id, key_id, ciphertext, model_name, model_version, quality,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (subject_id, key_id, blob, model_name, model_version, float(quality), self._now()),
-            ).fetchone()
+            template_id = self._insert_template(cur, subject_id, key_id, blob, (model_name, model_version), quality)
             self._bump_version(cur, [subject_id])
-        return int(row[0])
+        return template_id
 
     def delete_subject(self, subject_id: str) -> int:
         """Deletes the subject, its templates and memberships; returns templates removed (0 if unknown)."""
         return self.remove_subject(subject_id).templates_removed
 
-    def remove_subject(self, subject_id: str) -> SubjectRemoval:
+    def remove_subject(self, subject_id: str, audit: AuditHook[SubjectRemoval] | None = None) -> SubjectRemoval:
         """Deletes the subject, its templates and every membership (expired ones too), saying what was removed."""
         with self._tx(write=True) as cur:
             if cur.execute("SELECT 1 FROM subjects WHERE subject_id = ?", (subject_id,)).fetchone() is None:
-                return SubjectRemoval(False, 0, ())
+                nothing = SubjectRemoval(False, 0, ())
+                self._audited(cur, audit, nothing)
+                return nothing
             watchlists = tuple(
                 row[0]
                 for row in cur.execute(
@@ -359,8 +382,10 @@ class GalleryStore(BackendStore):
             # index by its templates.
             cur.execute("UPDATE gallery_changes SET subject_id = NULL WHERE subject_id = ?", (subject_id,))
             self._bump_version(cur, removed_templates=template_ids)
+            removal = SubjectRemoval(True, removed, watchlists)
+            self._audited(cur, audit, removal)
         logger.info("deleted a subject, %d templates and %d memberships", removed, len(watchlists))
-        return SubjectRemoval(True, removed, watchlists)
+        return removal
 
     def rotate_keys(self, new_cipher: TemplateCipher, progress: Callable[[int, int], None] | None = None) -> int:
         """Re-encrypts every template not yet under ``new_cipher``'s active key; returns how many it re-encrypted.
@@ -398,6 +423,7 @@ class GalleryStore(BackendStore):
         owner: str = "",
         target_fmr: float | None = None,
         default_membership_days: int = 0,
+        audit: AuditHook[WatchlistRecord] | None = None,
     ) -> WatchlistRecord:
         """Creates a list; WatchlistExistsError when the name is taken."""
         _check_id("watchlist name", name)
@@ -411,10 +437,16 @@ class GalleryStore(BackendStore):
             if cur.rowcount != 1:
                 raise WatchlistExistsError(f"watchlist {name!r} already exists")
             self._bump_version(cur)
-            return self._watchlists(cur, name)[0]
+            return self._audited(cur, audit, self._watchlists(cur, name)[0])
 
     def update_watchlist(
-        self, name: str, purpose: str, owner: str, target_fmr: float | None, default_membership_days: int
+        self,
+        name: str,
+        purpose: str,
+        owner: str,
+        target_fmr: float | None,
+        default_membership_days: int,
+        audit: AuditHook[WatchlistRecord] | None = None,
     ) -> WatchlistRecord:
         """Replaces a list's purpose, owner, threshold and default duration; UnknownWatchlistError if none."""
         fields = _watchlist_fields(purpose, owner, target_fmr, default_membership_days)
@@ -427,13 +459,13 @@ class GalleryStore(BackendStore):
             if cur.rowcount != 1:
                 raise UnknownWatchlistError(name)
             self._bump_version(cur)
-            return self._watchlists(cur, name)[0]
+            return self._audited(cur, audit, self._watchlists(cur, name)[0])
 
-    def delete_watchlist(self, name: str) -> int | None:
+    def delete_watchlist(self, name: str, audit: AuditHook[int | None] | None = None) -> int | None:
         """Deletes a list and its memberships (the subjects stay enrolled); memberships removed, None if no list."""
         with self._tx(write=True) as cur:
             if not self._watchlist_exists(cur, name):
-                return None
+                return self._audited(cur, audit, None)
             members = [
                 row[0]
                 for row in cur.execute(
@@ -443,10 +475,14 @@ class GalleryStore(BackendStore):
             removed = cur.execute("DELETE FROM watchlist_members WHERE watchlist = ?", (name,)).rowcount
             cur.execute("DELETE FROM watchlists WHERE name = ?", (name,))
             self._bump_version(cur, members)
-        return removed
+            return self._audited(cur, audit, int(removed))
 
     def add_members(
-        self, watchlist: str, subject_ids: Sequence[str], expires_at: datetime | None = None
+        self,
+        watchlist: str,
+        subject_ids: Sequence[str],
+        expires_at: datetime | None = None,
+        audit: AuditHook[list[MembershipRecord]] | None = None,
     ) -> list[MembershipRecord]:
         """Puts enrolled subjects on an existing list, or renews their membership; returns the memberships.
 
@@ -467,9 +503,11 @@ class GalleryStore(BackendStore):
             ]
             if changed:
                 self._bump_version(cur, changed)
-            return self._members(cur, watchlist, ids)
+            return self._audited(cur, audit, self._members(cur, watchlist, ids))
 
-    def remove_members(self, watchlist: str, subject_ids: Sequence[str]) -> list[str]:
+    def remove_members(
+        self, watchlist: str, subject_ids: Sequence[str], audit: AuditHook[list[str]] | None = None
+    ) -> list[str]:
         """Takes subjects off a list; returns those that were on it. UnknownWatchlistError if there is no list."""
         removed = []
         with self._tx(write=True) as cur:
@@ -483,7 +521,25 @@ class GalleryStore(BackendStore):
                     removed.append(subject_id)
             if removed:
                 self._bump_version(cur, removed)
-        return removed
+            return self._audited(cur, audit, removed)
+
+    # -- the audit outbox ----------------------------------------------------------------------------------------
+
+    def record_audit(self, entries: Sequence[AuditEntry]) -> None:
+        """Puts the audit records of a call that wrote nothing (an enrolment with no usable image, an erasure notice's
+        outcome) in the outbox, in order with those of the writes."""
+        with self._tx(write=True) as cur:
+            audit_outbox.put(cur, entries, self._now())
+
+    def audit_outbox(self, limit: int = 100) -> OutboxState:
+        """The oldest ``limit`` records waiting in the outbox, and how many wait in all (``audit_outbox.py``)."""
+        with self._tx(write=False) as cur:
+            return audit_outbox.pending(cur, limit, self._from_db_time)
+
+    def remove_audit_outbox(self, ids: Sequence[int]) -> None:
+        """Deletes outbox rows the audit log holds now (an erased subject's id goes with them: secure_delete)."""
+        with self._tx(write=True) as cur:
+            audit_outbox.remove(cur, ids)
 
     # -- reads ---------------------------------------------------------------------------------------------------
 
@@ -700,6 +756,23 @@ class GalleryStore(BackendStore):
             return int(cur.execute("SELECT version FROM gallery_state WHERE id = 1").fetchone()[0])
 
     # -- internals -----------------------------------------------------------------------------------------------
+
+    def _audited(self, cur: _Cursor, audit: AuditHook[R] | None, result: R) -> R:
+        """``result``, after putting its audit records in the outbox, in the write's transaction: a record that
+        cannot go in (refused by ``AuditEntry``) rolls the write back."""
+        if audit is not None:
+            audit_outbox.put(cur, audit(result), self._now())
+        return result
+
+    def _insert_template(
+        self, cur: _Cursor, subject_id: str, key_id: str, blob: bytes, model: tuple[str, str], quality: float
+    ) -> int:
+        row = cur.execute(
+            "INSERT INTO templates (subject_id, key_id, ciphertext, model_name, model_version, quality,"
+            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (subject_id, key_id, blob, model[0], model[1], float(quality), self._now()),
+        ).fetchone()
+        return int(row[0])
 
     def _bump_version(
         self, cur: _Cursor, subject_ids: Sequence[str] = (), removed_templates: Sequence[int] | None = None

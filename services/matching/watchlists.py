@@ -3,12 +3,13 @@
 Served by matching next to the GalleryService, on the same gallery. A list needs a stated purpose when it is created
 or updated; a list that came into being through an enrolment naming an unknown list has none yet (and its creator as
 owner) until someone sets one. Every change is audited (action WATCHLIST): creations, updates and deletions once per
-call, memberships once per subject. Errors: INVALID_ARGUMENT (bad name, purpose, FMR, expiry), NOT_FOUND (unknown
-list or subject), ALREADY_EXISTS (name taken).
+call, memberships once per subject, each change's records committed with it (the gallery's audit outbox). Errors:
+INVALID_ARGUMENT (bad name, purpose, FMR, expiry), NOT_FOUND (unknown list or subject), ALREADY_EXISTS (name taken).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import grpc
@@ -16,6 +17,7 @@ import grpc
 from sightline.common import scores
 from sightline.common.audit import Action
 from sightline.common.rpc import InvalidInput, NotFound, rpc_errors
+from sightline.matching.audit_outbox import AuditEntry
 from sightline.matching.audit_trail import WATCHLIST_PURPOSE, GalleryAudit, audits_refusals
 from sightline.matching.gallery import Gallery, watchlist_threshold
 from sightline.matching.names import check_subject_id, check_watchlist_name
@@ -101,6 +103,7 @@ class WatchlistServicer(gallery_pb2_grpc.WatchlistServiceServicer):
     def __init__(self, gallery: Gallery, audit: GalleryAudit) -> None:
         self._gallery = gallery
         self._audit = audit
+        audit.outbox_of(gallery)  # the relay of the write records, running from now on
 
     @rpc_errors
     @audits_refusals(Action.WATCHLIST, WATCHLIST_PURPOSE)
@@ -111,11 +114,12 @@ class WatchlistServicer(gallery_pb2_grpc.WatchlistServiceServicer):
         purpose, owner, target, days = _settings(request.watchlist)
         owner = owner or self._audit.caller(context)
         try:
-            record = self._gallery.create_watchlist(name, purpose, owner, target, days)
-        except WatchlistExistsError as error:
+            record = self._gallery.create_watchlist(
+                name, purpose, owner, target, days, audit=self._list_audit(context, purpose, "list created")
+            )
+        except WatchlistExistsError as error:  # a refusal: nothing written, recorded directly
             self._audit.record(context, Action.WATCHLIST, "", purpose, f"refused: {error}", {"watchlist": name})
             context.abort(grpc.StatusCode.ALREADY_EXISTS, f"{error}; update it instead")
-        self._audit.record(context, Action.WATCHLIST, "", purpose, "list created", _list_details(record))
         return watchlist_proto(record)
 
     @rpc_errors
@@ -124,10 +128,11 @@ class WatchlistServicer(gallery_pb2_grpc.WatchlistServiceServicer):
         name = check_watchlist_name(request.name)
         purpose, owner, target, days = _settings(request)
         try:
-            record = self._gallery.update_watchlist(name, purpose, owner, target, days)
+            record = self._gallery.update_watchlist(
+                name, purpose, owner, target, days, audit=self._list_audit(context, purpose, "list updated")
+            )
         except UnknownWatchlistError as error:
             raise NotFound(str(error)) from None
-        self._audit.record(context, Action.WATCHLIST, "", purpose, "list updated", _list_details(record))
         return watchlist_proto(record)
 
     @rpc_errors
@@ -153,17 +158,14 @@ class WatchlistServicer(gallery_pb2_grpc.WatchlistServiceServicer):
         self, request: gallery_pb2.DeleteWatchlistRequest, context: grpc.ServicerContext
     ) -> gallery_pb2.DeleteWatchlistResponse:
         name = check_watchlist_name(request.name)
-        existing = self._gallery.store.get_watchlist(name)
-        removed = self._gallery.delete_watchlist(name)
-        purpose = existing.purpose if existing and existing.purpose else WATCHLIST_PURPOSE
-        self._audit.record(
-            context,
-            Action.WATCHLIST,
-            "",
-            purpose,
-            "list deleted" if removed is not None else "no such list",
-            {"watchlist": name, "memberships_removed": removed or 0},
-        )
+        purpose = self._purpose_of(name)
+
+        def audited(removed: int | None) -> list[AuditEntry]:
+            result = "list deleted" if removed is not None else "no such list"
+            details = {"watchlist": name, "memberships_removed": removed or 0}
+            return [self._audit.entry(context, Action.WATCHLIST, "", purpose, result, details)]
+
+        removed = self._gallery.delete_watchlist(name, audited)
         return gallery_pb2.DeleteWatchlistResponse(deleted=removed is not None, memberships_removed=removed or 0)
 
     @rpc_errors
@@ -174,23 +176,27 @@ class WatchlistServicer(gallery_pb2_grpc.WatchlistServiceServicer):
         name = check_watchlist_name(request.watchlist)
         subject_ids = self._subject_ids(request.subject_ids)
         expires_at = future_expiry(request, "expires_at")
+        purpose = self._purpose_of(name)
+
+        def audited(memberships: list[MembershipRecord]) -> list[AuditEntry]:
+            return [
+                self._audit.entry(
+                    context,
+                    Action.WATCHLIST,
+                    membership.subject_id,
+                    purpose,
+                    "member added",
+                    {"watchlist": name, "expires_at": m.isoformat() if (m := membership.expires_at) else "never"},
+                )
+                for membership in memberships
+            ]
+
         try:
-            memberships = self._gallery.add_members(name, subject_ids, expires_at)
+            memberships = self._gallery.add_members(name, subject_ids, expires_at, audited)
         except UnknownWatchlistError as error:
             raise NotFound(f"{error}: create it first (sightline watchlists create)") from None
         except UnknownSubjectError as error:
             raise NotFound(f"{error}; no membership was added") from None
-        purpose = self._purpose_of(name)
-        for membership in memberships:
-            expiry = membership.expires_at.isoformat() if membership.expires_at else "never"
-            self._audit.record(
-                context,
-                Action.WATCHLIST,
-                membership.subject_id,
-                purpose,
-                "member added",
-                {"watchlist": name, "expires_at": expiry},
-            )
         now = datetime.now(UTC)
         return gallery_pb2.AddMembersResponse(memberships=[membership_proto(m, now) for m in memberships])
 
@@ -201,20 +207,25 @@ class WatchlistServicer(gallery_pb2_grpc.WatchlistServiceServicer):
     ) -> gallery_pb2.RemoveMembersResponse:
         name = check_watchlist_name(request.watchlist)
         subject_ids = self._subject_ids(request.subject_ids)
+        purpose = self._purpose_of(name)
+
+        def audited(removed: list[str]) -> list[AuditEntry]:
+            return [
+                self._audit.entry(
+                    context,
+                    Action.WATCHLIST,
+                    subject_id,
+                    purpose,
+                    "member removed" if subject_id in removed else "not on the list",
+                    {"watchlist": name},
+                )
+                for subject_id in dict.fromkeys(subject_ids)
+            ]
+
         try:
-            removed = set(self._gallery.remove_members(name, subject_ids))
+            removed = self._gallery.remove_members(name, subject_ids, audited)
         except UnknownWatchlistError as error:
             raise NotFound(str(error)) from None
-        purpose = self._purpose_of(name)
-        for subject_id in dict.fromkeys(subject_ids):
-            self._audit.record(
-                context,
-                Action.WATCHLIST,
-                subject_id,
-                purpose,
-                "member removed" if subject_id in removed else "not on the list",
-                {"watchlist": name},
-            )
         return gallery_pb2.RemoveMembersResponse(removed=len(removed))
 
     @rpc_errors
@@ -242,6 +253,12 @@ class WatchlistServicer(gallery_pb2_grpc.WatchlistServiceServicer):
         if len(subject_ids) > MAX_MEMBERS_PER_CALL:
             raise InvalidInput(f"{len(subject_ids)} subject ids; at most {MAX_MEMBERS_PER_CALL} per call")
         return [check_subject_id(subject_id) for subject_id in subject_ids]
+
+    def _list_audit(
+        self, context: grpc.ServicerContext, purpose: str, result: str
+    ) -> Callable[[WatchlistRecord], list[AuditEntry]]:
+        """The audit hook of a list created or updated: one record with the list's settings as stored."""
+        return lambda record: [self._audit.entry(context, Action.WATCHLIST, "", purpose, result, _list_details(record))]
 
     def _purpose_of(self, name: str) -> str:
         record = self._gallery.store.get_watchlist(name)

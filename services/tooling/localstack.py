@@ -78,6 +78,7 @@ STATE_FILE = "stack.json"
 KEY_FILE = "template.key"
 GALLERY_DB = "gallery.db"
 DECISION_DB = "decision.db"  # alerts and reviews
+CAPTURE_DB = "capture-sessions.db"  # the kiosk's gate sessions
 AUDIT_DB = "audit.db"  # the audit trail, one chain every service appends to
 TOKENS_FILE = "tokens.yaml"
 CLIENT_TOKEN_FILE = "client-token"
@@ -725,6 +726,32 @@ class LocalStack:
             self.replace(process)
             self._wait_healthy(time.monotonic() + timeout, [process])
 
+    def stop_broker(self) -> None:
+        """Stop the broker alone, as an outage would: the services keep running, and must ride it out."""
+        if self._broker is None:
+            raise StackError("the stack is not started")
+        self._broker.stop()
+
+    def start_broker_again(self, timeout: float = 30.0) -> None:
+        """Start the broker again after ``stop_broker``, on the same port, and create the topics. The embedded broker
+        keeps its records in memory only: this one starts empty, without records, topics or consumer offsets."""
+        if self._state is None:
+            raise StackError("the stack is not started")
+        with self._open_log("broker", fresh=False) as log_file:
+            self._broker = LocalBroker(self.ports.broker, log=log_file)
+            try:
+                self._broker.start(timeout=timeout, detach=True, preexec_fn=self._preexec)
+            except BrokerError as exc:
+                raise StackError(f"{exc}; see {self.log_path('broker')}") from exc
+        assert self._broker.process is not None
+        pid = self._broker.process.pid
+        with self._lock:
+            self._state.broker = ProcessRecord(
+                pid, process_start_ticks(pid), str(self.log_path("broker")), self.ports.broker
+            )
+            _write_state(self.run_dir, self._state)
+        self._ensure_topics()
+
     def processes_of(self, name: str) -> list[str]:
         """The processes a name stands for: itself (``matching-1``), or every process of a service, in order."""
         names = [name] if name in self.processes else [p for p in self.processes if service_of(p) == name]
@@ -968,6 +995,7 @@ class LocalStack:
             env.setdefault("SIGHTLINE_AUDIT_KEYS_FILE", str(self.run_dir / LOCAL_KEYS_FILE))
         if name == "capture":
             env.setdefault("SIGHTLINE_CAPTURE_MATCHING_ADDR", self.addresses["matching"])  # kiosk sessions
+            env.setdefault("SIGHTLINE_CAPTURE_DATABASE_URL", f"sqlite:///{self.run_dir / CAPTURE_DB}")
             for variable, value in local_capture_policy(self._capture_roots).items():
                 env.setdefault(variable, value)
         if name == "decision":

@@ -272,6 +272,8 @@ DASHBOARD_METRICS = {
     "sightline_model_inference_seconds",
     "sightline_gallery_templates",
     "sightline_gallery_subjects",
+    "sightline_audit_outbox_records",
+    "sightline_audit_outbox_oldest_seconds",
     "sightline_frames_dropped_total",
     "sightline_faces_not_searched_total",
     "sightline_detection_scanned_share",

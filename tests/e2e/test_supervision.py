@@ -131,11 +131,14 @@ def test_a_service_that_fails_at_every_start_is_restarted_ever_more_slowly(tmp_p
         # Up longer than reset_after_s: the next crash starts from the first wait again.
         record = stack.record("decision")
         wait_for(lambda: time.time() - (record.started_at or 0) > settings.reset_after_s + 0.5, 60, "uptime")
-        restarts = record.restarts
+        restarts, told = record.restarts, len(messages)
         os.kill(record.pid, signal.SIGKILL)
         wait_for(lambda: stack.record("decision").restarts > restarts, 60, "the restart after the reset")
         assert stack.record("decision").backoff_s == settings.initial_backoff_s
-        assert "crash 1 in a row" in messages[-2]  # the crash report and its wait; then "restarted decision"
+        since_kill = "\n".join(messages[told:])  # the crash report, its wait, "restarted decision", in that order
+        assert "crash 1 in a row" in since_kill and "in a row" not in since_kill.replace("crash 1 in a row", ""), (
+            since_kill
+        )
         wait_for(lambda: _serving(stack, "decision"), 120, "decision to be SERVING again")
 
         # A requested restart of a stack supervised in this process (the path `sightline restart` takes).

@@ -125,7 +125,9 @@ def test_a_walk_by_is_one_track_searched_on_its_best_faces_with_one_alert(
     assert max(quality[s] for s in range(3, WALK + 1)) >= max(quality[1], quality[2]) + rule.search_margin  # closer
     assert searched[walker_track][:2] == [1, 2] and len(searched[walker_track]) == rule.search_max_faces, searched
     assert searched[passer_track] == [WALK + 1, WALK + 2], searched  # steady: the first faces are enough
-    assert len(outcomes.decisions) == len(with_chip)  # one decision per searched face
+    faceless = {d.frame.sequence for d in outcomes.decisions if d.outcome == events_pb2.OUTCOME_NO_FACE}
+    assert len(outcomes.decisions) - len(faceless) == len(with_chip)  # one decision per searched face
+    assert faceless == set(sequences) - with_chip  # and its NO_FACE record for each frame with none searched
 
     # Decision: the walker is obama, agreed on by his track's searched faces, with exactly one alert for the track.
     by_track = {track: [d for d in outcomes.decisions if d.track_id == track] for track in searched}

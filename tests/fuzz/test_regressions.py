@@ -24,12 +24,26 @@ from sightline.capture.source_policy import SourcePolicy, SourceRefused
 from sightline.common import auth, cloudevents, codec, rpc
 from sightline.common.config import KafkaSettings
 from sightline.common.images import decode_image
-from sightline.common.topics import FACES
-from sightline.decision.policy import load_policy
+from sightline.common.topics import ALERTS, FACES
+from sightline.decision.engine import DecisionEngine
+from sightline.decision.policy import Policy, load_policy
 from sightline.decision.review.store import ReviewStore
+from sightline.matching.service import _descriptors as descriptors
 from sightline.tooling.hostile import alias_bomb
 from sightline.tooling.localstack import LocalStack
-from sightline.v1 import capture_pb2, capture_pb2_grpc, events_pb2, review_pb2, review_pb2_grpc
+from sightline.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    capture_pb2,
+    capture_pb2_grpc,
+    events_pb2,
+    gallery_pb2,
+    gallery_pb2_grpc,
+    review_pb2,
+    review_pb2_grpc,
+    session_pb2,
+    types_pb2,
+)
 
 pytestmark = pytest.mark.fuzz
 
@@ -139,6 +153,38 @@ def test_an_erasure_dated_at_the_end_of_time_withholds_decisions_without_overflo
         assert store.erased_since("no-one", datetime.min.replace(tzinfo=UTC))
 
 
+def test_an_unknown_enum_value_is_named_not_raised() -> None:
+    # Was ValueError "Enum AlertStatus has no name defined for value 99" from the CloudEvents id of an alert (and
+    # of a session event with an unknown kind, and in decision's session desk, which logs the kind).
+    alert = events_pb2.Alert(alert_id="a1", status=99)
+    headers = dict(cloudevents.with_event_headers(ALERTS.name, alert.SerializeToString(), []))
+    assert headers["ce_id"] == b"a1:UNKNOWN_99"
+    assert codec.enum_label(session_pb2.SessionEvent.Kind, 42, "KIND_") == "UNKNOWN_42"
+    assert codec.enum_value(events_pb2.AlertStatus, "confirmed", "ALERT_STATUS_") == events_pb2.ALERT_STATUS_CONFIRMED
+    with pytest.raises(ValueError, match="unknown AlertStatus 'SURE': one of UNSPECIFIED, PENDING_REVIEW"):
+        codec.enum_value(events_pb2.AlertStatus, "SURE", "ALERT_STATUS_")
+
+
+@pytest.mark.parametrize("vectors", [[[0.1] * 128, [0.1] * 64], [[float("nan")] * 128]])
+def test_descriptors_of_the_wrong_length_or_not_numbers_are_a_malformed_event(vectors: list[list[float]]) -> None:
+    # Was ValueError "setting an array element with a sequence" in matching (ragged vectors); NaN went on to
+    # decision as a distance.
+    embedded = events_pb2.FacesEmbedded()
+    for n, vector in enumerate(vectors):
+        embedded.faces.add(face_index=n, vector=vector)
+    with pytest.raises(codec.MalformedEvent):
+        descriptors(embedded)
+
+
+def test_a_match_candidate_whose_distance_is_not_a_number_is_a_malformed_event() -> None:
+    # Was StopIteration in the calibration table's lookup (no bin holds NaN), dead-lettered as internal_error.
+    result = events_pb2.MatchResult(frame=types_pb2.FrameRef(frame_id="cam:1", source_id="cam"))
+    result.faces.add(face_index=0, candidates=[types_pb2.MatchCandidate(subject_id="a", distance=float("nan"))])
+    result.faces[0].quality.score = 90
+    with pytest.raises(codec.MalformedEvent, match="not a finite number"):
+        DecisionEngine(Policy()).decide(result)
+
+
 def test_a_source_with_a_nul_character_is_refused_by_the_source_policy() -> None:
     # Was ValueError "embedded null byte" from stat(), which Ingest reported as UNKNOWN.
     with pytest.raises(SourceRefused, match="NUL"):
@@ -216,3 +262,32 @@ def test_list_feedback_refuses_a_since_that_is_no_time(hostile_stack: LocalStack
         with pytest.raises(grpc.RpcError) as raised:
             review_pb2_grpc.ReviewServiceStub(channel).ListFeedback(request, timeout=30)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "request_fields",
+    [
+        {"action": 2**31 - 1},  # was UNKNOWN: Enum AuditAction has no name defined for value 2147483647
+        {"after_sequence": 2**64 - 1},  # was UNKNOWN: Python int too large to convert to SQLite INTEGER
+    ],
+)
+def test_list_audit_records_refuses_what_no_record_can_have(hostile_stack: LocalStack, request_fields: dict) -> None:
+    with rpc.channel(hostile_stack.addresses["decision"]) as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            audit_pb2_grpc.AuditServiceStub(channel).ListAuditRecords(
+                audit_pb2.ListAuditRecordsRequest(**request_fields), timeout=30
+            )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.e2e
+def test_a_membership_expiry_that_is_no_time_is_invalid_argument(hostile_stack: LocalStack) -> None:
+    # Was UNKNOWN: "Timestamp is not valid" from Enroll and AddMembers (ToDatetime's ValueError, not mapped).
+    request = gallery_pb2.AddMembersRequest(watchlist="no-such-list", subject_ids=["someone"])
+    request.expires_at.seconds = 2**62
+    with rpc.channel(hostile_stack.addresses["matching"]) as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            gallery_pb2_grpc.WatchlistServiceStub(channel).AddMembers(request, timeout=30)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid timestamp" in (raised.value.details() or "")

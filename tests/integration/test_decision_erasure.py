@@ -128,7 +128,8 @@ def test_an_erasure_notice_removes_the_subjects_alerts_reviews_and_feedback(
     assert replayed.details["reference"] == "DSAR-2026-0117"
 
     # A frame seen before the erasure whose result arrives after it (a backlog on the matches topic) raises no alert,
-    # and its decision, naming the subject, is not published; a later frame of the same camera (same partition, so
+    # and its decision, naming the subject, is withheld (a WITHHELD record in its place);
+    # a later frame of the same camera (same partition, so
     # decided after them) marks the point by which they were handled.
     raise_alert(kafka, "cam-x3", ERASED, erasure.erased_at.seconds - 10)
     publish(kafka, MATCHES.name, "cam-x3", [match_result("cam-x3", 3, time.time(), KEPT)])
@@ -138,7 +139,10 @@ def test_an_erasure_notice_removes_the_subjects_alerts_reviews_and_feedback(
         events_pb2.Decision.FromString,
         lambda seen: any(d.frame.frame_id == "cam-x3:3" for d in seen),
     )
-    assert [d.subject_id for d in seen if d.frame.source_id == "cam-x3"] == [KEPT]
+    camera = [d for d in seen if d.frame.source_id == "cam-x3"]
+    assert [d.subject_id for d in camera if d.outcome != events_pb2.OUTCOME_WITHHELD] == [KEPT]
+    withheld = [d for d in camera if d.outcome == events_pb2.OUTCOME_WITHHELD]
+    assert withheld and all(not (d.subject_id or d.distance or d.track_id or d.alert_id) for d in withheld)
     alerts = wait_for(kafka, ALERTS.name, events_pb2.Alert.FromString, lambda seen: True)
     assert not [a for a in alerts if a.source_id == "cam-x3"]
     listed = review.ListAlerts(review_pb2.ListAlertsRequest(page_size=100), timeout=10).alerts

@@ -358,7 +358,7 @@ def test_template_ids_are_not_reused_after_delete(store: GalleryStore) -> None:
 def test_schema_is_versioned(gallery_url: str, open_store: Opener) -> None:
     open_store(gallery_url).close()
     open_store(gallery_url).close()  # reopening applies nothing twice
-    assert _raw(gallery_url, "SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,)]
+    assert _raw(gallery_url, "SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,), (4,)]
     _raw(gallery_url, "INSERT INTO schema_version (version, description, applied_at) VALUES (999, 'future', 'now')")
     with pytest.raises(GalleryStoreError, match="newer than this build"):
         open_store(gallery_url)

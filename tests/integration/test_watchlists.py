@@ -21,12 +21,13 @@ import pytest
 
 from sightline.cli.main import main as cli
 from sightline.common import codec, scores
-from sightline.common.audit import Action, AuditLog, AuditSettings
+from sightline.common.audit import Action, AuditLog, AuditSettings, parse_time
 from sightline.common.auth import AccessPolicy, Principal, Role, hash_token, new_token
 from sightline.common.rpc import GrpcServer, channel
 from sightline.common.stage import InputEvent
 from sightline.decision.engine import DecisionEngine
 from sightline.decision.policy import Policy
+from sightline.matching.audit_outbox import WRITTEN_AT, OutboxPolicy
 from sightline.matching.audit_trail import GalleryAudit
 from sightline.matching.erasure import ErasureNotifier
 from sightline.matching.gallery import Gallery
@@ -71,8 +72,10 @@ def start_replica(
     audit: AuditLog,
     refresh_interval_s: float,
     notify_erased: ErasureNotifier | None = None,
+    outbox: OutboxPolicy | None = None,
 ) -> Replica:
-    """A matching replica as main() builds one: gallery, audited GalleryService and WatchlistService, token auth."""
+    """A matching replica as main() builds one: gallery, audited GalleryService and WatchlistService (``outbox``: how
+    their audit outbox is relayed), token auth."""
     settings = MatchingSettings(
         template_key=key,
         database_url=gallery_url,
@@ -82,7 +85,7 @@ def start_replica(
     )
     gallery = open_gallery(settings)
     client = FaceClient(settings.detection_addr, settings.embedding_addr, settings.peer_timeout_s)
-    trail = GalleryAudit(audit)
+    trail = GalleryAudit(audit, outbox=outbox)
     officer = Principal(OFFICER, frozenset({Role.ENROLLER, Role.OPERATOR}), hash_token(TOKEN))
     server = GrpcServer("127.0.0.1", 0, access=AccessPolicy([officer]))
     server.add(GalleryServicer(gallery, client, settings, trail, notify_erased))
@@ -418,7 +421,11 @@ def test_gallery_calls_are_audited_with_the_callers_principal(
     ]
     assert float(trail[1].details["distance"]) < float(trail[1].details["threshold"])
     assert trail[2].details["watchlist"] == "audit-list" and trail[2].details["candidate_ids"] == "a-obama"
-    assert trail[5].details == {"templates_removed": "1", "watchlists": "audit-list"}
+    # A write's record went through the outbox: it says when the write committed, before it was appended.
+    deleted = dict(trail[5].details)
+    assert parse_time(deleted.pop(WRITTEN_AT)) <= trail[5].at
+    assert deleted == {"templates_removed": "1", "watchlists": "audit-list"}
+    assert WRITTEN_AT not in trail[1].details  # a verification wrote nothing: appended directly
     assert audit.verify().intact
     dump = Path(audit_url[len("sqlite:///") :]).read_bytes()
     assert vector.tobytes() not in dump and vector.astype(np.float64).tobytes() not in dump  # no descriptor, ever

@@ -218,6 +218,32 @@ def test_records_are_filtered_and_paged(audit: AuditLog) -> None:
     assert review.subject_id == "subject-9" and review.details == {"alert_id": "a1"}
 
 
+def test_an_append_under_a_key_already_appended_appends_nothing(
+    store_url: str, audit: AuditLog, open_log: Callable[..., AuditLog]
+) -> None:
+    """A writer that crashed after appending (an outbox relay, say) appends again under the same key: the record it
+    appended the first time comes back, nothing is added or published, and other keys and keyless appends go on."""
+    sink = ListSink()
+    writer = open_log(store_url, publish=sink)
+    first = writer.append("officer", Action.ENROL, "s1", "enrolment", "ok", {"templates": 1}, idempotency_key="k-1")
+    fill(writer, 1)  # another writer's record in between
+    again = writer.append("officer", Action.ENROL, "s1", "enrolment", "ok", {"templates": 1}, idempotency_key="k-1")
+    assert again == first and writer.head()[0] == 2 and len(sink.records) == 2
+    # Two connections at once (two relays on the same rows): the key is looked up under the chain head's lock.
+    threads = [
+        threading.Thread(target=log.append, args=("officer", Action.DELETE, "s1"), kwargs={"idempotency_key": "k-2"})
+        for log in (audit, writer, audit, writer)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [r.action for r in writer.records()] == ["ENROL", "SEARCH", "DELETE"]
+    assert writer.verify().intact
+    with pytest.raises(ValueError, match="idempotency key"):
+        writer.append("officer", Action.ENROL, idempotency_key="")
+
+
 def test_an_edited_record_is_found_by_its_sequence(store_url: str, audit: AuditLog) -> None:
     fill(audit, 5)
     drop_append_only_triggers(store_url)

@@ -58,7 +58,11 @@ def test_each_match_result_gives_its_decisions_and_alerts_and_a_bad_one_fails_al
     for result in (results[2], results[4]):
         assert not isinstance(result, BaseException), result
         erased += result
-    assert erased == [], "no decision about an erased subject (matched or claimed)"
+    withheld = [events_pb2.Decision.FromString(o.value) for o in erased]
+    assert [o.topic for o in erased] == [DECISIONS, DECISIONS], "no alert about an erased subject (matched or claimed)"
+    assert [(d.outcome, d.subject_id, d.frame.claim_subject_id, d.distance) for d in withheld] == [
+        (events_pb2.OUTCOME_WITHHELD, "", "", 0.0)
+    ] * 2, "each decision withheld: its place in the frame's account, and nothing said of the subject"
     faceless = results[3]
     assert not isinstance(faceless, BaseException), faceless
     assert [(o.topic, o.key) for o in faceless] == [(DECISIONS, b"cam-c")], "a frame without faces: its one record"

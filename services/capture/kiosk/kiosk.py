@@ -9,10 +9,16 @@ background reader of that topic hands them to the kiosks watching (``WatchSessio
 deadline plus a grace, the kiosk is told so, the traveller is referred to an officer, and decision is told that the
 session was cancelled (so that it never decides, and audits, what the gate did not do).
 
+The sessions live in a store every capture replica shares (``session_store.py``; ``session_book.py`` adds what only
+this replica knows: its watchers and the frames it is publishing). Any replica serves any request of any session:
+a kiosk may be moved to another replica mid-session, and a replica that stops (gracefully or not) leaves its open
+sessions to the others, or to itself once restarted: their deadlines run on, and whichever replica finds one overdue
+expires it. At start-up the relay first reads the sessions topic back to the oldest open session, so an outcome
+published while no replica was reading still reaches its session.
+
 Nothing about the traveller outlives the session: a session-scoped template is deleted when the session ends
-(decided, cancelled or expired). A graceful stop cancels the open sessions and deletes their templates; leftovers of
-a capture process that died mid-session are swept at start-up and periodically. Sessions live in this process's
-memory (``session_book.py``): a kiosk keeps talking to the replica it opened its session on (one gRPC channel does).
+(decided, cancelled or expired), by the replica that ended it. Templates left behind (a replica stopped before it
+could delete one) are swept at start-up and periodically.
 """
 
 from __future__ import annotations
@@ -31,7 +37,13 @@ from typing import TYPE_CHECKING
 from kafka.errors import KafkaError
 
 from sightline.capture.kiosk.claims import Claim, SessionGallery, resolve_claim
-from sightline.capture.kiosk.session_book import GateSession, SessionBook, TooManySessions
+from sightline.capture.kiosk.session_book import SessionBook, Told
+from sightline.capture.kiosk.session_store import (
+    GateSession,
+    GateSessionStore,
+    SessionStoreUnavailable,
+    TooManySessions,
+)
 from sightline.capture.settings import CaptureSettings
 from sightline.capture.sources import RawFrame
 from sightline.common import codec, tracing
@@ -51,8 +63,11 @@ log = logging.getLogger(__name__)
 _GATE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _MEDIA_TYPES = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"))
 SWEEP_EVERY_S = 0.25
+PURGE_EVERY_S = 5.0  # ended sessions past their retention are deleted from the store this often
 PUBLISH_TIMEOUT_S = 10.0
-STOPPING_REASON = "capture stopping"
+RELAY_SKEW_MS = 5000  # record times come from the producer's clock: the relay reads this much further back
+CATCH_UP_IDLE_S = 0.5  # the relay's first read ends once the sessions topic is this long without a record
+CATCH_UP_MAX_S = 10.0  # sessions are expired at start-up after the relay's catch-up, or this long at the most
 LATE_REASON = "the decision did not arrive in time"  # how the kiosk's referral, and decision's cancellation, begin
 
 Event = session_pb2.SessionEvent
@@ -96,14 +111,27 @@ class Kiosk:
     """Sessions of the gates connected to this capture replica: claims, frames, control events and outcomes."""
 
     def __init__(
-        self, capture: Capture, settings: CaptureSettings, kafka: KafkaSettings, gallery: SessionGallery | None = None
+        self,
+        capture: Capture,
+        settings: CaptureSettings,
+        kafka: KafkaSettings,
+        gallery: SessionGallery | None = None,
+        store: GateSessionStore | None = None,
     ) -> None:
+        """``store``: None opens the one ``settings.database_url`` names (and closes it with the kiosk)."""
         self._capture = capture
         self._settings = settings
         self._kafka = kafka
         self.gallery = gallery or SessionGallery(settings.matching_addr, settings.gallery_timeout_s)
-        self.book = SessionBook(settings.max_sessions, settings.ended_session_retention_s)
+        self._own_store = store is None
+        store = store or GateSessionStore.open(settings.database_url.get_secret_value())
+        retention = settings.ended_session_retention_s
+        idle = settings.session_budget_s + settings.session_grace_s + retention
+        self.book = SessionBook(store, settings.max_sessions, retention, idle)
         self._stop = threading.Event()
+        self.caught_up = threading.Event()  # the relay has read the sessions topic up to its start
+        self._relay_since_ms = 0
+        self._started_at = 0.0
         self._threads: list[threading.Thread] = []
         # Templates are deleted off the caller's thread: the relay must not wait on the gallery between two outcomes.
         self._deleter = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="session-template-delete")
@@ -113,7 +141,18 @@ class Kiosk:
         self._closing = False
 
     def start(self) -> None:
-        """Start relaying decision's session events to watchers, and the expiry and clean-up rounds, until closed."""
+        """Resume the open sessions of the store, and start relaying decision's session events to watchers, and the
+        expiry and clean-up rounds, until closed."""
+        resumed = self.book.open_sessions()
+        now_ms = int(time.time() * 1000)
+        oldest_ms = int(resumed[0].opened_at * 1000) if resumed else now_ms
+        # Back to the oldest open session: its outcome may have been published while no replica was reading.
+        self._relay_since_ms = min(now_ms, oldest_ms) - RELAY_SKEW_MS
+        self._started_at = time.monotonic()
+        if resumed:
+            log.info("gate sessions resumed from the store", extra={"open": len(resumed)})
+        else:
+            self.caught_up.set()  # no session could have missed its outcome
         self._threads = [
             threading.Thread(target=self._relay, daemon=True, name="session-relay"),
             threading.Thread(target=self._housekeeping, daemon=True, name="session-housekeeping"),
@@ -122,17 +161,16 @@ class Kiosk:
             thread.start()
 
     def close(self) -> None:
-        """A graceful stop, within ``shutdown_timeout_s``: cancel the open sessions (CANCELLED, "capture stopping",
-        announced to decision and to their watchers), delete their templates and any still queued, stop the threads.
+        """A graceful stop, within ``shutdown_timeout_s``: finish the template deletions queued, stop the threads.
 
-        What the time does not allow is left to the next start-up's sweep (the templates) and to decision's own
-        time-out (the sessions).
+        The open sessions stay in the store, open: another replica (or this one, restarted) continues them, and
+        whichever replica finds one overdue expires it. Deletions the time does not allow are left to the next
+        start-up's sweep.
         """
         if self._stop.is_set():
             return  # closed already
         deadline = time.monotonic() + self._settings.shutdown_timeout_s
         self._stop.set()
-        cancelled = self._cancel_open_sessions(deadline)
         self._retry_deletions()
         with self._deletion_lock:
             self._closing = True  # from here on a template to delete is left to the sweep
@@ -148,7 +186,9 @@ class Kiosk:
             log.warning(
                 "session templates not deleted at shutdown; the next start-up sweep deletes them", extra={"count": left}
             )
-        log.info("kiosk sessions closed", extra={"cancelled": cancelled})
+        if self._own_store:
+            self.book.store.close()
+        log.info("kiosk stopped; its open sessions stay in the session store")
 
     # Requests ------------------------------------------------------------------------------------------------------
 
@@ -205,7 +245,7 @@ class Kiosk:
             published = self._capture.publish_frame(raw, ref, f"kiosk:{session.gate_id}")  # or BrokerUnavailable
         finally:
             frames_sent = self.book.frame_done(session, published)
-        if not published:
+        if not published or frames_sent is None:
             raise InvalidInput(f"frame {sequence} was not published (too large?): see the dead-letter topic")
         return session_pb2.SendFrameResponse(frame_id=ref.frame_id, frames_sent=frames_sent)
 
@@ -243,24 +283,25 @@ class Kiosk:
         self._end(session.session_id, update)
 
     def watch(self, session_id: str, active: Callable[[], bool]) -> Iterator[session_pb2.SessionUpdate]:
-        """The session's updates until its outcome (subscribed at once: NotFound is raised here, not when iterated)."""
-        session, updates = self.book.subscribe(session_id)
-        return self._stream(session, updates, active)
+        """The session's updates until its outcome (subscribed at once: NotFound is raised here, not when iterated).
+        Any replica serves it: the relay of each reads every session's progress and outcome."""
+        _, updates = self.book.subscribe(session_id)
+        return self._stream(session_id, updates, active)
 
     def _stream(
-        self, session: GateSession, updates: queue.SimpleQueue, active: Callable[[], bool]
+        self, session_id: str, updates: queue.SimpleQueue[Told], active: Callable[[], bool]
     ) -> Iterator[session_pb2.SessionUpdate]:
         try:
             while active():
                 try:
-                    update = updates.get(timeout=0.5)  # wakes up now and then to notice a kiosk that went away
+                    update, final = updates.get(timeout=0.5)  # wakes up now and then to notice a kiosk that went away
                 except queue.Empty:
                     continue
                 yield update
-                if update is session.outcome:
+                if final:
                     return
         finally:
-            self.book.unsubscribe(session, updates)
+            self.book.unsubscribe(session_id, updates)
 
     # Session events ------------------------------------------------------------------------------------------------
 
@@ -308,17 +349,25 @@ class Kiosk:
         )
 
     def _relay(self) -> None:
-        """Hand decision's PROGRESS and DECIDED events to the watchers of this replica's sessions.
+        """Hand decision's PROGRESS and DECIDED events to the sessions and their watchers here.
 
         One reader for the whole process, outside any consumer group: every replica must see every outcome (a
-        session's outcome goes to the replica its kiosk talks to).
+        session's outcome goes to whichever replica its kiosk talks to). The first read goes back to the oldest open
+        session and ends once the topic is idle (``caught_up``); then the reader follows the topic.
         """
-        since_ms = int(time.time() * 1000) - 5000  # record times come from decision's clock: allow some skew
+        since_ms, started_ms = self._relay_since_ms, int(time.time() * 1000)
+        idle_timeout: float | None = CATCH_UP_IDLE_S
         while not self._stop.is_set():
             try:
-                for record in read_topics(self._kafka, [SESSIONS.name], since_ms=since_ms, stop=self._stop.is_set):
+                for record in read_topics(
+                    self._kafka, [SESSIONS.name], since_ms=since_ms, idle_timeout_s=idle_timeout, stop=self._stop.is_set
+                ):
                     since_ms = max(since_ms, record.timestamp)  # a re-read after a failure starts here
                     self._on_event(record.value)
+                    if record.timestamp >= started_ms:  # a busy topic never goes idle: this is today's traffic
+                        self.caught_up.set()
+                self.caught_up.set()  # idle (or stopping): everything published before the start has been read
+                idle_timeout = None
             except Exception as exc:  # noqa: BLE001 - broker restarting or unreachable: read again shortly
                 log.warning("reading the sessions topic failed; retrying", extra={"error": repr(exc)})
                 self._stop.wait(2.0)
@@ -335,10 +384,10 @@ class Kiosk:
             self.book.progress(event.session_id, event.update)
 
     def _end(self, session_id: str, outcome: session_pb2.SessionUpdate) -> GateSession | None:
-        """End the session for its watchers and delete its template; None if it is not this replica's or has ended."""
+        """End the session for its watchers and delete its template; None if it is unknown or has ended already."""
         session = self.book.finish(session_id, outcome)
         if session is None:
-            return None  # another replica's session, or already ended (cancelled, expired) before decision's outcome
+            return None  # ended by another replica's relay, or cancelled, or expired before decision's outcome
         log.info(
             "session ended",
             extra={
@@ -350,50 +399,32 @@ class Kiosk:
         self._delete_template(session.claim)
         return session
 
-    def _cancel_open_sessions(self, deadline: float) -> int:
-        """End every open session as CANCELLED (capture stopping) and tell decision, as far as ``deadline`` allows;
-        the number of sessions cancelled."""
-        ended = []
-        for session in self.book.still_open():
-            update = self._cancellation(session, STOPPING_REASON)
-            if self._end(session.session_id, update) is not None:
-                ended.append((session, update))
-        sent, unannounced = [], 0
-        for session, update in ended:
-            if _left(deadline) == 0 or unannounced:  # out of time, or the broker is not answering
-                unannounced += 1
-                continue
-            try:
-                sent.append(self._send_event(session, Event.KIND_CANCELLED, update))
-            except Unavailable:
-                unannounced += 1
-        for future in sent:
-            try:
-                future.get(timeout=_left(deadline))
-            except KafkaError:
-                unannounced += 1
-        if unannounced:
-            log.warning(
-                "cancellations not announced at shutdown; decision times those sessions out",
-                extra={"count": unannounced},
-            )
-        return len(ended)
-
     # Expiry and clean-up -------------------------------------------------------------------------------------------
 
     def _housekeeping(self) -> None:
-        next_orphan_sweep = 0.0
+        next_orphan_sweep = next_purge = 0.0
         while not self._stop.wait(SWEEP_EVERY_S):
             now = time.time()
             try:
-                self._expire(now)
-                self.book.forget_ended(now)
+                self.book.sync()
+                if self._may_expire():
+                    self._expire(now)
+                if now >= next_purge:
+                    self.book.forget_ended(now)
+                    next_purge = now + PURGE_EVERY_S
                 if now >= next_orphan_sweep:
                     swept = self._sweep_orphans(now)
                     next_orphan_sweep = now + (self._settings.orphan_sweep_interval_s if swept else 5.0)
                     self._retry_deletions()
+            except SessionStoreUnavailable as exc:
+                log.warning("session housekeeping postponed", extra={"error": str(exc)})
             except Exception:
                 log.exception("session housekeeping failed")
+
+    def _may_expire(self) -> bool:
+        """Not before the relay has caught up at start-up (bounded): an outcome published while this replica was down
+        must reach its session before the session is expired as having none."""
+        return self.caught_up.is_set() or time.monotonic() - self._started_at > CATCH_UP_MAX_S
 
     def _expire(self, now: float) -> None:
         """Refer the travellers of sessions whose outcome is overdue, then tell decision they are cancelled.
@@ -418,8 +449,8 @@ class Kiosk:
     def _late_outcome(self, session: GateSession) -> session_pb2.SessionUpdate:
         """What the kiosk is told when decision's outcome has not come: refer the traveller, saying why."""
         outcome = Update()
-        if session.progress is not None:
-            outcome.CopyFrom(session.progress)
+        if (progress := self.book.latest_progress(session.session_id)) is not None:
+            outcome.CopyFrom(progress)
         outcome.session_id = session.session_id
         outcome.outcome = session_pb2.SESSION_OUTCOME_REFER_TO_OFFICER
         outcome.reasons[:] = [

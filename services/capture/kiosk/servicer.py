@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import grpc
 
 from sightline.capture.kiosk.kiosk import Kiosk, Update
-from sightline.capture.kiosk.session_book import SessionNotOpen, TooManySessions
+from sightline.capture.kiosk.session_store import SessionNotOpen, TooManySessions
 from sightline.common.rpc import rpc_errors
 from sightline.v1 import session_pb2, session_pb2_grpc
 
