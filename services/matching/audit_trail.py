@@ -97,15 +97,9 @@ class GalleryAudit:
         details: Mapping[str, Any] | None = None,
     ) -> None:
         """Appends the record now; Unavailable (the call fails, to be retried) when the audit log cannot be written."""
+        entry = self.entry(context, action, subject_id, purpose, result, details)
         try:
-            self.log.append(
-                self.caller(context),
-                action,
-                subject_id[:MAX_AUDITED_ID],
-                purpose[:MAX_PURPOSE_CHARS],
-                result[:MAX_RESULT_CHARS],
-                details,
-            )
+            self.log.append(entry.principal, entry.action, entry.subject_id, entry.purpose, entry.result, entry.details)
         except Exception as error:
             if not is_transient(error):
                 raise
