@@ -25,7 +25,7 @@ def hostile_images(face_images: tuple[bytes, ...]) -> HostileImages:
     return HostileImages(extra_seeds=face_images)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped when tests/fuzz is done: a stack left running slows every later test
 def hostile_stack(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[LocalStack]:
     """One local stack for every stack test of the suite (starting one takes 7-20 s): the RPC and stream tests leave
     it as they found it, except for what hostile input may add (refused calls, dead letters)."""

@@ -203,7 +203,7 @@ def test_hostile_records_and_files_are_all_accounted_for(
 
 
 @pytest.mark.slow
-def test_ten_thousand_hostile_inputs_through_the_pipeline_are_all_accounted_for(
+def test_thousands_of_hostile_inputs_through_the_pipeline_are_all_accounted_for(
     hostile_stack: LocalStack, tmp_path: Path, hostile_images: HostileImages, face_images: tuple[bytes, ...]
 ) -> None:
     run = hostile_run(hostile_stack, tmp_path, hostile_images, face_images, FUZZ_INPUTS, timeout_s=1800)
