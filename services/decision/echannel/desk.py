@@ -143,6 +143,9 @@ class SessionDesk:
         # their own lock, never held across I/O.
         self._queued = threading.Condition()
         self._outbox: deque[_Progress | _Outcome] = deque()
+        # Open session -> the frames_seen of the last PROGRESS queued: a PROGRESS is told once per count (its
+        # CloudEvents id is the count), not again when the close or a tick changes nothing the kiosk sees.
+        self._progress_told: dict[str, int] = {}
         self._queued_progress = 0
         self._unannounced: dict[str, float] = {}
         self._stop = threading.Event()
@@ -292,6 +295,7 @@ class SessionDesk:
         stored = self.store.get(session_id)
         if stored is None:
             self._open.pop(session_id, None)
+            self._progress_told.pop(session_id, None)
             return None
         if stored.state.decided:
             self._remember_decided(session_id)
@@ -311,6 +315,9 @@ class SessionDesk:
             self._remember_decided(state.session_id)
             return
         if not state.decided:
+            if self._progress_told.get(state.session_id) == update.frames_seen:
+                return
+            self._progress_told[state.session_id] = update.frames_seen
             event = self._event(state, session_pb2.SessionEvent.KIND_PROGRESS, update)
             self._queue(_Progress(state.session_id, state.gate_id, event.SerializeToString()))
             return
@@ -328,6 +335,7 @@ class SessionDesk:
 
     def _remember_decided(self, session_id: str) -> None:
         self._open.pop(session_id, None)
+        self._progress_told.pop(session_id, None)
         self._recovered.discard(session_id)
         self._decided[session_id] = None
         self._decided.move_to_end(session_id)
