@@ -1,5 +1,5 @@
-"""Fixtures of the fuzz suite: the hostile-input generators and the one local stack its stack tests share (budgets
-and seed: fuzz_budget.py)."""
+"""Fixtures of the fuzz suite: the hostile-input generators and the local stack the stack tests of a module share
+(budgets and seed: fuzz_budget.py)."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ def hostile_images(face_images: tuple[bytes, ...]) -> HostileImages:
     return HostileImages(extra_seeds=face_images)
 
 
-@pytest.fixture(scope="package")  # stopped when tests/fuzz is done: a stack left running slows every later test
+@pytest.fixture(scope="module")  # stopped after each module: a stack left running slows every later test
 def hostile_stack(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[LocalStack]:
-    """One local stack for every stack test of the suite (starting one takes 7-20 s): the RPC and stream tests leave
-    it as they found it, except for what hostile input may add (refused calls, dead letters)."""
+    """One local stack for the stack tests of a module (starting one takes 7-20 s). Not one for the session: pytest
+    would keep it running, busy with the hostile backlog, through every later test."""
     del models_dir  # only required: the stack loads the models itself
     with LocalStack(tmp_path_factory.mktemp("hostile") / "run", ports="auto") as stack:
         stack.start(timeout=180)
