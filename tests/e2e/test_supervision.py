@@ -105,7 +105,7 @@ def test_a_service_that_fails_at_every_start_is_restarted_ever_more_slowly(tmp_p
     policy = tmp_path / "policy.yaml"
     policy.write_text("min_agreeing_frames: 2\n")
     # reset_after_s well above how long a failing start takes on a loaded machine (imports alone can take seconds)
-    settings = RestartSettings(initial_backoff_s=0.5, max_backoff_s=2.0, reset_after_s=30.0)
+    settings = RestartSettings(initial_backoff_s=0.5, max_backoff_s=2.0, reset_after_s=12.0)
     with LocalStack(tmp_path / "run", ports="auto", services=("decision",), policy_file=policy) as stack:
         stack.start(timeout=120)
         messages: list[str] = []
