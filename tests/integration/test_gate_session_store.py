@@ -21,11 +21,10 @@ import grpc
 import pytest
 
 from e2e.test_echannel_frames import frame_bytes
-from integration.test_kiosk import CAPTURE_TOKEN, kiosk_running, subject_exists, wait_until_gone
+from integration.test_kiosk import capture_tokens_file, kiosk_running, subject_exists, wait_until_gone
 from sightline.capture.kiosk.kiosk import LATE_REASON, RELAY_SKEW_MS
 from sightline.capture.kiosk.session_store import GateSessionStore
 from sightline.common import codec
-from sightline.common.auth import SERVICE_CALLER_ROLES, Principal, dump_principals, hash_token, service_principal
 from sightline.common.bus import read_topics
 from sightline.common.config import KafkaSettings
 from sightline.common.rpc import channel
@@ -43,12 +42,7 @@ KioskStub = session_pb2_grpc.KioskServiceStub
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[LocalStack]:
     # The in-process replica calls the gallery as capture's principal, with a token this test knows.
-    tokens = tmp_path_factory.mktemp("tokens") / "capture.yaml"
-    tokens.write_text(
-        dump_principals(
-            [Principal(service_principal("capture"), SERVICE_CALLER_ROLES["capture"], hash_token(CAPTURE_TOKEN))]
-        )
-    )
+    tokens = capture_tokens_file(tmp_path_factory.mktemp("tokens"))
     env = {"SIGHTLINE_AUTH_TOKENS_FILE": str(tokens), "SIGHTLINE_CAPTURE_SESSION_BUDGET_S": str(BUDGET_S)}
     with LocalStack(tmp_path_factory.mktemp("gatestore"), ports="auto", env=env) as running:
         running.start(timeout=180)

@@ -60,15 +60,18 @@ ACCEPT, REFER = session_pb2.SESSION_OUTCOME_ACCEPT, session_pb2.SESSION_OUTCOME_
 CANCELLED = session_pb2.SESSION_OUTCOME_CANCELLED
 
 
+def capture_tokens_file(folder: Path) -> Path:
+    """A tokens file naming capture's principal with CAPTURE_TOKEN, for a stack this test's replicas call into."""
+    tokens = folder / "capture.yaml"
+    principal = Principal(service_principal("capture"), SERVICE_CALLER_ROLES["capture"], hash_token(CAPTURE_TOKEN))
+    tokens.write_text(dump_principals([principal]))
+    return tokens
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[LocalStack]:
     # Capture's principal with a token this test knows, added to the stack's own (whose tokens stay private to it).
-    tokens = tmp_path_factory.mktemp("tokens") / "capture.yaml"
-    tokens.write_text(
-        dump_principals(
-            [Principal(service_principal("capture"), SERVICE_CALLER_ROLES["capture"], hash_token(CAPTURE_TOKEN))]
-        )
-    )
+    tokens = capture_tokens_file(tmp_path_factory.mktemp("tokens"))
     with LocalStack(
         tmp_path_factory.mktemp("kiosk"),
         ports="auto",
