@@ -1,46 +1,72 @@
-"""Does Tansu's memory storage get slower to fetch from as its log grows? (docs/reliability.md, "Soak"). Run with
-`.venv/bin/python tools/tansu_growth.py`: it produces 40 KB records (a frame's size) in steps of 200 MB and times
-fetching the newest 400 after each step.
+"""Does Tansu's memory storage get slower to fetch from as its log grows? (docs/reliability.md, "Soak").
+
+`.venv/bin/python tools/tansu_growth.py` starts a fresh embedded broker, produces 40 KB records (a frame's size) in
+steps of 200 MB with Sightline's producer settings, and after each step times fetching the newest 400 records with
+Sightline's consumer settings. One partition, so "the newest 400" is one contiguous run of the log.
 """
+
+from __future__ import annotations
 
 import time
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 
+from sightline.common.bus import client_options, make_consumer, make_producer
+from sightline.common.config import KafkaSettings
 from sightline.tooling.broker import LocalBroker
 
+TOPIC = "tansu-growth"  # not a Sightline topic: raw bytes, no CloudEvents attributes
 PAYLOAD = b"x" * 40_000
-STEP = 5_000  # records per step (200 MB)
+STEP_RECORDS = 5_000  # 200 MB
 STEPS = 8
+NEWEST = 400
+FETCH_TIMEOUT_S = 60.0
 
-broker = LocalBroker()
-broker.start()
-try:
-    servers = broker.bootstrap_servers
-    KafkaAdminClient(bootstrap_servers=servers).create_topics([NewTopic("growth", 1, 1)])
-    producer = KafkaProducer(bootstrap_servers=servers, linger_ms=5, max_request_size=2_000_000, acks=1)
-    consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False, fetch_max_bytes=8_000_000)
-    partition = TopicPartition("growth", 0)
-    consumer.assign([partition])
-    total = 0
-    for _step in range(STEPS):
-        started = time.monotonic()
-        for _ in range(STEP):
-            producer.send("growth", PAYLOAD)
-        producer.flush()
-        produce_s = time.monotonic() - started
-        total += STEP
-        consumer.seek(partition, total - 400)
-        started, got = time.monotonic(), 0
-        while got < 400:
-            for records in consumer.poll(timeout_ms=1000).values():
-                got += len(records)
-        fetch_s = time.monotonic() - started
-        print(
-            f"log {total:6d} records ({total * 40 / 1000:5.0f} MB): produce {STEP / produce_s:6.0f} rec/s, "
-            f"fetch newest 400 in {fetch_s * 1000:6.0f} ms",
-            flush=True,
-        )
-finally:
-    broker.stop()
+
+def produce_step(producer: object, partition: int) -> float:
+    """Records per second for one step, counted once the broker has acknowledged them all."""
+    started = time.monotonic()
+    for _ in range(STEP_RECORDS):
+        producer.send(TOPIC, PAYLOAD, partition=partition)  # type: ignore[attr-defined]
+    producer.flush()  # type: ignore[attr-defined]
+    return STEP_RECORDS / (time.monotonic() - started)
+
+
+def fetch_newest(consumer: object, partition: TopicPartition, end: int) -> float:
+    """Milliseconds to fetch the NEWEST records before offset ``end``."""
+    consumer.seek(partition, end - NEWEST)  # type: ignore[attr-defined]
+    started, got = time.monotonic(), 0
+    while got < NEWEST:
+        if time.monotonic() - started > FETCH_TIMEOUT_S:
+            raise TimeoutError(f"fetched {got} of {NEWEST} records in {FETCH_TIMEOUT_S:g} s")
+        for records in consumer.poll(timeout_ms=1000).values():  # type: ignore[attr-defined]
+            got += len(records)
+    return (time.monotonic() - started) * 1000
+
+
+def main() -> None:
+    broker = LocalBroker()
+    broker.start()
+    try:
+        settings = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
+        KafkaAdminClient(**client_options(settings)).create_topics([NewTopic(TOPIC, 1, 1)])
+        producer, consumer = make_producer(settings), make_consumer(settings, enable_auto_commit=False)
+        partition = TopicPartition(TOPIC, 0)
+        consumer.assign([partition])
+        for step in range(1, STEPS + 1):
+            rate = produce_step(producer, partition.partition)
+            records = step * STEP_RECORDS
+            fetch_ms = fetch_newest(consumer, partition, records)
+            megabytes = records * len(PAYLOAD) / 1e6
+            print(
+                f"log {records:6d} records ({megabytes:5.0f} MB): produce {rate:6.0f} rec/s, "
+                f"fetch newest {NEWEST} in {fetch_ms:6.0f} ms",
+                flush=True,
+            )
+    finally:
+        broker.stop()
+
+
+if __name__ == "__main__":
+    main()
